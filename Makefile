@@ -1,0 +1,30 @@
+# The README's two commands: `make train` (the main job) and `make test` (the test suite).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+.PHONY: test train lint bench-quick clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m pytest -q
+
+train: $(STAMP)
+	$(VENV)/bin/gpipe train --out runs/lm --trace
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/throughput.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,300 @@
+"""Cut a sequence of layer costs into K contiguous, non-empty stages of near-equal cost.
+
+Two methods:
+
+* ``"cumulative"`` — the GPipe paper's rule, exactly as the seed implements it: layer ``i``
+  goes to stage ``min(int(cum_cost_i / total · K), K-1)`` where ``cum_cost_i`` is the summed
+  cost of layers ``0..i`` (16 equal layers, K=2 → [7, 9]). The raw rule can leave a stage empty; ours
+  then moves the fewest layers needed so that every stage has at least one.
+* ``"optimal"`` — minimizes the largest stage cost over all contiguous cuts (binary search over
+  the answer with a greedy feasibility check on exact prefix sums; among optimal cuts, the one
+  that fills stages from the back is returned).
+
+The invariant: the result is a list of K positive layer counts that sums to the number of
+layers. ``pinned=n`` forces the first ``n`` layers onto stage 0 (the seed's ``before_tpl``).
+
+Helpers at the bottom balance an ``nn.Sequential`` by FLOPs, parameter/activation memory
+(via :mod:`gpipe.cost`, nothing run) or by measured time (runs the layers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "balance",
+    "balance_by_flops",
+    "balance_by_memory",
+    "balance_by_time",
+    "stage_costs",
+]
+
+
+def stage_costs(costs: Sequence[float], counts: Sequence[int]) -> list[float]:
+    """The summed cost of each stage for a partition given as layer counts."""
+    out, i = [], 0
+    for c in counts:
+        out.append(float(sum(costs[i : i + c])))
+        i += c
+    return out
+
+
+def balance(
+    costs: Sequence[float],
+    num_stages: int,
+    *,
+    method: str = "optimal",
+    pinned: int = 0,
+) -> list[int]:
+    """Layer counts per stage for ``costs`` cut into ``num_stages`` contiguous stages.
+
+    ``method`` is ``"optimal"`` (min-max stage cost) or ``"cumulative"`` (the paper's rule).
+    ``pinned`` layers at the front must sit on stage 0. Raises ``ValueError`` when a stage
+    would be empty (more stages than layers, or more than ``len(costs) - pinned + 1``).
+    """
+    costs = [float(c) for c in costs]
+    n, k = len(costs), num_stages
+    if k < 1:
+        raise ValueError(f"num_stages must be >= 1, got {k}")
+    if any(c < 0 or c != c for c in costs):
+        raise ValueError("layer costs must be non-negative numbers")
+    if pinned < 0 or pinned > n:
+        raise ValueError(f"pinned must be between 0 and the number of layers ({n}), got {pinned}")
+    free = n - max(pinned, 1) + 1  # stage 0 holds the pinned block (at least one layer)
+    if k > n or (pinned and k > free):
+        raise ValueError(
+            f"cannot cut {n} layers ({pinned} pinned to stage 0) into {k} non-empty stages; "
+            f"use at most {free if pinned else n} stages"
+        )
+    if pinned > 1:
+        # Treat the pinned block as one indivisible layer, then expand it back.
+        merged = [sum(costs[:pinned]), *costs[pinned:]]
+        counts = balance(merged, k, method=method)
+        counts[0] += pinned - 1
+        return counts
+    if method == "cumulative":
+        return _cumulative(costs, k)
+    if method == "optimal":
+        return _optimal(costs, k)
+    raise ValueError(f"unknown balance method {method!r}; choose 'optimal' or 'cumulative'")
+
+
+def _cumulative(costs: list[float], k: int) -> list[int]:
+    total = sum(costs)
+    n = len(costs)
+    counts = [0] * k
+    if total <= 0:
+        assign = [min((i + 1) * k // n, k - 1) for i in range(n)]
+    else:
+        cum, assign = 0.0, []
+        for c in costs:
+            cum += c
+            assign.append(min(int(cum / total * k), k - 1))
+    for j in assign:
+        counts[j] += 1
+    return _fill_empty(counts)
+
+
+def _fill_empty(counts: list[int]) -> list[int]:
+    """Move single layers from the nearest populated neighbour into empty stages."""
+    counts = list(counts)
+    k = len(counts)
+    for j in range(k):
+        if counts[j]:
+            continue
+        # take from the left neighbour chain if it can spare, else from the right
+        left = next((i for i in range(j - 1, -1, -1) if counts[i] > 1), None)
+        right = next((i for i in range(j + 1, k) if counts[i] > 1), None)
+        src = left if left is not None and (right is None or j - left <= right - j) else right
+        assert src is not None, "more stages than layers was rejected earlier"
+        # shifting one layer from src to j passes one layer through every stage in between
+        counts[src] -= 1
+        counts[j] += 1
+    return counts
+
+
+def _feasible(prefix: list[float], k: int, limit: float) -> bool:
+    n = len(prefix) - 1
+    start, stages = 0, 0
+    while start < n:
+        stages += 1
+        if stages > k:
+            return False
+        # largest end with prefix[end] - prefix[start] <= limit, at least one layer
+        end = start + 1
+        if prefix[end] - prefix[start] > limit:
+            return False
+        lo, hi = end, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if prefix[mid] - prefix[start] <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        start = lo
+    return True
+
+
+def _optimal(costs: list[float], k: int) -> list[int]:
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # The optimum is one of the O(n^2) contiguous sums; binary-search over the sorted candidates
+    # when n is small, else over the real line to float resolution.
+    if n <= 400:
+        cands = sorted({prefix[j] - prefix[i] for i in range(n) for j in range(i + 1, n + 1)})
+        lo, hi = 0, len(cands) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _feasible(prefix, k, cands[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        best = cands[lo]
+    else:
+        lo_v, hi_v = max(costs), prefix[-1]
+        for _ in range(200):
+            mid = (lo_v + hi_v) / 2
+            if _feasible(prefix, k, mid):
+                hi_v = mid
+            else:
+                lo_v = mid
+            if hi_v - lo_v <= 1e-12 * max(1.0, hi_v):
+                break
+        best = hi_v
+    return _cut(prefix, k, best)
+
+
+def _cut(prefix: list[float], k: int, limit: float) -> list[int]:
+    """Cut into exactly k stages, each <= limit, filling from the back so that every stage
+    gets a layer and the early stages (which hold more activations) get the slack."""
+    n = len(prefix) - 1
+    counts = []
+    end = n
+    for stages_left in range(k, 0, -1):
+        # stage covers [start, end); it must leave at least stages_left-1 layers before it
+        start = end - 1
+        while start - 1 >= stages_left - 1 and prefix[end] - prefix[start - 1] <= limit:
+            start -= 1
+        if stages_left == 1:
+            start = 0
+        counts.append(end - start)
+        end = start
+    counts.reverse()
+    return counts
+
+
+# ----------------------------------------------------------------------------- nn helpers
+
+
+def balance_by_flops(
+    layers: nn.Sequential | Sequence[nn.Module],
+    num_stages: int,
+    *sample_inputs: Any,
+    method: str = "optimal",
+    pinned: int = 0,
+) -> list[int]:
+    """Balance by forward+backward FLOPs from :func:`gpipe.cost.profile` (nothing is run).
+
+    Layers with no FLOPs (activations, reshapes) count as one FLOP so that they still weigh
+    something when every layer is free.
+    """
+    from gpipe.cost import profile
+
+    costs = profile(layers, *sample_inputs)
+    return balance(
+        [max(1, c.flops + c.backward_flops) for c in costs],
+        num_stages,
+        method=method,
+        pinned=pinned,
+    )
+
+
+def balance_by_memory(
+    layers: nn.Sequential | Sequence[nn.Module],
+    num_stages: int,
+    *sample_inputs: Any,
+    method: str = "optimal",
+    pinned: int = 0,
+) -> list[int]:
+    """Balance by parameter + output-activation bytes (from :mod:`gpipe.cost`, nothing run)."""
+    from gpipe.cost import profile
+
+    costs = profile(layers, *sample_inputs)
+    return balance(
+        [c.param_bytes + c.buffer_bytes + c.activation_bytes for c in costs],
+        num_stages,
+        method=method,
+        pinned=pinned,
+    )
+
+
+def balance_by_time(
+    layers: nn.Sequential | Sequence[nn.Module],
+    num_stages: int,
+    *sample_inputs: Any,
+    repeats: int = 3,
+    method: str = "optimal",
+    pinned: int = 0,
+) -> list[int]:
+    """Balance by measured forward+backward wall time per layer (runs the layers for real).
+
+    Each layer is timed ``repeats`` times on the output of the previous one; the median counts.
+    """
+    import torch
+
+    times = []
+    x: Any = sample_inputs
+    first = True
+    for layer in layers:
+        samples = []
+        for _ in range(max(1, repeats)):
+            inp = _detached_requiring_grad(x)
+            t0 = time.perf_counter()
+            out = layer(*inp) if first else layer(inp)
+            ts = [t for t in _tensors(out) if t.requires_grad]
+            if ts:
+                torch.autograd.backward(ts, [torch.ones_like(t) for t in ts])
+            samples.append(time.perf_counter() - t0)
+        layer.zero_grad(set_to_none=True)
+        times.append(sorted(samples)[len(samples) // 2])
+        x = _detach(out)
+        first = False
+    return balance(times, num_stages, method=method, pinned=pinned)
+
+
+def _tensors(obj: Any) -> list:
+    import torch
+
+    from gpipe.microbatch import tree_flatten
+
+    return [leaf for _, leaf in tree_flatten(obj)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _detach(obj: Any) -> Any:
+    import torch
+
+    from gpipe.microbatch import tree_flatten
+
+    leaves, rebuild = tree_flatten(obj)
+    return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for _, v in leaves])
+
+
+def _detached_requiring_grad(obj: Any) -> Any:
+    import torch
+
+    from gpipe.microbatch import tree_flatten
+
+    leaves, rebuild = tree_flatten(obj)
+    return rebuild(
+        [
+            v.detach().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
+            for _, v in leaves
+        ]
+    )

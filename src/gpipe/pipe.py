@@ -1,0 +1,543 @@
+"""``gpipe.Pipe``: a sequential model trained as a pipeline on several devices of one process.
+
+The user-facing module. It cuts the layers into stages (balanced by FLOPs from the cost model
+unless ``balance`` is given), places each stage on its device, splits every mini-batch into
+micro-batches, and runs the chosen schedule on one worker thread per device.
+
+Two ways to train, with the same result:
+
+* ``loss_fn(pipe(x), y).backward()`` — the forward runs the schedule's forward actions, the
+  backward (through a custom autograd function) runs its backward actions. Only for schedules
+  that finish all forwards before any backward (``"gpipe"``).
+* ``loss = pipe.step(x, y, loss_fn)`` — the loss is computed per micro-batch inside the last
+  stage, so every schedule (1F1B, interleaved, zero-bubble) can run.
+
+The invariant every test defends: the parameters' gradients equal those of un-pipelined
+training on the whole mini-batch (:func:`gpipe.reference.reference_step` with the same keyed
+random streams), up to float rounding, for every schedule, stage count, micro-batch count and
+re-materialization mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpipe import remat as remat_mod
+from gpipe.balance import balance as balance_costs
+from gpipe.microbatch import merge, split, tree_flatten
+from gpipe.runtime.executor import StepData, execute
+from gpipe.runtime.local import QueueTransport, WorkerPool
+from gpipe.schedules import Event, Schedule
+from gpipe.schedules import get as get_schedule
+from gpipe.stage import Stage
+
+__all__ = ["Partition", "Pipe"]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which layers one stage holds, where, and what they weigh."""
+
+    stage: int
+    device: torch.device
+    layers: tuple[str, ...]
+    num_parameters: int
+    flops: int | None = None
+
+    def __str__(self) -> str:
+        fl = f", {self.flops / 1e9:.3g} GFLOP fwd" if self.flops is not None else ""
+        names = ", ".join(self.layers)
+        return (
+            f"stage {self.stage} on {self.device}: [{names}] ({self.num_parameters:,} params{fl})"
+        )
+
+
+def _layers_of(module: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+    if isinstance(module, nn.Sequential):
+        return list(module.named_children())
+    if isinstance(module, (list, tuple, nn.ModuleList)):
+        return [(str(i), m) for i, m in enumerate(module)]
+    raise TypeError(
+        f"Pipe needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
+        "wrap your layers in nn.Sequential so they can be cut into stages"
+    )
+
+
+def _default_devices(k: int | None) -> list[torch.device]:
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if k is None or k <= n:
+            return [torch.device("cuda", i) for i in range(k or n)]
+    return [torch.device("cpu")] * (k or 1)
+
+
+class _Bridge(torch.autograd.Function):
+    """Connects ``pipe(x)``'s outputs to the pipelined backward."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, anchor: torch.Tensor, *inputs: torch.Tensor) -> Any:
+        ctx.run = run
+        ctx.set_materialize_grads(False)
+        outs = run.output_leaves
+        nondiff = [t for t in outs if not (t.is_floating_point() or t.is_complex())]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        input_grads = ctx.run.backward(list(grads))
+        return (None, None, *input_grads)
+
+
+class _Run:
+    """State of one ``pipe(x)`` call between its forward and its backward."""
+
+    def __init__(self, pipe: Pipe, schedule: Schedule, data: StepData, inputs: Any) -> None:
+        self.pipe = pipe
+        self.schedule = schedule
+        self.data = data
+        m = schedule.num_microbatches
+        self.output = merge([data.outputs[i] for i in range(m)], batch_dim=pipe.batch_dim)
+        leaves, self.rebuild_output = tree_flatten(self.output)
+        self.output_paths = [(p, isinstance(v, torch.Tensor)) for p, v in leaves]
+        self.output_leaves = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+        self.non_tensor_outputs = [v for _, v in leaves if not isinstance(v, torch.Tensor)]
+        in_leaves, _ = tree_flatten(inputs)
+        self.input_positions = [
+            i
+            for i, (_, v) in enumerate(in_leaves)
+            if isinstance(v, torch.Tensor) and v.requires_grad
+        ]
+        self.input_leaves = [in_leaves[i][1] for i in self.input_positions]
+        self.done = False
+
+    def wrap(self) -> Any:
+        anchor = torch.empty(0, requires_grad=True)
+        outs = _Bridge.apply(self, anchor, *self.input_leaves)
+        it_t, it_o = iter(outs), iter(self.non_tensor_outputs)
+        return self.rebuild_output(
+            [next(it_t) if is_t else next(it_o) for _, is_t in self.output_paths]
+        )
+
+    def backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        if self.done:
+            raise RuntimeError(
+                "the pipeline's backward ran twice for one forward; call pipe(x) again "
+                "(retain_graph is not supported)"
+            )
+        self.done = True
+        pipe, m = self.pipe, self.schedule.num_microbatches
+        it = iter(grads)
+        full = [next(it) if is_t else None for _, is_t in self.output_paths]
+        tensors = [g for g in full if g is not None]
+        if not tensors:
+            return [None] * len(self.input_leaves)
+        grad_tree = self.rebuild_output(full)
+        self.data.grad_outputs = split(grad_tree, m, batch_dim=pipe.batch_dim)
+        pipe._execute(self.schedule.backward_part(), self.data)
+        # merge the input gradients of the micro-batches, per input leaf
+        per_mb = [tree_flatten(self.data.input_grads[i])[0] for i in range(m)]
+        out = []
+        for pos in self.input_positions:
+            parts = [per_mb[i][pos][1] for i in range(m)]
+            if all(p is None for p in parts):
+                out.append(None)
+                continue
+            ref = next(p for p in parts if p is not None)
+            sizes = [
+                t.shape[pipe.batch_dim]
+                for t in split(self.input_leaves[0], m, batch_dim=pipe.batch_dim)
+            ]
+            filled = [
+                p
+                if p is not None
+                else ref.new_zeros(
+                    (*ref.shape[:pipe.batch_dim], sizes[i], *ref.shape[pipe.batch_dim + 1:])
+                )
+                for i, p in enumerate(parts)
+            ]
+            out.append(torch.cat(filled, dim=pipe.batch_dim))
+        return out
+
+
+class Pipe(nn.Module):
+    """Pipeline-parallel wrapper around a sequential ``module``.
+
+    Args:
+        module: an ``nn.Sequential`` (or list of modules); each layer takes the previous one's
+            output. The first layer receives ``pipe(*inputs)``'s arguments.
+        stages: number of devices K (default: ``len(balance)``, or the number of devices).
+        balance: layers per stage (K·V numbers for interleaved schedules). Default: balanced by
+            forward+backward FLOPs from :mod:`gpipe.cost`, measured on the first micro-batch.
+        devices: one device per pipeline device (default: every CUDA device, else K × CPU).
+        chunks: number of micro-batches M per mini-batch.
+        micro_batch_size: alternatively (or also) the micro-batch size.
+        batch_dim: the batch dimension of inputs and outputs.
+        remat: ``"always"``, ``"except_last"`` (default) or ``"never"`` re-materialization.
+        schedule: a schedule name (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``) or a
+            :class:`gpipe.schedules.Schedule` built for this pipeline.
+        virtual_stages: model chunks per device for ``"interleaved"`` (default 2).
+        seed: seed of the keyed random streams (dropout etc.).
+        pinned: the first ``pinned`` layers run on stage 0 (the seed's ``before_tpl``).
+        fetch: names of inner modules (as in ``named_modules()`` of ``module``) whose outputs
+            are returned as extra outputs, merged along ``batch_dim`` (detached).
+        timeout: seconds any stage waits for a boundary value before failing.
+        threads_per_stage: intra-op threads per CPU worker (default: cores ÷ K).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module | Sequence[nn.Module],
+        *,
+        stages: int | None = None,
+        balance: Sequence[int] | None = None,
+        devices: Sequence[torch.device | str | int] | None = None,
+        chunks: int | None = None,
+        micro_batch_size: int | None = None,
+        batch_dim: int = 0,
+        remat: str = "except_last",
+        schedule: str | Schedule = "gpipe",
+        virtual_stages: int | None = None,
+        seed: int = 0,
+        pinned: int = 0,
+        fetch: Sequence[str] = (),
+        timeout: float = 300.0,
+        threads_per_stage: int | None = None,
+    ) -> None:
+        super().__init__()
+        named = _layers_of(module)
+        if not named:
+            raise ValueError("Pipe needs at least one layer")
+        self.layers = nn.Sequential()
+        for name, layer in named:
+            self.layers.add_module(name, layer)
+        if chunks is None and micro_batch_size is None:
+            chunks = 1
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.chunks = chunks
+        self.micro_batch_size = micro_batch_size
+        self.batch_dim = batch_dim
+        self.remat = remat_mod.check_mode(remat)
+        self.seed = seed
+        self.pinned = pinned
+        self.timeout = timeout
+        self.rng_step = 0
+        self.last_events: list[Event] = []
+        self.fetched: dict[str, Any] = {}
+
+        if isinstance(schedule, Schedule):
+            self.schedule_name = schedule.name
+            self._fixed_schedule: Schedule | None = schedule
+            k_sched, v = schedule.num_devices, schedule.virtual_stages
+        else:
+            self.schedule_name = schedule.lower().replace("_", "-")
+            self._fixed_schedule = None
+            get_schedule(self.schedule_name, 1, 1)  # raises on an unknown name
+            interleaved = self.schedule_name == "interleaved"
+            if virtual_stages is not None and not interleaved and virtual_stages != 1:
+                raise ValueError(
+                    f"virtual_stages={virtual_stages} needs schedule='interleaved', "
+                    f"not {schedule!r}"
+                )
+            v = (2 if virtual_stages is None else virtual_stages) if interleaved else 1
+            k_sched = None
+        self.virtual_stages = v
+
+        if devices is not None:
+            devs = [
+                torch.device(f"cuda:{d}") if isinstance(d, int) else torch.device(d)
+                for d in devices
+            ]
+        else:
+            k_hint = stages or (len(balance) // v if balance is not None else None) or k_sched
+            devs = _default_devices(k_hint)
+        k = (
+            stages
+            if stages is not None
+            else (len(balance) // v if balance is not None else len(devs))
+        )
+        if k < 1:
+            raise ValueError(f"stages must be >= 1, got {k}")
+        if k_sched is not None and k_sched != k:
+            raise ValueError(f"the given schedule is built for {k_sched} devices but stages={k}")
+        if len(devs) != k:
+            raise ValueError(
+                f"got {len(devs)} devices for {k} stages; pass one device per stage "
+                f"(devices=[...] of length {k})"
+            )
+        self.devices = devs
+        self.num_devices = k
+        n_stages = k * v
+        if balance is not None:
+            balance = [int(b) for b in balance]
+            if len(balance) != n_stages:
+                extra = f" ({k} devices x {v} virtual stages)" if v > 1 else ""
+                raise ValueError(
+                    f"balance has {len(balance)} entries but the pipeline has {n_stages} stages{extra}"
+                )
+            if any(b < 1 for b in balance):
+                raise ValueError(f"every stage needs at least one layer; balance={balance}")
+            if sum(balance) != len(self.layers):
+                raise ValueError(
+                    f"balance={balance} sums to {sum(balance)} but the model has "
+                    f"{len(self.layers)} layers"
+                )
+            if pinned and balance[0] < pinned:
+                raise ValueError(f"balance[0]={balance[0]} cannot hold the {pinned} pinned layers")
+        elif n_stages > len(self.layers):
+            raise ValueError(
+                f"cannot cut {len(self.layers)} layers into {n_stages} stages; use at most "
+                f"{len(self.layers)} stages"
+            )
+        self.fetch_names = list(fetch)
+        known = dict(self.layers.named_modules())
+        for name in self.fetch_names:
+            if name not in known:
+                raise ValueError(
+                    f"fetch names {name!r}, which is not a module of the model; names look like "
+                    f"{[n for n in known if n][:5]}"
+                )
+        cpu_only = all(d.type == "cpu" for d in devs)
+        if threads_per_stage is None and cpu_only:
+            threads_per_stage = max(1, torch.get_num_threads() // k)
+        self._threads = threads_per_stage if cpu_only else None
+        self._balance: list[int] | None = balance
+        self._stages: list[Stage] | None = None
+        self._stage_flops: list[int] | None = None
+        self._transport = QueueTransport(timeout)
+        self._pool: WorkerPool | None = None
+        self._schedules: dict[int, Schedule] = {}
+        if balance is not None or n_stages == 1:
+            self._build([len(self.layers)] if balance is None else balance)
+
+    # ----------------------------------------------------------------- sequence protocol
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.layers)
+
+    # ----------------------------------------------------------------- plan
+
+    @property
+    def balance(self) -> list[int] | None:
+        """Layers per (virtual) stage, or ``None`` until the first call balances by FLOPs."""
+        return None if self._balance is None else list(self._balance)
+
+    @property
+    def partitions(self) -> list[Partition]:
+        """Which layers sit on which stage and device, with their parameter counts."""
+        if self._stages is None:
+            raise RuntimeError(
+                "the pipeline is not partitioned yet: it balances by FLOPs on the first call; "
+                "call it once, or pass balance=[...]"
+            )
+        names = list(self.layers._modules)
+        out = []
+        for st in self._stages:
+            out.append(
+                Partition(
+                    stage=st.index,
+                    device=st.device,
+                    layers=tuple(names[i] for i, _ in st.layers),
+                    num_parameters=sum(p.numel() for p in st.parameters()),
+                    flops=self._stage_flops[st.index] if self._stage_flops else None,
+                )
+            )
+        return out
+
+    def _build(self, balance: list[int]) -> None:
+        self._balance = list(balance)
+        layers = list(self.layers)
+        n_stages = len(balance)
+        fetch_at: dict[int, dict[str, nn.Module]] = {}
+        names = list(self.layers._modules)
+        modules = dict(self.layers.named_modules())
+        for fname in self.fetch_names:
+            top = names.index(fname.split(".")[0])
+            fetch_at.setdefault(top, {})[fname] = modules[fname]
+        stages, start = [], 0
+        for s, count in enumerate(balance):
+            dev = self.devices[s % self.num_devices]
+            idx = list(range(start, start + count))
+            for i in idx:
+                layers[i].to(dev)
+            fetch = {n: m for i in idx for n, m in fetch_at.get(i, {}).items()}
+            stages.append(
+                Stage(
+                    s,
+                    [(i, layers[i]) for i in idx],
+                    dev,
+                    is_first=s == 0,
+                    is_last=s == n_stages - 1,
+                    remat=self.remat,
+                    seed=self.seed,
+                    fetch=fetch,
+                )
+            )
+            start += count
+        self._stages = stages
+        self._pool = WorkerPool(self.num_devices, self._transport, self._threads)
+
+    def _ensure_built(self, sample_microbatch: tuple) -> None:
+        if self._stages is not None:
+            return
+        from gpipe.cost import profile
+
+        costs = profile(list(self.layers), *sample_microbatch, train=self.training)
+        weights = [max(1, c.flops + c.backward_flops) for c in costs]
+        n_stages = self.num_devices * self.virtual_stages
+        self._build(balance_costs(weights, n_stages, pinned=self.pinned))
+        flops, i = [], 0
+        for b in self._balance or []:
+            flops.append(sum(c.flops for c in costs[i : i + b]))
+            i += b
+        self._stage_flops = flops
+
+    def _schedule(self, m: int) -> Schedule:
+        if self._fixed_schedule is not None:
+            if self._fixed_schedule.num_microbatches != m:
+                raise ValueError(
+                    f"the given schedule is built for {self._fixed_schedule.num_microbatches} "
+                    f"micro-batches but this batch splits into {m}"
+                )
+            return self._fixed_schedule
+        if m not in self._schedules:
+            v = self.virtual_stages if self.schedule_name == "interleaved" else None
+            self._schedules[m] = get_schedule(
+                self.schedule_name, self.num_devices, m, virtual_stages=v
+            )
+        return self._schedules[m]
+
+    def close(self) -> None:
+        """Stop the worker threads and remove hooks. The module's layers stay usable."""
+        if self._pool is not None:
+            self._pool.close()
+        for st in self._stages or []:
+            st.close()
+
+    # ----------------------------------------------------------------- running
+
+    def _split(self, obj: Any) -> list[Any]:
+        return split(
+            obj, self.chunks, micro_batch_size=self.micro_batch_size, batch_dim=self.batch_dim
+        )
+
+    def _begin(
+        self, m: int, grad: bool, loss_fn: Callable | None = None, scale: float = 1.0
+    ) -> None:
+        assert self._stages is not None
+        step = self.rng_step
+        if self.training:
+            self.rng_step += 1
+        for st in self._stages:
+            st.begin_step(step, m, grad, loss_fn, scale)
+
+    def _execute(self, per_device: Sequence[Sequence[Any]], data: StepData) -> None:
+        assert self._stages is not None and self._pool is not None
+        k = self.num_devices
+        by_device = [{st.index: st for st in self._stages if st.index % k == d} for d in range(k)]
+        jobs = [
+            functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
+            for d in range(k)
+        ]
+        try:
+            self._pool.run(jobs)
+        finally:
+            self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
+
+    def _collect_fetched(self, data: StepData, m: int) -> None:
+        if not self.fetch_names:
+            self.fetched = {}
+            return
+        self.fetched = {
+            name: merge([data.fetched[i][name] for i in range(m)], batch_dim=self.batch_dim)
+            for name in self.fetch_names
+        }
+
+    def forward(self, *inputs: Any) -> Any:
+        """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the
+        result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``."""
+        mbs = self._split(inputs)
+        m = len(mbs)
+        self._ensure_built(mbs[0])
+        assert self._stages is not None
+        needs_grad = torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.parameters())
+            or any(
+                isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0]
+            )
+        )
+        sched = self._schedule(m)
+        if needs_grad and not sched.forward_backward_separable:
+            raise RuntimeError(
+                f"schedule {sched.name!r} interleaves forward and backward, so it needs the loss "
+                "inside the pipeline: use loss = pipe.step(inputs, targets, loss_fn) instead of "
+                "pipe(inputs) + loss.backward() (or run pipe(inputs) under torch.no_grad())"
+            )
+        data = StepData(
+            self.num_devices * self.virtual_stages, inputs=mbs, split_backward=sched.split_backward
+        )
+        self._begin(m, needs_grad)
+        self._execute(sched.forward_part(), data)
+        self._collect_fetched(data, m)
+        run = _Run(self, sched, data, inputs)
+        out = run.wrap() if needs_grad else run.output
+        return (out, self.fetched) if self.fetch_names else out
+
+    def step(
+        self,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """One pipelined forward+backward with the loss computed inside the last stage.
+
+        ``loss_fn(output_microbatch, target_microbatch)`` returns a scalar. With
+        ``reduction="mean"`` (for a loss that averages over its micro-batch) each micro-batch's
+        loss is divided by M, so the returned loss and the gradients equal those of the whole
+        mini-batch; with ``"sum"`` they are added. Gradients accumulate in ``.grad`` (call
+        ``zero_grad`` as usual). Under ``torch.no_grad()`` only the forward runs (evaluation).
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        mbs = self._split((inputs,))
+        m = len(mbs)
+        tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
+        self._ensure_built(mbs[0])
+        grad = torch.is_grad_enabled()
+        sched = self._schedule(m)
+        scale = 1.0 / m if reduction == "mean" else 1.0
+        data = StepData(
+            self.num_devices * self.virtual_stages,
+            inputs=mbs,
+            targets=tmbs,
+            split_backward=sched.split_backward,
+        )
+        self._begin(m, grad, loss_fn, scale)
+        self._execute(sched.actions if grad else sched.forward_part(), data)
+        self._collect_fetched(data, m)
+        losses = [data.losses[i] for i in range(m)]
+        return torch.stack([loss.to(losses[-1].device) for loss in losses]).sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"stages={self.num_devices}, virtual_stages={self.virtual_stages}, "
+            f"chunks={self.chunks}, schedule={self.schedule_name!r}, remat={self.remat!r}"
+        )

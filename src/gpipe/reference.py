@@ -1,0 +1,74 @@
+"""Un-pipelined reference runs with the same keyed random streams as the pipeline.
+
+The pipeline's promise is "the same as un-pipelined mini-batch training". When the model has
+random layers the two only agree if both draw the same random numbers, so this module runs the
+plain model one micro-batch at a time, each layer inside the same keyed region
+(seed, step, micro-batch, layer) that :class:`gpipe.stage.Stage` uses. Without random layers
+``reference_step`` equals the ordinary ``loss_fn(model(x), y).backward()`` on the whole batch.
+The invariant: nothing here shares code with the pipeline's runtime, so it is an independent
+check, not a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpipe import rng
+from gpipe.microbatch import merge, split
+
+__all__ = ["reference_forward", "reference_step"]
+
+
+def _run(layers: Sequence[nn.Module], args: tuple, seed: int, step: int, microbatch: int) -> Any:
+    x: Any = args
+    for i, layer in enumerate(layers):
+        with rng.keyed(seed, step, microbatch, i):
+            x = layer(*x) if i == 0 else layer(x)
+    return x
+
+
+def reference_forward(
+    module: nn.Sequential | Sequence[nn.Module],
+    *inputs: Any,
+    chunks: int = 1,
+    seed: int = 0,
+    step: int = 0,
+    batch_dim: int = 0,
+) -> Any:
+    """The un-pipelined forward that ``Pipe(module, chunks=chunks, seed=seed)(*inputs)`` equals
+    at its ``step``-th training call."""
+    layers = list(module)
+    mbs = split(inputs, chunks, batch_dim=batch_dim)
+    return merge([_run(layers, mb, seed, step, t) for t, mb in enumerate(mbs)], batch_dim=batch_dim)
+
+
+def reference_step(
+    module: nn.Sequential | Sequence[nn.Module],
+    inputs: Any,
+    targets: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    chunks: int = 1,
+    seed: int = 0,
+    step: int = 0,
+    batch_dim: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The un-pipelined equivalent of ``Pipe.step``: forward each micro-batch through the whole
+    model with keyed random streams, add the losses (divided by M for ``"mean"``), backward
+    once. Gradients accumulate in ``module``'s parameters; returns the loss."""
+    layers = list(module)
+    mbs = split((inputs,), chunks, batch_dim=batch_dim)
+    m = len(mbs)
+    tmbs = [None] * m if targets is None else split(targets, m, batch_dim=batch_dim)
+    scale = 1.0 / m if reduction == "mean" else 1.0
+    total = sum(
+        loss_fn(_run(layers, mb, seed, step, t), tmbs[t]) * scale for t, mb in enumerate(mbs)
+    )
+    if torch.is_grad_enabled() and isinstance(total, torch.Tensor) and total.requires_grad:
+        total.backward()
+    return total.detach()

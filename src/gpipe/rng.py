@@ -1,0 +1,148 @@
+"""Keyed random streams: every random op of a layer draws from a generator seeded by
+(seed, step, micro-batch, layer).
+
+The invariant: the random numbers a layer sees depend only on that key — not on which thread,
+stage, device or schedule ran it, nor on how many times it ran. So re-materialization repeats
+dropout masks exactly, and a model cut into 1, 2 or 8 stages draws the same masks.
+
+How: :func:`keyed` pushes a ``TorchDispatchMode`` (thread-local in PyTorch, so concurrent stage
+threads do not interfere) that rewrites every ATen op tagged ``nondeterministic_seeded``
+(``bernoulli_``, ``rand``, ``randn``, ``randint``, ``randperm``, ``normal``, ``multinomial``,
+the fused ``native_dropout`` ...) to draw from a private ``torch.Generator``. Ops that already
+receive an explicit generator keep it. The global generator is never touched, except for the
+rare seeded op that has no generator overload: that one runs under a process-wide lock with
+the global generator forked and seeded from the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["KeyedRandom", "derive_seed", "keyed"]
+
+_aten = torch.ops.aten
+_FALLBACK_LOCK = threading.Lock()
+_VARIANTS: dict[Any, Any] = {}
+
+
+def derive_seed(seed: int, step: int, microbatch: int, layer: int) -> int:
+    """A 63-bit seed from the key, stable across processes, Python versions and machines."""
+    data = b"gpipe-rng" + b"".join(
+        int(v).to_bytes(8, "little", signed=True) for v in (seed, step, microbatch, layer)
+    )
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def _generator_variant(func: Any) -> Any | None:
+    """The overload of ``func`` that takes a ``generator`` argument (``rand`` → ``rand.generator``)."""
+    if func in _VARIANTS:
+        return _VARIANTS[func]
+    names = [a.name for a in func._schema.arguments]
+    found = None
+    packet = func.overloadpacket
+    for overload in packet.overloads():
+        cand = getattr(packet, overload)
+        cand_names = [a.name for a in cand._schema.arguments]
+        if "generator" in cand_names and [n for n in cand_names if n != "generator"] == names:
+            found = cand
+            break
+    _VARIANTS[func] = found
+    return found
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    dev = kwargs.get("device")
+    if dev is not None:
+        return torch.device(dev)
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+class KeyedRandom(TorchDispatchMode):
+    """Dispatch mode routing seeded random ops to generators seeded with ``seed``.
+
+    One generator per device is created on first use and advances as ops draw from it, so the
+    sequence of draws inside one keyed region is reproducible. ``used`` records whether any
+    random op ran (the stage uses it to skip the mode for layers that never draw).
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.used = False
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This region's generator for ``device``."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        g = self._generators.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[device] = g
+        return g
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        self.used = True
+        if func is _aten.native_dropout.default:
+            return self._dropout(*args, **kwargs)
+        schema_args = func._schema.arguments
+        names = [a.name for a in schema_args]
+        device = _device_of(args, kwargs)
+        if "generator" in names:
+            idx = names.index("generator")
+            if idx < len(args):
+                if args[idx] is not None:
+                    return func(*args, **kwargs)
+                args = (*args[:idx], self.generator(device), *args[idx + 1 :])
+                return func(*args, **kwargs)
+            if kwargs.get("generator") is not None:
+                return func(*args, **kwargs)
+            return func(*args, **{**kwargs, "generator": self.generator(device)})
+        variant = _generator_variant(func)
+        if variant is not None:
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            bound["generator"] = self.generator(device)
+            return variant(**bound)
+        # No generator overload: seed the global generator from ours, under a lock.
+        sub_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator(torch.device("cpu"))))
+        with (
+            _FALLBACK_LOCK,
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        ):
+            torch.manual_seed(sub_seed)
+            return func(*args, **kwargs)
+
+    def _dropout(self, input: torch.Tensor, p: float, train: bool | None = None) -> Any:
+        if train is False or p == 0:
+            return input.clone(), torch.ones_like(input, dtype=torch.bool)
+        keep = 1.0 - p
+        mask = torch.empty_like(input, dtype=torch.bool).bernoulli_(
+            keep, generator=self.generator(input.device)
+        )
+        scale = 1.0 / keep if keep > 0 else 0.0
+        return input * mask * scale, mask
+
+
+@contextlib.contextmanager
+def keyed(seed: int, step: int, microbatch: int, layer: int) -> Iterator[KeyedRandom]:
+    """Run the body with random ops drawing from the stream keyed by the four numbers."""
+    mode = KeyedRandom(derive_seed(seed, step, microbatch, layer))
+    with mode:
+        yield mode

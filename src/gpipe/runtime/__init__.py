@@ -1,0 +1,1 @@
+"""Runtimes: interpreters of a schedule's actions (one executor loop, several transports)."""

@@ -1,0 +1,129 @@
+"""The executor loop every runtime shares: walk one device's actions, move boundary values.
+
+The loop is the only place that knows what an action means: ``F`` takes the stage's input
+(the micro-batch, or what the previous stage sent), runs the stage and sends the output on;
+``B`` takes the output gradient (from the user, the loss, or the next stage), runs backward and
+sends the input gradient back; ``W`` runs the deferred weight gradient. A runtime supplies a
+:class:`Transport` (queues between threads, or ``torch.distributed`` P2P between processes).
+
+The invariant: every failure leaves this loop as a :class:`StageError` naming the stage,
+device, action and micro-batch, with the original exception as its cause — or as
+:class:`Aborted` when another device failed first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gpipe.schedules import Action, Event
+from gpipe.stage import Stage, _detach
+
+__all__ = ["Aborted", "StageError", "StepData", "Transport", "execute"]
+
+_KIND_WORDS = {"F": "forward", "B": "backward", "W": "weight-gradient"}
+
+
+class Aborted(Exception):
+    """Raised in a device's loop when another device failed and the step was abandoned."""
+
+
+class StageError(RuntimeError):
+    """An exception raised while running ``action`` on ``stage``; the original is ``__cause__``."""
+
+    def __init__(self, action: Action, device: int, error: BaseException, rank: int | None = None):
+        self.action = action
+        self.stage = action.stage
+        self.microbatch = action.microbatch
+        self.device = device
+        self.rank = rank
+        where = f"rank {rank}, " if rank is not None else ""
+        super().__init__(
+            f"{where}stage {action.stage} (device {device}) failed in "
+            f"{_KIND_WORDS[action.kind]} of micro-batch {action.microbatch}: "
+            f"{type(error).__name__}: {error}"
+        )
+
+
+class Transport(Protocol):
+    """Moves boundary pytrees between stages, tagged by (kind, destination stage, micro-batch).
+
+    ``kind`` is ``"act"`` (a forward output, sent to the next stage) or ``"grad"`` (an input
+    gradient, sent to the previous stage). ``recv`` blocks until the value arrives, raising
+    :class:`Aborted` if the step is abandoned and ``TimeoutError`` past the transport's limit.
+    """
+
+    def send(self, kind: str, stage: int, microbatch: int, value: Any) -> None: ...
+
+    def recv(self, kind: str, stage: int, microbatch: int) -> Any: ...
+
+
+@dataclass
+class StepData:
+    """One step's inputs and results, shared by the devices' loops (each writes its own keys)."""
+
+    num_stages: int
+    inputs: Sequence[Any] | None = None  # per micro-batch, for stage 0
+    targets: Sequence[Any] | None = None  # per micro-batch, for the last stage's loss
+    grad_outputs: Sequence[Any] | None = None  # per micro-batch, for the last stage (no loss)
+    split_backward: bool = False
+    outputs: dict[int, Any] = field(default_factory=dict)
+    losses: dict[int, Any] = field(default_factory=dict)
+    input_grads: dict[int, Any] = field(default_factory=dict)
+    fetched: dict[int, dict[str, Any]] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def execute(
+    device: int,
+    actions: Sequence[Action],
+    stages: dict[int, Stage],
+    transport: Transport,
+    data: StepData,
+    rank: int | None = None,
+) -> None:
+    """Run ``actions`` of ``device`` in order on ``stages`` (the device's stages by index)."""
+    last = data.num_stages - 1
+    for a in actions:
+        st = stages[a.stage]
+        m = a.microbatch
+        start = time.perf_counter()
+        try:
+            if a.kind == "F":
+                if a.stage == 0:
+                    assert data.inputs is not None
+                    x = data.inputs[m]
+                else:
+                    x = transport.recv("act", a.stage, m)
+                    start = time.perf_counter()
+                target = data.targets[m] if (a.stage == last and data.targets is not None) else None
+                res = st.forward(m, x, target)
+                if res.fetched:
+                    data.fetched.setdefault(m, {}).update(res.fetched)
+                if a.stage == last:
+                    data.outputs[m] = _detach(res.value)
+                    if res.loss is not None:
+                        data.losses[m] = res.loss.detach()
+                else:
+                    transport.send("act", a.stage + 1, m, res.value)
+            elif a.kind == "B":
+                if a.stage == last:
+                    g = data.grad_outputs[m] if data.grad_outputs is not None else None
+                else:
+                    g = transport.recv("grad", a.stage, m)
+                    start = time.perf_counter()
+                gin = st.backward(m, g, split=data.split_backward)
+                if a.stage == 0:
+                    data.input_grads[m] = gin
+                else:
+                    transport.send("grad", a.stage - 1, m, gin)
+            else:
+                st.backward_weight(m)
+        except (Aborted, StageError):
+            raise
+        except Exception as e:
+            raise StageError(a, device, e, rank) from e
+        data.events.append(Event(a, device, start - data.t0, time.perf_counter() - data.t0))

@@ -1,0 +1,180 @@
+"""Replay a schedule on a cost model: step time, bubble and live activations, without running it.
+
+Every device runs its actions in the schedule's order; an action starts as soon as its device is
+free and its dependencies have finished (plus ``comm_cost`` when a dependency ran on another
+device). The invariant: the simulated timeline respects exactly the dependencies that
+:func:`gpipe.schedules.validate` checks and the runtimes enforce, so a schedule's simulated
+bubble is the bubble the runtimes would show with those costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gpipe.schedules import Action, Event, Schedule, dependencies
+
+__all__ = ["SimResult", "compare", "simulate"]
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What :func:`simulate` predicts for one step.
+
+    ``bubble`` is the idle fraction of device-time over the makespan; ``peak_activations[d]``
+    is the largest number of (stage, micro-batch) activation sets device ``d`` holds at once
+    (from its forward until its last backward action of that micro-batch). ``events`` is the
+    timeline, drawable with :func:`gpipe.trace.plot_timeline`.
+    """
+
+    schedule: Schedule
+    makespan: float
+    bubble: float
+    busy: tuple[float, ...]
+    peak_activations: tuple[int, ...]
+    events: tuple[Event, ...]
+
+
+def _per_stage(value: float | Sequence[float], n: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    vals = [float(v) for v in value]
+    if len(vals) != n:
+        raise ValueError(f"{what} has {len(vals)} entries but the schedule has {n} stages")
+    if any(v < 0 for v in vals):
+        raise ValueError(f"{what} must be non-negative, got {vals}")
+    return vals
+
+
+def simulate(
+    schedule: Schedule,
+    forward_costs: float | Sequence[float] = 1.0,
+    backward_costs: float | Sequence[float] | None = None,
+    comm_cost: float = 0.0,
+    *,
+    weight_costs: float | Sequence[float] | None = None,
+) -> SimResult:
+    """Simulate one step of ``schedule``.
+
+    Costs are per (virtual) stage, or one number for all. ``backward_costs`` is the whole
+    backward of a stage (default twice the forward). For schedules that split backward,
+    ``weight_costs`` is the ``W`` share of it (default half); ``B`` costs the rest.
+    """
+    n = schedule.num_stages
+    fwd = _per_stage(forward_costs, n, "forward_costs")
+    bwd = _per_stage(
+        [2 * f for f in fwd] if backward_costs is None else backward_costs, n, "backward_costs"
+    )
+    if schedule.split_backward:
+        wgt = _per_stage(
+            [b / 2 for b in bwd] if weight_costs is None else weight_costs, n, "weight_costs"
+        )
+        if any(w > b for w, b in zip(wgt, bwd)):
+            raise ValueError("weight_costs must not exceed backward_costs")
+    else:
+        wgt = [0.0] * n
+    if comm_cost < 0:
+        raise ValueError(f"comm_cost must be non-negative, got {comm_cost}")
+
+    def cost(a: Action) -> float:
+        if a.kind == "F":
+            return fwd[a.stage]
+        if a.kind == "B":
+            return bwd[a.stage] - wgt[a.stage]
+        return wgt[a.stage]
+
+    k = schedule.num_devices
+    lists = schedule.actions
+    finish: dict[Action, float] = {}
+    free = [0.0] * k
+    pos = [0] * k
+    events: list[Event] = []
+    remaining = sum(len(a) for a in lists)
+    while remaining:
+        progressed = False
+        for d in range(k):
+            acts = lists[d]
+            while pos[d] < len(acts):
+                a = acts[pos[d]]
+                ready = free[d]
+                ok = True
+                for dep in dependencies(a, n, schedule.split_backward):
+                    t = finish.get(dep)
+                    if t is None:
+                        ok = False
+                        break
+                    if dep.stage % k != d:
+                        t += comm_cost
+                    ready = max(ready, t)
+                if not ok:
+                    break
+                end = ready + cost(a)
+                finish[a] = end
+                free[d] = end
+                events.append(Event(a, d, ready, end))
+                pos[d] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # pragma: no cover - validated schedules never deadlock
+            raise RuntimeError("schedule deadlocked in simulation; it should have been validated")
+
+    makespan = max(free) if events else 0.0
+    busy = [0.0] * k
+    for e in events:
+        busy[e.device] += e.end - e.start
+    bubble = 1.0 - sum(busy) / (k * makespan) if makespan > 0 else 0.0
+
+    last_kind = "W" if schedule.split_backward else "B"
+    peaks = []
+    for acts in lists:
+        live = peak = 0
+        for a in acts:
+            if a.kind == "F":
+                live += 1
+                peak = max(peak, live)
+            elif a.kind == last_kind:
+                live -= 1
+        peaks.append(peak)
+    return SimResult(
+        schedule=schedule,
+        makespan=makespan,
+        bubble=bubble,
+        busy=tuple(busy),
+        peak_activations=tuple(peaks),
+        events=tuple(events),
+    )
+
+
+def compare(
+    names: Sequence[str],
+    num_devices: int,
+    num_microbatches: int,
+    forward_costs: float | Sequence[float] = 1.0,
+    backward_costs: float | Sequence[float] | None = None,
+    comm_cost: float = 0.0,
+    *,
+    virtual_stages: int = 2,
+) -> list[tuple[str, SimResult]]:
+    """Simulate several named schedules on the same per-device costs.
+
+    Costs are given per *device* (the whole model's share on it); an interleaved schedule splits
+    each device's cost evenly over its ``virtual_stages`` chunks. Returns ``(name, result)``
+    pairs in the order given — the data behind ``gpipe plan``'s schedule table.
+    """
+    from gpipe.schedules import get
+
+    fwd = _per_stage(forward_costs, num_devices, "forward_costs")
+    bwd = _per_stage(
+        [2 * f for f in fwd] if backward_costs is None else backward_costs,
+        num_devices,
+        "backward_costs",
+    )
+    out = []
+    for name in names:
+        v = virtual_stages if name == "interleaved" else None
+        sched = get(name, num_devices, num_microbatches, virtual_stages=v)
+        vv = sched.virtual_stages
+        f = [fwd[s % num_devices] / vv for s in range(sched.num_stages)]
+        b = [bwd[s % num_devices] / vv for s in range(sched.num_stages)]
+        out.append((name, simulate(sched, f, b, comm_cost)))
+    return out

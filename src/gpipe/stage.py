@@ -1,0 +1,289 @@
+"""One partition of the model on one device: forward and backward of single micro-batches.
+
+A :class:`Stage` owns a contiguous run of layers and, per micro-batch in flight, only what its
+re-materialization mode needs: the boundary input always; the autograd graph only when the
+micro-batch is not re-materialized. The invariant: after ``forward(m)`` and then ``backward(m)``
+(or ``backward(m)`` + ``backward_weight(m)`` for split schedules) the parameters' ``.grad`` hold
+this micro-batch's contribution added to what was there, and nothing of micro-batch ``m`` is
+kept. Random ops run inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch,
+layer), so a recompute draws exactly what the first forward drew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpipe import remat as remat_mod
+from gpipe import rng
+from gpipe.microbatch import tree_flatten
+
+__all__ = ["Stage", "StageOutput"]
+
+
+@dataclass
+class StageOutput:
+    """What ``Stage.forward`` produced: the boundary value, the loss (last stage, when a loss
+    function was given) and the activations fetched from named inner layers."""
+
+    value: Any
+    loss: torch.Tensor | None
+    fetched: dict[str, Any]
+
+
+@dataclass
+class _Saved:
+    inputs: Any
+    outputs: Any  # output pytree (or scaled loss) with its graph, or None when re-materialized
+    remat: bool
+    target: Any
+    out_tensors: list[torch.Tensor] | None = None  # for a deferred W
+    out_grads: list[torch.Tensor | None] | None = None
+
+
+def _leaves(obj: Any) -> list[Any]:
+    return [v for _, v in tree_flatten(obj)[0]]
+
+
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+class Stage:
+    """Layers ``layers`` (pairs of global layer index and module) on ``device``.
+
+    ``is_first``: the stage's first layer receives the user's positional inputs unpacked (as
+    ``nn.Sequential`` would for its first layer); ``fetch`` maps names to inner modules whose
+    outputs are collected per micro-batch (the seed's ``act_fetch_layers``).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        layers: Sequence[tuple[int, nn.Module]],
+        device: torch.device,
+        *,
+        is_first: bool,
+        is_last: bool,
+        remat: str = "except_last",
+        seed: int = 0,
+        fetch: dict[str, nn.Module] | None = None,
+    ) -> None:
+        if not layers:
+            raise ValueError(f"stage {index} has no layers")
+        self.index = index
+        self.layers = list(layers)
+        self.device = torch.device(device)
+        self.is_first = is_first
+        self.is_last = is_last
+        self.remat = remat_mod.check_mode(remat)
+        self.seed = seed
+        self.step = 0
+        self.num_microbatches = 1
+        self.grad_mode = True
+        self.loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+        self.loss_scale = 1.0
+        self._saved: dict[int, _Saved] = {}
+        self._random: dict[tuple[int, bool], bool] = {}
+        self._sink: dict[str, Any] | None = None
+        self._hooks = []
+        for name, module in (fetch or {}).items():
+            self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Distinct parameters of this stage's layers."""
+        seen: dict[int, nn.Parameter] = {}
+        for _, layer in self.layers:
+            for p in layer.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def begin_step(
+        self,
+        step: int,
+        num_microbatches: int,
+        grad_mode: bool,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        loss_scale: float = 1.0,
+    ) -> None:
+        """Start a step: forget anything left from an unfinished one."""
+        self._saved.clear()
+        self.step = step
+        self.num_microbatches = num_microbatches
+        self.grad_mode = grad_mode
+        self.loss_fn = loss_fn
+        self.loss_scale = loss_scale
+
+    def close(self) -> None:
+        """Remove the hooks this stage put on the model and drop saved state."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._saved.clear()
+
+    @property
+    def pending(self) -> list[int]:
+        """Micro-batches whose state is still held."""
+        return sorted(self._saved)
+
+    def _fetch_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._sink is not None and not remat_mod.is_recomputing():
+                self._sink[name] = _detach(output)
+
+        return hook
+
+    # ----------------------------------------------------------------- running layers
+
+    def _run(self, microbatch: int, x: Any) -> Any:
+        for pos, (idx, layer) in enumerate(self.layers):
+            unpack = self.is_first and pos == 0
+            key = (idx, layer.training)
+            if self._random.get(key, True):
+                with rng.keyed(self.seed, self.step, microbatch, idx) as mode:
+                    x = layer(*x) if unpack else layer(x)
+                self._random.setdefault(key, mode.used)
+            else:
+                x = layer(*x) if unpack else layer(x)
+        return x
+
+    def _prepare(self, x: Any) -> Any:
+        leaves, rebuild = tree_flatten(x)
+        out = []
+        for _, v in leaves:
+            if isinstance(v, torch.Tensor):
+                t = v.detach()
+                if t.device != self.device:
+                    t = t.to(self.device)
+                # A boundary tensor from another stage may have been computed under no_grad
+                # (re-materialization), so its flag says nothing: differentiate every float
+                # boundary tensor. The user's own inputs keep their requires_grad.
+                wants = v.requires_grad if self.is_first else True
+                if self.grad_mode and wants and _differentiable(t):
+                    t.requires_grad_(True)
+                out.append(t)
+            else:
+                out.append(v)
+        return rebuild(out)
+
+    def _loss(self, microbatch: int, out: Any, target: Any) -> torch.Tensor:
+        assert self.loss_fn is not None
+        loss = self.loss_fn(out, target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {shape} for micro-batch {microbatch}; "
+                "reduce it (e.g. .mean()) inside loss_fn"
+            )
+        return loss * self.loss_scale
+
+    # ----------------------------------------------------------------- actions
+
+    def forward(self, microbatch: int, x: Any, target: Any = None) -> StageOutput:
+        """Run micro-batch ``microbatch`` forward; keep what backward needs."""
+        if microbatch in self._saved:
+            raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} ran forward twice")
+        inputs = self._prepare(x)
+        want_loss = self.is_last and self.loss_fn is not None
+        self._sink = {}
+        try:
+            if not self.grad_mode:
+                with torch.no_grad():
+                    out = self._run(microbatch, inputs)
+                    loss = self._loss(microbatch, out, target) if want_loss else None
+                return StageOutput(out, loss, self._sink)
+            remat = remat_mod.should_remat(self.remat, microbatch, self.num_microbatches)
+            with torch.set_grad_enabled(not remat):
+                out = self._run(microbatch, inputs)
+                loss = self._loss(microbatch, out, target) if want_loss else None
+            fetched = self._sink
+        finally:
+            self._sink = None
+        keep = None if remat else (loss if want_loss else out)
+        self._saved[microbatch] = _Saved(inputs, keep, remat, target)
+        return StageOutput(out, loss, fetched)
+
+    def _outputs_for_backward(self, microbatch: int, saved: _Saved) -> Any:
+        if not saved.remat:
+            return saved.outputs
+        with torch.enable_grad(), remat_mod.recomputing():
+            out = self._run(microbatch, saved.inputs)
+            if self.is_last and self.loss_fn is not None:
+                return self._loss(microbatch, out, saved.target)
+        return out
+
+    def backward(self, microbatch: int, grad: Any, *, split: bool = False) -> Any:
+        """Backward of ``microbatch`` given the gradient of its outputs.
+
+        ``grad`` is a pytree shaped like the stage's output (``None`` leaves for outputs that
+        got no gradient), or ``None`` on the last stage when it computed the loss. Returns the
+        gradient of the stage's input pytree. With ``split=True`` only the input gradient is
+        computed now; the weight gradient waits for :meth:`backward_weight`.
+        """
+        saved = self._saved.get(microbatch)
+        if saved is None:
+            raise RuntimeError(
+                f"stage {self.index}: backward of micro-batch {microbatch} without its forward"
+            )
+        out = self._outputs_for_backward(microbatch, saved)
+        if self.is_last and self.loss_fn is not None:
+            outs = [out] if out.requires_grad else []
+            grads: list[torch.Tensor | None] = [None] * len(outs)
+        else:
+            out_leaves = _leaves(out)
+            grad_leaves = _leaves(grad) if grad is not None else [None] * len(out_leaves)
+            if len(grad_leaves) != len(out_leaves):
+                raise RuntimeError(
+                    f"stage {self.index}: micro-batch {microbatch} output has {len(out_leaves)} "
+                    f"leaves but its gradient has {len(grad_leaves)}"
+                )
+            outs, grads = [], []
+            for o, g in zip(out_leaves, grad_leaves):
+                if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
+                    outs.append(o)
+                    grads.append(g.to(o.device) if g.device != o.device else g)
+        in_leaves, rebuild = tree_flatten(saved.inputs)
+        needs = [v for _, v in in_leaves if isinstance(v, torch.Tensor) and v.requires_grad]
+        if not split:
+            if outs:
+                torch.autograd.backward(outs, grads)
+            del self._saved[microbatch]
+            return rebuild(
+                [
+                    v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None
+                    for _, v in in_leaves
+                ]
+            )
+        got: dict[int, torch.Tensor | None] = {}
+        if outs and needs:
+            res = torch.autograd.grad(outs, needs, grads, retain_graph=True, allow_unused=True)
+            got = {id(v): g for v, g in zip(needs, res)}
+        saved.out_tensors, saved.out_grads = outs, grads
+        saved.outputs = None
+        return rebuild(
+            [got.get(id(v)) if isinstance(v, torch.Tensor) else None for _, v in in_leaves]
+        )
+
+    def backward_weight(self, microbatch: int) -> None:
+        """The deferred weight-gradient half of a split backward for ``microbatch``."""
+        saved = self._saved.pop(microbatch, None)
+        if saved is None or saved.out_tensors is None:
+            raise RuntimeError(
+                f"stage {self.index}: weight-gradient of micro-batch {microbatch} before its "
+                "input-gradient"
+            )
+        params = [p for p in self.parameters() if p.requires_grad]
+        outs = saved.out_tensors
+        if outs and params:
+            torch.autograd.backward(outs, saved.out_grads, inputs=params)
+
+
+def _detach(obj: Any) -> Any:
+    leaves, rebuild = tree_flatten(obj)
+    return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for _, v in leaves])

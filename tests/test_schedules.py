@@ -1,0 +1,138 @@
+"""Schedules as data: every named schedule validates, simulates to its textbook bubble, and
+the validator rejects broken schedules with a message naming the stuck action."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gpipe.schedules import Action, ScheduleError, available, custom, get, validate
+from gpipe.simulate import compare, simulate
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1", "interleaved"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
+def test_named_schedules_are_complete_and_valid(name: str, k: int, m: int) -> None:
+    s = get(name, k, m)
+    n = s.num_stages
+    kinds = ("F", "B", "W") if s.split_backward else ("F", "B")
+    seen = [a for acts in s.actions for a in acts]
+    assert len(seen) == len(set(seen)) == len(kinds) * n * m
+    for d, acts in enumerate(s.actions):
+        assert all(a.stage % k == d for a in acts)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 8, 16, 32, 64])
+def test_gpipe_and_1f1b_bubble_match_formula(k: int, m: int) -> None:
+    for name in ("gpipe", "1f1b"):
+        r = simulate(get(name, k, m), 1.0, 2.0)
+        assert r.bubble == pytest.approx((k - 1) / (m + k - 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+@pytest.mark.parametrize("v", [2, 3])
+@pytest.mark.parametrize("mult", [1, 2, 4])
+def test_interleaved_bubble_matches_formula(k: int, v: int, mult: int) -> None:
+    m = k * mult
+    r = simulate(get("interleaved", k, m, virtual_stages=v), 1.0, 2.0)
+    assert r.bubble == pytest.approx((k - 1) / (v * m + k - 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [4, 8, 16, 32])
+def test_zero_bubble_h1_idles_a_third_of_1f1b(k: int, m: int) -> None:
+    if m < k:
+        pytest.skip("ZB-H1 needs M >= K to reach its steady state")
+    one = simulate(get("1f1b", k, m), 1.0, 2.0)
+    zb = simulate(get("zb-h1", k, m), 1.0, 2.0, weight_costs=1.0)
+    work = 3.0 * m  # per device: F + B + W per micro-batch
+    assert zb.makespan - work <= (one.makespan - work) / 3 + 1e-9
+    assert max(zb.peak_activations) <= k
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("m", [1, 4, 8, 16])
+def test_peak_activations(k: int, m: int) -> None:
+    assert simulate(get("gpipe", k, m)).peak_activations == (m,) * k
+    one = simulate(get("1f1b", k, m)).peak_activations
+    assert all(one[s] <= k - s for s in range(k))
+    assert all(one[s] == min(k - s, m) for s in range(k))
+
+
+def test_validate_rejects_deadlock_naming_stuck_stage() -> None:
+    # device 1 wants backward of micro-batch 0 before it ever ran a forward
+    bad = [
+        [Action("F", 0, 0), Action("B", 0, 0)],
+        [Action("B", 1, 0), Action("F", 1, 0)],
+    ]
+    with pytest.raises(ScheduleError, match=r"device 1 stuck at B0@s1 waiting for F0@s1"):
+        validate(bad, 1)
+
+
+def test_validate_rejects_cross_wait_deadlock() -> None:
+    # device 0 runs backward of mb 0 before forward of mb 1; device 1 waits for F1 first
+    bad = [
+        [Action("F", 0, 0), Action("B", 0, 0), Action("F", 0, 1), Action("B", 0, 1)],
+        [Action("F", 1, 1), Action("F", 1, 0), Action("B", 1, 0), Action("B", 1, 1)],
+    ]
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        validate(bad, 2)
+
+
+def test_validate_rejects_missing_repeated_and_misplaced() -> None:
+    with pytest.raises(ScheduleError, match="missing"):
+        validate([[Action("F", 0, 0)]], 1)
+    with pytest.raises(ScheduleError, match="twice"):
+        validate([[Action("F", 0, 0), Action("F", 0, 0), Action("B", 0, 0)]], 1)
+    with pytest.raises(ScheduleError, match="belongs on device 1"):
+        validate([[Action("F", 1, 0)], []], 1)
+    with pytest.raises(ScheduleError, match="only 1"):
+        validate([[Action("F", 0, 3)]], 1)
+
+
+def test_custom_schedule_from_strings() -> None:
+    s = custom([["F0@s0", "F1@s0", "B1@s0", "B0@s0"]], 2)
+    assert s.actions[0][2] == Action("B", 0, 1)
+    with pytest.raises(ScheduleError, match="cannot parse"):
+        custom([["forward"]], 1)
+
+
+def test_get_rejects_unknown_and_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown schedule 'pipedream'"):
+        get("pipedream", 2, 4)
+    with pytest.raises(ValueError, match="needs schedule='interleaved'"):
+        get("gpipe", 2, 4, virtual_stages=2)
+    assert set(available()) >= {"gpipe", "1f1b", "interleaved", "zb-h1"}
+
+
+def test_forward_backward_separability() -> None:
+    assert get("gpipe", 4, 8).forward_backward_separable
+    assert not get("1f1b", 4, 8).forward_backward_separable
+    assert get("1f1b", 4, 1).forward_backward_separable
+
+
+def test_simulator_is_fast_for_large_pipelines() -> None:
+    t = time.perf_counter()
+    r = simulate(get("gpipe", 64, 512))
+    assert time.perf_counter() - t < 5.0  # generous for a loaded CI box; ~1 s here
+    assert r.bubble == pytest.approx(63 / (512 + 63))
+
+
+def test_comm_cost_and_uneven_stages_lengthen_makespan() -> None:
+    s = get("gpipe", 2, 4)
+    base = simulate(s, 1.0, 2.0)
+    assert simulate(s, 1.0, 2.0, comm_cost=0.5).makespan > base.makespan
+    slow = simulate(s, [1.0, 3.0], [2.0, 6.0])
+    assert slow.makespan == pytest.approx(1 + 4 * 3 + 4 * 6 + 2)
+    with pytest.raises(ValueError, match="has 3 entries"):
+        simulate(s, [1.0, 2.0, 3.0])
+
+
+def test_compare_gives_a_row_per_schedule() -> None:
+    rows = compare(["gpipe", "1f1b", "interleaved", "zb-h1"], 4, 16)
+    assert [n for n, _ in rows] == ["gpipe", "1f1b", "interleaved", "zb-h1"]
+    bubbles = dict((n, r.bubble) for n, r in rows)
+    assert bubbles["interleaved"] < bubbles["1f1b"]
