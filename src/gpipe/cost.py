@@ -132,11 +132,9 @@ class _Faker:
         device = self.device or t.device
         if isinstance(t, FakeTensor) and t.fake_mode is self.mode and t.device == device:
             fake = t
-        elif isinstance(t, FakeTensor) or t.device != device or t.layout != torch.strided:
+        elif isinstance(t, FakeTensor) or t.device != device:
             with self.mode:  # a factory under the fake mode allocates nothing
-                fake = torch.empty_strided(
-                    t.shape, t.stride(), dtype=t.dtype, device=device, layout=t.layout
-                )
+                fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
         else:
             fake = self.mode.from_tensor(t)
         with self.mode:

@@ -159,7 +159,7 @@ class _Run:
                 p
                 if p is not None
                 else ref.new_zeros(
-                    (*ref.shape[:pipe.batch_dim], sizes[i], *ref.shape[pipe.batch_dim + 1:])
+                    (*ref.shape[: pipe.batch_dim], sizes[i], *ref.shape[pipe.batch_dim + 1 :])
                 )
                 for i, p in enumerate(parts)
             ]
