@@ -190,6 +190,8 @@ class Pipe(nn.Module):
             are returned as extra outputs, merged along ``batch_dim`` (detached).
         timeout: seconds any stage waits for a boundary value before failing.
         threads_per_stage: intra-op threads per CPU worker (default: cores ÷ K).
+        deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`
+            so running statistics are updated once per mini-batch.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class Pipe(nn.Module):
         fetch: Sequence[str] = (),
         timeout: float = 300.0,
         threads_per_stage: int | None = None,
+        deferred_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         named = _layers_of(module)
@@ -224,6 +227,12 @@ class Pipe(nn.Module):
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if deferred_batch_norm:
+            if chunks is None:
+                raise ValueError("deferred_batch_norm=True needs chunks (the micro-batch count)")
+            from gpipe.nn import convert_deferred_batch_norm
+
+            convert_deferred_batch_norm(self.layers, chunks)
         self.chunks = chunks
         self.micro_batch_size = micro_batch_size
         self.batch_dim = batch_dim

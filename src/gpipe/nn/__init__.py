@@ -1,0 +1,5 @@
+"""Layers that pipelines need."""
+
+from gpipe.nn.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+
+__all__ = ["DeferredBatchNorm", "convert_deferred_batch_norm"]

@@ -1,0 +1,128 @@
+"""BatchNorm whose running statistics cover the whole mini-batch, not one micro-batch.
+
+In a pipeline each BatchNorm layer sees one micro-batch at a time. Plain BatchNorm would update
+its running mean and variance M times per step from M small samples. ``DeferredBatchNorm``
+normalizes each micro-batch with that micro-batch's statistics (as the layer would at that
+batch size) but *defers* the running-statistics update: it accumulates sums over the M
+micro-batches and commits once per step.
+
+The invariant: after one training step over M micro-batches, ``running_mean`` and
+``running_var`` equal those of a plain ``BatchNorm`` that saw the whole mini-batch at once; a
+re-materialization pass (``gpipe.remat.is_recomputing()``) adds nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gpipe.remat import is_recomputing
+
+__all__ = ["DeferredBatchNorm", "convert_deferred_batch_norm"]
+
+
+class DeferredBatchNorm(_BatchNorm):
+    """BatchNorm (any of 1d/2d/3d input) for ``chunks`` micro-batches per step."""
+
+    sum: torch.Tensor
+    sum_squares: torch.Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        chunks: int = 1,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats=True)
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        self.chunks = chunks
+        self.register_buffer("sum", torch.zeros_like(self.running_mean), persistent=False)
+        self.register_buffer("sum_squares", torch.zeros_like(self.running_var), persistent=False)
+        self.counter = 0  # elements accumulated per channel
+        self.tracked = 0  # micro-batches accumulated
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() <= 1:
+            raise ValueError(
+                f"expected at least 2-D input (batch, channels, ...), got {input.dim()}-D"
+            )
+
+    def _track(self, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        with torch.no_grad():
+            self.sum += x.sum(dims)
+            self.sum_squares += (x**2).sum(dims)
+        self.counter += x.numel() // x.shape[1]
+        self.tracked += 1
+
+    def _commit(self) -> None:
+        if self.momentum is None:
+            self.num_batches_tracked += 1
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            self.num_batches_tracked += 1
+            factor = self.momentum
+        mean = self.sum / self.counter
+        var = self.sum_squares / self.counter - mean**2
+        if self.counter > 1:
+            var = var * (self.counter / (self.counter - 1))
+        with torch.no_grad():
+            self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            self.running_var.mul_(1 - factor).add_(var, alpha=factor)
+        self.sum.zero_()
+        self.sum_squares.zero_()
+        self.counter = 0
+        self.tracked = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
+        if not is_recomputing():
+            self._track(input)
+            if self.tracked == self.chunks:
+                self._commit()
+        return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    @classmethod
+    def convert(cls, module: nn.Module, chunks: int = 1) -> nn.Module:
+        """Return ``module`` with every BatchNorm replaced by a DeferredBatchNorm (in place
+        for children; the returned object is ``module`` unless it is itself a BatchNorm)."""
+        if isinstance(module, DeferredBatchNorm):
+            module.chunks = chunks
+            return module
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, chunks)
+            new = new.to(device=module.running_mean.device, dtype=module.running_mean.dtype)
+            with torch.no_grad():
+                if module.affine:
+                    new.weight.copy_(module.weight)
+                    new.bias.copy_(module.bias)
+                new.running_mean.copy_(module.running_mean)
+                new.running_var.copy_(module.running_var)
+                new.num_batches_tracked.copy_(module.num_batches_tracked)
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child, chunks))
+        return module
+
+
+def convert_deferred_batch_norm(module: nn.Module, chunks: int = 1) -> nn.Module:
+    """Replace every ``nn.BatchNorm*d`` in ``module`` by :class:`DeferredBatchNorm` for
+    ``chunks`` micro-batches per step, keeping weights and running statistics."""
+    return DeferredBatchNorm.convert(module, chunks)
