@@ -12,6 +12,12 @@ the fused ``native_dropout`` ...) to draw from a private ``torch.Generator``. Op
 receive an explicit generator keep it. The global generator is never touched, except for the
 rare seeded op that has no generator overload: that one runs under a process-wide lock with
 the global generator forked and seeded from the key.
+
+A Python dispatch mode costs a few microseconds per ATen op, so stages use it sparingly: the
+first run of a layer goes under the full mode, which also notes whether every random op came
+from a known random module (``nn.Dropout`` and friends). If so, later runs only switch the mode
+on inside those modules (forward hooks, :func:`install_hooks` + :func:`keyed_modules`): the
+draws are the same, in the same order, from the same generator, at no cost for the other ops.
 """
 
 from __future__ import annotations
@@ -23,13 +29,32 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["KeyedRandom", "derive_seed", "keyed"]
+__all__ = [
+    "RANDOM_MODULES",
+    "KeyedRandom",
+    "derive_seed",
+    "install_hooks",
+    "keyed",
+    "keyed_modules",
+]
 
 _aten = torch.ops.aten
 _FALLBACK_LOCK = threading.Lock()
 _VARIANTS: dict[Any, Any] = {}
+_tls = threading.local()
+
+#: Modules whose forward is known to draw random numbers; see :func:`install_hooks`.
+RANDOM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def derive_seed(seed: int, step: int, microbatch: int, layer: int) -> int:
@@ -79,6 +104,7 @@ class KeyedRandom(TorchDispatchMode):
         super().__init__()
         self.seed = seed
         self.used = False
+        self.used_outside_known = False
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -99,6 +125,8 @@ class KeyedRandom(TorchDispatchMode):
         if torch.Tag.nondeterministic_seeded not in func.tags:
             return func(*args, **kwargs)
         self.used = True
+        if not getattr(_tls, "known_depth", 0):
+            self.used_outside_known = True
         if func is _aten.native_dropout.default:
             return self._dropout(*args, **kwargs)
         schema_args = func._schema.arguments
@@ -146,3 +174,44 @@ def keyed(seed: int, step: int, microbatch: int, layer: int) -> Iterator[KeyedRa
     mode = KeyedRandom(derive_seed(seed, step, microbatch, layer))
     with mode:
         yield mode
+
+
+def _pre_hook(module: nn.Module, args: Any) -> None:
+    depth = getattr(_tls, "known_depth", 0)
+    _tls.known_depth = depth + 1
+    mode = getattr(_tls, "module_mode", None)
+    if mode is not None and depth == 0:
+        mode.__enter__()
+
+
+def _post_hook(module: nn.Module, args: Any, output: Any) -> None:
+    _tls.known_depth -= 1
+    mode = getattr(_tls, "module_mode", None)
+    if mode is not None and _tls.known_depth == 0:
+        mode.__exit__(None, None, None)
+
+
+def install_hooks(layer: nn.Module) -> list[Any]:
+    """Hook every :data:`RANDOM_MODULES` instance inside ``layer``; returns the handles.
+
+    The hooks do nothing outside :func:`keyed_modules` but count nesting depth, which lets the
+    full mode tell whether a layer draws random numbers anywhere else.
+    """
+    handles = []
+    for m in layer.modules():
+        if isinstance(m, RANDOM_MODULES):
+            handles.append(m.register_forward_pre_hook(_pre_hook))
+            handles.append(m.register_forward_hook(_post_hook, always_call=True))
+    return handles
+
+
+@contextlib.contextmanager
+def keyed_modules(seed: int, step: int, microbatch: int, layer: int) -> Iterator[KeyedRandom]:
+    """Like :func:`keyed`, but the mode is active only inside hooked random modules."""
+    mode = KeyedRandom(derive_seed(seed, step, microbatch, layer))
+    prev = getattr(_tls, "module_mode", None)
+    _tls.module_mode = mode
+    try:
+        yield mode
+    finally:
+        _tls.module_mode = prev

@@ -88,9 +88,13 @@ class Stage:
         self.loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self.loss_scale = 1.0
         self._saved: dict[int, _Saved] = {}
-        self._random: dict[tuple[int, bool], bool] = {}
+        # per (layer, training): "full" (keyed mode around the whole layer), "modules" (only
+        # inside hooked dropout modules) or "none"; unknown until the layer's first run.
+        self._random: dict[tuple[int, bool], str] = {}
         self._sink: dict[str, Any] | None = None
         self._hooks = []
+        for _, layer in self.layers:
+            self._hooks.extend(rng.install_hooks(layer))
         for name, module in (fetch or {}).items():
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
 
@@ -145,10 +149,18 @@ class Stage:
         for pos, (idx, layer) in enumerate(self.layers):
             unpack = self.is_first and pos == 0
             key = (idx, layer.training)
-            if self._random.get(key, True):
+            how = self._random.get(key)
+            if how is None or how == "full":
                 with rng.keyed(self.seed, self.step, microbatch, idx) as mode:
                     x = layer(*x) if unpack else layer(x)
-                self._random.setdefault(key, mode.used)
+                if how is None:
+                    how = (
+                        "full" if mode.used_outside_known else ("modules" if mode.used else "none")
+                    )
+                    self._random[key] = how
+            elif how == "modules":
+                with rng.keyed_modules(self.seed, self.step, microbatch, idx):
+                    x = layer(*x) if unpack else layer(x)
             else:
                 x = layer(*x) if unpack else layer(x)
         return x
