@@ -82,6 +82,16 @@ def _generator_variant(func: Any) -> Any | None:
     return found
 
 
+def _draws_nothing(func: Any, args: tuple, kwargs: dict) -> bool:
+    """True for a seeded op called with a zero dropout probability (attention kernels are
+    tagged seeded because they *can* drop; with ``dropout_p=0`` they draw nothing)."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == "dropout_p":
+            value = args[i] if i < len(args) else kwargs.get("dropout_p", a.default_value)
+            return value == 0
+    return False
+
+
 def _device_of(args: tuple, kwargs: dict) -> torch.device:
     dev = kwargs.get("device")
     if dev is not None:
@@ -122,7 +132,7 @@ class KeyedRandom(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded not in func.tags:
+        if torch.Tag.nondeterministic_seeded not in func.tags or _draws_nothing(func, args, kwargs):
             return func(*args, **kwargs)
         self.used = True
         if not getattr(_tls, "known_depth", 0):
