@@ -461,3 +461,31 @@ def test_workers_stop_on_close() -> None:
     assert not pipe._pool.alive
     with pytest.raises(RuntimeError, match="closed"):
         pipe(data()[0])
+
+
+@pytest.mark.parametrize(("schedule", "v"), SCHEDULES)
+@pytest.mark.parametrize(("k", "m"), [(2, 8), (3, 4), (4, 8)])
+@pytest.mark.parametrize("remat", ["always", "never"])
+def test_measured_peak_live_microbatches_equal_simulated(
+    schedule: str, v: int, k: int, m: int, remat: str
+) -> None:
+    from gpipe.simulate import simulate
+
+    model = make_model()
+    pipe = gpipe.Pipe(
+        model,
+        balance=balance_costs([1.0] * N_LAYERS, k * v),
+        chunks=m,
+        schedule=schedule,
+        virtual_stages=v if schedule == "interleaved" else None,
+        remat=remat,
+    )
+    x, y = data()
+    pipe.step(x, y, loss_fn)
+    sim = simulate(pipe._schedule(m))
+    assert pipe.peak_live == list(sim.peak_activations)
+    if schedule == "gpipe":
+        assert pipe.peak_live == [m] * k
+    if schedule == "1f1b":
+        assert all(pipe.peak_live[s] <= k - s for s in range(k))
+    pipe.close()

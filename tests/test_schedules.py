@@ -136,3 +136,13 @@ def test_compare_gives_a_row_per_schedule() -> None:
     assert [n for n, _ in rows] == ["gpipe", "1f1b", "interleaved", "zb-h1"]
     bubbles = dict((n, r.bubble) for n, r in rows)
     assert bubbles["interleaved"] < bubbles["1f1b"]
+
+
+def test_table_lists_every_schedule() -> None:
+    from gpipe.simulate import table
+
+    text = table(compare(["gpipe", "1f1b"], 2, 4), activation_bytes=2**20)
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| gpipe |")
+    assert "| 4, 4 |" in lines[2] or "4, 4" in lines[2]
+    assert lines[3].rstrip().endswith("| 2.0, 1.0 |")

@@ -242,6 +242,7 @@ class Pipe(nn.Module):
         self.timeout = timeout
         self.rng_step = 0
         self.last_events: list[Event] = []
+        self.peak_live: list[int] = []
         self.fetched: dict[str, Any] = {}
 
         if isinstance(schedule, Schedule):
@@ -468,6 +469,7 @@ class Pipe(nn.Module):
             self._pool.run(jobs)
         finally:
             self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
+            self.peak_live = [data.peak_live.get(d, 0) for d in range(k)]
 
     def _collect_fetched(self, data: StepData, m: int) -> None:
         if not self.fetch_names:

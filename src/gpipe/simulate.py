@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from gpipe.schedules import Action, Event, Schedule, dependencies
 
-__all__ = ["SimResult", "compare", "simulate"]
+__all__ = ["SimResult", "compare", "simulate", "table"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,25 @@ def compare(
         b = [bwd[s % num_devices] / vv for s in range(sched.num_stages)]
         out.append((name, simulate(sched, f, b, comm_cost)))
     return out
+
+
+def table(rows: Sequence[tuple[str, SimResult]], *, activation_bytes: float | None = None) -> str:
+    """A markdown table of :func:`compare`'s rows: step time, bubble, peak live activations.
+
+    With ``activation_bytes`` (what one micro-batch keeps alive on a stage) the peak is also
+    given in MiB per device.
+    """
+    head = "| schedule | step time | bubble | peak live micro-batches per device |"
+    sep = "| --- | ---: | ---: | --- |"
+    if activation_bytes is not None:
+        head = head[:-1] + " peak MiB per device |"
+        sep += " --- |"
+    lines = [head, sep]
+    for name, r in rows:
+        peaks = ", ".join(str(p) for p in r.peak_activations)
+        line = f"| {name} | {r.makespan:.4g} | {r.bubble:.1%} | {peaks} |"
+        if activation_bytes is not None:
+            mib = ", ".join(f"{p * activation_bytes / 2**20:.1f}" for p in r.peak_activations)
+            line += f" {mib} |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -134,7 +134,7 @@ class Stage:
     @property
     def pending(self) -> list[int]:
         """Micro-batches whose state is still held."""
-        return sorted(self._saved)
+        return list(self._saved)
 
     def _fetch_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

@@ -74,6 +74,10 @@ class StepData:
     input_grads: dict[int, Any] = field(default_factory=dict)
     fetched: dict[int, dict[str, Any]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    # per device: the most micro-batches whose state (activations or inputs kept for
+    # backward) its stages held at once — the runtime's measure of the simulator's
+    # ``peak_activations``
+    peak_live: dict[int, int] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -127,3 +131,6 @@ def execute(
         except Exception as e:
             raise StageError(a, device, e, rank) from e
         data.events.append(Event(a, device, start - data.t0, time.perf_counter() - data.t0))
+        live = sum(len(s.pending) for s in stages.values())
+        if live > data.peak_live.get(device, 0):
+            data.peak_live[device] = live
