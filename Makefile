@@ -13,15 +13,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 train: $(STAMP)
 	$(VENV)/bin/gpipe train --out runs/lm --trace
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/throughput.py --quick
