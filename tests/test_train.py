@@ -1,0 +1,169 @@
+"""The training loop: learning-rate schedule, bitwise resume, export equivalence, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpipe import checkpoint
+from gpipe.checkpoint import CheckpointError
+from gpipe.data import load_corpus
+from gpipe.models import TransformerConfig, TransformerLM
+from gpipe.train import ConfigMismatch, TrainConfig, Trainer, learning_rate
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_bytes=60_000)
+
+
+def tiny(out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model_preset="tiny",
+        model={"dropout": 0.1},  # dropout on: the keyed streams must resume too
+        stages=2,
+        chunks=2,
+        batch_size=4,
+        seq_len=16,
+        steps=6,
+        warmup=2,
+        eval_interval=3,
+        eval_batches=1,
+        checkpoint_interval=3,
+        out=str(out),
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    kw = dict(lr=1.0, warmup=10, steps=110, final_ratio=0.1)
+    lrs = [learning_rate(s, **kw) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert learning_rate(110, **kw) == pytest.approx(0.1)
+    assert learning_rate(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_resume_is_bitwise_identical(tmp_path: Path, corpus) -> None:
+    full = Trainer(tiny(tmp_path / "full"), corpus=corpus)
+    full_losses = [r["loss"] for r in full.run() if r["kind"] == "step"]
+    full_params = params(full.model)
+    full_rng_step = full.pipe.rng_step
+    full.close()
+
+    # The "crashed" run: same config, stopped right after the checkpoint at step 3.
+    cut = Trainer(tiny(tmp_path / "cut"), corpus=corpus)
+    first = []
+    for rec in cut.run():
+        if rec["kind"] == "step":
+            first.append(rec["loss"])
+        if rec["kind"] == "checkpoint":
+            break
+    cut.close()
+    assert len(first) == 3
+
+    resumed = Trainer(tiny(tmp_path / "cut"), resume=True, corpus=corpus)
+    assert resumed.step == 3 and resumed.pipe.rng_step == 3
+    rest = [r["loss"] for r in resumed.run() if r["kind"] == "step"]
+    assert first + rest == full_losses  # exact float equality
+    assert resumed.pipe.rng_step == full_rng_step
+    got = params(resumed.model)
+    assert all(torch.equal(got[n], full_params[n]) for n in full_params)
+    resumed.close()
+
+
+def test_export_gives_a_plain_model_with_the_pipes_logits(tmp_path: Path, corpus) -> None:
+    t = Trainer(tiny(tmp_path, steps=2, eval_interval=0), corpus=corpus)
+    records = list(t.run())
+    assert records[-1]["kind"] == "checkpoint"
+    out = checkpoint.export(tmp_path / "checkpoints", tmp_path / "model.safetensors")
+    plain = TransformerLM(TransformerConfig.preset("tiny", dropout=0.1))
+    plain.load_state_dict(load_file(str(out)))
+    plain.eval()
+    t.pipe.eval()
+    x = torch.randint(0, 256, (4, 16))
+    with torch.no_grad():
+        assert torch.allclose(plain(x), t.pipe(x), atol=1e-6, rtol=0)
+    t.close()
+
+
+def test_resume_refuses_another_config_or_model(tmp_path: Path, corpus) -> None:
+    t = Trainer(tiny(tmp_path, steps=1, eval_interval=0), corpus=corpus)
+    list(t.run())
+    t.close()
+    with pytest.raises(ConfigMismatch, match=r"lr \(checkpoint 0.003, now 0.01\)"):
+        Trainer(tiny(tmp_path, lr=0.01), resume=True, corpus=corpus)
+    with pytest.raises(ConfigMismatch, match="d_model"):
+        Trainer(tiny(tmp_path, model={"dropout": 0.1, "d_model": 64}), resume=True, corpus=corpus)
+    # Changing the pipeline layout is allowed: parameters load by name.
+    Trainer(tiny(tmp_path, stages=1, chunks=2), resume=True, corpus=corpus).close()
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        Trainer(tiny(tmp_path / "empty"), resume=True, corpus=corpus)
+
+
+def test_fresh_run_replaces_old_checkpoints(tmp_path: Path, corpus) -> None:
+    t = Trainer(tiny(tmp_path, steps=2, eval_interval=0, checkpoint_interval=1), corpus=corpus)
+    list(t.run())
+    t.close()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")][-1] == (
+        "step-00000002"
+    )
+    Trainer(tiny(tmp_path), corpus=corpus).close()
+    assert checkpoint.list_checkpoints(tmp_path / "checkpoints") == []
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved", "zb-h1"])
+def test_every_schedule_trains_and_checkpoints(tmp_path: Path, corpus, schedule: str) -> None:
+    t = Trainer(tiny(tmp_path, steps=2, eval_interval=0, schedule=schedule), corpus=corpus)
+    recs = list(t.run())
+    t.close()
+    assert [r["kind"] for r in recs] == ["step", "step", "eval", "checkpoint"]
+    ck = checkpoint.load(tmp_path / "checkpoints")
+    assert len(ck.stages) == (4 if schedule == "interleaved" else 2)
+    checkpoint.check_parameters(ck, TransformerLM(TransformerConfig.preset("tiny")).state_dict())
+
+
+def test_metrics_records(tmp_path: Path, corpus) -> None:
+    t = Trainer(tiny(tmp_path, steps=3, trace=True, precision="bf16"), corpus=corpus)
+    recs = list(t.run())
+    t.close()
+    kinds = [r["kind"] for r in recs]
+    assert kinds == ["eval", "step", "step", "step", "trace", "eval", "checkpoint"]
+    step = recs[1]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "bubble"):
+        assert math.isfinite(step[key]), key
+    assert 0 <= step["bubble"] < 1
+    assert recs[4]["events"] and recs[4]["num_devices"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(chunks=8, batch_size=4), "batch_size=4 cannot be split"),
+        (dict(precision="fp8"), "precision must be one of"),
+        (dict(seq_len=64), "exceeds the model's max_seq_len=32"),
+        (dict(model_preset="huge"), "unknown TransformerConfig preset"),
+        (dict(lr=0.0), "lr must be positive"),
+    ],
+)
+def test_config_is_validated(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny(tmp_path, **change)
+
+
+def test_config_round_trips_through_a_dict(tmp_path: Path) -> None:
+    c = tiny(tmp_path)
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({**c.to_dict(), "lrr": 1})
+    assert dataclasses.replace(c, steps=9).steps == 9
