@@ -3,7 +3,7 @@
 The public face of the package; everything is defined in its own module.
 """
 
-from gpipe import microbatch, rng, schedules
+from gpipe import microbatch, rng, schedules, trace
 from gpipe.balance import balance, balance_by_flops, balance_by_memory, balance_by_time
 from gpipe.microbatch import merge, split
 from gpipe.pipe import Partition, Pipe
@@ -34,4 +34,5 @@ __all__ = [
     "schedules",
     "simulate",
     "split",
+    "trace",
 ]
