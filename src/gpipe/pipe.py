@@ -465,8 +465,20 @@ class Pipe(nn.Module):
             functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
             for d in range(k)
         ]
+        if self._pool.stuck:  # a worker never returned from a failed step: start afresh
+            self._pool.close()
+            self._transport = QueueTransport(self.timeout)
+            self._pool = WorkerPool(self.num_devices, self._transport, self._threads)
+            jobs = [
+                functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
+                for d in range(k)
+            ]
+
+        def cancel() -> None:
+            data.cancelled = True
+
         try:
-            self._pool.run(jobs)
+            self._pool.run(jobs, on_abort=cancel)
         finally:
             self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
             self.peak_live = [data.peak_live.get(d, 0) for d in range(k)]

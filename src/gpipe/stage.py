@@ -88,6 +88,7 @@ class Stage:
         self.loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self.loss_scale = 1.0
         self._saved: dict[int, _Saved] = {}
+        self._token = object()
         # per (layer, training): "full" (keyed mode around the whole layer), "modules" (only
         # inside hooked dropout modules) or "none"; unknown until the layer's first run.
         self._random: dict[tuple[int, bool], str] = {}
@@ -118,6 +119,7 @@ class Stage:
     ) -> None:
         """Start a step: forget anything left from an unfinished one."""
         self._saved.clear()
+        self._token = object()  # a worker abandoned in an earlier step must not store state
         self.step = step
         self.num_microbatches = num_microbatches
         self.grad_mode = grad_mode
@@ -201,6 +203,7 @@ class Stage:
         """Run micro-batch ``microbatch`` forward; keep what backward needs."""
         if microbatch in self._saved:
             raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} ran forward twice")
+        token = self._token
         inputs = self._prepare(x)
         want_loss = self.is_last and self.loss_fn is not None
         self._sink = {}
@@ -218,7 +221,8 @@ class Stage:
         finally:
             self._sink = None
         keep = None if remat else (loss if want_loss else out)
-        self._saved[microbatch] = _Saved(inputs, keep, remat, target)
+        if token is self._token:
+            self._saved[microbatch] = _Saved(inputs, keep, remat, target)
         return StageOutput(out, loss, fetched)
 
     def _outputs_for_backward(self, microbatch: int, saved: _Saved) -> Any:

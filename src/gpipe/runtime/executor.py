@@ -79,6 +79,7 @@ class StepData:
     # ``peak_activations``
     peak_live: dict[int, int] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set when the step is abandoned; loops stop before the next action
 
 
 def execute(
@@ -92,6 +93,8 @@ def execute(
     """Run ``actions`` of ``device`` in order on ``stages`` (the device's stages by index)."""
     last = data.num_stages - 1
     for a in actions:
+        if data.cancelled:
+            raise Aborted()
         st = stages[a.stage]
         m = a.microbatch
         start = time.perf_counter()

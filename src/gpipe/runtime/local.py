@@ -61,6 +61,10 @@ class QueueTransport:
                 self._cv.wait(left)
             return self._box.pop(key)
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def abort(self) -> None:
         """Wake every waiting ``recv`` with :class:`Aborted`."""
         with self._cv:
@@ -146,15 +150,35 @@ class WorkerPool:
                 t.join(timeout=5)
 
     def close(self) -> None:
-        """Stop the worker threads (idempotent)."""
+        """Stop the worker threads (idempotent). A stuck worker is told to stop when it comes
+        back and is not waited for."""
+        if self._stuck and self._finalizer.alive:
+            self._finalizer.detach()
+            for q in self._jobs:
+                q.put(None)
+            return
         self._finalizer()
 
     @property
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def run(self, jobs: Sequence[Callable[[], None]]) -> None:
-        """Run one job per worker; raise the first worker failure after all have stopped."""
+    @property
+    def stuck(self) -> bool:
+        """True when a worker never came back from a failed step; build a new pool."""
+        return self._stuck
+
+    def run(
+        self, jobs: Sequence[Callable[[], None]], on_abort: Callable[[], None] | None = None
+    ) -> None:
+        """Run one job per worker; raise the first worker failure once the others stopped.
+
+        After a failure the other workers get ``timeout`` seconds to notice the abort (their
+        waits wake at once; a layer busy in its own code finishes its action first). A worker
+        that is still busy after that is abandoned: the failure is raised anyway and the pool
+        reports :attr:`stuck`. ``on_abort`` runs when the step is abandoned (the caller marks
+        its step data cancelled so late workers stop before their next action).
+        """
         if not self._finalizer.alive:
             raise RuntimeError("this pipeline's workers were closed; build a new Pipe")
         if self._stuck:
@@ -176,15 +200,23 @@ class WorkerPool:
                 _, err = self._results.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.transport.abort()
+                if on_abort is not None:
+                    on_abort()
                 self._stuck = True
+                if errors:
+                    break
                 raise TimeoutError(
                     f"pipeline workers did not finish within {limit:.0f}s; a stage is stuck"
-                ) from (errors[0] if errors else None)
+                ) from None
             pending -= 1
             if err is not None:
                 if not isinstance(err, Aborted):
                     errors.append(err)
-                self.transport.abort()
+                if not self.transport.aborted:
+                    self.transport.abort()
+                    if on_abort is not None:
+                        on_abort()
+                    deadline = min(deadline, time.monotonic() + self.transport.timeout)
         if errors:
             first = next((e for e in errors if isinstance(e, StageError)), errors[0])
             raise first
