@@ -129,3 +129,10 @@ def test_split_keeps_autograd() -> None:
     x = torch.randn(4, 3, requires_grad=True)
     (split(x, 2)[1].sum() * 2).backward()
     assert x.grad is not None and x.grad[:2].abs().sum() == 0 and (x.grad[2:] == 2).all()
+
+
+def test_merge_names_the_micro_batch_whose_shape_differs() -> None:
+    with pytest.raises(
+        ValueError, match=r"micro-batch 1\['y'\] has shape \(2, 5\) but micro-batch 0 gave \(2, 4\)"
+    ):
+        merge([{"y": torch.zeros(2, 4)}, {"y": torch.zeros(2, 5)}])

@@ -148,3 +148,18 @@ def test_soak_varying_shapes_no_growth_no_leaked_threads() -> None:
     del pipe
     gc.collect()
     assert threading.active_count() == before_threads
+
+
+def test_non_finite_loss_guard_names_the_micro_batch() -> None:
+    model = _model(2)
+    x = _batch(4)
+    x[5, 1] = float("nan")  # a row of micro-batch 2
+    pipe = gpipe.Pipe(model, balance=[2, 2], chunks=4, check_finite=True)
+    with pytest.raises(gpipe.StageError, match="loss of micro-batch 2 is nan") as info:
+        pipe.step(x, None, _loss)
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    assert all(p.grad is None for p in model.parameters())  # no backward ran for it
+    pipe.close()
+    unguarded = gpipe.Pipe(_model(2), balance=[2, 2], chunks=4)
+    assert torch.isnan(unguarded.step(x, None, _loss))  # off by default
+    unguarded.close()

@@ -195,6 +195,16 @@ def merge(chunks: Sequence[Any], *, batch_dim: int = 0) -> Any:
                 if not isinstance(t, torch.Tensor):
                     raise ValueError(f"{leaves[j][0]} is {type(t).__name__}, expected a tensor")
                 parts.append(t)
+            d = batch_dim if batch_dim >= 0 else leaf.dim() + batch_dim
+            want = tuple(s for i, s in enumerate(leaf.shape) if i != d)
+            for i, t in enumerate(parts):
+                got = tuple(s for k, s in enumerate(t.shape) if k != d)
+                if t.dim() != leaf.dim() or got != want:
+                    raise ValueError(
+                        f"{flat[i][0][j][0]} has shape {tuple(t.shape)} but micro-batch 0 gave "
+                        f"{tuple(leaf.shape)}; outputs of one step must agree in every "
+                        f"dimension except batch_dim={batch_dim}"
+                    )
             merged.append(torch.cat(parts, dim=batch_dim) if len(parts) > 1 else parts[0])
         else:
             merged.append(leaf)

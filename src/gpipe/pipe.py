@@ -192,6 +192,11 @@ class Pipe(nn.Module):
         threads_per_stage: intra-op threads per CPU worker (default: cores ÷ K).
         deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`
             so running statistics are updated once per mini-batch.
+        check_finite: raise (naming the micro-batch) when a loss computed by ``step`` is NaN
+            or infinite, before its backward runs. Off by default: it synchronizes on GPUs.
+
+    After each call, ``last_events`` holds the timeline of its actions (seconds from the
+    start of the step) and ``peak_live`` the most micro-batches each device held at once.
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class Pipe(nn.Module):
         timeout: float = 300.0,
         threads_per_stage: int | None = None,
         deferred_batch_norm: bool = False,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         named = _layers_of(module)
@@ -309,6 +315,7 @@ class Pipe(nn.Module):
                 f"cannot cut {len(self.layers)} layers into {n_stages} stages; use at most "
                 f"{len(self.layers)} stages"
             )
+        self.check_finite = check_finite
         self.fetch_names = list(fetch)
         known = dict(self.layers.named_modules())
         for name in self.fetch_names:
@@ -456,6 +463,7 @@ class Pipe(nn.Module):
             self.rng_step += 1
         for st in self._stages:
             st.begin_step(step, m, grad, loss_fn, scale)
+            st.check_finite = self.check_finite
 
     def _execute(self, per_device: Sequence[Sequence[Any]], data: StepData) -> None:
         assert self._stages is not None and self._pool is not None

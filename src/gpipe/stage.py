@@ -87,6 +87,7 @@ class Stage:
         self.grad_mode = True
         self.loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
         self.loss_scale = 1.0
+        self.check_finite = False
         self._saved: dict[int, _Saved] = {}
         self._token = object()
         # per (layer, training): "full" (keyed mode around the whole layer), "modules" (only
@@ -194,6 +195,11 @@ class Stage:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got {shape} for micro-batch {microbatch}; "
                 "reduce it (e.g. .mean()) inside loss_fn"
+            )
+        if self.check_finite and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(
+                f"loss of micro-batch {microbatch} is {loss.item()} (check_finite=True); look "
+                "for a diverging learning rate or bad inputs in this micro-batch"
             )
         return loss * self.loss_scale
 
