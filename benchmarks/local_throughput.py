@@ -88,7 +88,10 @@ def main() -> None:
                 (lm_loss(model(xm), ym) / m).backward()
 
         rows.append(
-            {"config": f"plain, 1 thread, M={m} sequential", "time": median_time(plain_micro, args.steps, args.warmup)}
+            {
+                "config": f"plain, 1 thread, M={m} sequential",
+                "time": median_time(plain_micro, args.steps, args.warmup),
+            }
         )
         torch.set_num_threads(cores)
         for sched in args.schedules.split(","):
@@ -97,7 +100,9 @@ def main() -> None:
             v = 2 if sched == "interleaved" else None
             if (v or 1) * k > len(lm):
                 continue
-            pipe = gpipe.Pipe(lm, stages=k, chunks=m, schedule=sched, virtual_stages=v, remat=args.remat)
+            pipe = gpipe.Pipe(
+                lm, stages=k, chunks=m, schedule=sched, virtual_stages=v, remat=args.remat
+            )
 
             def step(pipe: gpipe.Pipe = pipe, lm: TransformerLM = lm) -> None:
                 lm.zero_grad(set_to_none=True)
@@ -116,7 +121,9 @@ def main() -> None:
             pipe.close()
 
     print(f"machine: {platform.machine()}, {cores} threads, torch {torch.__version__}")
-    print(f"model: TransformerLM {args.preset} (dropout {args.dropout}), batch {args.batch} x {args.seq}")
+    print(
+        f"model: TransformerLM {args.preset} (dropout {args.dropout}), batch {args.batch} x {args.seq}"
+    )
     print()
     print("| configuration | step (s) | speed-up vs 1-thread plain | of bound | measured bubble |")
     print("| --- | ---: | ---: | ---: | ---: |")

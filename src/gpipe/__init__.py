@@ -5,6 +5,7 @@ The public face of the package; everything is defined in its own module.
 
 from gpipe import microbatch, rng, schedules, trace
 from gpipe.balance import balance, balance_by_flops, balance_by_memory, balance_by_time
+from gpipe.distributed import DistributedPipe
 from gpipe.microbatch import merge, split
 from gpipe.pipe import Partition, Pipe
 from gpipe.reference import reference_forward, reference_step
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "DistributedPipe",
     "Partition",
     "Pipe",
     "Schedule",

@@ -72,6 +72,7 @@ class Stage:
         remat: str = "except_last",
         seed: int = 0,
         fetch: dict[str, nn.Module] | None = None,
+        rng_offset: int = 0,
     ) -> None:
         if not layers:
             raise ValueError(f"stage {index} has no layers")
@@ -82,6 +83,9 @@ class Stage:
         self.is_last = is_last
         self.remat = remat_mod.check_mode(remat)
         self.seed = seed
+        # added to the micro-batch index in random-stream keys: a data-parallel replica j of
+        # M micro-batches draws as micro-batches j·M .. j·M+M-1 of the whole batch
+        self.rng_offset = rng_offset
         self.step = 0
         self.num_microbatches = 1
         self.grad_mode = True
@@ -149,6 +153,7 @@ class Stage:
     # ----------------------------------------------------------------- running layers
 
     def _run(self, microbatch: int, x: Any) -> Any:
+        microbatch += self.rng_offset
         for pos, (idx, layer) in enumerate(self.layers):
             unpack = self.is_first and pos == 0
             key = (idx, layer.training)

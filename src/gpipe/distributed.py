@@ -1,0 +1,947 @@
+"""``DistributedPipe``: one process per pipeline device over ``torch.distributed``, same schedules,
+same gradients as :class:`gpipe.Pipe` and as un-pipelined training.
+
+Every rank builds ``DistributedPipe(model, ...)`` identically after
+``torch.distributed.init_process_group`` (e.g. under ``torchrun``), then calls
+``pipe.step(inputs, targets, loss_fn)`` identically every step. Each rank runs the shared
+executor loop (:func:`gpipe.runtime.executor.execute`) over its own stages with a
+:class:`gpipe.runtime.dist.P2PTransport`: one executor, two transports.
+
+Layout. With world size ``W`` (of ``process_group``) and ``K`` pipeline devices there are
+``D = W // K`` data-parallel replicas; rank ``r`` is pipeline device ``r % K`` of replica
+``r // K``. So ranks ``0..K-1`` form the first pipeline, ``K..2K-1`` the second, and the ranks
+``d, K+d, 2K+d, ...`` hold the same stages (their *data-parallel group*). Pipeline device ``d``
+runs the (virtual) stages ``s`` with ``s % K == d``. Replica ``j`` takes rows
+``[j·B/D, (j+1)·B/D)`` of the global batch; its micro-batch ``i`` is micro-batch ``j·M + i`` of
+the whole batch for the keyed random streams, so dropout draws what
+:func:`gpipe.reference.reference_step` with ``chunks = D·M`` draws.
+
+The module holds only this rank's layers (registered under their names in the full model, so
+``state_dict`` keys are a subset of the full model's); layers of other ranks are moved to the
+``meta`` device. A model built on ``meta`` is materialized layer by layer with
+``to_empty`` + ``reset_parameters()`` under a random stream keyed by the layer index
+(:func:`materialize` does the same for the whole model in one process). Tied parameters (the
+same ``Parameter`` in two layers, or names given in ``tied=``) that land on different ranks
+become one copy per rank: initialized from the rank holding the group's first name, their
+gradients summed across those ranks after each step.
+
+The invariant every test defends: after ``step`` the local parameters' gradients, and the
+returned loss, equal those of :func:`gpipe.reference.reference_step` on the whole global batch
+(with ``chunks = D·M`` and the same seed and step), up to float rounding; a failure on any rank
+ends the step on every rank with an error naming the failing rank, stage and micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpipe import remat as remat_mod
+from gpipe import rng
+from gpipe.balance import balance as balance_costs
+from gpipe.microbatch import batch_size, split
+from gpipe.pipe import _layers_of
+from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
+from gpipe.runtime.executor import Aborted, StageError, StepData, execute
+from gpipe.schedules import Event, Schedule
+from gpipe.schedules import get as get_schedule
+from gpipe.stage import Stage
+
+__all__ = ["DistributedPipe", "PeerError", "materialize"]
+
+# Initialization draws from the stream keyed (seed, _INIT_KEY, _INIT_KEY, layer index).
+_INIT_KEY = -1
+
+
+def _failure_text(e: BaseException) -> str:
+    """What went wrong, for the other ranks: the action and the original exception."""
+    if isinstance(e, StageError) and e.__cause__ is not None:
+        word = {"F": "forward", "B": "backward", "W": "weight-gradient"}[e.action.kind]
+        return f"{word} raised {type(e.__cause__).__name__}: {e.__cause__}"
+    return f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- model surgery
+
+
+def _param_slots(
+    named: Sequence[tuple[str, nn.Module]],
+) -> dict[str, tuple[int, nn.Module, str, nn.Parameter]]:
+    """Every parameter name of the full model (shared ones under each name) → (layer index,
+    owning module, attribute, Parameter)."""
+    slots = {}
+    for i, (lname, layer) in enumerate(named):
+        for mname, mod in layer.named_modules(prefix=lname, remove_duplicate=False):
+            for attr, p in mod._parameters.items():
+                if p is not None:
+                    slots.setdefault(f"{mname}.{attr}", (i, mod, attr, p))
+    return slots
+
+
+def _tie_groups(
+    slots: dict[str, tuple[int, nn.Module, str, nn.Parameter]],
+    tied: Sequence[Sequence[str]],
+) -> list[list[str]]:
+    """Groups of parameter names that must hold one value: names of the same ``Parameter``
+    object, joined with the user's ``tied`` tuples. Each group starts with its *first name*
+    (the first name of the first ``tied`` tuple touching it, else the first in model order)."""
+    parent = {n: n for n in slots}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+
+    by_id: dict[int, str] = {}
+    for name, (_, _, _, p) in slots.items():
+        if id(p) in by_id:
+            union(by_id[id(p)], name)
+        else:
+            by_id[id(p)] = name
+    first: dict[str, str] = {}
+    for tup in tied:
+        names = list(tup)
+        if len(names) < 2:
+            raise ValueError(f"tied={tup!r}: a tie needs at least two parameter names")
+        for n in names:
+            if n not in slots:
+                close = [s for s in slots if s.split(".")[-1] == n.split(".")[-1]][:6]
+                raise ValueError(
+                    f"tied names {n!r}, which is not a parameter of the model; names are as in "
+                    f"model.named_parameters(remove_duplicate=False), e.g. {close}"
+                )
+            shape_a, shape_b = slots[names[0]][3].shape, slots[n][3].shape
+            if shape_a != shape_b:
+                raise ValueError(
+                    f"tied parameters {names[0]!r} {tuple(shape_a)} and {n!r} {tuple(shape_b)} "
+                    "differ in shape"
+                )
+        for n in names[1:]:
+            union(names[0], n)
+    for tup in tied:
+        first.setdefault(find(tup[0]), tup[0])
+    groups: dict[str, list[str]] = {}
+    for name in slots:
+        groups.setdefault(find(name), []).append(name)
+    out = []
+    for root, names in groups.items():
+        if len(names) < 2:
+            continue
+        head = first.get(root, names[0])
+        out.append([head] + [n for n in names if n != head])
+    return out
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def _reset(module: nn.Module, path: str, uncovered: list[str]) -> None:
+    """Call ``reset_parameters()`` on the outermost submodules that have one; collect the
+    parameters and buffers no such call covers."""
+    fn = getattr(module, "reset_parameters", None)
+    if callable(fn):
+        fn()
+        return
+    for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+        if t is not None:
+            uncovered.append(f"{path}.{attr}")
+    for name, child in module.named_children():
+        _reset(child, f"{path}.{name}", uncovered)
+
+
+def _materialize(
+    named: Sequence[tuple[str, nn.Module]],
+    local: Sequence[int],
+    device: torch.device,
+    seed: int,
+    init_fn: Callable[[nn.Module], None] | None,
+    groups: list[list[str]],
+    slots: dict[str, tuple[int, nn.Module, str, nn.Parameter]],
+) -> None:
+    """Move layers ``local`` to ``device``; materialize and initialize those on ``meta``; make
+    the members of each tie group that sit in ``local`` one ``Parameter`` again."""
+    local_set = set(local)
+    fresh = []
+    for i in sorted(local_set):
+        layer = named[i][1]
+        if _has_meta(layer):
+            layer.to_empty(device=device)
+            fresh.append(i)
+        else:
+            layer.to(device)
+    for g in groups:
+        here = [n for n in g if slots[n][0] in local_set]
+        if len(here) > 1:
+            _, mod, attr, _ = slots[here[0]]
+            keep = mod._parameters[attr]
+            for n in here[1:]:
+                _, m2, a2, _ = slots[n]
+                m2._parameters[a2] = keep
+    snapshots: dict[int, torch.Tensor] = {}
+    firsts = {slots[g[0]][0]: [] for g in groups}
+    for g in groups:
+        firsts[slots[g[0]][0]].append(g[0])
+    for i in fresh:
+        lname, layer = named[i]
+        with rng.keyed(seed, _INIT_KEY, _INIT_KEY, i), torch.no_grad():
+            if init_fn is not None:
+                init_fn(layer)
+            else:
+                uncovered: list[str] = []
+                _reset(layer, lname, uncovered)
+                if uncovered:
+                    raise ValueError(
+                        f"layer {i} ({lname!r}) was built on the meta device, but no "
+                        f"reset_parameters() covers {uncovered[:5]}; give the module a "
+                        "reset_parameters() or pass init_fn=... to initialize it"
+                    )
+        for n in firsts.get(i, []):
+            _, mod, attr, _ = slots[n]
+            snapshots[id(mod._parameters[attr])] = mod._parameters[attr].detach().clone()
+    # A tied value is what the layer of the group's first name drew (a later layer holding
+    # the same Parameter must not overwrite it).
+    for g in groups:
+        here = [n for n in g if slots[n][0] in local_set]
+        if here:
+            _, mod, attr, _ = slots[here[0]]
+            p = mod._parameters[attr]
+            if id(p) in snapshots:
+                with torch.no_grad():
+                    p.copy_(snapshots[id(p)])
+
+
+def _free(layer: nn.Module) -> None:
+    """Replace every parameter and buffer of ``layer`` by a ``meta`` one (frees its memory
+    without touching a Parameter object it shares with a kept layer)."""
+    for mod in layer.modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is not None and not p.is_meta:
+                mod._parameters[attr] = nn.Parameter(
+                    torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                )
+        for attr, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta:
+                mod._buffers[attr] = torch.empty_like(b, device="meta")
+
+
+def materialize(
+    module: nn.Module | Sequence[nn.Module],
+    device: torch.device | str = "cpu",
+    *,
+    seed: int = 0,
+    init_fn: Callable[[nn.Module], None] | None = None,
+    tied: Sequence[Sequence[str]] = (),
+) -> nn.Module | Sequence[nn.Module]:
+    """Materialize a sequential model built on ``meta`` exactly as :class:`DistributedPipe`
+    does, in one process (the un-pipelined reference of a meta-built pipeline).
+
+    Layer ``i`` is ``to_empty``-ed and initialized (``init_fn(layer)``, else
+    ``reset_parameters()`` of its outermost submodules that have one) under the random stream
+    keyed ``(seed, -1, -1, i)``, so its values do not depend on which rank builds it. Shared
+    parameters stay shared; a tied value is the one the layer of the tie's first name drew.
+    Returns ``module``.
+    """
+    named = _layers_of(module)
+    slots = _param_slots(named)
+    groups = _tie_groups(slots, tied)
+    _materialize(named, range(len(named)), torch.device(device), seed, init_fn, groups, slots)
+    return module
+
+
+# ----------------------------------------------------------------------------- the pipe
+
+
+class DistributedPipe(nn.Module):
+    """Pipeline (× data) parallel training of a sequential model, one process per device.
+
+    Construct it identically on every rank of ``process_group`` (default: the whole job) after
+    ``torch.distributed.init_process_group``; every rank of the job must construct it, in the
+    same order as any other ``DistributedPipe``, since it creates process groups.
+
+    Args:
+        module: ``nn.Sequential`` (or list of modules), possibly built on the ``meta`` device.
+        stages: pipeline devices K (default: ``W // data_parallel``, or ``len(balance) // V``,
+            or W).
+        balance: layers per (virtual) stage, K·V numbers. Default: by forward+backward FLOPs
+            (:func:`gpipe.cost.profile`) on ``sample`` at construction, else on rank 0's first
+            micro-batch at the first step (then the optimizer must be created after it).
+        chunks: micro-batches M per replica and step.
+        micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
+            need ``chunks``).
+        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb-h1"`` or a
+            :class:`~gpipe.schedules.Schedule`.
+        virtual_stages: V for ``"interleaved"`` (default 2).
+        remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
+        seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
+        process_group: the ranks running this pipeline (default: ``WORLD``).
+        device: this rank's compute device (default: the current CUDA device under NCCL, else
+            CPU).
+        timeout: seconds any wait may last (messages, collectives, new groups).
+        data_parallel: replicas D (default: ``W // K``); ``W`` must equal ``K · D``.
+        tied: tuples of parameter names (as in the full model's
+            ``named_parameters(remove_duplicate=False)``) that hold one value.
+        init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
+        sample: an example global mini-batch (real or ``meta`` tensors) to balance on.
+        batch_dim: the batch dimension of inputs and targets.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module | Sequence[nn.Module],
+        *,
+        stages: int | None = None,
+        balance: Sequence[int] | None = None,
+        chunks: int | None = None,
+        micro_batch_size: int | None = None,
+        schedule: str | Schedule = "gpipe",
+        virtual_stages: int | None = None,
+        remat: str = "except_last",
+        seed: int = 0,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        timeout: float = 300.0,
+        data_parallel: int | None = None,
+        tied: Sequence[Sequence[str]] = (),
+        init_fn: Callable[[nn.Module], None] | None = None,
+        sample: Any = None,
+        batch_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "DistributedPipe needs torch.distributed: call "
+                "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
+                "the environment for init_method='env://')"
+            )
+        self._named = _layers_of(module)
+        if not self._named:
+            raise ValueError("DistributedPipe needs at least one layer")
+        if chunks is None and micro_batch_size is None:
+            raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self._chunks = chunks
+        self._mbs = micro_batch_size
+        self._batch_dim = batch_dim
+        self._remat = remat_mod.check_mode(remat)
+        self._seed = seed
+        self._timeout = float(timeout)
+        self._init_fn = init_fn
+        self.rng_step = 0
+        self.last_events: list[Event] = []
+        self._calls = 0
+        self._closed = False
+
+        # --- schedule, K, V
+        if isinstance(schedule, Schedule):
+            self._fixed: Schedule | None = schedule
+            self._schedule_name = schedule.name
+            v, k_sched = schedule.virtual_stages, schedule.num_devices
+        else:
+            self._fixed = None
+            self._schedule_name = schedule.lower().replace("_", "-")
+            get_schedule(self._schedule_name, 1, 1)  # raises on an unknown name
+            inter = self._schedule_name == "interleaved"
+            if virtual_stages not in (None, 1) and not inter:
+                raise ValueError(
+                    f"virtual_stages={virtual_stages} needs schedule='interleaved', not "
+                    f"{schedule!r}"
+                )
+            v = (2 if virtual_stages is None else virtual_stages) if inter else 1
+            k_sched = None
+        self._v = v
+        self._pg = process_group if process_group is not None else dist.group.WORLD
+        world = dist.get_world_size(self._pg)
+        self.rank = dist.get_rank(self._pg)
+        if stages is not None:
+            k = stages
+        elif k_sched is not None:
+            k = k_sched
+        elif data_parallel is not None:
+            k = world // data_parallel
+        elif balance is not None:
+            k = len(balance) // v
+        else:
+            k = world
+        if k < 1 or world % k:
+            raise ValueError(
+                f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
+                "a multiple of stages (W = stages x data_parallel)"
+            )
+        d = world // k
+        if data_parallel is not None and data_parallel != d:
+            raise ValueError(
+                f"data_parallel={data_parallel} x stages={k} = {data_parallel * k} ranks, but "
+                f"the process group has {world}"
+            )
+        if k_sched is not None and k_sched != k:
+            raise ValueError(f"the given schedule is built for {k_sched} devices, not {k}")
+        self.num_devices, self.data_parallel = k, d
+        self.pipeline_device, self.replica = self.rank % k, self.rank // k
+        n_stages = k * v
+        if n_stages > len(self._named):
+            raise ValueError(
+                f"cannot cut {len(self._named)} layers into {n_stages} stages "
+                f"({k} devices x {v} virtual stages)"
+            )
+        self._check_balance(balance, n_stages)
+
+        # --- devices
+        backend = dist.get_backend(self._pg)
+        if device is None:
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if backend == "nccl"
+                else torch.device("cpu")
+            )
+        self.device = torch.device(device)
+        comm_device = self.device if backend == "nccl" else torch.device("cpu")
+
+        # --- groups: every rank creates every group, in this order
+        def g(r: int) -> int:  # rank in process_group -> global rank (new_group takes those)
+            return r if self._pg is dist.group.WORLD else dist.get_global_rank(self._pg, r)
+
+        self._replicas = [[g(j * k + dd) for dd in range(k)] for j in range(d)]
+        td = timedelta(seconds=self._timeout)
+        self._created: list[Any] = []
+        if d > 1:
+            pp = [dist.new_group(r, timeout=td) for r in self._replicas]
+            self._pp_group = pp[self.replica]
+            if k > 1:
+                dp = [
+                    dist.new_group([self._replicas[j][dd] for j in range(d)], timeout=td)
+                    for dd in range(k)
+                ]
+                self._dp_group = dp[self.pipeline_device]
+                self._created += dp
+            else:
+                self._dp_group = self._pg
+            self._created += pp
+        else:
+            self._pp_group, self._dp_group = self._pg, None
+        me = g(self.rank)
+        channels = make_channels(self._replicas, me, self._timeout) if k > 1 else {}
+        for pair in channels.values():
+            self._created += list(pair)
+        self._transport = P2PTransport(
+            self.pipeline_device,
+            k,
+            self._replicas[self.replica],
+            channels,
+            timeout=self._timeout,
+            comm_device=comm_device,
+        )
+        self._global_rank = me
+
+        # --- ties (names validated now, groups resolved at build)
+        self._tied = [tuple(t) for t in tied]
+        self._slots = _param_slots(self._named)
+        self._groups = _tie_groups(self._slots, self._tied)
+        self._stages: list[Stage] | None = None
+        self._balance: list[int] | None = None
+        self._schedules: dict[int, Schedule] = {}
+        if balance is not None:
+            self._build([int(b) for b in balance])
+        elif sample is not None:
+            self._build(self._agree_balance(self._sample_microbatch(sample)))
+
+    # ----------------------------------------------------------------- plan
+
+    def _check_balance(self, balance: Sequence[int] | None, n_stages: int) -> None:
+        if balance is None:
+            return
+        if len(balance) != n_stages:
+            raise ValueError(f"balance has {len(balance)} entries for {n_stages} stages")
+        if any(int(b) < 1 for b in balance) or sum(balance) != len(self._named):
+            raise ValueError(
+                f"balance={list(balance)} must be positive and sum to the {len(self._named)} layers"
+            )
+
+    def _sample_microbatch(self, sample: Any) -> tuple:
+        per_replica = split(sample, self.data_parallel, batch_dim=self._batch_dim)[0]
+        m = self._num_microbatches(per_replica)
+        return split((per_replica,), m, batch_dim=self._batch_dim)[0]
+
+    def _agree_balance(self, sample_mb: tuple | None) -> list[int]:
+        """Rank 0 balances by FLOPs on its micro-batch; every rank gets the same answer."""
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                if sample_mb is None:
+                    raise ValueError("rank 0 needs the inputs to balance the pipeline by FLOPs")
+                from gpipe.cost import profile
+
+                costs = profile([m for _, m in self._named], *sample_mb, train=self.training)
+                weights = [max(1, c.flops + c.backward_flops) for c in costs]
+                box[0] = balance_costs(weights, self.num_devices * self._v)
+            except Exception as e:
+                box[0] = f"{type(e).__name__}: {e}"
+        dist.broadcast_object_list(box, group=self._pg, group_src=0)
+        if isinstance(box[0], str):
+            raise RuntimeError(f"balancing the pipeline on rank 0 failed: {box[0]}")
+        return list(box[0])
+
+    def _build(self, balance: list[int]) -> None:
+        k, n_stages = self.num_devices, len(balance)
+        self._balance = balance
+        stage_of = [s for s, count in enumerate(balance) for _ in range(count)]
+        dev_of = [s % k for s in stage_of]
+        local = [i for i, dd in enumerate(dev_of) if dd == self.pipeline_device]
+        slots, groups = self._slots, self._groups
+        error = None
+        try:
+            _materialize(self._named, local, self.device, self._seed, self._init_fn, groups, slots)
+        except Exception as e:
+            error = e
+        # Agree before any collective below: a rank that failed must not leave others waiting.
+        errors: list[Any] = [None] * dist.get_world_size(self._pg)
+        text = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(errors, text, group=self._pg)
+        if error is not None:
+            raise error
+        for r, t in enumerate(errors):
+            if t is not None:
+                raise RuntimeError(f"rank {r} could not build its stages: {t}")
+        for i, (_, layer) in enumerate(self._named):
+            if dev_of[i] != self.pipeline_device:
+                _free(layer)
+        for i in local:
+            name, layer = self._named[i]
+            if hasattr(self, name) and name not in self._modules:
+                raise ValueError(
+                    f"layer name {name!r} clashes with a DistributedPipe attribute; rename it"
+                )
+            self.add_module(name, layer)
+        self._stages = []
+        for s in range(self.pipeline_device, n_stages, k):
+            idx = [i for i in local if stage_of[i] == s]
+            self._stages.append(
+                Stage(
+                    s,
+                    [(i, self._named[i][1]) for i in idx],
+                    self.device,
+                    is_first=s == 0,
+                    is_last=s == n_stages - 1,
+                    remat=self._remat,
+                    seed=self._seed,
+                )
+            )
+        self._stage_map = {st.index: st for st in self._stages}
+
+        # Tie groups spanning several pipeline devices: one local copy each, one subgroup per
+        # replica; every rank creates every subgroup in the same order.
+        td = timedelta(seconds=self._timeout)
+        self._ties: list[tuple[nn.Parameter, Any, int, bool]] = []
+        self._not_counted: set[int] = set()
+        for grp in groups:
+            devs = sorted({dev_of[slots[n][0]] for n in grp})
+            owner = dev_of[slots[grp[0]][0]]
+            here = [n for n in grp if dev_of[slots[n][0]] == self.pipeline_device]
+            local_p = None
+            if here:
+                _, mod, attr, _ = slots[here[0]]
+                local_p = mod._parameters[attr]
+                if owner != self.pipeline_device:
+                    self._not_counted.add(id(local_p))
+            if len(devs) < 2:
+                continue
+            subs = [dist.new_group([rep[dd] for dd in devs], timeout=td) for rep in self._replicas]
+            self._created += subs
+            if local_p is not None:
+                sub = subs[self.replica]
+                src = dist.get_group_rank(sub, self._replicas[self.replica][owner])
+                with torch.no_grad():
+                    dist.broadcast(local_p.data, group=sub, group_src=src)
+                self._ties.append((local_p, sub, src, owner == self.pipeline_device))
+        if self._dp_group is not None:
+            src = dist.get_group_rank(self._dp_group, self._replicas[0][self.pipeline_device])
+            with torch.no_grad():
+                for t in [*self._local_params(), *self.buffers()]:
+                    dist.broadcast(t.data, group=self._dp_group, group_src=src)
+
+    def _local_params(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for st in self._stages or []:
+            for p in st.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _schedule(self, m: int) -> Schedule:
+        if self._fixed is not None:
+            if self._fixed.num_microbatches != m:
+                raise ValueError(
+                    f"the given schedule is built for {self._fixed.num_microbatches} "
+                    f"micro-batches, not {m}"
+                )
+            return self._fixed
+        if m not in self._schedules:
+            v = self._v if self._schedule_name == "interleaved" else None
+            self._schedules[m] = get_schedule(
+                self._schedule_name, self.num_devices, m, virtual_stages=v
+            )
+        return self._schedules[m]
+
+    @property
+    def balance(self) -> list[int] | None:
+        """Layers per (virtual) stage, or ``None`` until the first step balances by FLOPs."""
+        return None if self._balance is None else list(self._balance)
+
+    @property
+    def stage_indices(self) -> list[int]:
+        """The (virtual) stages this rank runs."""
+        return [st.index for st in self._stages or []]
+
+    def _require_built(self, what: str) -> None:
+        if self._stages is None:
+            raise RuntimeError(
+                f"{what}: the pipeline is not partitioned yet, so this rank does not know its "
+                "layers. Pass balance=[...] or sample=<a batch> to DistributedPipe, or call "
+                "step() once before creating the optimizer"
+            )
+
+    # ----------------------------------------------------------------- nn.Module surface
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """This rank's parameters (its stages' layers only)."""
+        self._require_built("parameters()")
+        return super().parameters(recurse)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters, named as in the full model."""
+        self._require_built("named_parameters()")
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """This rank's layers' state, keys as in the full model's ``state_dict``."""
+        self._require_built("state_dict()")
+        return super().state_dict(*args, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the local gradients; a no-op before the pipeline is partitioned."""
+        if self._stages is not None:
+            super().zero_grad(set_to_none)
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError(
+            "DistributedPipe runs whole steps: use loss = pipe.step(inputs, targets, loss_fn) "
+            "(under torch.no_grad() for evaluation)"
+        )
+
+    def __enter__(self) -> DistributedPipe:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the receiver threads, remove hooks and release the process groups this pipe
+        created (kept when the pipe broke: a peer may still hold them). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        healthy = self._transport.broken is None
+        self._transport.close()
+        for st in self._stages or []:
+            st.close()
+        if healthy:
+            # Every step ended with all messages and collectives complete on every rank, so the
+            # groups are idle; a broken pipe leaves them to destroy_process_group().
+            for grp in self._created:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(grp)
+        self._created = []
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, pipeline_device={self.pipeline_device}/{self.num_devices}, "
+            f"replica={self.replica}/{self.data_parallel}, stages={self.stage_indices}, "
+            f"schedule={self._schedule_name!r}, remat={self._remat!r}"
+        )
+
+    # ----------------------------------------------------------------- step
+
+    def _num_microbatches(self, local: Any) -> int:
+        n = batch_size(local, self._batch_dim)
+        if self._mbs is not None:
+            if n % self._mbs or (self._chunks is not None and n != self._mbs * self._chunks):
+                raise ValueError(
+                    f"this replica's batch of {n} does not split into micro-batches of "
+                    f"{self._mbs}" + (f" x {self._chunks}" if self._chunks else "")
+                )
+            return n // self._mbs
+        assert self._chunks is not None
+        if n % self._chunks:
+            raise ValueError(
+                f"this replica's batch of {n} rows is not divisible by chunks={self._chunks}"
+            )
+        return self._chunks
+
+    def _local(self, obj: Any) -> Any:
+        if self.data_parallel == 1:
+            return obj
+        n = batch_size(obj, self._batch_dim)
+        if n % self.data_parallel:
+            raise ValueError(
+                f"the global batch of {n} rows does not split over {self.data_parallel} "
+                "data-parallel replicas; use a batch size divisible by it"
+            )
+        return split(obj, self.data_parallel, batch_dim=self._batch_dim)[self.replica]
+
+    def _prepare(self, inputs: Any, targets: Any) -> tuple[list | None, list | None, int]:
+        first = self.pipeline_device == 0
+        last = self.pipeline_device == (self.num_devices * self._v - 1) % self.num_devices
+        x = self._local(inputs) if (first and inputs is not None) else None
+        y = self._local(targets) if (last and targets is not None) else None
+        if x is not None:
+            m = self._num_microbatches(x)
+        elif y is not None:
+            m = self._num_microbatches(y)
+        elif inputs is not None:
+            m = self._num_microbatches(self._local(inputs))
+        elif self._chunks is not None:
+            m = self._chunks
+        else:
+            raise ValueError(
+                "with micro_batch_size= and no chunks=, every rank must pass inputs (or "
+                "targets) to know the number of micro-batches"
+            )
+        if first and x is None:
+            raise ValueError(f"rank {self.rank} runs the first stage and needs the inputs")
+        mbs = split((x,), m, batch_dim=self._batch_dim) if x is not None else None
+        tmbs = split(y, m, batch_dim=self._batch_dim) if y is not None else None
+        return mbs, tmbs, m
+
+    def step(
+        self,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """One pipelined forward+backward of the global mini-batch on every rank.
+
+        Call it on every rank with the same arguments (``inputs`` are used by the first stage,
+        ``targets`` by the last; other ranks may pass ``None``). Returns the loss, the same on
+        every rank (averaged over data-parallel replicas). Gradients accumulate in the local
+        parameters, already averaged over replicas and summed over tied copies. Under
+        ``torch.no_grad()`` only the forward runs. A failure on any rank raises on every rank:
+        the failing rank's :class:`~gpipe.runtime.executor.StageError`, or :class:`PeerError`
+        naming it.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if self._closed:
+            raise RuntimeError("this DistributedPipe was closed; build a new one")
+        grad = torch.is_grad_enabled()
+        local_error: BaseException | None = None
+        mbs = tmbs = None
+        try:
+            mbs, tmbs, m = self._prepare(inputs, targets)
+        except Exception as e:
+            local_error, m = e, self._chunks or 1
+        if self._stages is None:
+            self._build(self._agree_balance(mbs[0] if mbs else None))
+        sched = self._schedule(m)
+        actions = (sched.actions if grad else sched.forward_part())[self.pipeline_device]
+        step_id = self.rng_step
+        if self.training:
+            self.rng_step += 1
+        scale = 1.0 / m if reduction == "mean" else 1.0
+        assert self._stages is not None
+        for st in self._stages:
+            st.begin_step(step_id, m, grad, loss_fn, scale)
+            st.rng_offset = self.replica * m
+        self._transport.begin_step(self._calls, m)
+        self._calls += 1
+        # From here on every rank must reach finish_step, whatever happens.
+        n_stages = self.num_devices * self._v
+        last_dev = (n_stages - 1) % self.num_devices
+        stash: list[torch.Tensor | None] = []
+        data = StepData(n_stages, inputs=mbs, targets=tmbs, split_backward=sched.split_backward)
+        loss = None
+        try:
+            stash = self._stash_tied() if grad else []
+            if local_error is None:
+                with contextlib.suppress(Aborted):  # a peer failed: the transport knows who
+                    execute(
+                        self.pipeline_device,
+                        actions,
+                        self._stage_map,
+                        self._transport,
+                        data,
+                        rank=self._global_rank,
+                    )
+            if self._transport.failure is None and self.pipeline_device == last_dev:
+                loss = torch.stack([data.losses[i] for i in range(m)]).sum()
+        except BaseException as e:
+            local_error = local_error or e
+            loss = None
+        mine = None
+        if local_error is not None:
+            mine = Failure(
+                self._global_rank,
+                self.pipeline_device,
+                getattr(local_error, "stage", None),
+                getattr(local_error, "microbatch", None),
+                _failure_text(local_error),
+            )
+        payloads = self._transport.finish_step(mine, {"loss": loss} if loss is not None else None)
+        self.last_events = sorted(data.events, key=lambda e: e.start)
+        failure = self._transport.failure
+        if failure is None and loss is None:
+            loss = payloads[last_dev]["loss"]
+        loss, failure = self._replica_sync(loss, failure, reduction)
+        if failure is not None:
+            self._unstash(stash)
+            if local_error is not None:
+                raise local_error
+            raise PeerError(failure, self.rank)
+        assert loss is not None
+        if grad:
+            self._sync_tied(stash)
+            self._reduce_grads(average=reduction == "mean")
+        return loss.detach().to(self.device)
+
+    def _replica_sync(
+        self, loss: torch.Tensor | None, failure: Failure | None, reduction: str
+    ) -> tuple[torch.Tensor | None, Failure | None]:
+        """Across data-parallel replicas: learn whether any replica failed; average the loss
+        (``"mean"``) or add it up (``"sum"``)."""
+        if self._dp_group is None:
+            return loss, failure
+        f = failure
+        row = torch.tensor(
+            [
+                0.0 if f is None else 1.0,
+                -1 if f is None else f.rank,
+                -1 if f is None or f.stage is None else f.stage,
+                -1 if f is None or f.microbatch is None else f.microbatch,
+                0.0 if loss is None else float(loss),
+            ],
+            dtype=torch.float64,
+            device=self._transport.comm_device,
+        )
+        rows = [torch.empty_like(row) for _ in range(self.data_parallel)]
+        try:
+            dist.all_gather(rows, row, group=self._dp_group)
+        except Exception as e:
+            return loss, failure or Failure(
+                -1, -1, None, None, f"a data-parallel replica did not answer: {e}"
+            )
+        if failure is not None:
+            return loss, failure
+        rows = [r.cpu() for r in rows]
+        for j, r in enumerate(rows):
+            if r[0] > 0:
+                ints = [int(v) for v in r[1:4].tolist()]
+                return loss, Failure(
+                    ints[0],
+                    ints[0] % self.num_devices,
+                    None if ints[1] < 0 else ints[1],
+                    None if ints[2] < 0 else ints[2],
+                    f"failed in data-parallel replica {j} (see that rank's error)",
+                )
+        assert loss is not None
+        losses = torch.stack([r[4] for r in rows])
+        total = losses.mean() if reduction == "mean" else losses.sum()
+        return total.to(loss.dtype), None
+
+    # ----------------------------------------------------------------- gradient sync
+
+    def _stash_tied(self) -> list[torch.Tensor | None]:
+        """Set aside the gradients tied copies held before the step (only the step's own
+        contribution is summed across ranks, so gradients may accumulate over steps)."""
+        out = []
+        for p, *_ in self._ties:
+            out.append(p.grad)
+            p.grad = None
+        return out
+
+    def _unstash(self, stash: list[torch.Tensor | None]) -> None:
+        for (p, *_), old in zip(self._ties, stash):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad + old
+
+    def _sync_tied(self, stash: list[torch.Tensor | None]) -> None:
+        for (p, sub, _, _), old in zip(self._ties, stash):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g, group=sub)
+            p.grad = g if old is None else g + old
+
+    def _reduce_grads(self, average: bool) -> None:
+        """Sum the replicas' gradients over each data-parallel group, and average them for a
+        ``"mean"`` loss, so they equal the gradients of the whole global batch."""
+        if self._dp_group is None:
+            return
+        params = [p for p in self._local_params() if p.requires_grad]
+        by_key: dict[tuple, list[nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_key.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        for ps in by_key.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in ps])
+            dist.all_reduce(flat, group=self._dp_group)
+            if average:
+                flat /= self.data_parallel
+            off = 0
+            for p in ps:
+                n = p.grad.numel()
+                p.grad.copy_(flat[off : off + n].view_as(p.grad))
+                off += n
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of the whole pipeline (all stages) to ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does on the un-pipelined model; returns the total
+        norm. Call it on every rank (it all-reduces over the pipeline's ranks); a tied
+        parameter counts once."""
+        self._require_built("clip_grad_norm_()")
+        norm_type = float(norm_type)
+        grads = [p.grad for p in self._local_params() if p.grad is not None]
+        counted = [
+            p.grad
+            for p in self._local_params()
+            if p.grad is not None and id(p) not in self._not_counted
+        ]
+        dtype = grads[0].dtype if grads else torch.float32
+        if norm_type == float("inf"):
+            local = max((g.detach().abs().max().double() for g in counted), default=None)
+            acc = torch.zeros((), dtype=torch.float64) if local is None else local.cpu()
+            op = dist.ReduceOp.MAX
+        else:
+            acc = torch.zeros((), dtype=torch.float64)
+            for g in counted:
+                acc += torch.linalg.vector_norm(g.detach(), norm_type).double().cpu() ** norm_type
+            op = dist.ReduceOp.SUM
+        if self.num_devices > 1:
+            acc = acc.to(self._transport.comm_device)
+            dist.all_reduce(acc, op=op, group=self._pp_group)
+            acc = acc.cpu()
+        total = acc if norm_type == float("inf") else acc ** (1.0 / norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"the total norm of order {norm_type} of the gradients is non-finite; set "
+                "error_if_nonfinite=False to clip anyway"
+            )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.detach().mul_(coef.to(g.dtype).to(g.device))
+        return total.to(dtype).to(self.device)

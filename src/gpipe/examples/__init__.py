@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m gpipe.examples.<name>``."""
