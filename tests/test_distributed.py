@@ -9,6 +9,7 @@ joined with a deadline and killed if they overstay.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
@@ -40,6 +41,7 @@ BALANCE = {  # for the 19-layer MLP
 }
 TOL = 1e-10
 FAIL_TIMEOUT = 10.0
+STALL_TIMEOUT = 3.0
 
 
 # ----------------------------------------------------------------------------- models
@@ -110,6 +112,104 @@ class DieAt(nn.Module):
         if self.calls == self.at + 1:
             os._exit(17)
         return x
+
+
+class Fault(nn.Module):
+    """Identity that fails in forward or backward (or stalls) on the micro-batch whose column 0
+    holds ``tag``; :class:`TagLinear` layers keep column 0 intact across the pipeline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: str | None = None
+        self.tag = -1.0
+        self.stall = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is None or not bool((x[:, 0] == self.tag).all()):
+            return x
+        if self.mode == "forward":
+            raise ValueError("injected forward fault")
+        if self.mode == "stall":
+            time.sleep(self.stall)
+            return x
+        return _FailInBackward.apply(x)
+
+
+class _FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        raise ValueError("injected backward fault")
+
+
+class TagLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], super().forward(x)[:, 1:]], dim=1)
+
+
+def fault_model(k: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(k):
+        layers += [TagLinear(8, 8), Fault()]  # Fault after a parameter: its backward runs
+    return nn.Sequential(*layers).double()
+
+
+def fault_batch(m: int) -> torch.Tensor:
+    x = torch.randn(2 * m, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x[:, 0] = torch.arange(m, dtype=torch.float64).repeat_interleave(2)
+    return x
+
+
+def _fault_matrix(k: int, rank: int, path: Path) -> None:
+    """Forward and backward faults on every stage at the first and last micro-batch, each
+    followed by a clean step; then a stalled stage (which breaks the pipe: last)."""
+    from gpipe.distributed import DistributedPipe
+
+    m = 4
+    x = fault_batch(m)
+    res: dict[Any, Any] = {}
+
+    def loss(out: torch.Tensor, _: Any) -> torch.Tensor:
+        return out.pow(2).mean()
+
+    model = fault_model(k)
+    with DistributedPipe(
+        model, chunks=m, balance=[2] * k, schedule="1f1b", remat="never", timeout=FAIL_TIMEOUT
+    ) as pipe:
+        for s in range(k):
+            for mb in (0, m - 1):
+                for where in ("forward", "backward"):
+                    fault = model[2 * s + 1]
+                    fault.mode, fault.tag = where, float(mb)
+                    t0 = time.monotonic()
+                    try:
+                        pipe.step(x, None, loss)
+                        err = None
+                    except Exception as e:
+                        err = (type(e).__name__, str(e))
+                    elapsed = time.monotonic() - t0
+                    fault.mode = None
+                    pipe.zero_grad()
+                    recovered = float(pipe.step(x, None, loss))
+                    res[(s, mb, where)] = (err, elapsed, recovered)
+    stalling = fault_model(k)
+    layer = stalling[3]  # stage 1 sleeps past the timeout on micro-batch 1
+    layer.mode, layer.tag, layer.stall = "stall", 1.0, 1.5 * STALL_TIMEOUT
+    with DistributedPipe(
+        stalling, chunks=m, balance=[2] * k, schedule="1f1b", timeout=STALL_TIMEOUT
+    ) as pipe:
+        t0 = time.monotonic()
+        try:
+            pipe.step(x, None, loss)
+            err = None
+        except Exception as e:
+            err = (type(e).__name__, str(e))
+        res["stall"] = (err, time.monotonic() - t0)
+    _save(path, f"faults{k}", rank, res)
 
 
 class Bare(nn.Module):
@@ -338,6 +438,7 @@ def scenario_pp3(rank: int, world: int, path: Path) -> None:
     _sweep(3, out)
     _save(path, "sweep3", rank, out)
     _fail_and_recover(3, rank, path)
+    _fault_matrix(3, rank, path)
 
     # Last: rank 1 dies inside a layer; the others must raise, not hang.
     x, y = mlp_batch()
@@ -547,6 +648,29 @@ def test_layer_without_init_fails_construction_on_every_rank(pp2):
 def test_raising_stage_fails_every_rank_then_recovers(pp2, pp3):
     _check_failure(pp2, 2)
     _check_failure(pp3[0], 3)
+
+
+def test_fault_matrix_every_stage_forward_and_backward(pp3):
+    tmp, _ = pp3
+    results = [_load(tmp, "faults3", r) for r in range(3)]
+    for s in range(3):
+        for mb in (0, 3):
+            for where in ("forward", "backward"):
+                for r in range(3):
+                    err, elapsed, recovered = results[r][(s, mb, where)]
+                    assert err is not None, (s, mb, where, r)
+                    kind, msg = err
+                    assert kind == ("StageError" if r == s else "PeerError"), (s, mb, where, r, err)
+                    for part in (f"stage {s}", f"micro-batch {mb}"):
+                        assert part in msg, (s, mb, where, r, msg)
+                    if r != s:
+                        assert f"rank {s}" in msg, msg
+                    assert elapsed < 2 * FAIL_TIMEOUT
+                    assert math.isfinite(recovered)
+    for r in range(3):
+        err, elapsed = results[r]["stall"]
+        assert err is not None, r
+        assert elapsed < 2 * STALL_TIMEOUT + 1.0, (r, elapsed, err)
 
 
 def test_killed_rank_makes_the_others_raise(pp3):

@@ -163,3 +163,10 @@ def test_non_finite_loss_guard_names_the_micro_batch() -> None:
     unguarded = gpipe.Pipe(_model(2), balance=[2, 2], chunks=4)
     assert torch.isnan(unguarded.step(x, None, _loss))  # off by default
     unguarded.close()
+
+
+def test_missing_targets_are_named() -> None:
+    pipe = gpipe.Pipe(_model(2), balance=[2, 2], chunks=2)
+    with pytest.raises(gpipe.StageError, match=r"targets=None .*pass the targets to step"):
+        pipe.step(_batch(2), None, torch.nn.functional.mse_loss)
+    pipe.close()

@@ -194,7 +194,16 @@ class Stage:
 
     def _loss(self, microbatch: int, out: Any, target: Any) -> torch.Tensor:
         assert self.loss_fn is not None
-        loss = self.loss_fn(out, target)
+        try:
+            loss = self.loss_fn(out, target)
+        except Exception as e:
+            if target is None:
+                raise ValueError(
+                    f"loss_fn failed on micro-batch {microbatch} with targets=None "
+                    f"({type(e).__name__}: {e}); pass the targets to step(inputs, targets, "
+                    "loss_fn) — with DistributedPipe, on the rank of the last stage too"
+                ) from e
+            raise
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
