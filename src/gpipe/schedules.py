@@ -29,6 +29,7 @@ __all__ = [
     "available",
     "custom",
     "dependencies",
+    "execution_order",
     "get",
     "register",
     "validate",
@@ -216,33 +217,7 @@ def validate(
                         f"action {Action(kind, s, m)} is missing (device {s % k} must run it)"
                     )
 
-    # Deadlock check: replay in order; an action runs once all its dependencies have run.
-    done: set[Action] = set()
-    pos = [0] * k
-    remaining = sum(len(a) for a in lists)
-    while remaining:
-        progressed = False
-        for d in range(k):
-            acts = lists[d]
-            while pos[d] < len(acts):
-                a = acts[pos[d]]
-                if all(dep in done for dep in dependencies(a, num_stages, split)):
-                    done.add(a)
-                    pos[d] += 1
-                    remaining -= 1
-                    progressed = True
-                else:
-                    break
-        if not progressed:
-            stuck = []
-            for d in range(k):
-                if pos[d] < len(lists[d]):
-                    a = lists[d][pos[d]]
-                    missing = [
-                        str(dep) for dep in dependencies(a, num_stages, split) if dep not in done
-                    ]
-                    stuck.append(f"device {d} stuck at {a} waiting for {', '.join(missing)}")
-            raise ScheduleError(f"schedule {name!r} deadlocks: " + "; ".join(stuck))
+    execution_order(lists, num_stages, split, name)  # raises on a deadlock
     return Schedule(
         name=name,
         num_devices=k,
@@ -251,6 +226,49 @@ def validate(
         actions=lists,
         split_backward=split,
     )
+
+
+def execution_order(
+    actions: Sequence[Sequence[Action]], num_stages: int, split_backward: bool, name: str = "custom"
+) -> list[tuple[int, Action]]:
+    """Replay every device's list in order and return ``(device, action)`` pairs in an order in
+    which each action comes after all its dependencies (devices advance greedily in turn).
+
+    Raises :class:`ScheduleError` when no device can advance: the schedule deadlocks. The
+    message names, per stuck device, the action it waits at and the dependencies it waits for.
+    """
+    k = len(actions)
+    done: set[Action] = set()
+    order: list[tuple[int, Action]] = []
+    pos = [0] * k
+    remaining = sum(len(a) for a in actions)
+    while remaining:
+        progressed = False
+        for d in range(k):
+            acts = actions[d]
+            while pos[d] < len(acts):
+                a = acts[pos[d]]
+                if all(dep in done for dep in dependencies(a, num_stages, split_backward)):
+                    done.add(a)
+                    order.append((d, a))
+                    pos[d] += 1
+                    remaining -= 1
+                    progressed = True
+                else:
+                    break
+        if not progressed:
+            stuck = []
+            for d in range(k):
+                if pos[d] < len(actions[d]):
+                    a = actions[d][pos[d]]
+                    missing = [
+                        str(dep)
+                        for dep in dependencies(a, num_stages, split_backward)
+                        if dep not in done
+                    ]
+                    stuck.append(f"device {d} stuck at {a} waiting for {', '.join(missing)}")
+            raise ScheduleError(f"schedule {name!r} deadlocks: " + "; ".join(stuck))
+    return order
 
 
 def custom(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gpipe.schedules import Action, Event, Schedule, dependencies
+from gpipe.schedules import Action, Event, Schedule, dependencies, execution_order
 
 __all__ = ["SimResult", "compare", "simulate", "table"]
 
@@ -87,36 +87,16 @@ def simulate(
     lists = schedule.actions
     finish: dict[Action, float] = {}
     free = [0.0] * k
-    pos = [0] * k
     events: list[Event] = []
-    remaining = sum(len(a) for a in lists)
-    while remaining:
-        progressed = False
-        for d in range(k):
-            acts = lists[d]
-            while pos[d] < len(acts):
-                a = acts[pos[d]]
-                ready = free[d]
-                ok = True
-                for dep in dependencies(a, n, schedule.split_backward):
-                    t = finish.get(dep)
-                    if t is None:
-                        ok = False
-                        break
-                    if dep.stage % k != d:
-                        t += comm_cost
-                    ready = max(ready, t)
-                if not ok:
-                    break
-                end = ready + cost(a)
-                finish[a] = end
-                free[d] = end
-                events.append(Event(a, d, ready, end))
-                pos[d] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:  # pragma: no cover - validated schedules never deadlock
-            raise RuntimeError("schedule deadlocked in simulation; it should have been validated")
+    for d, a in execution_order(lists, n, schedule.split_backward, schedule.name):
+        ready = free[d]
+        for dep in dependencies(a, n, schedule.split_backward):
+            t = finish[dep] + (comm_cost if dep.stage % k != d else 0.0)
+            ready = max(ready, t)
+        end = ready + cost(a)
+        finish[a] = end
+        free[d] = end
+        events.append(Event(a, d, ready, end))
 
     makespan = max(free) if events else 0.0
     busy = [0.0] * k
