@@ -49,8 +49,7 @@ from gpipe.microbatch import batch_size, split
 from gpipe.pipe import _layers_of
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute
-from gpipe.schedules import Event, Schedule
-from gpipe.schedules import get as get_schedule
+from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage
 
 __all__ = ["DistributedPipe", "PeerError", "materialize"]
@@ -348,22 +347,9 @@ class DistributedPipe(nn.Module):
         self._closed = False
 
         # --- schedule, K, V
-        if isinstance(schedule, Schedule):
-            self._fixed: Schedule | None = schedule
-            self._schedule_name = schedule.name
-            v, k_sched = schedule.virtual_stages, schedule.num_devices
-        else:
-            self._fixed = None
-            self._schedule_name = schedule.lower().replace("_", "-")
-            get_schedule(self._schedule_name, 1, 1)  # raises on an unknown name
-            inter = self._schedule_name == "interleaved"
-            if virtual_stages not in (None, 1) and not inter:
-                raise ValueError(
-                    f"virtual_stages={virtual_stages} needs schedule='interleaved', not "
-                    f"{schedule!r}"
-                )
-            v = (2 if virtual_stages is None else virtual_stages) if inter else 1
-            k_sched = None
+        self._spec = ScheduleSpec(schedule, virtual_stages)
+        self._schedule_name = self._spec.name
+        v, k_sched = self._spec.virtual_stages, self._spec.num_devices
         self._v = v
         self._pg = process_group if process_group is not None else dist.group.WORLD
         world = dist.get_world_size(self._pg)
@@ -454,7 +440,6 @@ class DistributedPipe(nn.Module):
         self._groups = _tie_groups(self._slots, self._tied)
         self._stages: list[Stage] | None = None
         self._balance: list[int] | None = None
-        self._schedules: dict[int, Schedule] = {}
         if balance is not None:
             self._build([int(b) for b in balance])
         elif sample is not None:
@@ -582,19 +567,7 @@ class DistributedPipe(nn.Module):
         return list(seen.values())
 
     def _schedule(self, m: int) -> Schedule:
-        if self._fixed is not None:
-            if self._fixed.num_microbatches != m:
-                raise ValueError(
-                    f"the given schedule is built for {self._fixed.num_microbatches} "
-                    f"micro-batches, not {m}"
-                )
-            return self._fixed
-        if m not in self._schedules:
-            v = self._v if self._schedule_name == "interleaved" else None
-            self._schedules[m] = get_schedule(
-                self._schedule_name, self.num_devices, m, virtual_stages=v
-            )
-        return self._schedules[m]
+        return self._spec.get(self.num_devices, m)
 
     @property
     def balance(self) -> list[int] | None:

@@ -33,8 +33,7 @@ from gpipe.balance import balance as balance_costs
 from gpipe.microbatch import merge, split, tree_flatten
 from gpipe.runtime.executor import StepData, execute
 from gpipe.runtime.local import QueueTransport, WorkerPool
-from gpipe.schedules import Event, Schedule
-from gpipe.schedules import get as get_schedule
+from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage
 
 __all__ = ["Partition", "Pipe"]
@@ -251,22 +250,9 @@ class Pipe(nn.Module):
         self.peak_live: list[int] = []
         self.fetched: dict[str, Any] = {}
 
-        if isinstance(schedule, Schedule):
-            self.schedule_name = schedule.name
-            self._fixed_schedule: Schedule | None = schedule
-            k_sched, v = schedule.num_devices, schedule.virtual_stages
-        else:
-            self.schedule_name = schedule.lower().replace("_", "-")
-            self._fixed_schedule = None
-            get_schedule(self.schedule_name, 1, 1)  # raises on an unknown name
-            interleaved = self.schedule_name == "interleaved"
-            if virtual_stages is not None and not interleaved and virtual_stages != 1:
-                raise ValueError(
-                    f"virtual_stages={virtual_stages} needs schedule='interleaved', "
-                    f"not {schedule!r}"
-                )
-            v = (2 if virtual_stages is None else virtual_stages) if interleaved else 1
-            k_sched = None
+        self._spec = ScheduleSpec(schedule, virtual_stages)
+        self.schedule_name = self._spec.name
+        k_sched, v = self._spec.num_devices, self._spec.virtual_stages
         self.virtual_stages = v
 
         if devices is not None:
@@ -333,7 +319,6 @@ class Pipe(nn.Module):
         self._stage_flops: list[int] | None = None
         self._transport = QueueTransport(timeout)
         self._pool: WorkerPool | None = None
-        self._schedules: dict[int, Schedule] = {}
         if balance is not None or n_stages == 1:
             self._build([len(self.layers)] if balance is None else balance)
 
@@ -426,19 +411,7 @@ class Pipe(nn.Module):
         self._stage_flops = flops
 
     def _schedule(self, m: int) -> Schedule:
-        if self._fixed_schedule is not None:
-            if self._fixed_schedule.num_microbatches != m:
-                raise ValueError(
-                    f"the given schedule is built for {self._fixed_schedule.num_microbatches} "
-                    f"micro-batches but this batch splits into {m}"
-                )
-            return self._fixed_schedule
-        if m not in self._schedules:
-            v = self.virtual_stages if self.schedule_name == "interleaved" else None
-            self._schedules[m] = get_schedule(
-                self.schedule_name, self.num_devices, m, virtual_stages=v
-            )
-        return self._schedules[m]
+        return self._spec.get(self.num_devices, m)
 
     def close(self) -> None:
         """Stop the worker threads and remove hooks. The module's layers stay usable."""

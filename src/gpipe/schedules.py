@@ -26,6 +26,7 @@ __all__ = [
     "Event",
     "Schedule",
     "ScheduleError",
+    "ScheduleSpec",
     "available",
     "custom",
     "dependencies",
@@ -441,3 +442,49 @@ def _zb_h1(k: int, m: int, v: int) -> list[list[Action]]:
         acts += [Action("W", d, i) for i in range(w, m)]
         out.append(acts)
     return out
+
+
+class ScheduleSpec:
+    """A pipe's ``schedule`` argument — a name or a built :class:`Schedule` — resolved once
+    per micro-batch count. Both runtimes' pipes hold one.
+
+    ``virtual_stages`` applies to ``"interleaved"`` (default 2); ``num_devices`` is fixed only
+    when a built schedule was given.
+    """
+
+    def __init__(self, schedule: str | Schedule, virtual_stages: int | None = None) -> None:
+        self._cache: dict[tuple[int, int], Schedule] = {}
+        if isinstance(schedule, Schedule):
+            self.fixed: Schedule | None = schedule
+            self.name = schedule.name
+            self.virtual_stages = schedule.virtual_stages
+            self.num_devices: int | None = schedule.num_devices
+            return
+        self.fixed = None
+        self.name = str(schedule).lower().replace("_", "-")
+        if self.name not in _REGISTRY:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {available()}")
+        interleaved = _REGISTRY[self.name][1]
+        if virtual_stages not in (None, 1) and not interleaved:
+            raise ValueError(
+                f"virtual_stages={virtual_stages} needs schedule='interleaved', not {schedule!r}"
+            )
+        self.virtual_stages = (
+            (2 if virtual_stages is None else virtual_stages) if interleaved else 1
+        )
+        self.num_devices = None
+
+    def get(self, num_devices: int, num_microbatches: int) -> Schedule:
+        """The schedule for this many devices and micro-batches (validated, cached)."""
+        if self.fixed is not None:
+            if self.fixed.num_microbatches != num_microbatches:
+                raise ValueError(
+                    f"the given schedule is built for {self.fixed.num_microbatches} "
+                    f"micro-batches but this batch splits into {num_microbatches}"
+                )
+            return self.fixed
+        key = (num_devices, num_microbatches)
+        if key not in self._cache:
+            v = self.virtual_stages if _REGISTRY[self.name][1] else None
+            self._cache[key] = get(self.name, num_devices, num_microbatches, virtual_stages=v)
+        return self._cache[key]
