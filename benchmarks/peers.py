@@ -13,7 +13,7 @@ every row alike:
 Speed-up is against the plain model; "of bound" divides it by K·M/(M+K−1); "vs torch" is the
 torch step time over gpipe's for the matching schedule (> 1: gpipe is faster).
 
-    python benchmarks/peers.py                # M=8, batch 32 x 128, 3 rounds
+    python benchmarks/peers.py                # M in 2,4,8, batch 32 x 128, 3 rounds
     python benchmarks/peers.py --quick        # smoke run
 """
 
@@ -83,7 +83,6 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    m = args.chunks
     n_layers = len(build())
     half = n_layers // 2
     bal2 = [half, n_layers - half]
@@ -104,7 +103,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     else:
         runners["plain"] = lambda: None
 
-    for sched in SCHEDULES:
+    for m, sched in [(m, s) for m in args.chunk_list for s in SCHEDULES]:
         bal = bal4 if sched == "interleaved" else bal2
         pipe = gpipe.DistributedPipe(
             build(), balance=bal, chunks=m, schedule=sched, remat="never", timeout=300
@@ -115,7 +114,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             pipe.zero_grad(set_to_none=True)
             pipe.step(x, y, lm_loss)
 
-        runners[f"gpipe {sched}"] = ours
+        runners[f"gpipe {sched} {m}"] = ours
 
         layers = list(build())
         bounds = [0]
@@ -146,7 +145,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             else:
                 tsched.step(**kwargs)
 
-        runners[f"torch {sched}"] = theirs
+        runners[f"torch {sched} {m}"] = theirs
 
     results: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.rounds):
@@ -168,7 +167,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", default="2,4,8", help="micro-batch counts, comma-separated")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -177,6 +176,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq, args.steps, args.warmup, args.rounds = 16, 64, 3, 1, 1
+        args.chunks = "8"
+    args.chunk_list = [int(c) for c in str(args.chunks).split(",")]
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
@@ -185,23 +186,28 @@ def main() -> None:
             results = json.load(f)
     load1 = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in results.items()}
-    m = args.chunks
-    bound = 2 * m / (m + 1)
     print(
         f"TransformerLM {args.preset}, batch {args.batch} x {args.seq}, K=2 processes (gloo, "
-        f"1 thread each), M={m}, remat never; median over {args.rounds} round(s) of the median "
+        f"1 thread each), remat never; median over {args.rounds} round(s) of the median "
         f"of {args.steps} steps; load average {load0:.2f} -> {load1:.2f}"
     )
     print()
-    print("| runtime | schedule | step (s) | speed-up vs plain | of bound | torch / gpipe |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
-    print(f"| plain (1 process, 1 thread) | - | {med['plain']:.3f} | 1.00x | | |")
-    for sched in SCHEDULES:
-        ours, theirs = med[f"gpipe {sched}"], med[f"torch {sched}"]
-        for name, t in (("gpipe.DistributedPipe", ours), ("torch.distributed.pipelining", theirs)):
-            sp = med["plain"] / t
-            ratio = f"{theirs / ours:.2f}" if name.startswith("gpipe") else ""
-            print(f"| {name} | {sched} | {t:.3f} | {sp:.2f}x | {sp / bound:.0%} | {ratio} |")
+    print("| runtime | schedule | M | step (s) | speed-up vs plain | of bound | torch / gpipe |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| plain (1 process, 1 thread) | - | - | {med['plain']:.3f} | 1.00x | | |")
+    for m in args.chunk_list:
+        bound = 2 * m / (m + 1)
+        for sched in SCHEDULES:
+            ours, theirs = med[f"gpipe {sched} {m}"], med[f"torch {sched} {m}"]
+            for name, t in (
+                ("gpipe.DistributedPipe", ours),
+                ("torch.distributed.pipelining", theirs),
+            ):
+                sp = med["plain"] / t
+                ratio = f"{theirs / ours:.2f}" if name.startswith("gpipe") else ""
+                print(
+                    f"| {name} | {sched} | {m} | {t:.3f} | {sp:.2f}x | {sp / bound:.0%} | {ratio} |"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "medians": med, "rounds": results}, f, indent=2)
