@@ -99,24 +99,25 @@ def test_fault_at_every_stage_is_named_and_pipe_recovers(schedule: str, where: s
 
 def test_stalled_stage_fails_within_twice_the_timeout_and_pipe_recovers() -> None:
     model = _model(2)
-    timeout = 1.0
+    timeout = 2.0
     pipe = gpipe.Pipe(model, balance=[2, 2], chunks=2, timeout=timeout)
     x = _batch(2)
+    pipe.step(x, None, _loss)  # a clean step first
     fault = model[1]
-    fault.mode, fault.tag, fault.stall = "stall", 1.0, 6 * timeout
+    fault.mode, fault.tag, fault.stall = "stall", 1.0, 3 * timeout
     t0 = time.monotonic()
     with pytest.raises(
-        gpipe.StageError, match=r"stage 1 .*waited 1s for the activation of micro-batch 1"
+        gpipe.StageError, match=r"stage 1 .*waited 2s for the activation of micro-batch 1"
     ) as info:
         pipe.step(x, None, _loss)
     elapsed = time.monotonic() - t0
-    assert elapsed < 2 * timeout + 0.5, elapsed
+    assert elapsed < 2 * timeout + 1.0, elapsed  # 2x the timeout, plus scheduling slack
     assert isinstance(info.value.__cause__, TimeoutError)
     fault.mode = None
     model.zero_grad()
     pipe.step(x, None, _loss)  # a fresh set of workers runs the next step
     assert all(p.grad is not None for p in model.parameters())
-    time.sleep(6 * timeout)  # the abandoned worker wakes, notices the abort and exits
+    time.sleep(2 * timeout)  # the abandoned worker wakes, notices the abort and exits
     pipe.close()
 
 

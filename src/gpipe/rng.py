@@ -39,6 +39,7 @@ __all__ = [
     "install_hooks",
     "keyed",
     "keyed_modules",
+    "warm_up",
 ]
 
 _aten = torch.ops.aten
@@ -176,6 +177,20 @@ class KeyedRandom(TorchDispatchMode):
         )
         scale = 1.0 / keep if keep > 0 else 0.0
         return input * mask * scale, mask
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Pay the one-time cost of the first dispatch mode (PyTorch imports its compiler stack,
+    ~1-2 s) now, in the calling thread, rather than inside a stage's first action where it
+    would count against the pipeline's timeouts."""
+    global _warm
+    if not _warm:
+        with KeyedRandom(0):
+            torch.empty(1).uniform_()
+        _warm = True
 
 
 @contextlib.contextmanager

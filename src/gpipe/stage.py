@@ -99,6 +99,7 @@ class Stage:
         self._random: dict[tuple[int, bool], str] = {}
         self._sink: dict[str, Any] | None = None
         self._hooks = []
+        rng.warm_up()
         for _, layer in self.layers:
             self._hooks.extend(rng.install_hooks(layer))
         for name, module in (fetch or {}).items():
