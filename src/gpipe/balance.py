@@ -19,8 +19,10 @@ Helpers at the bottom balance an ``nn.Sequential`` by FLOPs, parameter/activatio
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,11 +37,68 @@ __all__ = [
 ]
 
 
+# ----------------------------------------------------------------------------- arguments
+
+
+def _costs(costs: Any) -> list[float]:
+    """``costs`` as a list of finite, non-negative floats, or an error naming the bad entry."""
+    if isinstance(costs, (str, bytes, Mapping)) or not hasattr(costs, "__iter__"):
+        raise TypeError(
+            f"costs must be a sequence of numbers (one per layer), got {type(costs).__name__} "
+            f"{costs!r:.60}"
+        )
+    out = []
+    for i, c in enumerate(costs):
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            try:  # 0-dim tensors and numpy scalars are numbers too
+                if isinstance(c, bool) or getattr(c, "ndim", None) != 0:
+                    raise TypeError
+                c = float(c)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"costs[{i}] is {type(c).__name__} {c!r:.40}; every layer cost must be a number"
+                ) from None
+        c = float(c)
+        if not math.isfinite(c) or c < 0:
+            raise ValueError(
+                f"costs[{i}] is {c}; layer costs must be finite and non-negative (measure or "
+                "estimate that layer again)"
+            )
+        out.append(c)
+    if not math.isfinite(sum(out)):
+        raise ValueError(
+            f"the layer costs sum to inf (the largest is {max(out):.3g}); scale them down, e.g. "
+            "divide every cost by the largest"
+        )
+    return out
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def stage_costs(costs: Sequence[float], counts: Sequence[int]) -> list[float]:
-    """The summed cost of each stage for a partition given as layer counts."""
+    """The summed cost of each stage for a partition given as layer counts.
+
+    ``counts`` must be non-negative ints summing to ``len(costs)`` (else the answer would
+    silently drop or invent layers).
+    """
+    values = _costs(costs)
+    if isinstance(counts, (str, bytes, Mapping)) or not hasattr(counts, "__iter__"):
+        raise TypeError(f"counts must be a list of layer counts, got {counts!r:.60}")
+    counts = [_int(c, f"counts[{j}]", 0) for j, c in enumerate(counts)]
+    if sum(counts) != len(values):
+        raise ValueError(
+            f"counts={counts} sum to {sum(counts)} but there are {len(values)} layer costs; "
+            "give one count per stage, summing to the number of layers"
+        )
     out, i = [], 0
     for c in counts:
-        out.append(float(sum(costs[i : i + c])))
+        out.append(float(sum(values[i : i + c])))
         i += c
     return out
 
@@ -57,12 +116,14 @@ def balance(
     ``pinned`` layers at the front must sit on stage 0. Raises ``ValueError`` when a stage
     would be empty (more stages than layers, or more than ``len(costs) - pinned + 1``).
     """
-    costs = [float(c) for c in costs]
-    n, k = len(costs), num_stages
-    if k < 1:
-        raise ValueError(f"num_stages must be >= 1, got {k}")
-    if any(c < 0 or c != c for c in costs):
-        raise ValueError("layer costs must be non-negative numbers")
+    costs = _costs(costs)
+    n, k = len(costs), _int(num_stages, "num_stages", 1)
+    if method not in ("optimal", "cumulative"):
+        raise ValueError(f"unknown balance method {method!r}; choose 'optimal' or 'cumulative'")
+    if isinstance(pinned, bool) or not isinstance(pinned, numbers.Integral):
+        raise TypeError(f"pinned must be an int (layers on stage 0), got {pinned!r}")
+    if n == 0:
+        raise ValueError("costs is empty: there are no layers to balance; give one cost per layer")
     if pinned < 0 or pinned > n:
         raise ValueError(f"pinned must be between 0 and the number of layers ({n}), got {pinned}")
     free = n - max(pinned, 1) + 1  # stage 0 holds the pinned block (at least one layer)
@@ -79,9 +140,7 @@ def balance(
         return counts
     if method == "cumulative":
         return _cumulative(costs, k)
-    if method == "optimal":
-        return _optimal(costs, k)
-    raise ValueError(f"unknown balance method {method!r}; choose 'optimal' or 'cumulative'")
+    return _optimal(costs, k)
 
 
 def _cumulative(costs: list[float], k: int) -> list[int]:
@@ -193,6 +252,26 @@ def _cut(prefix: list[float], k: int, limit: float) -> list[int]:
 # ----------------------------------------------------------------------------- nn helpers
 
 
+def _check_layers(layers: Any, sample_inputs: tuple, fn: str) -> None:
+    """Refuse what is not a list of layers, and a call without the sample inputs."""
+    from torch import nn
+
+    iterable = hasattr(layers, "__iter__") and not isinstance(layers, (str, bytes, Mapping))
+    if isinstance(layers, nn.Module) and not hasattr(layers, "__iter__"):
+        raise TypeError(
+            f"{fn} takes an nn.Sequential or a list of layers, got one {type(layers).__name__}; "
+            "wrap it: nn.Sequential(module)"
+        )
+    if not iterable:
+        raise TypeError(
+            f"{fn} takes an nn.Sequential or a list of layers, got {type(layers).__name__}"
+        )
+    if not sample_inputs:
+        raise ValueError(
+            f"{fn} needs sample inputs for the first layer: {fn}(layers, num_stages, x)"
+        )
+
+
 def balance_by_flops(
     layers: nn.Sequential | Sequence[nn.Module],
     num_stages: int,
@@ -207,6 +286,7 @@ def balance_by_flops(
     """
     from gpipe.cost import profile
 
+    _check_layers(layers, sample_inputs, "balance_by_flops")
     costs = profile(layers, *sample_inputs)
     return balance(
         [max(1, c.flops + c.backward_flops) for c in costs],
@@ -226,6 +306,7 @@ def balance_by_memory(
     """Balance by parameter + output-activation bytes (from :mod:`gpipe.cost`, nothing run)."""
     from gpipe.cost import profile
 
+    _check_layers(layers, sample_inputs, "balance_by_memory")
     costs = profile(layers, *sample_inputs)
     return balance(
         [c.param_bytes + c.buffer_bytes + c.activation_bytes for c in costs],
@@ -249,12 +330,14 @@ def balance_by_time(
     """
     import torch
 
+    _check_layers(layers, sample_inputs, "balance_by_time")
+    repeats = _int(repeats, "repeats", 1)
     times = []
     x: Any = sample_inputs
     first = True
     for layer in layers:
         samples = []
-        for _ in range(max(1, repeats)):
+        for _ in range(repeats):
             inp = _detached_requiring_grad(x)
             t0 = time.perf_counter()
             out = layer(*inp) if first else layer(inp)

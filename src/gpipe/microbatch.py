@@ -9,8 +9,9 @@ unchanged to every micro-batch, and taken from the first micro-batch when mergin
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -79,6 +80,42 @@ def tree_unflatten(rebuild: Callable[[list], Any], leaves: list) -> Any:
     return rebuild(list(leaves))
 
 
+# ----------------------------------------------------------------------------- arguments
+
+
+def _count(value: Any, name: str) -> int:
+    """``value`` as a positive int; a bool, float or str is refused (``True`` is not 1 chunk)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _dim_arg(batch_dim: Any) -> int:
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, numbers.Integral):
+        raise TypeError(
+            f"batch_dim must be an int (a dimension index), got {type(batch_dim).__name__} "
+            f"{batch_dim!r}"
+        )
+    return int(batch_dim)
+
+
+def _dim_of(leaf: torch.Tensor, path: str, batch_dim: int) -> int:
+    """The non-negative batch dimension of ``leaf``, or ``ValueError`` naming ``path``."""
+    if leaf.dim() == 0:
+        raise ValueError(
+            f"{path} is a 0-dim tensor; it has no batch dimension (give it one, e.g. x[None])"
+        )
+    d = batch_dim if batch_dim >= 0 else leaf.dim() + batch_dim
+    if not 0 <= d < leaf.dim():
+        raise ValueError(
+            f"{path} has shape {tuple(leaf.shape)}; batch_dim={batch_dim} is out of range "
+            f"(use a dimension in [{-leaf.dim()}, {leaf.dim() - 1}])"
+        )
+    return d
+
+
 # ----------------------------------------------------------------------------- split / merge
 
 
@@ -88,18 +125,12 @@ def batch_size(obj: Any, batch_dim: int = 0) -> int:
     Raises ``ValueError`` naming the paths of tensors whose sizes differ, and when ``obj``
     holds no tensor at all.
     """
+    batch_dim = _dim_arg(batch_dim)
     leaves, _ = tree_flatten(obj)
     sizes: dict[int, list[str]] = {}
     for path, leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            if leaf.dim() == 0:
-                raise ValueError(f"{path} is a 0-dim tensor; it has no batch dimension to split")
-            d = batch_dim if batch_dim >= 0 else leaf.dim() + batch_dim
-            if not 0 <= d < leaf.dim():
-                raise ValueError(
-                    f"{path} has shape {tuple(leaf.shape)}; batch_dim={batch_dim} is out of range"
-                )
-            sizes.setdefault(leaf.shape[d], []).append(path)
+            sizes.setdefault(leaf.shape[_dim_of(leaf, path, batch_dim)], []).append(path)
     if not sizes:
         raise ValueError("the input holds no tensor, so there is no batch to split")
     if len(sizes) > 1:
@@ -125,13 +156,18 @@ def split(
     seed does). The batch must divide evenly: ``micro_batch_size · chunks == batch``, else
     ``ValueError`` naming the three numbers. Returns a list of M pytrees shaped like ``obj``.
     """
-    n = batch_size(obj, batch_dim)
     if chunks is None and micro_batch_size is None:
         chunks = 1
-    if chunks is not None and chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
-    if micro_batch_size is not None and micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if chunks is not None:
+        chunks = _count(chunks, "chunks")
+    if micro_batch_size is not None:
+        micro_batch_size = _count(micro_batch_size, "micro_batch_size")
+    n = batch_size(obj, batch_dim)
+    if n == 0:
+        raise ValueError(
+            f"the batch is empty (0 rows along batch_dim={batch_dim}); split needs at least "
+            "one row per micro-batch, so skip empty batches"
+        )
     if micro_batch_size is None:
         assert chunks is not None
         if chunks > n:
@@ -149,12 +185,14 @@ def split(
     elif chunks is None:
         if n % micro_batch_size:
             raise ValueError(
-                f"batch size {n} is not divisible by micro_batch_size={micro_batch_size}"
+                f"batch size {n} is not divisible by micro_batch_size={micro_batch_size}; "
+                f"choose a micro_batch_size that divides {n}"
             )
         chunks = n // micro_batch_size
     if micro_batch_size * chunks != n:
         raise ValueError(
-            f"micro_batch_size * chunks != batch size: {micro_batch_size} * {chunks} != {n}"
+            f"micro_batch_size * chunks != batch size: {micro_batch_size} * {chunks} != {n}; "
+            "give only one of them, or values whose product is the batch size"
         )
 
     leaves, rebuild = tree_flatten(obj)
@@ -171,31 +209,37 @@ def split(
     return out
 
 
-def merge(chunks: Sequence[Any], *, batch_dim: int = 0) -> Any:
+def merge(chunks: Iterable[Any], *, batch_dim: int = 0) -> Any:
     """Concatenate micro-batch pytrees back into one, along ``batch_dim``.
 
-    Every micro-batch must have the same structure; non-tensor leaves are taken from the first.
+    ``chunks`` is a list of micro-batches (one pytree each). Every micro-batch must have the
+    same structure (container types, dict keys — matched by key, in any order —, lengths, and a
+    tensor wherever micro-batch 0 has one) and the same dtype and device per tensor; a
+    difference raises ``ValueError`` naming the first one. Non-tensor leaves are taken from the
+    first micro-batch.
     """
+    if isinstance(chunks, (torch.Tensor, str, bytes, Mapping)):
+        raise TypeError(
+            f"merge takes a list of micro-batches (one pytree each), got a "
+            f"{type(chunks).__name__}; wrap a single micro-batch as [x], and use split() to cut "
+            "a batch"
+        )
+    chunks = list(chunks)
+    batch_dim = _dim_arg(batch_dim)
     if len(chunks) == 0:
         raise ValueError("merge needs at least one micro-batch")
+    for i, c in enumerate(chunks[1:], start=1):
+        diff = _difference(chunks[0], c, f"micro-batch {i}")
+        if diff is not None:
+            raise ValueError(f"{diff}; every micro-batch must have the same structure")
+    chunks = [chunks[0]] + [_align(c, chunks[0]) for c in chunks[1:]]
     flat = [tree_flatten(c, f"micro-batch {i}") for i, c in enumerate(chunks)]
     first_leaves, rebuild = flat[0]
-    for i, (leaves, _) in enumerate(flat[1:], start=1):
-        if len(leaves) != len(first_leaves):
-            raise ValueError(
-                f"micro-batch {i} has {len(leaves)} leaves but micro-batch 0 has "
-                f"{len(first_leaves)}; every micro-batch must have the same structure"
-            )
     merged = []
     for j, (_path, leaf) in enumerate(first_leaves):
         if isinstance(leaf, torch.Tensor):
-            parts = []
-            for leaves, _ in flat:
-                t = leaves[j][1]
-                if not isinstance(t, torch.Tensor):
-                    raise ValueError(f"{leaves[j][0]} is {type(t).__name__}, expected a tensor")
-                parts.append(t)
-            d = batch_dim if batch_dim >= 0 else leaf.dim() + batch_dim
+            parts = [leaves[j][1] for leaves, _ in flat]
+            d = _dim_of(leaf, first_leaves[j][0], batch_dim)
             want = tuple(s for i, s in enumerate(leaf.shape) if i != d)
             for i, t in enumerate(parts):
                 got = tuple(s for k, s in enumerate(t.shape) if k != d)
@@ -205,7 +249,79 @@ def merge(chunks: Sequence[Any], *, batch_dim: int = 0) -> Any:
                         f"{tuple(leaf.shape)}; outputs of one step must agree in every "
                         f"dimension except batch_dim={batch_dim}"
                     )
-            merged.append(torch.cat(parts, dim=batch_dim) if len(parts) > 1 else parts[0])
+                if t.dtype != leaf.dtype or t.device != leaf.device:
+                    raise ValueError(
+                        f"{flat[i][0][j][0]} is {t.dtype} on {t.device} but micro-batch 0 gave "
+                        f"{leaf.dtype} on {leaf.device}; outputs of one step must agree in "
+                        "dtype and device (cast them in the model)"
+                    )
+            merged.append(torch.cat(parts, dim=d) if len(parts) > 1 else parts[0])
         else:
             merged.append(leaf)
     return rebuild(merged)
+
+
+def _container(obj: Any) -> str | None:
+    if isinstance(obj, dict):
+        return "dict"
+    if isinstance(obj, (list, tuple)):
+        return "sequence"
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return "dataclass"
+    return None
+
+
+def _what(obj: Any) -> str:
+    return "a tensor" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
+
+
+def _difference(ref: Any, obj: Any, path: str) -> str | None:
+    """The first place where ``obj``'s structure differs from ``ref``'s, or ``None``."""
+    kind = _container(ref)
+    if kind is None:
+        if _container(obj) is not None or (
+            isinstance(ref, torch.Tensor) != isinstance(obj, torch.Tensor)
+        ):
+            return f"{path} is {_what(obj)} where micro-batch 0 has {_what(ref)}"
+        return None
+    if type(obj) is not type(ref):
+        return f"{path} is {_what(obj)} where micro-batch 0 has {_what(ref)}"
+    if kind == "dict":
+        if set(ref) != set(obj):
+            return f"{path} has keys {sorted(map(repr, obj))} where micro-batch 0 has " + str(
+                sorted(map(repr, ref))
+            )
+        pairs = [(ref[k], obj[k], f"{path}[{k!r}]") for k in ref]
+    elif kind == "sequence":
+        if len(ref) != len(obj):
+            return f"{path} has {len(obj)} entries where micro-batch 0 has {len(ref)}"
+        names = ref._fields if hasattr(type(ref), "_fields") else None
+        pairs = [
+            (a, b, f"{path}.{names[i]}" if names else f"{path}[{i}]")
+            for i, (a, b) in enumerate(zip(ref, obj))
+        ]
+    else:
+        fields = [f.name for f in dataclasses.fields(ref) if f.init]
+        pairs = [(getattr(ref, f), getattr(obj, f), f"{path}.{f}") for f in fields]
+    for a, b, p in pairs:
+        diff = _difference(a, b, p)
+        if diff is not None:
+            return diff
+    return None
+
+
+def _align(obj: Any, ref: Any) -> Any:
+    """``obj`` with every dict's keys in ``ref``'s order (same structure checked before)."""
+    kind = _container(ref)
+    if kind == "dict":
+        items = [(k, _align(obj[k], ref[k])) for k in ref]
+        return type(obj)(items) if type(obj) is not dict else dict(items)
+    if kind == "sequence" and any(_container(r) for r in ref):
+        vals = [_align(o, r) for o, r in zip(obj, ref)]
+        return type(obj)(*vals) if hasattr(type(obj), "_fields") else type(obj)(vals)
+    if kind == "dataclass":
+        fields = [f.name for f in dataclasses.fields(ref) if f.init]
+        return dataclasses.replace(
+            obj, **{f: _align(getattr(obj, f), getattr(ref, f)) for f in fields}
+        )
+    return obj

@@ -17,9 +17,11 @@ and device are the same number.
 
 from __future__ import annotations
 
+import difflib
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "Action",
@@ -44,6 +46,31 @@ class ScheduleError(ValueError):
     """A schedule that cannot run: a missing or repeated action, or a deadlock."""
 
 
+def _int(value: Any, name: str, minimum: int, error: type[Exception] = ValueError) -> int:
+    """``value`` as an int >= ``minimum``; bools, floats and strings are refused by name."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise error(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _unknown(name: object) -> ValueError:
+    close = difflib.get_close_matches(str(name).strip().lower(), available(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown schedule {name!r}{hint}; choose one of {available()}")
+
+
+def _key(name: object) -> str:
+    """A schedule name as the registry spells it: case, ``_`` and surrounding blanks ignored."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"schedule must be a name (one of {available()}) or a Schedule, got "
+            f"{type(name).__name__} {name!r}"
+        )
+    return name.strip().lower().replace("_", "-")
+
+
 @dataclass(frozen=True, order=True)
 class Action:
     """One unit of pipeline work: ``kind`` of micro-batch ``microbatch`` through ``stage``.
@@ -57,8 +84,15 @@ class Action:
     microbatch: int
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"Action kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("stage", "microbatch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(
+                    f"Action {name} must be an int, got {type(value).__name__} {value!r}"
+                )
+            object.__setattr__(self, name, int(value))
         if self.stage < 0 or self.microbatch < 0:
             raise ValueError(f"Action indices must be >= 0, got {self}")
 
@@ -175,23 +209,26 @@ def validate(
     naming the offending action, or, for a deadlock, the action each stuck device waits at and
     the dependency it waits for.
     """
+    _check_lists(actions, "actions")
     k = len(actions)
     if k < 1:
         raise ScheduleError("a schedule needs at least one device")
-    if num_microbatches < 1:
-        raise ScheduleError(f"num_microbatches must be >= 1, got {num_microbatches}")
-    if virtual_stages < 1:
-        raise ScheduleError(f"virtual_stages must be >= 1, got {virtual_stages}")
+    num_microbatches = _int(num_microbatches, "num_microbatches", 1, ScheduleError)
+    virtual_stages = _int(virtual_stages, "virtual_stages", 1, ScheduleError)
     num_stages = k * virtual_stages
     lists = tuple(tuple(acts) for acts in actions)
-    kinds_present = {a.kind for acts in lists for a in acts}
-    split = "W" in kinds_present
+    for d, acts in enumerate(lists):
+        for a in acts:
+            if not isinstance(a, Action):
+                raise ScheduleError(
+                    f"device {d}: expected an Action, got {type(a).__name__} {a!r}; write "
+                    "Action('F', stage, microbatch) or use custom() with strings like 'F0@s1'"
+                )
+    split = any(a.kind == "W" for acts in lists for a in acts)
 
     seen: dict[Action, int] = {}
     for d, acts in enumerate(lists):
         for a in acts:
-            if not isinstance(a, Action):
-                raise ScheduleError(f"device {d}: expected an Action, got {a!r}")
             if a.stage >= num_stages:
                 raise ScheduleError(
                     f"device {d}: {a} names stage {a.stage}, but the schedule has only "
@@ -272,20 +309,40 @@ def execution_order(
     return order
 
 
+def _check_lists(actions: Any, what: str) -> None:
+    """``actions`` must be one list of actions per device (a flat list is a common slip)."""
+    example = "e.g. [['F0@s0', 'B0@s0'], ['F0@s1', 'B0@s1']]"
+    if isinstance(actions, (str, bytes)) or not isinstance(actions, Sequence):
+        raise ScheduleError(
+            f"{what} must be a list with one list of actions per device ({example}), got "
+            f"{type(actions).__name__} {actions!r:.60}"
+        )
+    for d, acts in enumerate(actions):
+        if isinstance(acts, (str, bytes, Action)) or not isinstance(acts, Sequence):
+            raise ScheduleError(
+                f"{what}[{d}] is {type(acts).__name__} {acts!r:.40}, not a list of actions: give "
+                f"one list per device ({example})"
+            )
+
+
 def custom(
     actions: Sequence[Sequence[Action | str]], num_microbatches: int, virtual_stages: int = 1
 ) -> Schedule:
     """A user's own schedule, validated. Actions may be :class:`Action` or strings like ``"F3@s1"``."""
+    _check_lists(actions, "actions")
     parsed = [[_parse(a) if isinstance(a, str) else a for a in acts] for acts in actions]
     return validate(parsed, num_microbatches, virtual_stages, name="custom")
 
 
 def _parse(text: str) -> Action:
     try:
-        head, stage = text.split("@s")
+        head, stage = text.strip().split("@s")
         return Action(head[0], int(stage), int(head[1:]))
-    except (ValueError, IndexError):
-        raise ScheduleError(f"cannot parse action {text!r}; write it as e.g. 'F3@s1'") from None
+    except (ValueError, IndexError, TypeError):
+        raise ScheduleError(
+            f"cannot parse action {text!r}; write it as <kind><micro-batch>@s<stage> with kind "
+            "F, B or W, e.g. 'F3@s1'"
+        ) from None
 
 
 # --------------------------------------------------------------------------- named schedules
@@ -317,18 +374,16 @@ def get(
     ``virtual_stages`` (V) applies to ``"interleaved"`` only (default 2); the other schedules
     have one stage per device.
     """
-    key = name.lower().replace("_", "-")
+    key = _key(name)
     if key not in _REGISTRY:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {available()}")
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        raise _unknown(name)
+    num_devices = _int(num_devices, "num_devices", 1)
+    num_microbatches = _int(num_microbatches, "num_microbatches", 1)
+    if virtual_stages is not None:
+        virtual_stages = _int(virtual_stages, "virtual_stages", 1)
     fn, virtual = _REGISTRY[key]
     if virtual:
         v = 2 if virtual_stages is None else virtual_stages
-        if v < 1:
-            raise ValueError(f"virtual_stages must be >= 1, got {v}")
     else:
         if virtual_stages not in (None, 1):
             raise ValueError(
@@ -455,15 +510,22 @@ class ScheduleSpec:
     def __init__(self, schedule: str | Schedule, virtual_stages: int | None = None) -> None:
         self._cache: dict[tuple[int, int], Schedule] = {}
         if isinstance(schedule, Schedule):
+            if virtual_stages is not None and virtual_stages != schedule.virtual_stages:
+                raise ValueError(
+                    f"virtual_stages={virtual_stages} but the given schedule is built with "
+                    f"{schedule.virtual_stages}; drop virtual_stages= or rebuild the schedule"
+                )
             self.fixed: Schedule | None = schedule
             self.name = schedule.name
             self.virtual_stages = schedule.virtual_stages
             self.num_devices: int | None = schedule.num_devices
             return
         self.fixed = None
-        self.name = str(schedule).lower().replace("_", "-")
+        self.name = _key(schedule)
         if self.name not in _REGISTRY:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {available()}")
+            raise _unknown(schedule)
+        if virtual_stages is not None:
+            virtual_stages = _int(virtual_stages, "virtual_stages", 1)
         interleaved = _REGISTRY[self.name][1]
         if virtual_stages not in (None, 1) and not interleaved:
             raise ValueError(

@@ -9,8 +9,11 @@ bubble is the bubble the runtimes would show with those costs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gpipe.schedules import Action, Event, Schedule, dependencies, execution_order
 
@@ -35,14 +38,35 @@ class SimResult:
     events: tuple[Event, ...]
 
 
+def _number(value: Any, what: str) -> float:
+    """``value`` as a finite, non-negative float (a bool or a string is not a cost)."""
+    ok = not isinstance(value, (bool, str, bytes)) and (
+        isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0
+    )
+    if not ok:
+        raise TypeError(f"{what} must be a number, got {type(value).__name__} {value!r:.40}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{what} must be finite and non-negative, got {v}")
+    return v
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0
+
+
 def _per_stage(value: float | Sequence[float], n: int, what: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    vals = [float(v) for v in value]
+    """One finite, non-negative cost per stage from a number or a sequence of ``n`` numbers."""
+    if _is_scalar(value):
+        return [_number(value, what)] * n
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"{what} must be a number or a sequence of {n} numbers (one per stage), got "
+            f"{type(value).__name__} {value!r:.40}"
+        )
+    vals = [_number(v, f"{what}[{i}]") for i, v in enumerate(value)]
     if len(vals) != n:
         raise ValueError(f"{what} has {len(vals)} entries but the schedule has {n} stages")
-    if any(v < 0 for v in vals):
-        raise ValueError(f"{what} must be non-negative, got {vals}")
     return vals
 
 
@@ -60,6 +84,11 @@ def simulate(
     backward of a stage (default twice the forward). For schedules that split backward,
     ``weight_costs`` is the ``W`` share of it (default half); ``B`` costs the rest.
     """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            f"simulate takes a Schedule, e.g. gpipe.schedules.get('1f1b', K, M), got "
+            f"{type(schedule).__name__} {schedule!r:.40}"
+        )
     n = schedule.num_stages
     fwd = _per_stage(forward_costs, n, "forward_costs")
     bwd = _per_stage(
@@ -69,12 +98,16 @@ def simulate(
         wgt = _per_stage(
             [b / 2 for b in bwd] if weight_costs is None else weight_costs, n, "weight_costs"
         )
-        if any(w > b for w, b in zip(wgt, bwd)):
-            raise ValueError("weight_costs must not exceed backward_costs")
+        bad = [s for s, (w, b) in enumerate(zip(wgt, bwd)) if w > b]
+        if bad:
+            s = bad[0]
+            raise ValueError(
+                f"weight_costs must not exceed backward_costs (the W share is part of the whole "
+                f"backward): stage {s} has weight cost {wgt[s]} > backward cost {bwd[s]}"
+            )
     else:
         wgt = [0.0] * n
-    if comm_cost < 0:
-        raise ValueError(f"comm_cost must be non-negative, got {comm_cost}")
+    comm_cost = _number(comm_cost, "comm_cost")
 
     def cost(a: Action) -> float:
         if a.kind == "F":
@@ -143,6 +176,13 @@ def compare(
     """
     from gpipe.schedules import get
 
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"names must be a list of schedule names, e.g. [{names!r}], got {names!r}")
+    names = list(names)
+    if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral):
+        raise TypeError(f"num_devices must be an int, got {type(num_devices).__name__}")
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     fwd = _per_stage(forward_costs, num_devices, "forward_costs")
     bwd = _per_stage(
         [2 * f for f in fwd] if backward_costs is None else backward_costs,
@@ -151,7 +191,9 @@ def compare(
     )
     out = []
     for name in names:
-        v = virtual_stages if name == "interleaved" else None
+        # the name as get() reads it, so "Interleaved" gets virtual_stages too
+        key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+        v = virtual_stages if key == "interleaved" else None
         sched = get(name, num_devices, num_microbatches, virtual_stages=v)
         vv = sched.virtual_stages
         f = [fwd[s % num_devices] / vv for s in range(sched.num_stages)]
@@ -166,10 +208,24 @@ def table(rows: Sequence[tuple[str, SimResult]], *, activation_bytes: float | No
     With ``activation_bytes`` (what one micro-batch keeps alive on a stage) the peak is also
     given in MiB per device.
     """
+    if isinstance(rows, SimResult) or not hasattr(rows, "__iter__"):
+        raise TypeError(
+            f"rows must be a list of (name, SimResult) pairs as compare() returns, got "
+            f"{type(rows).__name__}; for one result write table([(name, result)])"
+        )
+    rows = list(rows)
+    for i, row in enumerate(rows):
+        if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[1], SimResult)):
+            raise TypeError(
+                f"rows[{i}] is {row!r:.60}; each row must be a (name, SimResult) pair as "
+                "compare() returns"
+            )
+    if activation_bytes is not None:
+        activation_bytes = _number(activation_bytes, "activation_bytes")
     head = "| schedule | step time | bubble | peak live micro-batches per device |"
     sep = "| --- | ---: | ---: | --- |"
     if activation_bytes is not None:
-        head = head[:-1] + " peak MiB per device |"
+        head += " peak MiB per device |"
         sep += " --- |"
     lines = [head, sep]
     for name, r in rows:
