@@ -1,7 +1,10 @@
 """The invariant every other test defends: pipelined training equals un-pipelined training.
 
 Parametrized over schedule x stages K x micro-batches M x re-materialization x dropout, on
-float64, for both ``pipe.step`` and ``loss_fn(pipe(x), y).backward()``.
+float64, for both ``pipe.step`` and ``loss_fn(pipe(x), y).backward()``. The reference is
+tests/reference_impl.py, which shares no code with gpipe (its own key derivation, random-op
+routing, split and merge), so a bug in the library's random streams or micro-batching cannot
+cancel out; ``gpipe.reference`` is checked against it once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 import gpipe
+import reference_impl
 from gpipe.balance import balance as balance_costs
 
 D = 6
@@ -35,8 +39,8 @@ def make_model(p: float = 0.0, dtype: torch.dtype = torch.float64, seed: int = 0
     return nn.Sequential(*[Block(p) for _ in range(N_LAYERS)]).to(dtype)
 
 
-def data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
+def data(dtype: torch.dtype = torch.float64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     return torch.randn(BATCH, D, generator=g, dtype=dtype), torch.randn(
         BATCH, D, generator=g, dtype=dtype
     )
@@ -51,35 +55,63 @@ def grads(model: nn.Module) -> list[torch.Tensor]:
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b) > 0, (len(a), len(b))
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 _REF_CACHE: dict = {}
 
 
-def reference(p: float, m: int, step: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    key = (p, m, step)
+def reference(
+    p: float, m: int, step: int = 0, batch: int = 1
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The independent reference's loss and gradients (seed 7) on ``data(seed=batch)``."""
+    key = (p, m, step, batch)
     if key not in _REF_CACHE:
         model = make_model(p)
-        x, y = data()
-        loss = gpipe.reference_step(model, x, y, loss_fn, chunks=m, seed=7, step=step)
+        x, y = data(seed=batch)
+        loss = reference_impl.step(model, x, y, loss_fn, chunks=m, seed=7, step=step)
         _REF_CACHE[key] = (loss, grads(model))
     return _REF_CACHE[key]
 
 
+def skewed(n: int) -> list[int]:
+    """An uneven cut of the 12 layers into ``n`` stages: one heavy stage, the others thin."""
+    bal = [1] * n
+    bal[n // 2] += N_LAYERS - n
+    return bal
+
+
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("interleaved", 3)]
+REMATS = ["always", "except_last", "never"]
+
+
+def _distinct(schedule: str, m: int, remat: str) -> bool:
+    """At M=1 the 1F1B schedule is GPipe's (F0 then B0 on every device) and ``except_last``
+    is ``never`` (the one micro-batch is the last): such cases would only repeat others."""
+    return m > 1 or (schedule != "1f1b" and remat != "except_last")
+
+
 MATRIX = [
-    (s, v, k, m, r, p)
+    (s, v, k, m, r, p, "even")
     for (s, v), k, m, r, p in itertools.product(
-        SCHEDULES, [1, 2, 3, 4], [1, 2, 4, 8], ["always", "except_last", "never"], [0.0, 0.3]
+        SCHEDULES, [1, 2, 3, 4], [1, 2, 4, 8], REMATS, [0.0, 0.3]
     )
+    if _distinct(s, m, r)
+] + [  # in their place: uneven stages (one heavy, the rest one layer each), with dropout
+    (s, v, k, m, r, 0.3, "skewed")
+    for (s, v), k in itertools.product(SCHEDULES, [2, 3, 4])
+    for m, r in [(2, "except_last"), (4, "never"), (8, "always")]
+    if k * v < N_LAYERS  # 12 stages of 12 layers cannot be uneven
 ]
 
 
-@pytest.mark.parametrize(("schedule", "v", "k", "m", "remat", "p"), MATRIX)
-def test_step_equals_reference(schedule: str, v: int, k: int, m: int, remat: str, p: float) -> None:
+@pytest.mark.parametrize(("schedule", "v", "k", "m", "remat", "p", "cut"), MATRIX)
+def test_step_equals_reference(
+    schedule: str, v: int, k: int, m: int, remat: str, p: float, cut: str
+) -> None:
     model = make_model(p)
-    bal = balance_costs([1.0] * N_LAYERS, k * v)
+    bal = balance_costs([1.0] * N_LAYERS, k * v) if cut == "even" else skewed(k * v)
     pipe = gpipe.Pipe(
         model,
         balance=bal,
@@ -97,31 +129,71 @@ def test_step_equals_reference(schedule: str, v: int, k: int, m: int, remat: str
     pipe.close()
 
 
-@pytest.mark.parametrize(
-    ("k", "m", "remat", "p"),
-    list(
-        itertools.product(
-            [1, 2, 3, 4], [1, 2, 4, 8], ["always", "except_last", "never"], [0.0, 0.3]
-        )
-    ),
-)
-def test_autograd_forward_equals_reference(k: int, m: int, remat: str, p: float) -> None:
+AUTOGRAD_MATRIX = [
+    (k, m, r, p, "even")
+    for k, m, r, p in itertools.product([1, 2, 3, 4], [1, 2, 4, 8], REMATS, [0.0, 0.3])
+    if _distinct("gpipe", m, r)
+] + [  # in place of the M=1 repeats: uneven stages with dropout
+    (k, m, r, 0.3, "skewed")
+    for k, m, r in [
+        (2, 2, "always"),
+        (2, 8, "except_last"),
+        (3, 2, "never"),
+        (3, 4, "except_last"),
+        (3, 8, "always"),
+        (4, 2, "except_last"),
+        (4, 4, "always"),
+        (4, 8, "never"),
+    ]
+]
+
+
+@pytest.mark.parametrize(("k", "m", "remat", "p", "cut"), AUTOGRAD_MATRIX)
+def test_autograd_forward_equals_reference(k: int, m: int, remat: str, p: float, cut: str) -> None:
     model = make_model(p)
-    pipe = gpipe.Pipe(
-        model, balance=balance_costs([1.0] * N_LAYERS, k), chunks=m, remat=remat, seed=7
-    )
+    bal = balance_costs([1.0] * N_LAYERS, k) if cut == "even" else skewed(k)
+    pipe = gpipe.Pipe(model, balance=bal, chunks=m, remat=remat, seed=7)
     x, y = data()
     xr = x.clone().requires_grad_()
     loss = loss_fn(pipe(xr), y)
     loss.backward()
     ref = make_model(p)
     xr2 = x.clone().requires_grad_()
-    ref_loss = loss_fn(gpipe.reference_forward(ref, xr2, chunks=m, seed=7), y)
+    ref_loss = loss_fn(reference_impl.forward(ref, xr2, chunks=m, seed=7), y)
     ref_loss.backward()
     assert abs(loss.item() - ref_loss.item()) <= 1e-12
     assert max_diff(grads(model), grads(ref)) <= 1e-10
     assert (xr.grad - xr2.grad).abs().max().item() <= 1e-10
     pipe.close()
+
+
+def test_library_reference_agrees_with_independent_reference() -> None:
+    """``gpipe.reference`` (public API) draws what tests/reference_impl.py draws."""
+    x, y = data(seed=3)
+    model, ref = make_model(0.3), make_model(0.3)
+    loss = gpipe.reference_step(model, x, y, loss_fn, chunks=4, seed=7, step=2)
+    ref_loss = reference_impl.step(ref, x, y, loss_fn, chunks=4, seed=7, step=2)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-12
+    assert max_diff(grads(model), grads(ref)) <= 1e-10
+    with torch.no_grad():
+        out = gpipe.reference_forward(model, x, chunks=2, seed=5, step=1)
+        assert torch.equal(out, reference_impl.forward(ref, x, chunks=2, seed=5, step=1))
+
+
+def test_independent_reference_is_plain_training_without_dropout() -> None:
+    """The reference's own mechanics: with nothing random it is full-batch training, and with
+    dropout it does draw (other masks per micro-batch than one full-batch stream)."""
+    plain, model = make_model(), make_model()
+    x, y = data()
+    loss_fn(plain(x), y).backward()
+    loss = reference_impl.step(model, x, y, loss_fn, chunks=4)
+    assert abs(loss.item() - loss_fn(plain(x), y).item()) <= 1e-12
+    assert max_diff(grads(model), grads(plain)) <= 1e-10
+    with torch.no_grad():
+        drop = make_model(0.3)
+        assert not torch.equal(
+            reference_impl.forward(drop, x, chunks=4), reference_impl.forward(drop, x, chunks=1)
+        )
 
 
 def test_without_dropout_equals_plain_full_batch_training() -> None:
@@ -157,20 +229,25 @@ def test_float32_within_relative_tolerance(schedule: str) -> None:
         virtual_stages=2 if schedule == "interleaved" else None,
     )
     pipe.step(x, y, loss_fn)
-    for a, b in zip(grads(model), grads(plain)):
+    got, want = grads(model), grads(plain)
+    assert len(got) == len(want) == 2 * N_LAYERS
+    for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
     pipe.close()
 
 
 def test_several_steps_keep_matching_with_dropout() -> None:
-    """The keyed step counter advances per training call, like the reference's ``step``."""
+    """The keyed step counter advances per training call, like the reference's ``step``; each
+    step sees a new batch, so nothing of an earlier step can pass for this one's result."""
     model = make_model(0.3)
     pipe = gpipe.Pipe(model, balance=[4, 4, 4], chunks=4, seed=7, schedule="1f1b")
-    x, y = data()
     for step in range(3):
         model.zero_grad()
-        pipe.step(x, y, loss_fn)
-        assert max_diff(grads(model), reference(0.3, 4, step)[1]) <= 1e-10
+        x, y = data(seed=10 + step)
+        loss = pipe.step(x, y, loss_fn)
+        ref_loss, ref_grads = reference(0.3, 4, step, batch=10 + step)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-12
+        assert max_diff(grads(model), ref_grads) <= 1e-10
     pipe.close()
 
 
@@ -222,7 +299,11 @@ def test_balance_by_flops_on_first_call() -> None:
         _ = pipe.partitions
     pipe(torch.randn(4, 32))
     assert pipe.balance == [4, 1]  # the two wide layers weigh 16x a narrow one
-    assert pipe.partitions[0].flops is not None
+    # forward FLOPs of one micro-batch (2 rows): 2 * rows * in * out per Linear
+    assert [p.flops for p in pipe.partitions] == [
+        2 * 2 * (3 * 32 * 32 + 32 * 512),
+        2 * 2 * 512 * 32,
+    ]
     pipe.close()
 
 
@@ -245,7 +326,9 @@ def test_extra_outputs_are_fetched_and_merged() -> None:
         assert fetched[name].shape == acts[name].shape
         assert torch.allclose(fetched[name], acts[name])
     loss_fn(out, y).backward()  # fetching does not disturb the backward (remat recomputes)
-    assert all(p.grad is not None for p in model.parameters())
+    plain = make_model()
+    loss_fn(plain(x), y).backward()
+    assert max_diff(grads(model), grads(plain)) <= 1e-10
     with pytest.raises(ValueError, match="not a module of the model"):
         gpipe.Pipe(model, balance=[12], fetch=["nope"])
     pipe.close()
