@@ -111,15 +111,29 @@ def test_resume_refuses_another_config_or_model(tmp_path: Path, corpus) -> None:
         Trainer(tiny(tmp_path / "empty"), resume=True, corpus=corpus)
 
 
-def test_fresh_run_replaces_old_checkpoints(tmp_path: Path, corpus) -> None:
+def test_fresh_run_keeps_old_checkpoints_until_its_first_save(tmp_path: Path, corpus) -> None:
     t = Trainer(tiny(tmp_path, steps=2, eval_interval=0, checkpoint_interval=1), corpus=corpus)
     list(t.run())
     t.close()
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")][-1] == (
-        "step-00000002"
-    )
-    Trainer(tiny(tmp_path), corpus=corpus).close()
-    assert checkpoint.list_checkpoints(tmp_path / "checkpoints") == []
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == [
+        "step-00000001",
+        "step-00000002",
+    ]
+    fresh = Trainer(tiny(tmp_path, steps=1, eval_interval=0), corpus=corpus)
+    assert len(checkpoint.list_checkpoints(root)) == 2  # building a run touches nothing
+    records = [r for r in fresh.run() if r["kind"] == "checkpoint"]
+    fresh.close()
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000001"]
+    aside = Path(records[0]["moved_aside"])
+    assert aside == fresh.moved_aside and aside.parent == tmp_path
+    assert aside.name.startswith("checkpoints.old-")
+    assert [p.name for p in checkpoint.list_checkpoints(aside)] == [
+        "step-00000001",
+        "step-00000002",
+    ]
+    assert checkpoint.load(aside).step == 2  # the earlier run's latest, complete
+    assert not [p for p in tmp_path.iterdir() if ".new-" in p.name]  # no staging left
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved", "zb-h1"])
@@ -149,11 +163,22 @@ def test_metrics_records(tmp_path: Path, corpus) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(chunks=8, batch_size=4), "batch_size=4 cannot be split"),
+        (dict(chunks=8, batch_size=4), "batch_size=4 is not divisible by chunks=8"),
+        (dict(chunks=3, batch_size=4), "batch_size=4 is not divisible by chunks=3"),
         (dict(precision="fp8"), "precision must be one of"),
         (dict(seq_len=64), "exceeds the model's max_seq_len=32"),
-        (dict(model_preset="huge"), "unknown TransformerConfig preset"),
-        (dict(lr=0.0), "lr must be positive"),
+        (dict(model_preset="huge"), "model_preset must be one of"),
+        (dict(lr=0.0), "lr must be a finite number > 0"),
+        (dict(clip=math.nan), "clip must be a finite number >= 0, got nan"),
+        (dict(weight_decay=math.inf), "weight_decay must be a finite"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(keep=0), "keep must be an integer >= 1"),
+        (dict(stages=5), "exceeds the model's 4 layers"),
+        (dict(schedule=3), "schedule must be one of"),
+        (dict(model={"tie_embeddings": "yes"}), "model.tie_embeddings must be true or false"),
+        (dict(model={"d_model": 32.0}), "model.d_model must be an integer"),
+        (dict(data=""), "data must be the path"),
+        (dict(trace="no"), "trace must be true or false"),
     ],
 )
 def test_config_is_validated(tmp_path: Path, change: dict, message: str) -> None:

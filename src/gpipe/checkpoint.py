@@ -13,12 +13,18 @@ A checkpoint is one folder ``ROOT/step-XXXXXXXX`` holding
 
 ``ROOT/latest`` names the newest complete checkpoint folder.
 
+A fresh training run over a folder that already holds checkpoints saves its first checkpoint
+into a staging root (:func:`staging_root`), then :func:`replace_root` moves the earlier root
+aside to ``ROOT.old-<timestamp>`` and renames the staging root into its place: nothing is
+deleted, and at every moment either the earlier or the new checkpoints sit at ``ROOT``.
+
 The invariant: the checkpoint that ``latest`` names is complete and verified, whatever moment
 a save is interrupted at. A save writes a hidden temporary folder, fsyncs every file and the
 folder, renames it into place, then replaces ``latest`` atomically (temporary file + fsync +
 ``os.replace``); older folders are pruned only after that. Loading re-checks every size and
 hash before a byte is interpreted, reads tensors only through safetensors and metadata only
 through JSON — nothing is ever unpickled, so a planted ``.pt``/``.pkl`` file is inert.
+:func:`export` never writes inside the checkpoint it reads.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +60,9 @@ __all__ = [
     "list_checkpoints",
     "load",
     "read_manifest",
+    "replace_root",
     "save",
+    "staging_root",
     "unflatten_optimizer",
 ]
 
@@ -303,6 +312,33 @@ def clear(root: str | os.PathLike[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def staging_root(root: str | os.PathLike[str]) -> Path:
+    """A fresh, hidden sibling of ``root`` to save a new run's first checkpoint into."""
+    root = Path(root)
+    return root.with_name(f".{root.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def replace_root(root: str | os.PathLike[str], new: str | os.PathLike[str]) -> Path:
+    """Move checkpoint root ``root`` aside and rename ``new`` into its place; return where
+    ``root`` went (``ROOT.old-YYYYmmdd-HHMMSS``, with ``-2``, ``-3``... if taken).
+
+    Called only once ``new`` holds a complete checkpoint, so the earlier run's checkpoints are
+    kept whole and the new run's are at ``root`` afterwards; nothing is deleted. Between the two
+    renames a crash leaves both folders intact under their own names.
+    """
+    root, new = Path(root), Path(new)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = root.with_name(f"{root.name}.old-{stamp}")
+    n = 2
+    while aside.exists():
+        aside = root.with_name(f"{root.name}.old-{stamp}-{n}")
+        n += 1
+    os.rename(root, aside)
+    os.rename(new, root)
+    _fsync_dir(root.parent)
+    return aside
+
+
 def save(
     root: str | os.PathLike[str],
     step: int,
@@ -514,6 +550,16 @@ def load(path: str | os.PathLike[str], *, optimizer: bool = True) -> Checkpoint:
     Raises :class:`CheckpointError` naming the file for a missing, truncated or corrupted one.
     """
     folder, manifest = read_manifest(path)
+    try:
+        return _load_files(folder, manifest, optimizer)
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest of the wrong shape
+        raise CheckpointError(
+            f"checkpoint manifest {folder / MANIFEST} is malformed ({type(e).__name__}: {e}); "
+            "the checkpoint is damaged — load an earlier one"
+        ) from e
+
+
+def _load_files(folder: Path, manifest: dict[str, Any], optimizer: bool) -> Checkpoint:
     files = manifest["files"]
     stages: list[dict[str, Tensor]] = []
     optim: dict[str, Tensor] = {}
@@ -574,16 +620,41 @@ def check_parameters(
         )
 
 
+def _check_export_target(folder: Path, out: Path) -> None:
+    """Refuse an export target that is a folder or lies inside the checkpoint being read
+    (its ``step-*`` folder, or the checkpoint root that holds it and ``latest``)."""
+    if out.is_dir():
+        raise ValueError(
+            f"export target {str(out)!r} is a folder; give a file name, e.g. "
+            f"{str(out / 'model.safetensors')!r}"
+        )
+    protected = [folder]
+    if _STEP_RE.match(folder.name):
+        protected.append(folder.parent)
+    target = out.resolve()
+    for p in protected:
+        p = p.resolve()
+        if target == p or p in target.parents:
+            raise ValueError(
+                f"refusing to export to {str(out)!r}: it is inside the checkpoint folder "
+                f"{str(p)!r} that export reads; write the file elsewhere, e.g. "
+                f"{str(p.parent / 'model.safetensors')!r}"
+            )
+
+
 def export(path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
     """Write the un-pipelined model's ``state_dict`` from checkpoint ``path`` as one
     safetensors file at ``out_path`` (atomically); return ``out_path``.
 
-    The file's metadata carries the model config as JSON under ``"gpipe_config"``.
+    The file's metadata carries the model config as JSON under ``"gpipe_config"``. Raises
+    ``ValueError`` for a target that is a folder or lies inside the checkpoint being read.
     """
     from safetensors.torch import save as st_save
 
-    ckpt = load(path, optimizer=False)
+    folder = _resolve(path)
     out = Path(out_path)
+    _check_export_target(folder, out)
+    ckpt = load(folder, optimizer=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "gpipe_step": str(ckpt.step)}
     model_cfg = ckpt.manifest.get("config", {}).get("model")

@@ -1,19 +1,21 @@
 """The ``gpipe`` command: train, plan, generate, export and trace.
 
-The only module that parses argv and prints. Each subcommand turns its options into calls of
-the library (:mod:`gpipe.train`, :mod:`gpipe.checkpoint`, :mod:`gpipe.cost`,
-:mod:`gpipe.simulate`, :mod:`gpipe.trace`) and shows the results.
+The only module (with :mod:`gpipe.cli_plan` and :mod:`gpipe.cli_base`) that parses argv and
+prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train`,
+:mod:`gpipe.checkpoint`, :mod:`gpipe.cost`, :mod:`gpipe.simulate`, :mod:`gpipe.trace`) and
+shows the results.
 
 The invariant: :func:`main` returns an exit code and never lets a traceback escape for bad
-input — a missing path, a bad option, a damaged checkpoint or a resume with a config that does
-not fit print one ``gpipe: error: ...`` line on stderr and return 2.
+input — a bad option value or type, a bad TOML file, a missing path, a damaged checkpoint or a
+resume with a config that does not fit print one ``gpipe: error: ...`` line on stderr and
+return 2, before training starts; and no command deletes or writes into a checkpoint it did
+not replace (see :class:`gpipe.train.Trainer` and :func:`gpipe.checkpoint.export`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -24,17 +26,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+from gpipe.cli_base import (
+    EXIT_USAGE,
+    Parser,
+    UsageError,
+    check_folder_path,
+    check_int,
+    check_number,
+    check_output_file,
+    fmt_bytes,
+    one_line,
+    toml_module,
+)
+from gpipe.cli_plan import add_plan_parser, cmd_plan
 
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input from the user; printed as one line, exit code 2."""
+__all__ = ["UsageError", "build_parser", "main"]
 
 
 def _fail(message: str) -> int:
-    print(f"gpipe: error: {message}", file=sys.stderr)
+    print(f"gpipe: error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -92,30 +102,36 @@ def _add_train_parser(sub: Any) -> None:
 
 
 def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise UsageError(
-                "--config needs Python >= 3.11 (tomllib) or the tomli package"
-            ) from None
-
+    """The options of TOML file ``path``, keys normalized to field names; a usage error for a
+    missing, unreadable or invalid file or an unknown key (values are checked by
+    :meth:`gpipe.train.TrainConfig.validate`)."""
     from gpipe.train import TrainConfig
 
+    tomllib = toml_module()
     p = Path(path)
+    if not p.exists():
+        raise UsageError(f"config file {path!r} does not exist; check --config")
     if not p.is_file():
-        raise UsageError(f"config file {path!r} does not exist")
+        raise UsageError(f"config file {path!r} is not a file; pass a .toml file to --config")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        msg = f"config file {path} is not UTF-8 text ({e.reason}); save it as UTF-8"
+        raise UsageError(msg) from None
+    except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     fields = {f for f in TrainConfig.__dataclass_fields__}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name == "model" and isinstance(value, dict):
+        if name == "model":
+            if not isinstance(value, dict):
+                raise UsageError(
+                    f"config file {path}: model must be a [model] table of TransformerConfig "
+                    f"fields, got {value!r}"
+                )
             out["model"] = {k.replace("-", "_"): v for k, v in value.items()}
         elif name == "dropout":
             out.setdefault("model", {})["dropout"] = value
@@ -130,7 +146,8 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    """Defaults < the resumed checkpoint's config < --config file < flags."""
+    """Defaults < the resumed checkpoint's config < --config file < flags, validated whole
+    (:meth:`gpipe.train.TrainConfig.validate`) before anything is built."""
     from gpipe import checkpoint
     from gpipe.train import TrainConfig
 
@@ -138,8 +155,13 @@ def _train_config(args: argparse.Namespace) -> Any:
     from_file = _read_toml(args.config) if args.config else {}
     flags = {field: getattr(args, field) for _, field, _, _ in _TRAIN_FLAGS}
     flags = {k: v for k, v in flags.items() if v is not None}
+    out = flags.get("out", from_file.get("out", values["out"]))
+    if not isinstance(out, str) or not out:
+        raise UsageError(f"out must be a folder path, got {out!r} (--out)")
+    check_folder_path("--out", out)
+    check_folder_path("--out", str(Path(out) / "checkpoints"))
+    resumed_step = None
     if args.resume:
-        out = flags.get("out", from_file.get("out", values["out"]))
         found = checkpoint.latest(Path(out) / "checkpoints")
         if found is None:
             raise UsageError(
@@ -148,7 +170,10 @@ def _train_config(args: argparse.Namespace) -> Any:
             )
         _, manifest = checkpoint.read_manifest(found)
         saved = manifest.get("config", {})
+        if not isinstance(saved, dict):
+            raise UsageError(f"{found}/manifest.json records no training config to resume")
         values.update({k: v for k, v in saved.items() if k in values and k != "out"})
+        resumed_step = manifest["step"]
     model = {**values["model"], **from_file.pop("model", {})}
     values.update(from_file)
     values.update(flags)
@@ -157,7 +182,14 @@ def _train_config(args: argparse.Namespace) -> Any:
     values["model"] = model
     if args.trace is not None:
         values["trace"] = args.trace
-    return TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict(values)
+    if resumed_step is not None and config.steps < resumed_step:
+        raise UsageError(
+            f"--steps {config.steps} is below the checkpoint's step {resumed_step} in "
+            f"{Path(out) / 'checkpoints'}; pass --steps {resumed_step} or more to continue, or "
+            "drop --resume (and pick another --out) to start fresh"
+        )
+    return config
 
 
 def _launch_dist(config: Any, argv: Sequence[str]) -> int:
@@ -182,14 +214,6 @@ def _init_dist() -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 class _Metrics:
@@ -246,6 +270,8 @@ def _write_trace(rec: dict[str, Any], out: Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Train as configured; every option is validated before the model is built, and an
+    earlier run's checkpoints in ``--out`` are moved aside only after this run's first save."""
     from gpipe.checkpoint import CheckpointError, latest
     from gpipe.train import Trainer
 
@@ -262,7 +288,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     old = None if args.resume else latest(out / "checkpoints")
     try:
         trainer = Trainer(config, resume=args.resume)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError, ModuleNotFoundError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     main_rank = trainer.is_main
     say = print if main_rank else (lambda *a, **k: None)
@@ -270,11 +296,12 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         start = trainer.step
         if main_rank:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(
-                json.dumps({**config.to_dict(), "model_resolved": _model_fields(trainer)}, indent=1)
-                + "\n"
-            )
+            resolved = {**config.to_dict(), "model_resolved": _model_fields(trainer)}
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+            except OSError as e:
+                raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
         mc = trainer.model_config
         say(f"data: {trainer.corpus.description}")
         say(
@@ -294,7 +321,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if start:
             say(f"resumed from {trainer.resumed_from} at step {start}")
         elif old is not None:
-            say(f"starting fresh: replaced the checkpoints in {old.parent} (--resume continues)")
+            say(
+                f"starting fresh: the earlier checkpoints in {old.parent} stay until this run "
+                "saves its first one, then move aside (--resume would continue them)"
+            )
         metrics = _Metrics(out, start if args.resume else None) if main_rank else None
         final = _train_loop(trainer, config, metrics, out, args.no_progress or not main_rank)
     except KeyboardInterrupt:
@@ -304,9 +334,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 130
-    except FloatingPointError as e:
-        say(f"gpipe: error: {e}", file=sys.stderr)
-        return 1
+    except FloatingPointError as e:  # the loss diverged: a learning rate or clip to change
+        say(f"gpipe: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         trainer.close()
         if metrics is not None:
@@ -376,166 +406,14 @@ def _train_loop(
                 log(f"step {rec['step']}: timeline written to {_write_trace(rec, out)}")
             elif kind == "checkpoint":
                 log(f"step {rec['step']:>6}: checkpoint {rec['path']}")
+                if rec.get("moved_aside"):
+                    log(
+                        f"step {rec['step']:>6}: moved the earlier run's checkpoints to "
+                        f"{rec['moved_aside']} (kept, not deleted)"
+                    )
     finally:
         bar.close()
     return final
-
-
-# ============================================================================ gpipe plan
-
-
-def _add_plan_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "plan",
-        help="cost table, partition and simulated schedules for a model (nothing allocated)",
-        description="Profile a model on meta tensors, balance it into stages and simulate "
-        "every schedule. The model is never allocated.",
-    )
-    p.add_argument("--model-preset", default="small", help="tiny, small or 1b-words")
-    p.add_argument(
-        "--model",
-        metavar="MODULE:FUNCTION",
-        help="a function returning an nn.Sequential (built on the meta device)",
-    )
-    p.add_argument(
-        "--input-shape",
-        metavar="D1,D2,...",
-        help="one sample's shape without the batch dim (with --model), e.g. 3,32,32",
-    )
-    p.add_argument(
-        "--input-dtype",
-        default="float32",
-        help="dtype of the --model input (float32, long, ...)",
-    )
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--chunks", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
-    p.add_argument("--schedule", default="gpipe", help="the schedule drawn by --png")
-    p.add_argument("--png", metavar="FILE", help="draw the simulated timeline to FILE")
-
-
-def _plan_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    import torch
-
-    micro = max(1, args.batch_size // args.chunks)
-    if args.model:
-        module_name, _, fn_name = args.model.partition(":")
-        if not module_name or not fn_name:
-            raise UsageError(f"--model must look like module:function, got {args.model!r}")
-        sys.path.insert(0, os.getcwd())
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"cannot load --model {args.model}: {e}") from None
-        if not args.input_shape:
-            raise UsageError("--model needs --input-shape (one sample, e.g. 3,32,32)")
-        try:
-            shape = [int(s) for s in args.input_shape.split(",") if s.strip()]
-        except ValueError:
-            raise UsageError(
-                f"--input-shape must be integers like 3,32,32, got {args.input_shape!r}"
-            ) from None
-        dtype = getattr(torch, args.input_dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise UsageError(f"--input-dtype {args.input_dtype!r} is not a torch dtype")
-        with torch.device("meta"):
-            model = fn()
-        if not isinstance(model, torch.nn.Sequential):
-            raise UsageError(f"{args.model} returned a {type(model).__name__}, not nn.Sequential")
-        sample = torch.zeros(micro, *shape, dtype=dtype, device="meta")
-        return model, sample, args.model
-    from gpipe.models import TransformerConfig, TransformerLM
-
-    try:
-        cfg = TransformerConfig.preset(args.model_preset)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    seq = args.seq_len or cfg.max_seq_len
-    if seq > cfg.max_seq_len:
-        raise UsageError(f"--seq-len {seq} exceeds the preset's max_seq_len {cfg.max_seq_len}")
-    with torch.device("meta"):
-        model = TransformerLM(cfg)
-    sample = torch.zeros(micro, seq, dtype=torch.long, device="meta")
-    label = (
-        f"TransformerLM preset {args.model_preset} ({model.num_parameters() / 1e6:,.1f}M "
-        f"parameters), micro-batch {micro} x {seq} tokens"
-    )
-    return model, sample, label
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from gpipe.balance import balance, stage_costs
-    from gpipe.cost import profile, summarize
-    from gpipe.schedules import available
-    from gpipe.simulate import compare
-
-    if args.stages < 1 or args.chunks < 1 or args.batch_size < 1:
-        raise UsageError("--stages, --chunks and --batch-size must be positive")
-    model, sample, label = _plan_model(args)
-    costs = profile(model, sample)
-    k, m = args.stages, args.chunks
-    print(f"model: {label}")
-    print(f"per-layer cost of one micro-batch ({len(costs)} layers):")
-    print(summarize(costs))
-    weights = [max(1, c.flops + c.backward_flops) for c in costs]
-    try:
-        counts = balance(weights, k)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    per_stage = stage_costs(weights, counts)
-    imbalance = max(per_stage) / (sum(per_stage) / k)
-    print(f"\npartition into {k} stages (balance {counts}), imbalance max/mean {imbalance:.3f}:")
-    fwd = stage_costs([c.flops for c in costs], counts)
-    bwd = stage_costs([c.backward_flops for c in costs], counts)
-    in_bytes = sample.numel() * sample.element_size()
-    boundary, start = [], 0
-    for s, n in enumerate(counts):
-        layers = costs[start : start + n]
-        boundary.append(in_bytes if start == 0 else costs[start - 1].activation_bytes)
-        print(
-            f"  stage {s}: layers {layers[0].name}..{layers[-1].name} ({n}), "
-            f"fwd {fwd[s] / 1e9:.3g} GFLOP, bwd {bwd[s] / 1e9:.3g} GFLOP, "
-            f"params {_fmt_bytes(sum(c.param_bytes for c in layers))}, "
-            f"input/micro-batch {_fmt_bytes(boundary[-1])}"
-        )
-        start += n
-    unit = sum(fwd) / k or 1.0  # 1 cost unit = the mean stage's forward of one micro-batch
-    fwd_u = [f / unit for f in fwd]
-    bwd_u = [b / unit for b in bwd]
-    print(
-        f"\nsimulated schedules, K={k}, M={m} (1 unit = mean stage forward of one micro-batch; "
-        f"no-bubble ideal {sum(f + b for f, b in zip(fwd_u, bwd_u)) / k * m:.1f} units):"
-    )
-    header = f"  {'schedule':<12} {'step (units)':>12} {'bubble':>7}   peak boundary activations"
-    print(header + " per device (micro-batches, bytes)")
-    chosen = None
-    for name in available():
-        try:
-            ((_, res),) = compare([name], k, m, fwd_u, bwd_u)
-        except ValueError as e:
-            print(f"  {name:<12} n/a ({e})")
-            continue
-        peaks = ", ".join(
-            f"{p} ({_fmt_bytes(p * boundary[d])})" for d, p in enumerate(res.peak_activations)
-        )
-        print(f"  {name:<12} {res.makespan:>12.1f} {res.bubble:>7.1%}   {peaks}")
-        if name == args.schedule.lower().replace("_", "-"):
-            chosen = res
-    if args.png:
-        if chosen is None:
-            raise UsageError(f"--schedule {args.schedule!r} is not one of {available()}")
-        from gpipe.trace import plot_timeline
-
-        plot_timeline(
-            chosen.events,
-            args.png,
-            title=f"{args.schedule}, K={k}, M={m} (simulated)",
-            num_devices=k,
-            time_unit="unit",
-        )
-        print(f"\ntimeline of {args.schedule} written to {args.png}")
-    return 0
 
 
 # ============================================================================ generate / export
@@ -564,7 +442,12 @@ def load_model(path: str) -> Any:
         raise checkpoint.CheckpointError(
             f"{ckpt.path} records no model config; it was not written by gpipe train"
         )
-    model = TransformerLM(TransformerConfig(**resolved))
+    try:
+        model = TransformerLM(TransformerConfig(**resolved))
+    except (TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(
+            f"{ckpt.path} records a model config that cannot be built ({e})"
+        ) from None
     checkpoint.check_parameters(ckpt, model.state_dict())
     with torch.no_grad():
         model.load_state_dict(ckpt.state_dict)
@@ -597,28 +480,45 @@ def sample_bytes(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample ``--tokens`` bytes after ``--prompt``; options are checked before loading."""
     from gpipe.checkpoint import CheckpointError
 
-    if args.tokens < 0:
-        raise UsageError("--tokens must be >= 0")
+    check_int("--tokens", args.tokens, 0)
+    check_number("--temperature", args.temperature, 0.0, " (0: greedy)")
+    check_int("--top-k", args.top_k, 0)
+    check_int("--seed", args.seed, -(2**63), 2**63 - 1)
+    try:  # surrogate escapes stand for the raw (non-UTF-8) bytes the shell passed in
+        prompt = args.prompt.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"--prompt {args.prompt!r} cannot be encoded as bytes: {e}") from None
     try:
         model = load_model(args.checkpoint)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    prompt = args.prompt.encode("utf-8")
     out = sample_bytes(model, prompt, args.tokens, args.temperature, args.top_k, args.seed)
     print((prompt + out).decode("utf-8", errors="replace"))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Write the checkpoint's model as one safetensors file, never inside the checkpoint."""
     from gpipe import checkpoint
 
+    for above in Path(args.output).parents:
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(
+                    f"cannot write {args.output!r}: {str(above)!r} is a file, not a folder; "
+                    "give a path in a folder"
+                )
+            break
     try:
         path = checkpoint.export(args.checkpoint, args.output)
-    except checkpoint.CheckpointError as e:
+    except ValueError as e:  # CheckpointError, or a target inside the checkpoint / a folder
         raise UsageError(str(e)) from None
-    print(f"wrote {path} ({_fmt_bytes(path.stat().st_size)})")
+    except OSError as e:
+        raise UsageError(f"cannot write {args.output!r}: {e.strerror or e}") from None
+    print(f"wrote {path} ({fmt_bytes(path.stat().st_size)})")
     return 0
 
 
@@ -626,18 +526,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    """Re-plot a saved trace.json; a missing, unreadable or foreign file is a usage error."""
     from gpipe.trace import bubble_fraction, load_chrome_trace, plot_timeline
 
     path = Path(args.file)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"trace file {args.file!r} does not exist")
+    if not path.is_file():
+        raise UsageError(f"trace file {args.file!r} is not a file; pass a trace.json")
+    png = args.png or str(path.with_suffix(".png"))
+    check_output_file("--png", png)
     try:
         events = load_chrome_trace(path)
         unit = (json.loads(path.read_text()).get("otherData") or {}).get("gpipe_time_unit", "s")
-    except (ValueError, AttributeError) as e:
-        raise UsageError(str(e)) from None
-    png = args.png or str(path.with_suffix(".png"))
-    plot_timeline(events, png, title=path.name, time_unit=unit)
+    except (ValueError, AttributeError, KeyError, TypeError, OSError) as e:
+        raise UsageError(
+            f"cannot read trace {args.file}: {type(e).__name__}: {e}; pass a trace.json "
+            "written by gpipe (gpipe train --trace)"
+        ) from None
+    try:
+        plot_timeline(events, png, title=path.name, time_unit=unit)
+    except OSError as e:
+        raise UsageError(f"cannot write {png}: {e.strerror or e}") from None
+    except (ValueError, TypeError, IndexError) as e:
+        raise UsageError(f"cannot plot trace {args.file}: {e}") from None
     span = max(e.end for e in events) - min(e.start for e in events)
     print(
         f"{len(events)} actions on {max(e.device for e in events) + 1} devices, span "
@@ -651,13 +563,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gpipe`` argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="gpipe", description="GPipe pipeline parallelism for PyTorch."
-    )
+    parser = Parser(prog="gpipe", description="GPipe pipeline parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_train_parser(sub)
-    _add_plan_parser(sub)
+    add_plan_parser(sub)
     _add_generate_parser(sub)
     p = sub.add_parser("export", help="write a checkpoint's model as one safetensors file")
     p.add_argument("checkpoint", metavar="DIR", help="run or checkpoint folder")
@@ -673,8 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage / help
+    except SystemExit as e:  # --help printed
         return int(e.code or 0)
+    except UsageError as e:  # argparse's own errors, made one line by Parser.error
+        return _fail(str(e))
     try:
         if args.command == "train":
             return cmd_train(args, argv)

@@ -35,6 +35,8 @@ from torch import nn
 from gpipe import checkpoint as ckpt_mod
 from gpipe.data import DEFAULT_MAX_BYTES, Corpus, get_batch, load_corpus, unigram_entropy
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
+from gpipe.remat import MODES as REMAT_MODES
+from gpipe.schedules import available as available_schedules
 
 __all__ = [
     "RESUME_KEYS",
@@ -90,41 +92,91 @@ class TrainConfig:
     data_parallel: int = 1
 
     def __post_init__(self) -> None:
-        positive = ("stages", "chunks", "batch_size", "seq_len", "eval_batches", "max_bytes")
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("steps", "warmup", "eval_interval", "checkpoint_interval", "keep"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not 0 <= self.final_lr_ratio <= 1:
-            raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
-        if self.clip < 0:
-            raise ValueError(f"clip must be >= 0 (0 disables clipping), got {self.clip!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
-        if self.data_parallel < 1:
-            raise ValueError(f"data_parallel must be >= 1, got {self.data_parallel!r}")
-        if self.batch_size < self.chunks:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value a run cannot use.
+
+        Every field is checked for type and range here, once, before anything is built: a NaN
+        ``clip`` or a ``chunks`` that does not divide ``batch_size`` is refused now, not found
+        at step 1 (or when the first checkpoint's JSON refuses the NaN).
+        """
+        for name, low in _INT_FIELDS.items():
+            _check_int(name, getattr(self, name), low)
+        seed_ok = isinstance(self.seed, int) and not isinstance(self.seed, bool)
+        if not seed_ok or not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits (|seed| < 2**63), got {self.seed!r}")
+        for name, (low, high, open_low) in _FLOAT_FIELDS.items():
+            _check_float(name, getattr(self, name), low, high, open_low)
+        for name, choices in (
+            ("model_preset", tuple(TransformerConfig.PRESETS)),
+            ("schedule", tuple(available_schedules())),
+            ("remat", REMAT_MODES),
+            ("precision", PRECISIONS),
+            ("runtime", RUNTIMES),
+        ):
+            value = getattr(self, name)
+            norm = value.lower().replace("_", "-") if isinstance(value, str) else value
+            if norm not in [c.replace("_", "-") for c in choices]:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}, got {value!r} "
+                    f"(--{name.replace('_', '-')})"
+                )
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(
-                f"batch_size={self.batch_size} cannot be split into chunks={self.chunks} "
-                "micro-batches; use batch_size >= chunks"
+                f"data must be the path of a UTF-8 text file or folder, got {self.data!r}; "
+                "leave it out for the bundled stdlib corpus"
             )
-        self.model_config()  # validates the preset and overrides
-        if self.seq_len > self.model_config().max_seq_len:
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a folder path, got {self.out!r} (--out)")
+        if not isinstance(self.trace, bool):
+            raise ValueError(f"trace must be true or false, got {self.trace!r} (--trace)")
+        if self.data_parallel > 1 and self.runtime != "dist":
             raise ValueError(
-                f"seq_len={self.seq_len} exceeds the model's max_seq_len="
-                f"{self.model_config().max_seq_len}; lower --seq-len or raise max_seq_len"
+                f"data_parallel={self.data_parallel} needs --runtime dist; the local runtime "
+                "has one replica (use --data-parallel 1)"
+            )
+        if self.batch_size % (self.chunks * self.data_parallel):
+            what = "chunks" if self.data_parallel == 1 else "chunks x data_parallel"
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by {what}="
+                f"{self.chunks * self.data_parallel}; choose --chunks that divide --batch-size"
+            )
+        mc = self.model_config()
+        if self.seq_len > mc.max_seq_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len={mc.max_seq_len}; "
+                "lower --seq-len or raise max_seq_len in the [model] table"
+            )
+        n_layers = mc.n_layers + 2  # embedding, the blocks, head: TransformerLM's children
+        interleaved = self.schedule.lower() == "interleaved"
+        n_stages = self.stages * (2 if interleaved else 1)
+        if n_stages > n_layers:
+            what = f"{self.stages} stages x 2 virtual stages" if interleaved else "stages"
+            raise ValueError(
+                f"{what} = {n_stages} exceeds the model's {n_layers} layers (embedding, "
+                f"{mc.n_layers} blocks, head); use --stages {n_layers // (n_stages // self.stages)}"
+                " or fewer"
             )
 
     def model_config(self) -> TransformerConfig:
-        """The resolved model configuration (preset + overrides)."""
+        """The resolved model configuration (preset + overrides), each override type-checked
+        (``TransformerConfig`` itself would take ``tie_embeddings="yes"`` as true)."""
+        if not isinstance(self.model, dict):
+            raise ValueError(
+                f"model must be a table of TransformerConfig fields, got {self.model!r}"
+            )
+        kinds = {f.name: f.type for f in dataclasses.fields(TransformerConfig)}
+        for key, value in self.model.items():
+            kind = kinds.get(key)
+            if kind is None:
+                continue  # TransformerConfig.preset names the unknown field
+            if kind in ("int", int):
+                _check_int(f"model.{key}", value, 1)
+            elif kind in ("float", float):  # the range is TransformerConfig's to check
+                _check_float(f"model.{key}", value, -math.inf, math.inf, False)
+            elif kind in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"model.{key} must be true or false, got {value!r}")
         return TransformerConfig.preset(self.model_preset, **self.model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +191,49 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+_POSITIVE = ("stages", "chunks", "batch_size", "seq_len", "steps", "eval_batches", "max_bytes")
+_OFF_AT_0 = ("warmup", "eval_interval", "checkpoint_interval")
+_INT_FIELDS = {
+    **dict.fromkeys((*_POSITIVE, "keep", "data_parallel"), 1),
+    **dict.fromkeys(_OFF_AT_0, 0),
+}
+"""Integer fields and their smallest allowed value (0 for "0: off" options)."""
+
+_FLOAT_FIELDS: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, math.inf, True),
+    "final_lr_ratio": (0.0, 1.0, False),
+    "weight_decay": (0.0, math.inf, False),
+    "clip": (0.0, math.inf, False),
+    "beta1": (0.0, 1.0, False),
+    "beta2": (0.0, 1.0, False),
+    "eps": (0.0, math.inf, True),
+}
+"""Float fields: (low, high, low excluded); every value must also be finite."""
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        how = "" if "." in name else f"; pass --{name.replace('_', '-')} {low} or more"
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}{how}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, open_low: bool) -> None:
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+        and value <= high
+    )
+    if not ok:
+        where = f" > {low:g}" if open_low else f" >= {low:g}"
+        if math.isfinite(high):
+            where = f" in ({low:g}, {high:g}]" if open_low else f" in [{low:g}, {high:g}]"
+        elif not math.isfinite(low):
+            where = ""
+        raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
 
 
 RESUME_KEYS = (
@@ -192,7 +287,10 @@ class Trainer:
 
     ``resume=True`` continues from the latest checkpoint under ``config.out/checkpoints``
     (raising :class:`gpipe.checkpoint.CheckpointError` if there is none or it does not fit);
-    otherwise the run starts at step 0 and earlier checkpoints in that folder are removed.
+    otherwise the run starts at step 0. An earlier run's checkpoints in that folder are never
+    deleted: they stay in place until this run's first checkpoint is complete, and are then
+    moved aside to ``checkpoints.old-<timestamp>`` (:attr:`moved_aside`), so a run that fails
+    at setup or before its first save leaves them exactly as they were.
     """
 
     def __init__(
@@ -220,10 +318,13 @@ class Trainer:
         self.step = 0
         self.optimizer = self._build_optimizer()
         self._entropy: float | None = None
+        self.moved_aside: Path | None = None
+        self._replace_old = False  # a fresh run over an earlier run's checkpoint folder
         if resume:
             self.restore()
-        elif not self.distributed:
-            ckpt_mod.clear(self.checkpoint_dir)
+        else:
+            d = self.checkpoint_dir
+            self._replace_old = d.is_dir() and any(d.iterdir())
 
     # ----------------------------------------------------------------- building
 
@@ -234,14 +335,7 @@ class Trainer:
         from gpipe.cost import profile
 
         c = self.config
-        n_layers = len(self.model)
         n_stages = c.stages * (2 if c.schedule.lower() == "interleaved" else 1)
-        if n_stages > n_layers:
-            what = f"{c.stages} stages x 2 virtual stages" if n_stages > c.stages else "--stages"
-            raise ValueError(
-                f"{what} = {n_stages} exceeds the model's {n_layers} layers (embedding, "
-                f"{self.model_config.n_layers} blocks, head); use fewer stages"
-            )
         micro = max(1, c.batch_size // (c.chunks * c.data_parallel))
         sample = torch.zeros(micro, c.seq_len, dtype=torch.long)
         costs = profile(self.model, sample)
@@ -251,8 +345,6 @@ class Trainer:
         from gpipe.pipe import Pipe
 
         c = self.config
-        if c.data_parallel != 1:
-            raise ValueError("--data-parallel needs --runtime dist")
         self.balance = self._balance()
         return Pipe(
             self.model,
@@ -267,11 +359,6 @@ class Trainer:
         from gpipe.distributed import DistributedPipe  # only the dist runtime needs it
 
         c = self.config
-        if c.batch_size % (c.data_parallel * c.chunks):
-            raise ValueError(
-                f"batch_size={c.batch_size} must be divisible by data_parallel x chunks = "
-                f"{c.data_parallel * c.chunks}"
-            )
         self.balance = self._balance()
         pipe = DistributedPipe(
             self.model,
@@ -456,11 +543,19 @@ class Trainer:
             due = c.checkpoint_interval and self.step % c.checkpoint_interval == 0
             if due and self.can_checkpoint:
                 saved = self.step
-                yield {"kind": "checkpoint", "step": self.step, "path": str(self.save())}
+                yield self._checkpoint_record()
         if evaluated != self.step:
             yield self.evaluate()
         if self.can_checkpoint and saved != self.step:
-            yield {"kind": "checkpoint", "step": self.step, "path": str(self.save())}
+            yield self._checkpoint_record()
+
+    def _checkpoint_record(self) -> dict[str, Any]:
+        """Save, and say where the earlier run's checkpoints went if this save moved them."""
+        moving = self._replace_old
+        rec: dict[str, Any] = {"kind": "checkpoint", "step": self.step, "path": str(self.save())}
+        if moving:
+            rec["moved_aside"] = str(self.moved_aside)
+        return rec
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -482,12 +577,26 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        """Write a checkpoint of the current state under ``config.out/checkpoints``."""
+        """Write a checkpoint of the current state under ``config.out/checkpoints``.
+
+        The first save of a fresh run over an earlier run's folder goes to a staging folder
+        first; only once it is complete is the earlier folder moved aside and the staging one
+        renamed into its place (:func:`gpipe.checkpoint.replace_root`).
+        """
         if not self.can_checkpoint:
             raise RuntimeError("checkpoints are not supported with --runtime dist yet")
+        if not self._replace_old:
+            return self._save_to(self.checkpoint_dir)
+        staging = ckpt_mod.staging_root(self.checkpoint_dir)
+        path = self._save_to(staging)
+        self.moved_aside = ckpt_mod.replace_root(self.checkpoint_dir, staging)
+        self._replace_old = False
+        return self.checkpoint_dir / path.name
+
+    def _save_to(self, root: Path) -> Path:
         tensors, meta = ckpt_mod.flatten_optimizer(self.optimizer.state_dict(), self.param_names)
         return ckpt_mod.save(
-            self.checkpoint_dir,
+            root,
             self.step,
             self.stage_states(),
             optimizer=tensors,
