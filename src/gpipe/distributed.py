@@ -34,6 +34,8 @@ ends the step on every rank with an error naming the failing rank, stage and mic
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -47,6 +49,7 @@ from gpipe import rng
 from gpipe.balance import balance as balance_costs
 from gpipe.microbatch import batch_size, split
 from gpipe.pipe import _layers_of
+from gpipe.runtime import agree
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute
 from gpipe.schedules import Event, Schedule, ScheduleSpec
@@ -56,6 +59,15 @@ __all__ = ["DistributedPipe", "PeerError", "materialize"]
 
 # Initialization draws from the stream keyed (seed, _INIT_KEY, _INIT_KEY, layer index).
 _INIT_KEY = -1
+
+
+def _count(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (``True`` is not one stage, ``2.0`` not two chunks)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def _failure_text(e: BaseException) -> str:
@@ -325,77 +337,37 @@ class DistributedPipe(nn.Module):
                 "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
                 "the environment for init_method='env://')"
             )
-        self._named = _layers_of(module)
-        if not self._named:
-            raise ValueError("DistributedPipe needs at least one layer")
-        if chunks is None and micro_batch_size is None:
-            raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
-        if chunks is not None and chunks < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self._chunks = chunks
-        self._mbs = micro_batch_size
-        self._batch_dim = batch_dim
-        self._remat = remat_mod.check_mode(remat)
-        self._seed = seed
-        self._timeout = float(timeout)
-        self._init_fn = init_fn
+        self._pg = process_group if process_group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self._pg)
+        backend = dist.get_backend(self._pg)
         self.rng_step = 0
         self.last_events: list[Event] = []
         self._calls = 0
-        self._closed = False
-
-        # --- schedule, K, V
-        self._spec = ScheduleSpec(schedule, virtual_stages)
-        self._schedule_name = self._spec.name
-        v, k_sched = self._spec.virtual_stages, self._spec.num_devices
-        self._v = v
-        self._pg = process_group if process_group is not None else dist.group.WORLD
-        world = dist.get_world_size(self._pg)
-        self.rank = dist.get_rank(self._pg)
-        if stages is not None:
-            k = stages
-        elif k_sched is not None:
-            k = k_sched
-        elif data_parallel is not None:
-            k = world // data_parallel
-        elif balance is not None:
-            k = len(balance) // v
-        else:
-            k = world
-        if k < 1 or world % k:
-            raise ValueError(
-                f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
-                "a multiple of stages (W = stages x data_parallel)"
-            )
-        d = world // k
-        if data_parallel is not None and data_parallel != d:
-            raise ValueError(
-                f"data_parallel={data_parallel} x stages={k} = {data_parallel * k} ranks, but "
-                f"the process group has {world}"
-            )
-        if k_sched is not None and k_sched != k:
-            raise ValueError(f"the given schedule is built for {k_sched} devices, not {k}")
-        self.num_devices, self.data_parallel = k, d
-        self.pipeline_device, self.replica = self.rank % k, self.rank // k
-        n_stages = k * v
-        if n_stages > len(self._named):
-            raise ValueError(
-                f"cannot cut {len(self._named)} layers into {n_stages} stages "
-                f"({k} devices x {v} virtual stages)"
-            )
-        self._check_balance(balance, n_stages)
-
-        # --- devices
-        backend = dist.get_backend(self._pg)
-        if device is None:
-            device = (
-                torch.device("cuda", torch.cuda.current_device())
-                if backend == "nccl"
-                else torch.device("cpu")
-            )
-        self.device = torch.device(device)
+        self._closed = True  # until the transport exists
+        # Check the arguments, then agree with every other rank before any group is created
+        # (ranks that disagree on stages or data_parallel would create different groups).
+        error: BaseException | None = None
+        fingerprint = None
+        self._timeout = 300.0
+        try:
+            self._configure(
+                module, stages, balance, chunks, micro_batch_size, schedule, virtual_stages,
+                remat, seed, device, timeout, data_parallel, tied, batch_dim, backend,
+            )  # fmt: skip
+            fingerprint = self._fingerprint(balance, sample)
+        except Exception as e:
+            error = e
+        here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        agree.check(
+            fingerprint,
+            error,
+            group=self._pg,
+            timeout=self._timeout,
+            device=here or torch.device("cpu"),
+            rank=self.rank,
+        )
+        self._init_fn = init_fn
+        k, d = self.num_devices, self.data_parallel
         comm_device = self.device if backend == "nccl" else torch.device("cpu")
 
         # --- groups: every rank creates every group, in this order
@@ -432,26 +404,169 @@ class DistributedPipe(nn.Module):
             timeout=self._timeout,
             comm_device=comm_device,
         )
+        self._closed = False
         self._global_rank = me
 
-        # --- ties (names validated now, groups resolved at build)
-        self._tied = [tuple(t) for t in tied]
-        self._slots = _param_slots(self._named)
-        self._groups = _tie_groups(self._slots, self._tied)
         self._stages: list[Stage] | None = None
         self._balance: list[int] | None = None
         if balance is not None:
             self._build([int(b) for b in balance])
         elif sample is not None:
-            self._build(self._agree_balance(self._sample_microbatch(sample)))
+            try:
+                sample_mb, sample_error = self._sample_microbatch(sample), None
+            except Exception as e:
+                sample_mb, sample_error = None, e
+            self._build(self._agree_balance(sample_mb, sample_error))
+
+    def _configure(
+        self,
+        module: nn.Module | Sequence[nn.Module],
+        stages: int | None,
+        balance: Sequence[int] | None,
+        chunks: int | None,
+        micro_batch_size: int | None,
+        schedule: str | Schedule,
+        virtual_stages: int | None,
+        remat: str,
+        seed: int,
+        device: torch.device | str | None,
+        timeout: float,
+        data_parallel: int | None,
+        tied: Sequence[Sequence[str]],
+        batch_dim: int,
+        backend: str,
+    ) -> None:
+        """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
+        collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(
+                f"timeout must be a positive, finite number of seconds, got {timeout}; it bounds "
+                "every wait (use e.g. timeout=300)"
+            )
+        self._timeout = float(timeout)
+        self._named = _layers_of(module)
+        if not self._named:
+            raise ValueError("DistributedPipe needs at least one layer")
+        if chunks is None and micro_batch_size is None:
+            raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
+        self._chunks = None if chunks is None else _count(chunks, "chunks")
+        self._mbs = (
+            None if micro_batch_size is None else _count(micro_batch_size, "micro_batch_size")
+        )
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+            raise TypeError(f"batch_dim must be an int (a dimension index), got {batch_dim!r}")
+        self._batch_dim = batch_dim
+        self._remat = remat_mod.check_mode(remat)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        self._seed = seed
+
+        # --- schedule, K, V
+        self._spec = ScheduleSpec(schedule, virtual_stages)
+        self._schedule_name = self._spec.name
+        v, k_sched = self._spec.virtual_stages, self._spec.num_devices
+        self._v = v
+        world = dist.get_world_size(self._pg)
+        if stages is not None:
+            k = _count(stages, "stages")
+        elif k_sched is not None:
+            k = k_sched
+        elif data_parallel is not None:
+            if world % _count(data_parallel, "data_parallel"):
+                raise ValueError(
+                    f"data_parallel={data_parallel} does not divide the {world} ranks of the "
+                    f"process group; launch a multiple of {data_parallel} ranks or change "
+                    "data_parallel="
+                )
+            k = world // data_parallel
+        elif balance is not None:
+            k = len(balance) // v
+        else:
+            k = world
+        if data_parallel is not None:
+            _count(data_parallel, "data_parallel")
+        if k < 1 or world % k:
+            raise ValueError(
+                f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
+                f"a multiple of stages (W = stages x data_parallel): pass stages= that divides "
+                f"{world}, or launch stages x data_parallel ranks"
+            )
+        d = world // k
+        if data_parallel is not None and data_parallel != d:
+            raise ValueError(
+                f"data_parallel={data_parallel} x stages={k} = {data_parallel * k} ranks, but "
+                f"the process group has {world}; launch {data_parallel * k} ranks or change "
+                "data_parallel="
+            )
+        if k_sched is not None and k_sched != k:
+            raise ValueError(
+                f"the given schedule is built for {k_sched} devices, not {k}; build it for "
+                f"{k} devices or pass stages={k_sched}"
+            )
+        self.num_devices, self.data_parallel = k, d
+        self.pipeline_device, self.replica = self.rank % k, self.rank // k
+        n_stages = k * v
+        if n_stages > len(self._named):
+            raise ValueError(
+                f"cannot cut {len(self._named)} layers into {n_stages} stages "
+                f"({k} devices x {v} virtual stages); use at most {len(self._named)} stages"
+            )
+        self._check_balance(balance, n_stages)
+
+        # --- device
+        if device is None:
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if backend == "nccl"
+                else torch.device("cpu")
+            )
+        self.device = torch.device(device)
+
+        # --- ties (names validated now, groups resolved at build)
+        self._tied = [tuple(t) for t in tied]
+        self._slots = _param_slots(self._named)
+        self._groups = _tie_groups(self._slots, self._tied)
+
+    def _fingerprint(self, balance: Sequence[int] | None, sample: Any) -> dict[str, Any]:
+        """Everything that defines this rank's model and schedule, as plain data: all ranks
+        must hold the same (see :mod:`gpipe.runtime.agree`)."""
+        fixed = self._spec.fixed
+        return {
+            "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in self._named],
+            "stages": self.num_devices,
+            "data_parallel": self.data_parallel,
+            "balance": None if balance is None else [int(b) for b in balance],
+            "sample": None if balance is not None else "given" if sample is not None else "none",
+            "chunks": self._chunks,
+            "micro_batch_size": self._mbs,
+            "schedule": self._schedule_name,
+            "the custom schedule's actions": None
+            if fixed is None
+            else f"hash {agree.schedule_digest(fixed.actions)} (M={fixed.num_microbatches})",
+            "virtual_stages": self._v,
+            "remat": self._remat,
+            "seed": self._seed,
+            "batch_dim": self._batch_dim,
+            "tied parameters": [list(grp) for grp in self._groups],
+        }
 
     # ----------------------------------------------------------------- plan
 
     def _check_balance(self, balance: Sequence[int] | None, n_stages: int) -> None:
         if balance is None:
             return
+        if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
+            raise TypeError(f"balance must be a list of layer counts per stage, got {balance!r}")
+        for i, b in enumerate(balance):
+            if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+                raise TypeError(f"balance[{i}] is {type(b).__name__} {b!r}; give layer counts")
         if len(balance) != n_stages:
-            raise ValueError(f"balance has {len(balance)} entries for {n_stages} stages")
+            raise ValueError(
+                f"balance has {len(balance)} entries for {n_stages} stages "
+                f"({self.num_devices} devices x {self._v} virtual stages); give one count per stage"
+            )
         if any(int(b) < 1 for b in balance) or sum(balance) != len(self._named):
             raise ValueError(
                 f"balance={list(balance)} must be positive and sum to the {len(self._named)} layers"
@@ -462,24 +577,52 @@ class DistributedPipe(nn.Module):
         m = self._num_microbatches(per_replica)
         return split((per_replica,), m, batch_dim=self._batch_dim)[0]
 
-    def _agree_balance(self, sample_mb: tuple | None) -> list[int]:
-        """Rank 0 balances by FLOPs on its micro-batch; every rank gets the same answer."""
-        box: list[Any] = [None]
-        if self.rank == 0:
+    def _agree_balance(
+        self, sample_mb: tuple | None, local_error: BaseException | None
+    ) -> list[int]:
+        """Rank 0 balances by FLOPs on its micro-batch; every rank gets the same answer.
+
+        One bounded all-gather also carries each rank's ``local_error`` (inputs that could not
+        be split, say), so that every rank raises the real cause — the failing rank its own
+        error, the others the same type naming that rank — instead of a symptom.
+        """
+        mine: dict[str, Any] = {
+            "error": None if local_error is None else agree.describe_error(local_error),
+            "balance": None,
+            "balance_error": None,
+        }
+        if self.rank == 0 and local_error is None:
             try:
                 if sample_mb is None:
-                    raise ValueError("rank 0 needs the inputs to balance the pipeline by FLOPs")
+                    raise ValueError(
+                        "rank 0 needs the inputs to balance the pipeline by FLOPs; pass them to "
+                        "step() on rank 0, or give balance= or sample= to DistributedPipe"
+                    )
                 from gpipe.cost import profile
 
                 costs = profile([m for _, m in self._named], *sample_mb, train=self.training)
                 weights = [max(1, c.flops + c.backward_flops) for c in costs]
-                box[0] = balance_costs(weights, self.num_devices * self._v)
+                mine["balance"] = balance_costs(weights, self.num_devices * self._v)
             except Exception as e:
-                box[0] = f"{type(e).__name__}: {e}"
-        dist.broadcast_object_list(box, group=self._pg, group_src=0)
-        if isinstance(box[0], str):
-            raise RuntimeError(f"balancing the pipeline on rank 0 failed: {box[0]}")
-        return list(box[0])
+                mine["balance_error"] = f"{type(e).__name__}: {e}"
+        every = agree.gather(
+            mine,
+            self._pg,
+            self._timeout,
+            self._transport.comm_device,
+            self.rank,
+            "to balance the pipeline before the first step",
+        )
+        if local_error is not None:
+            raise local_error
+        for r, theirs in enumerate(every):
+            if theirs["error"] is not None:
+                agree.raise_remote(r, theirs["error"], "could not start the first step")
+        if every[0]["balance_error"] is not None:
+            raise RuntimeError(
+                f"balancing the pipeline on rank 0 failed: {every[0]['balance_error']}"
+            )
+        return list(every[0]["balance"])
 
     def _build(self, balance: list[int]) -> None:
         k, n_stages = self.num_devices, len(balance)
@@ -649,18 +792,37 @@ class DistributedPipe(nn.Module):
     # ----------------------------------------------------------------- step
 
     def _num_microbatches(self, local: Any) -> int:
+        """M for this replica's share of the batch; the errors use :func:`gpipe.microbatch.split`'s
+        words for the same mistake (plus the replica's share with data parallelism)."""
         n = batch_size(local, self._batch_dim)
+        share = (
+            ""
+            if self.data_parallel == 1
+            else f" (replica {self.replica}'s share of the global batch over "
+            f"{self.data_parallel} data-parallel replicas)"
+        )
+        if n == 0:
+            raise ValueError(
+                f"the batch is empty (0 rows along batch_dim={self._batch_dim}){share}; a step "
+                "needs at least one row per micro-batch, so skip empty batches"
+            )
         if self._mbs is not None:
-            if n % self._mbs or (self._chunks is not None and n != self._mbs * self._chunks):
+            if self._chunks is not None and n != self._mbs * self._chunks:
                 raise ValueError(
-                    f"this replica's batch of {n} does not split into micro-batches of "
-                    f"{self._mbs}" + (f" x {self._chunks}" if self._chunks else "")
+                    f"micro_batch_size * chunks != batch size: {self._mbs} * {self._chunks} != "
+                    f"{n}{share}; give only one of them, or values whose product is the batch size"
+                )
+            if n % self._mbs:
+                raise ValueError(
+                    f"batch size {n}{share} is not divisible by micro_batch_size={self._mbs}; "
+                    f"choose a micro_batch_size that divides {n}"
                 )
             return n // self._mbs
         assert self._chunks is not None
         if n % self._chunks:
             raise ValueError(
-                f"this replica's batch of {n} rows is not divisible by chunks={self._chunks}"
+                f"batch size {n}{share} is not divisible by chunks={self._chunks}; choose chunks "
+                f"that divide {n} or give micro_batch_size"
             )
         return self._chunks
 
@@ -694,7 +856,10 @@ class DistributedPipe(nn.Module):
                 "targets) to know the number of micro-batches"
             )
         if first and x is None:
-            raise ValueError(f"rank {self.rank} runs the first stage and needs the inputs")
+            raise ValueError(
+                f"rank {self.rank} runs the first stage and needs the inputs; pass them to "
+                "step() on this rank (other ranks may pass None)"
+            )
         mbs = split((x,), m, batch_dim=self._batch_dim) if x is not None else None
         tmbs = split(y, m, batch_dim=self._batch_dim) if y is not None else None
         return mbs, tmbs, m
@@ -717,19 +882,22 @@ class DistributedPipe(nn.Module):
         the failing rank's :class:`~gpipe.runtime.executor.StageError`, or :class:`PeerError`
         naming it.
         """
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if self._closed:
-            raise RuntimeError("this DistributedPipe was closed; build a new one")
+            raise RuntimeError(
+                "this DistributedPipe was closed (its process groups are released); construct a "
+                "new one on every rank"
+            )
         grad = torch.is_grad_enabled()
         local_error: BaseException | None = None
         mbs = tmbs = None
-        try:
+        try:  # a bad argument on one rank must reach the others, not leave them waiting
+            if reduction not in ("mean", "sum"):
+                raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
             mbs, tmbs, m = self._prepare(inputs, targets)
         except Exception as e:
             local_error, m = e, self._chunks or 1
         if self._stages is None:
-            self._build(self._agree_balance(mbs[0] if mbs else None))
+            self._build(self._agree_balance(mbs[0] if mbs else None, local_error))
         sched = self._schedule(m)
         actions = (sched.actions if grad else sched.forward_part())[self.pipeline_device]
         step_id = self.rng_step

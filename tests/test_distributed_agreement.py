@@ -1,0 +1,393 @@
+"""Ranks that disagree, and bad input to DistributedPipe: every rank must raise, at once, naming
+the option, each rank's value (or the rank that failed) and the fix — never train a different
+model or hang.
+
+All cases run in ONE spawned gloo group of 2 ranks: each rank loops over the cases, records
+what each call raised and how long it took, and the parent checks the table. Every pipe has a
+short timeout, and the group is joined with a deadline, so the file stays within ~40 s on two
+busy cores. Each case is a row of docs/reliability.md ("Core functions and ranks that
+disagree").
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+TIMEOUT = 8.0  # every pipe's bound; a case that waits for it has hung
+FAST = 4.0  # a failure must be known well before the timeout
+FIX = r"construct DistributedPipe identically on every rank"
+
+
+def mlp(*, dtype: torch.dtype = torch.float64, act: type = nn.Tanh, bias4: bool = True, extra=0):
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 8), act(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8, bias=bias4)]
+    layers += [nn.Identity() for _ in range(extra)]
+    layers.append(nn.Linear(8, 3))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batch(rows: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 8, dtype=torch.float64, generator=g)
+    return x, torch.randint(0, 3, (rows,), generator=g)
+
+
+class Opaque(nn.Module):
+    """Hands a set (which cannot cross processes) to the next stage."""
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return {"x": x, "tags": {1, 2}}
+
+
+class Unwrap(nn.Module):
+    def forward(self, d: Any) -> torch.Tensor:
+        return d["x"]
+
+
+def _custom(order: str) -> Any:
+    from gpipe.schedules import custom
+
+    if order == "gpipe":
+        return custom(
+            [["F0@s0", "F1@s0", "B1@s0", "B0@s0"], ["F0@s1", "F1@s1", "B1@s1", "B0@s1"]], 2
+        )
+    return custom([["F0@s0", "F1@s0", "B0@s0", "B1@s0"], ["F0@s1", "B0@s1", "F1@s1", "B1@s1"]], 2)
+
+
+# ----------------------------------------------------------------------------- the cases
+# Each case: rank -> pipe kwargs (and model), then what the step does. Expected outcomes per
+# rank are regexes in EXPECT below.
+
+
+def _construct(rank: int, model: nn.Module | None = None, **kw: Any) -> Any:
+    from gpipe.distributed import DistributedPipe
+
+    kw.setdefault("timeout", TIMEOUT)
+    if "chunks" not in kw and "micro_batch_size" not in kw:
+        kw["chunks"] = 2
+    return DistributedPipe(model if model is not None else mlp(), **kw)
+
+
+def _build_and_step(rank: int, step: Callable[[Any, int], Any] | None = None, **kw: Any) -> Any:
+    with _construct(rank, **kw) as pipe:
+        x, y = batch()
+        if step is not None:
+            return step(pipe, rank)
+        return float(pipe.step(x, y, F.cross_entropy))
+
+
+def _per_rank(**by_key: tuple[Any, Any]) -> Callable[[int], Any]:
+    """A case whose pipe kwargs differ by rank: ``key=(rank 0 value, rank 1 value)``."""
+
+    def run(rank: int) -> Any:
+        kw = {k: v[rank] for k, v in by_key.items()}
+        model = kw.pop("model", None)
+        return _construct(rank, model, **kw)
+
+    return run
+
+
+def _hidden_cause(rank: int) -> Any:
+    x, y = batch(12)
+    with _construct(rank, chunks=8) as pipe:  # balanced by FLOPs at the first step
+        return pipe.step(x, y, F.cross_entropy)
+
+
+def _hidden_cause_no_data_on_rank1(rank: int) -> Any:
+    x, y = batch(12)
+    with _construct(rank, chunks=8) as pipe:
+        return pipe.step(x if rank == 0 else None, y if rank == 0 else None, F.cross_entropy)
+
+
+def _hidden_cause_after_build(rank: int) -> Any:
+    with _construct(rank, chunks=8, balance=[3, 3]) as pipe:
+        pipe.step(*batch(16), F.cross_entropy)  # fine
+        return pipe.step(*batch(12), F.cross_entropy)
+
+
+def _targets_missing(rank: int) -> Any:
+    x, _ = batch()
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(x, None, F.cross_entropy)
+
+
+def _inputs_missing(rank: int) -> Any:
+    _, y = batch()
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(None, y, F.cross_entropy)
+
+
+def _empty_batch(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(*batch(0), F.cross_entropy)
+
+
+def _reduction(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(*batch(), F.cross_entropy, reduction="avg")
+
+
+def _reduction_on_rank0_only(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(*batch(), F.cross_entropy, reduction="avg" if rank == 0 else "mean")
+
+
+def _after_close(rank: int) -> Any:
+    pipe = _construct(rank, balance=[3, 3])
+    pipe.close()
+    return pipe.step(*batch(), F.cross_entropy)
+
+
+def _opaque(rank: int) -> Any:
+    model = nn.Sequential(nn.Linear(8, 8), Opaque(), Unwrap(), nn.Linear(8, 3)).double()
+    with _construct(rank, model, balance=[2, 2]) as pipe:
+        return pipe.step(*batch(), F.cross_entropy)
+
+
+def _agreeing(rank: int) -> Any:
+    """Identical construction passes the check; the loss equals the reference's."""
+    from gpipe.reference import reference_step
+
+    x, y = batch()
+    with _construct(rank, chunks=2, schedule="1f1b") as pipe:
+        loss = float(pipe.step(x, y, F.cross_entropy))
+        balance = pipe.balance
+    ref = float(reference_step(mlp(), x, y, F.cross_entropy, chunks=2, seed=0, step=0))
+    return (loss, ref, balance)
+
+
+CASES: dict[str, Callable[[int], Any]] = {
+    # ranks that disagree (construction)
+    "balance": _per_rank(balance=([3, 3], [2, 4])),
+    "chunks": _per_rank(chunks=(2, 4)),
+    "micro_batch_size": _per_rank(micro_batch_size=(2, 3)),
+    "schedule": _per_rank(schedule=("gpipe", "1f1b")),
+    "custom schedule": _per_rank(schedule=(_custom("gpipe"), _custom("1f1b"))),
+    "virtual_stages": _per_rank(schedule=("interleaved", "interleaved"), virtual_stages=(2, 3)),
+    "remat": _per_rank(remat=("always", "never")),
+    "seed": _per_rank(seed=(0, 1)),
+    "batch_dim": _per_rank(batch_dim=(0, 1)),
+    "data_parallel": _per_rank(data_parallel=(1, 2)),
+    "tied": _per_rank(tied=([("0.weight", "2.weight")], [])),
+    "layer shape": _per_rank(model=(mlp(), mlp(bias4=False))),
+    "layer class": _per_rank(model=(mlp(), mlp(act=nn.ReLU))),
+    "layer dtype": _per_rank(model=(mlp(), mlp(dtype=torch.float32))),
+    "number of layers": _per_rank(model=(mlp(), mlp(extra=1))),
+    "sample on one rank": _per_rank(sample=(batch()[0], None)),
+    "bad balance on rank 1 only": _per_rank(balance=([3, 3], [3, 4])),
+    "agreeing": _agreeing,
+    # bad input
+    "hidden cause": _hidden_cause,
+    "hidden cause, no data on rank 1": _hidden_cause_no_data_on_rank1,
+    "hidden cause after build": _hidden_cause_after_build,
+    "stages=3 on 2 ranks": _per_rank(stages=(3, 3)),
+    "stages=True": _per_rank(stages=(True, True)),
+    "data_parallel=0": _per_rank(data_parallel=(0, 0)),
+    "data_parallel=3": _per_rank(data_parallel=(3, 3)),
+    "chunks=True": _per_rank(chunks=(True, True)),
+    "timeout=nan": _per_rank(timeout=(float("nan"), float("nan"))),
+    "balance length": _per_rank(stages=(2, 2), balance=([2, 2, 2], [2, 2, 2])),
+    "targets missing": _targets_missing,
+    "inputs missing": _inputs_missing,
+    "empty batch": _empty_batch,
+    "reduction": _reduction,
+    "reduction on rank 0 only": _reduction_on_rank0_only,
+    "after close": _after_close,
+    "non-tensor boundary value": _opaque,
+}
+
+DIS = r"ranks disagree on "
+EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
+    "balance": ("ValueError", DIS + r"balance: rank 0 has \[3, 3\], rank 1 has \[2, 4\]; " + FIX),
+    "chunks": ("ValueError", DIS + r"chunks: rank 0 has 2, rank 1 has 4; " + FIX),
+    "micro_batch_size": ("ValueError", DIS + r"micro_batch_size: rank 0 has 2, rank 1 has 3"),
+    "schedule": ("ValueError", DIS + r"schedule: rank 0 has gpipe, rank 1 has 1f1b"),
+    "custom schedule": ("ValueError", DIS + r"the custom schedule's actions: rank 0 has hash \w+"),
+    "virtual_stages": ("ValueError", DIS + r"virtual_stages: rank 0 has 2, rank 1 has 3"),
+    "remat": ("ValueError", DIS + r"remat: rank 0 has always, rank 1 has never"),
+    "seed": ("ValueError", DIS + r"seed: rank 0 has 0, rank 1 has 1"),
+    "batch_dim": ("ValueError", DIS + r"batch_dim: rank 0 has 0, rank 1 has 1"),
+    "data_parallel": (
+        "ValueError",
+        DIS
+        + r"stages: rank 0 has 2, rank 1 has 1; "
+        + DIS
+        + r"data_parallel: rank 0 has 1, rank 1",
+    ),
+    "tied": (
+        "ValueError",
+        DIS + r"tied parameters: rank 0 has \[\['0.weight', '2.weight'\]\], rank 1 has \[\]",
+    ),
+    "layer shape": (
+        "ValueError",
+        DIS + r"layer 4: rank 0 has '4': Linear\(weight 8x8 float64, bias 8 float64\), rank 1 has "
+        r"'4': Linear\(weight 8x8 float64\); " + FIX,
+    ),
+    "layer class": (
+        "ValueError",
+        DIS + r"layer 1: rank 0 has '1': Tanh\(\), rank 1 has '1': ReLU\(\)",
+    ),
+    "layer dtype": ("ValueError", DIS + r"layer 0: rank 0 has .*float64.*rank 1 has .*float32"),
+    "number of layers": ("ValueError", DIS + r"the number of layers: rank 0 has 6, rank 1 has 7"),
+    "sample on one rank": ("ValueError", DIS + r"sample: rank 0 has given, rank 1 has none"),
+    "bad balance on rank 1 only": (
+        ("ValueError", r"rank 1 could not construct its DistributedPipe: balance=\[3, 4\] must be"),
+        ("ValueError", r"^balance=\[3, 4\] must be positive and sum to the 6 layers"),
+    ),
+    "hidden cause": (
+        "ValueError",
+        r"^batch size 12 is not divisible by chunks=8; choose chunks that divide 12 or give "
+        r"micro_batch_size$",
+    ),
+    "hidden cause, no data on rank 1": (
+        ("ValueError", r"^batch size 12 is not divisible by chunks=8; choose chunks that divide"),
+        (
+            "ValueError",
+            r"^rank 0 could not start the first step: batch size 12 is not divisible by chunks=8",
+        ),
+    ),
+    "hidden cause after build": ("ValueError", r"^batch size 12 is not divisible by chunks=8"),
+    "stages=3 on 2 ranks": (
+        "ValueError",
+        r"2 ranks cannot form pipelines of 3 devices.*pass stages= that divides 2",
+    ),
+    "stages=True": ("TypeError", r"stages must be an int >= 1, got bool True"),
+    "data_parallel=0": ("ValueError", r"data_parallel must be >= 1, got 0"),
+    "data_parallel=3": ("ValueError", r"data_parallel=3 does not divide the 2 ranks"),
+    "chunks=True": ("TypeError", r"chunks must be an int >= 1, got bool True"),
+    "timeout=nan": ("ValueError", r"timeout must be a positive, finite number of seconds, got nan"),
+    "balance length": (
+        "ValueError",
+        r"balance has 3 entries for 2 stages .*give one count per stage",
+    ),
+    "targets missing": (
+        ("PeerError", r"rank 1 .*targets=None.*pass the targets to step"),
+        ("StageError", r"targets=None.*pass the targets to step"),
+    ),
+    "inputs missing": (
+        ("ValueError", r"rank 0 runs the first stage and needs the inputs; pass them to step"),
+        ("PeerError", r"rank 0 .*needs the inputs"),
+    ),
+    "empty batch": (
+        ("ValueError", r"the batch is empty \(0 rows along batch_dim=0\)"),
+        ("ValueError", r"the batch is empty \(0 rows along batch_dim=0\)"),
+    ),
+    "reduction": ("ValueError", r"reduction must be 'mean' or 'sum', got 'avg'"),
+    "reduction on rank 0 only": (
+        ("ValueError", r"reduction must be 'mean' or 'sum', got 'avg'"),
+        ("PeerError", r"rank 0 .*reduction must be 'mean' or 'sum', got 'avg'"),
+    ),
+    "after close": ("RuntimeError", r"this DistributedPipe was closed.*construct a new one"),
+    "non-tensor boundary value": (
+        (
+            "StageError",
+            r"TypeError.*micro-batch 0 \(activation\): value\['tags'\] is a builtins.set",
+        ),
+        ("PeerError", r"rank 0 .*builtins.set"),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- the group
+
+
+def _scenario(rank: int, path: Path) -> None:
+    out: dict[str, Any] = {}
+    for name, case in CASES.items():
+        t0 = time.monotonic()
+        try:
+            result = case(rank)
+            if hasattr(result, "close"):
+                result.close()
+                result = "constructed"
+            out[name] = ("ok", result, time.monotonic() - t0)
+        except Exception as e:
+            out[name] = (type(e).__name__, str(e), time.monotonic() - t0)
+    torch.save(out, path / f"agree-{rank}.pt")
+
+
+def _entry(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    try:
+        _scenario(rank, Path(out))
+    except BaseException:
+        (Path(out) / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("agree")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_entry, args=(r, 2, f"file://{tmp}/store", str(tmp)), daemon=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 100
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    for r in range(2):
+        err = tmp / f"error-{r}.txt"
+        if err.exists():
+            pytest.fail(f"rank {r} failed:\n{err.read_text()}")
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [torch.load(tmp / f"agree-{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", list(EXPECT))
+def test_every_rank_raises_the_cause_at_once(results: list[dict[str, Any]], case: str) -> None:
+    expect = EXPECT[case]
+    per_rank = expect if isinstance(expect[0], tuple) else (expect, expect)
+    for rank, (kind, pattern) in enumerate(per_rank):
+        got_kind, message, elapsed = results[rank][case]
+        assert got_kind == kind, f"rank {rank}: {got_kind}: {message}"
+        assert re.search(pattern, message), f"rank {rank}: {message!r} !~ {pattern!r}"
+        assert elapsed < FAST, f"rank {rank} took {elapsed:.1f}s (a timeout, not the cause)"
+
+
+def test_identical_ranks_pass_the_check_and_train_the_reference(results: list) -> None:
+    for rank in range(2):
+        kind, (loss, ref, balance), _ = results[rank]["agreeing"]
+        assert kind == "ok"
+        assert abs(loss - ref) < 1e-10, (loss, ref)
+        assert balance is not None and sum(balance) == 6
+
+
+def test_every_case_is_checked() -> None:
+    assert set(CASES) == set(EXPECT) | {"agreeing"}
+
+
+def test_no_process_group_is_named() -> None:
+    import torch.distributed as dist
+
+    from gpipe.distributed import DistributedPipe
+
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"call torch.distributed.init_process_group\(\.\.\.\)"):
+        DistributedPipe(mlp(), chunks=2)
