@@ -241,3 +241,54 @@ def test_manifest_records_hashes_and_sizes(tmp_path: Path) -> None:
     for name, entry in manifest["files"].items():
         assert entry["bytes"] == os.path.getsize(path / name)
         assert len(entry["sha256"]) == 64
+
+
+def test_replace_root_moves_the_old_root_aside_and_keeps_it_whole(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    save(root, 7)
+    new = checkpoint.staging_root(root)
+    assert new.parent == tmp_path and not new.exists()
+    save(new, 1)
+    aside = checkpoint.replace_root(root, new)
+    assert aside.name.startswith("checkpoints.old-") and not new.exists()
+    assert checkpoint.load(root).step == 1
+    assert checkpoint.load(aside).step == 7  # complete and verified, not deleted
+    again = checkpoint.staging_root(root)
+    save(again, 2)
+    second = checkpoint.replace_root(root, again)  # same second: a distinct name
+    assert second != aside and checkpoint.load(second).step == 1
+    assert checkpoint.load(aside).step == 7 and checkpoint.load(root).step == 2
+
+
+def test_export_refuses_targets_inside_the_checkpoint_or_a_folder(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    step = save(root, 3)
+    before = {p.name: p.read_bytes() for p in step.iterdir()}
+    for target in (step / "model.safetensors", step / "stage-00.safetensors", root / "m.st"):
+        with pytest.raises(ValueError, match="inside the checkpoint folder"):
+            checkpoint.export(root, target)
+    with pytest.raises(ValueError, match="is a folder"):
+        checkpoint.export(root, tmp_path)
+    assert {p.name: p.read_bytes() for p in step.iterdir()} == before
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]
+    assert checkpoint.export(step, tmp_path / "m.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: m["stages"][0].pop("file"),
+        lambda m: m.update(stages=[3]),
+        lambda m: m.update(files=None),
+        lambda m: m["files"]["stage-00.safetensors"].pop("sha256"),
+    ],
+    ids=["no-file", "stage-not-table", "files-null", "no-hash"],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_checkpoint_error(tmp_path: Path, damage) -> None:
+    step = save(tmp_path, 1)
+    mpath = step / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    damage(manifest)
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="malformed"):
+        checkpoint.load(step)

@@ -286,6 +286,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("trace-no-ts", ["trace", "{trace_nots_json}"], "trace-nots.json"),
     ("trace-unit", ["trace", "{trace_unit_json}"], "fortnights"),
     ("trace-binary", ["trace", "{trace_binary_json}"], "trace-binary.json"),
+    ("trace-png-onto-itself", ["trace", "{run}/trace.json", "--png", "{run}/trace.json"],
+     "itself"),
     ("trace-png-missing-dir", ["trace", "{run}/trace.json", "--png", "{tmp}/no/dir/t.png"],
      "no/dir"),
 ]
