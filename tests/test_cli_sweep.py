@@ -387,6 +387,7 @@ def test_fresh_run_moves_old_checkpoints_aside_after_its_first_save(
     old_run: Path, world: dict[str, str], capsys
 ) -> None:
     before = (old_run / "checkpoints" / "step-00000002" / "stage-00.safetensors").read_bytes()
+    files = {n: (old_run / n).read_bytes() for n in ("metrics.jsonl", "config.json")}
     code = main(["train", *TINY, "--steps", "1", "--data", world["data_txt"], "--out",
                  str(old_run)])  # fmt: skip
     out, err = capsys.readouterr()
@@ -396,6 +397,8 @@ def test_fresh_run_moves_old_checkpoints_aside_after_its_first_save(
     assert _names(aside) == ["step-00000002"]
     assert (aside / "step-00000002" / "stage-00.safetensors").read_bytes() == before
     assert checkpoint.load(aside).step == 2  # complete, verified, loadable
+    assert {n: (aside / n).read_bytes() for n in files} == files  # its metrics went along
+    assert json.loads((old_run / "config.json").read_text())["steps"] == 1
     lines = [line for line in out.splitlines() if str(aside) in line]
     assert len(lines) == 1 and "moved" in lines[0]
 
@@ -419,6 +422,7 @@ def test_a_run_failing_at_step_1_leaves_old_checkpoints(
         raise failure("the training loss became nan at step 0")
 
     monkeypatch.setattr(Trainer, "train_step", fail)
+    files = {n: (old_run / n).read_bytes() for n in ("metrics.jsonl", "config.json")}
     code = main(["train", *TINY, "--steps", "3", "--data", world["data_txt"], "--out",
                  str(old_run)])  # fmt: skip
     err = capsys.readouterr().err
@@ -427,6 +431,11 @@ def test_a_run_failing_at_step_1_leaves_old_checkpoints(
     assert _names(old_run / "checkpoints") == ["step-00000002"]
     assert checkpoint.latest(old_run / "checkpoints").name == "step-00000002"
     assert _moved(old_run) == []
+    assert {n: (old_run / n).read_bytes() for n in files} == files  # put back as they were
+    monkeypatch.undo()  # the earlier run still resumes, its metrics history intact
+    assert main(["train", "--out", str(old_run), "--resume", "--steps", "3", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (old_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3]
 
 
 def test_a_run_refused_at_setup_leaves_old_checkpoints(

@@ -15,7 +15,6 @@ not replace (see :class:`gpipe.train.Trainer` and :func:`gpipe.checkpoint.export
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from gpipe.cli_base import (
     toml_module,
 )
 from gpipe.cli_plan import add_plan_parser, cmd_plan
+from gpipe.cli_run import EarlierRunFiles, Metrics, write_trace
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -216,59 +216,6 @@ def _init_dist() -> None:
         dist.init_process_group("gloo")
 
 
-class _Metrics:
-    """metrics.jsonl (and TensorBoard when installed) for one run folder."""
-
-    def __init__(self, out: Path, resume_step: int | None) -> None:
-        self.path = out / "metrics.jsonl"
-        if resume_step is None or not self.path.exists():
-            self.path.write_text("")
-        else:  # drop the records of steps after the checkpoint (re-run after a crash)
-            kept = []
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line + "\n")
-            self.path.write_text("".join(kept))
-        self.file = self.path.open("a")
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def write(self, rec: dict[str, Any]) -> None:
-        row = {k: v for k, v in rec.items() if k != "events"}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in row.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{rec['kind']}/{key}", value, rec["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _write_trace(rec: dict[str, Any], out: Path) -> str:
-    from gpipe.trace import plot_timeline, to_chrome_trace
-
-    events, k = rec["events"], rec["num_devices"]
-    to_chrome_trace(events, out / "trace.json", time_unit="s")
-    plot_timeline(
-        events,
-        out / "timeline.png",
-        title=f"gpipe train: step {rec['step']}",
-        num_devices=k,
-        time_unit="s",
-    )
-    return f"{out / 'trace.json'} and {out / 'timeline.png'}"
-
-
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Train as configured; every option is validated before the model is built, and an
     earlier run's checkpoints in ``--out`` are moved aside only after this run's first save."""
@@ -292,7 +239,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(str(e)) from None
     main_rank = trainer.is_main
     say = print if main_rank else (lambda *a, **k: None)
-    metrics: _Metrics | None = None
+    metrics: Metrics | None = None
+    # An earlier run's metrics.jsonl and config.json: they follow its checkpoints aside, or
+    # come back if this run stops before its first checkpoint.
+    earlier = EarlierRunFiles(out) if trainer.replaces_earlier and main_rank else None
     try:
         start = trainer.step
         if main_rank:
@@ -325,14 +275,15 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 f"starting fresh: the earlier checkpoints in {old.parent} stay until this run "
                 "saves its first one, then move aside (--resume would continue them)"
             )
-        metrics = _Metrics(out, start if args.resume else None) if main_rank else None
-        final = _train_loop(trainer, config, metrics, out, args.no_progress or not main_rank)
+        metrics = Metrics(out, start if args.resume else None) if main_rank else None
+        quiet = args.no_progress or not main_rank
+        final = _train_loop(trainer, config, metrics, out, quiet, earlier)
     except KeyboardInterrupt:
-        say(
-            f"\ninterrupted at step {trainer.step}; continue with: gpipe train --out {out} "
-            "--resume",
-            file=sys.stderr,
-        )
+        if earlier is not None and earlier.saved:
+            how = f" before its first checkpoint; the earlier run in {out} is untouched"
+        else:
+            how = f"; continue with: gpipe train --out {out} --resume"
+        say(f"\ninterrupted at step {trainer.step}{how}", file=sys.stderr)
         return 130
     except FloatingPointError as e:  # the loss diverged: a learning rate or clip to change
         say(f"gpipe: error: {one_line(e)}", file=sys.stderr)
@@ -341,6 +292,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         trainer.close()
         if metrics is not None:
             metrics.close()
+        if earlier is not None:
+            earlier.restore()  # nothing left to restore once they followed the checkpoints
     if final is not None:
         ent = trainer.unigram_entropy
         loss = final["val_loss"]
@@ -360,7 +313,12 @@ def _model_fields(trainer: Any) -> dict[str, Any]:
 
 
 def _train_loop(
-    trainer: Any, config: Any, metrics: _Metrics | None, out: Path, quiet: bool
+    trainer: Any,
+    config: Any,
+    metrics: Metrics | None,
+    out: Path,
+    quiet: bool,
+    earlier: EarlierRunFiles | None = None,
 ) -> dict[str, Any] | None:
     from tqdm import tqdm
 
@@ -403,13 +361,15 @@ def _train_loop(
                     f"(perplexity {rec['val_ppl']:.2f})"
                 )
             elif kind == "trace" and main_rank:
-                log(f"step {rec['step']}: timeline written to {_write_trace(rec, out)}")
+                log(f"step {rec['step']}: timeline written to {write_trace(rec, out)}")
             elif kind == "checkpoint":
                 log(f"step {rec['step']:>6}: checkpoint {rec['path']}")
                 if rec.get("moved_aside"):
+                    if earlier is not None:
+                        earlier.follow(Path(rec["moved_aside"]))
                     log(
-                        f"step {rec['step']:>6}: moved the earlier run's checkpoints to "
-                        f"{rec['moved_aside']} (kept, not deleted)"
+                        f"step {rec['step']:>6}: moved the earlier run's checkpoints (with its "
+                        f"metrics.jsonl and config.json) to {rec['moved_aside']}; nothing deleted"
                     )
     finally:
         bar.close()

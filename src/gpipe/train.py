@@ -319,12 +319,13 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self._entropy: float | None = None
         self.moved_aside: Path | None = None
-        self._replace_old = False  # a fresh run over an earlier run's checkpoint folder
+        # A fresh run over an earlier run's checkpoint folder: its first save moves that aside.
+        self.replaces_earlier = False
         if resume:
             self.restore()
         else:
             d = self.checkpoint_dir
-            self._replace_old = d.is_dir() and any(d.iterdir())
+            self.replaces_earlier = self.can_checkpoint and d.is_dir() and any(d.iterdir())
 
     # ----------------------------------------------------------------- building
 
@@ -551,7 +552,7 @@ class Trainer:
 
     def _checkpoint_record(self) -> dict[str, Any]:
         """Save, and say where the earlier run's checkpoints went if this save moved them."""
-        moving = self._replace_old
+        moving = self.replaces_earlier
         rec: dict[str, Any] = {"kind": "checkpoint", "step": self.step, "path": str(self.save())}
         if moving:
             rec["moved_aside"] = str(self.moved_aside)
@@ -585,12 +586,12 @@ class Trainer:
         """
         if not self.can_checkpoint:
             raise RuntimeError("checkpoints are not supported with --runtime dist yet")
-        if not self._replace_old:
+        if not self.replaces_earlier:
             return self._save_to(self.checkpoint_dir)
         staging = ckpt_mod.staging_root(self.checkpoint_dir)
         path = self._save_to(staging)
         self.moved_aside = ckpt_mod.replace_root(self.checkpoint_dir, staging)
-        self._replace_old = False
+        self.replaces_earlier = False
         return self.checkpoint_dir / path.name
 
     def _save_to(self, root: Path) -> Path:
