@@ -20,7 +20,9 @@ re-materialization mode.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +32,12 @@ from torch import nn
 
 from gpipe import remat as remat_mod
 from gpipe.balance import balance as balance_costs
-from gpipe.microbatch import merge, split, tree_flatten
+from gpipe.bridge import Run, merge_input_grads
+from gpipe.microbatch import batch_size, merge, split, tree_flatten
 from gpipe.runtime.executor import StepData, execute
 from gpipe.runtime.local import QueueTransport, WorkerPool
 from gpipe.schedules import Event, Schedule, ScheduleSpec
-from gpipe.stage import Stage
+from gpipe.stage import Stage, StepState
 
 __all__ = ["Partition", "Pipe"]
 
@@ -58,8 +61,10 @@ class Partition:
 
 
 def _layers_of(module: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """The layers in the order ``module`` runs them, a module that appears twice included
+    (``named_children`` would list it once and silently drop a layer)."""
     if isinstance(module, nn.Sequential):
-        return list(module.named_children())
+        return [(n, m) for n, m in module._modules.items() if m is not None]
     if isinstance(module, (list, tuple, nn.ModuleList)):
         return [(str(i), m) for i, m in enumerate(module)]
     raise TypeError(
@@ -74,96 +79,6 @@ def _default_devices(k: int | None) -> list[torch.device]:
         if k is None or k <= n:
             return [torch.device("cuda", i) for i in range(k or n)]
     return [torch.device("cpu")] * (k or 1)
-
-
-class _Bridge(torch.autograd.Function):
-    """Connects ``pipe(x)``'s outputs to the pipelined backward."""
-
-    @staticmethod
-    def forward(ctx: Any, run: _Run, anchor: torch.Tensor, *inputs: torch.Tensor) -> Any:
-        ctx.run = run
-        ctx.set_materialize_grads(False)
-        outs = run.output_leaves
-        nondiff = [t for t in outs if not (t.is_floating_point() or t.is_complex())]
-        if nondiff:
-            ctx.mark_non_differentiable(*nondiff)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
-        input_grads = ctx.run.backward(list(grads))
-        return (None, None, *input_grads)
-
-
-class _Run:
-    """State of one ``pipe(x)`` call between its forward and its backward."""
-
-    def __init__(self, pipe: Pipe, schedule: Schedule, data: StepData, inputs: Any) -> None:
-        self.pipe = pipe
-        self.schedule = schedule
-        self.data = data
-        m = schedule.num_microbatches
-        self.output = merge([data.outputs[i] for i in range(m)], batch_dim=pipe.batch_dim)
-        leaves, self.rebuild_output = tree_flatten(self.output)
-        self.output_paths = [(p, isinstance(v, torch.Tensor)) for p, v in leaves]
-        self.output_leaves = [v for _, v in leaves if isinstance(v, torch.Tensor)]
-        self.non_tensor_outputs = [v for _, v in leaves if not isinstance(v, torch.Tensor)]
-        in_leaves, _ = tree_flatten(inputs)
-        self.input_positions = [
-            i
-            for i, (_, v) in enumerate(in_leaves)
-            if isinstance(v, torch.Tensor) and v.requires_grad
-        ]
-        self.input_leaves = [in_leaves[i][1] for i in self.input_positions]
-        self.done = False
-
-    def wrap(self) -> Any:
-        anchor = torch.empty(0, requires_grad=True)
-        outs = _Bridge.apply(self, anchor, *self.input_leaves)
-        it_t, it_o = iter(outs), iter(self.non_tensor_outputs)
-        return self.rebuild_output(
-            [next(it_t) if is_t else next(it_o) for _, is_t in self.output_paths]
-        )
-
-    def backward(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        if self.done:
-            raise RuntimeError(
-                "the pipeline's backward ran twice for one forward; call pipe(x) again "
-                "(retain_graph is not supported)"
-            )
-        self.done = True
-        pipe, m = self.pipe, self.schedule.num_microbatches
-        it = iter(grads)
-        full = [next(it) if is_t else None for _, is_t in self.output_paths]
-        tensors = [g for g in full if g is not None]
-        if not tensors:
-            return [None] * len(self.input_leaves)
-        grad_tree = self.rebuild_output(full)
-        self.data.grad_outputs = split(grad_tree, m, batch_dim=pipe.batch_dim)
-        pipe._execute(self.schedule.backward_part(), self.data)
-        # merge the input gradients of the micro-batches, per input leaf
-        per_mb = [tree_flatten(self.data.input_grads[i])[0] for i in range(m)]
-        out = []
-        for pos in self.input_positions:
-            parts = [per_mb[i][pos][1] for i in range(m)]
-            if all(p is None for p in parts):
-                out.append(None)
-                continue
-            ref = next(p for p in parts if p is not None)
-            sizes = [
-                t.shape[pipe.batch_dim]
-                for t in split(self.input_leaves[0], m, batch_dim=pipe.batch_dim)
-            ]
-            filled = [
-                p
-                if p is not None
-                else ref.new_zeros(
-                    (*ref.shape[: pipe.batch_dim], sizes[i], *ref.shape[pipe.batch_dim + 1 :])
-                )
-                for i, p in enumerate(parts)
-            ]
-            out.append(torch.cat(filled, dim=pipe.batch_dim))
-        return out
 
 
 class Pipe(nn.Module):
@@ -319,6 +234,8 @@ class Pipe(nn.Module):
         self._stage_flops: list[int] | None = None
         self._transport = QueueTransport(timeout)
         self._pool: WorkerPool | None = None
+        self._lock = threading.Lock()  # one step (or pipe(x), or its backward) at a time
+        self._owner: int | None = None
         if balance is not None or n_stages == 1:
             self._build([len(self.layers)] if balance is None else balance)
 
@@ -372,6 +289,7 @@ class Pipe(nn.Module):
         for fname in self.fetch_names:
             top = names.index(fname.split(".")[0])
             fetch_at.setdefault(top, {})[fname] = modules[fname]
+        self._check_shared_placement(balance)
         stages, start = [], 0
         for s, count in enumerate(balance):
             dev = self.devices[s % self.num_devices]
@@ -394,6 +312,26 @@ class Pipe(nn.Module):
             start += count
         self._stages = stages
         self._pool = WorkerPool(self.num_devices, self._transport, self._threads)
+
+    def _check_shared_placement(self, balance: list[int]) -> None:
+        """A parameter used by layers of two stages (a module that appears twice, tied
+        weights) is one tensor, so those stages must share a device; refuse otherwise."""
+        names = list(self.layers._modules)
+        first: dict[int, tuple[str, torch.device]] = {}
+        i = 0
+        for s, count in enumerate(balance):
+            dev = self.devices[s % self.num_devices]
+            for name in names[i : i + count]:
+                for p in self.layers._modules[name].parameters():
+                    seen = first.setdefault(id(p), (name, dev))
+                    if seen[1] != dev:
+                        raise ValueError(
+                            f"layers {seen[0]!r} and {name!r} share a parameter (the same module "
+                            f"or tied weights) but their stages are on {seen[1]} and {dev}; "
+                            "give a balance=[...] that puts both on one device, or use "
+                            "DistributedPipe(tied=...), which keeps tied copies in sync"
+                        )
+            i += count
 
     def _ensure_built(self, sample_microbatch: tuple) -> None:
         if self._stages is not None:
@@ -427,33 +365,54 @@ class Pipe(nn.Module):
             obj, self.chunks, micro_batch_size=self.micro_batch_size, batch_dim=self.batch_dim
         )
 
+    @contextlib.contextmanager
+    def _owned(self, what: str) -> Iterator[None]:
+        """Hold the pipe for one step: a concurrent call from another thread waits for it (a
+        step is bounded by ``timeout``); a call from inside the running step is refused."""
+        me = threading.get_ident()
+        if self._owner == me or (self._pool is not None and self._pool.runs_on(me)):
+            raise RuntimeError(
+                f"{what} was called from inside a running step of the same Pipe (from loss_fn, "
+                "a layer or a hook); a pipe runs one step at a time — call it after the step"
+            )
+        limit = self.timeout * 2 + 60
+        if not self._lock.acquire(timeout=limit):
+            raise TimeoutError(
+                f"{what} waited {limit:.0f}s for another thread's step on this Pipe to finish"
+            )
+        self._owner = me
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
     def _begin(
         self, m: int, grad: bool, loss_fn: Callable | None = None, scale: float = 1.0
-    ) -> None:
+    ) -> list[StepState]:
+        """Give every stage a fresh step state (random-stream step, saved activations)."""
         assert self._stages is not None
         step = self.rng_step
         if self.training:
             self.rng_step += 1
+        states = []
         for st in self._stages:
-            st.begin_step(step, m, grad, loss_fn, scale)
+            states.append(st.begin_step(step, m, grad, loss_fn, scale))
             st.check_finite = self.check_finite
+        return states
 
     def _execute(self, per_device: Sequence[Sequence[Any]], data: StepData) -> None:
         assert self._stages is not None and self._pool is not None
         k = self.num_devices
         by_device = [{st.index: st for st in self._stages if st.index % k == d} for d in range(k)]
-        jobs = [
-            functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
-            for d in range(k)
-        ]
         if self._pool.stuck:  # a worker never returned from a failed step: start afresh
             self._pool.close()
             self._transport = QueueTransport(self.timeout)
             self._pool = WorkerPool(self.num_devices, self._transport, self._threads)
-            jobs = [
-                functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
-                for d in range(k)
-            ]
+        jobs = [
+            functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
+            for d in range(k)
+        ]
 
         def cancel() -> None:
             data.cancelled = True
@@ -463,6 +422,39 @@ class Pipe(nn.Module):
         finally:
             self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
             self.peak_live = [data.peak_live.get(d, 0) for d in range(k)]
+
+    def _run_backward(
+        self, per_device: Sequence[Sequence[Any]], data: StepData, states: list[StepState]
+    ) -> None:
+        """The backward actions of an earlier ``pipe(x)``, on that call's own step states."""
+        assert self._stages is not None
+        with self._owned("the backward of pipe(x)"):
+            for st, state in zip(self._stages, states, strict=True):
+                st.state = state
+            self._execute(per_device, data)
+
+    def _check_rows(self, data: StepData, m: int) -> None:
+        """Each micro-batch's output keeps its rows: a layer that changed the batch size (or
+        an output without a batch dimension) would make the merged or per-micro-batch result
+        differ from the model's on the whole batch, silently — refuse it instead."""
+        assert data.inputs is not None
+        for i in range(m):
+            rows = batch_size(data.inputs[i], self.batch_dim)
+            for path, v in tree_flatten(data.outputs[i], "output")[0]:
+                if not isinstance(v, torch.Tensor):
+                    continue
+                d = self.batch_dim if self.batch_dim >= 0 else v.dim() + self.batch_dim
+                got = v.shape[d] if 0 <= d < v.dim() else None
+                if got != rows:
+                    what = f"{got} rows" if got is not None else f"shape {tuple(v.shape)}"
+                    raise ValueError(
+                        f"the model's {path} has {what} along batch_dim={self.batch_dim} for "
+                        f"micro-batch {i}, whose input has {rows}: a layer changed the batch "
+                        "size or returned a tensor without a batch dimension, so the pipelined "
+                        "result would differ from the model's on the whole batch; keep the "
+                        "batch dimension through every layer, or run such a layer outside "
+                        "the Pipe"
+                    )
 
     def _collect_fetched(self, data: StepData, m: int) -> None:
         if not self.fetch_names:
@@ -475,33 +467,42 @@ class Pipe(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the
-        result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``."""
-        mbs = self._split(inputs)
-        m = len(mbs)
-        self._ensure_built(mbs[0])
-        assert self._stages is not None
-        needs_grad = torch.is_grad_enabled() and (
-            any(p.requires_grad for p in self.parameters())
-            or any(
-                isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0]
+        result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``.
+
+        Each call keeps its own state until its backward, so several forwards may precede one
+        backward (as with a plain module)."""
+        with self._owned("pipe(x)"):
+            mbs = self._split(inputs)
+            m = len(mbs)
+            self._ensure_built(mbs[0])
+            assert self._stages is not None
+            needs_grad = torch.is_grad_enabled() and (
+                any(p.requires_grad for p in self.parameters())
+                or any(
+                    isinstance(v, torch.Tensor) and v.requires_grad
+                    for _, v in tree_flatten(inputs)[0]
+                )
             )
-        )
-        sched = self._schedule(m)
-        if needs_grad and not sched.forward_backward_separable:
-            raise RuntimeError(
-                f"schedule {sched.name!r} interleaves forward and backward, so it needs the loss "
-                "inside the pipeline: use loss = pipe.step(inputs, targets, loss_fn) instead of "
-                "pipe(inputs) + loss.backward() (or run pipe(inputs) under torch.no_grad())"
+            sched = self._schedule(m)
+            if needs_grad and not sched.forward_backward_separable:
+                raise RuntimeError(
+                    f"schedule {sched.name!r} interleaves forward and backward, so it needs the "
+                    "loss inside the pipeline: use loss = pipe.step(inputs, targets, loss_fn) "
+                    "instead of pipe(inputs) + loss.backward() (or run pipe(inputs) under "
+                    "torch.no_grad())"
+                )
+            data = StepData(
+                self.num_devices * self.virtual_stages,
+                inputs=mbs,
+                split_backward=sched.split_backward,
             )
-        data = StepData(
-            self.num_devices * self.virtual_stages, inputs=mbs, split_backward=sched.split_backward
-        )
-        self._begin(m, needs_grad)
-        self._execute(sched.forward_part(), data)
-        self._collect_fetched(data, m)
-        run = _Run(self, sched, data, inputs)
-        out = run.wrap() if needs_grad else run.output
-        return (out, self.fetched) if self.fetch_names else out
+            states = self._begin(m, needs_grad)
+            self._execute(sched.forward_part(), data)
+            self._check_rows(data, m)
+            self._collect_fetched(data, m)
+            run = Run(self, sched, data, inputs, states if needs_grad else [])
+            out = run.wrap() if needs_grad else run.output
+            return (out, self.fetched) if self.fetch_names else out
 
     def step(
         self,
@@ -517,28 +518,63 @@ class Pipe(nn.Module):
         ``reduction="mean"`` (for a loss that averages over its micro-batch) each micro-batch's
         loss is divided by M, so the returned loss and the gradients equal those of the whole
         mini-batch; with ``"sum"`` they are added. Gradients accumulate in ``.grad`` (call
-        ``zero_grad`` as usual). Under ``torch.no_grad()`` only the forward runs (evaluation).
+        ``zero_grad`` as usual), and in the inputs' ``.grad`` (or their graph) for inputs that
+        require grad, as ``loss.backward()`` would. Under ``torch.no_grad()`` only the forward
+        runs (evaluation). Calls from several threads run one after the other.
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        mbs = self._split((inputs,))
-        m = len(mbs)
-        tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
-        self._ensure_built(mbs[0])
-        grad = torch.is_grad_enabled()
-        sched = self._schedule(m)
-        scale = 1.0 / m if reduction == "mean" else 1.0
-        data = StepData(
-            self.num_devices * self.virtual_stages,
-            inputs=mbs,
-            targets=tmbs,
-            split_backward=sched.split_backward,
-        )
-        self._begin(m, grad, loss_fn, scale)
-        self._execute(sched.actions if grad else sched.forward_part(), data)
-        self._collect_fetched(data, m)
-        losses = [data.losses[i] for i in range(m)]
-        return torch.stack([loss.to(losses[-1].device) for loss in losses]).sum()
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(output, target), got "
+                f"{type(loss_fn).__name__}; note the order step(inputs, targets, loss_fn)"
+            )
+        with self._owned("pipe.step"):
+            mbs = self._split((inputs,))
+            m = len(mbs)
+            if targets is None:
+                tmbs: list[Any] = [None] * m
+            else:
+                n_in = batch_size((inputs,), self.batch_dim)
+                n_t = batch_size(targets, self.batch_dim)
+                if n_t != n_in:
+                    raise ValueError(
+                        f"targets have {n_t} rows along batch_dim={self.batch_dim} but the "
+                        f"inputs have {n_in}; pass one target per input row"
+                    )
+                tmbs = split(targets, m, batch_dim=self.batch_dim)
+            self._ensure_built(mbs[0])
+            grad = torch.is_grad_enabled()
+            sched = self._schedule(m)
+            scale = 1.0 / m if reduction == "mean" else 1.0
+            data = StepData(
+                self.num_devices * self.virtual_stages,
+                inputs=mbs,
+                targets=tmbs,
+                split_backward=sched.split_backward,
+            )
+            self._begin(m, grad, loss_fn, scale)
+            self._execute(sched.actions if grad else sched.forward_part(), data)
+            self._check_rows(data, m)
+            self._collect_fetched(data, m)
+            losses = [data.losses[i] for i in range(m)]
+            if grad:
+                self._backward_into_inputs(data, (inputs,), m)
+            return torch.stack([loss.to(losses[-1].device) for loss in losses]).sum()
+
+    def _backward_into_inputs(self, data: StepData, inputs: Any, m: int) -> None:
+        """Send the step's input gradients on to the inputs that require grad: into
+        ``.grad`` of a leaf, through the graph of a tensor computed before the pipe."""
+        wanting = [
+            v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.requires_grad
+        ]
+        if not wanting:
+            return
+        per_mb = [data.input_grads[i] for i in range(m)]
+        grads = merge_input_grads(per_mb, inputs, self.batch_dim)
+        pairs = [(t, g) for t, g in zip(wanting, grads, strict=True) if g is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
     def extra_repr(self) -> str:
         return (

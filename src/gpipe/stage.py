@@ -12,7 +12,7 @@ layer), so a recompute draws exactly what the first forward drew.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from gpipe import remat as remat_mod
 from gpipe import rng
 from gpipe.microbatch import tree_flatten
 
-__all__ = ["Stage", "StageOutput"]
+__all__ = ["Stage", "StageOutput", "StepState"]
 
 
 @dataclass
@@ -43,6 +43,24 @@ class _Saved:
     target: Any
     out_tensors: list[torch.Tensor] | None = None  # for a deferred W
     out_grads: list[torch.Tensor | None] | None = None
+
+
+@dataclass
+class StepState:
+    """What one step (a ``pipe(x)`` call, or a ``step``) keeps on a stage between its actions.
+
+    A new one is made by :meth:`Stage.begin_step`. ``pipe(x)`` holds on to each stage's state
+    until its backward, so two forwards before one backward (siamese losses, two views of a
+    batch) each keep their own random-stream step and saved activations, and the backward of
+    either one recomputes and differentiates exactly what its own forward ran.
+    """
+
+    step: int = 0
+    num_microbatches: int = 1
+    grad_mode: bool = True
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    loss_scale: float = 1.0
+    saved: dict[int, _Saved] = field(default_factory=dict)
 
 
 def _leaves(obj: Any) -> list[Any]:
@@ -86,14 +104,8 @@ class Stage:
         # added to the micro-batch index in random-stream keys: a data-parallel replica j of
         # M micro-batches draws as micro-batches j·M .. j·M+M-1 of the whole batch
         self.rng_offset = rng_offset
-        self.step = 0
-        self.num_microbatches = 1
-        self.grad_mode = True
-        self.loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-        self.loss_scale = 1.0
         self.check_finite = False
-        self._saved: dict[int, _Saved] = {}
-        self._token = object()
+        self.state = StepState()
         # per (layer, training): "full" (keyed mode around the whole layer), "modules" (only
         # inside hooked dropout modules) or "none"; unknown until the layer's first run.
         self._random: dict[tuple[int, bool], str] = {}
@@ -122,27 +134,26 @@ class Stage:
         grad_mode: bool,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         loss_scale: float = 1.0,
-    ) -> None:
-        """Start a step: forget anything left from an unfinished one."""
-        self._saved.clear()
-        self._token = object()  # a worker abandoned in an earlier step must not store state
-        self.step = step
-        self.num_microbatches = num_microbatches
-        self.grad_mode = grad_mode
-        self.loss_fn = loss_fn
-        self.loss_scale = loss_scale
+    ) -> StepState:
+        """Start a step with a fresh :class:`StepState` and return it.
+
+        The previous state is left to whoever holds it (an unfinished ``pipe(x)`` keeps its
+        own); a worker abandoned in an earlier step writes into that old state, never this one.
+        """
+        self.state = StepState(step, num_microbatches, grad_mode, loss_fn, loss_scale)
+        return self.state
 
     def close(self) -> None:
         """Remove the hooks this stage put on the model and drop saved state."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._saved.clear()
+        self.state = StepState()
 
     @property
     def pending(self) -> list[int]:
-        """Micro-batches whose state is still held."""
-        return list(self._saved)
+        """Micro-batches of the current step whose state is still held."""
+        return list(self.state.saved)
 
     def _fetch_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -153,14 +164,14 @@ class Stage:
 
     # ----------------------------------------------------------------- running layers
 
-    def _run(self, microbatch: int, x: Any) -> Any:
+    def _run(self, state: StepState, microbatch: int, x: Any) -> Any:
         microbatch += self.rng_offset
         for pos, (idx, layer) in enumerate(self.layers):
             unpack = self.is_first and pos == 0
             key = (idx, layer.training)
             how = self._random.get(key)
             if how is None or how == "full":
-                with rng.keyed(self.seed, self.step, microbatch, idx) as mode:
+                with rng.keyed(self.seed, state.step, microbatch, idx) as mode:
                     x = layer(*x) if unpack else layer(x)
                 if how is None:
                     how = (
@@ -168,13 +179,13 @@ class Stage:
                     )
                     self._random[key] = how
             elif how == "modules":
-                with rng.keyed_modules(self.seed, self.step, microbatch, idx):
+                with rng.keyed_modules(self.seed, state.step, microbatch, idx):
                     x = layer(*x) if unpack else layer(x)
             else:
                 x = layer(*x) if unpack else layer(x)
         return x
 
-    def _prepare(self, x: Any) -> Any:
+    def _prepare(self, state: StepState, x: Any) -> Any:
         leaves, rebuild = tree_flatten(x)
         out = []
         for _, v in leaves:
@@ -186,17 +197,17 @@ class Stage:
                 # (re-materialization), so its flag says nothing: differentiate every float
                 # boundary tensor. The user's own inputs keep their requires_grad.
                 wants = v.requires_grad if self.is_first else True
-                if self.grad_mode and wants and _differentiable(t):
+                if state.grad_mode and wants and _differentiable(t):
                     t.requires_grad_(True)
                 out.append(t)
             else:
                 out.append(v)
         return rebuild(out)
 
-    def _loss(self, microbatch: int, out: Any, target: Any) -> torch.Tensor:
-        assert self.loss_fn is not None
+    def _loss(self, state: StepState, microbatch: int, out: Any, target: Any) -> torch.Tensor:
+        assert state.loss_fn is not None
         try:
-            loss = self.loss_fn(out, target)
+            loss = state.loss_fn(out, target)
         except Exception as e:
             if target is None:
                 raise ValueError(
@@ -216,43 +227,54 @@ class Stage:
                 f"loss of micro-batch {microbatch} is {loss.item()} (check_finite=True); look "
                 "for a diverging learning rate or bad inputs in this micro-batch"
             )
-        return loss * self.loss_scale
+        if not (loss.is_floating_point() or loss.is_complex()):
+            raise TypeError(
+                f"loss_fn returned a {loss.dtype} tensor for micro-batch {microbatch}; a loss "
+                "must be a floating-point scalar (convert the inputs of the loss, not the loss)"
+            )
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise ValueError(
+                f"loss_fn returned a loss that does not require grad for micro-batch "
+                f"{microbatch} (detached, computed under no_grad, or from .item()), so nothing "
+                "would train; return the differentiable loss tensor from loss_fn"
+            )
+        return loss * state.loss_scale
 
     # ----------------------------------------------------------------- actions
 
     def forward(self, microbatch: int, x: Any, target: Any = None) -> StageOutput:
         """Run micro-batch ``microbatch`` forward; keep what backward needs."""
-        if microbatch in self._saved:
+        state = self.state
+        if microbatch in state.saved:
             raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} ran forward twice")
-        token = self._token
-        inputs = self._prepare(x)
-        want_loss = self.is_last and self.loss_fn is not None
+        inputs = self._prepare(state, x)
+        want_loss = self.is_last and state.loss_fn is not None
         self._sink = {}
         try:
-            if not self.grad_mode:
+            if not state.grad_mode:
                 with torch.no_grad():
-                    out = self._run(microbatch, inputs)
-                    loss = self._loss(microbatch, out, target) if want_loss else None
+                    out = self._run(state, microbatch, inputs)
+                    loss = self._loss(state, microbatch, out, target) if want_loss else None
                 return StageOutput(out, loss, self._sink)
-            remat = remat_mod.should_remat(self.remat, microbatch, self.num_microbatches)
+            remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
             with torch.set_grad_enabled(not remat):
-                out = self._run(microbatch, inputs)
-                loss = self._loss(microbatch, out, target) if want_loss else None
+                out = self._run(state, microbatch, inputs)
+                loss = self._loss(state, microbatch, out, target) if want_loss else None
             fetched = self._sink
         finally:
             self._sink = None
         keep = None if remat else (loss if want_loss else out)
-        if token is self._token:
-            self._saved[microbatch] = _Saved(inputs, keep, remat, target)
+        # an abandoned worker of an earlier step writes into that step's state, never this one
+        state.saved[microbatch] = _Saved(inputs, keep, remat, target)
         return StageOutput(out, loss, fetched)
 
-    def _outputs_for_backward(self, microbatch: int, saved: _Saved) -> Any:
+    def _outputs_for_backward(self, state: StepState, microbatch: int, saved: _Saved) -> Any:
         if not saved.remat:
             return saved.outputs
         with torch.enable_grad(), remat_mod.recomputing():
-            out = self._run(microbatch, saved.inputs)
-            if self.is_last and self.loss_fn is not None:
-                return self._loss(microbatch, out, saved.target)
+            out = self._run(state, microbatch, saved.inputs)
+            if self.is_last and state.loss_fn is not None:
+                return self._loss(state, microbatch, out, saved.target)
         return out
 
     def backward(self, microbatch: int, grad: Any, *, split: bool = False) -> Any:
@@ -263,13 +285,14 @@ class Stage:
         gradient of the stage's input pytree. With ``split=True`` only the input gradient is
         computed now; the weight gradient waits for :meth:`backward_weight`.
         """
-        saved = self._saved.get(microbatch)
+        state = self.state
+        saved = state.saved.get(microbatch)
         if saved is None:
             raise RuntimeError(
                 f"stage {self.index}: backward of micro-batch {microbatch} without its forward"
             )
-        out = self._outputs_for_backward(microbatch, saved)
-        if self.is_last and self.loss_fn is not None:
+        out = self._outputs_for_backward(state, microbatch, saved)
+        if self.is_last and state.loss_fn is not None:
             outs = [out] if out.requires_grad else []
             grads: list[torch.Tensor | None] = [None] * len(outs)
         else:
@@ -290,7 +313,7 @@ class Stage:
         if not split:
             if outs:
                 torch.autograd.backward(outs, grads)
-            del self._saved[microbatch]
+            del state.saved[microbatch]
             return rebuild(
                 [
                     v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None
@@ -309,7 +332,7 @@ class Stage:
 
     def backward_weight(self, microbatch: int) -> None:
         """The deferred weight-gradient half of a split backward for ``microbatch``."""
-        saved = self._saved.pop(microbatch, None)
+        saved = self.state.saved.pop(microbatch, None)
         if saved is None or saved.out_tensors is None:
             raise RuntimeError(
                 f"stage {self.index}: weight-gradient of micro-batch {microbatch} before its "

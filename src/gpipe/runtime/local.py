@@ -159,6 +159,10 @@ class WorkerPool:
             return
         self._finalizer()
 
+    def runs_on(self, ident: int) -> bool:
+        """Whether the thread ``ident`` is one of this pool's workers."""
+        return any(t.ident == ident for t in self._threads)
+
     @property
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
