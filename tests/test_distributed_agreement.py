@@ -11,6 +11,7 @@ disagree").
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import traceback
@@ -170,6 +171,14 @@ def _agreeing(rank: int) -> Any:
     return (loss, ref, balance)
 
 
+def _never_comes(rank: int) -> Any:
+    """Rank 1 never constructs its pipe (last case: the group is not used afterwards)."""
+    if rank == 1:
+        time.sleep(3.0)
+        return "stayed away"
+    return _construct(rank, timeout=2.0)
+
+
 CASES: dict[str, Callable[[int], Any]] = {
     # ranks that disagree (construction)
     "balance": _per_rank(balance=([3, 3], [2, 4])),
@@ -208,6 +217,7 @@ CASES: dict[str, Callable[[int], Any]] = {
     "reduction on rank 0 only": _reduction_on_rank0_only,
     "after close": _after_close,
     "non-tensor boundary value": _opaque,
+    "a rank that never constructs": _never_comes,  # must stay last
 }
 
 DIS = r"ranks disagree on "
@@ -299,6 +309,13 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
         ),
         ("PeerError", r"rank 0 .*builtins.set"),
     ),
+    "a rank that never constructs": (
+        (
+            "TimeoutError",
+            r"rank 0 waited 2s for the other ranks to construct DistributedPipe and gave up",
+        ),
+        ("ok", r"stayed away"),
+    ),
 }
 
 
@@ -332,7 +349,7 @@ def _entry(rank: int, world: int, init: str, out: str) -> None:
     except BaseException:
         (Path(out) / f"error-{rank}.txt").write_text(traceback.format_exc())
         raise
-    dist.destroy_process_group()
+    os._exit(0)  # the last case left a collective unanswered: skip the teardown
 
 
 @pytest.fixture(scope="module")

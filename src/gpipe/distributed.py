@@ -569,7 +569,8 @@ class DistributedPipe(nn.Module):
             )
         if any(int(b) < 1 for b in balance) or sum(balance) != len(self._named):
             raise ValueError(
-                f"balance={list(balance)} must be positive and sum to the {len(self._named)} layers"
+                f"balance={list(balance)} must be positive and sum to the {len(self._named)} "
+                f"layers (it sums to {sum(balance)}); give each stage at least one layer"
             )
 
     def _sample_microbatch(self, sample: Any) -> tuple:
