@@ -9,6 +9,7 @@ not replace with newer ones, and that ``gpipe export`` never writes into what it
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ),
     )  # fmt: skip
     put("trace-binary.json", b"\xff\xfe\x00garbage")
+    event = {"ph": "X", "tid": 10**9, "ts": 0, "dur": 1}
+    event["args"] = {"stage": 0, "microbatch": 0, "kind": "F"}
+    put("trace-lanes.json", json.dumps({"traceEvents": [event]}))
+    put("trace-nan.json", json.dumps({"traceEvents": [{**event, "tid": 0, "ts": math.nan}]}))
     put(
         f"{MODULE}.py",
         "from torch import nn\n"
@@ -286,6 +291,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("trace-no-ts", ["trace", "{trace_nots_json}"], "trace-nots.json"),
     ("trace-unit", ["trace", "{trace_unit_json}"], "fortnights"),
     ("trace-binary", ["trace", "{trace_binary_json}"], "trace-binary.json"),
+    ("trace-huge-device", ["trace", "{trace_lanes_json}"], "1000000000"),
+    ("trace-nan-time", ["trace", "{trace_nan_json}"], "nan"),
     ("trace-png-onto-itself", ["trace", "{run}/trace.json", "--png", "{run}/trace.json"],
      "itself"),
     ("trace-png-missing-dir", ["trace", "{run}/trace.json", "--png", "{tmp}/no/dir/t.png"],

@@ -192,3 +192,15 @@ def test_config_round_trips_through_a_dict(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({**c.to_dict(), "lrr": 1})
     assert dataclasses.replace(c, steps=9).steps == 9
+
+
+def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "here.txt").write_text("text in the current folder\n" * 100)
+    monkeypatch.chdir(tmp_path)
+    for path in ("", " "):
+        with pytest.raises(ValueError, match="corpus path is empty"):
+            load_corpus(path)
+    with pytest.raises(ValueError, match="data must be the path"):
+        tiny(tmp_path, data="")

@@ -485,6 +485,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ============================================================================ gpipe trace
 
 
+_MAX_TRACE_DEVICES = 4096
+"""More lanes than this is not a pipeline's timeline (one lane per device)."""
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """Re-plot a saved trace.json; a missing, unreadable or foreign file is a usage error."""
     from gpipe.trace import bubble_fraction, load_chrome_trace, plot_timeline
@@ -506,6 +510,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
             f"cannot read trace {args.file}: {type(e).__name__}: {e}; pass a trace.json "
             "written by gpipe (gpipe train --trace)"
         ) from None
+    lanes = max(e.device for e in events) + 1
+    if lanes > _MAX_TRACE_DEVICES:
+        raise UsageError(
+            f"trace {args.file} names device {lanes - 1}; gpipe plots at most "
+            f"{_MAX_TRACE_DEVICES} devices (is the 'tid' of its events a device index?)"
+        )
     try:
         plot_timeline(events, png, title=path.name, time_unit=unit)
     except OSError as e:
@@ -514,7 +524,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot plot trace {args.file}: {e}") from None
     span = max(e.end for e in events) - min(e.start for e in events)
     print(
-        f"{len(events)} actions on {max(e.device for e in events) + 1} devices, span "
+        f"{len(events)} actions on {lanes} devices, span "
         f"{span:.4g} {unit}, bubble {bubble_fraction(events):.1%}; timeline written to {png}"
     )
     return 0

@@ -151,6 +151,11 @@ def load_corpus(
             f"max_val_bytes={max_val_bytes!r}."
         )
 
+    if path is not None and not str(path).strip():  # Path("") would mean the current folder
+        raise ValueError(
+            "corpus path is empty; pass a UTF-8 text file or a folder of text files, or no path "
+            "for the bundled stdlib corpus."
+        )
     if path is None:
         root, rels = _stdlib_files()
         source = f"Python {sysconfig.get_python_version()} stdlib sources at {root}"
