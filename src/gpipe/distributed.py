@@ -3,7 +3,10 @@ same gradients as :class:`gpipe.Pipe` and as un-pipelined training.
 
 Every rank builds ``DistributedPipe(model, ...)`` identically after
 ``torch.distributed.init_process_group`` (e.g. under ``torchrun``), then calls
-``pipe.step(inputs, targets, loss_fn)`` identically every step. Each rank runs the shared
+``pipe.step(inputs, targets, loss_fn)`` identically every step. Construction proves the first
+part: before any group is created the ranks exchange a fingerprint of their options and layers
+(:mod:`gpipe.runtime.agree`) and all raise, naming what differs, if any two disagree — ranks
+that disagree on the balance would otherwise train another model and return a plausible loss. Each rank runs the shared
 executor loop (:func:`gpipe.runtime.executor.execute`) over its own stages with a
 :class:`gpipe.runtime.dist.P2PTransport`: one executor, two transports.
 
