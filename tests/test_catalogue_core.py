@@ -332,6 +332,18 @@ RAISES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         r"virtual_stages=3 but the given schedule is built with 2",
     ),
     (
+        "spec-built-schedule-other-k",
+        lambda: ScheduleSpec(get("gpipe", 2, 2)).get(3, 2),
+        ValueError,
+        r"the given schedule is built for 2 devices but the pipeline has 3",
+    ),
+    (
+        "spec-built-schedule-other-m",
+        lambda: ScheduleSpec(get("gpipe", 2, 2)).get(2, 4),
+        ValueError,
+        r"built for 2 micro-batches but this batch splits into 4",
+    ),
+    (
         "custom-flat-list",
         lambda: custom(["F0@s0", "B0@s0"], 1),
         ScheduleError,

@@ -539,6 +539,11 @@ class ScheduleSpec:
     def get(self, num_devices: int, num_microbatches: int) -> Schedule:
         """The schedule for this many devices and micro-batches (validated, cached)."""
         if self.fixed is not None:
+            if self.fixed.num_devices != num_devices:
+                raise ValueError(
+                    f"the given schedule is built for {self.fixed.num_devices} devices but the "
+                    f"pipeline has {num_devices}; build it for {num_devices} devices"
+                )
             if self.fixed.num_microbatches != num_microbatches:
                 raise ValueError(
                     f"the given schedule is built for {self.fixed.num_microbatches} "
