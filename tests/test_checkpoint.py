@@ -269,6 +269,11 @@ def test_export_refuses_targets_inside_the_checkpoint_or_a_folder(tmp_path: Path
             checkpoint.export(root, target)
     with pytest.raises(ValueError, match="is a folder"):
         checkpoint.export(root, tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(ValueError, match="not a safetensors file; refusing to overwrite"):
+        checkpoint.export(root, notes)
+    assert notes.read_text() == "my notes\n"
     assert {p.name: p.read_bytes() for p in step.iterdir()} == before
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]
     assert checkpoint.export(step, tmp_path / "m.safetensors").is_file()

@@ -259,6 +259,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("plan-shape-without-model", ["plan", "--input-shape", "8"], "--model"),
     ("plan-png-missing-dir", ["plan", "--model-preset", "tiny", "--png", "{tmp}/no/dir/p.png"],
      "no/dir"),
+    ("plan-png-over-text", ["plan", "--model-preset", "tiny", "--png", "{data_txt}"], "not a PNG"),
     # ---------------------------------------------------------------- generate
     ("gen-missing", ["generate", "--checkpoint", "{tmp}/nowhere"], "nowhere"),
     ("gen-file", ["generate", "--checkpoint", "{afile}"], "afile"),
@@ -280,6 +281,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("export-into-root", ["export", "{run}/checkpoints", "{run}/checkpoints/m.safetensors"],
      "inside"),
     ("export-onto-manifest", ["export", "{step}", "{step}/manifest.json"], "inside"),
+    ("export-over-metrics", ["export", "{run}", "{run}/metrics.jsonl"], "not a safetensors"),
     ("export-to-dir", ["export", "{run}", "{emptydir}"], "emptydir"),
     ("export-under-file", ["export", "{run}", "{afile}/m.safetensors"], "afile"),
     # ---------------------------------------------------------------- trace
@@ -295,6 +297,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("trace-nan-time", ["trace", "{trace_nan_json}"], "nan"),
     ("trace-png-onto-itself", ["trace", "{run}/trace.json", "--png", "{run}/trace.json"],
      "itself"),
+    ("trace-png-over-text", ["trace", "{run}/trace.json", "--png", "{run}/metrics.jsonl"],
+     "not a PNG"),
     ("trace-png-missing-dir", ["trace", "{run}/trace.json", "--png", "{tmp}/no/dir/t.png"],
      "no/dir"),
 ]
@@ -330,8 +334,11 @@ def test_sweep_is_large_enough() -> None:
 
 
 def test_the_trained_run_is_untouched_by_the_sweep(world: dict[str, str]) -> None:
-    """No refused case (resume with a wrong config, export into it) changed the run folder."""
+    """No refused case (resume with a wrong config, export into it or over its metrics, a PNG
+    over them) changed the run folder."""
     step = Path(world["step"])
+    rows = (Path(world["run"]) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if '"step"' in r][-1] == 2
     assert sorted(p.name for p in step.iterdir()) == [
         "manifest.json", "optim-00.safetensors", "optim-01.safetensors",
         "stage-00.safetensors", "stage-01.safetensors",
@@ -465,4 +472,8 @@ def test_export_never_writes_into_the_checkpoint_it_reads(old_run: Path, capsys)
         assert not target.exists()
     assert sorted(p.name for p in step.iterdir()) == before
     checkpoint.load(step)  # still verifies
+    metrics = (old_run / "metrics.jsonl").read_bytes()
+    assert main(["export", str(old_run), str(old_run / "metrics.jsonl")]) == 2
+    assert (old_run / "metrics.jsonl").read_bytes() == metrics  # not overwritten
     assert main(["export", str(old_run), str(old_run / "model.safetensors")]) == 0
+    assert main(["export", str(old_run), str(old_run / "model.safetensors")]) == 0  # replaced

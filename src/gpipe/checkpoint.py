@@ -620,9 +620,22 @@ def check_parameters(
         )
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (8-byte header length, JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(path.stat().st_size - 8, 100 * 2**20):
+                return False
+            return isinstance(json.loads(f.read(n)), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _check_export_target(folder: Path, out: Path) -> None:
-    """Refuse an export target that is a folder or lies inside the checkpoint being read
-    (its ``step-*`` folder, or the checkpoint root that holds it and ``latest``)."""
+    """Refuse an export target that is a folder, an existing file that is not safetensors
+    (a run's ``metrics.jsonl``, say), or lies inside the checkpoint being read (its
+    ``step-*`` folder, or the checkpoint root that holds it and ``latest``)."""
     if out.is_dir():
         raise ValueError(
             f"export target {str(out)!r} is a folder; give a file name, e.g. "
@@ -640,6 +653,11 @@ def _check_export_target(folder: Path, out: Path) -> None:
                 f"{str(p)!r} that export reads; write the file elsewhere, e.g. "
                 f"{str(p.parent / 'model.safetensors')!r}"
             )
+    if out.is_file() and not _is_safetensors(out):
+        raise ValueError(
+            f"export target {str(out)!r} exists and is not a safetensors file; refusing to "
+            "overwrite it — pass a new file name (or delete that file first)"
+        )
 
 
 def export(path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:

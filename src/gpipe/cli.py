@@ -499,9 +499,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"trace file {args.file!r} is not a file; pass a trace.json")
     png = args.png or str(path.with_suffix(".png"))
-    check_output_file("--png", png)
     if Path(png).resolve() == path.resolve():
         raise UsageError(f"--png {png!r} is the trace file itself; write the image elsewhere")
+    check_output_file("--png", png)
     try:
         events = load_chrome_trace(path)
         unit = (json.loads(path.read_text()).get("otherData") or {}).get("gpipe_time_unit", "s")

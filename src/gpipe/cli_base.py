@@ -76,11 +76,22 @@ def check_folder_path(flag: str, path: str) -> Path:
     return p
 
 
-def check_output_file(flag: str, path: str) -> Path:
-    """``path`` as a file to write: refuse a folder, or a parent folder that does not exist."""
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_output_file(flag: str, path: str, magic: bytes = PNG_MAGIC) -> Path:
+    """``path`` as a file to write: refuse a folder, a parent folder that does not exist, or
+    an existing file that does not start with ``magic`` (it would be overwritten)."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{flag} {path!r} is a folder; give a file name inside it")
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(len(magic)) != magic:
+                raise UsageError(
+                    f"{flag} {path!r} exists and is not a PNG image; refusing to overwrite it — "
+                    "give a new file name"
+                )
     parent = p.parent
     if not parent.is_dir():
         raise UsageError(
