@@ -360,14 +360,13 @@ class DistributedPipe(nn.Module):
             fingerprint = self._fingerprint(balance, sample)
         except Exception as e:
             error = e
-        here = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        here = torch.device("cpu")  # where the gather's tensors live: the rank's GPU under NCCL
+        if backend == "nccl":
+            mine = getattr(self, "device", None)
+            cuda = mine is not None and mine.type == "cuda"
+            here = mine if cuda else torch.device("cuda", torch.cuda.current_device())
         agree.check(
-            fingerprint,
-            error,
-            group=self._pg,
-            timeout=self._timeout,
-            device=here or torch.device("cpu"),
-            rank=self.rank,
+            fingerprint, error, group=self._pg, timeout=self._timeout, device=here, rank=self.rank
         )
         self._init_fn = init_fn
         k, d = self.num_devices, self.data_parallel
