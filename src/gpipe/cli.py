@@ -183,6 +183,11 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.trace is not None:
         values["trace"] = args.trace
     config = TrainConfig.from_dict(values)
+    if args.resume and config.runtime == "dist":
+        raise UsageError(
+            "--resume is not supported with --runtime dist yet (only the local runtime writes "
+            "checkpoints); resume with --runtime local"
+        )
     if resumed_step is not None and config.steps < resumed_step:
         raise UsageError(
             f"--steps {config.steps} is below the checkpoint's step {resumed_step} in "
