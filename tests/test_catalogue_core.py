@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpipe import schedules
 from gpipe.balance import (
     balance,
     balance_by_flops,
@@ -594,6 +595,24 @@ def _custom_strips_blanks() -> None:
     assert custom([[" F0@s0", "B0@s0 "]], 1).actions == ((Action("F", 0, 0), Action("B", 0, 0)),)
 
 
+def _register_mixed_case_name() -> None:
+    @schedules.register("My_Fill_Drain")
+    def _mine(k: int, m: int, v: int) -> list[list[Action]]:
+        return [[Action("F", d, 0), Action("B", d, 0)] for d in range(k)]
+
+    try:
+        assert get("My_Fill_Drain", 2, 1).name == "my-fill-drain"
+    finally:
+        schedules._REGISTRY.pop("my-fill-drain", None)
+        schedules._REGISTRY.pop("My_Fill_Drain", None)
+    assert "my-fill-drain" not in schedules.available()
+
+
+def _merge_non_tensor_leaves_from_first() -> None:
+    out = merge([(T(1), 1, "a"), (torch.ones(1), 2, "b")])
+    assert out[0].tolist() == [0.0, 1.0] and out[1:] == (1, "a")
+
+
 def _simulate_numpy_and_tensor_costs() -> None:
     a = simulate(sched(), np.float32(1.0)).makespan
     b = simulate(sched(), torch.tensor(1.0)).makespan
@@ -645,6 +664,8 @@ GOOD: list[tuple[str, Callable[[], None]]] = [
     ("get-numpy-ints", _get_numpy_ints),
     ("action-numpy-index", _action_numpy_index),
     ("custom-strips-blanks", _custom_strips_blanks),
+    ("register-mixed-case-name", _register_mixed_case_name),
+    ("merge-non-tensor-leaves-from-first", _merge_non_tensor_leaves_from_first),
     ("simulate-numpy-and-tensor-costs", _simulate_numpy_and_tensor_costs),
     ("simulate-zero-costs", _simulate_zero_costs),
     ("simulate-weight-costs-ignored-without-split", _simulate_weight_costs_ignored_without_split),

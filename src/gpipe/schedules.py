@@ -352,10 +352,19 @@ _REGISTRY: dict[str, tuple[Builder, bool]] = {}
 
 
 def register(name: str, *, virtual: bool = False) -> Callable[[Builder], Builder]:
-    """Register ``fn(K, M, V) -> list of per-device action lists`` under ``name``."""
+    """Register ``fn(K, M, V) -> list of per-device action lists`` under ``name``.
+
+    The name is stored as :func:`get` looks it up (lower case, ``-`` for ``_``), so
+    ``register("My_Sched")`` is found by ``get("My_Sched", ...)``.
+    """
+    key = _key(name)
+    if not key:
+        raise ValueError("a schedule needs a non-empty name")
 
     def deco(fn: Builder) -> Builder:
-        _REGISTRY[name] = (fn, virtual)
+        if not callable(fn):
+            raise TypeError(f"register({name!r}) decorates a function, got {fn!r:.40}")
+        _REGISTRY[key] = (fn, virtual)
         return fn
 
     return deco
