@@ -3,13 +3,14 @@
 Multi-process tests spawn a few process groups (gloo on loopback, FileStore rendezvous) and run
 many configurations inside each, so the whole file stays within a couple of minutes on two
 cores. Workers write their results to files; the parent compares them with the single-process
-reference (:func:`gpipe.reference.reference_step`). Every launch is bounded: processes are
-joined with a deadline and killed if they overstay.
+independent reference (tests/reference_impl.py, which shares no code with gpipe). After every
+injected fault the next step runs on a different batch and is checked by value: the workers
+compute the reference step on that batch in-process and record the differences. Every launch
+is bounded: processes are joined with a deadline and killed if they overstay.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import traceback
@@ -23,9 +24,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+import reference_impl
 from gpipe.distributed import materialize
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
-from gpipe.reference import reference_step
 from gpipe.runtime.dist import decode, encode
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -146,8 +147,14 @@ class _FailInBackward(torch.autograd.Function):
 
 
 class TagLinear(nn.Linear):
+    """A linear layer with dropout that passes column 0 (the tag) through unchanged."""
+
+    def __init__(self, n: int, m: int) -> None:
+        super().__init__(n, m)
+        self.drop = nn.Dropout(0.25)  # the recovery steps' random streams are checked too
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x[:, :1], super().forward(x)[:, 1:]], dim=1)
+        return torch.cat([x[:, :1], self.drop(super().forward(x))[:, 1:]], dim=1)
 
 
 def fault_model(k: int) -> nn.Sequential:
@@ -158,15 +165,16 @@ def fault_model(k: int) -> nn.Sequential:
     return nn.Sequential(*layers).double()
 
 
-def fault_batch(m: int) -> torch.Tensor:
-    x = torch.randn(2 * m, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+def fault_batch(m: int, seed: int = 3) -> torch.Tensor:
+    x = torch.randn(2 * m, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     x[:, 0] = torch.arange(m, dtype=torch.float64).repeat_interleave(2)
     return x
 
 
 def _fault_matrix(k: int, rank: int, path: Path) -> None:
     """Forward and backward faults on every stage at the first and last micro-batch, each
-    followed by a clean step; then a stalled stage (which breaks the pipe: last)."""
+    followed by a clean step on a new batch, compared with the reference in-process; then a
+    stalled stage (which breaks the pipe: last)."""
     from gpipe.distributed import DistributedPipe
 
     m = 4
@@ -176,6 +184,7 @@ def _fault_matrix(k: int, rank: int, path: Path) -> None:
     def loss(out: torch.Tensor, _: Any) -> torch.Tensor:
         return out.pow(2).mean()
 
+    calls = 0  # training calls so far, failed ones included: the random streams' step
     model = fault_model(k)
     with DistributedPipe(
         model, chunks=m, balance=[2] * k, schedule="1f1b", remat="never", timeout=FAIL_TIMEOUT
@@ -194,8 +203,19 @@ def _fault_matrix(k: int, rank: int, path: Path) -> None:
                     elapsed = time.monotonic() - t0
                     fault.mode = None
                     pipe.zero_grad()
-                    recovered = float(pipe.step(x, None, loss))
-                    res[(s, mb, where)] = (err, elapsed, recovered)
+                    fresh = fault_batch(m, seed=100 + calls)
+                    recovered = float(pipe.step(fresh, None, loss))
+                    ref = fault_model(k)
+                    ref_loss = reference_impl.step(ref, fresh, None, loss, chunks=m, step=calls + 1)
+                    calls += 2
+                    want = dict(ref.named_parameters())
+                    grads = _grads(pipe)
+                    grad_err = max(
+                        ((g - want[n].grad).abs().max().item() for n, g in grads.items()),
+                        default=float("inf"),
+                    )
+                    checked = (abs(recovered - float(ref_loss)), grad_err, sorted(grads))
+                    res[(s, mb, where)] = (err, elapsed, checked)
     stalling = fault_model(k)
     layer = stalling[3]  # stage 1 sleeps past the timeout on micro-batch 1
     layer.mode, layer.tag, layer.stall = "stall", 1.0, 1.5 * STALL_TIMEOUT
@@ -343,7 +363,7 @@ def _fail_and_recover(k: int, rank: int, path: Path) -> None:
             res["error"] = (type(e).__name__, str(e))
         res["elapsed"] = time.monotonic() - t0
         pipe.zero_grad()
-        res["loss"] = float(pipe.step(x, y, F.cross_entropy))
+        res["loss"] = float(pipe.step(*mlp_batch(seed=4), F.cross_entropy))  # a new batch
         res["grads"] = _grads(pipe)
     _save(path, f"fail{k}", rank, res)
 
@@ -483,13 +503,15 @@ SCENARIOS = {"pp2": scenario_pp2, "pp3": scenario_pp3, "dp": scenario_dp}
 
 def _reference(model: nn.Module, steps: list[tuple], loss_fn: Any, chunks: int, seed: int = 0):
     losses = [
-        float(reference_step(model, xb, yb, loss_fn, chunks=chunks, seed=seed, step=s))
+        float(reference_impl.step(model, xb, yb, loss_fn, chunks=chunks, seed=seed, step=s))
         for s, (xb, yb) in enumerate(steps)
     ]
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _check(losses, grads, ref_losses, ref_grads, what: str) -> None:
+    assert len(losses) == len(ref_losses) > 0, (what, losses, ref_losses)
+    assert grads and set(grads) <= set(ref_grads), (what, set(grads) - set(ref_grads))
     for a, b in zip(losses, ref_losses):
         assert abs(a - b) < TOL, f"{what}: loss {a} != reference {b}"
     for n, g in grads.items():
@@ -538,8 +560,9 @@ def _check_sweep(tmp: Path, k: int) -> None:
 def _check_failure(tmp: Path, k: int) -> None:
     x, y = mlp_batch()
     ref_model = mlp(RaiseAt(-1), [9, 6][k - 2])
-    # the failed step used random step 0; the recovery step is step 1
-    ref_loss = float(reference_step(ref_model, x, y, F.cross_entropy, chunks=4, step=1))
+    # the failed step used random step 0; the recovery step is step 1, on a new batch
+    x, y = mlp_batch(seed=4)
+    ref_loss = float(reference_impl.step(ref_model, x, y, F.cross_entropy, chunks=4, step=1))
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
     for r in range(k):
         res = _load(tmp, f"fail{k}", r)
@@ -601,7 +624,7 @@ def test_tied_embedding_clip_and_changing_shapes(pp2):
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     ref_params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        ref_eval = float(reference_step(model, *lm_batch(12), lm_loss, chunks=4, step=2))
+        ref_eval = float(reference_impl.step(model, *lm_batch(12), lm_loss, chunks=4, step=2))
     r0, r1 = _load(pp2, "tied", 0), _load(pp2, "tied", 1)
     assert "embed.tok.weight" in r0[2] and "head.proj.weight" in r1[2]
     for losses, norm, grads, params, evaluation in (r0, r1):
@@ -653,11 +676,16 @@ def test_raising_stage_fails_every_rank_then_recovers(pp2, pp3):
 def test_fault_matrix_every_stage_forward_and_backward(pp3):
     tmp, _ = pp3
     results = [_load(tmp, "faults3", r) for r in range(3)]
+    names = sorted(n for n, _ in fault_model(3).named_parameters())
     for s in range(3):
         for mb in (0, 3):
             for where in ("forward", "backward"):
+                covered: list[str] = []
                 for r in range(3):
-                    err, elapsed, recovered = results[r][(s, mb, where)]
+                    err, elapsed, (loss_err, grad_err, local) = results[r][(s, mb, where)]
+                    # the step after the fault, on a new batch, equals the reference step
+                    assert loss_err < TOL and grad_err < TOL, (s, mb, where, r, loss_err, grad_err)
+                    covered += local
                     assert err is not None, (s, mb, where, r)
                     kind, msg = err
                     assert kind == ("StageError" if r == s else "PeerError"), (s, mb, where, r, err)
@@ -666,7 +694,7 @@ def test_fault_matrix_every_stage_forward_and_backward(pp3):
                     if r != s:
                         assert f"rank {s}" in msg, msg
                     assert elapsed < 2 * FAIL_TIMEOUT
-                    assert math.isfinite(recovered)
+                assert sorted(covered) == names, (s, mb, where, covered)
     for r in range(3):
         err, elapsed = results[r]["stall"]
         assert err is not None, r
@@ -702,7 +730,7 @@ def test_data_parallel_times_pipeline_equals_reference(dp):
         loss, grads = results[r]["tied"]
         _check([loss], grads, ref_loss, ref_lm, f"DP tied rank {r}")
     model = mlp()
-    loss = float(reference_step(model, x, y, F.cross_entropy, chunks=4, reduction="sum"))
+    loss = float(reference_impl.step(model, x, y, F.cross_entropy, chunks=4, reduction="sum"))
     ref_sum = {n: p.grad for n, p in model.named_parameters()}
     for r in range(4):
         _check([results[r]["sum"][0]], results[r]["sum"][1], [loss], ref_sum, f"DP sum rank {r}")
