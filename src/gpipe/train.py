@@ -10,7 +10,9 @@ The invariant: training is a pure function of the config. Batch ``s`` is
 ``get_batch(train, seed, step=s)``, the learning rate is a function of ``s``, dropout draws from
 the pipe's keyed streams at ``Pipe.rng_step``; a checkpoint stores parameters, optimizer state,
 step, ``rng_step`` and the torch RNG, so a run resumed from step ``N`` continues bit for bit
-like the uninterrupted run (same machine, same thread count).
+like the uninterrupted run (same machine, same thread count). Every config value is validated
+(:meth:`TrainConfig.validate`) before anything is built, and no run deletes a checkpoint it
+has not replaced with a newer one of its own (:class:`Trainer`).
 
 Optimizer choice: AdamW with β1 0.9, β2 0.98, ε 1e-9. The seed used Adam β2 0.997 for
 hundreds of thousands of steps; a run of a few hundred steps needs the second moment to adapt
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -149,14 +152,13 @@ class TrainConfig:
                 "lower --seq-len or raise max_seq_len in the [model] table"
             )
         n_layers = mc.n_layers + 2  # embedding, the blocks, head: TransformerLM's children
-        interleaved = self.schedule.lower() == "interleaved"
-        n_stages = self.stages * (2 if interleaved else 1)
-        if n_stages > n_layers:
-            what = f"{self.stages} stages x 2 virtual stages" if interleaved else "stages"
+        virtual = 2 if self.schedule.lower() == "interleaved" else 1  # stages per device
+        if self.stages * virtual > n_layers:
+            what = f"{self.stages} stages x 2 virtual stages" if virtual > 1 else "stages"
             raise ValueError(
-                f"{what} = {n_stages} exceeds the model's {n_layers} layers (embedding, "
-                f"{mc.n_layers} blocks, head); use --stages {n_layers // (n_stages // self.stages)}"
-                " or fewer"
+                f"{what} = {self.stages * virtual} exceeds the model's {n_layers} layers "
+                f"(embedding, {mc.n_layers} blocks, head); use --stages {n_layers // virtual} "
+                "or fewer"
             )
 
     def model_config(self) -> TransformerConfig:
@@ -589,7 +591,11 @@ class Trainer:
         if not self.replaces_earlier:
             return self._save_to(self.checkpoint_dir)
         staging = ckpt_mod.staging_root(self.checkpoint_dir)
-        path = self._save_to(staging)
+        try:
+            path = self._save_to(staging)
+        except BaseException:  # only this run's partial first checkpoint is in there
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         self.moved_aside = ckpt_mod.replace_root(self.checkpoint_dir, staging)
         self.replaces_earlier = False
         return self.checkpoint_dir / path.name
