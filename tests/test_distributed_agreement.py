@@ -203,6 +203,7 @@ CASES: dict[str, Callable[[int], Any]] = {
     "hidden cause": _hidden_cause,
     "hidden cause, no data on rank 1": _hidden_cause_no_data_on_rank1,
     "hidden cause after build": _hidden_cause_after_build,
+    "hidden cause in the sample": _per_rank(chunks=(8, 8), sample=(batch(12)[0], batch(12)[0])),
     "stages=3 on 2 ranks": _per_rank(stages=(3, 3)),
     "stages=True": _per_rank(stages=(True, True)),
     "data_parallel=0": _per_rank(data_parallel=(0, 0)),
@@ -271,6 +272,10 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
         ),
     ),
     "hidden cause after build": ("ValueError", r"^batch size 12 is not divisible by chunks=8"),
+    "hidden cause in the sample": (
+        "ValueError",
+        r"^batch size 12 is not divisible by chunks=8; choose chunks that divide 12",
+    ),
     "stages=3 on 2 ranks": (
         "ValueError",
         r"2 ranks cannot form pipelines of 3 devices.*pass stages= that divides 2",

@@ -418,7 +418,7 @@ class DistributedPipe(nn.Module):
                 sample_mb, sample_error = self._sample_microbatch(sample), None
             except Exception as e:
                 sample_mb, sample_error = None, e
-            self._build(self._agree_balance(sample_mb, sample_error))
+            self._build(self._agree_balance(sample_mb, sample_error, "split its sample"))
 
     def _configure(
         self,
@@ -581,7 +581,10 @@ class DistributedPipe(nn.Module):
         return split((per_replica,), m, batch_dim=self._batch_dim)[0]
 
     def _agree_balance(
-        self, sample_mb: tuple | None, local_error: BaseException | None
+        self,
+        sample_mb: tuple | None,
+        local_error: BaseException | None,
+        doing: str = "start the first step",
     ) -> list[int]:
         """Rank 0 balances by FLOPs on its micro-batch; every rank gets the same answer.
 
@@ -620,7 +623,7 @@ class DistributedPipe(nn.Module):
             raise local_error
         for r, theirs in enumerate(every):
             if theirs["error"] is not None:
-                agree.raise_remote(r, theirs["error"], "could not start the first step")
+                agree.raise_remote(r, theirs["error"], f"could not {doing}")
         if every[0]["balance_error"] is not None:
             raise RuntimeError(
                 f"balancing the pipeline on rank 0 failed: {every[0]['balance_error']}"
