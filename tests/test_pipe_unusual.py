@@ -328,3 +328,89 @@ def test_layer_that_changes_the_batch_size_refused(layer: nn.Module) -> None:
         pipe(x)
     with pytest.raises(ValueError, match="micro-batch 0, whose input has 2"):
         pipe.step(x, None, lambda o, t: o.sum())
+
+
+# ----------------------------------------------------------------- construction arguments
+
+
+def _layers(n: int = 4) -> nn.Sequential:
+    return nn.Sequential(*[nn.Linear(D, D) for _ in range(n)])
+
+
+BAD_CONSTRUCTION = [
+    ({"stages": 2.0}, TypeError, "stages must be an int >= 1, got float 2.0"),
+    ({"stages": True}, TypeError, "stages must be an int >= 1, got bool True"),
+    ({"chunks": 2.5}, TypeError, "chunks must be an int >= 1, got float 2.5"),
+    ({"chunks": True}, TypeError, "chunks must be an int >= 1, got bool"),
+    ({"chunks": "4"}, TypeError, "chunks must be an int >= 1, got str '4'"),
+    ({"micro_batch_size": 0}, ValueError, "micro_batch_size must be >= 1, got 0"),
+    ({"balance": [1.5, 2.5]}, TypeError, r"balance\[0\] must be an int >= 0, got float 1.5"),
+    ({"balance": 4}, TypeError, "balance must be a list of layer counts"),
+    ({"balance": [2, "2"]}, TypeError, r"balance\[1\] must be an int >= 0, got str '2'"),
+    ({"balance": [4, 0]}, ValueError, r"at least one layer; balance=\[4, 0\] gives stage 1"),
+    ({"balance": [5, -1]}, ValueError, r"balance\[1\] must be >= 0, got -1"),
+    ({"seed": "a"}, TypeError, "seed must be an int, got str 'a'"),
+    ({"seed": 1.5}, TypeError, "seed must be an int, got float 1.5"),
+    ({"stages": 2, "pinned": -1}, ValueError, "pinned must be >= 0, got -1"),
+    ({"stages": 2, "pinned": 9}, ValueError, "pinned=9 but the model has 4 layers"),
+    ({"stages": 2, "pinned": 4}, ValueError, "pinned=4 leaves 0 layers for the other 1 stages"),
+    ({"timeout": 0}, ValueError, "timeout must be a finite number of seconds > 0, got 0"),
+    ({"timeout": float("nan")}, ValueError, "timeout must be a finite .* got nan"),
+    ({"timeout": -1}, ValueError, "timeout must be a finite .* got -1"),
+    ({"threads_per_stage": 0}, ValueError, "threads_per_stage must be >= 1, got 0"),
+    ({"fetch": "0"}, TypeError, r"fetch must be a list of names, got the string '0'; use \['0'\]"),
+    ({"batch_dim": True}, TypeError, "batch_dim must be an int, got bool True"),
+    ({"devices": ["gpu0"]}, ValueError, "devices holds 'gpu0', which is not a device"),
+    ({"devices": ["cuda:7"]}, ValueError, "devices holds 'cuda:7', but this machine has"),
+    ({"remat": None}, ValueError, "unknown remat mode None"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_CONSTRUCTION, ids=str)
+def test_bad_construction_argument_named(kwargs: dict, error: type, match: str) -> None:
+    if "cuda" in str(kwargs) and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that many GPUs")
+    with pytest.raises(error, match=match):
+        gpipe.Pipe(_layers(), **kwargs)
+
+
+def test_a_function_among_the_layers_named() -> None:
+    with pytest.raises(TypeError, match="layer 1 is builtin_function_or_method .* nn.ReLU"):
+        gpipe.Pipe([nn.Linear(D, D), torch.relu])
+
+
+def test_a_worker_that_cannot_start_never_hangs_the_step() -> None:
+    # threads_per_stage=0 used to kill the worker threads at start-up; the step then waited
+    # for them for 2 x timeout + 60 s. Refused at construction now.
+    with pytest.raises(ValueError, match="threads_per_stage"):
+        gpipe.Pipe(_layers(), stages=2, threads_per_stage=0)
+
+
+# ----------------------------------------------------------------- deferred BatchNorm
+
+
+def _bn_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D), nn.Tanh(), nn.Linear(D, D)).double()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rows"),
+    [({"micro_batch_size": 2}, [8, 4, 6]), ({"chunks": 4}, [8, 8, 8]), ({"chunks": 2}, [8, 4, 6])],
+    ids=["micro-batch-size-with-changing-batches", "chunks", "chunks-with-changing-batches"],
+)
+def test_deferred_batch_norm_statistics_follow_the_real_micro_batch_count(
+    kwargs: dict, rows: list[int]
+) -> None:
+    # with micro_batch_size=2 a batch of 8, then 4, then 6 rows is 4, 2, 3 micro-batches: the
+    # running statistics must still move once per mini-batch, over the whole mini-batch
+    g = torch.Generator().manual_seed(2)
+    model, plain = _bn_model(), _bn_model()
+    pipe = gpipe.Pipe(model, balance=[2, 2], deferred_batch_norm=True, **kwargs)
+    assert isinstance(model[1], gpipe.nn.DeferredBatchNorm)  # the user's model holds it too
+    for n in rows:
+        x = torch.randn(n, D, dtype=torch.float64, generator=g)
+        pipe.step(x, None, lambda o, t: o.pow(2).mean())
+        plain(x)  # plain BatchNorm on the whole batch, once per step
+    torch.testing.assert_close(model[1].running_mean, plain[1].running_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(model[1].running_var, plain[1].running_var, atol=1e-12, rtol=0)

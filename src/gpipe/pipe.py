@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpipe import options
 from gpipe import remat as remat_mod
 from gpipe.balance import balance as balance_costs
 from gpipe.bridge import Run, merge_input_grads
@@ -66,11 +67,21 @@ def _layers_of(module: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Mo
     if isinstance(module, nn.Sequential):
         return [(n, m) for n, m in module._modules.items() if m is not None]
     if isinstance(module, (list, tuple, nn.ModuleList)):
+        for i, m in enumerate(module):
+            if not isinstance(m, nn.Module):
+                raise TypeError(
+                    f"layer {i} is {type(m).__name__} {m!r}, not an nn.Module; wrap it in a "
+                    "module (e.g. nn.ReLU() for torch.relu)"
+                )
         return [(str(i), m) for i, m in enumerate(module)]
     raise TypeError(
         f"Pipe needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
         "wrap your layers in nn.Sequential so they can be cut into stages"
     )
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
 def _default_devices(k: int | None) -> list[torch.device]:
@@ -135,6 +146,15 @@ class Pipe(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
+        if deferred_batch_norm:  # in the user's own container, so its BatchNorms are ours
+            from gpipe.nn import convert_deferred_batch_norm
+
+            if isinstance(module, nn.Module):
+                module = convert_deferred_batch_norm(module)
+            elif isinstance(module, list):
+                module[:] = [convert_deferred_batch_norm(m) for m in module]
+            else:
+                module = [convert_deferred_batch_norm(m) for m in module]
         named = _layers_of(module)
         if not named:
             raise ValueError("Pipe needs at least one layer")
@@ -143,23 +163,29 @@ class Pipe(nn.Module):
             self.layers.add_module(name, layer)
         if chunks is None and micro_batch_size is None:
             chunks = 1
-        if chunks is not None and chunks < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if deferred_batch_norm:
-            if chunks is None:
-                raise ValueError("deferred_batch_norm=True needs chunks (the micro-batch count)")
-            from gpipe.nn import convert_deferred_batch_norm
+        chunks = options.optional_count("chunks", chunks)
+        micro_batch_size = options.optional_count("micro_batch_size", micro_batch_size)
+        stages = options.optional_count("stages", stages)
+        pinned = options.count("pinned", pinned, minimum=0)
+        if pinned > len(self.layers):
+            raise ValueError(
+                f"pinned={pinned} but the model has {len(self.layers)} layers; pin at most "
+                f"{len(self.layers)}"
+            )
+        if threads_per_stage is not None:
+            threads_per_stage = options.count("threads_per_stage", threads_per_stage)
+        from gpipe.nn import DeferredBatchNorm
 
-            convert_deferred_batch_norm(self.layers, chunks)
+        self._deferred_bn = [m for m in self.layers.modules() if isinstance(m, DeferredBatchNorm)]
+        for bn in self._deferred_bn:
+            bn.chunks = chunks or 1  # until a step tells the real micro-batch count
         self.chunks = chunks
         self.micro_batch_size = micro_batch_size
-        self.batch_dim = batch_dim
+        self.batch_dim = options.integer("batch_dim", batch_dim)
         self.remat = remat_mod.check_mode(remat)
-        self.seed = seed
+        self.seed = options.integer("seed", seed)
         self.pinned = pinned
-        self.timeout = timeout
+        self.timeout = timeout = options.seconds("timeout", timeout)
         self.rng_step = 0
         self.last_events: list[Event] = []
         self.peak_live: list[int] = []
@@ -171,17 +197,16 @@ class Pipe(nn.Module):
         self.virtual_stages = v
 
         if devices is not None:
-            devs = [
-                torch.device(f"cuda:{d}") if isinstance(d, int) else torch.device(d)
-                for d in devices
-            ]
+            if isinstance(devices, (str, int, torch.device)):
+                devices = [devices]
+            devs = [options.device(d) for d in devices]
         else:
-            k_hint = stages or (len(balance) // v if balance is not None else None) or k_sched
+            k_hint = stages or (len(balance) // v if _is_list(balance) else None) or k_sched
             devs = _default_devices(k_hint)
         k = (
             stages
             if stages is not None
-            else (len(balance) // v if balance is not None else len(devs))
+            else (len(balance) // v if _is_list(balance) else len(devs))
         )
         if k < 1:
             raise ValueError(f"stages must be >= 1, got {k}")
@@ -196,28 +221,24 @@ class Pipe(nn.Module):
         self.num_devices = k
         n_stages = k * v
         if balance is not None:
-            balance = [int(b) for b in balance]
-            if len(balance) != n_stages:
-                extra = f" ({k} devices x {v} virtual stages)" if v > 1 else ""
-                raise ValueError(
-                    f"balance has {len(balance)} entries but the pipeline has {n_stages} stages{extra}"
-                )
-            if any(b < 1 for b in balance):
-                raise ValueError(f"every stage needs at least one layer; balance={balance}")
-            if sum(balance) != len(self.layers):
-                raise ValueError(
-                    f"balance={balance} sums to {sum(balance)} but the model has "
-                    f"{len(self.layers)} layers"
-                )
-            if pinned and balance[0] < pinned:
-                raise ValueError(f"balance[0]={balance[0]} cannot hold the {pinned} pinned layers")
+            try:
+                balance = options.balance(balance, len(self.layers), n_stages, pinned)
+            except ValueError as e:
+                if v > 1 and "entries" in str(e):
+                    raise ValueError(f"{e} ({k} devices x {v} virtual stages)") from None
+                raise
         elif n_stages > len(self.layers):
             raise ValueError(
                 f"cannot cut {len(self.layers)} layers into {n_stages} stages; use at most "
                 f"{len(self.layers)} stages"
             )
+        elif pinned > len(self.layers) - n_stages + 1:
+            raise ValueError(
+                f"pinned={pinned} leaves {len(self.layers) - pinned} layers for the other "
+                f"{n_stages - 1} stages; pin at most {len(self.layers) - n_stages + 1}"
+            )
         self.check_finite = check_finite
-        self.fetch_names = list(fetch)
+        self.fetch_names = options.names("fetch", fetch)
         known = dict(self.layers.named_modules())
         for name in self.fetch_names:
             if name not in known:
@@ -395,6 +416,9 @@ class Pipe(nn.Module):
         step = self.rng_step
         if self.training:
             self.rng_step += 1
+        if self.training:
+            for bn in self._deferred_bn:  # statistics over this step's m micro-batches
+                bn.begin_step(m)
         states = []
         for st in self._stages:
             states.append(st.begin_step(step, m, grad, loss_fn, scale))

@@ -46,6 +46,18 @@ class DeferredBatchNorm(_BatchNorm):
         self.counter = 0  # elements accumulated per channel
         self.tracked = 0  # micro-batches accumulated
 
+    def begin_step(self, chunks: int) -> None:
+        """Start a mini-batch of ``chunks`` micro-batches: the pipe calls this each training
+        step with the real micro-batch count (which a clamp may have lowered), and anything
+        left from an unfinished step is dropped rather than mixed into this one."""
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        self.chunks = chunks
+        self.sum.zero_()
+        self.sum_squares.zero_()
+        self.counter = 0
+        self.tracked = 0
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() <= 1:
             raise ValueError(
