@@ -71,8 +71,7 @@ def balance(value: Any, num_layers: int, num_stages: int, pinned: int = 0) -> li
     out = [count(f"balance[{i}]", b, minimum=0) for i, b in enumerate(value)]
     if 0 in out:
         raise ValueError(
-            f"every stage needs at least one layer; balance={out} gives stage "
-            f"{out.index(0)} none"
+            f"every stage needs at least one layer; balance={out} gives stage {out.index(0)} none"
         )
     if len(out) != num_stages:
         raise ValueError(f"balance has {len(out)} entries but the pipeline has {num_stages} stages")
