@@ -414,3 +414,29 @@ def test_deferred_batch_norm_statistics_follow_the_real_micro_batch_count(
         plain(x)  # plain BatchNorm on the whole batch, once per step
     torch.testing.assert_close(model[1].running_mean, plain[1].running_mean, atol=1e-12, rtol=0)
     torch.testing.assert_close(model[1].running_var, plain[1].running_var, atol=1e-12, rtol=0)
+
+
+class CountRows(nn.Module):
+    """Returns the hidden state and how many rows it saw: per micro-batch, not per batch."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return x, int((x.sum(1) > 0).sum())
+
+
+def test_non_tensor_output_that_differs_between_micro_batches_refused() -> None:
+    x = torch.tensor([[1.0] * D] * 2 + [[-1.0] * D] * 6, dtype=torch.float64)
+    pipe = gpipe.Pipe(nn.Sequential(nn.Identity(), CountRows()), balance=[1, 1], chunks=4)
+    with (
+        pytest.raises(ValueError, match=r"output\[1\] is 0 for micro-batch 1 but 2 for"),
+        torch.no_grad(),
+    ):
+        pipe(x)
+
+
+def test_non_tensor_output_equal_in_every_micro_batch_passes_through() -> None:
+    x, _ = batch()
+    pipe = gpipe.Pipe(nn.Sequential(nn.Identity(), CountRows()), balance=[1, 1], chunks=8)
+    x = x.abs()
+    with torch.no_grad():
+        out, n = pipe(x)
+    assert n == 1 and torch.equal(out, x)

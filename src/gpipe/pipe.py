@@ -80,6 +80,13 @@ def _layers_of(module: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Mo
     )
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # a value whose == is not a plain truth value: cannot tell, so differ
+        return False
+
+
 def _is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
@@ -462,10 +469,20 @@ class Pipe(nn.Module):
         an output without a batch dimension) would make the merged or per-micro-batch result
         differ from the model's on the whole batch, silently — refuse it instead."""
         assert data.inputs is not None
+        first = tree_flatten(data.outputs[0], "output")[0]
         for i in range(m):
             rows = batch_size(data.inputs[i], self.batch_dim)
-            for path, v in tree_flatten(data.outputs[i], "output")[0]:
+            leaves = tree_flatten(data.outputs[i], "output")[0]
+            for (path, v), (_, v0) in zip(leaves, first):
                 if not isinstance(v, torch.Tensor):
+                    if not _same_value(v, v0):
+                        raise ValueError(
+                            f"the model's {path} is {v!r} for micro-batch {i} but {v0!r} for "
+                            "micro-batch 0; a non-tensor output cannot be merged over "
+                            "micro-batches, so the pipelined result would differ from the "
+                            "model's on the whole batch; return it as a tensor with a batch "
+                            "dimension"
+                        )
                     continue
                 d = self.batch_dim if self.batch_dim >= 0 else v.dim() + self.batch_dim
                 got = v.shape[d] if 0 <= d < v.dim() else None
