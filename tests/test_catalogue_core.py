@@ -157,7 +157,7 @@ RAISES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
         "merge-dict-keys-differ",
         lambda: merge([{"a": T(2)}, {"b": T(2)}]),
         ValueError,
-        r"micro-batch 1 has keys \[\"'b'\"\] where micro-batch 0 has \[\"'a'\"\]",
+        r"micro-batch 1 has keys \['b'\] where micro-batch 0 has \['a'\]",
     ),
     (
         "merge-tensor-vs-none",

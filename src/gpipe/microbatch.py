@@ -288,9 +288,8 @@ def _difference(ref: Any, obj: Any, path: str) -> str | None:
         return f"{path} is {_what(obj)} where micro-batch 0 has {_what(ref)}"
     if kind == "dict":
         if set(ref) != set(obj):
-            return f"{path} has keys {sorted(map(repr, obj))} where micro-batch 0 has " + str(
-                sorted(map(repr, ref))
-            )
+            have, want = ", ".join(sorted(map(repr, obj))), ", ".join(sorted(map(repr, ref)))
+            return f"{path} has keys [{have}] where micro-batch 0 has [{want}]"
         pairs = [(ref[k], obj[k], f"{path}[{k!r}]") for k in ref]
     elif kind == "sequence":
         if len(ref) != len(obj):
