@@ -110,7 +110,9 @@ def _user_model(args: argparse.Namespace, micro: int) -> tuple[Any, Any, str]:
     except Exception as e:  # the user's module: any failure is theirs to fix
         raise UsageError(f"cannot load --model {args.model}: {type(e).__name__}: {e}") from None
     if not callable(fn):
-        raise UsageError(f"--model {args.model} names a {type(fn).__name__} object, not a function")
+        raise UsageError(
+            f"--model {args.model} is not a function but the {type(fn).__name__} {fn!r:.60}"
+        )
     try:
         with torch.device("meta"):
             model = fn()
