@@ -204,3 +204,27 @@ def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(
             load_corpus(path)
     with pytest.raises(ValueError, match="data must be the path"):
         tiny(tmp_path, data="")
+
+
+def test_a_failed_first_save_leaves_the_earlier_checkpoints(
+    tmp_path: Path, corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = Trainer(tiny(tmp_path, steps=1, eval_interval=0), corpus=corpus)
+    list(t.run())
+    t.close()
+    root = tmp_path / "checkpoints"
+    before = {p.name: p.read_bytes() for p in (root / "step-00000001").iterdir()}
+    real_save = checkpoint.save
+
+    def full_disk(where, *args, **kwargs):
+        real_save(where, *args, **kwargs)  # written, then the disk "fills" before it is kept
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    fresh = Trainer(tiny(tmp_path, steps=2, eval_interval=0, seed=1), corpus=corpus)
+    with pytest.raises(OSError, match="No space left"):
+        list(fresh.run())
+    fresh.close()
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000001"]
+    assert {p.name: p.read_bytes() for p in (root / "step-00000001").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no staging left
