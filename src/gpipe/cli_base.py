@@ -23,6 +23,7 @@ __all__ = [
     "check_output_file",
     "fmt_bytes",
     "one_line",
+    "toml_module",
 ]
 
 EXIT_USAGE = 2
