@@ -125,7 +125,7 @@ def test_chrome_trace_events_in_microseconds(tmp_path: Path) -> None:
     trace = to_chrome_trace(events, path, names={1: "cuda:1"})
     spans = [t for t in trace["traceEvents"] if t["ph"] == "X"]
     assert len(spans) == len(events)
-    for t, e in zip(spans, events):
+    for t, e in zip(spans, events, strict=True):
         assert t["tid"] == e.device
         assert t["pid"] == 0
         assert t["ts"] == pytest.approx(e.start * 1e6)
@@ -160,7 +160,7 @@ def test_chrome_trace_round_trips(tmp_path: Path, unit: str) -> None:
     to_chrome_trace(events, path, time_unit=unit)
     back = load_chrome_trace(path)
     assert [(e.action, e.device) for e in back] == [(e.action, e.device) for e in events]
-    for b, e in zip(back, events):
+    for b, e in zip(back, events, strict=True):
         assert b.start == pytest.approx(e.start, rel=1e-12, abs=1e-12)
         assert b.end == pytest.approx(e.end, rel=1e-12, abs=1e-12)
 
