@@ -84,6 +84,9 @@ class Action:
     microbatch: int
 
     def __post_init__(self) -> None:
+        s, m = self.stage, self.microbatch
+        if type(s) is int and type(m) is int and s >= 0 and m >= 0 and self.kind in KINDS:
+            return  # the common case, kept cheap: schedules and the simulator build many
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"Action kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("stage", "microbatch"):
@@ -217,6 +220,8 @@ def validate(
     virtual_stages = _int(virtual_stages, "virtual_stages", 1, ScheduleError)
     num_stages = k * virtual_stages
     lists = tuple(tuple(acts) for acts in actions)
+    split = False
+    seen: dict[Action, int] = {}
     for d, acts in enumerate(lists):
         for a in acts:
             if not isinstance(a, Action):
@@ -224,11 +229,7 @@ def validate(
                     f"device {d}: expected an Action, got {type(a).__name__} {a!r}; write "
                     "Action('F', stage, microbatch) or use custom() with strings like 'F0@s1'"
                 )
-    split = any(a.kind == "W" for acts in lists for a in acts)
-
-    seen: dict[Action, int] = {}
-    for d, acts in enumerate(lists):
-        for a in acts:
+            split = split or a.kind == "W"
             if a.stage >= num_stages:
                 raise ScheduleError(
                     f"device {d}: {a} names stage {a.stage}, but the schedule has only "
