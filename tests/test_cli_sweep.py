@@ -351,11 +351,10 @@ def test_the_trained_run_is_untouched_by_the_sweep(world: dict[str, str]) -> Non
 @pytest.mark.parametrize(
     "args",
     [
-        [],
         ["train", "--stages", "two"],
         ["plan", "--model", f"{MODULE}:build", "--input-shape", "5"],
     ],
-    ids=["none", "bad-int", "plan-misfit"],
+    ids=["bad-int", "plan-misfit"],
 )
 def test_the_installed_command_prints_one_line(args: list[str], world: dict[str, str]) -> None:
     """Through the real entry point: argparse's own errors, and a user model that fails on
