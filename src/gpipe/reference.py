@@ -5,8 +5,11 @@ random layers the two only agree if both draw the same random numbers, so this m
 plain model one micro-batch at a time, each layer inside the same keyed region
 (seed, step, micro-batch, layer) that :class:`gpipe.stage.Stage` uses. Without random layers
 ``reference_step`` equals the ordinary ``loss_fn(model(x), y).backward()`` on the whole batch.
-The invariant: nothing here shares code with the pipeline's runtime, so it is an independent
-check, not a copy.
+The invariant: it draws exactly what the pipeline draws (same keys, same split). It shares
+:mod:`gpipe.rng` and :mod:`gpipe.microbatch` with the pipeline, so it cannot catch a bug in
+those; it is a convenience for users. The test suite defends the invariant against its own
+reference, ``tests/reference_impl.py`` (see docs/testing.md), and checks that this module
+agrees with it.
 """
 
 from __future__ import annotations
