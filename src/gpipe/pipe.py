@@ -593,6 +593,7 @@ class Pipe(nn.Module):
                 inputs=mbs,
                 targets=tmbs,
                 split_backward=sched.split_backward,
+                keep_outputs=False,
             )
             self._begin(m, grad, loss_fn, scale)
             self._execute(sched.actions if grad else sched.forward_part(), data)

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
+from gpipe.microbatch import tree_flatten
 from gpipe.schedules import Action, Event
 from gpipe.stage import Stage, _detach
 
@@ -69,6 +72,10 @@ class StepData:
     targets: Sequence[Any] | None = None  # per micro-batch, for the last stage's loss
     grad_outputs: Sequence[Any] | None = None  # per micro-batch, for the last stage (no loss)
     split_backward: bool = False
+    # the last stage's outputs, per micro-batch: the values (detached) when the caller returns
+    # them; otherwise only their shapes (tensors on the meta device), so a step whose loss is
+    # computed inside holds no logits beyond their micro-batch's backward
+    keep_outputs: bool = True
     outputs: dict[int, Any] = field(default_factory=dict)
     losses: dict[int, Any] = field(default_factory=dict)
     input_grads: dict[int, Any] = field(default_factory=dict)
@@ -111,7 +118,9 @@ def execute(
                 if res.fetched:
                     data.fetched.setdefault(m, {}).update(res.fetched)
                 if a.stage == last:
-                    data.outputs[m] = _detach(res.value)
+                    data.outputs[m] = (
+                        _detach(res.value) if data.keep_outputs else _shapes(res.value)
+                    )
                     if res.loss is not None:
                         data.losses[m] = res.loss.detach()
                 else:
@@ -137,3 +146,14 @@ def execute(
         live = sum(len(s.pending) for s in stages.values())
         if live > data.peak_live.get(device, 0):
             data.peak_live[device] = live
+
+
+def _shapes(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a meta tensor of its shape and dtype."""
+    leaves, rebuild = tree_flatten(obj)
+    return rebuild(
+        [
+            torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+            for _, v in leaves
+        ]
+    )
