@@ -186,11 +186,6 @@ def test_lm_loss_equals_cross_entropy_formula_float32() -> None:
     assert lm_loss(logits, targets).item() == pytest.approx(want.item(), rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lm_loss casts logits to float32 (.float()), so a float64 model's loss and its "
-    "gradients are only float32-accurate",
-)
 def test_lm_loss_keeps_float64_precision() -> None:
     logits = torch.randn(2, 5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(6))

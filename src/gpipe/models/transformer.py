@@ -351,4 +351,7 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
             f"lm_loss: logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}; "
             "logits must be [batch, seq, vocab] and targets [batch, seq]."
         )
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype in (torch.float16, torch.bfloat16):  # the softmax in at least float32
+        flat = flat.float()
+    return F.cross_entropy(flat, targets.reshape(-1).long())
