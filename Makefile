@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: test train lint bench-quick clean
+.PHONY: test train lint bench-quick clean mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/throughput.py --quick
+
+# Mutation score of the core modules (docs/mutation.md); not part of `test`. MODULES=schedules ...
+mutants: $(STAMP)
+	nice -n 10 $(PY) tools/mutants.py $(MODULES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,276 @@
+"""Value checks that kill the mutants of ``gpipe.schedules`` the main tests let live.
+
+Each test pins one behaviour a mutation changed: the schedule helpers nothing else here called
+(``str``, ``forward_part``, ``stages_of``...), ``ScheduleSpec``, and the exact wording of the
+errors (each names the stage, micro-batch, device or value that is wrong). See docs/mutation.md.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from gpipe.schedules import (
+    Action,
+    ScheduleError,
+    ScheduleSpec,
+    available,
+    custom,
+    dependencies,
+    execution_order,
+    get,
+    register,
+    validate,
+)
+
+A = Action
+
+
+def _parse_all(*devices: str) -> list[list[Action]]:
+    out = []
+    for text in devices:
+        acts = []
+        for word in text.split():
+            head, stage = word.split("@s")
+            acts.append(Action(head[0], int(stage), int(head[1:])))
+        out.append(acts)
+    return out
+
+
+def _raises(exc: type[Exception], call, *args, **kwargs) -> str:
+    with pytest.raises(exc) as info:
+        call(*args, **kwargs)
+    assert type(info.value) is exc
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- Schedule
+
+
+def test_str_lists_every_device() -> None:
+    assert str(get("gpipe", 2, 2)) == (
+        "gpipe: K=2 M=2 V=1\n"
+        "  device 0: F0@s0 F1@s0 B1@s0 B0@s0\n"
+        "  device 1: F0@s1 F1@s1 B1@s1 B0@s1"
+    )
+
+
+def test_forward_and_backward_parts_split_each_device() -> None:
+    s = get("zb-h1", 2, 2)
+    assert s.forward_part() == tuple(
+        tuple(acts) for acts in _parse_all("F0@s0 F1@s0", "F0@s1 F1@s1")
+    )
+    assert s.backward_part() == tuple(
+        tuple(acts) for acts in _parse_all("B0@s0 W0@s0 B1@s0 W1@s0", "B0@s1 B1@s1 W0@s1 W1@s1")
+    )
+
+
+def test_interleaved_stage_to_device_map() -> None:
+    s = get("interleaved", 2, 4, virtual_stages=2)
+    assert [s.device_of(st) for st in range(4)] == [0, 1, 0, 1]
+    assert all(type(s.device_of(st)) is int for st in range(4))
+    assert s.stages_of(0) == [0, 2]
+    assert s.stages_of(1) == [1, 3]
+
+
+# ----------------------------------------------------------------------------- Action
+
+
+def test_action_with_numpy_indices_becomes_plain_ints() -> None:
+    a = Action("F", np.int64(0), np.int64(0))
+    assert a == Action("F", 0, 0)
+    assert type(a.stage) is int and type(a.microbatch) is int
+    b = Action("B", np.int64(2), np.int64(3))
+    assert (b.stage, b.microbatch) == (2, 3)
+
+
+@pytest.mark.parametrize(("stage", "mb"), [(-1, 0), (0, -1), (-2, -3)])
+def test_action_refuses_negative_indices(stage: int, mb: int) -> None:
+    msg = _raises(ValueError, Action, "F", stage, mb)
+    assert msg == f"Action indices must be >= 0, got F{mb}@s{stage}"
+
+
+def test_action_errors_name_the_value() -> None:
+    assert _raises(ValueError, Action, "X", 0, 0) == (
+        "Action kind must be one of ('F', 'B', 'W'), got 'X'"
+    )
+    assert _raises(TypeError, Action, "F", 1.0, 0) == "Action stage must be an int, got float 1.0"
+
+
+# ------------------------------------------------------------------- validate / custom
+
+
+def test_validate_defaults_and_name() -> None:
+    lists = _parse_all("F0@s0 B0@s0")
+    assert validate(lists, 1).name == "custom"
+    assert validate(lists, 1, name="mine").name == "mine"
+    assert custom([["F0@s0", "B0@s0"]], 1).name == "custom"
+
+
+def test_custom_passes_virtual_stages_on() -> None:
+    s = custom([["F0@s0", "F0@s1", "B0@s1", "B0@s0"]], 1, virtual_stages=2)
+    assert (s.virtual_stages, s.num_stages) == (2, 2)
+
+
+def test_validate_errors_are_exact() -> None:
+    assert _raises(ScheduleError, validate, [], 1) == "a schedule needs at least one device"
+    ok = _parse_all("F0@s0 B0@s0")
+    assert _raises(ScheduleError, validate, ok, 1, virtual_stages=0) == (
+        "virtual_stages must be >= 1, got 0"
+    )
+    msg = _raises(ScheduleError, validate, [["F0@s0"]], 1)
+    assert "; write Action('F', stage, microbatch) or use custom() with strings like 'F0@s1'" in msg
+    assert msg.endswith("'F0@s1'")
+
+
+def test_validate_names_out_of_range_stage_and_microbatch() -> None:
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 F0@s1 B0@s0"), 1)
+    assert msg == (
+        "device 0: F0@s1 names stage 1, but the schedule has only 1 stages (K=1 devices x V=1)"
+    )
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0 F1@s0"), 1)
+    assert msg == "device 0: F1@s0 names micro-batch 1, but there are only 1"
+
+
+def test_validate_names_missing_actions_and_their_device() -> None:
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0", "F0@s1"), 1)
+    assert msg == "action B0@s1 is missing (device 1 must run it)"
+    # a split backward must have every W
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 F1@s0 B0@s0 B1@s0 W0@s0"), 2)
+    assert msg == "action W1@s0 is missing (device 0 must run it)"
+
+
+def test_validate_deadlock_names_the_schedule() -> None:
+    lists = _parse_all("F0@s0 B0@s0", "B0@s1 F0@s1")
+    msg = _raises(ScheduleError, validate, lists, 1, name="mine")
+    assert msg == (
+        "schedule 'mine' deadlocks: device 0 stuck at B0@s0 waiting for B0@s1; "
+        "device 1 stuck at B0@s1 waiting for F0@s1"
+    )
+
+
+def test_validate_deadlock_of_a_split_schedule() -> None:
+    # device 0's W waits for its B, which waits for device 1's B, which waits for its F
+    lists = _parse_all("F0@s0 W0@s0 B0@s0", "F0@s1 B0@s1 W0@s1")
+    msg = _raises(ScheduleError, validate, lists, 1, name="split")
+    assert msg == "schedule 'split' deadlocks: device 0 stuck at W0@s0 waiting for B0@s0"
+
+
+# ------------------------------------------------------------------------ execution_order
+
+
+def test_deadlock_message_lists_every_stuck_device_and_dependency() -> None:
+    msg = _raises(ScheduleError, execution_order, _parse_all("B0@s0", "B0@s1"), 3, False)
+    assert msg == (
+        "schedule 'custom' deadlocks: device 0 stuck at B0@s0 waiting for F0@s0, B0@s1; "
+        "device 1 stuck at B0@s1 waiting for F0@s1, B0@s2"
+    )
+
+
+def test_deadlock_with_a_finished_device() -> None:
+    msg = _raises(ScheduleError, execution_order, _parse_all("F0@s0", "B0@s1"), 2, False)
+    assert msg == "schedule 'custom' deadlocks: device 1 stuck at B0@s1 waiting for F0@s1"
+
+
+def test_deadlock_on_a_w_action() -> None:
+    msg = _raises(ScheduleError, execution_order, [[A("W", 0, 0)]], 1, True)
+    assert msg == "schedule 'custom' deadlocks: device 0 stuck at W0@s0 waiting for B0@s0"
+
+
+def test_w_without_split_backward_is_named() -> None:
+    msg = _raises(ScheduleError, dependencies, A("W", 1, 2), 3, False)
+    assert msg == "W2@s1: a W action needs a schedule with split backward"
+
+
+# ------------------------------------------------------------------------------- parsing
+
+
+def test_check_lists_messages_show_the_example() -> None:
+    example = "(e.g. [['F0@s0', 'B0@s0'], ['F0@s1', 'B0@s1']])"
+    msg = _raises(ScheduleError, custom, "F0@s0", 1)
+    assert msg == (
+        f"actions must be a list with one list of actions per device {example}, got str 'F0@s0'"
+    )
+    msg = _raises(ScheduleError, custom, ["F0@s0"], 1)
+    assert msg == (
+        f"actions[0] is str 'F0@s0', not a list of actions: give one list per device {example}"
+    )
+
+
+def test_parse_error_says_how_to_write_an_action() -> None:
+    msg = _raises(ScheduleError, custom, [["Q"]], 1)
+    assert msg == (
+        "cannot parse action 'Q'; write it as <kind><micro-batch>@s<stage> with kind "
+        "F, B or W, e.g. 'F3@s1'"
+    )
+
+
+# ------------------------------------------------------------------------- get / register
+
+
+def test_get_errors_name_the_value() -> None:
+    assert _raises(TypeError, get, "gpipe", 2.0, 4) == "num_devices must be an int, got float 2.0"
+    msg = _raises(ValueError, get, "zzzzzz", 2, 4)
+    assert msg == f"unknown schedule 'zzzzzz'; choose one of {available()}"
+    msg = _raises(ValueError, get, "gpip", 2, 4)
+    assert msg == f"unknown schedule 'gpip' (did you mean 'gpipe'?); choose one of {available()}"
+
+
+def test_interleaved_defaults_to_two_virtual_stages() -> None:
+    assert get("interleaved", 2, 4).virtual_stages == 2
+
+
+def test_register_refuses_bad_input() -> None:
+    assert _raises(ValueError, register, "  ") == "a schedule needs a non-empty name"
+    msg = _raises(TypeError, register("never-registered"), 5)
+    assert msg == "register('never-registered') decorates a function, got 5"
+    assert "never-registered" not in available()
+
+
+# ---------------------------------------------------------------------------- ScheduleSpec
+
+
+def test_spec_of_a_built_schedule() -> None:
+    built = get("interleaved", 2, 4, virtual_stages=3)
+    spec = ScheduleSpec(built)
+    assert spec.fixed is built
+    assert (spec.name, spec.virtual_stages, spec.num_devices) == ("interleaved", 3, 2)
+    assert spec.get(2, 4) is built
+
+
+SPEC_CASES = [
+    ("gpipe", None, 1),
+    ("gpipe", 1, 1),
+    ("1F1B", None, 1),
+    ("interleaved", None, 2),
+    ("interleaved", 1, 1),
+    ("interleaved", 3, 3),
+]
+
+
+@pytest.mark.parametrize(("schedule", "v", "want_v"), SPEC_CASES)
+def test_spec_of_a_name(schedule: str, v: int | None, want_v: int) -> None:
+    spec = ScheduleSpec(schedule, v)
+    assert spec.fixed is None
+    assert spec.num_devices is None
+    assert spec.name == schedule.lower()
+    assert spec.virtual_stages == want_v
+    got = spec.get(2, 4)
+    assert got == get(schedule, 2, 4, virtual_stages=want_v if schedule == "interleaved" else None)
+    assert got.virtual_stages == want_v
+    assert spec.get(2, 4) is got  # cached
+    assert spec.get(3, 4).num_devices == 3
+
+
+def test_spec_errors() -> None:
+    msg = _raises(ValueError, ScheduleSpec, "nope")
+    assert msg.startswith("unknown schedule 'nope'")
+    assert _raises(ValueError, ScheduleSpec, "interleaved", 0) == (
+        "virtual_stages must be >= 1, got 0"
+    )
+    assert _raises(ValueError, ScheduleSpec, "gpipe", 2) == (
+        "virtual_stages=2 needs schedule='interleaved', not 'gpipe'"
+    )
+    assert re.search("must be an int", _raises(TypeError, ScheduleSpec, "interleaved", 2.5))

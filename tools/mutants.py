@@ -1,0 +1,316 @@
+"""Mutation testing of the core modules, one module at a time (``make mutants``).
+
+Runs mutmut on each core module against the fast tests that cover it, in a scratch copy of the
+repository under ``.mutmut/<module>/`` (so the run never touches ``src/`` and other people's
+edits during a run do not change its result), then prints one table row per module: mutants,
+killed, survived, timeout, equivalent, score. Score = killed (incl. timeouts) over the mutants that
+are not listed as equivalent in ``tools/mutants_equivalent.txt``.
+
+    python tools/mutants.py                      # every module
+    python tools/mutants.py schedules balance    # some modules
+    python tools/mutants.py --list               # the modules and their test subsets
+    python tools/mutants.py --recheck schedules  # only the survivors, against the current tests
+
+The survivors of each module (name, diff) are written to ``.mutmut/<module>/survivors.txt``.
+The one invariant: a module's row counts only mutants of that module, each run against the
+tests mutmut saw calling the mutated function, from the subset named here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutmut"
+EQUIVALENT_FILE = Path(__file__).resolve().parent / "mutants_equivalent.txt"
+
+# Tests that time the code under test: mutmut's trampolines slow every call down, so these
+# would fail on the clean run or kill mutants for the wrong reason.
+NOT_TIMING = "not is_fast"
+PIPE_FAST = "not slow"
+
+
+@dataclass
+class Module:
+    source: str
+    tests: list[str]
+    extra: list[str] = field(default_factory=list)  # pytest -k / -m for the subset
+
+
+MODULES: dict[str, Module] = {
+    "schedules": Module(
+        "src/gpipe/schedules.py",
+        [
+            "tests/test_schedules.py",
+            "tests/test_catalogue_core.py",
+            "tests/test_mutants_schedules.py",
+        ],
+        ["-k", NOT_TIMING],
+    ),
+    "microbatch": Module(
+        "src/gpipe/microbatch.py",
+        [
+            "tests/test_microbatch.py",
+            "tests/test_catalogue_core.py",
+            "tests/test_mutants_microbatch.py",
+        ],
+    ),
+    "balance": Module(
+        "src/gpipe/balance.py",
+        ["tests/test_balance.py", "tests/test_catalogue_core.py", "tests/test_mutants_balance.py"],
+    ),
+    "simulate": Module(
+        "src/gpipe/simulate.py",
+        [
+            "tests/test_schedules.py",
+            "tests/test_catalogue_core.py",
+            "tests/test_mutants_simulate.py",
+        ],
+        ["-k", NOT_TIMING],
+    ),
+    "rng": Module("src/gpipe/rng.py", ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
+    "remat": Module(
+        "src/gpipe/remat.py",
+        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_remat.py"],
+        ["-m", PIPE_FAST],
+    ),
+    "stage": Module(
+        "src/gpipe/stage.py",
+        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_stage.py"],
+        ["-m", PIPE_FAST],
+    ),
+    "executor": Module(
+        "src/gpipe/runtime/executor.py",
+        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_executor.py"],
+        ["-m", PIPE_FAST],
+    ),
+    "local": Module(
+        "src/gpipe/runtime/local.py",
+        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_local.py"],
+        ["-m", PIPE_FAST],
+    ),
+}
+
+KILLED = {1, 3}
+TIMEOUT = {24, -24, 36, 152, 255}
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+@dataclass
+class Row:
+    module: str
+    mutants: int = 0
+    killed: int = 0
+    timeout: int = 0
+    survived: int = 0
+    no_tests: int = 0
+    other: int = 0
+    equivalent: int = 0
+    seconds: float = 0.0
+    survivors: list[str] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        judged = self.mutants - self.equivalent
+        return 100.0 * (self.killed + self.timeout) / judged if judged else 100.0
+
+
+def load_equivalents() -> dict[str, list[tuple[str, str, str]]]:
+    """``module | function | mutated line (stripped) | reason`` per line; ``#`` comments."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    if not EQUIVALENT_FILE.exists():
+        return out
+    for raw in EQUIVALENT_FILE.read_text().splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        module, function, line, reason = (part.strip() for part in raw.split(" | ", 3))
+        out.setdefault(module, []).append((function, line, reason))
+    return out
+
+
+def mutant_function(name: str) -> str:
+    """``gpipe.schedules.x_gpipe__mutmut_3`` -> ``gpipe``; methods keep ``Class.method``."""
+    tail = name.split("__mutmut_")[0].rsplit(".", 1)[-1]
+    tail = tail.replace("ǁ", ".").lstrip(".")
+    return re.sub(r"^x[_.]", "", tail)
+
+
+def added_lines(diff: str) -> list[str]:
+    return [
+        ln[1:].strip()
+        for ln in diff.splitlines()
+        if ln.startswith("+") and not ln.startswith("+++")
+    ]
+
+
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
+
+
+def prepare(name: str, mod: Module, fresh: bool = True) -> Path:
+    """A scratch copy: src/ (fresh runs only), tests/, and a pyproject.toml with this module's
+    mutmut config."""
+    work = WORK / name
+    if fresh:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        shutil.copytree(ROOT / "src", work / "src", ignore=IGNORE)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=IGNORE, dirs_exist_ok=True)
+    tests = [t for t in mod.tests if (ROOT / t).exists()]
+    config = {
+        "source_paths": ["src"],
+        "only_mutate": [mod.source],
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "--hypothesis-seed=0", *mod.extra],
+        "use_git_change_detection": False,
+    }
+    text = (ROOT / "pyproject.toml").read_text()
+    text += "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
+    (work / "pyproject.toml").write_text(text)
+    return work
+
+
+def collect(name: str, mod: Module, work: Path, equivalents: list[tuple[str, str, str]]) -> Row:
+    meta = meta_path(mod, work)
+    row = Row(name)
+    if not meta.exists():
+        return row
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    report = []
+    for mutant, code in sorted(codes.items()):
+        row.mutants += 1
+        if code in KILLED:
+            row.killed += 1
+            continue
+        if code in TIMEOUT:
+            row.timeout += 1
+            continue
+        diff = subprocess.run(
+            [sys.executable, "-m", "mutmut", "show", mutant],
+            cwd=work,
+            capture_output=True,
+            text=True,
+        ).stdout
+        function, lines = mutant_function(mutant), added_lines(diff)
+        reason = next(
+            (r for f, ln, r in equivalents if f == function and ln in lines),
+            None,
+        )
+        if reason is not None:
+            row.equivalent += 1
+            report.append(f"## {mutant}: equivalent ({reason})\n{diff}\n")
+            continue
+        if code in SURVIVED:
+            row.survived += 1
+        elif code in NO_TESTS:
+            row.no_tests += 1
+        else:
+            row.other += 1
+        row.survivors.append(mutant)
+        report.append(f"## {mutant}: code {code}\n{diff}\n")
+    (work / "survivors.txt").write_text("\n".join(report))
+    return row
+
+
+def meta_path(mod: Module, work: Path) -> Path:
+    return work / "mutants" / (mod.source + ".meta")
+
+
+def run_module(name: str, children: int, limit: int, equivalents: list, recheck: bool) -> Row:
+    """Run every mutant of a module; with ``recheck``, only the last run's survivors, against the
+    current tests (a survivor can only be killed by added tests; killed ones stay killed), as
+    long as the module's source is the one that run mutated."""
+    mod = MODULES[name]
+    work = WORK / name
+    old: dict[str, int | None] = {}
+    if recheck and meta_path(mod, work).exists():
+        if (ROOT / mod.source).read_bytes() != (work / mod.source).read_bytes():
+            print(f"{name}: {mod.source} changed since the last run; running all", file=sys.stderr)
+        else:
+            old = json.loads(meta_path(mod, work).read_text())["exit_code_by_key"]
+    again = sorted(k for k, c in old.items() if c not in KILLED | TIMEOUT)
+    if old and not again:
+        return collect(name, mod, work, equivalents)
+    work = prepare(name, mod, fresh=not old)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again]
+    log = (work / "run.log").open("w")
+    try:
+        subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: stopped after {limit} s; partial counts", file=sys.stderr)
+    finally:
+        log.close()
+    if old:  # keep the earlier verdicts of the mutants not run again
+        data = json.loads(meta_path(mod, work).read_text())
+        new = data["exit_code_by_key"]
+        data["exit_code_by_key"] = {k: (new.get(k) if k in again else c) for k, c in old.items()}
+        meta_path(mod, work).write_text(json.dumps(data, indent=4))
+    row = collect(name, mod, work, equivalents)
+    row.seconds = time.monotonic() - start
+    return row
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| module | mutants | killed | timeout | survived | no tests | equivalent | score | time |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r.module} | {r.mutants} | {r.killed} | {r.timeout} | {r.survived} | "
+            f"{r.no_tests + r.other} | {r.equivalent} | {r.score:.1f}% | {r.seconds:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--limit", type=int, default=1800, help="seconds per module")
+    parser.add_argument("--target", type=float, default=90.0, help="fail below this score")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument(
+        "--recheck", action="store_true", help="run only the last run's survivors, current tests"
+    )
+    parser.add_argument("--report-only", action="store_true", help="re-read .mutmut/, run nothing")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, mod in MODULES.items():
+            print(f"{name:11} {mod.source:32} {' '.join(mod.tests + mod.extra)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
+    equivalents = load_equivalents()
+    rows = []
+    for name in args.modules or list(MODULES):
+        if args.report_only:
+            row = collect(name, MODULES[name], WORK / name, equivalents.get(name, []))
+        else:
+            row = run_module(
+                name, args.children, args.limit, equivalents.get(name, []), args.recheck
+            )
+        rows.append(row)
+        print(f"{name}: {row.score:.1f}% ({row.seconds:.0f} s)", file=sys.stderr, flush=True)
+    print(table(rows))
+    for r in rows:
+        for s in r.survivors:
+            print(f"survivor {s}  (diff in .mutmut/{r.module}/survivors.txt)")
+    return 0 if all(r.score >= args.target for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
