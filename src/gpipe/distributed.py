@@ -50,7 +50,7 @@ from torch import nn
 from gpipe import remat as remat_mod
 from gpipe import rng
 from gpipe.balance import balance as balance_costs
-from gpipe.microbatch import batch_size, split
+from gpipe.microbatch import batch_size, num_microbatches, split
 from gpipe.pipe import _layers_of
 from gpipe.runtime import agree
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
@@ -800,37 +800,14 @@ class DistributedPipe(nn.Module):
     def _num_microbatches(self, local: Any) -> int:
         """M for this replica's share of the batch; the errors use :func:`gpipe.microbatch.split`'s
         words for the same mistake (plus the replica's share with data parallelism)."""
-        n = batch_size(local, self._batch_dim)
         share = (
             ""
             if self.data_parallel == 1
             else f" (replica {self.replica}'s share of the global batch over "
             f"{self.data_parallel} data-parallel replicas)"
         )
-        if n == 0:
-            raise ValueError(
-                f"the batch is empty (0 rows along batch_dim={self._batch_dim}){share}; a step "
-                "needs at least one row per micro-batch, so skip empty batches"
-            )
-        if self._mbs is not None:
-            if self._chunks is not None and n != self._mbs * self._chunks:
-                raise ValueError(
-                    f"micro_batch_size * chunks != batch size: {self._mbs} * {self._chunks} != "
-                    f"{n}{share}; give only one of them, or values whose product is the batch size"
-                )
-            if n % self._mbs:
-                raise ValueError(
-                    f"batch size {n}{share} is not divisible by micro_batch_size={self._mbs}; "
-                    f"choose a micro_batch_size that divides {n}"
-                )
-            return n // self._mbs
-        assert self._chunks is not None
-        if n % self._chunks:
-            raise ValueError(
-                f"batch size {n}{share} is not divisible by chunks={self._chunks}; choose chunks "
-                f"that divide {n} or give micro_batch_size"
-            )
-        return self._chunks
+        n = batch_size(local, self._batch_dim)
+        return num_microbatches(n, self._chunks, self._mbs, batch_dim=self._batch_dim, share=share)
 
     def _local(self, obj: Any) -> Any:
         if self.data_parallel == 1:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["batch_size", "merge", "split", "tree_flatten", "tree_unflatten"]
+__all__ = ["batch_size", "merge", "num_microbatches", "split", "tree_flatten", "tree_unflatten"]
 
 
 # ----------------------------------------------------------------------------- tiny pytree
@@ -142,6 +142,70 @@ def batch_size(obj: Any, batch_dim: int = 0) -> int:
     return next(iter(sizes))
 
 
+def num_microbatches(
+    rows: int,
+    chunks: int | None,
+    micro_batch_size: int | None,
+    *,
+    batch_dim: int = 0,
+    share: str = "",
+    clamp: bool = True,
+) -> int:
+    """M for a batch of ``rows`` rows: the one rule :func:`split` and both pipes use.
+
+    With only ``chunks`` and ``chunks > rows``, M is clamped to ``rows`` with a warning (the
+    seed's rule). Otherwise the batch must divide evenly (``micro_batch_size · M == rows``), else
+    ``ValueError`` naming the numbers; ``share`` says whose rows they are (a data-parallel
+    replica's share, say) in the message. ``clamp=False`` refuses ``chunks > rows`` instead:
+    a distributed pipe's ranks without the batch could not follow the clamp.
+    """
+    if chunks is None and micro_batch_size is None:
+        chunks = 1
+    if chunks is not None:
+        chunks = _count(chunks, "chunks")
+    if micro_batch_size is not None:
+        micro_batch_size = _count(micro_batch_size, "micro_batch_size")
+    n = rows
+    if n == 0:
+        raise ValueError(
+            f"the batch is empty (0 rows along batch_dim={batch_dim}){share}; a step needs at "
+            "least one row per micro-batch, so skip empty batches"
+        )
+    if micro_batch_size is None:
+        assert chunks is not None
+        if chunks > n and not clamp:
+            raise ValueError(
+                f"chunks={chunks} exceeds the batch size {n}{share}; a distributed pipe cannot "
+                "lower it (ranks without the batch would still run chunks micro-batches), so "
+                f"choose chunks <= {n}"
+            )
+        if chunks > n:
+            warnings.warn(
+                f"chunks={chunks} exceeds the batch size {n}{share}; using {n} micro-batches of 1",
+                stacklevel=3,
+            )
+            chunks = n
+        if n % chunks:
+            raise ValueError(
+                f"batch size {n}{share} is not divisible by chunks={chunks}; choose chunks that "
+                f"divide {n} or give micro_batch_size"
+            )
+        return chunks
+    if chunks is None:
+        if n % micro_batch_size:
+            raise ValueError(
+                f"batch size {n}{share} is not divisible by micro_batch_size={micro_batch_size}; "
+                f"choose a micro_batch_size that divides {n}"
+            )
+        return n // micro_batch_size
+    if micro_batch_size * chunks != n:
+        raise ValueError(
+            f"micro_batch_size * chunks != batch size: {micro_batch_size} * {chunks} != {n}"
+            f"{share}; give only one of them, or values whose product is the batch size"
+        )
+    return chunks
+
+
 def split(
     obj: Any,
     chunks: int | None = None,
@@ -156,44 +220,9 @@ def split(
     seed does). The batch must divide evenly: ``micro_batch_size · chunks == batch``, else
     ``ValueError`` naming the three numbers. Returns a list of M pytrees shaped like ``obj``.
     """
-    if chunks is None and micro_batch_size is None:
-        chunks = 1
-    if chunks is not None:
-        chunks = _count(chunks, "chunks")
-    if micro_batch_size is not None:
-        micro_batch_size = _count(micro_batch_size, "micro_batch_size")
     n = batch_size(obj, batch_dim)
-    if n == 0:
-        raise ValueError(
-            f"the batch is empty (0 rows along batch_dim={batch_dim}); split needs at least "
-            "one row per micro-batch, so skip empty batches"
-        )
-    if micro_batch_size is None:
-        assert chunks is not None
-        if chunks > n:
-            warnings.warn(
-                f"chunks={chunks} exceeds the batch size {n}; using {n} micro-batches of 1",
-                stacklevel=2,
-            )
-            chunks = n
-        if n % chunks:
-            raise ValueError(
-                f"batch size {n} is not divisible by chunks={chunks}; choose chunks that divide "
-                f"{n} or give micro_batch_size"
-            )
-        micro_batch_size = n // chunks
-    elif chunks is None:
-        if n % micro_batch_size:
-            raise ValueError(
-                f"batch size {n} is not divisible by micro_batch_size={micro_batch_size}; "
-                f"choose a micro_batch_size that divides {n}"
-            )
-        chunks = n // micro_batch_size
-    if micro_batch_size * chunks != n:
-        raise ValueError(
-            f"micro_batch_size * chunks != batch size: {micro_batch_size} * {chunks} != {n}; "
-            "give only one of them, or values whose product is the batch size"
-        )
+    chunks = num_microbatches(n, chunks, micro_batch_size, batch_dim=batch_dim)
+    micro_batch_size = n // chunks
 
     leaves, rebuild = tree_flatten(obj)
     pieces = []
