@@ -256,8 +256,11 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     "number of layers": ("ValueError", DIS + r"the number of layers: rank 0 has 6, rank 1 has 7"),
     "sample on one rank": ("ValueError", DIS + r"sample: rank 0 has given, rank 1 has none"),
     "bad balance on rank 1 only": (
-        ("ValueError", r"rank 1 could not construct its DistributedPipe: balance=\[3, 4\] must be"),
-        ("ValueError", r"^balance=\[3, 4\] must be positive and sum to the 6 layers"),
+        (
+            "ValueError",
+            r"rank 1 could not construct its DistributedPipe: balance=\[3, 4\] sums to 7 but",
+        ),
+        ("ValueError", r"^balance=\[3, 4\] sums to 7 but the model has 6 layers"),
     ),
     "hidden cause": (
         "ValueError",
@@ -284,10 +287,10 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     "data_parallel=0": ("ValueError", r"data_parallel must be >= 1, got 0"),
     "data_parallel=3": ("ValueError", r"data_parallel=3 does not divide the 2 ranks"),
     "chunks=True": ("TypeError", r"chunks must be an int >= 1, got bool True"),
-    "timeout=nan": ("ValueError", r"timeout must be a positive, finite number of seconds, got nan"),
+    "timeout=nan": ("ValueError", r"timeout must be a finite number of seconds > 0, got nan"),
     "balance length": (
         "ValueError",
-        r"balance has 3 entries for 2 stages .*give one count per stage",
+        r"balance has 3 entries but the pipeline has 2 stages; give one layer count per stage",
     ),
     "targets missing": (
         ("PeerError", r"rank 1 .*targets=None.*pass the targets to step"),

@@ -37,8 +37,6 @@ ends the step on every rank with an error naming the failing rank, stage and mic
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -47,11 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpipe import options, plan, rng
 from gpipe import remat as remat_mod
-from gpipe import rng
-from gpipe.balance import balance as balance_costs
 from gpipe.microbatch import batch_size, num_microbatches, split
-from gpipe.pipe import _layers_of
 from gpipe.runtime import agree
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute
@@ -62,15 +58,6 @@ __all__ = ["DistributedPipe", "PeerError", "materialize"]
 
 # Initialization draws from the stream keyed (seed, _INIT_KEY, _INIT_KEY, layer index).
 _INIT_KEY = -1
-
-
-def _count(value: Any, name: str) -> int:
-    """``value`` as an int >= 1 (``True`` is not one stage, ``2.0`` not two chunks)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _failure_text(e: BaseException) -> str:
@@ -268,7 +255,7 @@ def materialize(
     parameters stay shared; a tied value is the one the layer of the tie's first name drew.
     Returns ``module``.
     """
-    named = _layers_of(module)
+    named = plan.layers_of(module, "materialize")
     slots = _param_slots(named)
     groups = _tie_groups(slots, tied)
     _materialize(named, range(len(named)), torch.device(device), seed, init_fn, groups, slots)
@@ -300,6 +287,7 @@ class DistributedPipe(nn.Module):
         virtual_stages: V for ``"interleaved"`` (default 2).
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
+        pinned: the first ``pinned`` layers stay on stage 0 when balancing by FLOPs.
         process_group: the ranks running this pipeline (default: ``WORLD``).
         device: this rank's compute device (default: the current CUDA device under NCCL, else
             CPU).
@@ -324,6 +312,7 @@ class DistributedPipe(nn.Module):
         virtual_stages: int | None = None,
         remat: str = "except_last",
         seed: int = 0,
+        pinned: int = 0,
         process_group: Any = None,
         device: torch.device | str | None = None,
         timeout: float = 300.0,
@@ -355,7 +344,7 @@ class DistributedPipe(nn.Module):
         try:
             self._configure(
                 module, stages, balance, chunks, micro_batch_size, schedule, virtual_stages,
-                remat, seed, device, timeout, data_parallel, tied, batch_dim, backend,
+                remat, seed, pinned, device, timeout, data_parallel, tied, batch_dim, backend,
             )  # fmt: skip
             fingerprint = self._fingerprint(balance, sample)
         except Exception as e:
@@ -431,6 +420,7 @@ class DistributedPipe(nn.Module):
         virtual_stages: int | None,
         remat: str,
         seed: int,
+        pinned: int,
         device: torch.device | str | None,
         timeout: float,
         data_parallel: int | None,
@@ -440,30 +430,20 @@ class DistributedPipe(nn.Module):
     ) -> None:
         """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
         collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError(
-                f"timeout must be a positive, finite number of seconds, got {timeout}; it bounds "
-                "every wait (use e.g. timeout=300)"
-            )
-        self._timeout = float(timeout)
-        self._named = _layers_of(module)
-        if not self._named:
-            raise ValueError("DistributedPipe needs at least one layer")
+        self._timeout = options.seconds("timeout", timeout)
+        self._named = plan.layers_of(module, "DistributedPipe")
         if chunks is None and micro_batch_size is None:
             raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
-        self._chunks = None if chunks is None else _count(chunks, "chunks")
+        self._chunks = None if chunks is None else options.count("chunks", chunks)
         self._mbs = (
-            None if micro_batch_size is None else _count(micro_batch_size, "micro_batch_size")
+            None
+            if micro_batch_size is None
+            else options.count("micro_batch_size", micro_batch_size)
         )
-        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
-            raise TypeError(f"batch_dim must be an int (a dimension index), got {batch_dim!r}")
-        self._batch_dim = batch_dim
+        self._batch_dim = options.integer("batch_dim", batch_dim)
         self._remat = remat_mod.check_mode(remat)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        self._seed = seed
+        self._seed = options.integer("seed", seed)
+        self._pinned = options.count("pinned", pinned, minimum=0)
 
         # --- schedule, K, V
         self._spec = ScheduleSpec(schedule, virtual_stages)
@@ -472,11 +452,11 @@ class DistributedPipe(nn.Module):
         self._v = v
         world = dist.get_world_size(self._pg)
         if stages is not None:
-            k = _count(stages, "stages")
+            k = options.count("stages", stages)
         elif k_sched is not None:
             k = k_sched
         elif data_parallel is not None:
-            if world % _count(data_parallel, "data_parallel"):
+            if world % options.count("data_parallel", data_parallel):
                 raise ValueError(
                     f"data_parallel={data_parallel} does not divide the {world} ranks of the "
                     f"process group; launch a multiple of {data_parallel} ranks or change "
@@ -488,7 +468,7 @@ class DistributedPipe(nn.Module):
         else:
             k = world
         if data_parallel is not None:
-            _count(data_parallel, "data_parallel")
+            options.count("data_parallel", data_parallel)
         if k < 1 or world % k:
             raise ValueError(
                 f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
@@ -509,13 +489,10 @@ class DistributedPipe(nn.Module):
             )
         self.num_devices, self.data_parallel = k, d
         self.pipeline_device, self.replica = self.rank % k, self.rank // k
-        n_stages = k * v
-        if n_stages > len(self._named):
-            raise ValueError(
-                f"cannot cut {len(self._named)} layers into {n_stages} stages "
-                f"({k} devices x {v} virtual stages); use at most {len(self._named)} stages"
-            )
-        self._check_balance(balance, n_stages)
+        if balance is not None:
+            plan.check_balance(balance, len(self._named), k, v, self._pinned)
+        else:
+            plan.check_stage_count(len(self._named), k, v, self._pinned)
 
         # --- device
         if device is None:
@@ -550,30 +527,12 @@ class DistributedPipe(nn.Module):
             "virtual_stages": self._v,
             "remat": self._remat,
             "seed": self._seed,
+            "pinned": self._pinned,
             "batch_dim": self._batch_dim,
             "tied parameters": [list(grp) for grp in self._groups],
         }
 
     # ----------------------------------------------------------------- plan
-
-    def _check_balance(self, balance: Sequence[int] | None, n_stages: int) -> None:
-        if balance is None:
-            return
-        if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
-            raise TypeError(f"balance must be a list of layer counts per stage, got {balance!r}")
-        for i, b in enumerate(balance):
-            if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-                raise TypeError(f"balance[{i}] is {type(b).__name__} {b!r}; give layer counts")
-        if len(balance) != n_stages:
-            raise ValueError(
-                f"balance has {len(balance)} entries for {n_stages} stages "
-                f"({self.num_devices} devices x {self._v} virtual stages); give one count per stage"
-            )
-        if any(int(b) < 1 for b in balance) or sum(balance) != len(self._named):
-            raise ValueError(
-                f"balance={list(balance)} must be positive and sum to the {len(self._named)} "
-                f"layers (it sums to {sum(balance)}); give each stage at least one layer"
-            )
 
     def _sample_microbatch(self, sample: Any) -> tuple:
         per_replica = split(sample, self.data_parallel, batch_dim=self._batch_dim)[0]
@@ -604,11 +563,13 @@ class DistributedPipe(nn.Module):
                         "rank 0 needs the inputs to balance the pipeline by FLOPs; pass them to "
                         "step() on rank 0, or give balance= or sample= to DistributedPipe"
                     )
-                from gpipe.cost import profile
-
-                costs = profile([m for _, m in self._named], *sample_mb, train=self.training)
-                weights = [max(1, c.flops + c.backward_flops) for c in costs]
-                mine["balance"] = balance_costs(weights, self.num_devices * self._v)
+                mine["balance"], _ = plan.auto_balance(
+                    [m for _, m in self._named],
+                    sample_mb,
+                    self.num_devices * self._v,
+                    pinned=self._pinned,
+                    train=self.training,
+                )
             except Exception as e:
                 mine["balance_error"] = f"{type(e).__name__}: {e}"
         every = agree.gather(
@@ -633,8 +594,8 @@ class DistributedPipe(nn.Module):
     def _build(self, balance: list[int]) -> None:
         k, n_stages = self.num_devices, len(balance)
         self._balance = balance
-        stage_of = [s for s, count in enumerate(balance) for _ in range(count)]
-        dev_of = [s % k for s in stage_of]
+        stage_of = plan.stage_of_layers(balance)
+        dev_of = [plan.device_of(s, k) for s in stage_of]
         local = [i for i, dd in enumerate(dev_of) if dd == self.pipeline_device]
         slots, groups = self._slots, self._groups
         error = None

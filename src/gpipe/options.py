@@ -74,9 +74,15 @@ def balance(value: Any, num_layers: int, num_stages: int, pinned: int = 0) -> li
             f"every stage needs at least one layer; balance={out} gives stage {out.index(0)} none"
         )
     if len(out) != num_stages:
-        raise ValueError(f"balance has {len(out)} entries but the pipeline has {num_stages} stages")
+        raise ValueError(
+            f"balance has {len(out)} entries but the pipeline has {num_stages} stages; give one "
+            "layer count per stage"
+        )
     if sum(out) != num_layers:
-        raise ValueError(f"balance={out} sums to {sum(out)} but the model has {num_layers} layers")
+        raise ValueError(
+            f"balance={out} sums to {sum(out)} but the model has {num_layers} layers; the counts "
+            f"must add up to {num_layers}"
+        )
     if pinned and out[0] < pinned:
         raise ValueError(f"balance[0]={out[0]} cannot hold the {pinned} pinned layers")
     return out

@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import options
+from gpipe import options, plan
 from gpipe import remat as remat_mod
-from gpipe.balance import balance as balance_costs
 from gpipe.bridge import Run, merge_input_grads
 from gpipe.microbatch import batch_size, merge, split, tree_flatten
 from gpipe.runtime.executor import StepData, execute
@@ -59,25 +58,6 @@ class Partition:
         return (
             f"stage {self.stage} on {self.device}: [{names}] ({self.num_parameters:,} params{fl})"
         )
-
-
-def _layers_of(module: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
-    """The layers in the order ``module`` runs them, a module that appears twice included
-    (``named_children`` would list it once and silently drop a layer)."""
-    if isinstance(module, nn.Sequential):
-        return [(n, m) for n, m in module._modules.items() if m is not None]
-    if isinstance(module, (list, tuple, nn.ModuleList)):
-        for i, m in enumerate(module):
-            if not isinstance(m, nn.Module):
-                raise TypeError(
-                    f"layer {i} is {type(m).__name__} {m!r}, not an nn.Module; wrap it in a "
-                    "module (e.g. nn.ReLU() for torch.relu)"
-                )
-        return [(str(i), m) for i, m in enumerate(module)]
-    raise TypeError(
-        f"Pipe needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
-        "wrap your layers in nn.Sequential so they can be cut into stages"
-    )
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -162,9 +142,7 @@ class Pipe(nn.Module):
                 module[:] = [convert_deferred_batch_norm(m) for m in module]
             else:
                 module = [convert_deferred_batch_norm(m) for m in module]
-        named = _layers_of(module)
-        if not named:
-            raise ValueError("Pipe needs at least one layer")
+        named = plan.layers_of(module, "Pipe")
         self.layers = nn.Sequential()
         for name, layer in named:
             self.layers.add_module(name, layer)
@@ -174,11 +152,6 @@ class Pipe(nn.Module):
         micro_batch_size = options.optional_count("micro_batch_size", micro_batch_size)
         stages = options.optional_count("stages", stages)
         pinned = options.count("pinned", pinned, minimum=0)
-        if pinned > len(self.layers):
-            raise ValueError(
-                f"pinned={pinned} but the model has {len(self.layers)} layers; pin at most "
-                f"{len(self.layers)}"
-            )
         if threads_per_stage is not None:
             threads_per_stage = options.count("threads_per_stage", threads_per_stage)
         from gpipe.nn import DeferredBatchNorm
@@ -228,22 +201,9 @@ class Pipe(nn.Module):
         self.num_devices = k
         n_stages = k * v
         if balance is not None:
-            try:
-                balance = options.balance(balance, len(self.layers), n_stages, pinned)
-            except ValueError as e:
-                if v > 1 and "entries" in str(e):
-                    raise ValueError(f"{e} ({k} devices x {v} virtual stages)") from None
-                raise
-        elif n_stages > len(self.layers):
-            raise ValueError(
-                f"cannot cut {len(self.layers)} layers into {n_stages} stages; use at most "
-                f"{len(self.layers)} stages"
-            )
-        elif pinned > len(self.layers) - n_stages + 1:
-            raise ValueError(
-                f"pinned={pinned} leaves {len(self.layers) - pinned} layers for the other "
-                f"{n_stages - 1} stages; pin at most {len(self.layers) - n_stages + 1}"
-            )
+            balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
+        else:
+            plan.check_stage_count(len(self.layers), k, v, pinned)
         self.check_finite = check_finite
         self.fetch_names = options.names("fetch", fetch)
         known = dict(self.layers.named_modules())
@@ -320,7 +280,7 @@ class Pipe(nn.Module):
         self._check_shared_placement(balance)
         stages, start = [], 0
         for s, count in enumerate(balance):
-            dev = self.devices[s % self.num_devices]
+            dev = self.devices[plan.device_of(s, self.num_devices)]
             idx = list(range(start, start + count))
             for i in idx:
                 layers[i].to(dev)
@@ -348,7 +308,7 @@ class Pipe(nn.Module):
         first: dict[int, tuple[str, torch.device]] = {}
         i = 0
         for s, count in enumerate(balance):
-            dev = self.devices[s % self.num_devices]
+            dev = self.devices[plan.device_of(s, self.num_devices)]
             for name in names[i : i + count]:
                 for p in self.layers._modules[name].parameters():
                     seen = first.setdefault(id(p), (name, dev))
@@ -364,17 +324,14 @@ class Pipe(nn.Module):
     def _ensure_built(self, sample_microbatch: tuple) -> None:
         if self._stages is not None:
             return
-        from gpipe.cost import profile
-
-        costs = profile(list(self.layers), *sample_microbatch, train=self.training)
-        weights = [max(1, c.flops + c.backward_flops) for c in costs]
-        n_stages = self.num_devices * self.virtual_stages
-        self._build(balance_costs(weights, n_stages, pinned=self.pinned))
-        flops, i = [], 0
-        for b in self._balance or []:
-            flops.append(sum(c.flops for c in costs[i : i + b]))
-            i += b
-        self._stage_flops = flops
+        counts, self._stage_flops = plan.auto_balance(
+            list(self.layers),
+            sample_microbatch,
+            self.num_devices * self.virtual_stages,
+            pinned=self.pinned,
+            train=self.training,
+        )
+        self._build(counts)
 
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
@@ -435,7 +392,10 @@ class Pipe(nn.Module):
     def _execute(self, per_device: Sequence[Sequence[Any]], data: StepData) -> None:
         assert self._stages is not None and self._pool is not None
         k = self.num_devices
-        by_device = [{st.index: st for st in self._stages if st.index % k == d} for d in range(k)]
+        by_device = [
+            {st.index: st for st in self._stages if plan.device_of(st.index, k) == d}
+            for d in range(k)
+        ]
         if self._pool.stuck:  # a worker never returned from a failed step: start afresh
             self._pool.close()
             self._transport = QueueTransport(self.timeout)

@@ -1,0 +1,139 @@
+"""The plan both pipes share: the layer sequence, the cut into stages and where each stage runs.
+
+``gpipe.Pipe`` (threads in one process) and ``gpipe.DistributedPipe`` (one process per
+pipeline device) differ only in how the device loops run and in what follows a step. What
+defines the pipeline — which layers there are, how they are cut, which device runs which
+stage, how the cut is balanced when none is given — is decided here, once, with one wording
+for each mistake.
+
+The invariant: for the same model, options and sample micro-batch, both pipes get the same
+layer list, the same balance and the same stage → device map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from gpipe import options
+from gpipe.balance import balance as balance_costs
+
+__all__ = [
+    "auto_balance",
+    "check_balance",
+    "check_stage_count",
+    "device_of",
+    "flops_weights",
+    "layers_of",
+    "stage_of_layers",
+]
+
+
+def layers_of(
+    module: nn.Module | Sequence[nn.Module], who: str = "Pipe"
+) -> list[tuple[str, nn.Module]]:
+    """The layers in the order ``module`` runs them, as ``(name, module)``.
+
+    A module that appears twice is listed twice (``named_children`` would list it once and
+    silently drop a layer); an ``nn.Sequential``'s names are kept, a list's are its indices.
+    """
+    if isinstance(module, nn.Sequential):
+        named = [(n, m) for n, m in module._modules.items() if m is not None]
+    elif isinstance(module, (list, tuple, nn.ModuleList)):
+        for i, m in enumerate(module):
+            if not isinstance(m, nn.Module):
+                raise TypeError(
+                    f"layer {i} is {type(m).__name__} {m!r}, not an nn.Module; wrap it in a "
+                    "module (e.g. nn.ReLU() for torch.relu)"
+                )
+        named = [(str(i), m) for i, m in enumerate(module)]
+    else:
+        raise TypeError(
+            f"{who} needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
+            "wrap your layers in nn.Sequential so they can be cut into stages"
+        )
+    if not named:
+        raise ValueError(f"{who} needs at least one layer")
+    return named
+
+
+def check_stage_count(num_layers: int, num_devices: int, virtual_stages: int, pinned: int) -> None:
+    """Enough layers for every (virtual) stage, after the pinned ones."""
+    n_stages = num_devices * virtual_stages
+    if n_stages > num_layers:
+        extra = (
+            f" ({num_devices} devices x {virtual_stages} virtual stages)"
+            if virtual_stages > 1
+            else ""
+        )
+        raise ValueError(
+            f"cannot cut {num_layers} layers into {n_stages} stages{extra}; use at most "
+            f"{num_layers} stages"
+        )
+    if pinned > num_layers:
+        raise ValueError(
+            f"pinned={pinned} but the model has {num_layers} layers; pin at most {num_layers}"
+        )
+    if pinned > num_layers - n_stages + 1:
+        raise ValueError(
+            f"pinned={pinned} leaves {num_layers - pinned} layers for the other "
+            f"{n_stages - 1} stages; pin at most {num_layers - n_stages + 1}"
+        )
+
+
+def check_balance(
+    balance: Any, num_layers: int, num_devices: int, virtual_stages: int, pinned: int = 0
+) -> list[int]:
+    """A user's ``balance``: one layer count per (virtual) stage, adding up to the model."""
+    try:
+        return options.balance(balance, num_layers, num_devices * virtual_stages, pinned)
+    except ValueError as e:
+        if virtual_stages > 1 and "entries" in str(e):
+            n = num_devices * virtual_stages
+            raise ValueError(
+                str(e).replace(
+                    f"{n} stages",
+                    f"{n} stages ({num_devices} devices x {virtual_stages} virtual stages)",
+                )
+            ) from None
+        raise
+
+
+def flops_weights(costs: Sequence[Any]) -> list[int]:
+    """What a layer weighs when the cut is balanced by FLOPs: forward + backward FLOPs, and at
+    least 1 so that free layers (activations, reshapes) still count."""
+    return [max(1, c.flops + c.backward_flops) for c in costs]
+
+
+def auto_balance(
+    layers: Sequence[nn.Module],
+    sample_microbatch: tuple,
+    num_stages: int,
+    *,
+    pinned: int = 0,
+    train: bool = True,
+) -> tuple[list[int], list[int]]:
+    """The balance by FLOPs from :func:`gpipe.cost.profile` on one micro-batch (nothing runs),
+    and each stage's forward FLOPs."""
+    from gpipe.cost import profile
+
+    costs = profile(list(layers), *sample_microbatch, train=train)
+    counts = balance_costs(flops_weights(costs), num_stages, pinned=pinned)
+    flops, i = [], 0
+    for b in counts:
+        flops.append(sum(c.flops for c in costs[i : i + b]))
+        i += b
+    return counts, flops
+
+
+def stage_of_layers(balance: Sequence[int]) -> list[int]:
+    """The stage of each layer, in order."""
+    return [s for s, count in enumerate(balance) for _ in range(count)]
+
+
+def device_of(stage: int, num_devices: int) -> int:
+    """The pipeline device that runs ``stage``: stages go round the devices (``s % K``), so
+    with V virtual stages device ``d`` holds ``d, d + K, ..., d + (V-1)·K``."""
+    return stage % num_devices
