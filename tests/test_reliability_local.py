@@ -165,7 +165,8 @@ def test_soak_varying_shapes_no_growth_no_leaked_threads() -> None:
     def soak_loss(out: torch.Tensor, _: object) -> torch.Tensor:
         return out.pow(2).mean()
 
-    before_threads = threading.active_count()
+    gc.collect()  # end earlier tests' pipes' workers now, not in the middle of this test
+    before_threads = set(threading.enumerate())
     model = build()
     pipe = gpipe.Pipe(model, balance=[2, 2], chunks=4, schedule="1f1b")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -192,11 +193,15 @@ def test_soak_varying_shapes_no_growth_no_leaked_threads() -> None:
     assert checked == 6
     growth = (rss[-1] - rss[1]) / 2**20
     assert growth < 20, f"RSS grew {growth:.1f} MiB over 200 steps: {rss}"
-    assert threading.active_count() == before_threads + 2
+    workers = [t for t in threading.enumerate() if t not in before_threads]
+    assert sorted(t.name for t in workers) == ["gpipe-device-0", "gpipe-device-1"]
+    assert all(t.is_alive() for t in workers)
     pipe.close()
     del pipe
     gc.collect()
-    assert threading.active_count() == before_threads
+    for t in workers:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in workers)
 
 
 def test_non_finite_loss_guard_names_the_micro_batch() -> None:
