@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpipe import checkpoint
-from gpipe.checkpoint import CheckpointError
+from gpipe import state as checkpoint
+from gpipe.state import CheckpointError, folder
 
 
 def stage_states(seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -57,8 +57,8 @@ def test_round_trip_with_optimizer_rng_and_metadata(tmp_path: Path) -> None:
         "manifest.json",
         "optim-00.safetensors",
         "optim-01.safetensors",
-        "stage-00.safetensors",
-        "stage-01.safetensors",
+        "shard-00.safetensors",
+        "shard-01.safetensors",
     ]
     ck = checkpoint.load(tmp_path)
     assert ck.step == 5 and ck.manifest["balance"] == [2, 1]
@@ -100,7 +100,7 @@ def test_tied_tensors_in_one_shard(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_shard_is_named(tmp_path: Path, damage: str) -> None:
     path = save(tmp_path, 1)
-    shard = path / "stage-01.safetensors"
+    shard = path / "shard-01.safetensors"
     data = shard.read_bytes()
     if damage == "flip":
         shard.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
@@ -145,7 +145,7 @@ def test_crash_between_shard_writes_keeps_previous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save(tmp_path, 1)
-    real = checkpoint._write_bytes
+    real = folder.write_bytes
     calls = []
 
     def failing(path: Path, data: bytes) -> dict:
@@ -154,7 +154,7 @@ def test_crash_between_shard_writes_keeps_previous(
             raise OSError("disk full (simulated)")
         return real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", failing)
+    monkeypatch.setattr(folder, "write_bytes", failing)
     with pytest.raises(OSError, match="simulated"):
         save(tmp_path, 2)
     monkeypatch.undo()
@@ -165,18 +165,19 @@ def test_crash_between_shard_writes_keeps_previous(
 
 CRASH_SCRIPT = """
 import os, signal, sys, torch
-from gpipe import checkpoint
+from gpipe import state as checkpoint
+from gpipe.state import folder
 root = sys.argv[1]
 big = [{"a.w": torch.randn(256, 256)}, {"b.w": torch.randn(256, 256)}]
 checkpoint.save(root, 1, big)
-real = checkpoint._write_bytes
+real = folder.write_bytes
 n = [0]
 def killing(path, data):
     n[0] += 1
     if n[0] == 2:  # after the first shard of step 2 is on disk
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, data)
-checkpoint._write_bytes = killing
+folder.write_bytes = killing
 checkpoint.save(root, 2, big)
 """
 
@@ -219,8 +220,8 @@ def test_planted_pickle_is_never_loaded(tmp_path: Path, monkeypatch: pytest.Monk
     ck = checkpoint.load(tmp_path)
     assert ck.step == 1
     # A pickle in place of a shard is rejected by its hash, not executed.
-    (path / "stage-00.safetensors").write_bytes(payload)
-    with pytest.raises(CheckpointError, match="stage-00.safetensors"):
+    (path / "shard-00.safetensors").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="shard-00.safetensors"):
         checkpoint.load(tmp_path)
     assert not marker.exists()
 
@@ -264,7 +265,7 @@ def test_export_refuses_targets_inside_the_checkpoint_or_a_folder(tmp_path: Path
     root = tmp_path / "checkpoints"
     step = save(root, 3)
     before = {p.name: p.read_bytes() for p in step.iterdir()}
-    for target in (step / "model.safetensors", step / "stage-00.safetensors", root / "m.st"):
+    for target in (step / "model.safetensors", step / "shard-00.safetensors", root / "m.st"):
         with pytest.raises(ValueError, match="inside the checkpoint folder"):
             checkpoint.export(root, target)
     with pytest.raises(ValueError, match="is a folder"):
@@ -282,12 +283,12 @@ def test_export_refuses_targets_inside_the_checkpoint_or_a_folder(tmp_path: Path
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda m: m["stages"][0].pop("file"),
-        lambda m: m.update(stages=[3]),
+        lambda m: m["shards"][0].pop("file"),
+        lambda m: m.update(shards=[3]),
         lambda m: m.update(files=None),
-        lambda m: m["files"]["stage-00.safetensors"].pop("sha256"),
+        lambda m: m["files"]["shard-00.safetensors"].pop("sha256"),
     ],
-    ids=["no-file", "stage-not-table", "files-null", "no-hash"],
+    ids=["no-file", "shard-not-table", "files-null", "no-hash"],
 )
 def test_a_manifest_of_the_wrong_shape_is_a_checkpoint_error(tmp_path: Path, damage) -> None:
     step = save(tmp_path, 1)

@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_exit_2_without_traceback(tmp_path: Path) -> None:
 def test_corrupted_checkpoint_is_named(trained, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     shutil.copytree(trained[0], out)
-    shard = out / "checkpoints" / "step-00000004" / "stage-01.safetensors"
+    shard = out / "checkpoints" / "step-00000004" / "shard-01.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
     assert main(["generate", "--checkpoint", str(out), "--tokens", "2"]) == 2
     err = capsys.readouterr().err

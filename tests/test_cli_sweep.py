@@ -343,7 +343,7 @@ def test_the_trained_run_is_untouched_by_the_sweep(world: dict[str, str]) -> Non
     assert [json.loads(r)["step"] for r in rows if '"step"' in r][-1] == 2
     assert sorted(p.name for p in step.iterdir()) == [
         "manifest.json", "optim-00.safetensors", "optim-01.safetensors",
-        "stage-00.safetensors", "stage-01.safetensors",
+        "shard-00.safetensors", "shard-01.safetensors",
     ]  # fmt: skip
     assert checkpoint.load(step).step == 2
 
@@ -401,7 +401,7 @@ def _moved(out: Path) -> list[Path]:
 def test_fresh_run_moves_old_checkpoints_aside_after_its_first_save(
     old_run: Path, world: dict[str, str], capsys
 ) -> None:
-    before = (old_run / "checkpoints" / "step-00000002" / "stage-00.safetensors").read_bytes()
+    before = (old_run / "checkpoints" / "step-00000002" / "shard-00.safetensors").read_bytes()
     files = {n: (old_run / n).read_bytes() for n in ("metrics.jsonl", "config.json")}
     code = main(["train", *TINY, "--steps", "1", "--data", world["data_txt"], "--out",
                  str(old_run)])  # fmt: skip
@@ -410,7 +410,7 @@ def test_fresh_run_moves_old_checkpoints_aside_after_its_first_save(
     assert _names(old_run / "checkpoints") == ["step-00000001"]
     (aside,) = _moved(old_run)
     assert _names(aside) == ["step-00000002"]
-    assert (aside / "step-00000002" / "stage-00.safetensors").read_bytes() == before
+    assert (aside / "step-00000002" / "shard-00.safetensors").read_bytes() == before
     assert checkpoint.load(aside).step == 2  # complete, verified, loadable
     assert {n: (aside / n).read_bytes() for n in files} == files  # its metrics went along
     assert json.loads((old_run / "config.json").read_text())["steps"] == 1

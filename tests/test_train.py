@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpipe import checkpoint
-from gpipe.checkpoint import CheckpointError
+from gpipe import state
+from gpipe import state as checkpoint
 from gpipe.data import load_corpus
 from gpipe.models import TransformerConfig, TransformerLM
+from gpipe.state import CheckpointError
 from gpipe.train import ConfigMismatch, TrainConfig, Trainer, learning_rate
 
 
@@ -93,7 +94,7 @@ def test_export_gives_a_plain_model_with_the_pipes_logits(tmp_path: Path, corpus
     t.pipe.eval()
     x = torch.randint(0, 256, (4, 16))
     with torch.no_grad():
-        assert torch.allclose(plain(x), t.pipe(x), atol=1e-6, rtol=0)
+        assert torch.allclose(plain(x), t.pipe.pipe(x), atol=1e-6, rtol=0)
     t.close()
 
 
@@ -143,7 +144,9 @@ def test_every_schedule_trains_and_checkpoints(tmp_path: Path, corpus, schedule:
     t.close()
     assert [r["kind"] for r in recs] == ["step", "step", "eval", "checkpoint"]
     ck = checkpoint.load(tmp_path / "checkpoints")
-    assert len(ck.stages) == (4 if schedule == "interleaved" else 2)
+    assert len(ck.stages) == 2  # one shard per pipeline device, virtual stages included
+    assert ck.topology["schedule"] == schedule and ck.topology["runtime"] == "local"
+    assert len(ck.topology["balance"]) == (4 if schedule == "interleaved" else 2)
     checkpoint.check_parameters(ck, TransformerLM(TransformerConfig.preset("tiny")).state_dict())
 
 
@@ -214,13 +217,13 @@ def test_a_failed_first_save_leaves_the_earlier_checkpoints(
     t.close()
     root = tmp_path / "checkpoints"
     before = {p.name: p.read_bytes() for p in (root / "step-00000001").iterdir()}
-    real_save = checkpoint.save
+    real_commit = state.commit
 
     def full_disk(where, *args, **kwargs):
-        real_save(where, *args, **kwargs)  # written, then the disk "fills" before it is kept
+        real_commit(where, *args, **kwargs)  # written, then the disk "fills" before it is kept
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save", full_disk)
+    monkeypatch.setattr(state, "commit", full_disk)
     fresh = Trainer(tiny(tmp_path, steps=2, eval_interval=0, seed=1), corpus=corpus)
     with pytest.raises(OSError, match="No space left"):
         list(fresh.run())

@@ -2,14 +2,14 @@
 
 The only module (with :mod:`gpipe.cli_plan` and :mod:`gpipe.cli_base`) that parses argv and
 prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train`,
-:mod:`gpipe.checkpoint`, :mod:`gpipe.cost`, :mod:`gpipe.simulate`, :mod:`gpipe.trace`) and
+:mod:`gpipe.state`, :mod:`gpipe.cost`, :mod:`gpipe.simulate`, :mod:`gpipe.trace`) and
 shows the results.
 
 The invariant: :func:`main` returns an exit code and never lets a traceback escape for bad
 input — a bad option value or type, a bad TOML file, a missing path, a damaged checkpoint or a
 resume with a config that does not fit print one ``gpipe: error: ...`` line on stderr and
 return 2, before training starts; and no command deletes or writes into a checkpoint it did
-not replace (see :class:`gpipe.train.Trainer` and :func:`gpipe.checkpoint.export`).
+not replace (see :class:`gpipe.train.Trainer` and :func:`gpipe.state.export`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,8 @@ def _read_toml(path: str) -> dict[str, Any]:
 def _train_config(args: argparse.Namespace) -> Any:
     """Defaults < the resumed checkpoint's config < --config file < flags, validated whole
     (:meth:`gpipe.train.TrainConfig.validate`) before anything is built."""
-    from gpipe import checkpoint
-    from gpipe.train import TrainConfig
+    from gpipe import state as checkpoint
+    from gpipe.train import TrainConfig, check_resume
 
     values: dict[str, Any] = TrainConfig().to_dict()
     from_file = _read_toml(args.config) if args.config else {}
@@ -160,7 +161,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"out must be a folder path, got {out!r} (--out)")
     check_folder_path("--out", out)
     check_folder_path("--out", str(Path(out) / "checkpoints"))
-    resumed_step = None
+    resumed_step = found = None
+    manifest: dict[str, Any] = {}
     if args.resume:
         found = checkpoint.latest(Path(out) / "checkpoints")
         if found is None:
@@ -183,11 +185,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.trace is not None:
         values["trace"] = args.trace
     config = TrainConfig.from_dict(values)
-    if args.resume and config.runtime == "dist":
-        raise UsageError(
-            "--resume is not supported with --runtime dist yet (only the local runtime writes "
-            "checkpoints); resume with --runtime local"
-        )
+    if found is not None:  # before any process is launched: every rank would refuse alike
+        check_resume(config, found, manifest)
     if resumed_step is not None and config.steps < resumed_step:
         raise UsageError(
             f"--steps {config.steps} is below the checkpoint's step {resumed_step} in "
@@ -208,23 +207,28 @@ def _launch_dist(config: Any, argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+DIST_TIMEOUT = 300.0
+"""Seconds any wait of a distributed run may last (messages, collectives, checkpoint saves)."""
+
+
 def _init_dist() -> None:
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    timeout = timedelta(seconds=DIST_TIMEOUT)  # every collective's wait is bounded
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Train as configured; every option is validated before the model is built, and an
     earlier run's checkpoints in ``--out`` are moved aside only after this run's first save."""
-    from gpipe.checkpoint import CheckpointError, latest
+    from gpipe.state import CheckpointError, latest
     from gpipe.train import Trainer
 
     try:
@@ -239,7 +243,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     t_setup = time.perf_counter()
     old = None if args.resume else latest(out / "checkpoints")
     try:
-        trainer = Trainer(config, resume=args.resume)
+        trainer = Trainer(config, resume=args.resume, timeout=DIST_TIMEOUT)
     except (ValueError, OSError, ModuleNotFoundError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     main_rank = trainer.is_main
@@ -263,9 +267,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"model: {config.model_preset} (d_model {mc.d_model}, {mc.n_layers} layers, "
             f"dropout {mc.dropout}), {trainer.model.num_parameters():,} parameters"
         )
-        if hasattr(trainer.pipe, "partitions"):
-            for part in trainer.pipe.partitions:
-                say(f"  {part}")
+        for line in trainer.pipe.describe():
+            say(f"  {line}")
         dp = config.data_parallel
         replicas = f" x {dp} data-parallel replicas" if dp > 1 else ""
         say(
@@ -398,7 +401,7 @@ def load_model(path: str) -> Any:
     """A plain TransformerLM with the weights of checkpoint ``path`` (eval mode)."""
     import torch
 
-    from gpipe import checkpoint
+    from gpipe import state as checkpoint
     from gpipe.models import TransformerConfig, TransformerLM
 
     ckpt = checkpoint.load(path, optimizer=False)
@@ -446,7 +449,7 @@ def sample_bytes(
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample ``--tokens`` bytes after ``--prompt``; options are checked before loading."""
-    from gpipe.checkpoint import CheckpointError
+    from gpipe.state import CheckpointError
 
     check_int("--tokens", args.tokens, 0)
     check_number("--temperature", args.temperature, 0.0, " (0: greedy)")
@@ -467,7 +470,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the checkpoint's model as one safetensors file, never inside the checkpoint."""
-    from gpipe import checkpoint
+    from gpipe import state as checkpoint
 
     for above in Path(args.output).parents:
         if above.exists():
