@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -189,3 +190,58 @@ def test_balance_by_time_takes_the_upper_median() -> None:
     # two samples each: layer 0 is slow once; the upper median keeps it the slowest layer
     layers = nn.Sequential(Probe(0.08, 0.0), Probe(0.03), Probe(), Probe())
     assert balance_by_time(layers, 2, torch.ones(2), repeats=2) == [1, 3]
+
+
+# ------------------------------------------------------------------ arguments of balance()
+
+
+def test_costs_refuse_arrays_that_are_not_scalars() -> None:
+    assert balance([np.float64(2.0), torch.tensor(1.0)], 1) == [2]
+    msg = _raises(TypeError, balance, [np.array([2.0]), 1.0], 1)
+    assert msg.startswith("costs[0] is ndarray")
+    assert msg.endswith("; every layer cost must be a number")
+
+
+def test_cost_error_wording() -> None:
+    msg = _raises(ValueError, balance, [1.0, float("nan")], 1)
+    assert msg == (
+        "costs[1] is nan; layer costs must be finite and non-negative (measure or "
+        "estimate that layer again)"
+    )
+    msg = _raises(ValueError, balance, [1e308, 1e308], 1)
+    assert msg == (
+        "the layer costs sum to inf (the largest is 1e+308); scale them down, e.g. "
+        "divide every cost by the largest"
+    )
+    assert _raises(ValueError, balance, [], 1) == (
+        "costs is empty: there are no layers to balance; give one cost per layer"
+    )
+    assert _raises(TypeError, balance, [1.0], 1.5) == "num_stages must be an int, got float 1.5"
+
+
+@pytest.mark.parametrize("pinned", [-1, 4])
+def test_pinned_out_of_range(pinned: int) -> None:
+    assert _raises(ValueError, balance, [1.0, 1.0, 1.0], 1, pinned=pinned) == (
+        f"pinned must be between 0 and the number of layers (3), got {pinned}"
+    )
+
+
+def test_pinned_edges() -> None:
+    assert balance([1.0, 1.0, 1.0], 1, pinned=3) == [3]
+    assert balance([1.0, 1.0, 1.0], 3, pinned=1) == [1, 1, 1]
+    assert balance([5.0, 1.0, 1.0, 1.0], 2) == [1, 3]
+    assert balance([5.0, 1.0, 1.0, 1.0], 2, pinned=2) == [2, 2]
+    # the pinned block is cut with the method asked for
+    assert balance([1.0] * 16, 2, method="cumulative", pinned=2) == [7, 9]
+    assert balance([1.0] * 16, 2, pinned=2) == [8, 8]
+
+
+def test_too_many_stages_for_the_pinned_block() -> None:
+    msg = _raises(ValueError, balance, [1.0] * 4, 3, pinned=3)
+    assert msg == (
+        "cannot cut 4 layers (3 pinned to stage 0) into 3 non-empty stages; use at most 2 stages"
+    )
+    msg = _raises(ValueError, balance, [1.0] * 4, 5)
+    assert msg == (
+        "cannot cut 4 layers (0 pinned to stage 0) into 5 non-empty stages; use at most 4 stages"
+    )
