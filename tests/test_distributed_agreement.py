@@ -153,6 +153,29 @@ def _after_close(rank: int) -> Any:
     return pipe.step(*batch(), F.cross_entropy)
 
 
+def _nan_loss_checked(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3], check_finite=True) as pipe:
+        return pipe.step(*batch(), lambda o, t: F.cross_entropy(o, t) * float("nan"))
+
+
+def _detached_loss(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(*batch(), lambda o, t: F.cross_entropy(o, t).detach())
+
+
+def _targets_of_another_size(rank: int) -> Any:
+    x, _ = batch()
+    _, y = batch(24)
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(x, y, F.cross_entropy)
+
+
+def _loss_fn_swapped(rank: int) -> Any:
+    x, y = batch()
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(x, F.cross_entropy, y)
+
+
 def _opaque(rank: int) -> Any:
     model = nn.Sequential(nn.Linear(8, 8), Opaque(), Unwrap(), nn.Linear(8, 3)).double()
     with _construct(rank, model, balance=[2, 2]) as pipe:
@@ -217,6 +240,11 @@ CASES: dict[str, Callable[[int], Any]] = {
     "reduction": _reduction,
     "reduction on rank 0 only": _reduction_on_rank0_only,
     "after close": _after_close,
+    "pinned": _per_rank(pinned=(0, 1)),
+    "NaN loss with check_finite": _nan_loss_checked,
+    "detached loss": _detached_loss,
+    "targets of another batch size": _targets_of_another_size,
+    "loss_fn in the targets' place": _loss_fn_swapped,
     "non-tensor boundary value": _opaque,
     "a rank that never constructs": _never_comes,  # must stay last
 }
@@ -310,6 +338,23 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
         ("PeerError", r"rank 0 .*reduction must be 'mean' or 'sum', got 'avg'"),
     ),
     "after close": ("RuntimeError", r"this DistributedPipe was closed.*construct a new one"),
+    "pinned": ("ValueError", DIS + r"pinned: rank 0 has 0, rank 1 has 1; " + FIX),
+    "NaN loss with check_finite": (
+        ("PeerError", r"rank 1 .*loss of micro-batch 0 is nan"),
+        ("StageError", r"FloatingPointError: loss of micro-batch 0 is nan"),
+    ),
+    "detached loss": (
+        ("PeerError", r"rank 1 .*does not require grad"),
+        ("StageError", r"loss_fn returned a loss that does not require grad for micro-batch"),
+    ),
+    "targets of another batch size": (
+        "ValueError",
+        r"targets have 24 rows along batch_dim=0 but the inputs have 12; pass one target",
+    ),
+    "loss_fn in the targets' place": (
+        "TypeError",
+        r"loss_fn must be callable as loss_fn\(output, target\), got Tensor",
+    ),
     "non-tensor boundary value": (
         (
             "StageError",

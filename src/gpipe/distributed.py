@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe import options, plan, rng
+from gpipe import options, plan, rng, stepcore
 from gpipe import remat as remat_mod
 from gpipe.microbatch import batch_size, num_microbatches, split
 from gpipe.runtime import agree
@@ -288,6 +288,8 @@ class DistributedPipe(nn.Module):
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
         pinned: the first ``pinned`` layers stay on stage 0 when balancing by FLOPs.
+        check_finite: raise (naming the micro-batch) when a loss is NaN or infinite, before
+            its backward runs, as :class:`gpipe.Pipe` does.
         process_group: the ranks running this pipeline (default: ``WORLD``).
         device: this rank's compute device (default: the current CUDA device under NCCL, else
             CPU).
@@ -313,6 +315,7 @@ class DistributedPipe(nn.Module):
         remat: str = "except_last",
         seed: int = 0,
         pinned: int = 0,
+        check_finite: bool = False,
         process_group: Any = None,
         device: torch.device | str | None = None,
         timeout: float = 300.0,
@@ -333,6 +336,7 @@ class DistributedPipe(nn.Module):
         self.rank = dist.get_rank(self._pg)
         backend = dist.get_backend(self._pg)
         self.rng_step = 0
+        self.check_finite = bool(check_finite)
         self.last_events: list[Event] = []
         self._calls = 0
         self._closed = True  # until the transport exists
@@ -835,8 +839,8 @@ class DistributedPipe(nn.Module):
         local_error: BaseException | None = None
         mbs = tmbs = None
         try:  # a bad argument on one rank must reach the others, not leave them waiting
-            if reduction not in ("mean", "sum"):
-                raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+            stepcore.check_call(loss_fn, reduction)
+            stepcore.check_targets(inputs, targets, self._batch_dim)
             mbs, tmbs, m = self._prepare(inputs, targets)
         except Exception as e:
             local_error, m = e, self._chunks or 1
@@ -847,11 +851,17 @@ class DistributedPipe(nn.Module):
         step_id = self.rng_step
         if self.training:
             self.rng_step += 1
-        scale = 1.0 / m if reduction == "mean" else 1.0
         assert self._stages is not None
-        for st in self._stages:
-            st.begin_step(step_id, m, grad, loss_fn, scale)
-            st.rng_offset = self.replica * m
+        stepcore.begin(
+            self._stages,
+            step_id,
+            m,
+            grad,
+            loss_fn,
+            stepcore.loss_scale(reduction, m),
+            check_finite=self.check_finite,
+            rng_offset=self.replica * m,
+        )
         self._transport.begin_step(self._calls, m)
         self._calls += 1
         # From here on every rank must reach finish_step, whatever happens.
@@ -873,7 +883,7 @@ class DistributedPipe(nn.Module):
                         rank=self._global_rank,
                     )
             if self._transport.failure is None and self.pipeline_device == last_dev:
-                loss = torch.stack([data.losses[i] for i in range(m)]).sum()
+                loss = stepcore.total_loss(data.losses, m)
         except BaseException as e:
             local_error = local_error or e
             loss = None

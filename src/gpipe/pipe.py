@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import options, plan
+from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.bridge import Run, merge_input_grads
 from gpipe.microbatch import batch_size, merge, split, tree_flatten
@@ -383,11 +383,9 @@ class Pipe(nn.Module):
         if self.training:
             for bn in self._deferred_bn:  # statistics over this step's m micro-batches
                 bn.begin_step(m)
-        states = []
-        for st in self._stages:
-            states.append(st.begin_step(step, m, grad, loss_fn, scale))
-            st.check_finite = self.check_finite
-        return states
+        return stepcore.begin(
+            self._stages, step, m, grad, loss_fn, scale, check_finite=self.check_finite
+        )
 
     def _execute(self, per_device: Sequence[Sequence[Any]], data: StepData) -> None:
         assert self._stages is not None and self._pool is not None
@@ -523,31 +521,16 @@ class Pipe(nn.Module):
         require grad, as ``loss.backward()`` would. Under ``torch.no_grad()`` only the forward
         runs (evaluation). Calls from several threads run one after the other.
         """
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be callable as loss_fn(output, target), got "
-                f"{type(loss_fn).__name__}; note the order step(inputs, targets, loss_fn)"
-            )
+        stepcore.check_call(loss_fn, reduction)
         with self._owned("pipe.step"):
             mbs = self._split((inputs,))
             m = len(mbs)
-            if targets is None:
-                tmbs: list[Any] = [None] * m
-            else:
-                n_in = batch_size((inputs,), self.batch_dim)
-                n_t = batch_size(targets, self.batch_dim)
-                if n_t != n_in:
-                    raise ValueError(
-                        f"targets have {n_t} rows along batch_dim={self.batch_dim} but the "
-                        f"inputs have {n_in}; pass one target per input row"
-                    )
-                tmbs = split(targets, m, batch_dim=self.batch_dim)
+            stepcore.check_targets(inputs, targets, self.batch_dim)
+            tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
             self._ensure_built(mbs[0])
             grad = torch.is_grad_enabled()
             sched = self._schedule(m)
-            scale = 1.0 / m if reduction == "mean" else 1.0
+            scale = stepcore.loss_scale(reduction, m)
             data = StepData(
                 self.num_devices * self.virtual_stages,
                 inputs=mbs,
@@ -559,10 +542,9 @@ class Pipe(nn.Module):
             self._execute(sched.actions if grad else sched.forward_part(), data)
             self._check_rows(data, m)
             self._collect_fetched(data, m)
-            losses = [data.losses[i] for i in range(m)]
             if grad:
                 self._backward_into_inputs(data, (inputs,), m)
-            return torch.stack([loss.to(losses[-1].device) for loss in losses]).sum()
+            return stepcore.total_loss(data.losses, m)
 
     def _backward_into_inputs(self, data: StepData, inputs: Any, m: int) -> None:
         """Send the step's input gradients on to the inputs that require grad: into

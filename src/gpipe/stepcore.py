@@ -1,0 +1,83 @@
+"""One training step, the same for both pipes: check the call, begin, and add up the loss.
+
+``Pipe.step`` and ``DistributedPipe.step`` differ only in who runs the device loops (threads,
+or this rank) and in what follows (nothing, or collectives). The rules of a step are here:
+which arguments it takes, how the loss is scaled over micro-batches, how each stage starts
+the step (random-stream step, grad mode, loss), how the micro-batch losses are added up.
+
+The invariant: the same call is accepted or refused by both pipes with the same message, and
+a stage's state for a step comes from :func:`begin` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gpipe.microbatch import batch_size
+from gpipe.stage import Stage, StepState
+
+__all__ = ["begin", "check_call", "check_targets", "loss_scale", "total_loss"]
+
+
+def check_call(loss_fn: Any, reduction: Any) -> None:
+    """``step``'s own arguments: a callable loss and a known reduction."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable as loss_fn(output, target), got "
+            f"{type(loss_fn).__name__}; note the order step(inputs, targets, loss_fn)"
+        )
+
+
+def check_targets(inputs: Any, targets: Any, batch_dim: int) -> None:
+    """One target row per input row (targets that merely split into the same number of
+    micro-batches would pair outputs with the wrong targets)."""
+    if inputs is None or targets is None:
+        return
+    n_in = batch_size((inputs,), batch_dim)
+    n_t = batch_size(targets, batch_dim)
+    if n_t != n_in:
+        raise ValueError(
+            f"targets have {n_t} rows along batch_dim={batch_dim} but the inputs have "
+            f"{n_in}; pass one target per input row"
+        )
+
+
+def loss_scale(reduction: str, num_microbatches: int) -> float:
+    """The factor of each micro-batch's loss: ``1/M`` for a mean over the mini-batch."""
+    return 1.0 / num_microbatches if reduction == "mean" else 1.0
+
+
+def begin(
+    stages: Sequence[Stage],
+    step: int,
+    num_microbatches: int,
+    grad: bool,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    scale: float = 1.0,
+    *,
+    check_finite: bool = False,
+    rng_offset: int = 0,
+) -> list[StepState]:
+    """Start a step on ``stages``: a fresh state each (random-stream ``step``, grad mode, the
+    loss and its scale), and the micro-batch offset of this data-parallel replica."""
+    states = []
+    for st in stages:
+        states.append(st.begin_step(step, num_microbatches, grad, loss_fn, scale))
+        st.check_finite = check_finite
+        st.rng_offset = rng_offset
+    return states
+
+
+def total_loss(losses: Mapping[int, torch.Tensor], num_microbatches: int) -> torch.Tensor:
+    """The step's loss: the (already scaled) micro-batch losses added up, in order."""
+    missing = [i for i in range(num_microbatches) if i not in losses]
+    if missing:
+        raise RuntimeError(f"no loss was computed for micro-batches {missing}")
+    parts = [losses[i] for i in range(num_microbatches)]
+    dev = parts[-1].device
+    return torch.stack([p.to(dev) for p in parts]).sum()
