@@ -78,10 +78,13 @@ class Metrics:
 
 
 def write_trace(rec: dict[str, Any], out: Path) -> str:
+    """Write a trace record (every device's events on one clock) as ``OUT/trace.json``
+    (Perfetto) and ``OUT/timeline.png``; return where, for the log line."""
     from gpipe.trace import plot_timeline, to_chrome_trace
 
     events, k = rec["events"], rec["num_devices"]
-    to_chrome_trace(events, out / "trace.json", time_unit="s")
+    lanes = {int(d): str(name) for d, name in (rec.get("lanes") or {}).items()}
+    to_chrome_trace(events, out / "trace.json", time_unit="s", names=lanes or None)
     plot_timeline(
         events,
         out / "timeline.png",
