@@ -195,8 +195,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("resume-out-file", T("--resume", "--out", "{afile}"), "afile"),
     ("resume-other-lr", T("--resume", "--out", "{run}", "--steps", "2", "--lr", "0.5"),
      "lr (checkpoint"),
-    ("resume-dist", T("--resume", "--out", "{run}", "--steps", "3", "--runtime", "dist"),
-     "--runtime dist"),
+    # Refused before torchrun is launched: every rank would refuse alike.
+    ("resume-dist-other-lr",
+     T("--resume", "--out", "{run}", "--steps", "3", "--runtime", "dist", "--lr", "0.5"),
+     "lr (checkpoint"),
     ("resume-steps-back", T("--resume", "--out", "{run}", "--steps", "1"), "--steps"),
     # ---------------------------------------------------------------- train: config files
     ("config-missing", T("--config", "{tmp}/missing.toml"), "missing.toml"),
