@@ -288,8 +288,10 @@ def balance_by_flops(
 
     _check_layers(layers, sample_inputs, "balance_by_flops")
     costs = profile(layers, *sample_inputs)
+    from gpipe.plan import flops_weights
+
     return balance(
-        [max(1, c.flops + c.backward_flops) for c in costs],
+        flops_weights(costs),
         num_stages,
         method=method,
         pinned=pinned,
@@ -330,6 +332,8 @@ def balance_by_time(
     """
     import torch
 
+    from gpipe.microbatch import tree_detach
+
     _check_layers(layers, sample_inputs, "balance_by_time")
     repeats = _int(repeats, "repeats", 1)
     times = []
@@ -347,7 +351,7 @@ def balance_by_time(
             samples.append(time.perf_counter() - t0)
         layer.zero_grad(set_to_none=True)
         times.append(sorted(samples)[len(samples) // 2])
-        x = _detach(out)
+        x = tree_detach(out)
         first = False
     return balance(times, num_stages, method=method, pinned=pinned)
 
@@ -358,15 +362,6 @@ def _tensors(obj: Any) -> list:
     from gpipe.microbatch import tree_flatten
 
     return [leaf for _, leaf in tree_flatten(obj)[0] if isinstance(leaf, torch.Tensor)]
-
-
-def _detach(obj: Any) -> Any:
-    import torch
-
-    from gpipe.microbatch import tree_flatten
-
-    leaves, rebuild = tree_flatten(obj)
-    return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for _, v in leaves])
 
 
 def _detached_requiring_grad(obj: Any) -> Any:

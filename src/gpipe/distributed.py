@@ -52,7 +52,7 @@ from gpipe.microbatch import batch_size, num_microbatches, split
 from gpipe.runtime import agree
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute
-from gpipe.schedules import Event, Schedule, ScheduleSpec
+from gpipe.schedules import KIND_WORDS, Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage
 
 __all__ = ["DistributedPipe", "PeerError", "materialize"]
@@ -61,7 +61,7 @@ __all__ = ["DistributedPipe", "PeerError", "materialize"]
 def _failure_text(e: BaseException) -> str:
     """What went wrong, for the other ranks: the action and the original exception."""
     if isinstance(e, StageError) and e.__cause__ is not None:
-        word = {"F": "forward", "B": "backward", "W": "weight-gradient"}[e.action.kind]
+        word = KIND_WORDS[e.action.kind]
         return f"{word} raised {type(e.__cause__).__name__}: {e.__cause__}"
     return f"{type(e).__name__}: {e}"
 

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["batch_size", "merge", "num_microbatches", "split", "tree_flatten", "tree_unflatten"]
+__all__ = [
+    "batch_size",
+    "merge",
+    "num_microbatches",
+    "split",
+    "tree_detach",
+    "tree_flatten",
+    "tree_unflatten",
+]
 
 
 # ----------------------------------------------------------------------------- tiny pytree
@@ -78,6 +86,12 @@ def _combine(
 def tree_unflatten(rebuild: Callable[[list], Any], leaves: list) -> Any:
     """Rebuild a pytree from ``leaves`` with the function :func:`tree_flatten` returned."""
     return rebuild(list(leaves))
+
+
+def tree_detach(obj: Any) -> Any:
+    """``obj`` with every tensor leaf detached from its graph (the other leaves as they are)."""
+    leaves, rebuild = tree_flatten(obj)
+    return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for _, v in leaves])
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -6,6 +6,8 @@ defines the pipeline — which layers there are, how they are cut, which device 
 stage, how the cut is balanced when none is given — is decided here, once, with one wording
 for each mistake.
 
+Where a stage runs is the schedules' fact (:func:`gpipe.schedules.device_of`), re-exported here.
+
 The invariant: for the same model, options and sample micro-batch, both pipes get the same
 layer list, the same balance and the same stage → device map.
 """
@@ -19,6 +21,7 @@ from torch import nn
 
 from gpipe import options
 from gpipe.balance import balance as balance_costs
+from gpipe.schedules import device_of
 
 __all__ = [
     "auto_balance",
@@ -131,9 +134,3 @@ def auto_balance(
 def stage_of_layers(balance: Sequence[int]) -> list[int]:
     """The stage of each layer, in order."""
     return [s for s, count in enumerate(balance) for _ in range(count)]
-
-
-def device_of(stage: int, num_devices: int) -> int:
-    """The pipeline device that runs ``stage``: stages go round the devices (``s % K``), so
-    with V virtual stages device ``d`` holds ``d, d + K, ..., d + (V-1)·K``."""
-    return stage % num_devices

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "KIND_WORDS",
     "Action",
     "Event",
     "Schedule",
@@ -32,6 +33,7 @@ __all__ = [
     "available",
     "custom",
     "dependencies",
+    "device_of",
     "execution_order",
     "get",
     "register",
@@ -40,6 +42,14 @@ __all__ = [
 
 Kind = Literal["F", "B", "W"]
 KINDS: tuple[str, ...] = ("F", "B", "W")
+#: What each kind of action does, in words (error messages and timelines).
+KIND_WORDS: dict[str, str] = {"F": "forward", "B": "backward", "W": "weight-gradient"}
+
+
+def device_of(stage: int, num_devices: int) -> int:
+    """The device that runs (virtual) ``stage``: stages go round the devices (``s % K``), so
+    with V virtual stages device ``d`` holds ``d, d + K, ..., d + (V-1)·K``."""
+    return stage % num_devices
 
 
 class ScheduleError(ValueError):
@@ -140,7 +150,7 @@ class Schedule:
 
     def device_of(self, stage: int) -> int:
         """Device that runs virtual stage ``stage``."""
-        return stage % self.num_devices
+        return device_of(stage, self.num_devices)
 
     def stages_of(self, device: int) -> list[int]:
         """Virtual stages held by ``device``, in model order."""

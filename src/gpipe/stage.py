@@ -20,7 +20,7 @@ from torch import nn
 
 from gpipe import remat as remat_mod
 from gpipe import rng
-from gpipe.microbatch import tree_flatten
+from gpipe.microbatch import tree_detach, tree_flatten
 
 __all__ = ["Stage", "StageOutput", "StepState"]
 
@@ -158,7 +158,7 @@ class Stage:
     def _fetch_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._sink is not None and not remat_mod.is_recomputing():
-                self._sink[name] = _detach(output)
+                self._sink[name] = tree_detach(output)
 
         return hook
 
@@ -342,8 +342,3 @@ class Stage:
         outs = saved.out_tensors
         if outs and params:
             torch.autograd.backward(outs, saved.out_grads, inputs=params)
-
-
-def _detach(obj: Any) -> Any:
-    leaves, rebuild = tree_flatten(obj)
-    return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for _, v in leaves])

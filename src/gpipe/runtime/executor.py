@@ -20,13 +20,11 @@ from typing import Any, Protocol
 
 import torch
 
-from gpipe.microbatch import tree_flatten
-from gpipe.schedules import Action, Event
-from gpipe.stage import Stage, _detach
+from gpipe.microbatch import tree_detach, tree_flatten
+from gpipe.schedules import KIND_WORDS, Action, Event
+from gpipe.stage import Stage
 
 __all__ = ["Aborted", "StageError", "StepData", "Transport", "execute"]
-
-_KIND_WORDS = {"F": "forward", "B": "backward", "W": "weight-gradient"}
 
 
 class Aborted(Exception):
@@ -45,7 +43,7 @@ class StageError(RuntimeError):
         where = f"rank {rank}, " if rank is not None else ""
         super().__init__(
             f"{where}stage {action.stage} (device {device}) failed in "
-            f"{_KIND_WORDS[action.kind]} of micro-batch {action.microbatch}: "
+            f"{KIND_WORDS[action.kind]} of micro-batch {action.microbatch}: "
             f"{type(error).__name__}: {error}"
         )
 
@@ -119,7 +117,7 @@ def execute(
                     data.fetched.setdefault(m, {}).update(res.fetched)
                 if a.stage == last:
                     data.outputs[m] = (
-                        _detach(res.value) if data.keep_outputs else _shapes(res.value)
+                        tree_detach(res.value) if data.keep_outputs else _shapes(res.value)
                     )
                     if res.loss is not None:
                         data.losses[m] = res.loss.detach()
