@@ -231,3 +231,47 @@ def test_a_failed_first_save_leaves_the_earlier_checkpoints(
     assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000001"]
     assert {p.name: p.read_bytes() for p in (root / "step-00000001").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no staging left
+
+
+def as_format_1(step_dir: Path) -> None:
+    """Rewrite a (non-interleaved, local) checkpoint the way gpipe wrote them before format 2:
+    ``stage-SS``/``optim-SS`` files listed under ``stages``, no topology."""
+    import hashlib
+    import json
+
+    mpath = step_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    renames = {}
+    for entry in m["shards"]:
+        for key in ("file", "optimizer_file"):
+            new = entry[key].replace("shard-", "stage-")
+            (step_dir / entry[key]).rename(step_dir / new)
+            renames[entry[key]] = new
+            entry[key] = new
+    m["stages"] = m.pop("shards")
+    m.pop("topology")
+    m["format_version"] = 1
+    m["files"] = {renames.get(k, k): v for k, v in m["files"].items()}
+    for name, entry in m["files"].items():
+        assert entry["sha256"] == hashlib.sha256((step_dir / name).read_bytes()).hexdigest()
+    mpath.write_text(json.dumps(m))
+
+
+def test_a_format_1_checkpoint_still_resumes_bit_for_bit(tmp_path: Path, corpus) -> None:
+    full = Trainer(tiny(tmp_path / "full"), corpus=corpus)
+    full_losses = [r["loss"] for r in full.run() if r["kind"] == "step"]
+    full.close()
+    cut = Trainer(tiny(tmp_path / "cut"), corpus=corpus)
+    first = []
+    for rec in cut.run():
+        first += [rec["loss"]] if rec["kind"] == "step" else []
+        if rec["kind"] == "checkpoint":
+            break
+    cut.close()
+    as_format_1(tmp_path / "cut" / "checkpoints" / "step-00000003")
+    ck = checkpoint.load(tmp_path / "cut")
+    assert ck.manifest["format_version"] == 1 and ck.topology["runtime"] == "local"
+    resumed = Trainer(tiny(tmp_path / "cut"), resume=True, corpus=corpus)  # the same cut
+    rest = [r["loss"] for r in resumed.run() if r["kind"] == "step"]
+    resumed.close()
+    assert first + rest == full_losses
