@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/throughput.py --quick
+	$(PY) benchmarks/local_throughput.py --quick
 
 # Mutation score of the core modules (docs/mutation.md); not part of `test`. MODULES=schedules ...
 mutants: $(STAMP)
