@@ -83,8 +83,8 @@ MODULES: dict[str, Module] = {
     "rng": Module("src/gpipe/rng.py", ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
     "remat": Module(
         "src/gpipe/remat.py",
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_remat.py"],
-        ["-m", PIPE_FAST],
+        ["tests/test_mutants_remat.py", "tests/test_pipe.py", "tests/test_pipe_unusual.py"],
+        ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
     ),
     "stage": Module(
         "src/gpipe/stage.py",
