@@ -148,6 +148,12 @@ def mutant_function(name: str) -> str:
     return re.sub(r"^x[_.]", "", tail)
 
 
+def equivalent(mutant: str, diff: str, equivalents: list[tuple[str, str, str]]) -> str | None:
+    """The reason ``mutant`` is listed as equivalent, or ``None``."""
+    function, lines = mutant_function(mutant), added_lines(diff)
+    return next((r for f, ln, r in equivalents if f == function and ln in lines), None)
+
+
 def added_lines(diff: str) -> list[str]:
     return [
         ln[1:].strip()
@@ -159,7 +165,7 @@ def added_lines(diff: str) -> list[str]:
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
 
 
-def prepare(name: str, mod: Module, fresh: bool = True) -> Path:
+def prepare(name: str, mod: Module, fresh: bool = True, tests: list[str] | None = None) -> Path:
     """A scratch copy: src/ (fresh runs only), tests/, and a pyproject.toml with this module's
     mutmut config."""
     work = WORK / name
@@ -169,7 +175,7 @@ def prepare(name: str, mod: Module, fresh: bool = True) -> Path:
         work.mkdir(parents=True)
         shutil.copytree(ROOT / "src", work / "src", ignore=IGNORE)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=IGNORE, dirs_exist_ok=True)
-    tests = [t for t in mod.tests if (ROOT / t).exists()]
+    tests = [t for t in (tests or mod.tests) if (ROOT / t).exists()]
     config = {
         "source_paths": ["src"],
         "only_mutate": [mod.source],
@@ -225,11 +231,7 @@ def collect(name: str, mod: Module, work: Path, equivalents: list[tuple[str, str
             row.timeout += 1
             continue
         diff = diffs.get(mutant, "")
-        function, lines = mutant_function(mutant), added_lines(diff)
-        reason = next(
-            (r for f, ln, r in equivalents if f == function and ln in lines),
-            None,
-        )
+        reason = equivalent(mutant, diff, equivalents)
         if reason is not None:
             row.equivalent += 1
             report.append(f"## {mutant}: equivalent ({reason})\n{diff}\n")
@@ -263,9 +265,14 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
         else:
             old = json.loads(meta_path(mod, work).read_text())["exit_code_by_key"]
     again = sorted(k for k, c in old.items() if c not in KILLED | TIMEOUT)
+    if again:  # equivalent ones need no second run
+        diffs = mutant_diffs(work, mod, again)
+        again = [k for k in again if equivalent(k, diffs.get(k, ""), equivalents) is None]
     if old and not again:
         return collect(name, mod, work, equivalents)
-    work = prepare(name, mod, fresh=not old)
+    # a survivor lived through every old test: only this module's new test file can kill it
+    own = [t for t in mod.tests if "test_mutants_" in t]
+    work = prepare(name, mod, fresh=not old, tests=own if old else None)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     start = time.monotonic()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again]
@@ -279,12 +286,14 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
     if old:  # keep the earlier verdicts of the mutants not run again
         data = json.loads(meta_path(mod, work).read_text())
         new = data["exit_code_by_key"]
-        data["exit_code_by_key"] = {k: (new.get(k) if k in again else c) for k, c in old.items()}
+        data["exit_code_by_key"] = {
+            k: (new[k] if k in again and new.get(k) in KILLED | TIMEOUT else c)
+            for k, c in old.items()
+        }
         meta_path(mod, work).write_text(json.dumps(data, indent=4))
-    row = collect(name, mod, work, equivalents)
-    row.seconds = time.monotonic() - start
-    (work / "seconds").write_text(f"{row.seconds:.0f}\n")
-    return row
+    seconds = time.monotonic() - start
+    (work / ("recheck_seconds" if old else "seconds")).write_text(f"{seconds:.0f}\n")
+    return collect(name, mod, work, equivalents)
 
 
 def table(rows: list[Row]) -> str:
