@@ -158,6 +158,9 @@ def test_table_error_wording() -> None:
         "rows must be a list of (name, SimResult) pairs as compare() returns, got SimResult; "
         "for one result write table([(name, result)])"
     )
+    assert _raises(TypeError, table, 5).startswith(
+        "rows must be a list of (name, SimResult) pairs as compare() returns, got int;"
+    )
     assert _raises(TypeError, table, [r]).endswith(
         "each row must be a (name, SimResult) pair as compare() returns"
     )
