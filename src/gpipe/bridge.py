@@ -94,6 +94,9 @@ class Run:
         inputs: Any,
         states: list[StepState],
     ) -> None:
+        from gpipe.runtime.local import ThreadState
+
+        self.thread_state = ThreadState()  # the forward's grad mode and autocast
         self.pipe = pipe
         self.schedule = schedule
         self.data = data
@@ -159,7 +162,7 @@ class Run:
         if not with_params:  # input gradients only: B split from W, and no W
             self.data.split_backward = True
             part = tuple(tuple(a for a in acts if a.kind != "W") for acts in part)
-        pipe._run_backward(part, self.data, self.states)
+        pipe._run_backward(part, self.data, self.states, self.thread_state)
         self.states = []
         per_mb = [self.data.input_grads[i] for i in range(m)]
         return merge_input_grads(per_mb, self.inputs, pipe.batch_dim)

@@ -35,7 +35,7 @@ from gpipe import remat as remat_mod
 from gpipe.bridge import Run, merge_input_grads
 from gpipe.microbatch import batch_size, merge, split, tree_flatten
 from gpipe.runtime.executor import StepData, execute
-from gpipe.runtime.local import QueueTransport, WorkerPool
+from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
 from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage, StepState
 
@@ -72,10 +72,12 @@ def _is_list(value: Any) -> bool:
 
 
 def _default_devices(k: int | None) -> list[torch.device]:
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        if k is None or k <= n:
-            return [torch.device("cuda", i) for i in range(k or n)]
+    """Where K stages run when no ``devices`` are given: on the GPUs whenever there are any
+    (K stages over n GPUs go to ``cuda:(s mod n)``), else K CPU workers. A pipe never falls
+    back to the CPU silently; ask for it with ``devices=["cpu"] * K``."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n:
+        return [torch.device("cuda", i % n) for i in range(k or n)]
     return [torch.device("cpu")] * (k or 1)
 
 
@@ -299,7 +301,7 @@ class Pipe(nn.Module):
             )
             start += count
         self._stages = stages
-        self._pool = WorkerPool(self.num_devices, self._transport, self._threads)
+        self._pool = WorkerPool(self.num_devices, self._transport, self._threads, self.devices)
 
     def _check_shared_placement(self, balance: list[int]) -> None:
         """A parameter used by layers of two stages (a module that appears twice, tied
@@ -387,7 +389,12 @@ class Pipe(nn.Module):
             self._stages, step, m, grad, loss_fn, scale, check_finite=self.check_finite
         )
 
-    def _execute(self, per_device: Sequence[Sequence[Any]], data: StepData) -> None:
+    def _execute(
+        self,
+        per_device: Sequence[Sequence[Any]],
+        data: StepData,
+        state: ThreadState | None = None,
+    ) -> None:
         assert self._stages is not None and self._pool is not None
         k = self.num_devices
         by_device = [
@@ -397,7 +404,7 @@ class Pipe(nn.Module):
         if self._pool.stuck:  # a worker never returned from a failed step: start afresh
             self._pool.close()
             self._transport = QueueTransport(self.timeout)
-            self._pool = WorkerPool(self.num_devices, self._transport, self._threads)
+            self._pool = WorkerPool(self.num_devices, self._transport, self._threads, self.devices)
         jobs = [
             functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
             for d in range(k)
@@ -407,20 +414,25 @@ class Pipe(nn.Module):
             data.cancelled = True
 
         try:
-            self._pool.run(jobs, on_abort=cancel)
+            self._pool.run(jobs, on_abort=cancel, state=state)
         finally:
             self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
             self.peak_live = [data.peak_live.get(d, 0) for d in range(k)]
 
     def _run_backward(
-        self, per_device: Sequence[Sequence[Any]], data: StepData, states: list[StepState]
+        self,
+        per_device: Sequence[Sequence[Any]],
+        data: StepData,
+        states: list[StepState],
+        thread_state: ThreadState,
     ) -> None:
-        """The backward actions of an earlier ``pipe(x)``, on that call's own step states."""
+        """The backward actions of an earlier ``pipe(x)``, on that call's own step states and
+        under its forward's autocast (a recompute repeats the forward exactly)."""
         assert self._stages is not None
         with self._owned("the backward of pipe(x)"):
             for st, state in zip(self._stages, states, strict=True):
                 st.state = state
-            self._execute(per_device, data)
+            self._execute(per_device, data, thread_state)
 
     def _check_rows(self, data: StepData, m: int) -> None:
         """Each micro-batch's output keeps its rows: a layer that changed the batch size (or

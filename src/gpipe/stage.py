@@ -249,6 +249,8 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} ran forward twice")
         inputs = self._prepare(state, x)
         want_loss = self.is_last and state.loss_fn is not None
+        if want_loss and target is not None:
+            target = _to_device(target, self.device)  # the loss runs where the outputs are
         self._sink = {}
         try:
             if not state.grad_mode:
@@ -342,3 +344,17 @@ class Stage:
         outs = saved.out_tensors
         if outs and params:
             torch.autograd.backward(outs, saved.out_grads, inputs=params)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor leaf on ``device`` (a copy only where it is elsewhere)."""
+    leaves, rebuild = tree_flatten(obj)
+    return rebuild(
+        [
+            # non-blocking only towards a GPU: a copy to the CPU must be complete when read
+            v.to(device, non_blocking=device.type == "cuda")
+            if isinstance(v, torch.Tensor) and v.device != device
+            else v
+            for _, v in leaves
+        ]
+    )

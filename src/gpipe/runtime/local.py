@@ -27,7 +27,7 @@ import torch
 
 from gpipe.runtime.executor import Aborted, StageError
 
-__all__ = ["QueueTransport", "WorkerPool"]
+__all__ = ["QueueTransport", "ThreadState", "WorkerPool"]
 
 
 class QueueTransport:
@@ -78,7 +78,7 @@ class QueueTransport:
             self._aborted = False
 
 
-class _State:
+class ThreadState:
     """Thread-local torch state captured in the caller and re-applied in a worker."""
 
     def __init__(self) -> None:
@@ -89,7 +89,10 @@ class _State:
                 self.autocast.append((dev, torch.get_autocast_dtype(dev)))
 
     def apply(self, fn: Callable[[], None]) -> None:
-        with torch.set_grad_enabled(self.grad):
+        # Backward runs on this worker thread, not on autograd's per-device thread: a user's
+        # loss.backward() on CUDA reaches the pipe's bridge on that device thread, which then
+        # waits for the workers; their own backward queued behind it would never run.
+        with torch.set_grad_enabled(self.grad), torch.autograd.set_multithreading_enabled(False):
             ctxs = [torch.autocast(dev, dtype=dt) for dev, dt in self.autocast]
             for c in ctxs:
                 c.__enter__()
@@ -100,9 +103,17 @@ class _State:
                     c.__exit__(None, None, None)
 
 
-def _worker(jobs: queue.Queue, results: queue.Queue, index: int, threads: int | None) -> None:
+def _worker(
+    jobs: queue.Queue,
+    results: queue.Queue,
+    index: int,
+    threads: int | None,
+    device: torch.device | None,
+) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # a layer's device="cuda" tensors land on its own GPU
     while True:
         job = jobs.get()
         if job is None:
@@ -122,7 +133,13 @@ class WorkerPool:
     when :meth:`close` is called or the pool is garbage-collected.
     """
 
-    def __init__(self, size: int, transport: QueueTransport, threads_per_worker: int | None = None):
+    def __init__(
+        self,
+        size: int,
+        transport: QueueTransport,
+        threads_per_worker: int | None = None,
+        devices: Sequence[torch.device] | None = None,
+    ):
         self.size = size
         self.transport = transport
         self._jobs = [queue.Queue() for _ in range(size)]
@@ -130,7 +147,13 @@ class WorkerPool:
         self._threads = [
             threading.Thread(
                 target=_worker,
-                args=(self._jobs[i], self._results, i, threads_per_worker),
+                args=(
+                    self._jobs[i],
+                    self._results,
+                    i,
+                    threads_per_worker,
+                    None if devices is None else devices[i],
+                ),
                 name=f"gpipe-device-{i}",
                 daemon=True,
             )
@@ -173,7 +196,10 @@ class WorkerPool:
         return self._stuck
 
     def run(
-        self, jobs: Sequence[Callable[[], None]], on_abort: Callable[[], None] | None = None
+        self,
+        jobs: Sequence[Callable[[], None]],
+        on_abort: Callable[[], None] | None = None,
+        state: ThreadState | None = None,
     ) -> None:
         """Run one job per worker; raise the first worker failure once the others stopped.
 
@@ -181,7 +207,10 @@ class WorkerPool:
         waits wake at once; a layer busy in its own code finishes its action first). A worker
         that is still busy after that is abandoned: the failure is raised anyway and the pool
         reports :attr:`stuck`. ``on_abort`` runs when the step is abandoned (the caller marks
-        its step data cancelled so late workers stop before their next action).
+        its step data cancelled so late workers stop before their next action). ``state`` is
+        the grad-mode and autocast state the jobs run under (default: the caller's); the
+        backward of ``pipe(x)`` passes its forward's, so a recompute repeats the forward's
+        autocast even when autograd calls it from another thread.
         """
         if not self._finalizer.alive:
             raise RuntimeError("this pipeline's workers were closed; build a new Pipe")
@@ -190,7 +219,7 @@ class WorkerPool:
         if len(jobs) != self.size:
             raise ValueError(f"expected {self.size} jobs, got {len(jobs)}")
         self.transport.reset()
-        state = _State()
+        state = state or ThreadState()
         for q, fn in zip(self._jobs, jobs):
             q.put((fn, state))
         errors: list[BaseException] = []

@@ -1,0 +1,112 @@
+"""What the local runtime does for GPUs that CPU can check: device choice, autograd threads,
+autocast reused by recompute, targets on the last stage's device.
+
+The CUDA paths themselves run in ``benchmarks/gpu.sh`` on a lent GPU; these tests pin the
+bookkeeping those paths rely on.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import gpipe
+from gpipe import pipe as pipe_mod
+
+D = 6
+
+
+@pytest.mark.parametrize(
+    ("gpus", "k", "want"),
+    [
+        (0, 2, ["cpu", "cpu"]),
+        (1, 2, ["cuda:0", "cuda:0"]),
+        (2, 3, ["cuda:0", "cuda:1", "cuda:0"]),
+        (4, None, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]),
+        (0, None, ["cpu"]),
+    ],
+)
+def test_default_devices_use_every_gpu_and_never_fall_back_to_cpu(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, k: int | None, want: list[str]
+) -> None:
+    # K stages over n GPUs go to cuda:(s mod n); with more stages than GPUs the pipe used to
+    # put every stage on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert [str(d) for d in pipe_mod._default_devices(k)] == want
+
+
+class Probe(nn.Module):
+    """A linear layer that records, per call, its thread's autograd multithreading flag in
+    backward and the dtype its matmul computed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.backward_flags: list[tuple[str, bool]] = []
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        self.dtypes.append(y.dtype)
+        if y.requires_grad:
+            y.register_hook(self._hook)
+        return y.float()
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        name = threading.current_thread().name
+        self.backward_flags.append((name, torch._C._is_multithreading_enabled()))
+
+
+def test_stage_backward_runs_on_the_worker_with_autograd_multithreading_off() -> None:
+    torch.manual_seed(0)
+    probe = Probe()
+    model = nn.Sequential(nn.Linear(D, D), probe)
+    pipe = gpipe.Pipe(model, balance=[1, 1], chunks=2)
+    x = torch.randn(4, D)
+    pipe(x).sum().backward()
+    assert len(probe.backward_flags) == 2  # one per micro-batch
+    for name, flag in probe.backward_flags:
+        assert name.startswith("gpipe-device-") and flag is False
+    assert torch._C._is_multithreading_enabled()  # the caller's own setting is untouched
+
+
+def test_pipe_backward_works_with_the_callers_autograd_multithreading_off() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double()
+    pipe = gpipe.Pipe(model, balance=[2, 1], chunks=2)
+    x = torch.randn(4, D, dtype=torch.float64)
+    with torch.autograd.set_multithreading_enabled(False):
+        (pipe(x) ** 2).sum().backward()
+    (plain(x) ** 2).sum().backward()
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+
+def test_recompute_repeats_the_forwards_autocast_even_when_backward_is_outside_it() -> None:
+    torch.manual_seed(0)
+    probe = Probe()
+    model = nn.Sequential(nn.Linear(D, D), probe)
+    pipe = gpipe.Pipe(model, balance=[1, 1], chunks=2, remat="always")
+    x = torch.randn(4, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pipe(x)
+    out.sum().backward()  # outside the autocast region, as training loops often do
+    assert probe.dtypes == [torch.bfloat16] * 4  # 2 forwards + 2 recomputes
+
+
+def test_targets_are_moved_to_the_last_stages_device() -> None:
+    # the last stage moves the targets where its outputs are (here "meta" stands in for a GPU)
+    from gpipe.stage import _to_device
+
+    y = {"labels": torch.arange(4), "weights": torch.ones(4), "name": "batch"}
+    moved = _to_device(y, torch.device("meta"))
+    assert moved["labels"].device.type == "meta" and moved["weights"].device.type == "meta"
+    assert moved["labels"].shape == (4,) and moved["name"] == "batch"
+    same = torch.ones(2)
+    assert _to_device(same, torch.device("cpu")) is same  # no copy where it already is
