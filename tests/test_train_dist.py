@@ -164,3 +164,24 @@ def test_export_works_on_any_topology(runs: dict[str, Path], tmp_path: Path) -> 
 
         model = TransformerLM(TransformerConfig.preset("tiny"))
         model.load_state_dict(load_file(str(target)))  # strict: every name is there
+
+
+def test_an_error_on_one_rank_is_one_line_and_exit_2(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A shard only rank 1 reads is corrupted (same size, so only its hash tells): the ranks'
+    errors come back through the launcher as one line, without torchrun's report."""
+    out = tmp_path / "run"
+    shutil.copytree(runs["dist"], out)
+    shard = out / "checkpoints" / f"step-{2 * N:08d}" / "shard-01.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpipe.cli", "train", "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gpipe: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "shard-01.safetensors is corrupted" in errors[0]

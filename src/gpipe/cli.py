@@ -1,7 +1,7 @@
 """The ``gpipe`` command: train, plan, generate, export and trace.
 
-The only module (with :mod:`gpipe.cli_plan` and :mod:`gpipe.cli_base`) that parses argv and
-prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train`,
+The only module (with :mod:`gpipe.cli_train`, :mod:`gpipe.cli_plan` and :mod:`gpipe.cli_base`)
+that parses argv and prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train`,
 :mod:`gpipe.state`, :mod:`gpipe.cost`, :mod:`gpipe.simulate`, :mod:`gpipe.trace`) and
 shows the results.
 
@@ -17,371 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from gpipe.cli_base import (
-    EXIT_USAGE,
     Parser,
     UsageError,
-    check_folder_path,
     check_int,
     check_number,
     check_output_file,
     fmt_bytes,
-    one_line,
-    toml_module,
 )
 from gpipe.cli_plan import add_plan_parser, cmd_plan
-from gpipe.cli_run import EarlierRunFiles, Metrics, write_trace
+from gpipe.cli_train import add_train_parser, cmd_train, report_error
 
 __all__ = ["UsageError", "build_parser", "main"]
-
-
-def _fail(message: str) -> int:
-    print(f"gpipe: error: {one_line(message)}", file=sys.stderr)
-    return EXIT_USAGE
-
-
-# ============================================================================ gpipe train
-
-# (flag, TrainConfig field, type, help). Defaults live in TrainConfig; argparse defaults are
-# None so that "given on the command line" can be told apart from "default".
-_TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model-preset", "model_preset", str, "model size: tiny, small or 1b-words"),
-    ("--stages", "stages", int, "pipeline stages K (worker threads, or processes with dist)"),
-    ("--chunks", "chunks", int, "micro-batches M per mini-batch"),
-    ("--schedule", "schedule", str, "gpipe, 1f1b, interleaved or zb-h1"),
-    ("--remat", "remat", str, "re-materialization: always, except_last or never"),
-    ("--batch-size", "batch_size", int, "sequences per optimizer step (split into chunks)"),
-    ("--seq-len", "seq_len", int, "bytes per training sequence"),
-    ("--steps", "steps", int, "optimizer steps in total"),
-    ("--lr", "lr", float, "peak learning rate (AdamW)"),
-    ("--warmup", "warmup", int, "linear warm-up steps, then cosine decay"),
-    ("--final-lr-ratio", "final_lr_ratio", float, "learning rate at the end, relative to --lr"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
-    ("--clip", "clip", float, "clip the global gradient norm to this (0: off)"),
-    ("--precision", "precision", str, "fp32 or bf16 (autocast)"),
-    ("--eval-interval", "eval_interval", int, "validate every N steps (0: only at the end)"),
-    ("--eval-batches", "eval_batches", int, "fixed validation batches per evaluation"),
-    ("--checkpoint-interval", "checkpoint_interval", int, "checkpoint every N steps (+ end)"),
-    ("--keep", "keep", int, "checkpoints to keep"),
-    ("--seed", "seed", int, "seed of initialization, batches and dropout"),
-    ("--data", "data", str, "UTF-8 text file or folder (default: the Python stdlib sources)"),
-    ("--max-bytes", "max_bytes", int, "cap on the training split in bytes"),
-    ("--out", "out", str, "run folder: checkpoints, metrics.jsonl, config.json, trace"),
-    ("--runtime", "runtime", str, "local (threads, one process) or dist (torchrun)"),
-    ("--data-parallel", "data_parallel", int, "data-parallel replicas with --runtime dist"),
-]
-
-
-def _add_train_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train the byte-level Transformer LM as a pipeline",
-        description="Train a byte-level Transformer LM with pipeline parallelism. Every option "
-        "has a default; options come from the defaults, then --config FILE.toml, then flags.",
-    )
-    p.add_argument("--config", metavar="FILE.toml", help="options as TOML ([model] overrides)")
-    for flag, field, typ, text in _TRAIN_FLAGS:
-        p.add_argument(flag, dest=field, type=typ, default=None, help=text)
-    p.add_argument("--dropout", type=float, default=None, help="model dropout probability")
-    p.add_argument(
-        "--trace",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="record one step's timeline to OUT/trace.json and OUT/timeline.png",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines)")
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    """The options of TOML file ``path``, keys normalized to field names; a usage error for a
-    missing, unreadable or invalid file or an unknown key (values are checked by
-    :meth:`gpipe.train.TrainConfig.validate`)."""
-    from gpipe.train import TrainConfig
-
-    tomllib = toml_module()
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"config file {path!r} does not exist; check --config")
-    if not p.is_file():
-        raise UsageError(f"config file {path!r} is not a file; pass a .toml file to --config")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        msg = f"config file {path} is not UTF-8 text ({e.reason}); save it as UTF-8"
-        raise UsageError(msg) from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name == "model":
-            if not isinstance(value, dict):
-                raise UsageError(
-                    f"config file {path}: model must be a [model] table of TransformerConfig "
-                    f"fields, got {value!r}"
-                )
-            out["model"] = {k.replace("-", "_"): v for k, v in value.items()}
-        elif name == "dropout":
-            out.setdefault("model", {})["dropout"] = value
-        elif name in fields:
-            out[name] = value
-        else:
-            raise UsageError(
-                f"config file {path}: unknown option {key!r}; known options: "
-                f"{', '.join(sorted(fields))} and a [model] table"
-            )
-    return out
-
-
-def _train_config(args: argparse.Namespace) -> Any:
-    """Defaults < the resumed checkpoint's config < --config file < flags, validated whole
-    (:meth:`gpipe.train.TrainConfig.validate`) before anything is built."""
-    from gpipe import state as checkpoint
-    from gpipe.train import TrainConfig, check_resume
-
-    values: dict[str, Any] = TrainConfig().to_dict()
-    from_file = _read_toml(args.config) if args.config else {}
-    flags = {field: getattr(args, field) for _, field, _, _ in _TRAIN_FLAGS}
-    flags = {k: v for k, v in flags.items() if v is not None}
-    out = flags.get("out", from_file.get("out", values["out"]))
-    if not isinstance(out, str) or not out:
-        raise UsageError(f"out must be a folder path, got {out!r} (--out)")
-    check_folder_path("--out", out)
-    check_folder_path("--out", str(Path(out) / "checkpoints"))
-    resumed_step = found = None
-    manifest: dict[str, Any] = {}
-    if args.resume:
-        found = checkpoint.latest(Path(out) / "checkpoints")
-        if found is None:
-            raise UsageError(
-                f"nothing to resume: no checkpoint in {Path(out) / 'checkpoints'}; check --out, "
-                "or run without --resume to start a fresh run"
-            )
-        _, manifest = checkpoint.read_manifest(found)
-        saved = manifest.get("config", {})
-        if not isinstance(saved, dict):
-            raise UsageError(f"{found}/manifest.json records no training config to resume")
-        values.update({k: v for k, v in saved.items() if k in values and k != "out"})
-        resumed_step = manifest["step"]
-    model = {**values["model"], **from_file.pop("model", {})}
-    values.update(from_file)
-    values.update(flags)
-    if args.dropout is not None:
-        model["dropout"] = args.dropout
-    values["model"] = model
-    if args.trace is not None:
-        values["trace"] = args.trace
-    config = TrainConfig.from_dict(values)
-    if found is not None:  # before any process is launched: every rank would refuse alike
-        check_resume(config, found, manifest)
-    if resumed_step is not None and config.steps < resumed_step:
-        raise UsageError(
-            f"--steps {config.steps} is below the checkpoint's step {resumed_step} in "
-            f"{Path(out) / 'checkpoints'}; pass --steps {resumed_step} or more to continue, or "
-            "drop --resume (and pick another --out) to start fresh"
-        )
-    return config
-
-
-def _launch_dist(config: Any, argv: Sequence[str]) -> int:
-    """Re-run this command under torchrun with stages × data-parallel processes."""
-    n = config.stages * config.data_parallel
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-        "-m", "gpipe.cli", *argv,
-    ]  # fmt: skip
-    print(f"gpipe: launching {n} processes: {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.call(cmd)
-
-
-DIST_TIMEOUT = 300.0
-"""Seconds any wait of a distributed run may last (messages, collectives, checkpoint saves)."""
-
-
-def _init_dist() -> None:
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    timeout = timedelta(seconds=DIST_TIMEOUT)  # every collective's wait is bounded
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl", timeout=timeout)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
-
-
-def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Train as configured; every option is validated before the model is built, and an
-    earlier run's checkpoints in ``--out`` are moved aside only after this run's first save."""
-    from gpipe.state import CheckpointError, latest
-    from gpipe.train import Trainer
-
-    try:
-        config = _train_config(args)
-    except (ValueError, TypeError, CheckpointError) as e:
-        raise UsageError(str(e)) from None
-    if config.runtime == "dist" and "LOCAL_RANK" not in os.environ:
-        return _launch_dist(config, argv)
-    if config.runtime == "dist":
-        _init_dist()
-    out = Path(config.out)
-    t_setup = time.perf_counter()
-    old = None if args.resume else latest(out / "checkpoints")
-    try:
-        trainer = Trainer(config, resume=args.resume, timeout=DIST_TIMEOUT)
-    except (ValueError, OSError, ModuleNotFoundError, CheckpointError) as e:
-        raise UsageError(str(e)) from None
-    main_rank = trainer.is_main
-    say = print if main_rank else (lambda *a, **k: None)
-    metrics: Metrics | None = None
-    # An earlier run's metrics.jsonl and config.json: they follow its checkpoints aside, or
-    # come back if this run stops before its first checkpoint.
-    earlier = EarlierRunFiles(out) if trainer.replaces_earlier and main_rank else None
-    try:
-        start = trainer.step
-        if main_rank:
-            resolved = {**config.to_dict(), "model_resolved": _model_fields(trainer)}
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
-            except OSError as e:
-                raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
-        mc = trainer.model_config
-        say(f"data: {trainer.corpus.description}")
-        say(
-            f"model: {config.model_preset} (d_model {mc.d_model}, {mc.n_layers} layers, "
-            f"dropout {mc.dropout}), {trainer.model.num_parameters():,} parameters"
-        )
-        for line in trainer.pipe.describe():
-            say(f"  {line}")
-        dp = config.data_parallel
-        replicas = f" x {dp} data-parallel replicas" if dp > 1 else ""
-        say(
-            f"pipeline: {config.stages} stages{replicas}, {config.chunks} micro-batches of "
-            f"{config.batch_size // (config.chunks * dp)}, schedule {config.schedule}, remat "
-            f"{config.remat}, {config.precision}, runtime {config.runtime}"
-        )
-        if start:
-            say(f"resumed from {trainer.resumed_from} at step {start}")
-        elif old is not None:
-            say(
-                f"starting fresh: the earlier checkpoints in {old.parent} stay until this run "
-                "saves its first one, then move aside (--resume would continue them)"
-            )
-        metrics = Metrics(out, start if args.resume else None) if main_rank else None
-        quiet = args.no_progress or not main_rank
-        final = _train_loop(trainer, config, metrics, out, quiet, earlier)
-    except KeyboardInterrupt:
-        if earlier is not None and earlier.saved:
-            how = f" before its first checkpoint; the earlier run in {out} is untouched"
-        else:
-            how = f"; continue with: gpipe train --out {out} --resume"
-        say(f"\ninterrupted at step {trainer.step}{how}", file=sys.stderr)
-        return 130
-    except FloatingPointError as e:  # the loss diverged: a learning rate or clip to change
-        say(f"gpipe: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        trainer.close()
-        if metrics is not None:
-            metrics.close()
-        if earlier is not None:
-            earlier.restore()  # nothing left to restore once they followed the checkpoints
-    if final is not None:
-        ent = trainer.unigram_entropy
-        loss = final["val_loss"]
-        verdict = "below" if loss < ent else "not yet below"
-        say(
-            f"final validation loss {loss:.3f} nats/byte (perplexity {final['val_ppl']:.2f}) vs "
-            f"unigram byte entropy {ent:.3f} nats: {abs(ent - loss):.3f} nats {verdict} it"
-        )
-    say(f"done in {time.perf_counter() - t_setup:.0f}s; run folder {out}")
-    return 0
-
-
-def _model_fields(trainer: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(trainer.model_config)
-
-
-def _train_loop(
-    trainer: Any,
-    config: Any,
-    metrics: Metrics | None,
-    out: Path,
-    quiet: bool,
-    earlier: EarlierRunFiles | None = None,
-) -> dict[str, Any] | None:
-    from tqdm import tqdm
-
-    main_rank = trainer.is_main
-    bar = tqdm(
-        total=config.steps,
-        initial=trainer.step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=quiet,
-        file=sys.stderr,
-    )
-    log = bar.write if not quiet else (print if main_rank else (lambda *a, **k: None))
-    final = None
-    last_log = time.perf_counter()
-    try:
-        for rec in trainer.run():
-            kind = rec["kind"]
-            if metrics is not None:
-                metrics.write(rec)
-            if kind == "step":
-                bub = rec["bubble"]
-                bar.set_postfix(
-                    loss=f"{rec['loss']:.3f}",
-                    tok_s=f"{rec['tokens_per_s']:.0f}",
-                    bubble="-" if bub is None else f"{bub:.0%}",
-                    refresh=False,
-                )
-                bar.update(1)
-                if quiet and main_rank and time.perf_counter() - last_log > 10:
-                    last_log = time.perf_counter()
-                    log(
-                        f"step {rec['step']}/{config.steps} loss {rec['loss']:.3f} "
-                        f"{rec['tokens_per_s']:.0f} tok/s"
-                    )
-            elif kind == "eval":
-                final = rec
-                log(
-                    f"step {rec['step']:>6}: validation loss {rec['val_loss']:.3f} "
-                    f"(perplexity {rec['val_ppl']:.2f})"
-                )
-            elif kind == "trace" and main_rank:
-                log(f"step {rec['step']}: timeline written to {write_trace(rec, out)}")
-            elif kind == "checkpoint":
-                log(f"step {rec['step']:>6}: checkpoint {rec['path']}")
-                if rec.get("moved_aside"):
-                    if earlier is not None:
-                        earlier.follow(Path(rec["moved_aside"]))
-                    log(
-                        f"step {rec['step']:>6}: moved the earlier run's checkpoints (with its "
-                        f"metrics.jsonl and config.json) to {rec['moved_aside']}; nothing deleted"
-                    )
-    finally:
-        bar.close()
-    return final
 
 
 # ============================================================================ generate / export
@@ -546,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gpipe", description="GPipe pipeline parallelism for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_train_parser(sub)
+    add_train_parser(sub)
     add_plan_parser(sub)
     _add_generate_parser(sub)
     p = sub.add_parser("export", help="write a checkpoint's model as one safetensors file")
@@ -566,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help printed
         return int(e.code or 0)
     except UsageError as e:  # argparse's own errors, made one line by Parser.error
-        return _fail(str(e))
+        return report_error(str(e))
     try:
         if args.command == "train":
             return cmd_train(args, argv)
@@ -578,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_export(args)
         return cmd_trace(args)
     except UsageError as e:
-        return _fail(str(e))
+        return report_error(str(e))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_output_file",
+    "fail",
     "fmt_bytes",
     "one_line",
     "toml_module",
@@ -47,6 +49,12 @@ class Parser(argparse.ArgumentParser):
 def one_line(message: str) -> str:
     """``message`` with its line breaks folded, so an error is always exactly one line."""
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(message: str) -> int:
+    """Print ``message`` as the one ``gpipe: error: ...`` line on stderr; return 2."""
+    print(f"gpipe: error: {one_line(message)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def check_int(flag: str, value: int, low: int, high: int | None = None) -> int:
