@@ -110,3 +110,26 @@ def test_targets_are_moved_to_the_last_stages_device() -> None:
     assert moved["labels"].shape == (4,) and moved["name"] == "batch"
     same = torch.ones(2)
     assert _to_device(same, torch.device("cpu")) is same  # no copy where it already is
+
+
+@pytest.mark.parametrize(
+    ("backend", "env", "want"),
+    [
+        ("gloo", {}, "cpu"),
+        ("gloo", {"LOCAL_RANK": "3"}, "cpu"),
+        ("nccl", {"LOCAL_RANK": "0"}, "cuda:0"),
+        ("nccl", {"LOCAL_RANK": "3"}, "cuda:3"),
+    ],
+)
+def test_distributed_default_device_follows_local_rank(backend: str, env: dict, want: str) -> None:
+    from gpipe.distributed import default_device
+
+    assert str(default_device(backend, env)) == want
+
+
+@pytest.mark.parametrize("env", [{}, {"LOCAL_RANK": "x"}])
+def test_distributed_on_nccl_without_local_rank_refused(env: dict) -> None:
+    from gpipe.distributed import default_device
+
+    with pytest.raises(ValueError, match="LOCAL_RANK is .*launch with torchrun"):
+        default_device("nccl", env)

@@ -37,7 +37,8 @@ ends the step on every rank with an error naming the failing rank, stage and mic
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +57,20 @@ from gpipe.schedules import KIND_WORDS, Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage
 
 __all__ = ["DistributedPipe", "PeerError", "materialize"]
+
+
+def default_device(backend: str, env: Mapping[str, str]) -> torch.device:
+    """This rank's compute device when none is given: under NCCL the GPU ``LOCAL_RANK`` names
+    (torchrun sets it), refused without one; otherwise the CPU."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    local = env.get("LOCAL_RANK")
+    if local is None or not local.isdigit():
+        raise ValueError(
+            f"DistributedPipe on NCCL needs this rank's GPU: LOCAL_RANK is {local!r}; launch "
+            "with torchrun (which sets it) or pass device=torch.device('cuda', i)"
+        )
+    return torch.device("cuda", int(local))
 
 
 def _failure_text(e: BaseException) -> str:
@@ -95,8 +110,8 @@ class DistributedPipe(nn.Module):
         check_finite: raise (naming the micro-batch) when a loss is NaN or infinite, before
             its backward runs, as :class:`gpipe.Pipe` does.
         process_group: the ranks running this pipeline (default: ``WORLD``).
-        device: this rank's compute device (default: the current CUDA device under NCCL, else
-            CPU).
+        device: this rank's compute device (default: ``cuda:LOCAL_RANK`` under NCCL, refused
+            without ``LOCAL_RANK``; else CPU).
         timeout: seconds any wait may last (messages, collectives, new groups).
         data_parallel: replicas D (default: ``W // K``); ``W`` must equal ``K · D``.
         tied: tuples of parameter names (as in the full model's
@@ -303,13 +318,11 @@ class DistributedPipe(nn.Module):
             plan.check_stage_count(len(self._named), k, v, self._pinned)
 
         # --- device
-        if device is None:
-            device = (
-                torch.device("cuda", torch.cuda.current_device())
-                if backend == "nccl"
-                else torch.device("cpu")
-            )
-        self.device = torch.device(device)
+        self.device = (
+            default_device(backend, os.environ) if device is None else torch.device(device)
+        )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL and this rank's kernels use this GPU
 
         # --- ties (names validated now, groups resolved at build)
         self._tied = [tuple(t) for t in tied]
