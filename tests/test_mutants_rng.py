@@ -169,9 +169,10 @@ def test_native_dropout_of_everything() -> None:
 
 # ------------------------------------------------------- an op with no generator overload
 
-_LIB = torch.library.Library("gpipe_mutants", "DEF")
-_LIB.define("noisy(Tensor x) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
-_LIB.impl("noisy", lambda x: x + torch.rand(x.shape), "CPU")
+if not hasattr(torch.ops.gpipe_mutants, "noisy"):  # once per process, however often imported
+    _LIB = torch.library.Library("gpipe_mutants", "DEF")
+    _LIB.define("noisy(Tensor x) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
+    _LIB.impl("noisy", lambda x: x + torch.rand(x.shape), "CPU")
 
 
 def test_op_without_generator_overload_is_seeded_from_the_key() -> None:
