@@ -8,12 +8,14 @@ index, a state written with K stages under one runtime resumes with K' stages un
 * :mod:`gpipe.state.folder` — the on-disk layout and the crash-safe write (begin, shards,
   commit), usable by one process or by every rank of a distributed run;
 * :mod:`gpipe.state.read` — verify, load (optionally only the shards a rank needs), export;
-* :mod:`gpipe.state.optim` — optimizer state by parameter name.
+* :mod:`gpipe.state.optim` — optimizer state by parameter name;
+* :mod:`gpipe.state.codec` — non-tensor state (RNG, tuples) as JSON.
 
 The invariant: the folder ``ROOT/latest`` names is complete and verified whatever moment a save
 is interrupted at, and nothing is ever unpickled.
 """
 
+from gpipe.state.codec import decode_rng, encode_rng
 from gpipe.state.folder import (
     FORMAT,
     FORMAT_VERSION,
@@ -23,8 +25,6 @@ from gpipe.state.folder import (
     begin,
     clear,
     commit,
-    decode_rng,
-    encode_rng,
     latest,
     list_checkpoints,
     replace_root,

@@ -25,7 +25,6 @@ manifest last, fsyncs, renames the folder into place, then replaces ``latest`` a
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -38,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from gpipe.state.codec import encode_rng, json_value
 
 FORMAT = "gpipe-checkpoint"
 FORMAT_VERSION = 2
@@ -116,41 +116,6 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], what: str) -> bytes:
             seen.add(t.untyped_storage().data_ptr())
         flat[name] = t
     return st_save(flat)
-
-
-def encode_rng(state: Tensor) -> str:
-    """A torch generator state (``uint8`` tensor) as base64 text for JSON."""
-    return base64.b64encode(bytes(state.to(torch.uint8).tolist())).decode("ascii")
-
-
-def decode_rng(text: str) -> Tensor:
-    """Inverse of :func:`encode_rng`."""
-    raw = base64.b64decode(text.encode("ascii"), validate=True)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
-
-
-def json_value(value: Any) -> Any:
-    """Tuples become ``{"__tuple__": [...]}`` so they come back as tuples."""
-    if isinstance(value, tuple):
-        return {"__tuple__": [json_value(v) for v in value]}
-    if isinstance(value, list):
-        return [json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, Tensor):
-        raise TypeError("a tensor cannot go into the JSON manifest; pass it as a tensor")
-    return value
-
-
-def from_json(value: Any) -> Any:
-    """Inverse of :func:`json_value`."""
-    if isinstance(value, dict):
-        if set(value) == {"__tuple__"}:
-            return tuple(from_json(v) for v in value["__tuple__"])
-        return {k: from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_json(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------- the folder

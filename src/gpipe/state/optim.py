@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gpipe.state.folder import SLOT_SEP, CheckpointError, from_json, json_value
+from gpipe.state.codec import from_json, json_value
+from gpipe.state.folder import SLOT_SEP, CheckpointError
 
 
 def state_by_name(

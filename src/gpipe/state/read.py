@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gpipe.state.codec import from_json
 from gpipe.state.folder import (
     FORMAT,
     MANIFEST,
@@ -32,7 +33,6 @@ from gpipe.state.folder import (
     STEP_RE,
     TMP_PREFIX,
     CheckpointError,
-    from_json,
     latest,
     write_bytes,
 )
