@@ -47,6 +47,9 @@ class Module:
     source: str
     tests: list[str]
     extra: list[str] = field(default_factory=list)  # pytest -k / -m for the subset
+    # mutmut stops a mutant after (its tests' time + 1 s) x this; a pipe mutant that loses a
+    # message waits for the transport's 300 s timeout, so the pipe modules get a tighter bound
+    timeout_multiplier: float = 15.0
 
 
 MODULES: dict[str, Module] = {
@@ -85,21 +88,25 @@ MODULES: dict[str, Module] = {
         "src/gpipe/remat.py",
         ["tests/test_mutants_remat.py", "tests/test_pipe.py", "tests/test_pipe_unusual.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        timeout_multiplier=3.0,
     ),
     "stage": Module(
         "src/gpipe/stage.py",
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_stage.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        timeout_multiplier=3.0,
     ),
     "executor": Module(
         "src/gpipe/runtime/executor.py",
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_executor.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        timeout_multiplier=3.0,
     ),
     "local": Module(
         "src/gpipe/runtime/local.py",
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_local.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        timeout_multiplier=3.0,
     ),
 }
 
@@ -182,6 +189,7 @@ def prepare(name: str, mod: Module, fresh: bool = True, tests: list[str] | None 
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "--hypothesis-seed=0", *mod.extra],
         "use_git_change_detection": False,
+        "timeout_multiplier": mod.timeout_multiplier,
     }
     text = (ROOT / "pyproject.toml").read_text()
     text += "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
