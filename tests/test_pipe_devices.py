@@ -7,6 +7,7 @@ bookkeeping those paths rely on.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -17,6 +18,8 @@ import gpipe
 from gpipe import pipe as pipe_mod
 
 D = 6
+# benchmarks/gpu.sh runs the tests marked "device" with GPIPE_TEST_DEVICE=cuda on a lent GPU
+DEV = torch.device(os.environ.get("GPIPE_TEST_DEVICE", "cpu"))
 
 
 @pytest.mark.parametrize(
@@ -61,12 +64,13 @@ class Probe(nn.Module):
         self.backward_flags.append((name, torch._C._is_multithreading_enabled()))
 
 
+@pytest.mark.device
 def test_stage_backward_runs_on_the_worker_with_autograd_multithreading_off() -> None:
     torch.manual_seed(0)
     probe = Probe()
     model = nn.Sequential(nn.Linear(D, D), probe)
-    pipe = gpipe.Pipe(model, balance=[1, 1], chunks=2)
-    x = torch.randn(4, D)
+    pipe = gpipe.Pipe(model, balance=[1, 1], chunks=2, devices=[DEV, DEV], timeout=30)
+    x = torch.randn(4, D, device=DEV)
     pipe(x).sum().backward()
     assert len(probe.backward_flags) == 2  # one per micro-batch
     for name, flag in probe.backward_flags:
@@ -74,13 +78,14 @@ def test_stage_backward_runs_on_the_worker_with_autograd_multithreading_off() ->
     assert torch._C._is_multithreading_enabled()  # the caller's own setting is untouched
 
 
+@pytest.mark.device
 def test_pipe_backward_works_with_the_callers_autograd_multithreading_off() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double()
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double()
-    pipe = gpipe.Pipe(model, balance=[2, 1], chunks=2)
-    x = torch.randn(4, D, dtype=torch.float64)
+    plain = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double().to(DEV)
+    pipe = gpipe.Pipe(model, balance=[2, 1], chunks=2, devices=[DEV, DEV], timeout=30)
+    x = torch.randn(4, D, dtype=torch.float64, device=DEV)
     with torch.autograd.set_multithreading_enabled(False):
         (pipe(x) ** 2).sum().backward()
     (plain(x) ** 2).sum().backward()
@@ -88,13 +93,16 @@ def test_pipe_backward_works_with_the_callers_autograd_multithreading_off() -> N
         torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
 
 
+@pytest.mark.device
 def test_recompute_repeats_the_forwards_autocast_even_when_backward_is_outside_it() -> None:
     torch.manual_seed(0)
     probe = Probe()
     model = nn.Sequential(nn.Linear(D, D), probe)
-    pipe = gpipe.Pipe(model, balance=[1, 1], chunks=2, remat="always")
-    x = torch.randn(4, D)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    pipe = gpipe.Pipe(
+        model, balance=[1, 1], chunks=2, remat="always", devices=[DEV, DEV], timeout=30
+    )
+    x = torch.randn(4, D, device=DEV)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
         out = pipe(x)
     out.sum().backward()  # outside the autocast region, as training loops often do
     assert probe.dtypes == [torch.bfloat16] * 4  # 2 forwards + 2 recomputes

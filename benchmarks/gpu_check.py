@@ -1,0 +1,236 @@
+"""The correctness half of the prepared GPU check: every schedule and remat mode on a device.
+
+For each schedule x re-materialization mode x precision (fp32, and bf16 autocast),
+a 2-stage ``gpipe.Pipe`` with both stages on ``--device`` (``devices=[d, d]``, timeout 30 s)
+trains one step, by ``pipe.step`` and, for ``gpipe``, by ``loss_fn(pipe(x), y).backward()``;
+its loss and gradients are compared with the plain model on the whole batch. With two or more
+GPUs, ``DistributedPipe`` on NCCL runs every schedule and one fault case in two spawned
+processes; on one GPU that part is skipped with a message.
+
+Every case prints one markdown row as soon as it ends, and a watchdog ends the process (exit
+3) if a case hangs, so a GPU deadlock shows as the case it happened in, not as a silent
+timeout.
+
+    python benchmarks/gpu_check.py                       # on a CUDA machine
+    python benchmarks/gpu_check.py --device cpu --quick  # dry run anywhere (CI runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+import gpipe
+
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+REMATS = ["always", "except_last", "never"]
+D = 64
+
+
+def model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(D, D), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(D, 10))
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.float(), y)
+
+
+def autocast(dev: torch.device, precision: str) -> Any:
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def plain_step(dev: torch.device, precision: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    ref = model().to(dev)
+    with autocast(dev, precision):
+        loss = loss_fn(ref(x), y)
+    loss.backward()
+    return float(loss.detach()), [p.grad.float() for p in ref.parameters()]
+
+
+def check(dev: torch.device, schedule: str, remat: str, precision: str, how: str) -> dict:
+    """One case: the pipe's loss and gradients against the plain model's."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, D, generator=g).to(dev)
+    y = torch.randint(0, 10, (16,), generator=g).to(dev)
+    want_loss, want = plain_step(dev, precision, x, y)
+    m = model().to(dev)
+    pipe = gpipe.Pipe(
+        m,
+        balance=[2, 2, 2, 3] if schedule == "interleaved" else [4, 5],
+        devices=[dev, dev],
+        chunks=4,
+        schedule=schedule,
+        remat=remat,
+        timeout=30,
+    )
+    t0 = time.perf_counter()
+    with autocast(dev, precision):
+        if how == "step":
+            loss = float(pipe.step(x, y, loss_fn))
+        else:
+            out = pipe(x)
+    if how == "backward":
+        lv = loss_fn(out, y)
+        lv.backward()
+        loss = float(lv.detach())
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    got = [p.grad.float() for p in m.parameters()]
+    if len(got) != len(want):
+        raise AssertionError(f"{len(got)} gradients, the plain model has {len(want)}")
+    err = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(got, want))
+    tol = 2e-2 if precision == "bf16" else 1e-4
+    pipe.close()
+    return {
+        "schedule": schedule,
+        "remat": remat,
+        "precision": precision,
+        "how": how,
+        "loss": loss,
+        "plain loss": want_loss,
+        "max rel grad err": err,
+        "ok": err <= tol and abs(loss - want_loss) <= tol * max(1.0, abs(want_loss)),
+        "seconds": seconds,
+    }
+
+
+def watchdog(limit: float, what: list[str]) -> threading.Event:
+    """End the process (exit 3) if the current case runs past ``limit`` seconds."""
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.is_set():
+            start, name = time.monotonic(), what[0]
+            while what[0] == name and not done.is_set():
+                if time.monotonic() - start > limit:
+                    print(f"\nHANG: {name} ran past {limit:.0f}s", flush=True)
+                    os._exit(3)
+                time.sleep(0.2)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done
+
+
+def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    rows = []
+    dev = torch.device("cuda", rank)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, D, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    want_loss, _ = plain_step(dev, "fp32", x.to(dev), y.to(dev))
+    for schedule in SCHEDULES:
+        pipe = gpipe.DistributedPipe(
+            model(),
+            balance=[2, 2, 2, 3] if schedule == "interleaved" else [4, 5],
+            chunks=4,
+            schedule=schedule,
+            timeout=30,
+        )
+        loss = float(pipe.step(x.to(dev), y.to(dev), loss_fn))
+        rows.append({"schedule": schedule, "loss": loss, "plain loss": want_loss})
+        pipe.close()
+    fault = gpipe.DistributedPipe(model(), balance=[4, 5], chunks=4, schedule="1f1b", timeout=10)
+    try:
+        fault.step(x.to(dev), y.to(dev), lambda o, t: o.sum() * float("nan") + (1 / 0))
+        rows.append({"fault": "no error raised"})
+    except Exception as e:  # the failure must reach every rank, named
+        rows.append({"fault": f"{type(e).__name__}: {str(e)[:120]}"})
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def nccl_section(out: str) -> list[str]:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        return [f"DistributedPipe on NCCL: skipped ({n} GPU(s); it needs 2)"]
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_nccl_worker, args=(2, port, out), nprocs=2, start_method="spawn")
+    lines = []
+    for r in range(2):
+        with open(f"{out}.{r}") as f:
+            lines.append(f"rank {r}: {json.load(f)}")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="fewer cases (the CI dry run)")
+    ap.add_argument("--case-limit", type=float, default=60.0, help="seconds before HANG")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(
+            f"gpu_check: torch {torch.__version__} has no CUDA here (torch.version.cuda="
+            f"{torch.version.cuda}); run with --device cpu for a dry run"
+        )
+        return 2
+    precisions = ["fp32", "bf16"]
+    schedules = SCHEDULES[:2] if args.quick else SCHEDULES
+    remats = ["always", "never"] if args.quick else REMATS
+    cases = [(s, r, p, "step") for s in schedules for r in remats for p in precisions]
+    cases += [("gpipe", r, p, "backward") for r in remats for p in precisions]
+    print(f"device {dev}, torch {torch.__version__}, {len(cases)} cases\n")
+    print("| schedule | remat | precision | how | max rel grad err | ok | s |")
+    print("| --- | --- | --- | --- | ---: | --- | ---: |")
+    current = ["start"]
+    done = watchdog(args.case_limit, current)
+    rows, failed = [], 0
+    for case in cases:
+        current[0] = "/".join(case)
+        try:
+            row = check(dev, *case)
+        except Exception as e:
+            row = {"schedule": case[0], "remat": case[1], "precision": case[2], "how": case[3]}
+            row.update({"max rel grad err": float("nan"), "ok": False, "seconds": 0.0})
+            row["error"] = f"{type(e).__name__}: {e}"
+        failed += not row["ok"]
+        rows.append(row)
+        print(
+            f"| {row['schedule']} | {row['remat']} | {row['precision']} | {row['how']} | "
+            f"{row['max rel grad err']:.2e} | {'yes' if row['ok'] else 'NO'} | "
+            f"{row['seconds']:.2f} |" + (f" {row['error']}" if "error" in row else ""),
+            flush=True,
+        )
+    current[0] = "nccl"
+    print()
+    for line in nccl_section((args.json or "gpu_check") + ".nccl"):
+        print(line, flush=True)
+    done.set()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(f"\n{len(cases) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
