@@ -28,6 +28,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved or zb-h1")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--losses", default=None, help="rank 0 writes the losses (JSON) here")
     return p.parse_args(argv)
 
 
@@ -81,6 +82,7 @@ def train(args: argparse.Namespace) -> None:
                 f"schedule {args.schedule}, {args.chunks} micro-batches",
                 flush=True,
             )
+        losses = []
         for step in range(args.steps):
             x, y = get_batch(corpus.train, args.batch, args.seq, seed=0, step=step)
             t0 = time.perf_counter()
@@ -88,12 +90,18 @@ def train(args: argparse.Namespace) -> None:
             loss = pipe.step(x, y, lm_loss)
             norm = pipe.clip_grad_norm_(1.0)
             opt.step()
+            losses.append(loss.item())
             if rank == 0:
                 print(
                     f"step {step:3d}  loss {loss.item():.4f}  grad-norm {norm.item():.3f}  "
                     f"{(time.perf_counter() - t0) * 1e3:.0f} ms",
                     flush=True,
                 )
+    if rank == 0 and args.losses:
+        import json
+
+        with open(args.losses, "w") as f:
+            json.dump(losses, f)
     dist.destroy_process_group()
 
 
