@@ -275,3 +275,18 @@ def test_a_format_1_checkpoint_still_resumes_bit_for_bit(tmp_path: Path, corpus)
     rest = [r["loss"] for r in resumed.run() if r["kind"] == "step"]
     resumed.close()
     assert first + rest == full_losses
+
+
+def test_resume_keeps_the_micro_batches_per_step_not_the_chunks(tmp_path: Path) -> None:
+    """Micro-batch i of a step draws dropout stream i, so local chunks=4 continues as
+    2 replicas x 2 chunks, and 2 chunks do not continue as 2 x 2."""
+    from gpipe.train_config import resume_differences
+
+    saved = tiny(tmp_path, chunks=4).to_dict()
+    dp2 = tiny(tmp_path, chunks=2, runtime="dist", data_parallel=2, stages=3)
+    assert resume_differences(saved, dp2) == []
+    saved = tiny(tmp_path, chunks=2).to_dict()
+    assert resume_differences(saved, dp2) == [
+        "chunks x data_parallel, the micro-batches per step (checkpoint 2 x 1 = 2, now 2 x 2 = 4)"
+    ]
+    assert resume_differences(saved, tiny(tmp_path, chunks=1)) == ["chunks (checkpoint 2, now 1)"]

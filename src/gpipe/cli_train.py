@@ -163,6 +163,9 @@ def _train_config(args: argparse.Namespace) -> Any:
     model = {**values["model"], **from_file.pop("model", {})}
     values.update(from_file)
     values.update(flags)
+    given = {**from_file, **flags}
+    if values["runtime"] == "local" and "runtime" in given and "data_parallel" not in given:
+        values["data_parallel"] = 1  # a dist checkpoint's replicas, resumed in one process
     if args.dropout is not None:
         model["dropout"] = args.dropout
     values["model"] = model

@@ -228,7 +228,8 @@ RESUME_KEYS = (
     "max_bytes",
 )
 """Options a resumed run must share with its checkpoint (they define the trajectory); the
-resolved model configuration must match too.
+resolved model configuration must match too. ``chunks`` counts as ``chunks x data_parallel``,
+the micro-batches per step (each draws its own dropout stream).
 
 ``steps`` may grow (the cosine tail is re-shaped), and ``stages``, ``runtime``,
 ``data_parallel``, ``schedule``, ``remat``, evaluation, checkpoint and output options may
@@ -246,6 +247,18 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
         keys = sorted(k for k, v in mine.items() if resolved.get(k) != v)
         out.append(f"model fields {keys}")
     for key in RESUME_KEYS:
-        if key in saved and saved[key] != current[key]:
+        if key == "chunks" and key in saved:
+            # Micro-batch i of the whole step draws stream i: what must match is the number of
+            # micro-batches per step, chunks x data_parallel (local chunks=4 = dist 2 x 2).
+            had_dp, dp = saved.get("data_parallel", 1), config.data_parallel
+            had, now = saved["chunks"] * had_dp, config.chunks * dp
+            if had != now and had_dp == dp == 1:
+                out.append(f"chunks (checkpoint {saved['chunks']!r}, now {config.chunks!r})")
+            elif had != now:
+                out.append(
+                    f"chunks x data_parallel, the micro-batches per step (checkpoint "
+                    f"{saved['chunks']} x {had_dp} = {had}, now {config.chunks} x {dp} = {now})"
+                )
+        elif key in saved and saved[key] != current[key]:
             out.append(f"{key} (checkpoint {saved[key]!r}, now {current[key]!r})")
     return out
