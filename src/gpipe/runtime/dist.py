@@ -45,14 +45,12 @@ failing rank's own :class:`~gpipe.runtime.executor.StageError`.
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -60,7 +58,9 @@ import torch
 import torch.distributed as dist
 
 from gpipe.runtime.executor import Aborted
+from gpipe.runtime.failures import Failure, PeerError
 from gpipe.runtime.local import QueueTransport
+from gpipe.runtime.wire import as_bytes, decode, encode, tensor_specs
 
 __all__ = [
     "Failure",
@@ -82,139 +82,6 @@ _COMBINE_LIMIT = 4 << 20  # larger messages always travel as separate, copy-free
 _DATA, _END, _ABORT = 1, 2, 3
 _KIND_CODES = {"act": 0, "grad": 1}
 _KIND_NAMES = {v: k for k, v in _KIND_CODES.items()}
-_ALLOWED = "dict, list, tuple, None, bool, int, float, str and dense torch.Tensor"
-
-
-# ----------------------------------------------------------------------------- failures
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Where a step failed: the rank (and its pipeline device), stage, micro-batch and why.
-
-    ``stage``/``microbatch`` are ``None`` when the failure is not tied to one action (a peer
-    that died, or a wait that ran past the timeout).
-    """
-
-    rank: int
-    device: int
-    stage: int | None
-    microbatch: int | None
-    error: str
-
-    def describe(self) -> str:
-        """One line naming the rank, device, stage and micro-batch."""
-        where = f"rank {self.rank} (pipeline device {self.device}"
-        if self.stage is not None:
-            where += f", stage {self.stage}"
-        if self.microbatch is not None:
-            where += f", micro-batch {self.microbatch}"
-        return f"{where}): {self.error}"
-
-
-class PeerError(RuntimeError):
-    """Raised on a rank whose step stopped because another rank failed (or died)."""
-
-    def __init__(self, failure: Failure, rank: int) -> None:
-        self.failure = failure
-        self.rank = failure.rank
-        self.stage = failure.stage
-        self.microbatch = failure.microbatch
-        super().__init__(
-            f"pipeline step failed on {failure.describe()}; rank {rank} stopped its step"
-        )
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def encode(value: Any, where: str = "value") -> tuple[bytes, list[torch.Tensor]]:
-    """Flatten ``value`` into JSON metadata and the list of its tensors (detached).
-
-    Allowed leaves: ``None``, ``bool``, ``int``, ``float``, ``str`` and dense tensors, inside
-    ``dict`` (keys: str/int/float/bool/None), ``list`` and ``tuple``. Anything else raises
-    ``TypeError`` naming ``where`` and the path of the bad leaf, since it cannot cross a process
-    boundary. :func:`decode` rebuilds the value.
-    """
-    tensors: list[torch.Tensor] = []
-    specs: list[dict[str, Any]] = []
-
-    def walk(obj: Any, path: str) -> Any:
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            if type(obj) not in (type(None), bool, int, float, str):
-                raise _bad(obj, path)
-            return obj
-        if isinstance(obj, torch.Tensor):
-            if obj.layout != torch.strided or obj.is_quantized or obj.is_nested:
-                raise TypeError(
-                    f"{where}: {path} is a {obj.layout} tensor; only dense (strided) tensors "
-                    "can be sent between pipeline stages"
-                )
-            if obj.device.type == "meta":
-                raise TypeError(f"{where}: {path} is a meta tensor and holds no data to send")
-            specs.append(
-                {
-                    "shape": list(obj.shape),
-                    "dtype": str(obj.dtype).removeprefix("torch."),
-                    "rg": bool(obj.requires_grad),
-                }
-            )
-            tensors.append(obj.detach())
-            return {"x": len(tensors) - 1}
-        if type(obj) is list:
-            return {"l": [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
-        if type(obj) is tuple:
-            return {"t": [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
-        if type(obj) is dict:
-            items = []
-            for k, v in obj.items():
-                if k is not None and type(k) not in (bool, int, float, str):
-                    raise TypeError(
-                        f"{where}: {path} has a key of type {type(k).__name__}; dict keys sent "
-                        "between stages must be str, int, float, bool or None"
-                    )
-                items.append([k, walk(v, f"{path}[{k!r}]")])
-            return {"d": items}
-        raise _bad(obj, path)
-
-    def _bad(obj: Any, path: str) -> TypeError:
-        return TypeError(
-            f"{where}: {path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-            f"cannot be sent to another process; values between pipeline stages may hold only "
-            f"{_ALLOWED} (convert NamedTuples/dataclasses to tuples or dicts)"
-        )
-
-    tree = walk(value, "value")
-    meta = json.dumps({"v": tree, "ts": specs}, separators=(",", ":")).encode()
-    return meta, tensors
-
-
-def decode(meta: bytes, tensors: Sequence[torch.Tensor]) -> Any:
-    """Rebuild the value :func:`encode` described, with ``tensors`` in placeholder order."""
-    doc = json.loads(meta.decode())
-
-    def build(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        if "x" in node:
-            return tensors[node["x"]]
-        if "l" in node:
-            return [build(v) for v in node["l"]]
-        if "t" in node:
-            return tuple(build(v) for v in node["t"])
-        return {k: build(v) for k, v in node["d"]}
-
-    return build(doc["v"])
-
-
-def _tensor_specs(meta: bytes) -> list[tuple[list[int], torch.dtype, bool]]:
-    doc = json.loads(meta.decode())
-    return [(s["shape"], getattr(torch, s["dtype"]), s["rg"]) for s in doc["ts"]]
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's data as a flat uint8 tensor (every dtype travels the same way)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- channels
@@ -527,7 +394,7 @@ class P2PTransport:
         tensors: list[torch.Tensor],
     ) -> None:
         group, dst = self._send_group[peer], self._send_rank[peer]
-        parts = [_as_bytes(t.to(self.comm_device)) for t in tensors if t.numel()]
+        parts = [as_bytes(t.to(self.comm_device)) for t in tensors if t.numel()]
         offsets, total = self._layout(len(meta), [b.numel() for b in parts])
         expect = self._expect_send[peer]
         combined = mtype == _DATA and total == expect
@@ -604,7 +471,7 @@ class P2PTransport:
             meta_t = torch.empty(meta_len, dtype=torch.uint8, device=self.comm_device)
             self._recv_into(peer, meta_t)
             meta = meta_t.cpu().numpy().tobytes()
-        specs = _tensor_specs(meta)
+        specs = tensor_specs(meta)
         sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs]
         it = iter(self._layout(meta_len, [n for n in sizes if n])[0])
         tensors = []

@@ -1,0 +1,110 @@
+"""The wire format of boundary values between processes: a pytree as JSON metadata + tensors.
+
+:func:`encode` flattens a value into metadata (the pytree with each tensor replaced by its
+shape, dtype and ``requires_grad``) and the list of its tensors; :func:`decode` rebuilds it.
+The invariant: ``decode(*encode(v))`` equals ``v`` (tensors detached) for every allowed value,
+and anything that cannot cross a process boundary is refused by :func:`encode` with a
+``TypeError`` naming the leaf's path and the allowed types — before anything is sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["ALLOWED", "as_bytes", "decode", "encode", "tensor_specs"]
+
+ALLOWED = "dict, list, tuple, None, bool, int, float, str and dense torch.Tensor"
+_ALLOWED = ALLOWED
+
+
+def encode(value: Any, where: str = "value") -> tuple[bytes, list[torch.Tensor]]:
+    """Flatten ``value`` into JSON metadata and the list of its tensors (detached).
+
+    Allowed leaves: ``None``, ``bool``, ``int``, ``float``, ``str`` and dense tensors, inside
+    ``dict`` (keys: str/int/float/bool/None), ``list`` and ``tuple``. Anything else raises
+    ``TypeError`` naming ``where`` and the path of the bad leaf, since it cannot cross a process
+    boundary. :func:`decode` rebuilds the value.
+    """
+    tensors: list[torch.Tensor] = []
+    specs: list[dict[str, Any]] = []
+
+    def walk(obj: Any, path: str) -> Any:
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            if type(obj) not in (type(None), bool, int, float, str):
+                raise _bad(obj, path)
+            return obj
+        if isinstance(obj, torch.Tensor):
+            if obj.layout != torch.strided or obj.is_quantized or obj.is_nested:
+                raise TypeError(
+                    f"{where}: {path} is a {obj.layout} tensor; only dense (strided) tensors "
+                    "can be sent between pipeline stages"
+                )
+            if obj.device.type == "meta":
+                raise TypeError(f"{where}: {path} is a meta tensor and holds no data to send")
+            specs.append(
+                {
+                    "shape": list(obj.shape),
+                    "dtype": str(obj.dtype).removeprefix("torch."),
+                    "rg": bool(obj.requires_grad),
+                }
+            )
+            tensors.append(obj.detach())
+            return {"x": len(tensors) - 1}
+        if type(obj) is list:
+            return {"l": [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
+        if type(obj) is tuple:
+            return {"t": [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
+        if type(obj) is dict:
+            items = []
+            for k, v in obj.items():
+                if k is not None and type(k) not in (bool, int, float, str):
+                    raise TypeError(
+                        f"{where}: {path} has a key of type {type(k).__name__}; dict keys sent "
+                        "between stages must be str, int, float, bool or None"
+                    )
+                items.append([k, walk(v, f"{path}[{k!r}]")])
+            return {"d": items}
+        raise _bad(obj, path)
+
+    def _bad(obj: Any, path: str) -> TypeError:
+        return TypeError(
+            f"{where}: {path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+            f"cannot be sent to another process; values between pipeline stages may hold only "
+            f"{_ALLOWED} (convert NamedTuples/dataclasses to tuples or dicts)"
+        )
+
+    tree = walk(value, "value")
+    meta = json.dumps({"v": tree, "ts": specs}, separators=(",", ":")).encode()
+    return meta, tensors
+
+
+def decode(meta: bytes, tensors: Sequence[torch.Tensor]) -> Any:
+    """Rebuild the value :func:`encode` described, with ``tensors`` in placeholder order."""
+    doc = json.loads(meta.decode())
+
+    def build(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if "x" in node:
+            return tensors[node["x"]]
+        if "l" in node:
+            return [build(v) for v in node["l"]]
+        if "t" in node:
+            return tuple(build(v) for v in node["t"])
+        return {k: build(v) for k, v in node["d"]}
+
+    return build(doc["v"])
+
+
+def tensor_specs(meta: bytes) -> list[tuple[list[int], torch.dtype, bool]]:
+    doc = json.loads(meta.decode())
+    return [(s["shape"], getattr(torch, s["dtype"]), s["rg"]) for s in doc["ts"]]
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's data as a flat uint8 tensor (every dtype travels the same way)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
