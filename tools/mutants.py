@@ -47,9 +47,10 @@ class Module:
     source: str
     tests: list[str]
     extra: list[str] = field(default_factory=list)  # pytest -k / -m for the subset
-    # mutmut stops a mutant after (its tests' time + 1 s) x this; a pipe mutant that loses a
-    # message waits for the transport's 300 s timeout, so the pipe modules get a tighter bound
-    timeout_multiplier: float = 15.0
+    # mutmut stops a mutant after (its tests' time + 1 s) x this (mutmut's default is 15): an
+    # endless loop in a binary search, or a pipe mutant that loses a message and waits for the
+    # transport's 300 s timeout, would otherwise cost minutes each
+    timeout_multiplier: float = 5.0
 
 
 MODULES: dict[str, Module] = {
