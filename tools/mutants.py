@@ -273,6 +273,9 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
             print(f"{name}: {mod.source} changed since the last run; running all", file=sys.stderr)
         else:
             old = json.loads(meta_path(mod, work).read_text())["exit_code_by_key"]
+            if None in old.values():
+                print(f"{name}: the last run did not finish; running all", file=sys.stderr)
+                old = {}
     again = sorted(k for k, c in old.items() if c not in KILLED | TIMEOUT)
     if again:  # equivalent ones need no second run
         diffs = mutant_diffs(work, mod, again)
