@@ -249,6 +249,34 @@ CASES: dict[str, Callable[[int], Any]] = {
     "a rank that never constructs": _never_comes,  # must stay last
 }
 
+# The same bad option given to both pipes must be refused with the same message (the shared
+# checks of gpipe.options / gpipe.plan); the one-process Pipe's message is the expectation.
+SHARED_BAD: dict[str, dict[str, Any]] = {
+    "same: stages=2.0": {"stages": 2.0},
+    "same: stages=True": {"stages": True},
+    "same: chunks=2.5": {"chunks": 2.5},
+    "same: chunks='4'": {"chunks": "4"},
+    "same: micro_batch_size=0": {"micro_batch_size": 0},
+    "same: balance=[1.5, 4.5]": {"balance": [1.5, 4.5]},
+    "same: balance=4": {"balance": 4},
+    "same: balance=[6, 0]": {"balance": [6, 0]},
+    "same: balance=[2, 2]": {"balance": [2, 2]},
+    "same: seed='a'": {"seed": "a"},
+    "same: pinned=-1": {"pinned": -1},
+    "same: pinned=9": {"pinned": 9},
+    "same: pinned=6": {"pinned": 6},
+    "same: timeout=0": {"timeout": 0},
+    "same: timeout=nan": {"timeout": float("nan")},
+    "same: batch_dim=True": {"batch_dim": True},
+    "same: remat=None": {"remat": None},
+    "same: schedule typo": {"schedule": "1f1c"},
+    "same: stages=7": {"stages": 7},
+}
+_last = CASES.pop("a rank that never constructs")  # it must stay last
+for _name, _kw in SHARED_BAD.items():
+    CASES[_name] = _per_rank(**{k: (v, v) for k, v in _kw.items()})
+CASES["a rank that never constructs"] = _last
+
 DIS = r"ranks disagree on "
 EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     "balance": ("ValueError", DIS + r"balance: rank 0 has \[3, 3\], rank 1 has \[2, 4\]; " + FIX),
@@ -450,7 +478,25 @@ def test_identical_ranks_pass_the_check_and_train_the_reference(results: list) -
 
 
 def test_every_case_is_checked() -> None:
-    assert set(CASES) == set(EXPECT) | {"agreeing"}
+    assert set(CASES) == set(EXPECT) | {"agreeing"} | set(SHARED_BAD)
+
+
+@pytest.mark.parametrize("case", list(SHARED_BAD))
+def test_both_pipes_refuse_a_bad_option_with_the_same_message(
+    results: list[dict[str, Any]], case: str
+) -> None:
+    import gpipe
+
+    kw = dict(SHARED_BAD[case])
+    if "chunks" not in kw and "micro_batch_size" not in kw:
+        kw["chunks"] = 2
+    if "stages" not in kw and "balance" not in kw:
+        kw["stages"] = 2
+    with pytest.raises((TypeError, ValueError)) as info:
+        gpipe.Pipe(mlp(), **kw)
+    for rank in range(2):
+        got_kind, message, _ = results[rank][case]
+        assert (got_kind, message) == (type(info.value).__name__, str(info.value)), rank
 
 
 def test_no_process_group_is_named() -> None:

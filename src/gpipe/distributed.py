@@ -287,11 +287,15 @@ class DistributedPipe(nn.Module):
                 )
             k = world // data_parallel
         elif balance is not None:
+            if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
+                plan.check_balance(balance, len(self._named), 1, v, self._pinned)  # names it
             k = len(balance) // v
         else:
             k = world
         if data_parallel is not None:
             options.count("data_parallel", data_parallel)
+        if k * v > len(self._named):  # the model's limit first, as gpipe.Pipe says it
+            plan.check_stage_count(len(self._named), k, v, self._pinned)
         if k < 1 or world % k:
             raise ValueError(
                 f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
