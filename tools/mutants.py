@@ -273,18 +273,17 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
             print(f"{name}: {mod.source} changed since the last run; running all", file=sys.stderr)
         else:
             old = json.loads(meta_path(mod, work).read_text())["exit_code_by_key"]
-            if None in old.values():
-                print(f"{name}: the last run did not finish; running all", file=sys.stderr)
-                old = {}
     again = sorted(k for k, c in old.items() if c not in KILLED | TIMEOUT)
     if again:  # equivalent ones need no second run
         diffs = mutant_diffs(work, mod, again)
         again = [k for k in again if equivalent(k, diffs.get(k, ""), equivalents) is None]
     if old and not again:
         return collect(name, mod, work, equivalents)
-    # a survivor lived through every old test: only this module's new test file can kill it
+    # a survivor lived through every old test: only this module's new test file can kill it;
+    # mutants the last run did not get to need them all
+    unfinished = None in old.values()
     own = [t for t in mod.tests if "test_mutants_" in t]
-    work = prepare(name, mod, fresh=not old, tests=own if old else None)
+    work = prepare(name, mod, fresh=not old, tests=own if old and not unfinished else None)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     start = time.monotonic()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again]
@@ -299,7 +298,7 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
         data = json.loads(meta_path(mod, work).read_text())
         new = data["exit_code_by_key"]
         data["exit_code_by_key"] = {
-            k: (new[k] if k in again and new.get(k) in KILLED | TIMEOUT else c)
+            k: (new.get(k) if k in again and (c is None or new.get(k) in KILLED | TIMEOUT) else c)
             for k, c in old.items()
         }
         meta_path(mod, work).write_text(json.dumps(data, indent=4))
