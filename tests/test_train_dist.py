@@ -8,6 +8,7 @@ few local ones in this process share one module fixture; every launch is bounded
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,57 @@ def dist(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def two_agents(*args: str) -> None:
+    """``gpipe train --runtime dist`` across two torchrun agents (``--nnodes 2``, one process
+    each, c10d rendezvous on localhost), as on two machines."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(rank),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            "gpipe-train-agents",
+            "-m",
+            "gpipe.cli",
+            "train",
+            *ARGS,
+            "--runtime",
+            "dist",
+            *args,
+        ]
+        for rank in (0, 1)
+    ]
+    # torchrun sets OMP_NUM_THREADS=1 only with several processes per agent; set it here as
+    # the one-agent run has it, so both use the same kernels (bit-for-bit equal results)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for c in cmds
+    ]
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:].decode(errors="replace")
+
+
 def local(*args: str) -> None:
     assert main(["train", *ARGS, "--runtime", "local", *args]) == 0
 
@@ -70,7 +122,7 @@ def final(out: Path) -> state.Checkpoint:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("dist")
-    r = {k: tmp / k for k in ("dist", "local", "cut", "to_dist", "to_local")}
+    r = {k: tmp / k for k in ("dist", "local", "cut", "to_dist", "to_local", "agents")}
     dist("--stages", "2", "--steps", str(2 * N), "--trace", "--out", str(r["dist"]))
     local("--stages", "2", "--steps", str(2 * N), "--out", str(r["local"]))
     # Stopped at N, then resumed to 2N: the same runtime and cut.
@@ -81,7 +133,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dist("--resume", "--stages", "3", "--out", str(r["to_dist"]))
     rewind(r["dist"], r["to_local"], N)
     local("--resume", "--stages", "3", "--out", str(r["to_local"]))
+    two_agents("--stages", "2", "--steps", str(2 * N), "--out", str(r["agents"]))
     return r
+
+
+def test_two_torchrun_agents_train_like_one(runs: dict[str, Path]) -> None:
+    # the trainer across two agents (machines) follows the one-agent run bit for bit
+    assert losses(runs["agents"]) == losses(runs["dist"])
+    got, want = final(runs["agents"]).state_dict, final(runs["dist"]).state_dict
+    assert got.keys() == want.keys()
+    diff = {
+        n: float((got[n] - t).abs().max()) for n, t in want.items() if not torch.equal(got[n], t)
+    }
+    assert not diff, diff
 
 
 def test_dist_resume_is_bitwise_identical(runs: dict[str, Path]) -> None:
