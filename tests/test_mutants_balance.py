@@ -245,3 +245,33 @@ def test_too_many_stages_for_the_pinned_block() -> None:
     assert msg == (
         "cannot cut 4 layers (0 pinned to stage 0) into 5 non-empty stages; use at most 4 stages"
     )
+
+
+def test_one_element_tensor_is_not_a_cost() -> None:
+    msg = _raises(TypeError, balance, [torch.tensor([2.0]), 1.0], 1)
+    assert msg.startswith("costs[0] is Tensor")
+
+
+def test_optimal_when_the_best_cut_costs_the_whole_model() -> None:
+    # free layers around one costly one: the min-max is the total, and the back-fill keeps
+    # the early stage small
+    assert balance([0.0, 0.0, 5.0], 2) == [1, 2]
+    assert balance([0.0, 0.0, 1.0, 0.0], 2) == [1, 3]
+
+
+class Buffers(nn.Module):
+    """A layer that holds a large buffer and passes its input through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(10_000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_balance_by_memory_adds_buffer_bytes() -> None:
+    layers = nn.Sequential(Buffers(), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    x = torch.zeros(2, 4)
+    assert profile(layers, x)[0].buffer_bytes == 40_000
+    assert balance_by_memory(layers, 2, x) == [1, 3]
