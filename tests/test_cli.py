@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,16 +129,13 @@ def test_toml_config_with_flags_overriding(tmp_path: Path, capsys) -> None:
     assert "unknown option 'stepz'" in capsys.readouterr().err
 
 
-def test_plan_1b_words_runs_in_seconds_without_allocating(tmp_path: Path) -> None:
+def test_plan_1b_words_runs_without_allocating(tmp_path: Path) -> None:
     png = tmp_path / "timeline.png"
-    t0 = time.perf_counter()
     proc = run(
         "plan", "--model-preset", "1b-words", "--stages", "4", "--chunks", "32",
         "--batch-size", "32", "--png", str(png),
     )  # fmt: skip
-    elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 60, f"gpipe plan took {elapsed:.0f}s"
     for word in ("block31", "imbalance", "gpipe", "1f1b", "interleaved", "zb-h1", "GiB"):
         assert word in proc.stdout
     assert png.read_bytes()[:8] == PNG_MAGIC

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,8 @@ def corpus() -> Corpus:
     return load_corpus()
 
 
-def test_default_corpus_is_nonempty_capped_and_fast():
-    start = time.perf_counter()
+def test_default_corpus_is_nonempty_and_capped():
     c = load_corpus(max_bytes=2**20, max_val_bytes=50_000)
-    assert time.perf_counter() - start < 3.0
     assert 0 < c.val.numel() <= 50_000
     assert c.train.dtype == torch.uint8 and c.train.dim() == 1
     assert 0 < c.train.numel() <= 2**20

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -89,12 +88,10 @@ def test_parameter_count_matches_config(name):
     assert model.num_parameters() == expected_params(cfg)
 
 
-def test_meta_construction_of_1b_words_is_fast_and_allocates_nothing():
+def test_meta_construction_of_1b_words_allocates_nothing():
     cfg = TransformerConfig.preset("1b-words")
-    start = time.perf_counter()
     with torch.device("meta"):
         model = TransformerLM(cfg)
-    assert time.perf_counter() - start < 5.0
     assert all(p.is_meta for p in model.parameters())
     assert len(model) == 34
     # 32 layers of 12·d² + the two 32000×2048 matrices: ≈ 1.74 billion parameters.

@@ -3,8 +3,6 @@ the validator rejects broken schedules with a message naming the stuck action.""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from gpipe.schedules import Action, ScheduleError, available, custom, get, validate
@@ -114,10 +112,8 @@ def test_forward_backward_separability() -> None:
     assert get("1f1b", 4, 1).forward_backward_separable
 
 
-def test_simulator_is_fast_for_large_pipelines() -> None:
-    t = time.perf_counter()
-    r = simulate(get("gpipe", 64, 512))
-    assert time.perf_counter() - t < 5.0  # generous for a loaded CI box; ~1 s here
+def test_simulator_handles_large_pipelines() -> None:
+    r = simulate(get("gpipe", 64, 512))  # 65k actions; its speed is a benchmark's business
     assert r.bubble == pytest.approx(63 / (512 + 63))
 
 
