@@ -42,6 +42,20 @@ def test_transport_timeout_names_what_it_waited_for(kind: str, word: str) -> Non
     assert str(info.value) == f"waited 0s for the {word} of micro-batch 5 for stage 2"
 
 
+def test_transport_keeps_waiting_after_another_delivery() -> None:
+    # a delivery for someone else wakes the waiter 0.9 s before its deadline: it waits on
+    t = QueueTransport(timeout=1.5)
+    timers = [
+        threading.Timer(0.6, lambda: t.send("act", 9, 9, "other")),
+        threading.Timer(0.8, lambda: t.send("act", 1, 0, "mine")),
+    ]
+    for timer in timers:
+        timer.start()
+    assert t.recv("act", 1, 0) == "mine"
+    for timer in timers:
+        timer.join()
+
+
 def test_transport_abort_and_reset() -> None:
     t = QueueTransport(timeout=5.0)
     assert t.aborted is False
@@ -74,10 +88,11 @@ def _in_thread(fn):
 
 
 def test_thread_state_carries_grad_mode_and_autocast() -> None:
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    # float16, not CPU autocast's default bfloat16, so the dtype has to travel
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         state = ThreadState()
     assert state.grad is False
-    assert state.autocast == [("cpu", torch.bfloat16)]
+    assert state.autocast == [("cpu", torch.float16)]
     seen = {}
 
     def job() -> None:
@@ -87,7 +102,7 @@ def test_thread_state_carries_grad_mode_and_autocast() -> None:
         seen["mt"] = torch.autograd.is_multithreading_enabled()
 
     _in_thread(lambda: state.apply(job))
-    assert seen == {"grad": False, "autocast": True, "dtype": torch.bfloat16, "mt": False}
+    assert seen == {"grad": False, "autocast": True, "dtype": torch.float16, "mt": False}
     plain = ThreadState()
     assert plain.grad is True and plain.autocast == []
     _in_thread(lambda: plain.apply(job))
@@ -114,6 +129,11 @@ def test_pool_runs_job_i_on_worker_i() -> None:
         with pytest.raises(ValueError) as info:
             pool.run([job(0)])
         assert str(info.value) == "expected 2 jobs, got 1"
+        pool._stuck = True  # as after a worker that never came back
+        with pytest.raises(RuntimeError) as info:
+            pool.run([job(0), job(1)])
+        assert str(info.value) == "a worker of this pipeline is stuck in a layer; build a new Pipe"
+        pool._stuck = False
     finally:
         pool.close()
     assert not pool.alive
