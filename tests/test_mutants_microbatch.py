@@ -17,7 +17,15 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from gpipe.microbatch import batch_size, merge, split, tree_flatten, tree_unflatten
+from gpipe.microbatch import (
+    batch_size,
+    merge,
+    num_microbatches,
+    split,
+    tree_detach,
+    tree_flatten,
+    tree_unflatten,
+)
 
 
 class Pair(NamedTuple):
@@ -199,3 +207,30 @@ def test_tree_unflatten_rebuilds_from_any_sequence() -> None:
     assert [v for _, v in leaves] == [1, 2, 3, 4]
     assert tree_unflatten(rebuild, (5, 6, 7, 8)) == {"a": [5, 6], "b": Pair(7, 8)}
     assert tree_unflatten(rebuild, iter([5, 6, 7, 8])) == {"a": [5, 6], "b": Pair(7, 8)}
+
+
+# ------------------------------------------------------------------ num_microbatches
+
+
+def test_empty_batch_names_its_batch_dim() -> None:
+    msg = _raises(ValueError, num_microbatches, 0, 2, None)
+    assert msg.startswith("the batch is empty (0 rows along batch_dim=0);")
+    msg = _raises(ValueError, split, torch.zeros(3, 0), 2, batch_dim=1)
+    assert msg.startswith("the batch is empty (0 rows along batch_dim=1);")
+
+
+def test_no_clamp_refuses_more_chunks_than_rows() -> None:
+    assert num_microbatches(4, 4, None, clamp=False) == 4
+    msg = _raises(ValueError, num_microbatches, 2, 4, None, clamp=False)
+    assert msg == (
+        "chunks=4 exceeds the batch size 2; a distributed pipe cannot lower it (ranks without "
+        "the batch would still run chunks micro-batches), so choose chunks <= 2"
+    )
+
+
+def test_tree_detach_detaches_tensors_only() -> None:
+    w = torch.ones(2, requires_grad=True)
+    out = tree_detach({"y": w * 3, "n": 4, "l": [w]})
+    assert out["n"] == 4
+    assert torch.equal(out["y"], torch.full((2,), 3.0)) and not out["y"].requires_grad
+    assert not out["l"][0].requires_grad and out["l"][0].data_ptr() == w.data_ptr()
