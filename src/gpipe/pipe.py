@@ -33,7 +33,7 @@ from torch import nn
 from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.bridge import Run, merge_input_grads
-from gpipe.microbatch import batch_size, merge, split, tree_flatten
+from gpipe.microbatch import merge, split, tree_flatten
 from gpipe.runtime.executor import StepData, execute
 from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
 from gpipe.schedules import Event, Schedule, ScheduleSpec
@@ -58,13 +58,6 @@ class Partition:
         return (
             f"stage {self.stage} on {self.device}: [{names}] ({self.num_parameters:,} params{fl})"
         )
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    try:
-        return bool(a is b or a == b)
-    except Exception:  # a value whose == is not a plain truth value: cannot tell, so differ
-        return False
 
 
 def _is_list(value: Any) -> bool:
@@ -279,7 +272,11 @@ class Pipe(nn.Module):
         for fname in self.fetch_names:
             top = names.index(fname.split(".")[0])
             fetch_at.setdefault(top, {})[fname] = modules[fname]
-        self._check_shared_placement(balance)
+        plan.check_shared_placement(
+            list(self.layers._modules.items()),
+            balance,
+            [self.devices[plan.device_of(s, self.num_devices)] for s in range(len(balance))],
+        )
         stages, start = [], 0
         for s, count in enumerate(balance):
             dev = self.devices[plan.device_of(s, self.num_devices)]
@@ -302,26 +299,6 @@ class Pipe(nn.Module):
             start += count
         self._stages = stages
         self._pool = WorkerPool(self.num_devices, self._transport, self._threads, self.devices)
-
-    def _check_shared_placement(self, balance: list[int]) -> None:
-        """A parameter used by layers of two stages (a module that appears twice, tied
-        weights) is one tensor, so those stages must share a device; refuse otherwise."""
-        names = list(self.layers._modules)
-        first: dict[int, tuple[str, torch.device]] = {}
-        i = 0
-        for s, count in enumerate(balance):
-            dev = self.devices[plan.device_of(s, self.num_devices)]
-            for name in names[i : i + count]:
-                for p in self.layers._modules[name].parameters():
-                    seen = first.setdefault(id(p), (name, dev))
-                    if seen[1] != dev:
-                        raise ValueError(
-                            f"layers {seen[0]!r} and {name!r} share a parameter (the same module "
-                            f"or tied weights) but their stages are on {seen[1]} and {dev}; "
-                            "give a balance=[...] that puts both on one device, or use "
-                            "DistributedPipe(tied=...), which keeps tied copies in sync"
-                        )
-            i += count
 
     def _ensure_built(self, sample_microbatch: tuple) -> None:
         if self._stages is not None:
@@ -434,39 +411,6 @@ class Pipe(nn.Module):
                 st.state = state
             self._execute(per_device, data, thread_state)
 
-    def _check_rows(self, data: StepData, m: int) -> None:
-        """Each micro-batch's output keeps its rows: a layer that changed the batch size (or
-        an output without a batch dimension) would make the merged or per-micro-batch result
-        differ from the model's on the whole batch, silently — refuse it instead."""
-        assert data.inputs is not None
-        first = tree_flatten(data.outputs[0], "output")[0]
-        for i in range(m):
-            rows = batch_size(data.inputs[i], self.batch_dim)
-            leaves = tree_flatten(data.outputs[i], "output")[0]
-            for (path, v), (_, v0) in zip(leaves, first):
-                if not isinstance(v, torch.Tensor):
-                    if not _same_value(v, v0):
-                        raise ValueError(
-                            f"the model's {path} is {v!r} for micro-batch {i} but {v0!r} for "
-                            "micro-batch 0; a non-tensor output cannot be merged over "
-                            "micro-batches, so the pipelined result would differ from the "
-                            "model's on the whole batch; return it as a tensor with a batch "
-                            "dimension"
-                        )
-                    continue
-                d = self.batch_dim if self.batch_dim >= 0 else v.dim() + self.batch_dim
-                got = v.shape[d] if 0 <= d < v.dim() else None
-                if got != rows:
-                    what = f"{got} rows" if got is not None else f"shape {tuple(v.shape)}"
-                    raise ValueError(
-                        f"the model's {path} has {what} along batch_dim={self.batch_dim} for "
-                        f"micro-batch {i}, whose input has {rows}: a layer changed the batch "
-                        "size or returned a tensor without a batch dimension, so the pipelined "
-                        "result would differ from the model's on the whole batch; keep the "
-                        "batch dimension through every layer, or run such a layer outside "
-                        "the Pipe"
-                    )
-
     def _collect_fetched(self, data: StepData, m: int) -> None:
         if not self.fetch_names:
             self.fetched = {}
@@ -509,7 +453,7 @@ class Pipe(nn.Module):
             )
             states = self._begin(m, needs_grad)
             self._execute(sched.forward_part(), data)
-            self._check_rows(data, m)
+            stepcore.check_output_rows(data.outputs, data.inputs, m, self.batch_dim)
             self._collect_fetched(data, m)
             run = Run(self, sched, data, inputs, states if needs_grad else [])
             out = run.wrap() if needs_grad else run.output
@@ -552,7 +496,7 @@ class Pipe(nn.Module):
             )
             self._begin(m, grad, loss_fn, scale)
             self._execute(sched.actions if grad else sched.forward_part(), data)
-            self._check_rows(data, m)
+            stepcore.check_output_rows(data.outputs, data.inputs, m, self.batch_dim)
             self._collect_fetched(data, m)
             if grad:
                 self._backward_into_inputs(data, (inputs,), m)

@@ -26,6 +26,7 @@ from gpipe.schedules import device_of
 __all__ = [
     "auto_balance",
     "check_balance",
+    "check_shared_placement",
     "check_stage_count",
     "device_of",
     "flops_weights",
@@ -102,6 +103,29 @@ def check_balance(
                 )
             ) from None
         raise
+
+
+def check_shared_placement(
+    named: Sequence[tuple[str, nn.Module]],
+    balance: Sequence[int],
+    stage_devices: Sequence[Any],
+) -> None:
+    """A parameter used by layers of two stages (a module that appears twice, tied weights)
+    is one tensor, so in one process those stages must share a device; refuse otherwise,
+    before anything moves."""
+    first: dict[int, tuple[str, Any]] = {}
+    stage_of = stage_of_layers(balance)
+    for (name, layer), s in zip(named, stage_of, strict=True):
+        dev = stage_devices[s]
+        for p in layer.parameters():
+            seen = first.setdefault(id(p), (name, dev))
+            if seen[1] != dev:
+                raise ValueError(
+                    f"layers {seen[0]!r} and {name!r} share a parameter (the same module or "
+                    f"tied weights) but their stages are on {seen[1]} and {dev}; give a "
+                    "balance=[...] that puts both on one device, or use "
+                    "DistributedPipe(tied=...), which keeps tied copies in sync"
+                )
 
 
 def flops_weights(costs: Sequence[Any]) -> list[int]:

@@ -16,10 +16,17 @@ from typing import Any
 
 import torch
 
-from gpipe.microbatch import batch_size
+from gpipe.microbatch import batch_size, tree_flatten
 from gpipe.stage import Stage, StepState
 
-__all__ = ["begin", "check_call", "check_targets", "loss_scale", "total_loss"]
+__all__ = [
+    "begin",
+    "check_call",
+    "check_output_rows",
+    "check_targets",
+    "loss_scale",
+    "total_loss",
+]
 
 
 def check_call(loss_fn: Any, reduction: Any) -> None:
@@ -45,6 +52,55 @@ def check_targets(inputs: Any, targets: Any, batch_dim: int) -> None:
             f"targets have {n_t} rows along batch_dim={batch_dim} but the inputs have "
             f"{n_in}; pass one target per input row"
         )
+
+
+def check_output_rows(
+    outputs: Mapping[int, Any], inputs: Sequence[Any], num_microbatches: int, batch_dim: int
+) -> None:
+    """Each micro-batch's output keeps its rows, and non-tensor outputs agree across
+    micro-batches: a layer that changed the batch size (or an output without a batch
+    dimension, or a per-micro-batch count) would make the merged or per-micro-batch result
+    differ from the model's on the whole batch, silently — refuse it instead."""
+    first = tree_flatten(outputs[0], "output")[0]
+    for i in range(num_microbatches):
+        rows = batch_size(inputs[i], batch_dim)
+        leaves = tree_flatten(outputs[i], "output")[0]
+        if len(leaves) != len(first):
+            raise ValueError(
+                f"the model's output for micro-batch {i} has {len(leaves)} leaves but "
+                f"micro-batch 0's has {len(first)}; every micro-batch must return the same "
+                "structure"
+            )
+        for (path, v), (_, v0) in zip(leaves, first, strict=True):
+            if not isinstance(v, torch.Tensor):
+                if not _same_value(v, v0):
+                    raise ValueError(
+                        f"the model's {path} is {v!r} for micro-batch {i} but {v0!r} for "
+                        "micro-batch 0; a non-tensor output cannot be merged over "
+                        "micro-batches, so the pipelined result would differ from the "
+                        "model's on the whole batch; return it as a tensor with a batch "
+                        "dimension"
+                    )
+                continue
+            d = batch_dim if batch_dim >= 0 else v.dim() + batch_dim
+            got = v.shape[d] if 0 <= d < v.dim() else None
+            if got != rows:
+                what = f"{got} rows" if got is not None else f"shape {tuple(v.shape)}"
+                raise ValueError(
+                    f"the model's {path} has {what} along batch_dim={batch_dim} for "
+                    f"micro-batch {i}, whose input has {rows}: a layer changed the batch "
+                    "size or returned a tensor without a batch dimension, so the pipelined "
+                    "result would differ from the model's on the whole batch; keep the "
+                    "batch dimension through every layer, or run such a layer outside "
+                    "the Pipe"
+                )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # a value whose == is not a plain truth value: cannot tell, so differ
+        return False
 
 
 def loss_scale(reduction: str, num_microbatches: int) -> float:
