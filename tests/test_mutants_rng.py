@@ -100,6 +100,14 @@ def test_positional_generator_slot() -> None:
     assert torch.equal(after, torch.rand(3, generator=_gen()))
 
 
+def test_explicit_positional_generator_keeps_the_other_arguments() -> None:
+    rates = torch.full((6,), 4.0)
+    with rng.keyed(*KEY):
+        out = torch.empty(6)
+        torch.ops.aten.poisson.out(rates, _gen(7), out=out)
+    assert torch.equal(out, torch.poisson(rates, generator=_gen(7)))
+
+
 def test_explicit_generator_is_kept() -> None:
     with _global_untouched(), rng.keyed(*KEY) as mode:
         got = _draws(_gen(7))
@@ -171,21 +179,23 @@ def test_native_dropout_of_everything() -> None:
 
 if not hasattr(torch.ops.gpipe_mutants, "noisy"):  # once per process, however often imported
     _LIB = torch.library.Library("gpipe_mutants", "DEF")
-    _LIB.define("noisy(Tensor x) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
-    _LIB.impl("noisy", lambda x: x + torch.rand(x.shape), "CPU")
+    _LIB.define(
+        "noisy(Tensor x, *, float scale=1.0) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,)
+    )
+    _LIB.impl("noisy", lambda x, *, scale=1.0: x + scale * torch.rand(x.shape), "CPU")
 
 
 def test_op_without_generator_overload_is_seeded_from_the_key() -> None:
     x = torch.zeros(4)
     with _global_untouched():
         with rng.keyed(*KEY) as mode:
-            got = torch.ops.gpipe_mutants.noisy(x)
+            got = torch.ops.gpipe_mutants.noisy(x, scale=3.0)
             after = torch.rand(2)
         g = _gen()
         sub = int(torch.randint(0, 2**62, (1,), generator=g))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sub)
-            want = torch.rand(4)
+            want = 3.0 * torch.rand(4)
         assert torch.equal(after, torch.rand(2, generator=g))
     assert mode.used is True
     assert torch.equal(got, want)
