@@ -7,6 +7,7 @@ let live (docs/mutation.md)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -167,5 +168,36 @@ def test_pool_raises_the_stage_error_after_aborting_the_others() -> None:
             pool.run([lambda: None, other, wait])
         pool.run([lambda: None] * 3)  # ready for the next step
         assert transport.aborted is False
+    finally:
+        pool.close()
+
+
+def _fail() -> None:
+    raise StageError(Action("F", 0, 0), 0, ValueError("bad"))
+
+
+def test_pool_abandons_a_worker_busy_past_the_timeout() -> None:
+    # after a failure the others get transport.timeout (0.2 s) to stop; one busy in its own
+    # code for 1.5 s is abandoned: the failure is raised at once and the pool reports stuck
+    pool = WorkerPool(2, QueueTransport(timeout=0.2))
+    aborted: list[int] = []
+    start = time.monotonic()
+    try:
+        with pytest.raises(StageError):
+            pool.run([_fail, lambda: time.sleep(1.5)], on_abort=lambda: aborted.append(1))
+        assert time.monotonic() - start < 0.9
+        assert pool.stuck is True
+        assert aborted == [1, 1]  # when the failure came in, and when the worker was abandoned
+    finally:
+        pool.close()
+
+
+def test_pool_waits_for_a_worker_that_finishes_within_the_timeout() -> None:
+    pool = WorkerPool(2, QueueTransport(timeout=1.0))
+    try:
+        with pytest.raises(StageError):
+            pool.run([_fail, lambda: time.sleep(0.05)])
+        assert pool.stuck is False
+        pool.run([lambda: time.sleep(0.05), lambda: None])  # jobs longer than 0.01 s are fine
     finally:
         pool.close()
