@@ -10,6 +10,11 @@ are not listed as equivalent in ``tools/mutants_equivalent.txt``.
     python tools/mutants.py schedules balance    # some modules
     python tools/mutants.py --list               # the modules and their test subsets
     python tools/mutants.py --recheck schedules  # only the survivors, against the current tests
+    python tools/mutants.py --report-only        # the table of the last runs again
+
+Score = (killed + timeout) / (mutants - equivalent); "not run" are mutants a run that hit
+``--limit`` did not get to (``--recheck`` runs them). A mutant is stopped after
+``timeout_multiplier`` x the time of its tests, and a timeout counts as killed.
 
 The survivors of each module (name, diff) are written to ``.mutmut/<module>/survivors.txt``.
 The one invariant: a module's row counts only mutants of that module, each run against the
@@ -309,13 +314,14 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
 
 def table(rows: list[Row]) -> str:
     head = (
-        "| module | mutants | killed | timeout | survived | no tests | equivalent | score | time |"
+        "| module | mutants | killed | timeout | survived | no tests | not run | equivalent "
+        "| score | time |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r.module} | {r.mutants} | {r.killed} | {r.timeout} | {r.survived} | "
-            f"{r.no_tests + r.other} | {r.equivalent} | {r.score:.1f}% | {r.seconds:.0f} s |"
+            f"{r.no_tests} | {r.other} | {r.equivalent} | {r.score:.1f}% | {r.seconds:.0f} s |"
         )
     return "\n".join(lines)
 
