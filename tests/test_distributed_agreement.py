@@ -176,6 +176,28 @@ def _loss_fn_swapped(rank: int) -> Any:
         return pipe.step(x, F.cross_entropy, y)
 
 
+def _fetch(rank: int) -> Any:
+    """Each rank's ``fetched`` holds its own layers' activations, equal to the plain model's."""
+    x, y = batch()
+    names = ["1", "3"]  # the first tanh (rank 0's stage) and the second (rank 1's)
+    with _construct(rank, balance=[3, 3], fetch=names) as pipe:
+        pipe.step(x, y, F.cross_entropy)
+        got = {n: t.clone() for n, t in pipe.fetched.items()}
+    plain, want = mlp(), {}
+    hooks = [plain[int(n)].register_forward_hook(_keep(want, n)) for n in names]
+    plain(x)
+    for h in hooks:
+        h.remove()
+    return sorted(got), max(float((got[n] - want[n]).abs().max()) for n in got)
+
+
+def _keep(store: dict, name: str) -> Callable:
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        store[name] = out.detach()
+
+    return hook
+
+
 def _opaque(rank: int) -> Any:
     model = nn.Sequential(nn.Linear(8, 8), Opaque(), Unwrap(), nn.Linear(8, 3)).double()
     with _construct(rank, model, balance=[2, 2]) as pipe:
@@ -245,6 +267,8 @@ CASES: dict[str, Callable[[int], Any]] = {
     "detached loss": _detached_loss,
     "targets of another batch size": _targets_of_another_size,
     "loss_fn in the targets' place": _loss_fn_swapped,
+    "fetch": _fetch,
+    "fetch of an unknown module": _per_rank(fetch=(["9"], ["9"])),
     "non-tensor boundary value": _opaque,
     "a rank that never constructs": _never_comes,  # must stay last
 }
@@ -367,6 +391,7 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     ),
     "after close": ("RuntimeError", r"this DistributedPipe was closed.*construct a new one"),
     "pinned": ("ValueError", DIS + r"pinned: rank 0 has 0, rank 1 has 1; " + FIX),
+    "fetch of an unknown module": ("ValueError", r"fetch names '9', which is not a module"),
     "NaN loss with check_finite": (
         ("PeerError", r"rank 1 .*loss of micro-batch 0 is nan"),
         ("StageError", r"FloatingPointError: loss of micro-batch 0 is nan"),
@@ -477,8 +502,15 @@ def test_identical_ranks_pass_the_check_and_train_the_reference(results: list) -
         assert balance is not None and sum(balance) == 6
 
 
+def test_fetch_gives_each_rank_its_own_layers_activations(results: list) -> None:
+    for rank, names in enumerate((["1"], ["3"])):
+        kind, (got, err), _ = results[rank]["fetch"]
+        assert kind == "ok" and got == names, (rank, got)
+        assert err < 1e-12, err
+
+
 def test_every_case_is_checked() -> None:
-    assert set(CASES) == set(EXPECT) | {"agreeing"} | set(SHARED_BAD)
+    assert set(CASES) == set(EXPECT) | {"agreeing", "fetch"} | set(SHARED_BAD)
 
 
 @pytest.mark.parametrize("case", list(SHARED_BAD))

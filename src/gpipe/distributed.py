@@ -109,6 +109,9 @@ class DistributedPipe(nn.Module):
         pinned: the first ``pinned`` layers stay on stage 0 when balancing by FLOPs.
         check_finite: raise (naming the micro-batch) when a loss is NaN or infinite, before
             its backward runs, as :class:`gpipe.Pipe` does.
+        fetch: names of inner modules whose outputs each step collects, as with
+            :class:`gpipe.Pipe`; a rank's ``fetched`` holds those of its own layers (this
+            replica's rows), merged over its micro-batches and detached.
         process_group: the ranks running this pipeline (default: ``WORLD``).
         device: this rank's compute device (default: ``cuda:LOCAL_RANK`` under NCCL, refused
             without ``LOCAL_RANK``; else CPU).
@@ -135,6 +138,7 @@ class DistributedPipe(nn.Module):
         seed: int = 0,
         pinned: int = 0,
         check_finite: bool = False,
+        fetch: Sequence[str] = (),
         process_group: Any = None,
         device: torch.device | str | None = None,
         timeout: float = 300.0,
@@ -156,6 +160,9 @@ class DistributedPipe(nn.Module):
         backend = dist.get_backend(self._pg)
         self.rng_step = 0
         self.check_finite = bool(check_finite)
+        self.fetch_names: list[str] = []
+        self._fetch_arg = fetch  # checked in _configure, so a bad one reaches every rank
+        self.fetched: dict[str, Any] = {}
         self.last_events: list[Event] = []
         self._calls = 0
         self._closed = True  # until the transport exists
@@ -255,6 +262,8 @@ class DistributedPipe(nn.Module):
         collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
         self._timeout = options.seconds("timeout", timeout)
         self._named = plan.layers_of(module, "DistributedPipe")
+        self.fetch_names = options.names("fetch", self._fetch_arg)
+        self._fetch_at = plan.fetch_points(self._named, self.fetch_names)
         if chunks is None and micro_batch_size is None:
             raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
         self._chunks = None if chunks is None else options.count("chunks", chunks)
@@ -459,6 +468,7 @@ class DistributedPipe(nn.Module):
                     is_last=s == n_stages - 1,
                     remat=self._remat,
                     seed=self._seed,
+                    fetch={n: m for i in idx for n, m in self._fetch_at.get(i, {}).items()},
                 )
             )
         self._stage_map = {st.index: st for st in self._stages}
@@ -719,6 +729,7 @@ class DistributedPipe(nn.Module):
             )
         payloads = self._transport.finish_step(mine, {"loss": loss} if loss is not None else None)
         self.last_events = sorted(data.events, key=lambda e: e.start)
+        self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self._batch_dim)
         failure = self._transport.failure
         if failure is None and loss is None:
             loss = payloads[last_dev]["loss"]

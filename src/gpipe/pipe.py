@@ -33,7 +33,7 @@ from torch import nn
 from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.bridge import Run, merge_input_grads
-from gpipe.microbatch import merge, split, tree_flatten
+from gpipe.microbatch import split, tree_flatten
 from gpipe.runtime.executor import StepData, execute
 from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
 from gpipe.schedules import Event, Schedule, ScheduleSpec
@@ -201,13 +201,7 @@ class Pipe(nn.Module):
             plan.check_stage_count(len(self.layers), k, v, pinned)
         self.check_finite = check_finite
         self.fetch_names = options.names("fetch", fetch)
-        known = dict(self.layers.named_modules())
-        for name in self.fetch_names:
-            if name not in known:
-                raise ValueError(
-                    f"fetch names {name!r}, which is not a module of the model; names look like "
-                    f"{[n for n in known if n][:5]}"
-                )
+        self._fetch_at = plan.fetch_points(named, self.fetch_names)
         cpu_only = all(d.type == "cpu" for d in devs)
         if threads_per_stage is None and cpu_only:
             threads_per_stage = max(1, torch.get_num_threads() // k)
@@ -266,12 +260,7 @@ class Pipe(nn.Module):
         self._balance = list(balance)
         layers = list(self.layers)
         n_stages = len(balance)
-        fetch_at: dict[int, dict[str, nn.Module]] = {}
-        names = list(self.layers._modules)
-        modules = dict(self.layers.named_modules())
-        for fname in self.fetch_names:
-            top = names.index(fname.split(".")[0])
-            fetch_at.setdefault(top, {})[fname] = modules[fname]
+        fetch_at = self._fetch_at
         plan.check_shared_placement(
             list(self.layers._modules.items()),
             balance,
@@ -412,13 +401,7 @@ class Pipe(nn.Module):
             self._execute(per_device, data, thread_state)
 
     def _collect_fetched(self, data: StepData, m: int) -> None:
-        if not self.fetch_names:
-            self.fetched = {}
-            return
-        self.fetched = {
-            name: merge([data.fetched[i][name] for i in range(m)], batch_dim=self.batch_dim)
-            for name in self.fetch_names
-        }
+        self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self.batch_dim)
 
     def forward(self, *inputs: Any) -> Any:
         """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the

@@ -29,6 +29,7 @@ __all__ = [
     "check_shared_placement",
     "check_stage_count",
     "device_of",
+    "fetch_points",
     "flops_weights",
     "layers_of",
     "stage_of_layers",
@@ -126,6 +127,29 @@ def check_shared_placement(
                     "balance=[...] that puts both on one device, or use "
                     "DistributedPipe(tied=...), which keeps tied copies in sync"
                 )
+
+
+def fetch_points(
+    named: Sequence[tuple[str, nn.Module]], names: Sequence[str]
+) -> dict[int, dict[str, nn.Module]]:
+    """Where each ``fetch`` name is: layer index → {name: inner module}. A name is a path as
+    in the model's ``named_modules()`` (``"3"``, ``"3.attn"``); an unknown one is refused."""
+    index = {n: i for i, (n, _) in enumerate(named)}
+    out: dict[int, dict[str, nn.Module]] = {}
+    for fname in names:
+        top, _, rest = fname.partition(".")
+        module = None
+        if top in index:
+            layer = named[index[top]][1]
+            module = dict(layer.named_modules()).get(rest) if rest else layer
+        if module is None:
+            known = [f"{n}.{m}" if m else n for n, layer in named for m, _ in layer.named_modules()]
+            raise ValueError(
+                f"fetch names {fname!r}, which is not a module of the model; names look like "
+                f"{known[:5]}"
+            )
+        out.setdefault(index[top], {})[fname] = module
+    return out
 
 
 def flops_weights(costs: Sequence[Any]) -> list[int]:

@@ -24,6 +24,7 @@ __all__ = [
     "check_call",
     "check_output_rows",
     "check_targets",
+    "collect_fetched",
     "loss_scale",
     "total_loss",
 ]
@@ -94,6 +95,23 @@ def check_output_rows(
                     "batch dimension through every layer, or run such a layer outside "
                     "the Pipe"
                 )
+
+
+def collect_fetched(
+    fetched: Mapping[int, Mapping[str, Any]],
+    names: Sequence[str],
+    num_microbatches: int,
+    batch_dim: int,
+) -> dict[str, Any]:
+    """The activations fetched from inner layers, merged over the micro-batches (only the
+    names that were fetched here: in a distributed pipe, those of this rank's layers)."""
+    from gpipe.microbatch import merge
+
+    have = [n for n in names if all(n in fetched.get(i, {}) for i in range(num_microbatches))]
+    return {
+        n: merge([fetched[i][n] for i in range(num_microbatches)], batch_dim=batch_dim)
+        for n in have
+    }
 
 
 def _same_value(a: Any, b: Any) -> bool:
