@@ -132,6 +132,7 @@ class Row:
     no_tests: int = 0
     other: int = 0
     equivalent: int = 0
+    cuda_only: int = 0  # of the equivalent ones: differ only on a GPU, which CI lacks
     seconds: float = 0.0
     survivors: list[str] = field(default_factory=list)
 
@@ -248,6 +249,7 @@ def collect(name: str, mod: Module, work: Path, equivalents: list[tuple[str, str
         reason = equivalent(mutant, diff, equivalents)
         if reason is not None:
             row.equivalent += 1
+            row.cuda_only += "CUDA" in reason
             report.append(f"## {mutant}: equivalent ({reason})\n{diff}\n")
             continue
         if code in SURVIVED:
@@ -314,14 +316,15 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
 
 def table(rows: list[Row]) -> str:
     head = (
-        "| module | mutants | killed | timeout | survived | no tests | not run | equivalent "
-        "| score | time |"
+        "| module | mutants | killed | timeout | survived | no tests | not run "
+        "| equivalent (CUDA-only) | score | time |"
     )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r.module} | {r.mutants} | {r.killed} | {r.timeout} | {r.survived} | "
-            f"{r.no_tests} | {r.other} | {r.equivalent} | {r.score:.1f}% | {r.seconds:.0f} s |"
+            f"{r.no_tests} | {r.other} | {r.equivalent} ({r.cuda_only}) | {r.score:.1f}% | "
+            f"{r.seconds:.0f} s |"
         )
     return "\n".join(lines)
 
