@@ -426,7 +426,7 @@ class DistributedPipe(nn.Module):
         return list(every[0]["balance"])
 
     def _build(self, balance: list[int]) -> None:
-        k, n_stages = self.num_devices, len(balance)
+        k = self.num_devices
         self._balance = balance
         stage_of = plan.stage_of_layers(balance)
         dev_of = [plan.device_of(s, k) for s in stage_of]
@@ -456,21 +456,16 @@ class DistributedPipe(nn.Module):
                     f"layer name {name!r} clashes with a DistributedPipe attribute; rename it"
                 )
             self.add_module(name, layer)
-        self._stages = []
-        for s in range(self.pipeline_device, n_stages, k):
-            idx = [i for i in local if stage_of[i] == s]
-            self._stages.append(
-                Stage(
-                    s,
-                    [(i, self._named[i][1]) for i in idx],
-                    self.device,
-                    is_first=s == 0,
-                    is_last=s == n_stages - 1,
-                    remat=self._remat,
-                    seed=self._seed,
-                    fetch={n: m for i in idx for n, m in self._fetch_at.get(i, {}).items()},
-                )
-            )
+        self._stages = plan.build_stages(
+            self._named,
+            balance,
+            k,
+            lambda s: self.device,
+            remat=self._remat,
+            seed=self._seed,
+            fetch_at=self._fetch_at,
+            only_device=self.pipeline_device,
+        )
         self._stage_map = {st.index: st for st in self._stages}
 
         # Tie groups spanning several pipeline devices: one local copy each, one subgroup per

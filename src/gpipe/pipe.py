@@ -258,34 +258,20 @@ class Pipe(nn.Module):
 
     def _build(self, balance: list[int]) -> None:
         self._balance = list(balance)
-        layers = list(self.layers)
-        n_stages = len(balance)
-        fetch_at = self._fetch_at
         plan.check_shared_placement(
             list(self.layers._modules.items()),
             balance,
             [self.devices[plan.device_of(s, self.num_devices)] for s in range(len(balance))],
         )
-        stages, start = [], 0
-        for s, count in enumerate(balance):
-            dev = self.devices[plan.device_of(s, self.num_devices)]
-            idx = list(range(start, start + count))
-            for i in idx:
-                layers[i].to(dev)
-            fetch = {n: m for i in idx for n, m in fetch_at.get(i, {}).items()}
-            stages.append(
-                Stage(
-                    s,
-                    [(i, layers[i]) for i in idx],
-                    dev,
-                    is_first=s == 0,
-                    is_last=s == n_stages - 1,
-                    remat=self.remat,
-                    seed=self.seed,
-                    fetch=fetch,
-                )
-            )
-            start += count
+        stages = plan.build_stages(
+            list(self.layers._modules.items()),
+            balance,
+            self.num_devices,
+            lambda s: self.devices[plan.device_of(s, self.num_devices)],
+            remat=self.remat,
+            seed=self.seed,
+            fetch_at=self._fetch_at,
+        )
         self._stages = stages
         self._pool = WorkerPool(self.num_devices, self._transport, self._threads, self.devices)
 

@@ -14,8 +14,8 @@ layer list, the same balance and the same stage → device map.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -23,8 +23,12 @@ from gpipe import options
 from gpipe.balance import balance as balance_costs
 from gpipe.schedules import device_of
 
+if TYPE_CHECKING:
+    from gpipe.stage import Stage
+
 __all__ = [
     "auto_balance",
+    "build_stages",
     "check_balance",
     "check_shared_placement",
     "check_stage_count",
@@ -182,3 +186,43 @@ def auto_balance(
 def stage_of_layers(balance: Sequence[int]) -> list[int]:
     """The stage of each layer, in order."""
     return [s for s, count in enumerate(balance) for _ in range(count)]
+
+
+def build_stages(
+    named: Sequence[tuple[str, nn.Module]],
+    balance: Sequence[int],
+    num_devices: int,
+    device: Callable[[int], Any],
+    *,
+    remat: str,
+    seed: int,
+    fetch_at: dict[int, dict[str, nn.Module]],
+    only_device: int | None = None,
+) -> list[Stage]:
+    """The :class:`~gpipe.stage.Stage` of every (virtual) stage — or, with ``only_device``,
+    of those that pipeline device runs — each on ``device(stage)``, its layers moved there."""
+    from gpipe.stage import Stage
+
+    n_stages = len(balance)
+    stage_of = stage_of_layers(balance)
+    stages = []
+    for s in range(n_stages):
+        if only_device is not None and device_of(s, num_devices) != only_device:
+            continue
+        dev = device(s)
+        idx = [i for i, st in enumerate(stage_of) if st == s]
+        for i in idx:
+            named[i][1].to(dev)
+        stages.append(
+            Stage(
+                s,
+                [(i, named[i][1]) for i in idx],
+                dev,
+                is_first=s == 0,
+                is_last=s == n_stages - 1,
+                remat=remat,
+                seed=seed,
+                fetch={n: m for i in idx for n, m in fetch_at.get(i, {}).items()},
+            )
+        )
+    return stages
