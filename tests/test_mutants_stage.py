@@ -233,3 +233,38 @@ def test_gradient_of_the_wrong_shape_is_named() -> None:
     assert _raises(RuntimeError, st.backward, 0, [torch.ones(1, 2), torch.ones(1, 2)]) == (
         "stage 0: micro-batch 0 output has 1 leaves but its gradient has 2"
     )
+
+
+def test_weight_gradient_of_an_unknown_microbatch_is_named() -> None:
+    st = _stage(_model())
+    st.begin_step(0, 1, True, loss_fn=_mse)
+    assert _raises(RuntimeError, st.backward_weight, 4) == (
+        "stage 0: weight-gradient of micro-batch 4 before its input-gradient"
+    )
+
+
+def test_split_backward_with_no_output_gradient() -> None:
+    model = _model()
+    st = Stage(1, list(enumerate(model)), torch.device("cpu"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    st.forward(0, X.clone())
+    assert st.backward(0, None, split=True) is None  # no output got a gradient
+    st.backward_weight(0)
+    assert all(p.grad is None for p in model.parameters())
+    assert st.pending == []
+
+
+def test_targets_move_to_the_stage_device_with_their_other_leaves() -> None:
+    seen = {}
+
+    def loss_fn(out, target):
+        seen["device"] = target["y"].device
+        seen["w"] = target["w"]
+        return ((out - target["y"]) ** 2).mean() * target["w"]
+
+    layer = nn.Linear(3, 2, device="meta")
+    st = Stage(0, [(0, layer)], torch.device("meta"), is_first=True, is_last=True, remat="never")
+    st.begin_step(0, 1, True, loss_fn=loss_fn)
+    res = st.forward(0, (X,), {"y": Y, "w": 2.0})
+    assert seen == {"device": torch.device("meta"), "w": 2.0}
+    assert res.loss.device.type == "meta"
