@@ -50,7 +50,7 @@ from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.materialize import _free, _materialize, _param_slots, _tie_groups, materialize
 from gpipe.microbatch import batch_size, num_microbatches, split
-from gpipe.runtime import agree
+from gpipe.runtime import agree, collectives
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute
 from gpipe.schedules import KIND_WORDS, Event, Schedule, ScheduleSpec
@@ -697,7 +697,7 @@ class DistributedPipe(nn.Module):
         data = StepData(n_stages, inputs=mbs, targets=tmbs, split_backward=sched.split_backward)
         loss = None
         try:
-            stash = self._stash_tied() if grad else []
+            stash = collectives.stash_tied(self._ties) if grad else []
             if local_error is None:
                 with contextlib.suppress(Aborted):  # a peer failed: the transport knows who
                     execute(
@@ -730,103 +730,34 @@ class DistributedPipe(nn.Module):
             loss = payloads[last_dev]["loss"]
         loss, failure = self._replica_sync(loss, failure, reduction)
         if failure is not None:
-            self._unstash(stash)
+            collectives.unstash(self._ties, stash)
             if local_error is not None:
                 raise local_error
             raise PeerError(failure, self.rank)
         assert loss is not None
         if grad:
-            self._sync_tied(stash)
-            self._reduce_grads(average=reduction == "mean")
+            collectives.sync_tied(self._ties, stash)
+            if self._dp_group is not None:
+                collectives.reduce_over_replicas(
+                    [p for p in self._local_params() if p.requires_grad],
+                    self._dp_group,
+                    self.data_parallel,
+                    average=reduction == "mean",
+                )
         return loss.detach().to(self.device)
 
     def _replica_sync(
         self, loss: torch.Tensor | None, failure: Failure | None, reduction: str
     ) -> tuple[torch.Tensor | None, Failure | None]:
-        """Across data-parallel replicas: learn whether any replica failed; average the loss
-        (``"mean"``) or add it up (``"sum"``)."""
-        if self._dp_group is None:
-            return loss, failure
-        f = failure
-        row = torch.tensor(
-            [
-                0.0 if f is None else 1.0,
-                -1 if f is None else f.rank,
-                -1 if f is None or f.stage is None else f.stage,
-                -1 if f is None or f.microbatch is None else f.microbatch,
-                0.0 if loss is None else float(loss),
-            ],
-            dtype=torch.float64,
-            device=self._transport.comm_device,
+        return collectives.replica_sync(
+            loss,
+            failure,
+            reduction,
+            self._dp_group,
+            self.data_parallel,
+            self.num_devices,
+            self._transport.comm_device,
         )
-        rows = [torch.empty_like(row) for _ in range(self.data_parallel)]
-        try:
-            dist.all_gather(rows, row, group=self._dp_group)
-        except Exception as e:
-            return loss, failure or Failure(
-                -1, -1, None, None, f"a data-parallel replica did not answer: {e}"
-            )
-        if failure is not None:
-            return loss, failure
-        rows = [r.cpu() for r in rows]
-        for j, r in enumerate(rows):
-            if r[0] > 0:
-                ints = [int(v) for v in r[1:4].tolist()]
-                return loss, Failure(
-                    ints[0],
-                    ints[0] % self.num_devices,
-                    None if ints[1] < 0 else ints[1],
-                    None if ints[2] < 0 else ints[2],
-                    f"failed in data-parallel replica {j} (see that rank's error)",
-                )
-        assert loss is not None
-        losses = torch.stack([r[4] for r in rows])
-        total = losses.mean() if reduction == "mean" else losses.sum()
-        return total.to(loss.dtype), None
-
-    # ----------------------------------------------------------------- gradient sync
-
-    def _stash_tied(self) -> list[torch.Tensor | None]:
-        """Set aside the gradients tied copies held before the step (only the step's own
-        contribution is summed across ranks, so gradients may accumulate over steps)."""
-        out = []
-        for p, *_ in self._ties:
-            out.append(p.grad)
-            p.grad = None
-        return out
-
-    def _unstash(self, stash: list[torch.Tensor | None]) -> None:
-        for (p, *_), old in zip(self._ties, stash):
-            if old is not None:
-                p.grad = old if p.grad is None else p.grad + old
-
-    def _sync_tied(self, stash: list[torch.Tensor | None]) -> None:
-        for (p, sub, _, _), old in zip(self._ties, stash):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(g, group=sub)
-            p.grad = g if old is None else g + old
-
-    def _reduce_grads(self, average: bool) -> None:
-        """Sum the replicas' gradients over each data-parallel group, and average them for a
-        ``"mean"`` loss, so they equal the gradients of the whole global batch."""
-        if self._dp_group is None:
-            return
-        params = [p for p in self._local_params() if p.requires_grad]
-        by_key: dict[tuple, list[nn.Parameter]] = {}
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            by_key.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-        for ps in by_key.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in ps])
-            dist.all_reduce(flat, group=self._dp_group)
-            if average:
-                flat /= self.data_parallel
-            off = 0
-            for p in ps:
-                n = p.grad.numel()
-                p.grad.copy_(flat[off : off + n].view_as(p.grad))
-                off += n
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
@@ -836,34 +767,13 @@ class DistributedPipe(nn.Module):
         norm. Call it on every rank (it all-reduces over the pipeline's ranks); a tied
         parameter counts once."""
         self._require_built("clip_grad_norm_()")
-        norm_type = float(norm_type)
-        grads = [p.grad for p in self._local_params() if p.grad is not None]
-        counted = [
-            p.grad
-            for p in self._local_params()
-            if p.grad is not None and id(p) not in self._not_counted
-        ]
-        dtype = grads[0].dtype if grads else torch.float32
-        if norm_type == float("inf"):
-            local = max((g.detach().abs().max().double() for g in counted), default=None)
-            acc = torch.zeros((), dtype=torch.float64) if local is None else local.cpu()
-            op = dist.ReduceOp.MAX
-        else:
-            acc = torch.zeros((), dtype=torch.float64)
-            for g in counted:
-                acc += torch.linalg.vector_norm(g.detach(), norm_type).double().cpu() ** norm_type
-            op = dist.ReduceOp.SUM
-        if self.num_devices > 1:
-            acc = acc.to(self._transport.comm_device)
-            dist.all_reduce(acc, op=op, group=self._pp_group)
-            acc = acc.cpu()
-        total = acc if norm_type == float("inf") else acc ** (1.0 / norm_type)
-        if error_if_nonfinite and not torch.isfinite(total):
-            raise RuntimeError(
-                f"the total norm of order {norm_type} of the gradients is non-finite; set "
-                "error_if_nonfinite=False to clip anyway"
-            )
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.detach().mul_(coef.to(g.dtype).to(g.device))
-        return total.to(dtype).to(self.device)
+        return collectives.clip_grad_norm(
+            self._local_params(),
+            self._not_counted,
+            max_norm,
+            norm_type,
+            error_if_nonfinite,
+            self._pp_group if self.num_devices > 1 else None,
+            self._transport.comm_device,
+            self.device,
+        )

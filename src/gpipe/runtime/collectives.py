@@ -1,0 +1,171 @@
+"""What follows a distributed step: replicas agree on failure and loss, tied copies and
+data-parallel replicas add up their gradients, and the global gradient-norm clip.
+
+The invariant: after these, every rank holds the gradients of un-pipelined training on the
+whole global batch (tied parameters summed over their copies, replicas averaged for a mean
+loss), every rank returns the same loss, and a failure on any replica is known on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpipe.runtime.failures import Failure
+
+__all__ = [
+    "clip_grad_norm",
+    "reduce_over_replicas",
+    "replica_sync",
+    "stash_tied",
+    "sync_tied",
+    "unstash",
+]
+
+Tie = tuple[nn.Parameter, Any, int, bool]  # local copy, its tie subgroup, source rank, owner?
+
+
+def replica_sync(
+    loss: torch.Tensor | None,
+    failure: Failure | None,
+    reduction: str,
+    dp_group: Any,
+    data_parallel: int,
+    num_devices: int,
+    comm_device: torch.device,
+) -> tuple[torch.Tensor | None, Failure | None]:
+    """Across data-parallel replicas: learn whether any replica failed; average the loss
+    (``"mean"``) or add it up (``"sum"``)."""
+    if dp_group is None:
+        return loss, failure
+    f = failure
+    row = torch.tensor(
+        [
+            0.0 if f is None else 1.0,
+            -1 if f is None else f.rank,
+            -1 if f is None or f.stage is None else f.stage,
+            -1 if f is None or f.microbatch is None else f.microbatch,
+            0.0 if loss is None else float(loss),
+        ],
+        dtype=torch.float64,
+        device=comm_device,
+    )
+    rows = [torch.empty_like(row) for _ in range(data_parallel)]
+    try:
+        dist.all_gather(rows, row, group=dp_group)
+    except Exception as e:
+        return loss, failure or Failure(
+            -1, -1, None, None, f"a data-parallel replica did not answer: {e}"
+        )
+    if failure is not None:
+        return loss, failure
+    rows = [r.cpu() for r in rows]
+    for j, r in enumerate(rows):
+        if r[0] > 0:
+            ints = [int(v) for v in r[1:4].tolist()]
+            return loss, Failure(
+                ints[0],
+                ints[0] % num_devices,
+                None if ints[1] < 0 else ints[1],
+                None if ints[2] < 0 else ints[2],
+                f"failed in data-parallel replica {j} (see that rank's error)",
+            )
+    assert loss is not None
+    losses = torch.stack([r[4] for r in rows])
+    total = losses.mean() if reduction == "mean" else losses.sum()
+    return total.to(loss.dtype), None
+
+
+def stash_tied(ties: list[Tie]) -> list[torch.Tensor | None]:
+    """Set aside the gradients tied copies held before the step (only the step's own
+    contribution is summed across ranks, so gradients may accumulate over steps)."""
+    out = []
+    for p, *_ in ties:
+        out.append(p.grad)
+        p.grad = None
+    return out
+
+
+def unstash(ties: list[Tie], stash: list[torch.Tensor | None]) -> None:
+    """Put back what :func:`stash_tied` set aside (a failed step adds nothing); an empty
+    ``stash`` (a step without gradients) puts back nothing."""
+    if not stash:
+        return
+    for (p, *_), old in zip(ties, stash, strict=True):
+        if old is not None:
+            p.grad = old if p.grad is None else p.grad + old
+
+
+def sync_tied(ties: list[Tie], stash: list[torch.Tensor | None]) -> None:
+    """Sum each tied parameter's step gradient over its copies, then add back the stash."""
+    for (p, sub, _, _), old in zip(ties, stash, strict=True):
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g, group=sub)
+        p.grad = g if old is None else g + old
+
+
+def reduce_over_replicas(
+    params: list[nn.Parameter], group: Any, data_parallel: int, *, average: bool
+) -> None:
+    """Sum the replicas' gradients over the data-parallel group, and average them for a
+    ``"mean"`` loss, so they equal the gradients of the whole global batch."""
+    by_key: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_key.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for ps in by_key.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat /= data_parallel
+        off = 0
+        for p in ps:
+            n = p.grad.numel()
+            p.grad.copy_(flat[off : off + n].view_as(p.grad))
+            off += n
+
+
+def clip_grad_norm(
+    params: list[nn.Parameter],
+    not_counted: set[int],
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    group: Any,
+    comm_device: torch.device,
+    out_device: torch.device,
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over every rank of a pipeline (``group``; ``None``
+    for one rank): the norm of all stages' gradients, a tied parameter counted once (its
+    non-owning copies are in ``not_counted``), every gradient scaled by the same factor."""
+    norm_type = float(norm_type)
+    grads = [p.grad for p in params if p.grad is not None]
+    counted = [p.grad for p in params if p.grad is not None and id(p) not in not_counted]
+    dtype = grads[0].dtype if grads else torch.float32
+    if norm_type == float("inf"):
+        local = max((g.detach().abs().max().double() for g in counted), default=None)
+        acc = torch.zeros((), dtype=torch.float64) if local is None else local.cpu()
+        op = dist.ReduceOp.MAX
+    else:
+        acc = torch.zeros((), dtype=torch.float64)
+        for g in counted:
+            acc += torch.linalg.vector_norm(g.detach(), norm_type).double().cpu() ** norm_type
+        op = dist.ReduceOp.SUM
+    if group is not None:
+        acc = acc.to(comm_device)
+        dist.all_reduce(acc, op=op, group=group)
+        acc = acc.cpu()
+    total = acc if norm_type == float("inf") else acc ** (1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite; set "
+            "error_if_nonfinite=False to clip anyway"
+        )
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype).to(g.device))
+    return total.to(dtype).to(out_device)
