@@ -268,3 +268,39 @@ def test_targets_move_to_the_stage_device_with_their_other_leaves() -> None:
     res = st.forward(0, (X,), {"y": Y, "w": 2.0})
     assert seen == {"device": torch.device("meta"), "w": 2.0}
     assert res.loss.device.type == "meta"
+
+
+def test_backward_is_whole_by_default() -> None:
+    model = _model()
+    st = Stage(1, list(enumerate(model)), torch.device("cpu"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    st.forward(0, X.clone())
+    st.backward(0, torch.ones(2, 2))
+    assert st.pending == []
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_outputs_without_gradient_leave_nothing_to_do() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor):
+            return self.lin(x), x.sum(dim=1)
+
+    st = Stage(1, [(0, Two())], torch.device("cpu"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    st.forward(0, X.clone())
+    gin = st.backward(0, None)
+    assert gin is None
+    assert st.pending == []
+
+
+def test_finite_loss_passes_the_check_and_close_resets() -> None:
+    st = _stage(_model())
+    st.check_finite = True
+    st.begin_step(0, 1, True, loss_fn=_mse)
+    assert torch.isfinite(st.forward(0, (X,), Y).loss)
+    st.close()
+    assert st.pending == []
