@@ -304,3 +304,79 @@ def test_finite_loss_passes_the_check_and_close_resets() -> None:
     assert torch.isfinite(st.forward(0, (X,), Y).loss)
     st.close()
     assert st.pending == []
+
+
+class Noisy(nn.Module):
+    """Draws random numbers outside any known random module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand_like(x)
+
+
+@pytest.mark.parametrize(
+    "layer", [Noisy, lambda: nn.Dropout(0.5), lambda: nn.Sequential(nn.Dropout(0.5), Noisy())]
+)
+def test_every_run_of_a_random_layer_draws_the_keyed_stream(layer) -> None:
+    st = Stage(0, [(4, layer())], torch.device("cpu"), is_first=False, is_last=False, seed=9)
+    st.layers[0][1].train()
+    outs = []
+    for _ in range(3):  # the first run learns how the layer draws; the later ones use that
+        st.begin_step(1, 1, False)
+        outs.append(st.forward(0, torch.ones(16)).value)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    with rng.keyed(9, 1, 0, 4):
+        want = st.layers[0][1](torch.ones(16))
+    assert torch.equal(outs[0], want)
+
+
+def test_middle_stage_takes_integer_boundary_tensors() -> None:
+    class Embed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(5, 2)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.table(idx)
+
+    st = Stage(1, [(0, Embed())], torch.device("cpu"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    out = st.forward(0, torch.tensor([1, 3])).value
+    assert out.shape == (2, 2)
+    assert st.backward(0, torch.ones(2, 2)) is None  # no gradient for indices
+
+
+def test_no_grad_forward_names_the_microbatch_and_returns_fetched() -> None:
+    model = _model()
+    st = _stage(model, fetch={"hidden": model[1]})
+    st.begin_step(0, 3, False, loss_fn=lambda o, t: o)
+    msg = _raises(ValueError, st.forward, 2, (X,), Y)
+    assert msg.startswith("loss_fn must return a scalar tensor, got (2, 2) for micro-batch 2;")
+    st.begin_step(0, 1, False)
+    res = st.forward(0, (X,))
+    assert list(res.fetched) == ["hidden"]
+
+
+def test_gradients_from_another_device_are_moved() -> None:
+    layer = nn.Linear(3, 2, device="meta")
+    st = Stage(1, [(0, layer)], torch.device("meta"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    st.forward(0, X)  # a CPU activation arrives on the meta stage
+    gin = st.backward(0, torch.ones(2, 2))  # and a CPU gradient
+    assert gin.device.type == "meta" and gin.shape == (2, 3)
+
+
+def test_split_backward_with_an_unused_input() -> None:
+    class First(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, pair):
+            return self.lin(pair[0])
+
+    st = Stage(1, [(0, First())], torch.device("cpu"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    st.forward(0, (X.clone(), torch.ones(2, 3)))
+    gx, gy = st.backward(0, torch.ones(2, 2), split=True)
+    assert gx.shape == (2, 3) and gy is None
+    st.backward_weight(0)
