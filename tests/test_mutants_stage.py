@@ -380,3 +380,12 @@ def test_split_backward_with_an_unused_input() -> None:
     gx, gy = st.backward(0, torch.ones(2, 2), split=True)
     assert gx.shape == (2, 3) and gy is None
     st.backward_weight(0)
+
+
+def test_a_new_stage_holds_nothing_and_checks_nothing() -> None:
+    model = _model()
+    st = _stage(model, fetch={"hidden": model[1]})
+    assert st.pending == [] and st.check_finite is False
+    model(X)  # the model run outside the stage: the fetch hook collects nothing, fails nothing
+    st.begin_step(0, 1, True, loss_fn=lambda o, t: o.sum() * float("nan"))
+    assert torch.isnan(st.forward(0, (X,), Y).loss)
