@@ -53,4 +53,6 @@ def test_outputs_not_kept_are_shapes_only() -> None:
             assert torch.equal(y, 2 * x) and not y.requires_grad
         else:
             assert y.device.type == "meta" and y.shape == (3,)
-        assert [e.action for e in data.events] == [Action("F", 0, 0)]
+        assert [(e.action, e.device) for e in data.events] == [(Action("F", 0, 0), 0)]
+        e = data.events[0]
+        assert 0.0 <= e.start <= e.end < 60.0  # seconds since the step began
