@@ -115,6 +115,8 @@ def test_pool_runs_job_i_on_worker_i() -> None:
     pool = WorkerPool(2, QueueTransport(timeout=5.0), threads_per_worker=1)
     try:
         assert pool.size == 2 and pool.alive and not pool.stuck
+        assert all(t.daemon for t in pool._threads)  # never keep the process alive
+        assert QueueTransport().timeout == 300.0
         seen: dict[int, tuple[str, int, bool]] = {}
 
         def job(i: int):
