@@ -389,3 +389,13 @@ def test_a_new_stage_holds_nothing_and_checks_nothing() -> None:
     model(X)  # the model run outside the stage: the fetch hook collects nothing, fails nothing
     st.begin_step(0, 1, True, loss_fn=lambda o, t: o.sum() * float("nan"))
     assert torch.isnan(st.forward(0, (X,), Y).loss)
+
+
+def test_split_backward_of_a_stage_without_parameters() -> None:
+    st = Stage(1, [(0, nn.ReLU())], torch.device("cpu"), is_first=False, is_last=False)
+    st.begin_step(0, 1, True)
+    st.forward(0, X.clone())
+    gin = st.backward(0, torch.ones(2, 3), split=True)
+    assert torch.equal(gin, (X > 0).float())
+    st.backward_weight(0)  # nothing to do, and no error
+    assert st.pending == []
