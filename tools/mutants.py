@@ -150,7 +150,8 @@ def load_equivalents() -> dict[str, list[tuple[str, str, str]]]:
     for raw in EQUIVALENT_FILE.read_text().splitlines():
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
-        module, function, line, reason = (part.strip() for part in raw.split(" | ", 3))
+        module, function, rest = (part.strip() for part in raw.split(" | ", 2))
+        line, reason = (part.strip() for part in rest.rsplit(" | ", 1))  # a line may hold " | "
         out.setdefault(module, []).append((function, line, reason))
     return out
 
