@@ -181,14 +181,14 @@ def test_balance_by_time_runs_forward_and_backward_repeats_times() -> None:
 
 
 def test_balance_by_time_follows_the_slow_layer() -> None:
-    layers = nn.Sequential(Probe(0.05), Probe(), Probe(), Probe())
+    layers = nn.Sequential(Probe(0.1), Probe(), Probe(), Probe())
     assert balance_by_time(layers, 2, torch.ones(2), repeats=1) == [1, 3]
     assert balance_by_time(layers, 2, torch.ones(2), repeats=1, pinned=3) == [3, 1]
 
 
 def test_balance_by_time_takes_the_upper_median() -> None:
     # two samples each: layer 0 is slow once; the upper median keeps it the slowest layer
-    layers = nn.Sequential(Probe(0.08, 0.0), Probe(0.03), Probe(), Probe())
+    layers = nn.Sequential(Probe(0.2, 0.0), Probe(0.05), Probe(), Probe())
     assert balance_by_time(layers, 2, torch.ones(2), repeats=2) == [1, 3]
 
 
