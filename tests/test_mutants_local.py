@@ -187,7 +187,7 @@ def test_pool_abandons_a_worker_busy_past_the_timeout() -> None:
     try:
         with pytest.raises(StageError):
             pool.run([_fail, lambda: time.sleep(3.0)], on_abort=lambda: aborted.append(1))
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 0.9  # not a second more, not until the layer returns
         assert pool.stuck is True
         assert aborted == [1, 1]  # when the failure came in, and when the worker was abandoned
     finally:
