@@ -136,3 +136,15 @@ def test_merge_names_the_micro_batch_whose_shape_differs() -> None:
         ValueError, match=r"micro-batch 1\['y'\] has shape \(2, 5\) but micro-batch 0 gave \(2, 4\)"
     ):
         merge([{"y": torch.zeros(2, 4)}, {"y": torch.zeros(2, 5)}])
+
+
+def test_defaultdict_inputs_split_and_merge_keeping_their_factory() -> None:
+    from collections import defaultdict
+
+    batch = defaultdict(list, {"x": torch.arange(8.0), "n": 3})
+    parts = split(batch, 4)
+    assert len(parts) == 4 and all(type(p) is defaultdict for p in parts)
+    assert parts[1]["x"].tolist() == [2.0, 3.0] and parts[1]["n"] == 3
+    assert parts[0].default_factory is list
+    back = merge(parts)
+    assert type(back) is defaultdict and torch.equal(back["x"], batch["x"])

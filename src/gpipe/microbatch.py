@@ -8,6 +8,8 @@ unchanged to every micro-batch, and taken from the first micro-batch when mergin
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import numbers
 import warnings
@@ -36,6 +38,22 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
+def _rebuild_dict(obj: dict, keys: list, vals: list) -> dict:
+    """A dict of ``obj``'s own type with ``keys`` → ``vals`` (a ``defaultdict`` keeps its
+    factory; a subclass whose constructor takes other arguments is copied, then refilled)."""
+    if type(obj) is dict:
+        return dict(zip(keys, vals))
+    if isinstance(obj, collections.defaultdict):
+        return type(obj)(obj.default_factory, zip(keys, vals))
+    try:
+        return type(obj)(zip(keys, vals))
+    except TypeError:
+        new = copy.copy(obj)
+        new.clear()
+        new.update(zip(keys, vals))
+        return new
+
+
 def tree_flatten(
     obj: Any, path: str = "input"
 ) -> tuple[list[tuple[str, Any]], Callable[[list], Any]]:
@@ -43,12 +61,7 @@ def tree_flatten(
     if isinstance(obj, dict):
         keys = list(obj.keys())
         parts = [tree_flatten(obj[k], f"{path}[{k!r}]") for k in keys]
-        return _combine(
-            parts,
-            lambda vals: (
-                type(obj)(zip(keys, vals)) if type(obj) is not dict else dict(zip(keys, vals))
-            ),
-        )
+        return _combine(parts, lambda vals: _rebuild_dict(obj, keys, vals))
     if _is_namedtuple(obj):
         parts = [tree_flatten(v, f"{path}.{f}") for f, v in zip(obj._fields, obj)]
         return _combine(parts, lambda vals: type(obj)(*vals))
@@ -356,8 +369,8 @@ def _align(obj: Any, ref: Any) -> Any:
     """``obj`` with every dict's keys in ``ref``'s order (same structure checked before)."""
     kind = _container(ref)
     if kind == "dict":
-        items = [(k, _align(obj[k], ref[k])) for k in ref]
-        return type(obj)(items) if type(obj) is not dict else dict(items)
+        keys = list(ref)
+        return _rebuild_dict(obj, keys, [_align(obj[k], ref[k]) for k in keys])
     if kind == "sequence" and any(_container(r) for r in ref):
         vals = [_align(o, r) for o, r in zip(obj, ref)]
         return type(obj)(*vals) if hasattr(type(obj), "_fields") else type(obj)(vals)
