@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from gpipe.cli import main
@@ -162,10 +161,3 @@ def test_help_and_usage_errors(capsys) -> None:
     assert main(["train", "--stages", "two"]) == 2
     assert main(["train", "--precision", "fp8"]) == 2
     assert "precision must be one of" in capsys.readouterr().err
-
-
-def test_torch_is_not_needed_for_the_meta_model() -> None:
-    # The plan's model lives on the meta device: nothing of its size is ever allocated.
-    with torch.device("meta"):
-        model = TransformerLM(TransformerConfig.preset("1b-words"))
-    assert all(p.is_meta for p in model.parameters())
