@@ -8,7 +8,6 @@ few local ones in this process share one module fixture; every launch is bounded
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents import agents, run_all
 from gpipe import state
 from gpipe.cli import main
 from gpipe.models import TransformerConfig, TransformerLM
@@ -45,54 +45,10 @@ def dist(*args: str) -> None:
 
 
 def two_agents(*args: str) -> None:
-    """``gpipe train --runtime dist`` across two torchrun agents (``--nnodes 2``, one process
-    each, c10d rendezvous on localhost), as on two machines."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmds = [
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "2",
-            "--nproc-per-node",
-            "1",
-            "--node-rank",
-            str(rank),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{port}",
-            "--rdzv-id",
-            "gpipe-train-agents",
-            "-m",
-            "gpipe.cli",
-            "train",
-            *ARGS,
-            "--runtime",
-            "dist",
-            *args,
-        ]
-        for rank in (0, 1)
-    ]
-    # torchrun sets OMP_NUM_THREADS=1 only with several processes per agent; set it here as
-    # the one-agent run has it, so both use the same kernels (bit-for-bit equal results)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for c in cmds
-    ]
-    try:
-        outs = [p.communicate(timeout=150)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:].decode(errors="replace")
+    """``gpipe train --runtime dist`` across two torchrun agents (``--nnodes 2``), as on two
+    machines."""
+    cmd = ["-m", "gpipe.cli", "train", *ARGS, "--runtime", "dist", *args]
+    run_all(agents(2, "gpipe-train-agents", *cmd), timeout=150)
 
 
 def local(*args: str) -> None:
