@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import ClassVar
 
 import pytest
 import torch
@@ -141,3 +142,57 @@ def test_distributed_on_nccl_without_local_rank_refused(env: dict) -> None:
 
     with pytest.raises(ValueError, match="LOCAL_RANK is .*launch with torchrun"):
         default_device("nccl", env)
+
+
+class FakeEvent:
+    """Stands in for ``torch.cuda.Event``: its device clock runs at twice the host's speed."""
+
+    made: ClassVar[list[FakeEvent]] = []
+
+    def __init__(self, t: float | None = None) -> None:
+        import time
+
+        self.host = time.perf_counter() if t is None else t
+        self.t = 2.0 * self.host
+        self.synced = False
+        FakeEvent.made.append(self)
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+    def elapsed_time(self, other: FakeEvent) -> float:
+        return (other.t - self.t) * 1e3  # milliseconds, as CUDA events report
+
+
+def test_gpu_action_times_come_from_device_events_after_the_step() -> None:
+    from gpipe.runtime.executor import StepData, resolve_gpu_times
+    from gpipe.schedules import Action, Event
+
+    a, b = Action("F", 0, 0), Action("B", 0, 0)
+    data = StepData(1)
+    data.events = [Event(a, 0, 0.1, 0.2), Event(b, 0, 0.3, 0.4)]  # host times (queued)
+    ref = FakeEvent(10.0)
+    data.gpu_ref[0] = (ref, 0.05)
+    ends = [FakeEvent(10.5), FakeEvent(11.0), FakeEvent(11.25), FakeEvent(12.0)]
+    data.gpu_marks = [(a, 0, ends[0], ends[1]), (b, 0, ends[2], ends[3])]
+    resolve_gpu_times(data)
+    # device seconds since the reference event, plus the reference's host time
+    assert [(e.start, e.end) for e in data.events] == [(1.05, 2.05), (2.55, 4.05)]
+    assert all(e.synced for e in (ends[1], ends[3])) and data.gpu_marks == []
+
+
+def test_a_step_on_an_event_timed_device_reports_device_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpipe.runtime import executor
+
+    monkeypatch.setattr(executor, "_timed_by_events", lambda device: True)
+    monkeypatch.setattr(executor, "_event", FakeEvent)
+    FakeEvent.made = []
+    pipe = gpipe.Pipe(nn.Sequential(nn.Linear(D, D), nn.Linear(D, D)), balance=[1, 1], chunks=2)
+    pipe.step(torch.randn(4, D), torch.randn(4, D), lambda o, t: ((o - t) ** 2).mean())
+    events = pipe.last_events
+    assert len(events) == 8  # 2 stages x 2 micro-batches x (F, B)
+    # every action's end event was waited for and its times read from the device clock
+    assert sum(e.synced for e in FakeEvent.made) == 8
+    assert all(0 <= e.start < e.end for e in events)

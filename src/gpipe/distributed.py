@@ -52,7 +52,7 @@ from gpipe.materialize import _free, _materialize, _param_slots, _tie_groups, ma
 from gpipe.microbatch import batch_size, num_microbatches, split
 from gpipe.runtime import agree, collectives
 from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
-from gpipe.runtime.executor import Aborted, StageError, StepData, execute
+from gpipe.runtime.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
 from gpipe.schedules import KIND_WORDS, Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage
 
@@ -723,6 +723,7 @@ class DistributedPipe(nn.Module):
                 _failure_text(local_error),
             )
         payloads = self._transport.finish_step(mine, {"loss": loss} if loss is not None else None)
+        resolve_gpu_times(data)
         self.last_events = sorted(data.events, key=lambda e: e.start)
         self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self._batch_dim)
         failure = self._transport.failure

@@ -34,7 +34,7 @@ from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.bridge import Run, merge_input_grads
 from gpipe.microbatch import split, tree_flatten
-from gpipe.runtime.executor import StepData, execute
+from gpipe.runtime.executor import StepData, execute, resolve_gpu_times
 from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
 from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage, StepState
@@ -368,6 +368,8 @@ class Pipe(nn.Module):
         try:
             self._pool.run(jobs, on_abort=cancel, state=state)
         finally:
+            with contextlib.suppress(RuntimeError):  # a failed step keeps its host times
+                resolve_gpu_times(data)
             self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
             self.peak_live = [data.peak_live.get(d, 0) for d in range(k)]
 

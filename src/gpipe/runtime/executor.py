@@ -24,7 +24,7 @@ from gpipe.microbatch import tree_detach, tree_flatten
 from gpipe.schedules import KIND_WORDS, Action, Event
 from gpipe.stage import Stage
 
-__all__ = ["Aborted", "StageError", "StepData", "Transport", "execute"]
+__all__ = ["Aborted", "StageError", "StepData", "Transport", "execute", "resolve_gpu_times"]
 
 
 class Aborted(Exception):
@@ -84,6 +84,12 @@ class StepData:
     # ``peak_activations``
     peak_live: dict[int, int] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
+    # On GPUs an action's host times say when its kernels were queued, not when they ran:
+    # each device's loop records CUDA events around its actions (``gpu_marks``) against one
+    # reference event per device (``gpu_ref``: the event and its host time), and
+    # :func:`resolve_gpu_times` turns them into ``events`` times after the step.
+    gpu_marks: list[tuple[Action, int, Any, Any]] = field(default_factory=list)
+    gpu_ref: dict[int, tuple[Any, float]] = field(default_factory=dict)
     cancelled: bool = False  # set when the step is abandoned; loops stop before the next action
 
 
@@ -97,12 +103,16 @@ def execute(
 ) -> None:
     """Run ``actions`` of ``device`` in order on ``stages`` (the device's stages by index)."""
     last = data.num_stages - 1
+    gpu = any(_timed_by_events(getattr(st, "device", None)) for st in stages.values())
+    if gpu:
+        data.gpu_ref.setdefault(device, (_event(), time.perf_counter() - data.t0))
     for a in actions:
         if data.cancelled:
             raise Aborted()
         st = stages[a.stage]
         m = a.microbatch
         start = time.perf_counter()
+        ev0 = _event() if gpu else None
         try:
             if a.kind == "F":
                 if a.stage == 0:
@@ -111,6 +121,7 @@ def execute(
                 else:
                     x = transport.recv("act", a.stage, m)
                     start = time.perf_counter()
+                    ev0 = _event() if gpu else None
                 target = data.targets[m] if (a.stage == last and data.targets is not None) else None
                 res = st.forward(m, x, target)
                 if res.fetched:
@@ -129,6 +140,7 @@ def execute(
                 else:
                     g = transport.recv("grad", a.stage, m)
                     start = time.perf_counter()
+                    ev0 = _event() if gpu else None
                 gin = st.backward(m, g, split=data.split_backward)
                 if a.stage == 0:
                     data.input_grads[m] = gin
@@ -141,6 +153,8 @@ def execute(
         except Exception as e:
             raise StageError(a, device, e, rank) from e
         data.events.append(Event(a, device, start - data.t0, time.perf_counter() - data.t0))
+        if gpu:
+            data.gpu_marks.append((a, device, ev0, _event()))
         live = sum(len(s.pending) for s in stages.values())
         if live > data.peak_live.get(device, 0):
             data.peak_live[device] = live
@@ -155,3 +169,33 @@ def _shapes(obj: Any) -> Any:
             for _, v in leaves
         ]
     )
+
+
+def _timed_by_events(device: torch.device | None) -> bool:
+    """Whether actions on ``device`` are timed by device events (CUDA), not host clocks."""
+    return device is not None and device.type == "cuda"
+
+
+def _event() -> Any:
+    """A recorded timing event on the current stream of the current device."""
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
+def resolve_gpu_times(data: StepData) -> None:
+    """Replace the host times of actions that ran on GPUs by their devices' own: seconds from
+    the step's start, from each device's reference event (waits for the events to complete,
+    so call it after the step). A no-op for CPU-only steps."""
+    if not data.gpu_marks:
+        return
+    index = {(e.action, e.device): i for i, e in enumerate(data.events)}
+    for a, dev, ev0, ev1 in data.gpu_marks:
+        i = index.get((a, dev))
+        ref, host = data.gpu_ref[dev]
+        if i is None or ev0 is None:
+            continue
+        ev1.synchronize()
+        start = host + ref.elapsed_time(ev0) / 1e3
+        data.events[i] = Event(a, dev, start, host + ref.elapsed_time(ev1) / 1e3)
+    data.gpu_marks.clear()
