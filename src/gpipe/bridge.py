@@ -38,7 +38,7 @@ class _Bridge(torch.autograd.Function):
     """Connects ``pipe(x)``'s outputs to the pipelined backward."""
 
     @staticmethod
-    def forward(ctx: Any, run: Run, anchor: torch.Tensor, *inputs: torch.Tensor) -> Any:
+    def forward(ctx: Any, run: Run, *inputs: torch.Tensor) -> Any:
         ctx.run = run
         ctx.set_materialize_grads(False)
         outs = run.output_leaves
@@ -51,7 +51,7 @@ class _Bridge(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
         run: Run = ctx.run
         input_grads = run.backward(list(grads))
-        return (None, None, *input_grads, *([None] * len(run.params)))
+        return (None, *input_grads, *([None] * len(run.params)))
 
 
 def merge_input_grads(
@@ -117,8 +117,8 @@ class Run:
 
     def wrap(self) -> Any:
         """The outputs as autograd sees them: hanging off the bridge node."""
-        anchor = torch.empty(0, requires_grad=True)
-        outs = _Bridge.apply(self, anchor, *self.input_leaves, *self.params)
+        # something here requires grad (else pipe(x) would not wrap): the outputs do too
+        outs = _Bridge.apply(self, *self.input_leaves, *self.params)
         it_t, it_o = iter(outs), iter(self.non_tensor_outputs)
         return self.rebuild_output(
             [next(it_t) if is_t else next(it_o) for _, is_t in self.output_paths]

@@ -34,6 +34,7 @@ from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.bridge import Run, merge_input_grads
 from gpipe.microbatch import split, tree_flatten
+from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm
 from gpipe.runtime.executor import StepData, execute, resolve_gpu_times
 from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
 from gpipe.schedules import Event, Schedule, ScheduleSpec
@@ -129,8 +130,6 @@ class Pipe(nn.Module):
     ) -> None:
         super().__init__()
         if deferred_batch_norm:  # in the user's own container, so its BatchNorms are ours
-            from gpipe.nn import convert_deferred_batch_norm
-
             if isinstance(module, nn.Module):
                 module = convert_deferred_batch_norm(module)
             elif isinstance(module, list):
@@ -149,8 +148,6 @@ class Pipe(nn.Module):
         pinned = options.count("pinned", pinned, minimum=0)
         if threads_per_stage is not None:
             threads_per_stage = options.count("threads_per_stage", threads_per_stage)
-        from gpipe.nn import DeferredBatchNorm
-
         self._deferred_bn = [m for m in self.layers.modules() if isinstance(m, DeferredBatchNorm)]
         for bn in self._deferred_bn:
             bn.chunks = chunks or 1  # until a step tells the real micro-batch count
@@ -175,14 +172,10 @@ class Pipe(nn.Module):
             if isinstance(devices, (str, int, torch.device)):
                 devices = [devices]
             devs = [options.device(d) for d in devices]
-        else:
-            k_hint = stages or (len(balance) // v if _is_list(balance) else None) or k_sched
-            devs = _default_devices(k_hint)
-        k = (
-            stages
-            if stages is not None
-            else (len(balance) // v if _is_list(balance) else len(devs))
-        )
+        k_balance = len(balance) // v if _is_list(balance) else None
+        if devices is None:
+            devs = _default_devices(stages or k_balance or k_sched)
+        k = stages if stages is not None else (k_balance if k_balance is not None else len(devs))
         if k < 1:
             raise ValueError(f"stages must be >= 1, got {k}")
         if k_sched is not None and k_sched != k:
