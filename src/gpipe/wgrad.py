@@ -127,10 +127,14 @@ def _affine(
 
 
 def _layer_norm(m: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor, extra: Any, names: Any) -> Grads:
-    # the statistics again, then ATen's fused backward with only the parameters' outputs
+    # ATen's fused backward, parameters' outputs only, on the statistics the forward saved
+    # (``extra``, taken from the output's autograd node) or, failing that, computed again
     shape = list(m.normalized_shape)
     xf = x.to(g.dtype)
-    _, mean, rstd = torch.native_layer_norm(xf, shape, None, None, m.eps)
+    if extra is not None:
+        mean, rstd = extra
+    else:
+        _, mean, rstd = torch.native_layer_norm(xf, shape, None, None, m.eps)
     w = m.weight.detach().to(g.dtype) if m.weight is not None else None
     b = m.bias.detach().to(g.dtype) if m.bias is not None else None
     mask = [False, "weight" in names, "bias" in names]
@@ -169,8 +173,16 @@ def _bn_extra(m: _BatchNorm, x: torch.Tensor) -> Any:
     return (m.running_mean.detach().clone(), m.running_var.detach().clone())
 
 
-def _no_extra(m: nn.Module, x: torch.Tensor) -> Any:
+def _no_extra(m: nn.Module, x: Any) -> Any:
     return None
+
+
+def _ln_stats(m: nn.LayerNorm, out: torch.Tensor) -> Any:
+    """The mean and reciprocal deviation the layer norm's autograd node saved, if it did."""
+    node = out.grad_fn
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    return (node._saved_result1, node._saved_result2)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,8 @@ class _Kind:
     base: type[nn.Module]
     names: tuple[str, ...]
     grads: Callable[..., Grads]
-    extra: Callable[[Any, torch.Tensor], Any] = _no_extra
+    extra: Callable[[Any, torch.Tensor], Any] = _no_extra  # from the module and its input
+    saved: Callable[[Any, torch.Tensor], Any] = _no_extra  # from the module and its output
     same: tuple[str, ...] = ("forward",)  # methods a subclass must not override
 
 
@@ -192,7 +205,7 @@ def _kinds() -> list[_Kind]:
         _Kind(nn.Linear, wb, _linear),
         *(_Kind(c, wb, _conv, same=conv) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
         _Kind(nn.Embedding, ("weight",), _embedding),
-        _Kind(nn.LayerNorm, wb, _layer_norm),
+        _Kind(nn.LayerNorm, wb, _layer_norm, saved=_ln_stats),
         _Kind(nn.GroupNorm, wb, _group_norm),
         *(_Kind(b, wb, _batch_norm, _bn_extra) for b in bns),
     ]
@@ -367,11 +380,10 @@ class WeightGrads:
         if not calls.calls and not calls.direct:
             return
         device = (calls.calls[0].x if calls.calls else calls.direct[0][1]).device
-        off = (
-            torch.autocast(device.type, enabled=False)
-            if torch.amp.is_autocast_available(device.type)
-            else contextlib.nullcontext()
+        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(
+            device.type
         )
+        off = torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext()
         with torch.no_grad(), off:
             for c in calls.calls:
                 assert c.grad is not None
@@ -434,4 +446,6 @@ def _post(module: nn.Module, args: tuple, output: Any) -> None:
     call = calls._open.pop(id(module), None)
     if call is not None and isinstance(output, torch.Tensor) and output.requires_grad:
         call.edge = get_gradient_edge(output)
+        if call.extra is None:
+            call.extra = call.kind.saved(module, output)
         calls.calls.append(call)
