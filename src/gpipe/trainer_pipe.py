@@ -219,6 +219,13 @@ class TrainerPipe:
                 out.append(replace(e, device=lane, start=e.start + shift, end=e.end + shift))
         return sorted(out, key=lambda e: (e.start, e.device))
 
+    def lane_names(self) -> dict[int, str]:
+        """Timeline lane → its name where a lane is a process (none in one process)."""
+        if self.world == 1:
+            return {}
+        k = self.stages
+        return {r: f"rank {r} (replica {r // k}, device {r % k})" for r in range(self.world)}
+
     def close(self) -> None:
         """Stop the pipe's workers (and release its groups)."""
         self.pipe.close()
