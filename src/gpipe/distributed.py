@@ -225,6 +225,7 @@ class DistributedPipe(nn.Module):
             timeout=self._timeout,
             comm_device=comm_device,
         )
+        self._transport.placement = self._placement
         self._closed = False
         self._global_rank = me
 
@@ -325,6 +326,7 @@ class DistributedPipe(nn.Module):
             )
         self.num_devices, self.data_parallel = k, d
         self.pipeline_device, self.replica = self.rank % k, self.rank // k
+        self._placement = self._spec.placement(k)  # stage -> pipeline device
         if balance is not None:
             plan.check_balance(balance, len(self._named), k, v, self._pinned)
         else:
@@ -429,7 +431,7 @@ class DistributedPipe(nn.Module):
         k = self.num_devices
         self._balance = balance
         stage_of = plan.stage_of_layers(balance)
-        dev_of = [plan.device_of(s, k) for s in stage_of]
+        dev_of = [self._placement[s] for s in stage_of]
         local = [i for i, dd in enumerate(dev_of) if dd == self.pipeline_device]
         slots, groups = self._slots, self._groups
         error = None
@@ -465,6 +467,7 @@ class DistributedPipe(nn.Module):
             seed=self._seed,
             fetch_at=self._fetch_at,
             only_device=self.pipeline_device,
+            placement=self._placement,
         )
         self._stage_map = {st.index: st for st in self._stages}
 
@@ -613,7 +616,7 @@ class DistributedPipe(nn.Module):
 
     def _prepare(self, inputs: Any, targets: Any) -> tuple[list | None, list | None, int]:
         first = self.pipeline_device == 0
-        last = self.pipeline_device == (self.num_devices * self._v - 1) % self.num_devices
+        last = self.pipeline_device == self._placement[-1]
         x = self._local(inputs) if (first and inputs is not None) else None
         y = self._local(targets) if (last and targets is not None) else None
         if x is not None:
@@ -692,7 +695,7 @@ class DistributedPipe(nn.Module):
         self._calls += 1
         # From here on every rank must reach finish_step, whatever happens.
         n_stages = self.num_devices * self._v
-        last_dev = (n_stages - 1) % self.num_devices
+        last_dev = self._placement[-1]
         stash: list[torch.Tensor | None] = []
         data = StepData(n_stages, inputs=mbs, targets=tmbs, split_backward=sched.split_backward)
         loss = None

@@ -187,6 +187,7 @@ class Pipe(nn.Module):
             )
         self.devices = devs
         self.num_devices = k
+        self._placement = self._spec.placement(k)  # stage -> device index
         n_stages = k * v
         if balance is not None:
             balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
@@ -254,13 +255,13 @@ class Pipe(nn.Module):
         plan.check_shared_placement(
             list(self.layers._modules.items()),
             balance,
-            [self.devices[plan.device_of(s, self.num_devices)] for s in range(len(balance))],
+            [self.devices[self._placement[s]] for s in range(len(balance))],
         )
         stages = plan.build_stages(
             list(self.layers._modules.items()),
             balance,
             self.num_devices,
-            lambda s: self.devices[plan.device_of(s, self.num_devices)],
+            lambda s: self.devices[self._placement[s]],
             remat=self.remat,
             seed=self.seed,
             fetch_at=self._fetch_at,
@@ -343,7 +344,7 @@ class Pipe(nn.Module):
         assert self._stages is not None and self._pool is not None
         k = self.num_devices
         by_device = [
-            {st.index: st for st in self._stages if plan.device_of(st.index, k) == d}
+            {st.index: st for st in self._stages if self._placement[st.index] == d}
             for d in range(k)
         ]
         if self._pool.stuck:  # a worker never returned from a failed step: start afresh
