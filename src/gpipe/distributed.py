@@ -175,6 +175,7 @@ class DistributedPipe(nn.Module):
             timeout=self._timeout,
             comm_device=comm_device,
         )
+        self._transport.placement = [self._layout.owner(s) for s in range(self._layout.num_stages)]
         self._closed = False
 
         self._stages: list[Stage] | None = None

@@ -137,6 +137,8 @@ class Pipe(nn.Module):
         self.virtual_stages = v = self._spec.virtual_stages
         self.devices = pipe_devices(devices, stages, balance, self._spec.num_devices, v)
         self.num_devices = k = len(self.devices)
+        #: stage -> device index (the schedule's placement)
+        self.placement: tuple[int, ...] = self._spec.placement(k)
         if balance is not None:
             balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
         else:
@@ -183,7 +185,7 @@ class Pipe(nn.Module):
         return partitions(self._stages, list(self.layers._modules), self._stage_flops)
 
     def _device_of_stage(self, stage: int) -> torch.device:
-        return self.devices[plan.device_of(stage, self.num_devices)]
+        return self.devices[self.placement[stage]]
 
     def _build(self, balance: list[int]) -> None:
         self._balance = list(balance)
@@ -252,7 +254,7 @@ class Pipe(nn.Module):
     ) -> None:
         assert self._stages is not None
         try:
-            self._runner.run(self._stages, per_device, data, state)
+            self._runner.run(self._stages, per_device, data, state, self.placement)
         finally:
             self.last_events = list(data.events)
             self.peak_live = [data.peak_live.get(d, 0) for d in range(self.num_devices)]
