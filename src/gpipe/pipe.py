@@ -127,6 +127,8 @@ class Pipe(nn.Module):
         threads_per_stage: int | None = None,
         deferred_batch_norm: bool = False,
         check_finite: bool = False,
+        sample: Any = None,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if deferred_batch_norm:  # in the user's own container, so its BatchNorms are ours
@@ -136,10 +138,10 @@ class Pipe(nn.Module):
                 module[:] = [convert_deferred_batch_norm(m) for m in module]
             else:
                 module = [convert_deferred_batch_norm(m) for m in module]
+        module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim)
         named = plan.layers_of(module, "Pipe")
-        self.layers = nn.Sequential()
-        for name, layer in named:
-            self.layers.add_module(name, layer)
+        self.layers = plan.container(module, named)
+        balance = getattr(module, "split_balance", None) if balance is None else balance
         if chunks is None and micro_batch_size is None:
             chunks = 1
         chunks = options.optional_count("chunks", chunks)
@@ -384,12 +386,13 @@ class Pipe(nn.Module):
     def _collect_fetched(self, data: StepData, m: int) -> None:
         self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self.batch_dim)
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the
         result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``.
 
         Each call keeps its own state until its backward, so several forwards may precede one
         backward (as with a plain module)."""
+        inputs = plan.bind_inputs(self.layers, inputs, kwargs)
         with self._owned("pipe(x)"):
             mbs = self._split(inputs)
             m = len(mbs)
@@ -442,8 +445,9 @@ class Pipe(nn.Module):
         runs (evaluation). Calls from several threads run one after the other.
         """
         stepcore.check_call(loss_fn, reduction)
+        inputs = plan.step_inputs(self.layers, inputs)
         with self._owned("pipe.step"):
-            mbs = self._split((inputs,))
+            mbs = self._split(inputs)
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
@@ -463,7 +467,7 @@ class Pipe(nn.Module):
             stepcore.check_output_rows(data.outputs, data.inputs, m, self.batch_dim)
             self._collect_fetched(data, m)
             if grad:
-                self._backward_into_inputs(data, (inputs,), m)
+                self._backward_into_inputs(data, inputs, m)
             return stepcore.total_loss(data.losses, m)
 
     def _backward_into_inputs(self, data: StepData, inputs: Any, m: int) -> None:
