@@ -78,43 +78,45 @@ def _zb_v(k: int, m: int, v: int) -> list[list[int]]:
     ``B``'s (both stages, then the first with its ``W``) and the deferred ``W``'s. The pattern
     is laid out for ``max(M, 2K-1)`` micro-batches and the ones past ``M`` are dropped.
     """
-    c = Codec(2 * k, m)
+    big = 2 * k * m  # codes: F = s·M + i, B = big + s·M + i, W = 2·big + s·M + i
     n = max(m, 2 * k - 1)
     out = []
     for d in range(k):
-        s0, s1 = d, 2 * k - 1 - d
-        seq: list[tuple[str, int, int]] = []  # (kind, stage, micro-batch)
+        s0, s1 = d * m, (2 * k - 1 - d) * m
+        F0, B0, W0 = s0, big + s0, 2 * big + s0
+        F1, B1, W1 = s1, big + s1, 2 * big + s1
+        seq: list[tuple[int, int]] = []  # (code of micro-batch 0, micro-batch)
+        add = seq.append
         f0 = f1 = b0 = b1 = 0
         for _ in range(2 * (k - d) - 1):
-            seq.append(("F", s0, f0))
+            add((F0, f0))
             f0 += 1
         for _ in range(d):
-            seq += [("F", s1, f1), ("F", s0, f0)]
+            seq += [(F1, f1), (F0, f0)]
             f1 += 1
             f0 += 1
         for _ in range(k - d):
-            seq += [("F", s1, f1), ("B", s1, b1), ("W", s1, b1)]
+            seq += [(F1, f1), (B1, b1), (W1, b1)]
             f1 += 1
             b1 += 1
         while f1 < f0 or f0 < n:
             if f0 < n:
-                seq.append(("F", s0, f0))
+                add((F0, f0))
                 f0 += 1
-            seq += [("B", s0, b0), ("W", s0, b0), ("F", s1, f1), ("B", s1, b1), ("W", s1, b1)]
+            seq += [(B0, b0), (W0, b0), (F1, f1), (B1, b1), (W1, b1)]
             b0 += 1
             f1 += 1
             b1 += 1
         w0, w1 = b0, b1
         for _ in range(d):
-            seq += [("B", s0, b0), ("B", s1, b1)]
+            seq += [(B0, b0), (B1, b1)]
             b0 += 1
             b1 += 1
         for _ in range(k - d):
-            seq += [("B", s0, b0), ("W", s0, w0)]
+            seq += [(B0, b0), (W0, w0)]
             b0 += 1
             w0 += 1
-        seq += [("W", s1, i) for i in range(w1, b1)]
-        seq += [("W", s0, i) for i in range(w0, b0)]
-        enc = {"F": c.f, "B": c.b, "W": c.w}
-        out.append([enc[kind](s, i) for kind, s, i in seq if i < m])
+        seq += [(W1, i) for i in range(w1, b1)]
+        seq += [(W0, i) for i in range(w0, b0)]
+        out.append([base + i for base, i in seq if i < m])
     return out
