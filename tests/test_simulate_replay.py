@@ -43,7 +43,11 @@ def reference_replay(
                 for a in parts:
                     finish[a] = e
                 free[d] = e
-                events.append((u, d, t, e))
+                if len(parts) == 2:  # drawn as its forward, then its backward
+                    mid = t + cost[parts[0]]
+                    events += [(parts[0], d, t, mid), (parts[1], d, mid, e)]
+                else:
+                    events.append((u, d, t, e))
                 pos[d] += 1
                 left -= 1
                 moved = True
@@ -51,7 +55,7 @@ def reference_replay(
             raise ScheduleError("deadlock")
     busy = [0.0] * k
     for _, d, t, e in events:
-        busy[d] += e - t
+        busy[d] += e - t  # (a pair's two parts add up to its span)
     return max(free), busy, events
 
 
