@@ -95,6 +95,33 @@ def test_pipe_backward_works_with_the_callers_autograd_multithreading_off() -> N
 
 
 @pytest.mark.device
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_step_works_with_the_callers_autograd_multithreading_off(schedule: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double().to(DEV)
+    pipe = gpipe.Pipe(
+        model, balance=[2, 1], chunks=2, schedule=schedule, devices=[DEV, DEV], timeout=30
+    )
+    x = torch.randn(4, D, dtype=torch.float64, device=DEV)
+    y = torch.randn(4, D, dtype=torch.float64, device=DEV)
+
+    def loss_fn(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((o - t) ** 2).mean()
+
+    with torch.autograd.set_multithreading_enabled(False):
+        loss = pipe.step(x, y, loss_fn)
+        assert not torch._C._is_multithreading_enabled()  # the caller's setting is kept
+    want = loss_fn(plain(x), y)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-12, rtol=0)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+    pipe.close()
+
+
+@pytest.mark.device
 def test_recompute_repeats_the_forwards_autocast_even_when_backward_is_outside_it() -> None:
     torch.manual_seed(0)
     probe = Probe()

@@ -1,9 +1,10 @@
 """One step at a time in one process: the device loops of a step over a pool of workers.
 
 :class:`LocalRunner` is what ``gpipe.Pipe`` drives a step with. It hands each worker of a
-:class:`~gpipe.runtime.local.WorkerPool` the executor loop over its device's actions, marks
-the step cancelled when it is abandoned, turns device events into the timeline's times, and
-replaces a pool whose worker never came back from a failed step.
+:class:`~gpipe.runtime.local.WorkerPool` the executor loop over its device's actions — on
+its device's compute stream, with boundary values through :mod:`gpipe.runtime.streams` —
+marks the step cancelled when it is abandoned, turns device events into the timeline's
+times, and replaces a pool whose worker never came back from a failed step.
 
 The invariant: at most one step (a ``step``, a ``pipe(x)`` or its backward) runs on a runner
 at a time; a call from another thread waits for it (bounded by ``2 × timeout + 60 s``), and
@@ -23,6 +24,7 @@ import torch
 
 from gpipe.runtime.executor import StepData, execute, resolve_gpu_times
 from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
+from gpipe.runtime.streams import DeviceStreams, StreamedTransport
 from gpipe.schedules import device_of
 from gpipe.stage import Stage
 
@@ -46,6 +48,7 @@ class LocalRunner:
         self.threads_per_worker = threads_per_worker
         self.timeout = timeout
         self.transport = QueueTransport(timeout)
+        self.streams = DeviceStreams(self.devices)
         self.pool: WorkerPool | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -106,8 +109,17 @@ class LocalRunner:
             self.pool.close()
             self.transport = QueueTransport(self.timeout)
             self.start()
+        streams, last = self.streams, device_of(data.num_stages - 1, k)
+        if streams.active:  # the caller's values, ready for the workers that read them
+            for name, d in (("inputs", 0), ("targets", last), ("grad_outputs", last)):
+                values = getattr(data, name)
+                if values is not None:
+                    setattr(data, name, [streams.hand_over(v, d) for v in values])
+        marks, ends = streams.begin(), {}
         jobs = [
-            functools.partial(execute, d, per_device[d], by_device[d], self.transport, data)
+            functools.partial(
+                self._job, d, per_device[d], by_device[d], self.transport, data, marks, ends
+            )
             for d in range(k)
         ]
 
@@ -117,6 +129,30 @@ class LocalRunner:
         try:
             self.pool.run(jobs, on_abort=cancel, state=state)
         finally:
+            streams.join(ends)
+            streams.hand_back(data.outputs, data.losses, data.input_grads, data.fetched)
             with contextlib.suppress(RuntimeError):  # a failed step keeps its host times
                 resolve_gpu_times(data)
             data.events.sort(key=lambda e: (e.start, e.device))
+
+    def _job(
+        self,
+        d: int,
+        actions: Sequence[Any],
+        stages: dict[int, Stage],
+        transport: QueueTransport,
+        data: StepData,
+        marks: list[Any],
+        ends: dict[int, Any],
+    ) -> None:
+        """Worker ``d``'s part of a step, on its compute stream: wait for the caller's
+        values, run the actions, mark the end of what it queued."""
+        streams = self.streams
+        if streams.active:
+            transport = StreamedTransport(transport, streams, d)
+        with streams.computing(d):
+            streams.enter(d, marks)
+            try:
+                execute(d, actions, stages, transport, data)
+            finally:
+                ends[d] = streams.leave(d)
