@@ -43,6 +43,35 @@ def test_default_devices_use_every_gpu_and_never_fall_back_to_cpu(
     assert [str(d) for d in partition.default_devices(k)] == want
 
 
+def test_an_unindexed_cuda_device_means_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda.set_device refuses "cuda" without an index, and tensors report "cuda:i"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    devs = partition.pipe_devices(["cuda", "cuda:0", 0], None, None, None, 1)
+    assert [str(d) for d in devs] == ["cuda:1", "cuda:0", "cuda:0"]
+
+
+def test_a_worker_that_cannot_start_on_its_device_fails_every_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpipe.runtime.local import QueueTransport, WorkerPool
+
+    def refuse(device: torch.device) -> None:
+        raise ValueError(f"no such device {device}")
+
+    monkeypatch.setattr(torch.cuda, "set_device", refuse)
+    pool = WorkerPool(
+        2, QueueTransport(timeout=5.0), devices=[torch.device("cpu"), torch.device("cuda", 3)]
+    )
+    ran: list[int] = []
+    for _ in range(2):  # at once, not after the pool's last-resort limit; and again
+        with pytest.raises(RuntimeError, match="worker 1 could not start on cuda:3: no such"):
+            pool.run([lambda: ran.append(0), lambda: ran.append(1)])
+    assert ran == [0, 0]
+    pool.close()
+
+
 class Probe(nn.Module):
     """A linear layer that records, per call, its thread's autograd multithreading flag in
     backward and the dtype its matmul computed in."""

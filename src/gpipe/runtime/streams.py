@@ -44,7 +44,15 @@ import torch
 from gpipe.microbatch import tree_flatten
 from gpipe.schedules import device_of
 
-__all__ = ["OPS", "CudaOps", "DeviceStreams", "Parcel", "StreamedTransport", "streamed"]
+__all__ = [
+    "OPS",
+    "CudaOps",
+    "DeviceStreams",
+    "Parcel",
+    "StreamedTransport",
+    "indexed",
+    "streamed",
+]
 
 
 class CudaOps:
@@ -95,6 +103,14 @@ def _needs_copy(src: torch.device, dst: torch.device) -> bool:
     return src != dst
 
 
+def indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the ``cuda:i`` it means here (the current device), so that it compares
+    equal to its tensors' devices and ``torch.cuda.set_device`` accepts it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class Parcel:
     """A boundary value in flight between two workers, with the events its reader waits on."""
@@ -108,7 +124,7 @@ class DeviceStreams:
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.ops = OPS
-        self.devices = [torch.device(d) for d in devices]
+        self.devices = [indexed(torch.device(d)) for d in devices]
         self.on = [streamed(d) for d in self.devices]
         self.active = any(self.on)
         self.compute = [self.ops.new_stream(d) if on else None for d, on in self._pairs()]
