@@ -3,7 +3,7 @@
 ``gpipe.Pipe`` runs one worker thread per pipeline device; this module decides which devices
 those are (from ``devices=``, ``stages=``, ``balance=`` and the schedule) and describes, after
 the cut, which layers each stage holds. Where stage ``s`` runs among those devices is the
-plan's fact (:func:`gpipe.plan.device_of`).
+schedule's fact (``ScheduleSpec.placement``, stage → device).
 
 The invariant: a pipe gets exactly one device per pipeline device, K agrees with every option
 that implies it (or the pipe is refused, naming both numbers), and without ``devices=`` the

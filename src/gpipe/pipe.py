@@ -104,14 +104,16 @@ class Pipe(nn.Module):
         threads_per_stage: int | None = None,
         deferred_batch_norm: bool = False,
         check_finite: bool = False,
+        sample: Any = None,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if deferred_batch_norm:
             module = _with_deferred_batch_norm(module)
+        module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim)
         named = plan.layers_of(module, "Pipe")
-        self.layers = nn.Sequential()
-        for name, layer in named:
-            self.layers.add_module(name, layer)
+        self.layers = plan.container(module, named)
+        balance = getattr(module, "split_balance", None) if balance is None else balance
         if chunks is None and micro_batch_size is None:
             chunks = 1
         self.chunks = options.optional_count("chunks", chunks)
@@ -137,6 +139,8 @@ class Pipe(nn.Module):
         self.virtual_stages = v = self._spec.virtual_stages
         self.devices = pipe_devices(devices, stages, balance, self._spec.num_devices, v)
         self.num_devices = k = len(self.devices)
+        #: stage -> device index (the schedule's placement)
+        self.placement: tuple[int, ...] = self._spec.placement(k)
         if balance is not None:
             balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
         else:
@@ -183,7 +187,7 @@ class Pipe(nn.Module):
         return partitions(self._stages, list(self.layers._modules), self._stage_flops)
 
     def _device_of_stage(self, stage: int) -> torch.device:
-        return self.devices[plan.device_of(stage, self.num_devices)]
+        return self.devices[self.placement[stage]]
 
     def _build(self, balance: list[int]) -> None:
         self._balance = list(balance)
@@ -252,7 +256,7 @@ class Pipe(nn.Module):
     ) -> None:
         assert self._stages is not None
         try:
-            self._runner.run(self._stages, per_device, data, state)
+            self._runner.run(self._stages, per_device, data, state, self.placement)
         finally:
             self.last_events = list(data.events)
             self.peak_live = [data.peak_live.get(d, 0) for d in range(self.num_devices)]
@@ -287,12 +291,13 @@ class Pipe(nn.Module):
             )
         )
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the
         result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``.
 
         Each call keeps its own state until its backward, so several forwards may precede one
         backward (as with a plain module)."""
+        inputs = plan.bind_inputs(self.layers, inputs, kwargs)
         with self._runner.owned("pipe(x)"):
             mbs = self._split(inputs)
             m = len(mbs)
@@ -337,8 +342,9 @@ class Pipe(nn.Module):
         runs (evaluation). Calls from several threads run one after the other.
         """
         stepcore.check_call(loss_fn, reduction)
+        inputs = plan.step_inputs(self.layers, inputs)
         with self._runner.owned("pipe.step"):
-            mbs = self._split((inputs,))
+            mbs = self._split(inputs)
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
@@ -356,7 +362,7 @@ class Pipe(nn.Module):
             self._execute(sched.actions if grad else sched.forward_part(), data)
             self._finish_forward(data, m)
             if grad:
-                backward_into_inputs(data.input_grads, (inputs,), m, self.batch_dim)
+                backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)
             return stepcore.total_loss(data.losses, m)
 
     def extra_repr(self) -> str:

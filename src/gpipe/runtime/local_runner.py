@@ -92,18 +92,23 @@ class LocalRunner:
         per_device: Sequence[Sequence[Any]],
         data: StepData,
         state: ThreadState | None = None,
+        placement: Sequence[int] | None = None,
     ) -> None:
         """Run device ``d``'s actions ``per_device[d]`` on its stages, all devices at once.
 
         Afterwards, also when the step fails, ``data.events`` is the step's timeline sorted by
         start (device times where the device records events; host times of what ran when the
         step failed). ``state`` is the grad mode and autocast the jobs run under (default: the
-        caller's).
+        caller's). ``placement[s]`` is the device of stage ``s`` (default ``s % K``).
         """
         assert self.pool is not None, "start() the runner first"
         k = len(self.devices)
+
+        def where(s: int) -> int:
+            return device_of(s, k) if placement is None else placement[s]
+
         by_device = [
-            {st.index: st for st in stages if device_of(st.index, k) == d} for d in range(k)
+            {st.index: st for st in stages if where(st.index) == d} for d in range(k)
         ]
         if self.pool.stuck:  # a worker never returned from a failed step: start afresh
             self.pool.close()
