@@ -238,9 +238,8 @@ def check_caller_side(fake: FakeOps, pipe: gpipe.Pipe, caller: Stream) -> None:
         assert s.writes and s.writes <= caller.seen, f"caller not ordered after worker {d}"
     for t in fake.results:
         fake.check_read(t, caller, "the caller reading a result")
-    k = pipe.num_devices
     for stage, stream in fake.ran_on:  # every action ran on its worker's compute stream
-        assert stream == compute[stage % k].name
+        assert stream == compute[pipe.placement[stage]].name
 
 
 @pytest.fixture(params=[True, False], ids=["copied", "same-device"])
@@ -252,7 +251,14 @@ def copies(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
 
 @pytest.mark.parametrize(
     ("schedule", "balance"),
-    [("gpipe", [2, 3]), ("1f1b", [2, 3]), ("interleaved", [1, 1, 1, 2]), ("zb-h1", [2, 3])],
+    [
+        ("gpipe", [2, 3]),
+        ("1f1b", [2, 3]),
+        ("interleaved", [1, 1, 1, 2]),
+        ("zb-h1", [2, 3]),
+        ("zb-v", [1, 1, 1, 2]),  # V-shaped: stages 1 and 2 share a device, the last is on 0
+        ("dualpipe-v", [1, 1, 1, 2]),
+    ],
 )
 def test_step_reads_every_tensor_after_its_write_and_keeps_its_memory(
     fake: FakeOps, copies: bool, schedule: str, balance: list[int]
@@ -272,9 +278,10 @@ def test_step_reads_every_tensor_after_its_write_and_keeps_its_memory(
     new = [e for e in fake.log if e[0] == "new_stream"]
     assert len(new) == 4  # a compute and a copy stream per pipeline device, made once
     copied = [e for e in fake.log if e[0] == "copy"]
-    # 2 boundaries x 4 micro-batches x (activation, gradient), each 1 tensor
-    n_boundaries = len(balance) - 1
-    assert len(copied) == (2 * n_boundaries * 4 if copies else 0)
+    # boundaries between devices x 4 micro-batches x (activation, gradient), each 1 tensor
+    place = pipe.placement
+    crossing = sum(place[s] != place[s + 1] for s in range(len(balance) - 1))
+    assert len(copied) == (crossing * 4 * 2 if copies else 0)
     assert {e[1] for e in copied} <= {s.name for s in pipe._runner.streams.copy}
     pipe.close()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -107,23 +107,21 @@ class LocalRunner:
         def where(s: int) -> int:
             return device_of(s, k) if placement is None else placement[s]
 
-        by_device = [
-            {st.index: st for st in stages if where(st.index) == d} for d in range(k)
-        ]
+        by_device = [{st.index: st for st in stages if where(st.index) == d} for d in range(k)]
         if self.pool.stuck:  # a worker never returned from a failed step: start afresh
             self.pool.close()
             self.transport = QueueTransport(self.timeout)
             self.start()
-        streams, last = self.streams, device_of(data.num_stages - 1, k)
+        streams, first, last = self.streams, where(0), where(data.num_stages - 1)
         if streams.active:  # the caller's values, ready for the workers that read them
-            for name, d in (("inputs", 0), ("targets", last), ("grad_outputs", last)):
+            for name, d in (("inputs", first), ("targets", last), ("grad_outputs", last)):
                 values = getattr(data, name)
                 if values is not None:
                     setattr(data, name, [streams.hand_over(v, d) for v in values])
         marks, ends = streams.begin(), {}
         jobs = [
             functools.partial(
-                self._job, d, per_device[d], by_device[d], self.transport, data, marks, ends
+                self._job, d, per_device[d], by_device[d], self.transport, data, marks, ends, where
             )
             for d in range(k)
         ]
@@ -149,12 +147,13 @@ class LocalRunner:
         data: StepData,
         marks: list[Any],
         ends: dict[int, Any],
+        where: Callable[[int], int],
     ) -> None:
         """Worker ``d``'s part of a step, on its compute stream: wait for the caller's
         values, run the actions, mark the end of what it queued."""
         streams = self.streams
         if streams.active:
-            transport = StreamedTransport(transport, streams, d)
+            transport = StreamedTransport(transport, streams, d, where)
         with streams.computing(d):
             streams.enter(d, marks)
             try:

@@ -35,7 +35,7 @@ with a fake on a machine without a GPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,15 +268,24 @@ class DeviceStreams:
 
 class StreamedTransport:
     """Worker ``device``'s view of a transport: values leave and arrive through
-    :meth:`DeviceStreams.send` / :meth:`DeviceStreams.receive`."""
+    :meth:`DeviceStreams.send` / :meth:`DeviceStreams.receive`. ``where(s)`` is the worker
+    of stage ``s`` (default ``s % K``)."""
 
-    def __init__(self, inner: Any, streams: DeviceStreams, device: int) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        streams: DeviceStreams,
+        device: int,
+        where: Callable[[int], int] | None = None,
+    ) -> None:
         self.inner = inner
         self.streams = streams
         self.device = device
+        k = len(streams.devices)
+        self.where = where or (lambda s: device_of(s, k))
 
     def send(self, kind: str, stage: int, microbatch: int, value: Any) -> None:
-        q = device_of(stage, len(self.streams.devices))
+        q = self.where(stage)
         self.inner.send(kind, stage, microbatch, self.streams.send(value, self.device, q))
 
     def recv(self, kind: str, stage: int, microbatch: int) -> Any:
