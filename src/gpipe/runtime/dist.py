@@ -25,34 +25,20 @@ the pipeline as :class:`PeerError` or the failing rank's own
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from gpipe.runtime import p2pproto as proto
 from gpipe.runtime.executor import Aborted
 from gpipe.runtime.failures import Failure, PeerError
 from gpipe.runtime.local import QueueTransport
-from gpipe.runtime.wire import as_bytes, decode, encode, tensor_specs
+from gpipe.runtime.p2pio import Slot, Wire, sizes_of, tensors_of, wait
+from gpipe.runtime.wire import decode, encode
 
 __all__ = ["Failure", "P2PTransport", "PeerError", "decode", "encode"]
-
-
-class _Slot:
-    """The receives posted for one position of a channel: its header and, when the receiver
-    expected its sizes, its direct transfers."""
-
-    __slots__ = ("data", "data_works", "head", "head_work")
-
-    def __init__(self, head: torch.Tensor, head_work: Any) -> None:
-        self.head, self.head_work = head, head_work
-        self.data: list[torch.Tensor] | None = None
-        self.data_works: list[Any] = []
 
 
 class _Broken(Exception):
@@ -94,12 +80,8 @@ class P2PTransport:
         self.comm_device = torch.device(comm_device)
         self.peers = [p for p in range(self.num_devices) if p != device]
         self._owner, self._num_stages = owner, num_stages
-        self._p2p, self._meta = p2p_group, meta_group
         if self.peers:
-            self._p2p_rank = {p: dist.get_group_rank(p2p_group, self.ranks[p]) for p in self.peers}
-            self._meta_rank = {
-                p: dist.get_group_rank(meta_group, self.ranks[p]) for p in self.peers
-            }
+            self._wire = Wire(self.ranks, self.peers, p2p_group, meta_group, self.comm_device)
         self._box = QueueTransport(timeout)
         self._failure: Failure | None = None
         self._broken: str | None = None
@@ -110,9 +92,6 @@ class P2PTransport:
         self._step, self._m = 0, 1
         self._expect_next: dict[proto.Key, list[int]] = {}  # byte sizes, per message key
         self._expect: dict[proto.Key, list[int]] = {}  # frozen at begin_step
-        self._sends: list[tuple[Any, Any]] = []  # (work, buffer) until complete
-        self._ops: list[dist.P2POp] = []  # point-to-point ops of the current batch
-        self._batch_slots: list[tuple[_Slot, int]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,12 +142,9 @@ class P2PTransport:
         self._wants = proto.remote_inputs(mine, me, self._owner, self._num_stages)
         self._next_want = 0
         self._payloads: dict[int, Any] = {}
-        self._slots: dict[int, list[_Slot]] = {p: [] for p in self.peers}
-        for p in self.peers:  # every position's header, and the terminal's, in order
-            for _ in range(len(self._in[p]) + 1):
-                head = torch.empty(proto.HEADER_BYTES, dtype=torch.uint8)
-                work = self._meta_op(dist.irecv, head, p, proto.HEAD_TAG)
-                self._slots[p].append(_Slot(head, work))
+        self._slots: dict[int, list[Slot]] = {
+            p: [self._wire.post_header(p) for _ in range(len(self._in[p]) + 1)] for p in self.peers
+        }  # every position's header, and the terminal's, in order
         self._prefetch()
         self._flush()
 
@@ -258,7 +234,8 @@ class P2PTransport:
         for p in self.peers:
             if p in self._lost:  # a peer that timed out still gets them: it may wake up
                 continue
-            skip = proto.failure_body(self._failure or _unknown(self.rank, self.device))
+            why = self._failure or Failure(self.rank, self.device, None, None, "step abandoned")
+            skip = proto.failure_body(why)
             for key in self._out[p][self._sent[p] :]:
                 self._emit(p, proto.SKIP, key, skip, [])
             self._sent[p] = len(self._out[p])
@@ -279,69 +256,30 @@ class P2PTransport:
         return dict(self._payloads)
 
     def _wait_sends(self, deadline: float) -> None:
-        pending, self._sends = self._sends, []
-        for work, _keep in pending:
-            try:
-                self._wait(work, deadline, None, "a send")
-            except _Broken:
-                continue
+        if not self.peers:
+            return
+        e = self._wire.wait_sends(deadline)
+        if e is not None:
+            self._broken = self._broken or f"a send did not complete: {_first_line(e)}"
+            if self._failure is None:
+                self.abort(Failure(self.rank, self.device, None, None, f"a send failed: {e}"))
 
     # ------------------------------------------------------------------ sending
-
-    def _meta_op(self, op: Callable, t: torch.Tensor, peer: int, tag: int) -> Any:
-        peer_arg = "group_dst" if op is dist.isend else "group_src"
-        return op(t, group=self._meta, tag=tag, **{peer_arg: self._meta_rank[peer]})
 
     def _emit(
         self, peer: int, mtype: int, key: proto.Key | None, meta: bytes, tensors: list
     ) -> None:
-        """Issue one message: its header and bulk parts now (gloo), its direct transfers into
-        the current batch (:meth:`_flush` issues it)."""
         expected = self._expect.get(key) if key is not None else None
-        parts = [as_bytes(t.to(self.comm_device)) for t in tensors if t.numel()]
-        sizes = [b.numel() for b in parts]
-        direct = mtype == proto.DATA and expected == sizes
-        mode = proto.DIRECT if direct else proto.BULK
-        head = proto.pack_header(mtype, key, self._step, self._m, meta, mode)
-        bulk = (
-            []
-            if len(meta) <= proto.INLINE
-            else [torch.frombuffer(bytearray(meta), dtype=torch.uint8)]
-        )
-        if direct:
-            data = parts
-        else:
-            bulk += [b.cpu() for b in parts]
-            data = [
-                torch.empty(n, dtype=torch.uint8, device=self.comm_device) for n in expected or ()
-            ]
-        for t, tag in [(head, proto.HEAD_TAG)] + [(b, proto.BULK_TAG) for b in bulk]:
-            self._sends.append((self._meta_op(dist.isend, t, peer, tag), t))
-        for b in data:
-            self._ops.append(
-                dist.P2POp(dist.isend, b, group=self._p2p, group_peer=self._p2p_rank[peer])
-            )
+        head = (mtype, key, self._step, self._m)
+        sizes = self._wire.send(peer, head, meta, tensors, expected)
         if mtype == proto.DATA and key is not None:
             self._expect_next[key] = sizes
 
     def _flush(self) -> None:
-        """Issue the current batch of point-to-point ops as one ``batch_isend_irecv``."""
-        ops, slots = self._ops, self._batch_slots
-        if not ops:
-            return
-        self._ops, self._batch_slots = [], []
         try:
-            works = dist.batch_isend_irecv(ops)
+            self._wire.flush()
         except Exception as e:
             self._mark_broken(None, e)
-            return
-        one_each = len(works) == len(ops)
-        for i, op in enumerate(ops):
-            mine = [works[i]] if one_each else list(works)
-            if op.op is dist.isend:
-                self._sends += [(w, op.tensor) for w in mine]
-        for slot, i in slots:
-            slot.data_works += [works[i]] if one_each else list(works)
 
     # ------------------------------------------------------------------ receiving
 
@@ -361,35 +299,32 @@ class P2PTransport:
             sizes = self._expect.get(self._in[peer][pos])
             if not sizes:
                 continue
-            slot = self._slots[peer][pos]
-            slot.data = [torch.empty(n, dtype=torch.uint8, device=self.comm_device) for n in sizes]
-            for b in slot.data:
-                self._batch_slots.append((slot, len(self._ops)))
-                self._ops.append(
-                    dist.P2POp(dist.irecv, b, group=self._p2p, group_peer=self._p2p_rank[peer])
-                )
+            self._wire.post_data(self._slots[peer][pos], peer, sizes)
 
     def _bulk(self, peer: int, n: int, deadline: float) -> torch.Tensor:
-        buf = torch.empty(n, dtype=torch.uint8)
-        self._wait(self._meta_op(dist.irecv, buf, peer, proto.BULK_TAG), deadline, peer, "data")
-        return buf
+        try:
+            return self._wire.bulk(peer, n, deadline)
+        except Exception as e:
+            self._lost_peer(peer, e)
 
     def _decode_next(self, peer: int, deadline: float) -> None:
         """Read ``peer``'s next position: a value into the mailbox, a failure into
         :attr:`failure`, or the terminal message's payload."""
         pos = self._decoded[peer]
         slot = self._slots[peer][pos]
-        self._wait(slot.head_work, deadline, peer, "a message")
+        self._wait(slot.head_work, deadline, peer)
         h = proto.unpack_header(slot.head)
-        meta = (
-            h.meta
-            if h.meta is not None
-            else self._bulk(peer, h.meta_len, deadline).numpy().tobytes()
-        )
+        meta = h.meta
+        if meta is None:
+            meta = self._bulk(peer, h.meta_len, deadline).numpy().tobytes()
         terminal = pos == len(self._in[peer])
-        if (h.mtype in (proto.END, proto.ABORT)) != terminal or (
-            h.mtype == proto.DATA and h.key != self._in[peer][pos]
-        ):
+        if terminal:
+            wrong = h.mtype not in (proto.END, proto.ABORT)
+        else:
+            want = (self._in[peer][pos], self._step, self._m)
+            wrong = h.mtype == proto.DATA and (h.key, h.step, h.num_microbatches) != want
+            wrong = wrong or h.mtype not in (proto.DATA, proto.SKIP)
+        if wrong:
             self._dead.add(peer)
             self._broken = self._broken or f"messages from rank {self.ranks[peer]} out of order"
             self.abort(
@@ -402,58 +337,44 @@ class P2PTransport:
             )  # fmt: skip
             raise _Broken()
         for w in slot.data_works:  # direct data, or the placeholders of a bulk message
-            self._wait(w, deadline, peer, "data")
+            self._wait(w, deadline, peer)
         self._decoded[peer] = pos + 1
         if h.mtype in (proto.SKIP, proto.ABORT):
             self.abort(proto.failure_from(meta))
             return
-        specs = tensor_specs(meta)
-        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs]
+        sizes = sizes_of(meta)
         if h.mode == proto.DIRECT:
-            parts = iter(slot.data or [])
+            parts = slot.data or []
         else:
-            parts = iter([self._bulk(peer, n, deadline).to(self.comm_device) for n in sizes if n])
-        tensors = []
-        for (shape, dtype, rg), n in zip(specs, sizes):
-            if n:
-                t = next(parts).view(dtype).reshape(shape)
-            else:
-                t = torch.empty(shape, dtype=dtype, device=self.comm_device)
-            if rg and (t.is_floating_point() or t.is_complex()):
-                t.requires_grad_(True)
-            tensors.append(t)
-        value = decode(meta, tensors)
+            parts = [self._bulk(peer, n, deadline) for n in sizes]
+        value = decode(meta, tensors_of(meta, iter(parts), self.comm_device))
         if terminal:
             self._payloads[peer] = value
             return
-        self._expect_next[h.key] = [n for n in sizes if n]
+        self._expect_next[h.key] = sizes
         self._box.send(*h.key, value)
 
-    def _wait(self, work: Any, deadline: float, peer: int | None, what: str) -> None:
-        """Wait for ``work`` until ``deadline``; a timeout or a lost peer breaks the channel."""
-        left = deadline - time.monotonic()
+    def _wait(self, work: Any, deadline: float, peer: int) -> None:
+        """Wait for ``peer``'s ``work`` until ``deadline``; a timeout or a lost peer breaks
+        the channel (:class:`_Broken`)."""
         try:
-            if left <= 0:
-                raise TimeoutError("deadline passed")
-            work.wait(timedelta(seconds=left))
+            wait(work, deadline)
         except Exception as e:
-            if peer is None:  # one of this rank's sends
-                self._broken = self._broken or f"a send did not complete: {_first_line(e)}"
-                if self._failure is None:
-                    self.abort(Failure(self.rank, self.device, None, None, f"a send failed: {e}"))
-                raise _Broken() from None
-            if "Timed out" in str(e) or "timed out" in str(e) or isinstance(e, TimeoutError):
-                self._dead.add(peer)
-                self._broken = self._broken or f"no message from rank {self.ranks[peer]}"
-                self.abort(
-                    Failure(
-                        self.ranks[peer], peer, None, None,
-                        f"sent nothing for {self.timeout:.0f}s (hung or too slow; raise timeout=)",
-                    )
-                )  # fmt: skip
-            else:
-                self._mark_broken(peer, e)
-            raise _Broken() from None
+            self._lost_peer(peer, e)
+
+    def _lost_peer(self, peer: int, e: BaseException) -> Any:
+        if "timed out" in str(e).lower() or isinstance(e, TimeoutError):
+            self._dead.add(peer)
+            self._broken = self._broken or f"no message from rank {self.ranks[peer]}"
+            self.abort(
+                Failure(
+                    self.ranks[peer], peer, None, None,
+                    f"sent nothing for {self.timeout:.0f}s (hung or too slow; raise timeout=)",
+                )
+            )  # fmt: skip
+        else:
+            self._mark_broken(peer, e)
+        raise _Broken() from None
 
     def _mark_broken(self, peer: int | None, error: BaseException) -> None:
         who = "a peer" if peer is None else f"rank {self.ranks[peer]} (pipeline device {peer})"
@@ -466,10 +387,6 @@ class P2PTransport:
             self.abort(Failure(self.ranks[peer], peer, None, None, "died or closed its connection"))
         else:
             self.abort(Failure(self.rank, self.device, None, None, f"transfer failed: {error}"))
-
-
-def _unknown(rank: int, device: int) -> Failure:
-    return Failure(rank, device, None, None, "the step was abandoned")
 
 
 def _first_line(e: BaseException) -> str:
