@@ -90,7 +90,11 @@ def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Traced:
     ep = torch.export.export(
-        model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim), strict=False
+        model,
+        args,
+        kwargs,
+        dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim),
+        strict=False,
     )
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
@@ -160,9 +164,7 @@ def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     for name, p in sig.parameters.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise CaptureError(f"torch.fx cannot trace a forward with *{name}")
-    concrete = {
-        k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)
-    }
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
     gm = fx.symbolic_trace(model, concrete_args=concrete)
     graph = gm.graph
     out = next(n for n in graph.nodes if n.op == "output")

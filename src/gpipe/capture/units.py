@@ -52,9 +52,7 @@ def _unit_of_path(path: str, units: set[str]) -> str | None:
     return None
 
 
-def node_units(
-    nodes: Sequence[fx.Node], units: Sequence[str]
-) -> list[tuple[str, str] | None]:
+def node_units(nodes: Sequence[fx.Node], units: Sequence[str]) -> list[tuple[str, str] | None]:
     """For each node, ``(unit path, call key)`` of the unit call it belongs to, or ``None``.
 
     ``torch.export`` records the whole module stack of a node; ``torch.fx`` records only the
