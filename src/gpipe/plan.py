@@ -6,7 +6,8 @@ defines the pipeline — which layers there are, how they are cut, which device 
 stage, how the cut is balanced when none is given — is decided here, once, with one wording
 for each mistake.
 
-Where a stage runs is the schedules' fact (:func:`gpipe.schedules.device_of`), re-exported here.
+Where a stage runs is the schedule's fact (``ScheduleSpec.placement``, stage → device); the
+default round-robin rule :func:`gpipe.schedules.device_of` is re-exported here.
 
 The invariant: for the same model, options and sample micro-batch, both pipes get the same
 layer list, the same balance and the same stage → device map.
@@ -273,16 +274,21 @@ def build_stages(
     seed: int,
     fetch_at: dict[int, dict[str, nn.Module]],
     only_device: int | None = None,
+    placement: Sequence[int] | None = None,
 ) -> list[Stage]:
     """The :class:`~gpipe.stage.Stage` of every (virtual) stage — or, with ``only_device``,
-    of those that pipeline device runs — each on ``device(stage)``, its layers moved there."""
+    of those that pipeline device runs (by ``placement``, stage → device, default ``s % K``)
+    — each on ``device(stage)``, its layers moved there."""
     from gpipe.stage import Stage
 
     n_stages = len(balance)
+    place = placement
+    if place is None:
+        place = [device_of(s, num_devices) for s in range(n_stages)]
     stage_of = stage_of_layers(balance)
     stages = []
     for s in range(n_stages):
-        if only_device is not None and device_of(s, num_devices) != only_device:
+        if only_device is not None and place[s] != only_device:
             continue
         dev = device(s)
         idx = [i for i, st in enumerate(stage_of) if st == s]

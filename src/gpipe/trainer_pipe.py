@@ -179,10 +179,9 @@ class TrainerPipe:
     def shards(self) -> list[tuple[int, dict[str, Tensor]]]:
         """The (pipeline device, tensors by full-model name) shards this process writes."""
         children = dict(self.model.named_children())
-        k = self.pipe.num_devices
         out: dict[int, dict[str, Tensor]] = {}
         for part in self.pipe.partitions:
-            shard = out.setdefault(part.stage % k, {})
+            shard = out.setdefault(self.pipe.placement[part.stage], {})
             for layer in part.layers:
                 for key, v in children[layer].state_dict().items():
                     shard[f"{layer}.{key}"] = v
