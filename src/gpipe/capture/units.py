@@ -20,6 +20,7 @@ from torch import nn
 
 __all__ = ["node_units", "resolve_split_points", "unit_paths"]
 
+
 def _is_stack(m: nn.Module) -> bool:
     """A ``ModuleList``/``ModuleDict`` of two or more modules, or an ``nn.Sequential`` with two
     or more non-leaf children of one type (a stack of blocks, not ``Linear → ReLU``)."""
