@@ -85,9 +85,7 @@ def test_state_dict_keys_are_the_models_own_and_load_back() -> None:
 def test_tied_weights_stay_one_parameter_across_layers() -> None:
     model = Net()
     layers = capture(model, _data()[0])
-    holders = [
-        seg for seg in layers if any(p is model.embed.weight for p in seg.parameters())
-    ]
+    holders = [seg for seg in layers if any(p is model.embed.weight for p in seg.parameters())]
     assert len(holders) == 2  # the embedding's layer and the head's
     assert {n for n, _ in layers.named_children()} >= {"embed", "head"}
 
@@ -201,3 +199,10 @@ def test_keywords_to_a_sequential_pipe_are_refused() -> None:
 def test_a_bad_sample_is_refused() -> None:
     with pytest.raises(TypeError, match="sample must be a tensor"):
         capture(Net(), 3)
+
+
+def test_a_call_whose_sizes_differ_from_the_sample_outside_the_batch_is_refused() -> None:
+    layers = capture(Net(), _data()[0])  # tokens [8, 5]
+    layers.bind((torch.zeros(3, 5, dtype=torch.long),), {})  # another batch size is fine
+    with pytest.raises(ValueError, match=r"only the batch dimension may change"):
+        layers.bind((torch.zeros(8, 6, dtype=torch.long),), {})

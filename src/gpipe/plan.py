@@ -137,7 +137,8 @@ def layers_of(
     else:
         raise TypeError(
             f"{who} needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
-            "wrap your layers in nn.Sequential so they can be cut into stages"
+            "wrap your layers in nn.Sequential so they can be cut into stages, or capture the "
+            "model: gpipe.Pipe(model, sample=<inputs>) or gpipe.capture.capture(model, sample)"
         )
     if not named:
         raise ValueError(f"{who} needs at least one layer")
