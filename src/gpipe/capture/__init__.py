@@ -13,6 +13,7 @@ parameter objects under the model's own names.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,7 @@ def _split_balance(
                 "empty; drop it"
             )
     edges = [0, *sorted(cuts), len(names)]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return [b - a for a, b in itertools.pairwise(edges)]
 
 
 def capture(

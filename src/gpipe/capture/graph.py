@@ -50,7 +50,19 @@ class Traced:
     unit_of: Callable[[fx.Node], tuple[str, str] | None] | None = None
 
 
-def _flat_bind(in_spec: pytree.TreeSpec, n_inputs: int) -> Callable[[tuple, dict], tuple]:
+def _shapes(leaves: list, batch_dim: int) -> list[tuple | None]:
+    """Each tensor leaf's shape with the batch dimension left out (``None``: not a tensor)."""
+    return [
+        (v.dim(), *[s for d, s in enumerate(v.shape) if d != batch_dim])
+        if isinstance(v, torch.Tensor)
+        else None
+        for v in leaves
+    ]
+
+
+def _flat_bind(
+    in_spec: pytree.TreeSpec, n_inputs: int, shapes: list[tuple | None], batch_dim: int
+) -> Callable[[tuple, dict], tuple]:
     def bind(args: tuple, kwargs: dict) -> tuple:
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != in_spec:
@@ -61,6 +73,14 @@ def _flat_bind(in_spec: pytree.TreeSpec, n_inputs: int) -> Callable[[tuple, dict
             )
         if len(leaves) != n_inputs:  # pragma: no cover - export's own contract
             raise TypeError(f"expected {n_inputs} input leaves, got {len(leaves)}")
+        for i, (want, got) in enumerate(zip(shapes, _shapes(leaves, batch_dim))):
+            if want is not None and got is not None and want != got:
+                raise ValueError(
+                    f"input {i} has shape {tuple(leaves[i].shape)}, but the model was captured "
+                    f"on a sample whose input {i} has {want[0]} dims and sizes {list(want[1:])} "
+                    f"outside batch_dim={batch_dim}; only the batch dimension may change — "
+                    "capture again on a sample of this shape"
+                )
         return tuple(leaves)
 
     return bind
@@ -90,7 +110,11 @@ def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Traced:
     ep = torch.export.export(
-        model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim), strict=False
+        model,
+        args,
+        kwargs,
+        dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim),
+        strict=False,
     )
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
@@ -148,9 +172,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
         if spec.kind == okinds.USER_OUTPUT
     ]
     graph.output(tuple(users))
-    return Traced(
-        graph, "export", _flat_bind(ep.call_spec.in_spec, n_user), ep.call_spec.out_spec, constants
-    )
+    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+    bind = _flat_bind(ep.call_spec.in_spec, n_user, _shapes(leaves, batch_dim), batch_dim)
+    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants)
 
 
 def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
@@ -160,9 +184,7 @@ def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     for name, p in sig.parameters.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise CaptureError(f"torch.fx cannot trace a forward with *{name}")
-    concrete = {
-        k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)
-    }
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
     gm = fx.symbolic_trace(model, concrete_args=concrete)
     graph = gm.graph
     out = next(n for n in graph.nodes if n.op == "output")

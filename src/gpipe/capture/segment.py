@@ -45,9 +45,7 @@ def _set(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:
         setattr(mod, leaf, obj)
 
 
-def attach(
-    segment: nn.Module, model: nn.Module, target: str, constants: dict[str, Any]
-) -> None:
+def attach(segment: nn.Module, model: nn.Module, target: str, constants: dict[str, Any]) -> None:
     """Make ``segment.<target>`` the model's object at ``target`` (or the capture's constant)."""
     if target in constants:
         _set(segment, target, constants[target], persistent=False)
@@ -138,7 +136,9 @@ class CapturedLayers(nn.Sequential):
         self._aliases = dict(aliases or {})
         self._register_load_state_dict_pre_hook(self._spread_keys)
 
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:  # type: ignore[override]
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:  # type: ignore[override]
         """The model's own keys (under ``prefix``), each once."""
         held: dict[str, Any] = {}
         for seg in self._modules.values():
