@@ -177,7 +177,7 @@ def device_memory(
     """Each device's predicted peak, walking its actions in the schedule's order."""
     remat = check_mode(remat)
     slots = optimizer_slots(optimizer)
-    k, m = schedule.num_devices, schedule.num_microbatches
+    m = schedule.num_microbatches
     if len(stages) != schedule.num_stages:
         raise ValueError(
             f"{len(stages)} stage memories for a schedule of {schedule.num_stages} stages"
@@ -186,7 +186,7 @@ def device_memory(
     for d, acts in enumerate(schedule.actions):
         graph = inputs = 0
         best = (0, 0, 0)
-        for a in acts:
+        for a in (part for unit in acts for part in getattr(unit, "parts", (unit,))):
             st = stages[a.stage]
             add_g, add_i, transient, freed = _deltas(
                 a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
@@ -200,7 +200,8 @@ def device_memory(
                     inputs -= freed
                 else:
                     graph -= freed
-        params, buffers, opt = _static([stages[s] for s in range(d, len(stages), k)], slots)
+        mine = [stages[s] for s, dev in enumerate(schedule.placement) if dev == d]
+        params, buffers, opt = _static(mine, slots)
         out.append(DeviceMemory(params, buffers, params, opt, *best))
     return out
 
@@ -218,13 +219,13 @@ def process_peak(
     m = schedule.num_microbatches
     points: list[tuple[float, int]] = []
     for e in events:
-        a = e.action
-        st = stages[a.stage]
-        add_g, add_i, transient, freed = _deltas(
-            a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
-        )
-        points.append((e.start, add_g + add_i + transient))  # allocated while it runs
-        points.append((e.end, -transient - freed))
+        for a in getattr(e.action, "parts", (e.action,)):  # an overlapped pair: both parts
+            st = stages[a.stage]
+            add_g, add_i, transient, freed = _deltas(
+                a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
+            )
+            points.append((e.start, add_g + add_i + transient))  # allocated while it runs
+            points.append((e.end, -transient - freed))
     points.sort(key=lambda p: (p[0], p[1]))  # at one instant, frees before allocations
     live = peak = 0
     for _, delta in points:

@@ -146,6 +146,7 @@ class P2PTransport:
     ) -> None:
         self.device = device
         self.num_devices = num_devices
+        self.placement: Sequence[int] | None = None  # stage -> device (None: s % num_devices)
         self.ranks = list(ranks)
         self.rank = self.ranks[device]
         self.timeout = float(timeout)
@@ -240,7 +241,7 @@ class P2PTransport:
 
     def send(self, kind: str, stage: int, microbatch: int, value: Any) -> None:
         """Send ``value`` to the device that runs ``stage`` (non-blocking; see finish_step)."""
-        dst = stage % self.num_devices
+        dst = stage % self.num_devices if self.placement is None else self.placement[stage]
         if dst == self.device:
             self._box.send(kind, stage, microbatch, _detach_tree(value))
             return
