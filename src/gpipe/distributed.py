@@ -259,6 +259,11 @@ class DistributedPipe(nn.Module):
         return None if self._balance is None else list(self._balance)
 
     @property
+    def placement(self) -> tuple[int, ...]:
+        """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
+        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
+
+    @property
     def stage_indices(self) -> list[int]:
         """The (virtual) stages this rank runs."""
         return [st.index for st in self._stages or []]
