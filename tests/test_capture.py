@@ -40,7 +40,7 @@ class Case:
 
     def piped(self, k: int, schedule: str, remat: str, chunks: int = M):
         self.model.zero_grad()
-        shape = (k, schedule == "interleaved")
+        shape = (k, len(schedules.ScheduleSpec(schedule, None).placement(k)))  # K·V stages
         pipe = gpipe.Pipe(
             self.layers,
             stages=k,
