@@ -36,7 +36,7 @@ from torch import nn
 
 import gpipe
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe-v"]
 REMATS = ["always", "except_last", "never"]
 D = 64
 
@@ -47,6 +47,13 @@ def model(seed: int = 0, width: int = D) -> nn.Sequential:
     for _ in range(3):
         layers += [nn.Linear(width, width), nn.GELU()]
     return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def balance_for(schedule: str) -> list[int]:
+    """The 9 layers cut for 2 devices: two stages each with two virtual stages per device."""
+    from gpipe.schedules import ScheduleSpec
+
+    return [2, 2, 2, 3] if ScheduleSpec(schedule, None).virtual_stages == 2 else [4, 5]
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,7 +94,7 @@ def check(
     m = model(width=width).to(dev)
     pipe = gpipe.Pipe(
         m,
-        balance=[2, 2, 2, 3] if schedule == "interleaved" else [4, 5],
+        balance=balance_for(schedule),
         devices=devices or [dev, dev],
         chunks=chunks,
         schedule=schedule,
@@ -178,7 +185,7 @@ def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
     for schedule in SCHEDULES:
         pipe = gpipe.DistributedPipe(
             model(),
-            balance=[2, 2, 2, 3] if schedule == "interleaved" else [4, 5],
+            balance=balance_for(schedule),
             chunks=4,
             schedule=schedule,
             timeout=30,
