@@ -58,7 +58,7 @@ def _entry(rank: int, init: str, out: str) -> None:
             ) as pipe:
                 loss = float(pipe.step(x, y, _loss))
                 grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
-                res[(sched, m, remat)] = (loss, grads, pipe._placement)
+                res[(sched, m, remat)] = (loss, grads, pipe.placement)
         torch.save(res, Path(out) / f"res-{rank}.pt")
     except BaseException:
         torch.save({"error": traceback.format_exc()}, Path(out) / f"err-{rank}.pt")
