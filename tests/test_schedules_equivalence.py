@@ -77,13 +77,14 @@ def test_same_device_handoffs_bypass_the_transport(schedule: str) -> None:
     k, m = 3, 6
     pipe = gpipe.Pipe(make_model(), balance=[2, 2, 2, 2, 2, 2], chunks=m, schedule=schedule)
     sent: list[tuple[str, int]] = []
-    real = pipe._transport.send
+    transport = pipe._runner.transport  # the one-process mailboxes
+    real = transport.send
 
     def spy(kind: str, stage: int, microbatch: int, value: object) -> None:
         sent.append((kind, stage))
         real(kind, stage, microbatch, value)
 
-    pipe._transport.send = spy  # type: ignore[method-assign]
+    transport.send = spy  # type: ignore[method-assign]
     x, y = _data()
     pipe.step(x, y, loss_fn)
     assert ("act", k) not in sent and ("grad", k - 1) not in sent

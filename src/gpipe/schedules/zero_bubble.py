@@ -78,45 +78,53 @@ def _zb_v(k: int, m: int, v: int) -> list[list[int]]:
     ``B``'s (both stages, then the first with its ``W``) and the deferred ``W``'s. The pattern
     is laid out for ``max(M, 2K-1)`` micro-batches and the ones past ``M`` are dropped.
     """
-    big = 2 * k * m  # codes: F = s·M + i, B = big + s·M + i, W = 2·big + s·M + i
-    n = max(m, 2 * k - 1)
+    n = max(m, 2 * k - 1)  # laid out for n micro-batches, codes of a Codec(2K, n)
+    big = 2 * k * n  # F = s·n + i, B = big + s·n + i, W = 2·big + s·n + i
     out = []
     for d in range(k):
-        s0, s1 = d * m, (2 * k - 1 - d) * m
+        s0, s1 = d * n, (2 * k - 1 - d) * n
         F0, B0, W0 = s0, big + s0, 2 * big + s0
         F1, B1, W1 = s1, big + s1, 2 * big + s1
-        seq: list[tuple[int, int]] = []  # (code of micro-batch 0, micro-batch)
+        seq: list[int] = []
         add = seq.append
         f0 = f1 = b0 = b1 = 0
         for _ in range(2 * (k - d) - 1):
-            add((F0, f0))
+            add(F0 + f0)
             f0 += 1
         for _ in range(d):
-            seq += [(F1, f1), (F0, f0)]
+            seq += [F1 + f1, F0 + f0]
             f1 += 1
             f0 += 1
         for _ in range(k - d):
-            seq += [(F1, f1), (B1, b1), (W1, b1)]
+            seq += [F1 + f1, B1 + b1, W1 + b1]
             f1 += 1
             b1 += 1
         while f1 < f0 or f0 < n:
             if f0 < n:
-                add((F0, f0))
+                add(F0 + f0)
                 f0 += 1
-            seq += [(B0, b0), (W0, b0), (F1, f1), (B1, b1), (W1, b1)]
+            seq += [B0 + b0, W0 + b0, F1 + f1, B1 + b1, W1 + b1]
             b0 += 1
             f1 += 1
             b1 += 1
         w0, w1 = b0, b1
         for _ in range(d):
-            seq += [(B0, b0), (B1, b1)]
+            seq += [B0 + b0, B1 + b1]
             b0 += 1
             b1 += 1
         for _ in range(k - d):
-            seq += [(B0, b0), (W0, w0)]
+            seq += [B0 + b0, W0 + w0]
             b0 += 1
             w0 += 1
-        seq += [(W1, i) for i in range(w1, b1)]
-        seq += [(W0, i) for i in range(w0, b0)]
-        out.append([base + i for base, i in seq if i < m])
+        seq += [W1 + i for i in range(w1, b1)]
+        seq += [W0 + i for i in range(w0, b0)]
+        if n > m:  # drop the padding micro-batches and re-code for M = m
+            kept = []
+            for c in seq:
+                kind, rest = divmod(c, big)
+                st, i = divmod(rest, n)
+                if i < m:
+                    kept.append(kind * 2 * k * m + st * m + i)
+            seq = kept
+        out.append(seq)
     return out
