@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -226,56 +227,75 @@ class _Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(self.norm(x))))
 
 
+class _Lookup(nn.Module):
+    """Adds the embedding of fixed indices (a call of the embedding inside the stage)."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.emb = emb
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.emb(torch.tensor([1, 2, 5]))
+
+
 def _layers(fallback: bool) -> list[nn.Module]:
     torch.manual_seed(0)
     emb = nn.Embedding(6, 4)
     layers: list[nn.Module] = [
-        nn.Sequential(emb, nn.Dropout(0.3)),
+        nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3)),
+        _Lookup(emb),
         _Twice(4),
         nn.Sequential(nn.Linear(4, 4), nn.GELU()),
     ]
     if fallback:
         layers.append(_Scale(4))
-    layers.append(_Tied(emb))  # a tied weight read directly: not through the embedding call
+    layers.append(_Tied(emb))  # the tied weight read directly: not through the embedding call
     return [m.to(DT) for m in layers]
 
 
+HIDDEN = torch.randn(2, 3, 4, generator=_gen(1), dtype=DT)
 TOKENS = torch.tensor([[1, 2, 5], [0, 2, 3]])
 TARGET = torch.randn(2, 3, 6, generator=_gen(2), dtype=DT)
 
 
-def _reference(layers: list[nn.Module], seed: int) -> list[torch.Tensor]:
-    """Plain autograd with the stage's keyed random streams (layer index = position)."""
+def _reference(layers: list[nn.Module], x: torch.Tensor, seed: int) -> tuple[Any, list]:
+    """Plain autograd with the stage's keyed random streams (layer index = position):
+    the input's gradient and the parameters'."""
     from gpipe import rng
 
-    x: torch.Tensor = TOKENS
+    x = x.clone().requires_grad_(x.is_floating_point())
+    h = x
     for i, layer in enumerate(layers):
         with rng.keyed(seed, 0, 0, i):
-            x = layer(x)
-    (_mse(x, TARGET) * 0.5).backward()
-    return [p.grad.clone() for p in _params(layers)]
+            h = layer(h)
+    (_mse(h, TARGET) * 0.5).backward()
+    grads = [p.grad.clone() for p in _params(layers)]
+    for p in _params(layers):
+        p.grad = None
+    return x.grad, grads
 
 
 def _params(layers: list[nn.Module]) -> list[nn.Parameter]:
     return list(nn.ModuleList(layers).parameters())
 
 
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
 @pytest.mark.parametrize("remat", ["never", "always"])
 @pytest.mark.parametrize("fallback", [False, True])
 def test_stage_mixing_split_and_fallback_parameters_is_exact(remat: str, fallback: bool) -> None:
     layers = _layers(fallback)
-    for m in layers:
-        m.train()
-    want = _reference(layers, seed=4)
-    for p in _params(layers):
-        p.grad = None
-    st = Stage(0, list(enumerate(layers)), "cpu", is_first=True, is_last=True, remat=remat, seed=4)
-    assert st.fallback_parameters() == (["3.scale"] if fallback else [])
+    want_x, want = _reference(layers, HIDDEN, seed=4)
+    st = Stage(1, list(enumerate(layers)), "cpu", is_first=False, is_last=True, remat=remat, seed=4)
+    assert st.fallback_parameters() == (["4.scale"] if fallback else [])
     st.begin_step(0, 2, True, loss_fn=_mse, loss_scale=0.5)
-    res = st.forward(0, (TOKENS,), TARGET, split=True)
-    assert st.backward(0, None, split=True) == (None,)
+    res = st.forward(0, HIDDEN, TARGET, split=True)
+    gx = st.backward(0, None, split=True)
+    assert (gx - want_x).abs().max().item() <= 1e-10
     saved = st.state.saved[0]
-    assert saved.calls is not None and len(saved.calls.calls) == 5  # emb, norm, lin twice, lin
+    assert saved.calls is not None and len(saved.calls.calls) == 6  # lin, emb, norm, lin ×2, lin
     assert all(c.edge is None for c in saved.calls.calls)  # no reference to the graph
     # the graph is kept for W only when some parameter falls back to it
     assert bool(saved.out_tensors) is fallback
@@ -286,23 +306,35 @@ def test_stage_mixing_split_and_fallback_parameters_is_exact(remat: str, fallbac
             res.loss.backward()  # B freed the graph
     st.backward_weight(0)
     assert st.pending == []
-    got = [p.grad for p in _params(layers)]
-    assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)) <= 1e-10
+    assert _max_diff([p.grad for p in _params(layers)], want) <= 1e-10
     st.close()
+
+
+@pytest.mark.parametrize("remat", ["never", "always"])
+def test_a_first_stage_on_token_ids_leaves_the_whole_backward_to_w(remat: str) -> None:
+    layers = [nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 4)).to(DT), *_layers(True)]
+    _, want = _reference(layers, TOKENS, seed=2)
+    st = Stage(0, list(enumerate(layers)), "cpu", is_first=True, is_last=True, remat=remat, seed=2)
+    st.begin_step(0, 1, True, loss_fn=_mse, loss_scale=0.5)
+    st.forward(0, (TOKENS,), TARGET, split=True)
+    assert st.backward(0, None, split=True) == (None,)  # nothing wants the input's gradient
+    assert st.state.saved[0].calls is None  # not captured: W walks the graph once
+    assert all(p.grad is None for p in _params(layers))
+    st.backward_weight(0)
+    assert _max_diff([p.grad for p in _params(layers)], want) <= 1e-10
 
 
 def test_whole_backward_after_a_split_forward_is_exact() -> None:
     layers = _layers(fallback=True)
-    want = _reference(layers, seed=0)
-    for p in _params(layers):
-        p.grad = None
-    st = Stage(0, list(enumerate(layers)), "cpu", is_first=True, is_last=True, remat="never")
+    want_x, want = _reference(layers, HIDDEN, seed=0)
+    st = Stage(1, list(enumerate(layers)), "cpu", is_first=False, is_last=True, remat="never")
     st.begin_step(0, 1, True, loss_fn=_mse, loss_scale=0.5)
-    st.forward(0, (TOKENS,), TARGET, split=True)
-    st.backward(0, None)  # not split: both halves at once
+    st.forward(0, HIDDEN, TARGET, split=True)
+    assert st.state.saved[0].calls is not None
+    gx = st.backward(0, None)  # not split: both halves at once
     assert st.pending == []
-    got = [p.grad for p in _params(layers)]
-    assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)) <= 1e-10
+    assert (gx - want_x).abs().max().item() <= 1e-10
+    assert _max_diff([p.grad for p in _params(layers)], want) <= 1e-10
 
 
 def test_an_input_changed_in_place_after_the_module_is_named() -> None:

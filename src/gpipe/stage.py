@@ -281,7 +281,8 @@ class Stage:
                     loss = self._loss(state, microbatch, out, target) if want_loss else None
                 return StageOutput(out, loss, self._sink)
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
-            with torch.set_grad_enabled(not remat), self._capture(split and not remat) as calls:
+            capture = split and not remat and _wants_grad(inputs)
+            with torch.set_grad_enabled(not remat), self._capture(capture) as calls:
                 out = self._run(state, microbatch, inputs)
                 loss = self._loss(state, microbatch, out, target) if want_loss else None
             fetched = self._sink
@@ -294,7 +295,12 @@ class Stage:
 
     def _capture(self, on: bool) -> Any:
         """Capture the standard modules' calls inside the body when ``on`` (else a no-op
-        yielding ``None``)."""
+        yielding ``None``).
+
+        Only a split backward of a stage whose inputs want a gradient captures: when none
+        does (the first stage, on token ids) ``B`` has nothing to compute and leaves the
+        whole backward, one walk of the graph, to ``W``.
+        """
         return self._wgrad.capture() if on else contextlib.nullcontext()
 
     def _outputs_for_backward(
@@ -302,7 +308,8 @@ class Stage:
     ) -> Any:
         if not saved.remat:
             return saved.outputs
-        with torch.enable_grad(), remat_mod.recomputing(), self._capture(split) as calls:
+        capture = split and _wants_grad(saved.inputs)
+        with torch.enable_grad(), remat_mod.recomputing(), self._capture(capture) as calls:
             saved.calls = calls
             out = self._run(state, microbatch, saved.inputs)
             if self.is_last and state.loss_fn is not None:
@@ -391,6 +398,11 @@ class Stage:
         outs = saved.out_tensors
         if outs and params:
             torch.autograd.backward(outs, saved.out_grads, inputs=params)
+
+
+def _wants_grad(inputs: Any) -> bool:
+    """Whether any tensor leaf of ``inputs`` requires grad."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0])
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
