@@ -118,14 +118,16 @@ def test_memory_terms_of_a_tiny_model_match_hand_computed_values():
     assert (dev1.parameters, dev1.gradients, dev1.optimizer) == (p1, p1, 2 * p1)
     # GPipe keeps both micro-batches' graphs; the first backward adds its boundary gradients
     assert dev0.activations == 2 * kept0 and dev0.remat_inputs == 0
-    assert dev0.transient == rows * 4 * f32 + rows * 8 * f32
+    workspace0 = max(c.saved_bytes for c in costs[:2])
+    assert stages[0].workspace == workspace0 == rows * 8 * f32
+    assert dev0.transient == rows * 4 * f32 + rows * 8 * f32 + workspace0
     assert dev0.total == 4 * p0 + 2 * kept0 + dev0.transient
 
     remat0, _ = mm.device_memory(sched, stages, "always", "sgd")
     assert remat0.optimizer == 0
     assert remat0.activations == 0 and remat0.remat_inputs == 2 * rows * 4 * f32
     # while a backward runs, its recomputed graph and its boundary gradients are live
-    assert remat0.transient == kept0 + rows * 4 * f32 + rows * 8 * f32
+    assert remat0.transient == kept0 + rows * 4 * f32 + rows * 8 * f32 + workspace0
 
     one_f_one_b = mm.device_memory(get("1f1b", 2, 2), stages, "never", "adam")
     assert one_f_one_b[1].activations == kept1  # 1F1B's last device holds one micro-batch

@@ -169,13 +169,14 @@ class DistributedPipe(nn.Module):
         self._pp_group, self._dp_group = self._groups.pp, self._groups.dp
         self._transport = P2PTransport(
             self.pipeline_device,
-            self.num_devices,
             self._groups.replicas[self.replica],
-            self._groups.channels,
+            self._groups.p2p,
+            self._groups.meta,
+            self._layout.owner,
+            self._layout.num_stages,
             timeout=self._timeout,
             comm_device=comm_device,
         )
-        self._transport.placement = [self._layout.owner(s) for s in range(self._layout.num_stages)]
         self._closed = False
 
         self._stages: list[Stage] | None = None
@@ -256,6 +257,11 @@ class DistributedPipe(nn.Module):
     def balance(self) -> list[int] | None:
         """Layers per (virtual) stage, or ``None`` until the first step balances by FLOPs."""
         return None if self._balance is None else list(self._balance)
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
+        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
 
     @property
     def stage_indices(self) -> list[int]:

@@ -139,7 +139,7 @@ def run_step(
         check_finite=pipe.check_finite,
         rng_offset=layout.replica * m,
     )
-    transport.begin_step(pipe._calls, m)
+    transport.begin_step(pipe._calls, m, per_device)
     pipe._calls += 1
     # From here on every rank must reach finish_step, whatever happens.
     last_dev = layout.last_device

@@ -11,7 +11,9 @@ what each micro-batch keeps between its forward and its last backward action:
 * re-materialized: only its boundary input, plus, while its backward runs, the recomputed graph
   of that one micro-batch.
 
-While a backward runs it also holds the gradient of the stage's output and input (transient).
+While a backward runs it also holds the gradients of the stage's output and input and a
+workspace for the gradients inside it, taken as its largest layer's saved graph (one layer's
+saved tensors each get a gradient before they are freed) — transient.
 :func:`device_memory` walks each device's action list in the schedule's order and reports the
 peak of that sum; :func:`process_peak` does the same over a simulated timeline for stages that
 share one memory (the one-process pipe on a CPU).
@@ -97,6 +99,7 @@ class StageMemory:
     kept: int  # bytes a micro-batch keeps without re-materialization (its saved graph)
     input: int  # bytes of the stage's boundary input of one micro-batch
     output: int  # bytes of the stage's output of one micro-batch
+    workspace: int = 0  # what a backward allocates on top: its largest layer's saved graph
 
 
 def stage_memory(
@@ -120,6 +123,7 @@ def stage_memory(
                 kept=kept,
                 input=input_bytes if start == 0 else costs[start - 1].activation_bytes,
                 output=layers[-1].activation_bytes,
+                workspace=max(c.saved_bytes for c in layers),
             )
         )
         start += n
@@ -152,7 +156,7 @@ def _deltas(kind: str, st: StageMemory, remat: bool, split: bool) -> tuple[int, 
     if kind == "F":
         return (0, st.input, 0, 0) if remat else (st.kept, 0, 0, 0)
     if kind == "B":
-        grads = st.input + st.output  # the boundary gradients of this backward
+        grads = st.input + st.output + st.workspace  # boundary gradients, inner gradients
         if split:  # the graph is retained for W; a recomputed one replaces the kept input
             return (st.kept, -st.input, grads, 0) if remat else (0, 0, grads, 0)
         return (0, 0, grads + (st.kept if remat else 0), st.input if remat else st.kept)
@@ -173,7 +177,7 @@ def device_memory(
     """Each device's predicted peak, walking its actions in the schedule's order."""
     remat = check_mode(remat)
     slots = optimizer_slots(optimizer)
-    k, m = schedule.num_devices, schedule.num_microbatches
+    m = schedule.num_microbatches
     if len(stages) != schedule.num_stages:
         raise ValueError(
             f"{len(stages)} stage memories for a schedule of {schedule.num_stages} stages"
@@ -182,7 +186,7 @@ def device_memory(
     for d, acts in enumerate(schedule.actions):
         graph = inputs = 0
         best = (0, 0, 0)
-        for a in acts:
+        for a in (part for unit in acts for part in getattr(unit, "parts", (unit,))):
             st = stages[a.stage]
             add_g, add_i, transient, freed = _deltas(
                 a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
@@ -196,7 +200,8 @@ def device_memory(
                     inputs -= freed
                 else:
                     graph -= freed
-        params, buffers, opt = _static([stages[s] for s in range(d, len(stages), k)], slots)
+        mine = [stages[s] for s, dev in enumerate(schedule.placement) if dev == d]
+        params, buffers, opt = _static(mine, slots)
         out.append(DeviceMemory(params, buffers, params, opt, *best))
     return out
 
@@ -214,13 +219,13 @@ def process_peak(
     m = schedule.num_microbatches
     points: list[tuple[float, int]] = []
     for e in events:
-        a = e.action
-        st = stages[a.stage]
-        add_g, add_i, transient, freed = _deltas(
-            a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
-        )
-        points.append((e.start, transient))
-        points.append((e.end, add_g + add_i - transient - freed))
+        for a in getattr(e.action, "parts", (e.action,)):  # an overlapped pair: both parts
+            st = stages[a.stage]
+            add_g, add_i, transient, freed = _deltas(
+                a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
+            )
+            points.append((e.start, add_g + add_i + transient))  # allocated while it runs
+            points.append((e.end, -transient - freed))
     points.sort(key=lambda p: (p[0], p[1]))  # at one instant, frees before allocations
     live = peak = 0
     for _, delta in points:

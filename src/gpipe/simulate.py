@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpipe.schedules import Event, Schedule
+from gpipe.schedules import Event, Overlap, Schedule
 from gpipe.schedules.codes import Codec
 
 __all__ = ["SimResult", "compare", "simulate", "table"]
@@ -42,14 +42,26 @@ class SimResult:
     _timeline: tuple[list[int], list[int], list[float], list[float]] = field(
         repr=False, compare=False
     )
+    _pair_costs: dict[int, tuple[float, float]] = field(repr=False, compare=False)
 
     @functools.cached_property
     def events(self) -> tuple[Event, ...]:
-        """The timeline, one :class:`Event` per unit in replay order (made on first use)."""
+        """The timeline, one :class:`Event` per action in replay order (made on first use). An
+        overlapped pair gives its forward then its backward, splitting the pair's time in
+        proportion to their costs, as the runtimes record the two parts."""
         devs, units, starts, ends = self._timeline
         s = self.schedule
         unit = Codec(s.num_stages, s.num_microbatches).unit
-        return tuple(Event(unit(c), d, a, b) for d, c, a, b in zip(devs, units, starts, ends))
+        out = []
+        for d, c, a, b in zip(devs, units, starts, ends):
+            u = unit(c)
+            if isinstance(u, Overlap):
+                cf, cb = self._pair_costs[c]
+                mid = a + (b - a) * (cf / (cf + cb) if cf + cb > 0 else 0.5)
+                out += [Event(u.forward, d, a, mid), Event(u.backward, d, mid, b)]
+            else:
+                out.append(Event(u, d, a, b))
+        return tuple(out)
 
 
 def _number(value: Any, what: str) -> float:
@@ -160,6 +172,7 @@ def _replay(
     fin = [0.0] * top
     free = [0.0] * k
     order_dev, order_unit = schedule._order
+    pairs: dict[int, tuple[float, float]] = {}
     starts = [0.0] * len(order_unit)
     ends = [0.0] * len(order_unit)
     for i, c in enumerate(order_unit):
@@ -196,6 +209,7 @@ def _replay(
                 if r > t:
                     t = r
             cf, cb = cost[f], cost[b]
+            pairs[c] = (cf, cb)
             e = t + cf + cb - overlap * min(cf, cb)
             fin[f] = fin[b] = e
         free[d] = e
@@ -214,6 +228,7 @@ def _replay(
         busy=tuple(busy),
         peak_activations=_peaks(schedule),
         _timeline=(order_dev, order_unit, starts, ends),
+        _pair_costs=pairs,
     )
 
 

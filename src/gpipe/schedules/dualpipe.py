@@ -111,19 +111,19 @@ def _device(k: int, n: int, d: int) -> list[tuple[int, ...]]:
 def _encode(units: list[tuple[int, ...]], c: Codec) -> list[int]:
     """Codes of the units whose micro-batches exist (an overlap that lost one part to the
     padding keeps the other as a plain action)."""
-    enc = (c.f, c.b, c.w)
-    m = c.M
+    m, big = c.M, c.N
+    top = 3 * big
     out = []
     for u in units:
         if len(u) == 3:
             if u[2] < m:
-                out.append(enc[u[0]](u[1], u[2]))
+                out.append(u[0] * big + u[1] * m + u[2])
             continue
         sf, fi, sb, bi = u
         if fi < m and bi < m:
-            out.append(c.pair(sf, fi, sb, bi))
+            out.append(top + (sf * m + fi) * big + sb * m + bi)
         elif fi < m:
-            out.append(c.f(sf, fi))
+            out.append(sf * m + fi)
         elif bi < m:
-            out.append(c.b(sb, bi))
+            out.append(big + sb * m + bi)
     return out
