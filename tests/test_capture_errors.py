@@ -206,3 +206,22 @@ def test_a_call_whose_sizes_differ_from_the_sample_outside_the_batch_is_refused(
     layers.bind((torch.zeros(3, 5, dtype=torch.long),), {})  # another batch size is fine
     with pytest.raises(ValueError, match=r"only the batch dimension may change"):
         layers.bind((torch.zeros(8, 6, dtype=torch.long),), {})
+
+
+def test_attention_dropout_captured_in_training_follows_eval() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=8, use_cache=False,
+        attn_pdrop=0.5, resid_pdrop=0.5, embd_pdrop=0.5, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    x = torch.randint(0, 64, (4, 8))
+    layers = capture(model, x)
+    assert "AttentionDropout(p=0.5)" in repr(layers)
+    layers.eval()
+    model.eval()
+    out = layers[0](x)
+    for seg in list(layers)[1:]:
+        out = seg(out)
+    torch.testing.assert_close(out.logits, model(x).logits)

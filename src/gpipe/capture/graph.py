@@ -6,8 +6,9 @@ nodes name the model's own parameters and buffers by their paths in the model (n
 and whose output is the flat list of the model's output leaves, rebuilt by ``out_spec``.
 
 Export's lifted parameters are turned back into ``get_attr`` nodes; its lifted constants are
-kept in ``constants``; ``aten.dropout`` becomes a call of an ``nn.Dropout`` module, so the
-graph follows ``train()``/``eval()`` and the keyed random streams see a known random module.
+kept in ``constants``; ``aten.dropout`` becomes a call of an ``nn.Dropout`` module (so the
+keyed random streams see a known random module) and a fused attention traced with dropout an
+:class:`AttentionDropout`, so the graph follows ``train()``/``eval()``.
 
 The invariant: running the graph with the model's parameters computes, op for op, what
 ``model(*args, **kwargs)`` computes for inputs of the sample's structure. Where neither tracer
@@ -108,6 +109,30 @@ def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) 
     return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
+class AttentionDropout(nn.Module):
+    """Fused attention whose dropout follows ``train()``/``eval()`` (the tracer fixed the
+    probability the training-mode forward used)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v, attn_mask=None, **kwargs: Any) -> torch.Tensor:
+        p = self.p if self.training else 0.0
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=p, **kwargs
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _sdpa_dropout(node: fx.Node) -> float:
+    if len(node.args) > 4:
+        return float(node.args[4])
+    return float(node.kwargs.get("dropout_p", 0.0))
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Traced:
     ep = torch.export.export(
         model,
@@ -152,6 +177,25 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
     for node in ep.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
+        if node.op == "call_function" and node.target == _aten.scaled_dot_product_attention.default:
+            p = _sdpa_dropout(node)
+            if p > 0:  # traced in training mode: drop only while training, as the model did
+                name = f"_gpipe_attention_{dropouts}"
+                dropouts += 1
+                constants[name] = AttentionDropout(p)
+                q, k, v, *rest = node.args
+                mask = rest[0] if rest else node.kwargs.get("attn_mask")
+                kw = {
+                    k2: v2 for k2, v2 in node.kwargs.items() if k2 not in ("attn_mask", "dropout_p")
+                }
+                if len(rest) > 2:
+                    kw["is_causal"] = rest[2]
+                new = graph.call_module(
+                    name, tuple(fx.map_arg((q, k, v, mask), lambda n: env[n])), kw
+                )
+                new.meta.update(node.meta)
+                env[node] = new
+                continue
         if node.op == "call_function" and node.target == _aten.dropout.default:
             name = f"_gpipe_dropout_{dropouts}"
             dropouts += 1
