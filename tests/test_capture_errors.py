@@ -225,3 +225,24 @@ def test_attention_dropout_captured_in_training_follows_eval() -> None:
     for seg in list(layers)[1:]:
         out = seg(out)
     torch.testing.assert_close(out.logits, model(x).logits)
+
+
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).reshape(8, 4))  # the batch size written into the code
+
+
+def test_a_batch_size_the_forward_fixes_is_named_when_a_micro_batch_differs() -> None:
+    pipe = gpipe.Pipe(FixedBatch(), sample=torch.randn(8, 4), devices=["cpu"] * 2, chunks=4)
+    try:
+        with pytest.raises(RuntimeError) as e, torch.no_grad():
+            pipe(torch.randn(16, 4))  # micro-batches of 4 (the cost model meets them first)
+        text = f"{e.value} {e.value.__cause__}"
+        assert "fixes the batch size at 8" in text and "micro_batch_size=8" in text
+    finally:
+        pipe.close()

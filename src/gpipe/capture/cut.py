@@ -103,7 +103,9 @@ def _own_name(target: str, aliases: dict[str, list[str]], unit: str) -> str:
     return target
 
 
-def cut(traced: Traced, model: nn.Module, units: Sequence[str]) -> list[tuple[str, Segment]]:
+def cut(
+    traced: Traced, model: nn.Module, units: Sequence[str], batch_dim: int = 0
+) -> list[tuple[str, Segment]]:
     """The layers of ``traced``, named by their units (``transformer/h/0``)."""
     graph = traced.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -161,6 +163,8 @@ def cut(traced: Traced, model: nn.Module, units: Sequence[str]) -> list[tuple[st
             first=s == 0,
             out_spec=traced.out_spec if last else None,
             boundary=tuple(v.name for v in inputs),
+            static_batch=traced.static_batch,
+            batch_dim=batch_dim,
         )
         out.append((name, seg))
     return out

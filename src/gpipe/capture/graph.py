@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 __all__ = ["CaptureError", "Traced", "trace"]
 
@@ -48,7 +49,7 @@ class Traced:
     bind: Callable[[tuple, dict], tuple]
     out_spec: pytree.TreeSpec
     constants: dict[str, Any] = field(default_factory=dict)  # get_attr target -> tensor/module
-    unit_of: Callable[[fx.Node], tuple[str, str] | None] | None = None
+    static_batch: int | None = None  # the batch size export fixed, where it could not vary
 
 
 def _shapes(leaves: list, batch_dim: int) -> list[tuple | None]:
@@ -218,7 +219,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
     graph.output(tuple(users))
     leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
     bind = _flat_bind(ep.call_spec.in_spec, n_user, _shapes(leaves, batch_dim), batch_dim)
-    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants)
+    static = None
+    for node, spec in zip(placeholders, sig.input_specs, strict=True):
+        if spec.kind != kinds.USER_INPUT:
+            continue
+        val = node.meta.get("val")
+        fixed = isinstance(val, torch.Tensor) and val.dim() > batch_dim
+        if fixed and is_concrete_int(val.shape[batch_dim]):  # export specialized it
+            static = int(val.shape[batch_dim])
+    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants, static)
 
 
 def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
