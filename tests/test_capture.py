@@ -40,18 +40,16 @@ class Case:
 
     def piped(self, k: int, schedule: str, remat: str, chunks: int = M):
         self.model.zero_grad()
-
-        def make(balance):
-            return gpipe.Pipe(
-                self.layers, stages=k, devices=["cpu"] * k, chunks=chunks, schedule=schedule,
-                remat=remat, balance=balance,
-            )  # fmt: skip
-
-        pipe = make(None)  # cheap: nothing is built before the first step
-        shape = (k, pipe.virtual_stages)
-        if shape in self.balances:
-            pipe.close()
-            pipe = make(self.balances[shape])
+        shape = (k, len(schedules.ScheduleSpec(schedule, None).placement(k)))  # K·V stages
+        pipe = gpipe.Pipe(
+            self.layers,
+            stages=k,
+            devices=["cpu"] * k,
+            chunks=chunks,
+            schedule=schedule,
+            remat=remat,
+            balance=self.balances.get(shape),
+        )
         try:
             loss = pipe.step(Sample(*self.inputs), self.targets, self.loss_fn)
             self.balances[shape] = pipe.balance
