@@ -90,7 +90,7 @@ def _flat_bind(
 
 def _describe(spec: pytree.TreeSpec) -> str:
     try:
-        args, kwargs = spec.children_specs
+        args, kwargs = spec.children()
         kw = list(kwargs.context) if kwargs.context else []
         return f"{args.num_children} positional argument(s) and keyword(s) {kw}"
     except Exception:  # pragma: no cover - defensive
