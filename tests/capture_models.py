@@ -27,8 +27,10 @@ class LoopLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.head = Head(config, tied_weight=self.embed.weight)
 
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
+        if keep is None:  # a branch on an argument's presence, not on a tensor's value
+            keep = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         mask = keep.unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             x = block(x) * mask + x * (1 - mask)

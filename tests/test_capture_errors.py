@@ -206,3 +206,43 @@ def test_a_call_whose_sizes_differ_from_the_sample_outside_the_batch_is_refused(
     layers.bind((torch.zeros(3, 5, dtype=torch.long),), {})  # another batch size is fine
     with pytest.raises(ValueError, match=r"only the batch dimension may change"):
         layers.bind((torch.zeros(8, 6, dtype=torch.long),), {})
+
+
+def test_attention_dropout_captured_in_training_follows_eval() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=8, use_cache=False,
+        attn_pdrop=0.5, resid_pdrop=0.5, embd_pdrop=0.5, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).train()
+    x = torch.randint(0, 64, (4, 8))
+    layers = capture(model, x)
+    assert "AttentionDropout(p=0.5)" in repr(layers)
+    layers.eval()
+    model.eval()
+    out = layers[0](x)
+    for seg in list(layers)[1:]:
+        out = seg(out)
+    torch.testing.assert_close(out.logits, model(x).logits)
+
+
+class FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).reshape(8, 4))  # the batch size written into the code
+
+
+def test_a_batch_size_the_forward_fixes_is_named_when_a_micro_batch_differs() -> None:
+    pipe = gpipe.Pipe(FixedBatch(), sample=torch.randn(8, 4), devices=["cpu"] * 2, chunks=4)
+    try:
+        with pytest.raises(RuntimeError) as e, torch.no_grad():
+            pipe(torch.randn(16, 4))  # micro-batches of 4 (the cost model meets them first)
+        text = f"{e.value} {e.value.__cause__}"
+        assert "fixes the batch size at 8" in text and "micro_batch_size=8" in text
+    finally:
+        pipe.close()

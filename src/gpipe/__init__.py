@@ -3,7 +3,7 @@
 The public face of the package; everything is defined in its own module.
 """
 
-from gpipe import microbatch, rng, schedules, trace
+from gpipe import capture, microbatch, rng, schedules, trace
 from gpipe.balance import balance, balance_by_flops, balance_by_memory, balance_by_time
 from gpipe.distributed import DistributedPipe
 from gpipe.microbatch import merge, split
@@ -28,6 +28,7 @@ __all__ = [
     "balance_by_flops",
     "balance_by_memory",
     "balance_by_time",
+    "capture",
     "merge",
     "microbatch",
     "reference_forward",

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe import distconfig, diststep
+from gpipe import distconfig, diststep, plan
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
@@ -92,8 +92,10 @@ class DistributedPipe(nn.Module):
         tied: tuples of parameter names (as in the full model's
             ``named_parameters(remove_duplicate=False)``) that hold one value.
         init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
-        sample: an example global mini-batch (real or ``meta`` tensors) to balance on.
+        sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
+            module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
         batch_dim: the batch dimension of inputs and targets.
+        split_points: module paths where a captured model's stages are cut.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class DistributedPipe(nn.Module):
         init_fn: Callable[[nn.Module], None] | None = None,
         sample: Any = None,
         batch_dim: int = 0,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -143,7 +146,9 @@ class DistributedPipe(nn.Module):
         error: BaseException | None = None
         fingerprint = None
         self._timeout = 300.0
-        try:
+        try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
+            balance = getattr(module, "split_balance", None) if balance is None else balance
             distconfig.configure(
                 self, module, stages, balance, chunks, micro_batch_size, schedule,
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,

@@ -57,7 +57,8 @@ class Pipe(nn.Module):
 
     Args:
         module: an ``nn.Sequential`` (or list of modules); each layer takes the previous one's
-            output. The first layer receives ``pipe(*inputs)``'s arguments.
+            output. The first layer receives ``pipe(*inputs)``'s arguments. Any other module
+            is captured on ``sample`` and cut into layers (:mod:`gpipe.capture`).
         stages: number of devices K (default: ``len(balance)``, or the number of devices).
         balance: layers per stage (K·V numbers for interleaved schedules). Default: balanced by
             forward+backward FLOPs from :mod:`gpipe.cost`, measured on the first micro-batch.
@@ -79,6 +80,10 @@ class Pipe(nn.Module):
             so running statistics are updated once per mini-batch.
         check_finite: raise (naming the micro-batch) when a loss computed by ``step`` is NaN
             or infinite, before its backward runs. Off by default: it synchronizes on GPUs.
+        sample: one example call of a module that is not a sequence: a tensor, a tuple, a
+            dict of keywords or ``gpipe.capture.Sample(*args, **kwargs)``.
+        split_points: module paths where the stages of a captured model are cut
+            (``"<path>"`` before it, ``"<path>:after"`` after it).
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step) and ``peak_live`` the most micro-batches each device held at once.
