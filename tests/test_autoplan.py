@@ -142,3 +142,70 @@ def test_optimizer_slots_and_sizes():
     assert mm.parse_bytes("1.5 MB") == 1_500_000
     with pytest.raises(ValueError, match="cannot read the memory size"):
         mm.parse_bytes("eight gigs")
+
+
+# ------------------------------------------------------------------ schedule="auto"
+
+
+def _mlp_stack(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [nn.Linear(16, 16), nn.Dropout(0.2), nn.Tanh()]
+    return nn.Sequential(*layers).double()
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("limit", [None, "tight"])
+def test_schedule_auto_trains_the_top_plan_and_equals_the_reference(limit):
+    import gpipe
+    import reference_impl
+    from gpipe.autoplan import autoplan
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    devices = ["cpu", "cpu"]
+    if limit == "tight":  # a limit only part of the configurations meet
+        peaks = sorted(c.peak_memory for c in autoplan(list(_mlp_stack()), x, devices=devices))
+        limit = peaks[len(peaks) // 3]
+    expected = autoplan(list(_mlp_stack()), x, devices=devices, memory_limit=limit)[0]
+    model = _mlp_stack()
+    schedule = "auto" if limit is None else gpipe.Auto(memory_limit=limit)
+    pipe = gpipe.Pipe(model, devices=devices, schedule=schedule, seed=7)
+    try:
+        loss = pipe.step(x, y, _loss)
+        top = pipe.auto_plan
+        assert top is not None and top.describe() == expected.describe()
+        assert (pipe.schedule_name, pipe.chunks, pipe.remat) == (
+            top.schedule,
+            top.chunks,
+            top.remat,
+        )
+        assert pipe.balance == list(top.balance)
+        assert limit is None or top.peak_memory <= limit
+        got = [p.grad.clone() for p in model.parameters()]
+    finally:
+        pipe.close()
+    ref = _mlp_stack()
+    ref_loss = reference_impl.step(ref, x, y, _loss, chunks=top.chunks, seed=7, step=0)
+    assert torch.allclose(loss, ref_loss, atol=1e-12)
+    for a, b in zip(got, [p.grad for p in ref.parameters()], strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_schedule_auto_keeps_the_users_chunks_and_refuses_a_balance():
+    import gpipe
+
+    x = torch.randn(8, 16, dtype=torch.float64)
+    pipe = gpipe.Pipe(_mlp_stack(), devices=["cpu", "cpu"], schedule="auto", chunks=4)
+    try:
+        pipe.step(x, torch.zeros_like(x), _loss)
+        assert pipe.chunks == 4 and pipe.auto_plan.chunks == 4
+    finally:
+        pipe.close()
+    with pytest.raises(ValueError, match="schedule='auto' chooses the balance"):
+        gpipe.Pipe(_mlp_stack(), devices=["cpu", "cpu"], schedule="auto", balance=[9, 9])
