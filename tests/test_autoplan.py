@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import gpipe
+import reference_impl
 from gpipe import memory_model as mm
 from gpipe.autoplan import NoFitError, autoplan, mm_fmt, table
 from gpipe.cost import profile
@@ -161,9 +163,6 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("limit", [None, "tight"])
 def test_schedule_auto_trains_the_top_plan_and_equals_the_reference(limit):
-    import gpipe
-    import reference_impl
-    from gpipe.autoplan import autoplan
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 16, generator=g, dtype=torch.float64)
@@ -198,8 +197,6 @@ def test_schedule_auto_trains_the_top_plan_and_equals_the_reference(limit):
 
 
 def test_schedule_auto_keeps_the_users_chunks_and_refuses_a_balance():
-    import gpipe
-
     x = torch.randn(8, 16, dtype=torch.float64)
     pipe = gpipe.Pipe(_mlp_stack(), devices=["cpu", "cpu"], schedule="auto", chunks=4)
     try:
@@ -209,3 +206,58 @@ def test_schedule_auto_keeps_the_users_chunks_and_refuses_a_balance():
         pipe.close()
     with pytest.raises(ValueError, match="schedule='auto' chooses the balance"):
         gpipe.Pipe(_mlp_stack(), devices=["cpu", "cpu"], schedule="auto", balance=[9, 9])
+
+
+def _dist_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    return x, torch.randn(16, 16, generator=g, dtype=torch.float64)
+
+
+def _dist_rank(rank: int, init: str, out: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gpipe import DistributedPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    try:
+        x, y = _dist_batch()
+        pipe = DistributedPipe(_mlp_stack(), schedule="auto", sample=x, seed=7, timeout=120)
+        loss = pipe.step(x, y, _loss)
+        grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+        top = pipe.auto_plan
+        torch.save({"loss": loss, "grads": grads, "plan": top.describe(), "m": top.chunks},
+                   f"{out}/rank{rank}.pt")  # fmt: skip
+        pipe.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_schedule_auto_trains_the_top_plan_and_equals_the_reference(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path}/store"
+    procs = [ctx.Process(target=_dist_rank, args=(r, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    x, y = _dist_batch()
+    expected = autoplan(list(_mlp_stack()), x, devices=2)[0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert {r["plan"] for r in ranks} == {expected.describe()}
+    ref = _mlp_stack()
+    ref_loss = reference_impl.step(ref, x, y, _loss, chunks=expected.chunks, seed=7, step=0)
+    ref_grads = dict(ref.named_parameters())
+    got = {n: g for r in ranks for n, g in r["grads"].items()}
+    assert set(got) == set(ref_grads)
+    for n, g in got.items():
+        assert torch.allclose(g, ref_grads[n].grad, atol=1e-10), n
+    assert torch.allclose(ranks[0]["loss"], ref_loss, atol=1e-12)

@@ -87,3 +87,53 @@ class Auto:
             pinned=pinned,
             **search,
         )[0]
+
+    def for_distributed(
+        self,
+        module: Any,
+        sample: Any,
+        *,
+        stages: int,
+        data_parallel: int,
+        chunks: int | None,
+        fixed: tuple[Any, Any] = (None, None),
+        batch_dim: int = 0,
+        pinned: int = 0,
+    ) -> Configuration:
+        """The top configuration for ``DistributedPipe``: planned at construction on its
+        global ``sample`` (each replica gets ``1 / data_parallel`` of the rows), on ``stages``
+        separate devices. FLOP-based only, so that every rank reaches the same plan."""
+        from gpipe.microbatch import tree_flatten
+        from gpipe.plan import layers_of
+
+        if sample is None:
+            raise ValueError(
+                "DistributedPipe(schedule='auto') plans at construction: pass sample=<one "
+                "global mini-batch> (real or meta tensors)"
+            )
+        if fixed != (None, None):
+            raise ValueError(
+                "DistributedPipe(schedule='auto') chooses the balance and the micro-batch size; "
+                "drop balance= and micro_batch_size= (chunks= may fix M)"
+            )
+        if self.measure:
+            raise ValueError(
+                "DistributedPipe(schedule='auto') cannot measure=True: each rank would time "
+                "differently and choose differently; use FLOP-based costs"
+            )
+        inputs = sample if isinstance(sample, tuple) else (sample,)
+        leaves = [v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.dim()]
+        rows = leaves[0].shape[batch_dim] // data_parallel
+        search = dict(self.search)
+        if chunks is not None:
+            search["chunks"] = [chunks]
+        return autoplan(
+            [m for _, m in layers_of(module, "DistributedPipe")],
+            inputs,
+            devices=stages,
+            memory_limit=self.memory_limit,
+            batch_size=rows,
+            optimizer=self.optimizer,
+            pinned=pinned,
+            **search,
+        )[0]

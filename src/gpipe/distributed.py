@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpipe import distconfig, diststep
+from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
@@ -144,6 +145,15 @@ class DistributedPipe(nn.Module):
         fingerprint = None
         self._timeout = 300.0
         try:
+            auto, self.auto_plan = Auto.of(schedule), None
+            if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
+                self.auto_plan = top = auto.for_distributed(
+                    module, sample, stages=k, data_parallel=data_parallel or 1, chunks=chunks,
+                    fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
+                )  # fmt: skip
+                schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
+                balance, chunks = list(top.balance), top.chunks
             distconfig.configure(
                 self, module, stages, balance, chunks, micro_batch_size, schedule,
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
