@@ -261,3 +261,33 @@ def test_distributed_schedule_auto_trains_the_top_plan_and_equals_the_reference(
     for n, g in got.items():
         assert torch.allclose(g, ref_grads[n].grad, atol=1e-10), n
     assert torch.allclose(ranks[0]["loss"], ref_loss, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_gpipe_plan_auto_prints_the_ranking(capsys, tmp_path):
+    from gpipe.cli.main import main
+
+    png = tmp_path / "top.png"
+    argv = ["plan", "--auto", "--model-preset", "tiny", "--batch-size", "8", "--top", "3"]
+    assert main([*argv, "--memory-limit", "64MiB", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("#  schedule"))
+    assert lines[head + 2].startswith("1 ") and "fastest that fits" in lines[head + 2]
+    assert lines[head + 4].startswith("3 ")
+    assert "chosen: " in out and "device 1: " in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpipe_plan_auto_with_a_limit_nothing_fits_is_one_error_line(capsys):
+    from gpipe.cli.main import main
+
+    argv = ["plan", "--auto", "--model-preset", "tiny", "--batch-size", "8"]
+    assert main([*argv, "--memory-limit", "1KiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no configuration fits memory_limit=1.00 KiB" in err[0]
+    assert "smallest peak any reaches is" in err[0] and " on device " in err[0]
+    assert main([*argv, "--memory-limit", "lots"]) == 2
+    assert "--memory-limit: cannot read the memory size 'lots'" in capsys.readouterr().err
