@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpipe import distconfig, diststep, plan
+from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
@@ -149,6 +150,15 @@ class DistributedPipe(nn.Module):
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
             balance = getattr(module, "split_balance", None) if balance is None else balance
+            auto, self.auto_plan = Auto.of(schedule), None
+            if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
+                self.auto_plan = top = auto.for_distributed(
+                    module, sample, stages=k, data_parallel=data_parallel or 1, chunks=chunks,
+                    fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
+                )  # fmt: skip
+                schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
+                balance, chunks = list(top.balance), top.chunks
             distconfig.configure(
                 self, module, stages, balance, chunks, micro_batch_size, schedule,
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,

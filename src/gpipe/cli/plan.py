@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from gpipe.cli.base import UsageError, check_int, check_output_file, fmt_bytes, one_line
+from gpipe.cli.plan_auto import add_auto_arguments, cmd_plan_auto
 
 __all__ = ["add_plan_parser", "cmd_plan"]
 
@@ -55,6 +56,7 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
     p.add_argument("--schedule", default="gpipe", help="the schedule drawn by --png")
     p.add_argument("--png", metavar="FILE", help="draw the simulated timeline to FILE")
+    add_auto_arguments(p)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -64,7 +66,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_int("--stages", args.stages, 1)
     check_int("--chunks", args.chunks, 1)
     check_int("--batch-size", args.batch_size, 1)
-    if args.batch_size % args.chunks:
+    if args.batch_size % args.chunks and not args.auto:  # --auto chooses the chunks
         raise UsageError(
             f"--batch-size {args.batch_size} is not divisible by --chunks {args.chunks}; "
             "choose chunks that divide the batch size"
@@ -201,9 +203,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from gpipe.simulate import compare
 
     _check_args(args)
-    micro = args.batch_size // args.chunks
+    micro = args.batch_size if args.auto else args.batch_size // args.chunks
     build = _user_model if args.model else _preset_model
     model, sample, label = build(args, micro)
+    if args.auto:  # the whole batch: the planner cuts it into micro-batches
+        with _quiet_fake_tensors():
+            return cmd_plan_auto(args, model, sample, label)
     try:
         with _quiet_fake_tensors():
             costs = profile(model, *(sample if isinstance(sample, tuple) else (sample,)))
