@@ -203,7 +203,7 @@ def test_parse_error_says_how_to_write_an_action() -> None:
     msg = _raises(ScheduleError, custom, [["Q"]], 1)
     assert msg == (
         "cannot parse action 'Q'; write it as <kind><micro-batch>@s<stage> with kind "
-        "F, B or W, e.g. 'F3@s1'"
+        "F, B or W, e.g. 'F3@s1' (an overlapped pair: 'F3@s1+B0@s6')"
     )
 
 

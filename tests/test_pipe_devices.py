@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import gpipe
-from gpipe import pipe as pipe_mod
+from gpipe import partition
 
 D = 6
 # benchmarks/gpu.sh runs the tests marked "device" with GPIPE_TEST_DEVICE=cuda on a lent GPU
@@ -40,7 +40,7 @@ def test_default_devices_use_every_gpu_and_never_fall_back_to_cpu(
     # put every stage on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    assert [str(d) for d in pipe_mod._default_devices(k)] == want
+    assert [str(d) for d in partition.default_devices(k)] == want
 
 
 class Probe(nn.Module):

@@ -152,6 +152,7 @@ def build_rank(
         seed=seed,
         fetch_at=fetch_at,
         only_device=me,
+        placement=[layout.owner(s) for s in range(layout.num_stages)],
     )
     built = Built(stages)
     # Tie groups spanning several pipeline devices: one local copy each, one subgroup per

@@ -77,7 +77,7 @@ def configure(
     k, d = resolve_counts(
         world, stages, k_sched, data_parallel, balance, v, len(pipe._named), pipe._pinned
     )
-    pipe._layout = Layout(pipe.rank, k, d, v)
+    pipe._layout = Layout(pipe.rank, k, d, v, pipe._spec.placement(k))
     pipe.num_devices, pipe.data_parallel = k, d
     pipe.pipeline_device, pipe.replica = pipe._layout.pipeline_device, pipe._layout.replica
 

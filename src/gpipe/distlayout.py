@@ -4,7 +4,7 @@ With world size ``W`` and ``K`` pipeline devices there are ``D = W // K`` data-p
 replicas; rank ``r`` is pipeline device ``r % K`` of replica ``r // K``. Ranks ``0..K-1`` form
 the first pipeline, ``K..2K-1`` the second, and the ranks ``d, K+d, 2K+d, ...`` hold the same
 stages (their *data-parallel group*). Which pipeline device runs stage ``s`` is read through
-:meth:`Layout.owner` only (today the schedules' ``device_of``).
+:meth:`Layout.owner` only: the schedule's placement (``ScheduleSpec.placement``).
 
 The invariant: every rank derives the same :class:`Layout` from the same options, and
 :func:`create_groups` creates every group of the job — pipelines, data-parallel groups and the
@@ -109,6 +109,7 @@ class Layout:
     num_devices: int
     data_parallel: int
     virtual_stages: int
+    placement: tuple[int, ...] = ()  # stage -> pipeline device, from the schedule
 
     @property
     def pipeline_device(self) -> int:
@@ -127,6 +128,8 @@ class Layout:
 
     def owner(self, stage: int) -> int:
         """The pipeline device that runs ``stage`` — the one placement rule of this runtime."""
+        if self.placement:
+            return self.placement[stage]
         return plan.device_of(stage, self.num_devices)
 
     @property

@@ -315,7 +315,7 @@ class Trainer:
                     "step": self.step,
                     "events": list(self.last_timeline),
                     "num_devices": self.pipe.num_lanes,
-                    "lanes": self.lane_names(),
+                    "lanes": self.pipe.lane_names(),
                 }
             if self.step == c.steps:
                 break  # the final evaluation and checkpoint follow
@@ -329,13 +329,6 @@ class Trainer:
             yield self.evaluate()
         if saved != self.step:
             yield self._checkpoint_record()
-
-    def lane_names(self) -> dict[int, str]:
-        """Timeline lane → its name (``rank r`` under the distributed runtime)."""
-        if self.pipe.runtime == "local":
-            return {}
-        k = self.pipe.stages
-        return {r: f"rank {r} (replica {r // k}, device {r % k})" for r in range(self.pipe.world)}
 
     def _checkpoint_record(self) -> dict[str, Any]:
         """Save, and say where the earlier run's checkpoints went if this save moved them."""

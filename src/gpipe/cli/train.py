@@ -8,7 +8,7 @@ process runs the same :class:`gpipe.train.Trainer`, and rank 0 prints.
 The invariant: a user error is one ``gpipe: error:`` line and exit code 2 under both runtimes.
 Everything checkable from the options and the checkpoint's manifest is checked before torchrun
 is launched (:func:`_train_config`); what a launched rank meets later comes back through
-:mod:`gpipe.cli_launch` as the same one line.
+:mod:`gpipe.cli.launch` as the same one line.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpipe.cli_base import EXIT_USAGE, UsageError, check_folder_path, toml_module
-from gpipe.cli_launch import (
+from gpipe.cli.base import EXIT_USAGE, UsageError, check_folder_path, toml_module
+from gpipe.cli.launch import (
     DIST_TIMEOUT,
     ERROR_DIR_ENV,
     init_dist,
     launch_dist,
     report_error,
 )
-from gpipe.cli_run import EarlierRunFiles, Metrics, write_trace
+from gpipe.cli.run import EarlierRunFiles, Metrics, write_trace
 
 __all__ = ["add_train_parser", "cmd_train", "report_error"]
 

@@ -5,7 +5,7 @@ profiled, balanced into ``--stages`` and every schedule is simulated on those co
 
 The invariant: every option is checked before the model is built, and whatever the user's
 code does (fails to import, raises, returns something else, does not fit ``--input-shape``)
-ends in one :class:`~gpipe.cli_base.UsageError` naming it — never a traceback.
+ends in one :class:`~gpipe.cli.base.UsageError` naming it — never a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from gpipe.cli_base import UsageError, check_int, check_output_file, fmt_bytes, one_line
+from gpipe.cli.base import UsageError, check_int, check_output_file, fmt_bytes, one_line
 
 __all__ = ["add_plan_parser", "cmd_plan"]
 
