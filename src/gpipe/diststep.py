@@ -123,7 +123,7 @@ def run_step(
         pipe._build(pipe._agree_balance(mbs[0] if mbs else None, local_error))
     layout, transport = pipe._layout, pipe._transport
     sched = pipe._schedule(m)
-    per_device = sched.actions if grad else sched.forward_part()
+    per_device = stepcore.step_actions(sched, grad)
     actions = per_device[layout.pipeline_device]
     step_id = pipe.rng_step
     if pipe.training:

@@ -387,7 +387,7 @@ class Pipe(nn.Module):
                 keep_outputs=False,
             )
             self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))
-            self._execute(sched.actions if grad else sched.forward_part(), data)
+            self._execute(stepcore.step_actions(sched, grad), data)
             self._finish_forward(data, m)
             if grad:
                 backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)

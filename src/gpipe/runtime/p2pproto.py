@@ -74,7 +74,7 @@ def channel_messages(
     out: dict[tuple[int, int], list[Key]] = {}
     last = num_stages - 1
     for d, actions in enumerate(per_device):
-        for a in (a for u in actions for a in u.parts):  # an Overlap: its F, then its B
+        for a in _flat(actions):
             if a.kind == "F" and a.stage != last:
                 key: Key = ("act", a.stage + 1, a.microbatch)
             elif a.kind == "B" and a.stage != 0:
@@ -93,12 +93,17 @@ def remote_inputs(
     """The values ``device``'s actions receive from other devices, in its action order."""
     out: list[Key] = []
     last = num_stages - 1
-    for a in (a for u in actions for a in u.parts):  # an Overlap: its F, then its B
+    for a in _flat(actions):
         if a.kind == "F" and a.stage != 0 and owner(a.stage - 1) != device:
             out.append(("act", a.stage, a.microbatch))
         elif a.kind == "B" and a.stage != last and owner(a.stage + 1) != device:
             out.append(("grad", a.stage, a.microbatch))
     return out
+
+
+def _flat(actions: Sequence[Any]) -> list[Any]:
+    """The actions in order, an overlapped unit (``Overlap``) as its parts."""
+    return [a for u in actions for a in getattr(u, "parts", (u,))]
 
 
 class Header:
