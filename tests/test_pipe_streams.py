@@ -178,12 +178,14 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeOps:
     monkeypatch.setattr(streams, "streamed", lambda device: True)
     forward, backward = Stage.forward, Stage.backward
 
-    def checked_forward(self: Stage, m: int, x: Any, target: Any = None) -> Any:
+    def checked_forward(
+        self: Stage, m: int, x: Any, target: Any = None, *, split: bool = False
+    ) -> Any:
         cur = ops.current_stream(self.device)
         ops.ran_on.append((self.index, cur.name))
         for t in _tensors(x) + _tensors(target):
             ops.check_read(t, cur, f"stage {self.index} forward of micro-batch {m}")
-        res = forward(self, m, x, target)
+        res = forward(self, m, x, target, split=split)
         for t in _tensors(res.value) + _tensors(res.loss):
             ops.write(t, cur)
         if self.is_last:  # step returns the losses; pipe(x) the outputs
