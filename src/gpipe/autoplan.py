@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from gpipe import layer_timing
 from gpipe import memory_model as mm
@@ -82,18 +83,25 @@ class Configuration:
         )
 
 
-def _micro_sample(sample: tuple, rows: int) -> tuple:
-    """Meta tensors like ``sample``'s with ``rows`` rows along dim 0 (nothing allocated)."""
+def _micro_sample(sample: tuple, rows: int, model: Sequence[nn.Module]) -> tuple:
+    """Fake tensors like ``sample``'s with ``rows`` rows along dim 0 (nothing allocated), on
+    the sample's device — or the model's when the sample is on ``meta`` — so that profiling
+    sees the kernels (e.g. the attention variant) that device runs."""
+    device = next((v.device for _, v in tree_flatten(sample)[0] if isinstance(v, torch.Tensor)))
+    if device.type == "meta":
+        params = (p for layer in model for p in layer.parameters())
+        device = next(params, torch.empty(0, device="meta")).device
     leaves, rebuild = tree_flatten(sample)
-    return tree_unflatten(
-        rebuild,
-        [
-            torch.empty((rows, *v.shape[1:]), dtype=v.dtype, device="meta")
-            if isinstance(v, torch.Tensor) and v.dim()
-            else v
-            for _, v in leaves
-        ],
-    )
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return tree_unflatten(
+            rebuild,
+            [
+                torch.empty((rows, *v.shape[1:]), dtype=v.dtype, device=device)
+                if isinstance(v, torch.Tensor) and v.dim()
+                else v
+                for _, v in leaves
+            ],
+        )
 
 
 def _batch_rows(sample: tuple) -> int:
@@ -138,18 +146,22 @@ def _recompute_share(remat: str, m: int) -> float:
     return {"always": 1.0, "except_last": (m - 1) / m, "never": 0.0}[remat]
 
 
-def _schedules(names: Sequence[str], k: int, m: int, n_layers: int) -> list[Schedule]:
+def _schedules(
+    names: Sequence[str], k: int, m: int, n_layers: int, vs: Sequence[int]
+) -> list[Schedule]:
     """Every (name, V) that builds for K and M and has enough layers; V=1 for single-stage
-    schedules, 2..4 for those that interleave."""
+    schedules, each of ``vs`` for those that interleave."""
     out = []
     for name in names:
-        for v in (None, 2, 3, 4):
+        for v in (None, *vs):
             if v is not None and k * v > n_layers:
-                break
+                continue
             try:
                 sched = get(name, k, m, virtual_stages=v)
             except ValueError:
                 continue
+            if v is None and sched.virtual_stages not in (1, *vs):
+                continue  # a schedule's default V, not asked for
             if sched.num_stages <= n_layers and all(
                 s.name != sched.name or s.virtual_stages != sched.virtual_stages for s in out
             ):
@@ -170,6 +182,7 @@ def autoplan(
     remat_modes: Sequence[str] = MODES,
     chunks: Sequence[int] | None = None,
     max_chunks: int = 32,
+    virtual_stages: Sequence[int] = (2, 3, 4),
     pinned: int = 0,
     flops_per_second: float | None = None,
     action_overhead: float | None = None,
@@ -191,6 +204,9 @@ def autoplan(
     ``action_overhead`` (seconds) is added to every action; ``split_extra`` is the share of a
     backward that a split B/W schedule pays twice in FLOP-based costs.
 
+    ``chunks`` (default: every divisor of the batch up to ``max_chunks``) and
+    ``virtual_stages`` (the V tried for interleaving schedules) bound the search.
+
     Returns every configuration, ranked (``rank`` 1 is the choice); those that do not fit
     come last with ``fits=False``. Raises :class:`NoFitError` when none fits.
     """
@@ -208,7 +224,7 @@ def autoplan(
     results = []
     for m in _chunk_counts(batch, max_chunks, chunks):
         rows = batch // m
-        mb = _micro_sample(sample, rows)
+        mb = _micro_sample(sample, rows, named)
         costs = profile(named, *mb)
         if measure:
             threads = max(1, torch.get_num_threads() // k) if kind == "cpu" else None
@@ -216,7 +232,7 @@ def autoplan(
             times = layer_timing.measure(named, real, repeats=repeats, threads=threads)
         else:
             times = layer_timing.from_flops(costs, rate, split_extra)
-        for sched in _schedules(names, k, m, len(named)):
+        for sched in _schedules(names, k, m, len(named), virtual_stages):
             for remat in remat_modes:
                 results.append(
                     _evaluate(

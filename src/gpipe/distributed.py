@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe import distconfig, diststep
+from gpipe import distconfig, diststep, plan
+from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
@@ -92,8 +93,10 @@ class DistributedPipe(nn.Module):
         tied: tuples of parameter names (as in the full model's
             ``named_parameters(remove_duplicate=False)``) that hold one value.
         init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
-        sample: an example global mini-batch (real or ``meta`` tensors) to balance on.
+        sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
+            module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
         batch_dim: the batch dimension of inputs and targets.
+        split_points: module paths where a captured model's stages are cut.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class DistributedPipe(nn.Module):
         init_fn: Callable[[nn.Module], None] | None = None,
         sample: Any = None,
         batch_dim: int = 0,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -143,7 +147,18 @@ class DistributedPipe(nn.Module):
         error: BaseException | None = None
         fingerprint = None
         self._timeout = 300.0
-        try:
+        try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
+            balance = getattr(module, "split_balance", None) if balance is None else balance
+            auto, self.auto_plan = Auto.of(schedule), None
+            if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
+                self.auto_plan = top = auto.for_distributed(
+                    module, sample, stages=k, data_parallel=data_parallel or 1, chunks=chunks,
+                    fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
+                )  # fmt: skip
+                schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
+                balance, chunks = list(top.balance), top.chunks
             distconfig.configure(
                 self, module, stages, balance, chunks, micro_batch_size, schedule,
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
@@ -257,6 +272,11 @@ class DistributedPipe(nn.Module):
     def balance(self) -> list[int] | None:
         """Layers per (virtual) stage, or ``None`` until the first step balances by FLOPs."""
         return None if self._balance is None else list(self._balance)
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
+        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
 
     @property
     def stage_indices(self) -> list[int]:

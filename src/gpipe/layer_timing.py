@@ -31,22 +31,28 @@ def default_flops_per_second(device: str, workers: int) -> float:
     times (their ranking does not depend on it). A CPU's cores are shared by ``workers``."""
     if device == "cuda":
         return 5e13
-    return 1.5e10 * max(1, (os.cpu_count() or 1) // max(1, workers))
+    # a 2-core CPU runs the small LM's forward matmuls at about 6e10 FLOP/s per thread
+    return 6e10 * max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def from_flops(
-    costs: Sequence[Any], flops_per_second: float, split_extra: float = 0.0
+    costs: Sequence[Any],
+    flops_per_second: float,
+    split_extra: float = 0.0,
+    backward_factor: float = 1.5,
 ) -> list[tuple[float, float, float]]:
     """``(F, B, W)`` per layer from ``cost.profile``'s FLOPs at ``flops_per_second``.
 
-    The backward of a layer with parameters is split evenly between B and W (a matmul's input
-    and weight gradients cost the same); a layer without parameters has no W. ``split_extra``
-    is the share of the backward that a split B/W pays twice (W walks the retained graph again).
+    A backward FLOP takes ``backward_factor`` times a forward one (on the CPU its kernels run
+    slower than the forward's matmuls; measured in ``BENCHMARKS.md``). The backward of a layer
+    with parameters is split evenly between B and W (a matmul's input and weight gradients
+    cost the same); a layer without parameters has no W. ``split_extra`` is the share of the
+    backward that a split B/W pays twice (W walks the retained graph again).
     """
     out = []
     for c in costs:
         f = c.flops / flops_per_second
-        bwd = c.backward_flops / flops_per_second
+        bwd = c.backward_flops * backward_factor / flops_per_second
         w = bwd / 2 if c.param_bytes else 0.0
         out.append((f, bwd - w, w + (split_extra * bwd if w else 0.0)))
     return out

@@ -11,7 +11,9 @@ what each micro-batch keeps between its forward and its last backward action:
 * re-materialized: only its boundary input, plus, while its backward runs, the recomputed graph
   of that one micro-batch.
 
-While a backward runs it also holds the gradient of the stage's output and input (transient).
+While a backward runs it also holds the gradients of the stage's output and input and a
+workspace for the gradients inside it, taken as its largest layer's saved graph (one layer's
+saved tensors each get a gradient before they are freed) — transient.
 :func:`device_memory` walks each device's action list in the schedule's order and reports the
 peak of that sum; :func:`process_peak` does the same over a simulated timeline for stages that
 share one memory (the one-process pipe on a CPU).
@@ -97,6 +99,7 @@ class StageMemory:
     kept: int  # bytes a micro-batch keeps without re-materialization (its saved graph)
     input: int  # bytes of the stage's boundary input of one micro-batch
     output: int  # bytes of the stage's output of one micro-batch
+    workspace: int = 0  # what a backward allocates on top: its largest layer's saved graph
 
 
 def stage_memory(
@@ -120,6 +123,7 @@ def stage_memory(
                 kept=kept,
                 input=input_bytes if start == 0 else costs[start - 1].activation_bytes,
                 output=layers[-1].activation_bytes,
+                workspace=max(c.saved_bytes for c in layers),
             )
         )
         start += n
@@ -152,7 +156,7 @@ def _deltas(kind: str, st: StageMemory, remat: bool, split: bool) -> tuple[int, 
     if kind == "F":
         return (0, st.input, 0, 0) if remat else (st.kept, 0, 0, 0)
     if kind == "B":
-        grads = st.input + st.output  # the boundary gradients of this backward
+        grads = st.input + st.output + st.workspace  # boundary gradients, inner gradients
         if split:  # the graph is retained for W; a recomputed one replaces the kept input
             return (st.kept, -st.input, grads, 0) if remat else (0, 0, grads, 0)
         return (0, 0, grads + (st.kept if remat else 0), st.input if remat else st.kept)
@@ -220,8 +224,8 @@ def process_peak(
             add_g, add_i, transient, freed = _deltas(
                 a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
             )
-            points.append((e.start, transient))
-            points.append((e.end, add_g + add_i - transient - freed))
+            points.append((e.start, add_g + add_i + transient))  # allocated while it runs
+            points.append((e.end, -transient - freed))
     points.sort(key=lambda p: (p[0], p[1]))  # at one instant, frees before allocations
     live = peak = 0
     for _, delta in points:

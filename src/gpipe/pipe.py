@@ -28,6 +28,7 @@ from torch import nn
 
 from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
+from gpipe.auto import Auto
 from gpipe.bridge import Run, backward_into_inputs
 from gpipe.microbatch import split, tree_flatten
 from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm
@@ -57,7 +58,8 @@ class Pipe(nn.Module):
 
     Args:
         module: an ``nn.Sequential`` (or list of modules); each layer takes the previous one's
-            output. The first layer receives ``pipe(*inputs)``'s arguments.
+            output. The first layer receives ``pipe(*inputs)``'s arguments. Any other module
+            is captured on ``sample`` and cut into layers (:mod:`gpipe.capture`).
         stages: number of devices K (default: ``len(balance)``, or the number of devices).
         balance: layers per stage (K·V numbers for interleaved schedules). Default: balanced by
             forward+backward FLOPs from :mod:`gpipe.cost`, measured on the first micro-batch.
@@ -79,6 +81,10 @@ class Pipe(nn.Module):
             so running statistics are updated once per mini-batch.
         check_finite: raise (naming the micro-batch) when a loss computed by ``step`` is NaN
             or infinite, before its backward runs. Off by default: it synchronizes on GPUs.
+        sample: one example call of a module that is not a sequence: a tensor, a tuple, a
+            dict of keywords or ``gpipe.capture.Sample(*args, **kwargs)``.
+        split_points: module paths where the stages of a captured model are cut
+            (``"<path>"`` before it, ``"<path>:after"`` after it).
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step) and ``peak_live`` the most micro-batches each device held at once.
@@ -114,6 +120,11 @@ class Pipe(nn.Module):
         named = plan.layers_of(module, "Pipe")
         self.layers = plan.container(module, named)
         balance = getattr(module, "split_balance", None) if balance is None else balance
+        self._auto, self.auto_plan = Auto.of(schedule), None  # "auto": planned at the first batch
+        self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
+        if self._auto is not None and balance is not None:
+            raise ValueError("schedule='auto' chooses the balance too; drop balance=[...]")
+        schedule = "gpipe" if self._auto is not None else schedule
         if chunks is None and micro_batch_size is None:
             chunks = 1
         self.chunks = options.optional_count("chunks", chunks)
@@ -218,6 +229,21 @@ class Pipe(nn.Module):
         )
         self._build(counts)
 
+    def _take_plan(self, inputs: tuple) -> None:
+        """``schedule="auto"``: take the planner's top configuration for this batch, build it."""
+        leaves = [v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.dim()]
+        rows = leaves[0].shape[self.batch_dim]
+        m = None if self._auto_m else self.chunks or -(-rows // self.micro_batch_size)
+        top = self._auto.choose(self.layers, inputs, self.devices, chunks=m, batch_rows=rows,
+                                pinned=self.pinned)  # fmt: skip
+        self.auto_plan, self.remat = top, top.remat
+        self._spec = ScheduleSpec(top.schedule, top.virtual_stages)
+        self.schedule_name, self.virtual_stages = self._spec.name, self._spec.virtual_stages
+        self.placement = self._spec.placement(self.num_devices)
+        if self._auto_m:
+            self.chunks = top.chunks
+        self._build(list(top.balance))
+
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
 
@@ -230,6 +256,8 @@ class Pipe(nn.Module):
     # ----------------------------------------------------------------- running
 
     def _split(self, obj: Any) -> list[Any]:
+        if self._auto is not None and self._stages is None:
+            self._take_plan(obj)
         return split(
             obj, self.chunks, micro_batch_size=self.micro_batch_size, batch_dim=self.batch_dim
         )

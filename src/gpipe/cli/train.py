@@ -30,6 +30,7 @@ from gpipe.cli.launch import (
     launch_dist,
     report_error,
 )
+from gpipe.cli.plan_auto import add_train_auto_arguments, auto_train_config
 from gpipe.cli.run import EarlierRunFiles, Metrics, write_trace
 
 __all__ = ["add_train_parser", "cmd_train", "report_error"]
@@ -84,6 +85,7 @@ def add_train_parser(sub: Any) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines)")
+    add_train_auto_arguments(p)
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -172,6 +174,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.trace is not None:
         values["trace"] = args.trace
     config = TrainConfig.from_dict(values)
+    if args.auto:  # printed once: by the command, not again by each torchrun rank
+        config = auto_train_config(config, args.memory_limit, "LOCAL_RANK" not in os.environ)
     if found is not None:  # before any process is launched: every rank would refuse alike
         check_resume(config, found, manifest)
     if resumed_step is not None and config.steps < resumed_step:
