@@ -327,7 +327,7 @@ class DistributedPipe(nn.Module):
         self.close()
 
     def close(self) -> None:
-        """Stop the receiver threads, remove hooks and release the process groups this pipe
+        """Close the transport, remove hooks and release the process groups this pipe
         created (kept when the pipe broke: a peer may still hold them). Idempotent."""
         if self._closed:
             return
