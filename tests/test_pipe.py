@@ -490,9 +490,9 @@ def test_custom_schedule_runs_and_is_validated() -> None:
 
 def test_workers_stop_on_close() -> None:
     pipe = gpipe.Pipe(make_model(), balance=[6, 6], chunks=2)
-    assert pipe._pool is not None and pipe._pool.alive
+    assert pipe._runner.pool is not None and pipe._runner.pool.alive
     pipe.close()
-    assert not pipe._pool.alive
+    assert not pipe._runner.pool.alive
     with pytest.raises(RuntimeError, match="closed"):
         pipe(data()[0])
 

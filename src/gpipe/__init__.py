@@ -3,7 +3,9 @@
 The public face of the package; everything is defined in its own module.
 """
 
-from gpipe import microbatch, rng, schedules, trace
+from gpipe import capture, microbatch, rng, schedules, trace
+from gpipe.auto import Auto
+from gpipe.autoplan import Configuration, NoFitError, autoplan
 from gpipe.balance import balance, balance_by_flops, balance_by_memory, balance_by_time
 from gpipe.distributed import DistributedPipe
 from gpipe.microbatch import merge, split
@@ -17,17 +19,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "Auto",
+    "Configuration",
     "DistributedPipe",
+    "NoFitError",
     "Partition",
     "Pipe",
     "Schedule",
     "ScheduleError",
     "SimResult",
     "StageError",
+    "autoplan",
     "balance",
     "balance_by_flops",
     "balance_by_memory",
     "balance_by_time",
+    "capture",
     "merge",
     "microbatch",
     "reference_forward",

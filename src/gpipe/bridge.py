@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gpipe.schedules import Schedule
     from gpipe.stage import StepState
 
-__all__ = ["Run", "merge_input_grads"]
+__all__ = ["Run", "backward_into_inputs", "merge_input_grads"]
 
 
 class _Bridge(torch.autograd.Function):
@@ -81,6 +81,24 @@ def merge_input_grads(
         filled = [p if p is not None else torch.zeros_like(pieces[i]) for i, p in enumerate(parts)]
         out.append(torch.cat([f.to(leaf.device) for f in filled], dim=batch_dim))
     return out
+
+
+def backward_into_inputs(
+    input_grads: dict[int, Any], inputs: Any, num_microbatches: int, batch_dim: int
+) -> None:
+    """Send a step's input gradients (``input_grads[i]`` of micro-batch ``i``) on to the
+    tensors of ``inputs`` that require grad: into ``.grad`` of a leaf, through the graph of a
+    tensor computed before the pipe — as ``loss.backward()`` would."""
+    wanting = [
+        v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.requires_grad
+    ]
+    if not wanting:
+        return
+    per_mb = [input_grads[i] for i in range(num_microbatches)]
+    grads = merge_input_grads(per_mb, inputs, batch_dim)
+    pairs = [(t, g) for t, g in zip(wanting, grads, strict=True) if g is not None]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
 class Run:

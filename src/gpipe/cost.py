@@ -44,6 +44,9 @@ class LayerCost:
     out_shapes: tuple  # shape of each output tensor, in pytree order, as a tuple of ints
     out_dtypes: tuple  # dtype of each output tensor, matching ``out_shapes``
     random: bool  # True if the forward called a random op (dropout, rand, randn, ...)
+    # bytes of the distinct tensors the forward's autograd graph saves for backward, the
+    # layer's own parameters and buffers excluded (what a micro-batch keeps alive without remat)
+    saved_bytes: int = 0
 
 
 class _SeededOps(TorchDispatchMode):
@@ -212,6 +215,7 @@ def _profile_layer(
     fake_state = {k: faker(v, v.requires_grad) for k, v in state.items()}
     modes = [(m, m.training) for m in layer.modules()] if isinstance(layer, nn.Module) else []
     seeded = _SeededOps()
+    saved = _SavedTensors({_storage_key(t) for t in fake_state.values()})
     # The layer sees non-leaf copies of its input leaves, as inside nn.Sequential, so that
     # in-place layers (ReLU(inplace=True)) work; the clone's backward costs no FLOPs.
     leaves, rebuild = tree_flatten(args)
@@ -224,6 +228,7 @@ def _profile_layer(
             torch.enable_grad(),
             faker.mode,
             seeded,
+            torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack),
             FlopCounterMode(display=False) as forward_counter,
         ):
             if isinstance(layer, nn.Module):
@@ -270,8 +275,32 @@ def _profile_layer(
         out_shapes=tuple(tuple(int(s) for s in t.shape) for t in outs),
         out_dtypes=tuple(t.dtype for t in outs),
         random=bool(seeded.seen),
+        saved_bytes=sum(saved.storages.values()),
     )
     return cost, out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _SavedTensors:
+    """``saved_tensors_hooks`` that note the bytes of each distinct storage a forward saves,
+    skipping ``exclude`` (the layer's parameters and buffers, counted elsewhere)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in self.exclude:
+            self.storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 # ----------------------------------------------------------------------------- summary

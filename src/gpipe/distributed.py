@@ -10,14 +10,11 @@ that disagree on the balance would otherwise train another model and return a pl
 executor loop (:func:`gpipe.runtime.executor.execute`) over its own stages with a
 :class:`gpipe.runtime.dist.P2PTransport`: one executor, two transports.
 
-Layout. With world size ``W`` (of ``process_group``) and ``K`` pipeline devices there are
-``D = W // K`` data-parallel replicas; rank ``r`` is pipeline device ``r % K`` of replica
-``r // K``. So ranks ``0..K-1`` form the first pipeline, ``K..2K-1`` the second, and the ranks
-``d, K+d, 2K+d, ...`` hold the same stages (their *data-parallel group*). Pipeline device ``d``
-runs the (virtual) stages ``s`` with ``s % K == d``. Replica ``j`` takes rows
-``[j·B/D, (j+1)·B/D)`` of the global batch; its micro-batch ``i`` is micro-batch ``j·M + i`` of
-the whole batch for the keyed random streams, so dropout draws what
-:func:`gpipe.reference.reference_step` with ``chunks = D·M`` draws.
+Layout and groups (:mod:`gpipe.distlayout`): rank ``r`` is pipeline device ``r % K`` of
+replica ``r // K``; replica ``j``'s micro-batch ``i`` is micro-batch ``j·M + i`` of the whole
+batch for the keyed random streams, so dropout draws what
+:func:`gpipe.reference.reference_step` with ``chunks = D·M`` draws. Building this rank's share
+is :mod:`gpipe.distbuild`; the step and the collectives after it are :mod:`gpipe.diststep`.
 
 The module holds only this rank's layers (registered under their names in the full model, so
 ``state_dict`` keys are a subset of the full model's); layers of other ranks are moved to the
@@ -37,48 +34,24 @@ ends the step on every rank with an error naming the failing rank, stage and mic
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe import options, plan, stepcore
-from gpipe import remat as remat_mod
-from gpipe.materialize import _free, _materialize, _param_slots, _tie_groups, materialize
-from gpipe.microbatch import batch_size, num_microbatches, split
+from gpipe import distconfig, diststep, plan
+from gpipe.auto import Auto
+from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
+from gpipe.distlayout import create_groups, default_device
+from gpipe.materialize import materialize
 from gpipe.runtime import agree, collectives
-from gpipe.runtime.dist import Failure, P2PTransport, PeerError, make_channels
-from gpipe.runtime.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
-from gpipe.schedules import KIND_WORDS, Event, Schedule, ScheduleSpec
+from gpipe.runtime.dist import P2PTransport, PeerError
+from gpipe.schedules import Event, Schedule
 from gpipe.stage import Stage
 
-__all__ = ["DistributedPipe", "PeerError", "materialize"]
-
-
-def default_device(backend: str, env: Mapping[str, str]) -> torch.device:
-    """This rank's compute device when none is given: under NCCL the GPU ``LOCAL_RANK`` names
-    (torchrun sets it), refused without one; otherwise the CPU."""
-    if backend != "nccl":
-        return torch.device("cpu")
-    local = env.get("LOCAL_RANK")
-    if local is None or not local.isdigit():
-        raise ValueError(
-            f"DistributedPipe on NCCL needs this rank's GPU: LOCAL_RANK is {local!r}; launch "
-            "with torchrun (which sets it) or pass device=torch.device('cuda', i)"
-        )
-    return torch.device("cuda", int(local))
-
-
-def _failure_text(e: BaseException) -> str:
-    """What went wrong, for the other ranks: the action and the original exception."""
-    if isinstance(e, StageError) and e.__cause__ is not None:
-        word = KIND_WORDS[e.action.kind]
-        return f"{word} raised {type(e.__cause__).__name__}: {e.__cause__}"
-    return f"{type(e).__name__}: {e}"
+__all__ = ["DistributedPipe", "PeerError", "default_device", "materialize"]
 
 
 # ----------------------------------------------------------------------------- the pipe
@@ -101,8 +74,9 @@ class DistributedPipe(nn.Module):
         chunks: micro-batches M per replica and step.
         micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
             need ``chunks``).
-        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb-h1"`` or a
-            :class:`~gpipe.schedules.Schedule`.
+        schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``,
+            ``"interleaved"``, ``"zb-h1"``, ``"zb-h2"``, ``"zb-v"``, ``"dualpipe-v"``),
+            ``"auto"`` or a :class:`~gpipe.schedules.Schedule`.
         virtual_stages: V for ``"interleaved"`` (default 2).
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
@@ -120,8 +94,10 @@ class DistributedPipe(nn.Module):
         tied: tuples of parameter names (as in the full model's
             ``named_parameters(remove_duplicate=False)``) that hold one value.
         init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
-        sample: an example global mini-batch (real or ``meta`` tensors) to balance on.
+        sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
+            module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
         batch_dim: the batch dimension of inputs and targets.
+        split_points: module paths where a captured model's stages are cut.
     """
 
     def __init__(
@@ -147,6 +123,7 @@ class DistributedPipe(nn.Module):
         init_fn: Callable[[nn.Module], None] | None = None,
         sample: Any = None,
         batch_dim: int = 0,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -171,12 +148,24 @@ class DistributedPipe(nn.Module):
         error: BaseException | None = None
         fingerprint = None
         self._timeout = 300.0
-        try:
-            self._configure(
-                module, stages, balance, chunks, micro_batch_size, schedule, virtual_stages,
-                remat, seed, pinned, device, timeout, data_parallel, tied, batch_dim, backend,
+        try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
+            balance = getattr(module, "split_balance", None) if balance is None else balance
+            auto, self.auto_plan = Auto.of(schedule), None
+            if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
+                self.auto_plan = top = auto.for_distributed(
+                    module, sample, stages=k, data_parallel=data_parallel or 1, chunks=chunks,
+                    fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
+                )  # fmt: skip
+                schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
+                balance, chunks = list(top.balance), top.chunks
+            distconfig.configure(
+                self, module, stages, balance, chunks, micro_batch_size, schedule,
+                virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
+                batch_dim, backend,
             )  # fmt: skip
-            fingerprint = self._fingerprint(balance, sample)
+            fingerprint = distconfig.fingerprint(self, balance, sample)
         except Exception as e:
             error = e
         here = torch.device("cpu")  # where the gather's tensors live: the rank's GPU under NCCL
@@ -188,190 +177,41 @@ class DistributedPipe(nn.Module):
             fingerprint, error, group=self._pg, timeout=self._timeout, device=here, rank=self.rank
         )
         self._init_fn = init_fn
-        k, d = self.num_devices, self.data_parallel
         comm_device = self.device if backend == "nccl" else torch.device("cpu")
-
-        # --- groups: every rank creates every group, in this order
-        def g(r: int) -> int:  # rank in process_group -> global rank (new_group takes those)
-            return r if self._pg is dist.group.WORLD else dist.get_global_rank(self._pg, r)
-
-        self._replicas = [[g(j * k + dd) for dd in range(k)] for j in range(d)]
-        td = timedelta(seconds=self._timeout)
-        self._created: list[Any] = []
-        if d > 1:
-            pp = [dist.new_group(r, timeout=td) for r in self._replicas]
-            self._pp_group = pp[self.replica]
-            if k > 1:
-                dp = [
-                    dist.new_group([self._replicas[j][dd] for j in range(d)], timeout=td)
-                    for dd in range(k)
-                ]
-                self._dp_group = dp[self.pipeline_device]
-                self._created += dp
-            else:
-                self._dp_group = self._pg
-            self._created += pp
-        else:
-            self._pp_group, self._dp_group = self._pg, None
-        me = g(self.rank)
-        channels = make_channels(self._replicas, me, self._timeout) if k > 1 else {}
-        for pair in channels.values():
-            self._created += list(pair)
+        # every rank creates every group, in one order, now
+        self._groups = create_groups(self._layout, self._pg, self._timeout, backend, comm_device)
+        self._created: list[Any] = list(self._groups.created)
+        self._global_rank = self._groups.replicas[self.replica][self.pipeline_device]
+        self._pp_group, self._dp_group = self._groups.pp, self._groups.dp
         self._transport = P2PTransport(
             self.pipeline_device,
-            k,
-            self._replicas[self.replica],
-            channels,
+            self._groups.replicas[self.replica],
+            self._groups.p2p,
+            self._groups.meta,
+            self._layout.owner,
+            self._layout.num_stages,
             timeout=self._timeout,
             comm_device=comm_device,
         )
         self._closed = False
-        self._global_rank = me
 
         self._stages: list[Stage] | None = None
         self._balance: list[int] | None = None
+        self._ties: list[tuple[nn.Parameter, Any, int, bool]] = []
+        self._not_counted: set[int] = set()
         if balance is not None:
             self._build([int(b) for b in balance])
         elif sample is not None:
             try:
-                sample_mb, sample_error = self._sample_microbatch(sample), None
+                sample_mb = sample_microbatch(
+                    sample, self.data_parallel, self._batch_dim, self._num_microbatches
+                )
+                sample_error = None
             except Exception as e:
                 sample_mb, sample_error = None, e
             self._build(self._agree_balance(sample_mb, sample_error, "split its sample"))
 
-    def _configure(
-        self,
-        module: nn.Module | Sequence[nn.Module],
-        stages: int | None,
-        balance: Sequence[int] | None,
-        chunks: int | None,
-        micro_batch_size: int | None,
-        schedule: str | Schedule,
-        virtual_stages: int | None,
-        remat: str,
-        seed: int,
-        pinned: int,
-        device: torch.device | str | None,
-        timeout: float,
-        data_parallel: int | None,
-        tied: Sequence[Sequence[str]],
-        batch_dim: int,
-        backend: str,
-    ) -> None:
-        """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
-        collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
-        self._timeout = options.seconds("timeout", timeout)
-        self._named = plan.layers_of(module, "DistributedPipe")
-        self.fetch_names = options.names("fetch", self._fetch_arg)
-        self._fetch_at = plan.fetch_points(self._named, self.fetch_names)
-        if chunks is None and micro_batch_size is None:
-            raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
-        self._chunks = None if chunks is None else options.count("chunks", chunks)
-        self._mbs = (
-            None
-            if micro_batch_size is None
-            else options.count("micro_batch_size", micro_batch_size)
-        )
-        self._batch_dim = options.integer("batch_dim", batch_dim)
-        self._remat = remat_mod.check_mode(remat)
-        self._seed = options.integer("seed", seed)
-        self._pinned = options.count("pinned", pinned, minimum=0)
-
-        # --- schedule, K, V
-        self._spec = ScheduleSpec(schedule, virtual_stages)
-        self._schedule_name = self._spec.name
-        v, k_sched = self._spec.virtual_stages, self._spec.num_devices
-        self._v = v
-        world = dist.get_world_size(self._pg)
-        if stages is not None:
-            k = options.count("stages", stages)
-        elif k_sched is not None:
-            k = k_sched
-        elif data_parallel is not None:
-            if world % options.count("data_parallel", data_parallel):
-                raise ValueError(
-                    f"data_parallel={data_parallel} does not divide the {world} ranks of the "
-                    f"process group; launch a multiple of {data_parallel} ranks or change "
-                    "data_parallel="
-                )
-            k = world // data_parallel
-        elif balance is not None:
-            if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
-                plan.check_balance(balance, len(self._named), 1, v, self._pinned)  # names it
-            k = len(balance) // v
-        else:
-            k = world
-        if data_parallel is not None:
-            options.count("data_parallel", data_parallel)
-        if k * v > len(self._named):  # the model's limit first, as gpipe.Pipe says it
-            plan.check_stage_count(len(self._named), k, v, self._pinned)
-        if k < 1 or world % k:
-            raise ValueError(
-                f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
-                f"a multiple of stages (W = stages x data_parallel): pass stages= that divides "
-                f"{world}, or launch stages x data_parallel ranks"
-            )
-        d = world // k
-        if data_parallel is not None and data_parallel != d:
-            raise ValueError(
-                f"data_parallel={data_parallel} x stages={k} = {data_parallel * k} ranks, but "
-                f"the process group has {world}; launch {data_parallel * k} ranks or change "
-                "data_parallel="
-            )
-        if k_sched is not None and k_sched != k:
-            raise ValueError(
-                f"the given schedule is built for {k_sched} devices, not {k}; build it for "
-                f"{k} devices or pass stages={k_sched}"
-            )
-        self.num_devices, self.data_parallel = k, d
-        self.pipeline_device, self.replica = self.rank % k, self.rank // k
-        if balance is not None:
-            plan.check_balance(balance, len(self._named), k, v, self._pinned)
-        else:
-            plan.check_stage_count(len(self._named), k, v, self._pinned)
-
-        # --- device
-        self.device = (
-            default_device(backend, os.environ) if device is None else torch.device(device)
-        )
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # NCCL and this rank's kernels use this GPU
-
-        # --- ties (names validated now, groups resolved at build)
-        self._tied = [tuple(t) for t in tied]
-        self._slots = _param_slots(self._named)
-        self._groups = _tie_groups(self._slots, self._tied)
-
-    def _fingerprint(self, balance: Sequence[int] | None, sample: Any) -> dict[str, Any]:
-        """Everything that defines this rank's model and schedule, as plain data: all ranks
-        must hold the same (see :mod:`gpipe.runtime.agree`)."""
-        fixed = self._spec.fixed
-        return {
-            "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in self._named],
-            "stages": self.num_devices,
-            "data_parallel": self.data_parallel,
-            "balance": None if balance is None else [int(b) for b in balance],
-            "sample": None if balance is not None else "given" if sample is not None else "none",
-            "chunks": self._chunks,
-            "micro_batch_size": self._mbs,
-            "schedule": self._schedule_name,
-            "the custom schedule's actions": None
-            if fixed is None
-            else f"hash {agree.schedule_digest(fixed.actions)} (M={fixed.num_microbatches})",
-            "virtual_stages": self._v,
-            "remat": self._remat,
-            "seed": self._seed,
-            "pinned": self._pinned,
-            "batch_dim": self._batch_dim,
-            "tied parameters": [list(grp) for grp in self._groups],
-        }
-
     # ----------------------------------------------------------------- plan
-
-    def _sample_microbatch(self, sample: Any) -> tuple:
-        per_replica = split(sample, self.data_parallel, batch_dim=self._batch_dim)[0]
-        m = self._num_microbatches(per_replica)
-        return split((per_replica,), m, batch_dim=self._batch_dim)[0]
 
     def _agree_balance(
         self,
@@ -379,132 +219,52 @@ class DistributedPipe(nn.Module):
         local_error: BaseException | None,
         doing: str = "start the first step",
     ) -> list[int]:
-        """Rank 0 balances by FLOPs on its micro-batch; every rank gets the same answer.
-
-        One bounded all-gather also carries each rank's ``local_error`` (inputs that could not
-        be split, say), so that every rank raises the real cause — the failing rank its own
-        error, the others the same type naming that rank — instead of a symptom.
-        """
-        mine: dict[str, Any] = {
-            "error": None if local_error is None else agree.describe_error(local_error),
-            "balance": None,
-            "balance_error": None,
-        }
-        if self.rank == 0 and local_error is None:
-            try:
-                if sample_mb is None:
-                    raise ValueError(
-                        "rank 0 needs the inputs to balance the pipeline by FLOPs; pass them to "
-                        "step() on rank 0, or give balance= or sample= to DistributedPipe"
-                    )
-                mine["balance"], _ = plan.auto_balance(
-                    [m for _, m in self._named],
-                    sample_mb,
-                    self.num_devices * self._v,
-                    pinned=self._pinned,
-                    train=self.training,
-                )
-            except Exception as e:
-                mine["balance_error"] = f"{type(e).__name__}: {e}"
-        every = agree.gather(
-            mine,
-            self._pg,
-            self._timeout,
-            self._transport.comm_device,
-            self.rank,
-            "to balance the pipeline before the first step",
+        return agree_balance(
+            self._named,
+            sample_mb,
+            local_error,
+            rank=self.rank,
+            num_stages=self._layout.num_stages,
+            pinned=self._pinned,
+            train=self.training,
+            group=self._pg,
+            timeout=self._timeout,
+            comm_device=self._transport.comm_device,
+            doing=doing,
         )
-        if local_error is not None:
-            raise local_error
-        for r, theirs in enumerate(every):
-            if theirs["error"] is not None:
-                agree.raise_remote(r, theirs["error"], f"could not {doing}")
-        if every[0]["balance_error"] is not None:
-            raise RuntimeError(
-                f"balancing the pipeline on rank 0 failed: {every[0]['balance_error']}"
+
+    def _register(self, name: str, layer: nn.Module) -> None:
+        if hasattr(self, name) and name not in self._modules:
+            raise ValueError(
+                f"layer name {name!r} clashes with a DistributedPipe attribute; rename it"
             )
-        return list(every[0]["balance"])
+        self.add_module(name, layer)
 
     def _build(self, balance: list[int]) -> None:
-        k = self.num_devices
         self._balance = balance
-        stage_of = plan.stage_of_layers(balance)
-        dev_of = [plan.device_of(s, k) for s in stage_of]
-        local = [i for i, dd in enumerate(dev_of) if dd == self.pipeline_device]
-        slots, groups = self._slots, self._groups
-        error = None
-        try:
-            _materialize(self._named, local, self.device, self._seed, self._init_fn, groups, slots)
-        except Exception as e:
-            error = e
-        # Agree before any collective below: a rank that failed must not leave others waiting.
-        errors: list[Any] = [None] * dist.get_world_size(self._pg)
-        text = None if error is None else f"{type(error).__name__}: {error}"
-        dist.all_gather_object(errors, text, group=self._pg)
-        if error is not None:
-            raise error
-        for r, t in enumerate(errors):
-            if t is not None:
-                raise RuntimeError(f"rank {r} could not build its stages: {t}")
-        for i, (_, layer) in enumerate(self._named):
-            if dev_of[i] != self.pipeline_device:
-                _free(layer)
-        for i in local:
-            name, layer = self._named[i]
-            if hasattr(self, name) and name not in self._modules:
-                raise ValueError(
-                    f"layer name {name!r} clashes with a DistributedPipe attribute; rename it"
-                )
-            self.add_module(name, layer)
-        self._stages = plan.build_stages(
+        built = build_rank(
             self._named,
             balance,
-            k,
-            lambda s: self.device,
-            remat=self._remat,
+            self._layout,
+            self._groups,
+            self._register,
+            device=self.device,
             seed=self._seed,
+            init_fn=self._init_fn,
+            slots=self._slots,
+            tie_groups=self._tie_groups,
+            remat=self._remat,
             fetch_at=self._fetch_at,
-            only_device=self.pipeline_device,
+            process_group=self._pg,
+            timeout=self._timeout,
         )
-        self._stage_map = {st.index: st for st in self._stages}
-
-        # Tie groups spanning several pipeline devices: one local copy each, one subgroup per
-        # replica; every rank creates every subgroup in the same order.
-        td = timedelta(seconds=self._timeout)
-        self._ties: list[tuple[nn.Parameter, Any, int, bool]] = []
-        self._not_counted: set[int] = set()
-        for grp in groups:
-            devs = sorted({dev_of[slots[n][0]] for n in grp})
-            owner = dev_of[slots[grp[0]][0]]
-            here = [n for n in grp if dev_of[slots[n][0]] == self.pipeline_device]
-            local_p = None
-            if here:
-                _, mod, attr, _ = slots[here[0]]
-                local_p = mod._parameters[attr]
-                if owner != self.pipeline_device:
-                    self._not_counted.add(id(local_p))
-            if len(devs) < 2:
-                continue
-            subs = [dist.new_group([rep[dd] for dd in devs], timeout=td) for rep in self._replicas]
-            self._created += subs
-            if local_p is not None:
-                sub = subs[self.replica]
-                src = dist.get_group_rank(sub, self._replicas[self.replica][owner])
-                with torch.no_grad():
-                    dist.broadcast(local_p.data, group=sub, group_src=src)
-                self._ties.append((local_p, sub, src, owner == self.pipeline_device))
-        if self._dp_group is not None:
-            src = dist.get_group_rank(self._dp_group, self._replicas[0][self.pipeline_device])
-            with torch.no_grad():
-                for t in [*self._local_params(), *self.buffers()]:
-                    dist.broadcast(t.data, group=self._dp_group, group_src=src)
+        self._stages = built.stages
+        self._stage_map = {st.index: st for st in built.stages}
+        self._ties, self._not_counted = built.ties, built.not_counted
+        self._created += built.created
 
     def _local_params(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for st in self._stages or []:
-            for p in st.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+        return local_params(self._stages or [])
 
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
@@ -513,6 +273,11 @@ class DistributedPipe(nn.Module):
     def balance(self) -> list[int] | None:
         """Layers per (virtual) stage, or ``None`` until the first step balances by FLOPs."""
         return None if self._balance is None else list(self._balance)
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
+        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
 
     @property
     def stage_indices(self) -> list[int]:
@@ -562,7 +327,7 @@ class DistributedPipe(nn.Module):
         self.close()
 
     def close(self) -> None:
-        """Stop the receiver threads, remove hooks and release the process groups this pipe
+        """Close the transport, remove hooks and release the process groups this pipe
         created (kept when the pipe broke: a peer may still hold them). Idempotent."""
         if self._closed:
             return
@@ -589,54 +354,7 @@ class DistributedPipe(nn.Module):
     # ----------------------------------------------------------------- step
 
     def _num_microbatches(self, local: Any) -> int:
-        """M for this replica's share of the batch; the errors use :func:`gpipe.microbatch.split`'s
-        words for the same mistake (plus the replica's share with data parallelism)."""
-        share = (
-            ""
-            if self.data_parallel == 1
-            else f" (replica {self.replica}'s share of the global batch over "
-            f"{self.data_parallel} data-parallel replicas)"
-        )
-        n = batch_size(local, self._batch_dim)
-        return num_microbatches(n, self._chunks, self._mbs, batch_dim=self._batch_dim, share=share)
-
-    def _local(self, obj: Any) -> Any:
-        if self.data_parallel == 1:
-            return obj
-        n = batch_size(obj, self._batch_dim)
-        if n % self.data_parallel:
-            raise ValueError(
-                f"the global batch of {n} rows does not split over {self.data_parallel} "
-                "data-parallel replicas; use a batch size divisible by it"
-            )
-        return split(obj, self.data_parallel, batch_dim=self._batch_dim)[self.replica]
-
-    def _prepare(self, inputs: Any, targets: Any) -> tuple[list | None, list | None, int]:
-        first = self.pipeline_device == 0
-        last = self.pipeline_device == (self.num_devices * self._v - 1) % self.num_devices
-        x = self._local(inputs) if (first and inputs is not None) else None
-        y = self._local(targets) if (last and targets is not None) else None
-        if x is not None:
-            m = self._num_microbatches(x)
-        elif y is not None:
-            m = self._num_microbatches(y)
-        elif inputs is not None:
-            m = self._num_microbatches(self._local(inputs))
-        elif self._chunks is not None:
-            m = self._chunks
-        else:
-            raise ValueError(
-                "with micro_batch_size= and no chunks=, every rank must pass inputs (or "
-                "targets) to know the number of micro-batches"
-            )
-        if first and x is None:
-            raise ValueError(
-                f"rank {self.rank} runs the first stage and needs the inputs; pass them to "
-                "step() on this rank (other ranks may pass None)"
-            )
-        mbs = split((x,), m, batch_dim=self._batch_dim) if x is not None else None
-        tmbs = split(y, m, batch_dim=self._batch_dim) if y is not None else None
-        return mbs, tmbs, m
+        return diststep.share_microbatches(self, local)
 
     def step(
         self,
@@ -661,104 +379,7 @@ class DistributedPipe(nn.Module):
                 "this DistributedPipe was closed (its process groups are released); construct a "
                 "new one on every rank"
             )
-        grad = torch.is_grad_enabled()
-        local_error: BaseException | None = None
-        mbs = tmbs = None
-        try:  # a bad argument on one rank must reach the others, not leave them waiting
-            stepcore.check_call(loss_fn, reduction)
-            stepcore.check_targets(inputs, targets, self._batch_dim)
-            mbs, tmbs, m = self._prepare(inputs, targets)
-        except Exception as e:
-            local_error, m = e, self._chunks or 1
-        if self._stages is None:
-            self._build(self._agree_balance(mbs[0] if mbs else None, local_error))
-        sched = self._schedule(m)
-        actions = (sched.actions if grad else sched.forward_part())[self.pipeline_device]
-        step_id = self.rng_step
-        if self.training:
-            self.rng_step += 1
-        assert self._stages is not None
-        stepcore.begin(
-            self._stages,
-            step_id,
-            m,
-            grad,
-            loss_fn,
-            stepcore.loss_scale(reduction, m),
-            check_finite=self.check_finite,
-            rng_offset=self.replica * m,
-        )
-        self._transport.begin_step(self._calls, m)
-        self._calls += 1
-        # From here on every rank must reach finish_step, whatever happens.
-        n_stages = self.num_devices * self._v
-        last_dev = (n_stages - 1) % self.num_devices
-        stash: list[torch.Tensor | None] = []
-        data = StepData(n_stages, inputs=mbs, targets=tmbs, split_backward=sched.split_backward)
-        loss = None
-        try:
-            stash = collectives.stash_tied(self._ties) if grad else []
-            if local_error is None:
-                with contextlib.suppress(Aborted):  # a peer failed: the transport knows who
-                    execute(
-                        self.pipeline_device,
-                        actions,
-                        self._stage_map,
-                        self._transport,
-                        data,
-                        rank=self._global_rank,
-                    )
-            if self._transport.failure is None and self.pipeline_device == last_dev:
-                loss = stepcore.total_loss(data.losses, m)
-        except BaseException as e:
-            local_error = local_error or e
-            loss = None
-        mine = None
-        if local_error is not None:
-            mine = Failure(
-                self._global_rank,
-                self.pipeline_device,
-                getattr(local_error, "stage", None),
-                getattr(local_error, "microbatch", None),
-                _failure_text(local_error),
-            )
-        payloads = self._transport.finish_step(mine, {"loss": loss} if loss is not None else None)
-        resolve_gpu_times(data)
-        self.last_events = sorted(data.events, key=lambda e: e.start)
-        self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self._batch_dim)
-        failure = self._transport.failure
-        if failure is None and loss is None:
-            loss = payloads[last_dev]["loss"]
-        loss, failure = self._replica_sync(loss, failure, reduction)
-        if failure is not None:
-            collectives.unstash(self._ties, stash)
-            if local_error is not None:
-                raise local_error
-            raise PeerError(failure, self.rank)
-        assert loss is not None
-        if grad:
-            collectives.sync_tied(self._ties, stash)
-            if self._dp_group is not None:
-                collectives.reduce_over_replicas(
-                    [p for p in self._local_params() if p.requires_grad],
-                    self._dp_group,
-                    self.data_parallel,
-                    average=reduction == "mean",
-                )
-        return loss.detach().to(self.device)
-
-    def _replica_sync(
-        self, loss: torch.Tensor | None, failure: Failure | None, reduction: str
-    ) -> tuple[torch.Tensor | None, Failure | None]:
-        return collectives.replica_sync(
-            loss,
-            failure,
-            reduction,
-            self._dp_group,
-            self.data_parallel,
-            self.num_devices,
-            self._transport.comm_device,
-        )
+        return diststep.run_step(self, inputs, targets, loss_fn, reduction)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False

@@ -20,11 +20,7 @@ re-materialization mode.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,47 +28,29 @@ from torch import nn
 
 from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
-from gpipe.bridge import Run, merge_input_grads
+from gpipe.auto import Auto
+from gpipe.bridge import Run, backward_into_inputs
 from gpipe.microbatch import split, tree_flatten
 from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm
-from gpipe.runtime.executor import StepData, execute, resolve_gpu_times
-from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
+from gpipe.partition import Partition, partitions, pipe_devices
+from gpipe.runtime.executor import StepData
+from gpipe.runtime.local import ThreadState
+from gpipe.runtime.local_runner import LocalRunner
 from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage, StepState
 
 __all__ = ["Partition", "Pipe"]
 
 
-@dataclass(frozen=True)
-class Partition:
-    """Which layers one stage holds, where, and what they weigh."""
-
-    stage: int
-    device: torch.device
-    layers: tuple[str, ...]
-    num_parameters: int
-    flops: int | None = None
-
-    def __str__(self) -> str:
-        fl = f", {self.flops / 1e9:.3g} GFLOP fwd" if self.flops is not None else ""
-        names = ", ".join(self.layers)
-        return (
-            f"stage {self.stage} on {self.device}: [{names}] ({self.num_parameters:,} params{fl})"
-        )
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
-def _default_devices(k: int | None) -> list[torch.device]:
-    """Where K stages run when no ``devices`` are given: on the GPUs whenever there are any
-    (K stages over n GPUs go to ``cuda:(s mod n)``), else K CPU workers. A pipe never falls
-    back to the CPU silently; ask for it with ``devices=["cpu"] * K``."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n:
-        return [torch.device("cuda", i % n) for i in range(k or n)]
-    return [torch.device("cpu")] * (k or 1)
+def _with_deferred_batch_norm(module: nn.Module | Sequence[nn.Module]) -> Any:
+    """``module`` with every BatchNorm replaced by a :class:`DeferredBatchNorm`, in the user's
+    own container (so its BatchNorms are the pipe's)."""
+    if isinstance(module, nn.Module):
+        return convert_deferred_batch_norm(module)
+    if isinstance(module, list):
+        module[:] = [convert_deferred_batch_norm(m) for m in module]
+        return module
+    return [convert_deferred_batch_norm(m) for m in module]
 
 
 class Pipe(nn.Module):
@@ -80,7 +58,8 @@ class Pipe(nn.Module):
 
     Args:
         module: an ``nn.Sequential`` (or list of modules); each layer takes the previous one's
-            output. The first layer receives ``pipe(*inputs)``'s arguments.
+            output. The first layer receives ``pipe(*inputs)``'s arguments. Any other module
+            is captured on ``sample`` and cut into layers (:mod:`gpipe.capture`).
         stages: number of devices K (default: ``len(balance)``, or the number of devices).
         balance: layers per stage (K·V numbers for interleaved schedules). Default: balanced by
             forward+backward FLOPs from :mod:`gpipe.cost`, measured on the first micro-batch.
@@ -89,7 +68,9 @@ class Pipe(nn.Module):
         micro_batch_size: alternatively (or also) the micro-batch size.
         batch_dim: the batch dimension of inputs and outputs.
         remat: ``"always"``, ``"except_last"`` (default) or ``"never"`` re-materialization.
-        schedule: a schedule name (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``) or a
+        schedule: a schedule name (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-h2``,
+            ``zb-v``, ``dualpipe-v``; ``gpipe.schedules.available()``), ``"auto"`` (the
+            planner's top configuration, :mod:`gpipe.auto`) or a
             :class:`gpipe.schedules.Schedule` built for this pipeline.
         virtual_stages: model chunks per device for ``"interleaved"`` (default 2).
         seed: seed of the keyed random streams (dropout etc.).
@@ -102,6 +83,10 @@ class Pipe(nn.Module):
             so running statistics are updated once per mini-batch.
         check_finite: raise (naming the micro-batch) when a loss computed by ``step`` is NaN
             or infinite, before its backward runs. Off by default: it synchronizes on GPUs.
+        sample: one example call of a module that is not a sequence: a tensor, a tuple, a
+            dict of keywords or ``gpipe.capture.Sample(*args, **kwargs)``.
+        split_points: module paths where the stages of a captured model are cut
+            (``"<path>"`` before it, ``"<path>:after"`` after it).
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step) and ``peak_live`` the most micro-batches each device held at once.
@@ -127,36 +112,35 @@ class Pipe(nn.Module):
         threads_per_stage: int | None = None,
         deferred_batch_norm: bool = False,
         check_finite: bool = False,
+        sample: Any = None,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if deferred_batch_norm:  # in the user's own container, so its BatchNorms are ours
-            if isinstance(module, nn.Module):
-                module = convert_deferred_batch_norm(module)
-            elif isinstance(module, list):
-                module[:] = [convert_deferred_batch_norm(m) for m in module]
-            else:
-                module = [convert_deferred_batch_norm(m) for m in module]
+        if deferred_batch_norm:
+            module = _with_deferred_batch_norm(module)
+        module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim)
         named = plan.layers_of(module, "Pipe")
-        self.layers = nn.Sequential()
-        for name, layer in named:
-            self.layers.add_module(name, layer)
+        self.layers = plan.container(module, named)
+        balance = getattr(module, "split_balance", None) if balance is None else balance
+        self._auto, self.auto_plan = Auto.of(schedule), None  # "auto": planned at the first batch
+        self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
+        if self._auto is not None and balance is not None:
+            raise ValueError("schedule='auto' chooses the balance too; drop balance=[...]")
+        schedule = "gpipe" if self._auto is not None else schedule
         if chunks is None and micro_batch_size is None:
             chunks = 1
-        chunks = options.optional_count("chunks", chunks)
-        micro_batch_size = options.optional_count("micro_batch_size", micro_batch_size)
+        self.chunks = options.optional_count("chunks", chunks)
+        self.micro_batch_size = options.optional_count("micro_batch_size", micro_batch_size)
         stages = options.optional_count("stages", stages)
-        pinned = options.count("pinned", pinned, minimum=0)
+        self.pinned = pinned = options.count("pinned", pinned, minimum=0)
         if threads_per_stage is not None:
             threads_per_stage = options.count("threads_per_stage", threads_per_stage)
         self._deferred_bn = [m for m in self.layers.modules() if isinstance(m, DeferredBatchNorm)]
         for bn in self._deferred_bn:
-            bn.chunks = chunks or 1  # until a step tells the real micro-batch count
-        self.chunks = chunks
-        self.micro_batch_size = micro_batch_size
+            bn.chunks = self.chunks or 1  # until a step tells the real micro-batch count
         self.batch_dim = options.integer("batch_dim", batch_dim)
         self.remat = remat_mod.check_mode(remat)
         self.seed = options.integer("seed", seed)
-        self.pinned = pinned
         self.timeout = timeout = options.seconds("timeout", timeout)
         self.rng_step = 0
         self.last_events: list[Event] = []
@@ -165,29 +149,11 @@ class Pipe(nn.Module):
 
         self._spec = ScheduleSpec(schedule, virtual_stages)
         self.schedule_name = self._spec.name
-        k_sched, v = self._spec.num_devices, self._spec.virtual_stages
-        self.virtual_stages = v
-
-        if devices is not None:
-            if isinstance(devices, (str, int, torch.device)):
-                devices = [devices]
-            devs = [options.device(d) for d in devices]
-        k_balance = len(balance) // v if _is_list(balance) else None
-        if devices is None:
-            devs = _default_devices(stages or k_balance or k_sched)
-        k = stages if stages is not None else (k_balance if k_balance is not None else len(devs))
-        if k < 1:
-            raise ValueError(f"stages must be >= 1, got {k}")
-        if k_sched is not None and k_sched != k:
-            raise ValueError(f"the given schedule is built for {k_sched} devices but stages={k}")
-        if len(devs) != k:
-            raise ValueError(
-                f"got {len(devs)} devices for {k} stages; pass one device per stage "
-                f"(devices=[...] of length {k})"
-            )
-        self.devices = devs
-        self.num_devices = k
-        n_stages = k * v
+        self.virtual_stages = v = self._spec.virtual_stages
+        self.devices = pipe_devices(devices, stages, balance, self._spec.num_devices, v)
+        self.num_devices = k = len(self.devices)
+        #: stage -> device index (the schedule's placement)
+        self.placement: tuple[int, ...] = self._spec.placement(k)
         if balance is not None:
             balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
         else:
@@ -195,18 +161,14 @@ class Pipe(nn.Module):
         self.check_finite = check_finite
         self.fetch_names = options.names("fetch", fetch)
         self._fetch_at = plan.fetch_points(named, self.fetch_names)
-        cpu_only = all(d.type == "cpu" for d in devs)
-        if threads_per_stage is None and cpu_only:
-            threads_per_stage = max(1, torch.get_num_threads() // k)
-        self._threads = threads_per_stage if cpu_only else None
         self._balance: list[int] | None = balance
         self._stages: list[Stage] | None = None
         self._stage_flops: list[int] | None = None
-        self._transport = QueueTransport(timeout)
-        self._pool: WorkerPool | None = None
-        self._lock = threading.Lock()  # one step (or pipe(x), or its backward) at a time
-        self._owner: int | None = None
-        if balance is not None or n_stages == 1:
+        cpu_only = all(d.type == "cpu" for d in self.devices)
+        if threads_per_stage is None and cpu_only:
+            threads_per_stage = max(1, torch.get_num_threads() // k)
+        self._runner = LocalRunner(self.devices, threads_per_stage if cpu_only else None, timeout)
+        if balance is not None or k * v == 1:
             self._build([len(self.layers)] if balance is None else balance)
 
     # ----------------------------------------------------------------- sequence protocol
@@ -235,38 +197,27 @@ class Pipe(nn.Module):
                 "the pipeline is not partitioned yet: it balances by FLOPs on the first call; "
                 "call it once, or pass balance=[...]"
             )
-        names = list(self.layers._modules)
-        out = []
-        for st in self._stages:
-            out.append(
-                Partition(
-                    stage=st.index,
-                    device=st.device,
-                    layers=tuple(names[i] for i, _ in st.layers),
-                    num_parameters=sum(p.numel() for p in st.parameters()),
-                    flops=self._stage_flops[st.index] if self._stage_flops else None,
-                )
-            )
-        return out
+        return partitions(self._stages, list(self.layers._modules), self._stage_flops)
+
+    def _device_of_stage(self, stage: int) -> torch.device:
+        return self.devices[self.placement[stage]]
 
     def _build(self, balance: list[int]) -> None:
         self._balance = list(balance)
+        named = list(self.layers._modules.items())
         plan.check_shared_placement(
-            list(self.layers._modules.items()),
-            balance,
-            [self.devices[plan.device_of(s, self.num_devices)] for s in range(len(balance))],
+            named, balance, [self._device_of_stage(s) for s in range(len(balance))]
         )
-        stages = plan.build_stages(
-            list(self.layers._modules.items()),
+        self._stages = plan.build_stages(
+            named,
             balance,
             self.num_devices,
-            lambda s: self.devices[plan.device_of(s, self.num_devices)],
+            self._device_of_stage,
             remat=self.remat,
             seed=self.seed,
             fetch_at=self._fetch_at,
         )
-        self._stages = stages
-        self._pool = WorkerPool(self.num_devices, self._transport, self._threads, self.devices)
+        self._runner.start()
 
     def _ensure_built(self, sample_microbatch: tuple) -> None:
         if self._stages is not None:
@@ -280,44 +231,38 @@ class Pipe(nn.Module):
         )
         self._build(counts)
 
+    def _take_plan(self, inputs: tuple) -> None:
+        """``schedule="auto"``: take the planner's top configuration for this batch, build it."""
+        leaves = [v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.dim()]
+        rows = leaves[0].shape[self.batch_dim]
+        m = None if self._auto_m else self.chunks or -(-rows // self.micro_batch_size)
+        top = self._auto.choose(self.layers, inputs, self.devices, chunks=m, batch_rows=rows,
+                                pinned=self.pinned)  # fmt: skip
+        self.auto_plan, self.remat = top, top.remat
+        self._spec = ScheduleSpec(top.schedule, top.virtual_stages)
+        self.schedule_name, self.virtual_stages = self._spec.name, self._spec.virtual_stages
+        self.placement = self._spec.placement(self.num_devices)
+        if self._auto_m:
+            self.chunks = top.chunks
+        self._build(list(top.balance))
+
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
 
     def close(self) -> None:
         """Stop the worker threads and remove hooks. The module's layers stay usable."""
-        if self._pool is not None:
-            self._pool.close()
+        self._runner.close()
         for st in self._stages or []:
             st.close()
 
     # ----------------------------------------------------------------- running
 
     def _split(self, obj: Any) -> list[Any]:
+        if self._auto is not None and self._stages is None:
+            self._take_plan(obj)
         return split(
             obj, self.chunks, micro_batch_size=self.micro_batch_size, batch_dim=self.batch_dim
         )
-
-    @contextlib.contextmanager
-    def _owned(self, what: str) -> Iterator[None]:
-        """Hold the pipe for one step: a concurrent call from another thread waits for it (a
-        step is bounded by ``timeout``); a call from inside the running step is refused."""
-        me = threading.get_ident()
-        if self._owner == me or (self._pool is not None and self._pool.runs_on(me)):
-            raise RuntimeError(
-                f"{what} was called from inside a running step of the same Pipe (from loss_fn, "
-                "a layer or a hook); a pipe runs one step at a time — call it after the step"
-            )
-        limit = self.timeout * 2 + 60
-        if not self._lock.acquire(timeout=limit):
-            raise TimeoutError(
-                f"{what} waited {limit:.0f}s for another thread's step on this Pipe to finish"
-            )
-        self._owner = me
-        try:
-            yield
-        finally:
-            self._owner = None
-            self._lock.release()
 
     def _begin(
         self, m: int, grad: bool, loss_fn: Callable | None = None, scale: float = 1.0
@@ -327,7 +272,6 @@ class Pipe(nn.Module):
         step = self.rng_step
         if self.training:
             self.rng_step += 1
-        if self.training:
             for bn in self._deferred_bn:  # statistics over this step's m micro-batches
                 bn.begin_step(m)
         return stepcore.begin(
@@ -340,31 +284,17 @@ class Pipe(nn.Module):
         data: StepData,
         state: ThreadState | None = None,
     ) -> None:
-        assert self._stages is not None and self._pool is not None
-        k = self.num_devices
-        by_device = [
-            {st.index: st for st in self._stages if plan.device_of(st.index, k) == d}
-            for d in range(k)
-        ]
-        if self._pool.stuck:  # a worker never returned from a failed step: start afresh
-            self._pool.close()
-            self._transport = QueueTransport(self.timeout)
-            self._pool = WorkerPool(self.num_devices, self._transport, self._threads, self.devices)
-        jobs = [
-            functools.partial(execute, d, per_device[d], by_device[d], self._transport, data)
-            for d in range(k)
-        ]
-
-        def cancel() -> None:
-            data.cancelled = True
-
+        assert self._stages is not None
         try:
-            self._pool.run(jobs, on_abort=cancel, state=state)
+            self._runner.run(self._stages, per_device, data, state, self.placement)
         finally:
-            with contextlib.suppress(RuntimeError):  # a failed step keeps its host times
-                resolve_gpu_times(data)
-            self.last_events = sorted(data.events, key=lambda e: (e.start, e.device))
-            self.peak_live = [data.peak_live.get(d, 0) for d in range(k)]
+            self.last_events = list(data.events)
+            self.peak_live = [data.peak_live.get(d, 0) for d in range(self.num_devices)]
+
+    def _finish_forward(self, data: StepData, m: int) -> None:
+        """Check the outputs' rows and collect the fetched activations."""
+        stepcore.check_output_rows(data.outputs, data.inputs, m, self.batch_dim)
+        self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self.batch_dim)
 
     def _run_backward(
         self,
@@ -376,32 +306,33 @@ class Pipe(nn.Module):
         """The backward actions of an earlier ``pipe(x)``, on that call's own step states and
         under its forward's autocast (a recompute repeats the forward exactly)."""
         assert self._stages is not None
-        with self._owned("the backward of pipe(x)"):
+        with self._runner.owned("the backward of pipe(x)"):
             for st, state in zip(self._stages, states, strict=True):
                 st.state = state
             self._execute(per_device, data, thread_state)
 
-    def _collect_fetched(self, data: StepData, m: int) -> None:
-        self.fetched = stepcore.collect_fetched(data.fetched, self.fetch_names, m, self.batch_dim)
+    def _needs_grad(self, inputs: Any) -> bool:
+        """Whether ``pipe(inputs)`` builds a graph: grad mode on, and a trainable parameter
+        or an input that requires grad."""
+        return torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.parameters())
+            or any(
+                isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0]
+            )
+        )
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the
         result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``.
 
         Each call keeps its own state until its backward, so several forwards may precede one
         backward (as with a plain module)."""
-        with self._owned("pipe(x)"):
+        inputs = plan.bind_inputs(self.layers, inputs, kwargs)
+        with self._runner.owned("pipe(x)"):
             mbs = self._split(inputs)
             m = len(mbs)
             self._ensure_built(mbs[0])
-            assert self._stages is not None
-            needs_grad = torch.is_grad_enabled() and (
-                any(p.requires_grad for p in self.parameters())
-                or any(
-                    isinstance(v, torch.Tensor) and v.requires_grad
-                    for _, v in tree_flatten(inputs)[0]
-                )
-            )
+            needs_grad = self._needs_grad(inputs)
             sched = self._schedule(m)
             if needs_grad and not sched.forward_backward_separable:
                 raise RuntimeError(
@@ -417,8 +348,7 @@ class Pipe(nn.Module):
             )
             states = self._begin(m, needs_grad)
             self._execute(sched.forward_part(), data)
-            stepcore.check_output_rows(data.outputs, data.inputs, m, self.batch_dim)
-            self._collect_fetched(data, m)
+            self._finish_forward(data, m)
             run = Run(self, sched, data, inputs, states if needs_grad else [])
             out = run.wrap() if needs_grad else run.output
             return (out, self.fetched) if self.fetch_names else out
@@ -442,15 +372,15 @@ class Pipe(nn.Module):
         runs (evaluation). Calls from several threads run one after the other.
         """
         stepcore.check_call(loss_fn, reduction)
-        with self._owned("pipe.step"):
-            mbs = self._split((inputs,))
+        inputs = plan.step_inputs(self.layers, inputs)
+        with self._runner.owned("pipe.step"):
+            mbs = self._split(inputs)
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
             self._ensure_built(mbs[0])
             grad = torch.is_grad_enabled()
             sched = self._schedule(m)
-            scale = stepcore.loss_scale(reduction, m)
             data = StepData(
                 self.num_devices * self.virtual_stages,
                 inputs=mbs,
@@ -458,27 +388,12 @@ class Pipe(nn.Module):
                 split_backward=sched.split_backward,
                 keep_outputs=False,
             )
-            self._begin(m, grad, loss_fn, scale)
-            self._execute(sched.actions if grad else sched.forward_part(), data)
-            stepcore.check_output_rows(data.outputs, data.inputs, m, self.batch_dim)
-            self._collect_fetched(data, m)
+            self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))
+            self._execute(stepcore.step_actions(sched, grad), data)
+            self._finish_forward(data, m)
             if grad:
-                self._backward_into_inputs(data, (inputs,), m)
+                backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)
             return stepcore.total_loss(data.losses, m)
-
-    def _backward_into_inputs(self, data: StepData, inputs: Any, m: int) -> None:
-        """Send the step's input gradients on to the inputs that require grad: into
-        ``.grad`` of a leaf, through the graph of a tensor computed before the pipe."""
-        wanting = [
-            v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.requires_grad
-        ]
-        if not wanting:
-            return
-        per_mb = [data.input_grads[i] for i in range(m)]
-        grads = merge_input_grads(per_mb, inputs, self.batch_dim)
-        pairs = [(t, g) for t, g in zip(wanting, grads, strict=True) if g is not None]
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
     def extra_repr(self) -> str:
         return (

@@ -6,7 +6,8 @@ defines the pipeline — which layers there are, how they are cut, which device 
 stage, how the cut is balanced when none is given — is decided here, once, with one wording
 for each mistake.
 
-Where a stage runs is the schedules' fact (:func:`gpipe.schedules.device_of`), re-exported here.
+Where a stage runs is the schedule's fact (``ScheduleSpec.placement``, stage → device); the
+default round-robin rule :func:`gpipe.schedules.device_of` is re-exported here.
 
 The invariant: for the same model, options and sample micro-batch, both pipes get the same
 layer list, the same balance and the same stage → device map.
@@ -28,16 +29,91 @@ if TYPE_CHECKING:
 
 __all__ = [
     "auto_balance",
+    "bind_inputs",
     "build_stages",
     "check_balance",
     "check_shared_placement",
     "check_stage_count",
+    "container",
     "device_of",
     "fetch_points",
     "flops_weights",
+    "front",
     "layers_of",
     "stage_of_layers",
+    "step_inputs",
 ]
+
+
+def front(
+    module: Any,
+    who: str = "Pipe",
+    *,
+    sample: Any = None,
+    split_points: Sequence[str] | None = None,
+    batch_dim: int = 0,
+) -> Any:
+    """What a pipe cuts: ``module`` itself when it is a sequence of layers (an
+    ``nn.Sequential`` or a list), else the model captured on ``sample`` and cut into layers
+    (:func:`gpipe.capture.capture`; also for a sequence given ``split_points``)."""
+    from gpipe.capture import CapturedLayers, capture
+
+    if isinstance(module, CapturedLayers):
+        return module
+    sequential = isinstance(module, (nn.Sequential, list, tuple, nn.ModuleList))
+    if sequential and not split_points:
+        return module
+    if not isinstance(module, nn.Module):
+        return module  # layers_of names the mistake
+    if sample is None:
+        what = "split_points" if sequential else f"a {type(module).__name__}"
+        raise TypeError(
+            f"{who} got {what}, so it captures the model as a graph and needs an example "
+            f"call: pass sample=<inputs> (a tensor, a tuple of arguments, a dict of keyword "
+            "arguments or gpipe.capture.Sample(*args, **kwargs)); or give an nn.Sequential"
+        )
+    return capture(module, sample, split_points=split_points, batch_dim=batch_dim)
+
+
+def container(module: Any, named: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:
+    """The ``nn.Sequential`` a pipe holds its layers in: a captured model's own (its
+    ``state_dict`` has the model's keys), else a new one of ``named``."""
+    from gpipe.capture import CapturedLayers
+
+    if isinstance(module, CapturedLayers):
+        return module
+    seq = nn.Sequential()
+    for name, layer in named:
+        seq.add_module(name, layer)
+    return seq
+
+
+def bind_inputs(layers: nn.Module, args: tuple, kwargs: dict, who: str = "Pipe") -> tuple:
+    """A call's arguments as the first layer's inputs: a captured model's flattening of
+    ``(args, kwargs)``; for a sequence, ``args`` (keyword arguments are refused)."""
+    from gpipe.capture import CapturedLayers
+
+    if isinstance(layers, CapturedLayers):
+        return layers.bind(tuple(args), dict(kwargs))
+    if kwargs:
+        raise TypeError(
+            f"{who} got keyword arguments {sorted(kwargs)}, but its first layer takes the "
+            "positional inputs; give the model with sample=... (captured, keywords allowed) "
+            "or pass them positionally"
+        )
+    return tuple(args)
+
+
+def step_inputs(layers: nn.Module, inputs: Any) -> tuple:
+    """``step``'s ``inputs`` as the first layer's inputs: ``(inputs,)``; for a captured model
+    a :class:`gpipe.capture.Sample` gives its positional and keyword arguments."""
+    from gpipe.capture import CapturedLayers, Sample
+
+    if isinstance(layers, CapturedLayers):
+        if isinstance(inputs, Sample):
+            return layers.bind(tuple(inputs.args), dict(inputs.kwargs))
+        return layers.bind((inputs,), {})
+    return (inputs,)
 
 
 def layers_of(
@@ -61,7 +137,8 @@ def layers_of(
     else:
         raise TypeError(
             f"{who} needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
-            "wrap your layers in nn.Sequential so they can be cut into stages"
+            "wrap your layers in nn.Sequential so they can be cut into stages, or capture the "
+            "model: gpipe.Pipe(model, sample=<inputs>) or gpipe.capture.capture(model, sample)"
         )
     if not named:
         raise ValueError(f"{who} needs at least one layer")
@@ -175,12 +252,24 @@ def auto_balance(
     from gpipe.cost import profile
 
     costs = profile(list(layers), *sample_microbatch, train=train)
-    counts = balance_costs(flops_weights(costs), num_stages, pinned=pinned)
+    if _captured(layers):  # fine-grained layers: cut where little crosses, within 5% of best
+        from gpipe.capture.cuts import balance_small_boundaries
+
+        crossing = [c.activation_bytes for c in costs]
+        counts = balance_small_boundaries(flops_weights(costs), crossing, num_stages, pinned=pinned)
+    else:
+        counts = balance_costs(flops_weights(costs), num_stages, pinned=pinned)
     flops, i = [], 0
     for b in counts:
         flops.append(sum(c.flops for c in costs[i : i + b]))
         i += b
     return counts, flops
+
+
+def _captured(layers: Sequence[nn.Module]) -> bool:
+    from gpipe.capture import Segment
+
+    return any(isinstance(layer, Segment) for layer in layers)
 
 
 def stage_of_layers(balance: Sequence[int]) -> list[int]:
@@ -198,16 +287,21 @@ def build_stages(
     seed: int,
     fetch_at: dict[int, dict[str, nn.Module]],
     only_device: int | None = None,
+    placement: Sequence[int] | None = None,
 ) -> list[Stage]:
     """The :class:`~gpipe.stage.Stage` of every (virtual) stage — or, with ``only_device``,
-    of those that pipeline device runs — each on ``device(stage)``, its layers moved there."""
+    of those that pipeline device runs (by ``placement``, stage → device, default ``s % K``)
+    — each on ``device(stage)``, its layers moved there."""
     from gpipe.stage import Stage
 
     n_stages = len(balance)
+    place = placement
+    if place is None:
+        place = [device_of(s, num_devices) for s in range(n_stages)]
     stage_of = stage_of_layers(balance)
     stages = []
     for s in range(n_stages):
-        if only_device is not None and device_of(s, num_devices) != only_device:
+        if only_device is not None and place[s] != only_device:
             continue
         dev = device(s)
         idx = [i for i, st in enumerate(stage_of) if st == s]

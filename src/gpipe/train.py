@@ -157,12 +157,13 @@ class Trainer:
 
     def _balance(self) -> list[int]:
         """Layers per (virtual) stage, balanced by forward+backward FLOPs of one micro-batch
-        (the interleaved schedule has two virtual stages per device)."""
+        (interleaved, zb-v and dualpipe-v have two virtual stages per device)."""
         from gpipe.balance import balance
         from gpipe.cost import profile
+        from gpipe.schedules import ScheduleSpec
 
         c = self.config
-        n_stages = c.stages * (2 if c.schedule.lower() == "interleaved" else 1)
+        n_stages = c.stages * ScheduleSpec(c.schedule).virtual_stages
         micro = max(1, c.batch_size // (c.chunks * c.data_parallel))
         sample = torch.zeros(micro, c.seq_len, dtype=torch.long)
         costs = profile(self.model, sample)
@@ -315,7 +316,7 @@ class Trainer:
                     "step": self.step,
                     "events": list(self.last_timeline),
                     "num_devices": self.pipe.num_lanes,
-                    "lanes": self.lane_names(),
+                    "lanes": self.pipe.lane_names(),
                 }
             if self.step == c.steps:
                 break  # the final evaluation and checkpoint follow
@@ -329,13 +330,6 @@ class Trainer:
             yield self.evaluate()
         if saved != self.step:
             yield self._checkpoint_record()
-
-    def lane_names(self) -> dict[int, str]:
-        """Timeline lane → its name (``rank r`` under the distributed runtime)."""
-        if self.pipe.runtime == "local":
-            return {}
-        k = self.pipe.stages
-        return {r: f"rank {r} (replica {r // k}, device {r % k})" for r in range(self.pipe.world)}
 
     def _checkpoint_record(self) -> dict[str, Any]:
         """Save, and say where the earlier run's checkpoints went if this save moved them."""

@@ -179,10 +179,9 @@ class TrainerPipe:
     def shards(self) -> list[tuple[int, dict[str, Tensor]]]:
         """The (pipeline device, tensors by full-model name) shards this process writes."""
         children = dict(self.model.named_children())
-        k = self.pipe.num_devices
         out: dict[int, dict[str, Tensor]] = {}
         for part in self.pipe.partitions:
-            shard = out.setdefault(part.stage % k, {})
+            shard = out.setdefault(self.pipe.placement[part.stage], {})
             for layer in part.layers:
                 for key, v in children[layer].state_dict().items():
                     shard[f"{layer}.{key}"] = v
@@ -218,6 +217,13 @@ class TrainerPipe:
                 lane = replica * self.stages + e.device
                 out.append(replace(e, device=lane, start=e.start + shift, end=e.end + shift))
         return sorted(out, key=lambda e: (e.start, e.device))
+
+    def lane_names(self) -> dict[int, str]:
+        """Timeline lane → its name where a lane is a process (none in one process)."""
+        if self.world == 1:
+            return {}
+        k = self.stages
+        return {r: f"rank {r} (replica {r // k}, device {r % k})" for r in range(self.world)}
 
     def close(self) -> None:
         """Stop the pipe's workers (and release its groups)."""

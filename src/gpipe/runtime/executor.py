@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from gpipe.microbatch import tree_detach, tree_flatten
-from gpipe.schedules import KIND_WORDS, Action, Event
+from gpipe.schedules import KIND_WORDS, Action, Event, Overlap
 from gpipe.stage import Stage
 
 __all__ = ["Aborted", "StageError", "StepData", "Transport", "execute", "resolve_gpu_times"]
@@ -95,18 +95,28 @@ class StepData:
 
 def execute(
     device: int,
-    actions: Sequence[Action],
+    actions: Sequence[Action | Overlap],
     stages: dict[int, Stage],
     transport: Transport,
     data: StepData,
     rank: int | None = None,
 ) -> None:
-    """Run ``actions`` of ``device`` in order on ``stages`` (the device's stages by index)."""
+    """Run ``actions`` of ``device`` in order on ``stages`` (the device's stages by index).
+
+    A boundary value between two stages that are both in ``stages`` (consecutive stages on one
+    device, as V-shaped placements have) is handed over here, never through ``transport``.
+
+    An :class:`~gpipe.schedules.Overlap` runs its forward, then its backward. A GPU runtime
+    would issue the two on separate streams so that one's compute hides the other's
+    communication (DualPipe's overlapped chunk); on the CPU they run in turn, and each part is
+    timed and counted as its own action.
+    """
     last = data.num_stages - 1
     gpu = any(_timed_by_events(getattr(st, "device", None)) for st in stages.values())
     if gpu:
         data.gpu_ref.setdefault(device, (_event(), time.perf_counter() - data.t0))
-    for a in actions:
+    local: dict[tuple[str, int, int], Any] = {}  # handoffs between this device's own stages
+    for a in (a for u in actions for a in u.parts):
         if data.cancelled:
             raise Aborted()
         st = stages[a.stage]
@@ -118,6 +128,8 @@ def execute(
                 if a.stage == 0:
                     assert data.inputs is not None
                     x = data.inputs[m]
+                elif a.stage - 1 in stages:
+                    x = local.pop(("act", a.stage, m))
                 else:
                     x = transport.recv("act", a.stage, m)
                     start = time.perf_counter()
@@ -132,11 +144,15 @@ def execute(
                     )
                     if res.loss is not None:
                         data.losses[m] = res.loss.detach()
+                elif a.stage + 1 in stages:
+                    local[("act", a.stage + 1, m)] = res.value
                 else:
                     transport.send("act", a.stage + 1, m, res.value)
             elif a.kind == "B":
                 if a.stage == last:
                     g = data.grad_outputs[m] if data.grad_outputs is not None else None
+                elif a.stage + 1 in stages:
+                    g = local.pop(("grad", a.stage, m))
                 else:
                     g = transport.recv("grad", a.stage, m)
                     start = time.perf_counter()
@@ -144,6 +160,8 @@ def execute(
                 gin = st.backward(m, g, split=data.split_backward)
                 if a.stage == 0:
                     data.input_grads[m] = gin
+                elif a.stage - 1 in stages:
+                    local[("grad", a.stage - 1, m)] = gin
                 else:
                     transport.send("grad", a.stage - 1, m, gin)
             else:

@@ -8,7 +8,7 @@ process runs the same :class:`gpipe.train.Trainer`, and rank 0 prints.
 The invariant: a user error is one ``gpipe: error:`` line and exit code 2 under both runtimes.
 Everything checkable from the options and the checkpoint's manifest is checked before torchrun
 is launched (:func:`_train_config`); what a launched rank meets later comes back through
-:mod:`gpipe.cli_launch` as the same one line.
+:mod:`gpipe.cli.launch` as the same one line.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpipe.cli_base import EXIT_USAGE, UsageError, check_folder_path, toml_module
-from gpipe.cli_launch import (
+from gpipe.cli.base import EXIT_USAGE, UsageError, check_folder_path, toml_module
+from gpipe.cli.launch import (
     DIST_TIMEOUT,
     ERROR_DIR_ENV,
     init_dist,
     launch_dist,
     report_error,
 )
-from gpipe.cli_run import EarlierRunFiles, Metrics, write_trace
+from gpipe.cli.plan_auto import add_train_auto_arguments, auto_train_config
+from gpipe.cli.run import EarlierRunFiles, Metrics, write_trace
 
 __all__ = ["add_train_parser", "cmd_train", "report_error"]
 
@@ -40,7 +41,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model-preset", "model_preset", str, "model size: tiny, small or 1b-words"),
     ("--stages", "stages", int, "pipeline stages K (worker threads, or processes with dist)"),
     ("--chunks", "chunks", int, "micro-batches M per mini-batch"),
-    ("--schedule", "schedule", str, "gpipe, 1f1b, interleaved or zb-h1"),
+    ("--schedule", "schedule", str, "gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or dualpipe-v"),
     ("--remat", "remat", str, "re-materialization: always, except_last or never"),
     ("--batch-size", "batch_size", int, "sequences per optimizer step (split into chunks)"),
     ("--seq-len", "seq_len", int, "bytes per training sequence"),
@@ -84,6 +85,7 @@ def add_train_parser(sub: Any) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines)")
+    add_train_auto_arguments(p)
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -172,6 +174,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.trace is not None:
         values["trace"] = args.trace
     config = TrainConfig.from_dict(values)
+    if args.auto:  # printed once: by the command, not again by each torchrun rank
+        config = auto_train_config(config, args.memory_limit, "LOCAL_RANK" not in os.environ)
     if found is not None:  # before any process is launched: every rank would refuse alike
         check_resume(config, found, manifest)
     if resumed_step is not None and config.steps < resumed_step:

@@ -1,6 +1,6 @@
 """The ``gpipe`` command: train, plan, generate, export and trace.
 
-The only module (with :mod:`gpipe.cli_train`, :mod:`gpipe.cli_plan` and :mod:`gpipe.cli_base`)
+The only module (with :mod:`gpipe.cli.train`, :mod:`gpipe.cli.plan` and :mod:`gpipe.cli.base`)
 that parses argv and prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train`,
 :mod:`gpipe.state`, :mod:`gpipe.cost`, :mod:`gpipe.simulate`, :mod:`gpipe.trace`) and
 shows the results.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpipe.cli_base import (
+from gpipe.cli.base import (
     Parser,
     UsageError,
     check_int,
@@ -30,8 +30,8 @@ from gpipe.cli_base import (
     check_output_file,
     fmt_bytes,
 )
-from gpipe.cli_plan import add_plan_parser, cmd_plan
-from gpipe.cli_train import add_train_parser, cmd_train, report_error
+from gpipe.cli.plan import add_plan_parser, cmd_plan
+from gpipe.cli.train import add_train_parser, cmd_train, report_error
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -232,6 +232,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         return report_error(str(e))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

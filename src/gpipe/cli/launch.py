@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gpipe.cli_base import EXIT_USAGE, fail, one_line
+from gpipe.cli.base import EXIT_USAGE, fail, one_line
 
 __all__ = ["DIST_TIMEOUT", "ERROR_DIR_ENV", "init_dist", "launch_dist", "report_error"]
 

@@ -1,0 +1,139 @@
+"""``schedule="auto"``: a pipe asks the planner for its configuration at its first step.
+
+``Pipe(model, schedule="auto")`` (or ``schedule=gpipe.Auto(memory_limit="8GiB", ...)``)
+builds nothing until its first batch arrives; then :meth:`Auto.choose` runs
+:func:`gpipe.autoplan.autoplan` on that batch for the pipe's devices and the pipe takes the
+top configuration — schedule, virtual stages, balance, re-materialization and, unless the user
+fixed ``chunks`` or ``micro_batch_size``, the micro-batch count.
+
+The invariant: the pipe then runs exactly the configuration ranked first (``Pipe.plan``), so
+what ``gpipe plan --auto`` prints for the same model, batch and devices is what trains; and
+like every configuration it computes the un-pipelined model's gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpipe.autoplan import Configuration, autoplan
+
+__all__ = ["Auto"]
+
+
+class Auto:
+    """The options of the planner for ``schedule="auto"``; see :func:`gpipe.autoplan.autoplan`.
+
+    ``memory_limit`` defaults to each CUDA device's total memory (no limit on CPUs).
+    ``optimizer`` names the optimizer whose state counts (default Adam: two slots).
+    """
+
+    def __init__(
+        self,
+        memory_limit: int | str | None = None,
+        optimizer: str | int = "adam",
+        measure: bool = False,
+        **search: Any,
+    ) -> None:
+        self.memory_limit = memory_limit
+        self.optimizer = optimizer
+        self.measure = measure
+        self.search = search
+        self.chunks: int | None = None  # the pipe's own chunks, when the user fixed them
+
+    @staticmethod
+    def of(schedule: Any) -> Auto | None:
+        """An :class:`Auto` for ``"auto"`` or an ``Auto`` given; ``None`` for anything else."""
+        if isinstance(schedule, Auto):
+            return schedule
+        if isinstance(schedule, str) and schedule.strip().lower() == "auto":
+            return Auto()
+        return None
+
+    def _limit(self, devices: Sequence[torch.device]) -> int | str | None:
+        if self.memory_limit is not None:
+            return self.memory_limit
+        cuda = [d for d in devices if d.type == "cuda"]
+        if not cuda:
+            return None
+        return min(torch.cuda.get_device_properties(d).total_memory for d in cuda)
+
+    def choose(
+        self,
+        layers: Sequence[nn.Module],
+        inputs: tuple,
+        devices: Sequence[torch.device],
+        *,
+        chunks: int | None,
+        batch_rows: int,
+        pinned: int = 0,
+    ) -> Configuration:
+        """The top configuration for one batch ``inputs`` (``batch_rows`` rows) on ``devices``;
+        ``chunks`` fixes M when the user gave it."""
+        search = dict(self.search)
+        if chunks is not None:
+            search["chunks"] = [chunks]
+        return autoplan(
+            list(layers),
+            inputs,
+            devices=list(devices),
+            memory_limit=self._limit(devices),
+            batch_size=batch_rows,
+            optimizer=self.optimizer,
+            measure=self.measure,
+            pinned=pinned,
+            **search,
+        )[0]
+
+    def for_distributed(
+        self,
+        module: Any,
+        sample: Any,
+        *,
+        stages: int,
+        data_parallel: int,
+        chunks: int | None,
+        fixed: tuple[Any, Any] = (None, None),
+        batch_dim: int = 0,
+        pinned: int = 0,
+    ) -> Configuration:
+        """The top configuration for ``DistributedPipe``: planned at construction on its
+        global ``sample`` (each replica gets ``1 / data_parallel`` of the rows), on ``stages``
+        separate devices. FLOP-based only, so that every rank reaches the same plan."""
+        from gpipe.microbatch import tree_flatten
+        from gpipe.plan import layers_of
+
+        if sample is None:
+            raise ValueError(
+                "DistributedPipe(schedule='auto') plans at construction: pass sample=<one "
+                "global mini-batch> (real or meta tensors)"
+            )
+        if fixed != (None, None):
+            raise ValueError(
+                "DistributedPipe(schedule='auto') chooses the balance and the micro-batch size; "
+                "drop balance= and micro_batch_size= (chunks= may fix M)"
+            )
+        if self.measure:
+            raise ValueError(
+                "DistributedPipe(schedule='auto') cannot measure=True: each rank would time "
+                "differently and choose differently; use FLOP-based costs"
+            )
+        inputs = sample if isinstance(sample, tuple) else (sample,)
+        leaves = [v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.dim()]
+        rows = leaves[0].shape[batch_dim] // data_parallel
+        search = dict(self.search)
+        if chunks is not None:
+            search["chunks"] = [chunks]
+        return autoplan(
+            [m for _, m in layers_of(module, "DistributedPipe")],
+            inputs,
+            devices=stages,
+            memory_limit=self.memory_limit,
+            batch_size=rows,
+            optimizer=self.optimizer,
+            pinned=pinned,
+            **search,
+        )[0]

@@ -1,0 +1,365 @@
+"""The planner: every configuration of a pipeline predicted, ranked, the best one first.
+
+:func:`autoplan` searches schedules × virtual stages V (for schedules that take them) ×
+micro-batch counts M (divisors of the batch) × re-materialization modes, each cut into stages
+by the optimal min-max balancer on that mode's per-layer cost. For each it predicts the step
+time and bubble (:func:`gpipe.simulate.simulate` on per-stage action costs — from FLOPs, or
+measured with ``measure=True``) and the peak memory of every device
+(:mod:`gpipe.memory_model`), and ranks: configurations that fit the memory limit first,
+fastest first.
+
+The invariant: the ranking is a pure function of the costs and options, and the top
+configuration fits the limit on every device (or, when stages share one memory, in all) —
+when none does, :class:`NoFitError` names the smallest peak any configuration reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from gpipe import layer_timing
+from gpipe import memory_model as mm
+from gpipe.balance import balance as balance_costs
+from gpipe.cost import profile
+from gpipe.microbatch import tree_flatten, tree_unflatten
+from gpipe.remat import MODES
+from gpipe.schedules import Schedule, available, get
+from gpipe.simulate import SimResult, simulate
+
+__all__ = ["Configuration", "NoFitError", "autoplan", "table"]
+
+#: Seconds of runtime bookkeeping per action (executor, transport); ``BENCHMARKS.md``.
+ACTION_OVERHEAD_S = {"cpu": 1.5e-4, "cuda": 5e-5}
+
+
+class NoFitError(ValueError):
+    """No configuration fits the memory limit."""
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One ranked configuration and what the planner predicts for it (times in seconds)."""
+
+    rank: int
+    schedule: str
+    virtual_stages: int
+    chunks: int
+    balance: tuple[int, ...]
+    remat: str
+    step_time: float
+    bubble: float
+    memory: tuple[mm.DeviceMemory, ...]  # per pipeline device
+    shared_peak: int | None  # all stages in one memory (one CPU process): their joint peak
+    fits: bool
+    cost_source: str  # "flops" or "measured"
+    optimizer: str
+    reason: str
+    simulation: SimResult
+
+    @property
+    def peak_memory(self) -> int:
+        """The limiting figure: the joint peak when stages share memory, else the worst
+        device's."""
+        return (
+            self.shared_peak if self.shared_peak is not None else max(m.total for m in self.memory)
+        )
+
+    @property
+    def peak_device(self) -> int:
+        """The device with the largest predicted peak."""
+        return max(range(len(self.memory)), key=lambda d: self.memory[d].total)
+
+    def describe(self) -> str:
+        """A one-line summary: ``interleaved V=2, M=8, remat never, balance [...]``."""
+        v = f" V={self.virtual_stages}," if self.virtual_stages > 1 else ""
+        return (
+            f"{self.schedule}{v} M={self.chunks}, remat {self.remat}, balance {list(self.balance)}"
+        )
+
+
+def _micro_sample(sample: tuple, rows: int, model: Sequence[nn.Module]) -> tuple:
+    """Fake tensors like ``sample``'s with ``rows`` rows along dim 0 (nothing allocated), on
+    the sample's device — or the model's when the sample is on ``meta`` — so that profiling
+    sees the kernels (e.g. the attention variant) that device runs."""
+    device = next((v.device for _, v in tree_flatten(sample)[0] if isinstance(v, torch.Tensor)))
+    if device.type == "meta":
+        params = (p for layer in model for p in layer.parameters())
+        device = next(params, torch.empty(0, device="meta")).device
+    leaves, rebuild = tree_flatten(sample)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return tree_unflatten(
+            rebuild,
+            [
+                torch.empty((rows, *v.shape[1:]), dtype=v.dtype, device=device)
+                if isinstance(v, torch.Tensor) and v.dim()
+                else v
+                for _, v in leaves
+            ],
+        )
+
+
+def _batch_rows(sample: tuple) -> int:
+    for _, v in tree_flatten(sample)[0]:
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    raise ValueError("autoplan needs a sample with at least one tensor with a batch dimension")
+
+
+def _bytes_of(obj: Any) -> int:
+    return sum(
+        v.numel() * v.element_size() for _, v in tree_flatten(obj)[0] if isinstance(v, torch.Tensor)
+    )
+
+
+def _devices(devices: int | Sequence[Any]) -> tuple[int, str, bool]:
+    """(K, device type, whether all stages share one memory)."""
+    if isinstance(devices, bool) or not isinstance(devices, (int, Sequence)):
+        raise TypeError(f"devices must be a count K or a list of K devices, got {devices!r}")
+    if isinstance(devices, int):
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
+        return devices, "cuda" if torch.cuda.is_available() else "cpu", False
+    devs = [torch.device(d) for d in devices]
+    if not devs:
+        raise ValueError("devices is empty; give a count K or K devices")
+    kind = "cuda" if any(d.type == "cuda" for d in devs) else devs[0].type
+    shared = all(d.type == "cpu" for d in devs) or len(set(devs)) == 1
+    return len(devs), kind, shared
+
+
+def _chunk_counts(batch: int, max_chunks: int, chunks: Sequence[int] | None) -> list[int]:
+    if chunks is not None:
+        bad = [m for m in chunks if m < 1 or batch % m]
+        if bad:
+            raise ValueError(f"chunks {bad} do not divide the batch of {batch} rows")
+        return sorted(set(chunks))
+    return [m for m in range(1, min(batch, max_chunks) + 1) if batch % m == 0]
+
+
+def _recompute_share(remat: str, m: int) -> float:
+    return {"always": 1.0, "except_last": (m - 1) / m, "never": 0.0}[remat]
+
+
+def _schedules(
+    names: Sequence[str], k: int, m: int, n_layers: int, vs: Sequence[int]
+) -> list[Schedule]:
+    """Every (name, V) that builds for K and M and has enough layers; V=1 for single-stage
+    schedules, each of ``vs`` for those that interleave."""
+    out = []
+    for name in names:
+        for v in (None, *vs):
+            if v is not None and k * v > n_layers:
+                continue
+            try:
+                sched = get(name, k, m, virtual_stages=v)
+            except ValueError:
+                continue
+            if v is None and sched.virtual_stages not in (1, *vs):
+                continue  # a schedule's default V, not asked for
+            if sched.num_stages <= n_layers and all(
+                s.name != sched.name or s.virtual_stages != sched.virtual_stages for s in out
+            ):
+                out.append(sched)
+    return out
+
+
+def autoplan(
+    model: nn.Sequential | Sequence[nn.Module],
+    sample: Any,
+    *,
+    devices: int | Sequence[Any] = 2,
+    memory_limit: int | str | None = None,
+    batch_size: int | None = None,
+    optimizer: str | int = "adam",
+    measure: bool = False,
+    schedules: Sequence[str] | None = None,
+    remat_modes: Sequence[str] = MODES,
+    chunks: Sequence[int] | None = None,
+    max_chunks: int = 32,
+    virtual_stages: Sequence[int] = (2, 3, 4),
+    pinned: int = 0,
+    flops_per_second: float | None = None,
+    action_overhead: float | None = None,
+    split_extra: float = 0.25,
+    repeats: int = 3,
+) -> list[Configuration]:
+    """Ranked configurations for training ``model`` on ``devices`` with ``sample`` batches.
+
+    ``sample`` is one input batch (a tensor, or a tuple of the first layer's inputs); its rows
+    along dim 0 are the batch size unless ``batch_size`` is given. ``devices`` is K, or the
+    K devices (a list of CPUs, or one device repeated, means the stages share one memory and
+    the limit applies to their joint peak). ``memory_limit`` is bytes or a string such as
+    ``"8GiB"`` per device; ``None`` means unlimited. ``optimizer`` names the optimizer whose
+    state counts (``"adam"``: two slots of each parameter's dtype) or gives its slot count.
+
+    Costs come from ``cost.profile``'s FLOPs at ``flops_per_second`` (default: a rough rate
+    for the device kind), or, with ``measure=True``, from timing each layer's F, B and W on the
+    real device for every micro-batch size searched (``repeats`` runs, median).
+    ``action_overhead`` (seconds) is added to every action; ``split_extra`` is the share of a
+    backward that a split B/W schedule pays twice in FLOP-based costs.
+
+    ``chunks`` (default: every divisor of the batch up to ``max_chunks``) and
+    ``virtual_stages`` (the V tried for interleaving schedules) bound the search.
+
+    Returns every configuration, ranked (``rank`` 1 is the choice); those that do not fit
+    come last with ``fits=False``. Raises :class:`NoFitError` when none fits.
+    """
+    named = list(model)
+    sample = sample if isinstance(sample, tuple) else (sample,)
+    k, kind, shared = _devices(devices)
+    batch = batch_size if batch_size is not None else _batch_rows(sample)
+    limit = mm.parse_bytes(memory_limit) if memory_limit is not None else None
+    overhead = ACTION_OVERHEAD_S.get(kind, 1e-4) if action_overhead is None else action_overhead
+    rate = flops_per_second or layer_timing.default_flops_per_second(kind, k)
+    names = list(schedules) if schedules is not None else available()
+    source = "measured" if measure else "flops"
+    mm.optimizer_slots(optimizer)  # refuse an unknown optimizer before any work
+
+    results = []
+    for m in _chunk_counts(batch, max_chunks, chunks):
+        rows = batch // m
+        mb = _micro_sample(sample, rows, named)
+        costs = profile(named, *mb)
+        if measure:
+            threads = max(1, torch.get_num_threads() // k) if kind == "cpu" else None
+            real = layer_timing.rows_like(sample, rows)
+            times = layer_timing.measure(named, real, repeats=repeats, threads=threads)
+        else:
+            times = layer_timing.from_flops(costs, rate, split_extra)
+        for sched in _schedules(names, k, m, len(named), virtual_stages):
+            for remat in remat_modes:
+                results.append(
+                    _evaluate(
+                        sched,
+                        remat,
+                        costs,
+                        times,
+                        _bytes_of(mb),
+                        overhead,
+                        pinned,
+                        optimizer,
+                        shared,
+                    )
+                )
+    return _rank(results, limit, source, shared)
+
+
+def _evaluate(
+    sched: Schedule,
+    remat: str,
+    costs: Sequence[Any],
+    times: Sequence[tuple[float, float, float]],
+    input_bytes: int,
+    overhead: float,
+    pinned: int,
+    optimizer: str | int,
+    shared: bool,
+) -> dict:
+    n = sched.num_stages
+    share = _recompute_share(remat, sched.num_microbatches)
+    weights = [f * (1 + share) + b + w for f, b, w in times]
+    counts = balance_costs([max(x, 1e-12) for x in weights], n, pinned=pinned)
+    fwd, bwd, wgt, start = [], [], [], 0
+    for c in counts:
+        part = times[start : start + c]
+        f = sum(t[0] for t in part)
+        fwd.append(f + overhead)
+        extra_w = overhead if sched.split_backward else 0.0
+        wgt.append(sum(t[2] for t in part) + extra_w)
+        bwd.append(f * share + sum(t[1] + t[2] for t in part) + overhead + extra_w)
+        start += c
+    sim = simulate(sched, fwd, bwd, weight_costs=wgt if sched.split_backward else None)
+    stages = mm.stage_memory(costs, counts, input_bytes)
+    memory = mm.device_memory(sched, stages, remat, optimizer)
+    joint = mm.process_peak(sim.events, sched, stages, remat, optimizer) if shared else None
+    return dict(schedule=sched.name, virtual_stages=sched.virtual_stages,
+                chunks=sched.num_microbatches, balance=tuple(counts), remat=remat,
+                step_time=sim.makespan, bubble=sim.bubble, memory=tuple(memory),
+                shared_peak=joint, optimizer=str(optimizer), simulation=sim)  # fmt: skip
+
+
+def _peak(r: dict) -> int:
+    return r["shared_peak"] if r["shared_peak"] is not None else max(x.total for x in r["memory"])
+
+
+def _rank(results: list[dict], limit: int | None, source: str, shared: bool) -> list[Configuration]:
+    if not results:
+        raise ValueError("no schedule builds for these devices and micro-batch counts")
+
+    def fits(r: dict) -> bool:
+        return limit is None or _peak(r) <= limit
+
+    order = sorted(
+        results,
+        key=lambda r: (
+            not fits(r),
+            r["step_time"],
+            _peak(r),
+            r["schedule"],
+            r["chunks"],
+            r["virtual_stages"],
+            r["remat"],
+        ),
+    )
+    if not fits(order[0]):
+        best = min(results, key=_peak)
+        where = (
+            "all stages together (they share one memory)"
+            if shared
+            else (
+                f"device {max(range(len(best['memory'])), key=lambda d: best['memory'][d].total)}"
+            )
+        )
+        raise NoFitError(
+            f"no configuration fits memory_limit={mm_fmt(limit)}: the smallest peak any "
+            f"reaches is {mm_fmt(_peak(best))} on {where} ({best['schedule']}, "
+            f"M={best['chunks']}, remat {best['remat']}); raise the limit, use more devices, "
+            "a smaller batch, or an optimizer with less state"
+        )
+    top = order[0]
+    out = []
+    for i, r in enumerate(order):
+        ok = fits(r)
+        if i == 0:
+            room = f", {mm_fmt(limit - _peak(r))} under the limit" if limit is not None else ""
+            why = f"fastest that fits ({mm_fmt(_peak(r))} peak{room})"
+        elif not ok:
+            why = f"does not fit: needs {mm_fmt(_peak(r))} > limit {mm_fmt(limit)}"
+        else:
+            slower = r["step_time"] / top["step_time"] - 1 if top["step_time"] else 0.0
+            why = f"{slower:+.1%} step time vs #1, bubble {r['bubble']:.0%}"
+        out.append(Configuration(rank=i + 1, fits=ok, cost_source=source, reason=why, **r))
+    return out
+
+
+def mm_fmt(n: float | None) -> str:
+    """Bytes in readable units (``1.5 GiB``)."""
+    if n is None:
+        return "none"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(configs: Sequence[Configuration], top: int = 10) -> str:
+    """A plain-text table of the first ``top`` configurations."""
+    head = ("#", "schedule", "V", "M", "remat", "balance", "step", "bubble", "peak", "on",
+            "reason")  # fmt: skip
+    rows = []
+    for c in list(configs)[:top]:
+        on = "all" if c.shared_peak is not None else f"dev {c.peak_device}"
+        rows.append((str(c.rank), c.schedule, str(c.virtual_stages), str(c.chunks), c.remat,
+                     ",".join(map(str, c.balance)), f"{c.step_time * 1e3:.1f} ms",
+                     f"{c.bubble:.1%}", mm_fmt(c.peak_memory), on, c.reason))  # fmt: skip
+    widths = [max(len(r[j]) for r in (head, *rows)) for j in range(len(head))]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in (head, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""A distributed pipe's options: checked on this rank, then described as plain data.
+
+:func:`configure` checks this rank's arguments with the same words as :class:`gpipe.Pipe`
+(:mod:`gpipe.options`, :mod:`gpipe.plan`) and derives K, D, V, the device and the tie groups,
+with no collective; :func:`fingerprint` is what every rank must hold equal
+(:func:`gpipe.runtime.agree.check` compares it before any group is created).
+
+The invariant: configuration reads only this rank's arguments and the world size, so ranks
+given the same arguments derive the same pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpipe import options, plan
+from gpipe import remat as remat_mod
+from gpipe.distlayout import Layout, default_device, resolve_counts
+from gpipe.materialize import _param_slots, _tie_groups
+from gpipe.runtime import agree
+from gpipe.schedules import Schedule, ScheduleSpec
+
+if TYPE_CHECKING:
+    from gpipe.distributed import DistributedPipe
+
+__all__ = ["configure", "fingerprint"]
+
+
+def configure(
+    pipe: DistributedPipe,
+    module: nn.Module | Sequence[nn.Module],
+    stages: int | None,
+    balance: Sequence[int] | None,
+    chunks: int | None,
+    micro_batch_size: int | None,
+    schedule: str | Schedule,
+    virtual_stages: int | None,
+    remat: str,
+    seed: int,
+    pinned: int,
+    device: torch.device | str | None,
+    timeout: float,
+    data_parallel: int | None,
+    tied: Sequence[Sequence[str]],
+    batch_dim: int,
+    backend: str,
+) -> None:
+    """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
+    collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
+    pipe._timeout = options.seconds("timeout", timeout)
+    pipe._named = plan.layers_of(module, "DistributedPipe")
+    pipe.fetch_names = options.names("fetch", pipe._fetch_arg)
+    pipe._fetch_at = plan.fetch_points(pipe._named, pipe.fetch_names)
+    if chunks is None and micro_batch_size is None:
+        raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
+    pipe._chunks = None if chunks is None else options.count("chunks", chunks)
+    pipe._mbs = (
+        None if micro_batch_size is None else options.count("micro_batch_size", micro_batch_size)
+    )
+    pipe._batch_dim = options.integer("batch_dim", batch_dim)
+    pipe._remat = remat_mod.check_mode(remat)
+    pipe._seed = options.integer("seed", seed)
+    pipe._pinned = options.count("pinned", pinned, minimum=0)
+
+    # --- schedule, K, V
+    pipe._spec = ScheduleSpec(schedule, virtual_stages)
+    pipe._schedule_name = pipe._spec.name
+    v, k_sched = pipe._spec.virtual_stages, pipe._spec.num_devices
+    pipe._v = v
+    world = dist.get_world_size(pipe._pg)
+    k, d = resolve_counts(
+        world, stages, k_sched, data_parallel, balance, v, len(pipe._named), pipe._pinned
+    )
+    pipe._layout = Layout(pipe.rank, k, d, v, pipe._spec.placement(k))
+    pipe.num_devices, pipe.data_parallel = k, d
+    pipe.pipeline_device, pipe.replica = pipe._layout.pipeline_device, pipe._layout.replica
+
+    # --- device
+    pipe.device = default_device(backend, os.environ) if device is None else torch.device(device)
+    if pipe.device.type == "cuda":
+        torch.cuda.set_device(pipe.device)  # NCCL and this rank's kernels use this GPU
+
+    # --- ties (names validated now, groups resolved at build)
+    pipe._tied = [tuple(t) for t in tied]
+    pipe._slots = _param_slots(pipe._named)
+    pipe._tie_groups = _tie_groups(pipe._slots, pipe._tied)
+
+
+def fingerprint(
+    pipe: DistributedPipe, balance: Sequence[int] | None, sample: Any
+) -> dict[str, Any]:
+    """Everything that defines this rank's model and schedule, as plain data: all ranks
+    must hold the same (see :mod:`gpipe.runtime.agree`)."""
+    fixed = pipe._spec.fixed
+    return {
+        "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in pipe._named],
+        "stages": pipe.num_devices,
+        "data_parallel": pipe.data_parallel,
+        "balance": None if balance is None else [int(b) for b in balance],
+        "sample": None if balance is not None else "given" if sample is not None else "none",
+        "chunks": pipe._chunks,
+        "micro_batch_size": pipe._mbs,
+        "schedule": pipe._schedule_name,
+        "the custom schedule's actions": None
+        if fixed is None
+        else f"hash {agree.schedule_digest(fixed.actions)} (M={fixed.num_microbatches})",
+        "virtual_stages": pipe._v,
+        "remat": pipe._remat,
+        "seed": pipe._seed,
+        "pinned": pipe._pinned,
+        "batch_dim": pipe._batch_dim,
+        "tied parameters": [list(grp) for grp in pipe._tie_groups],
+    }

@@ -1,0 +1,211 @@
+"""Where every rank of a distributed pipeline sits, and the process groups they share.
+
+With world size ``W`` and ``K`` pipeline devices there are ``D = W // K`` data-parallel
+replicas; rank ``r`` is pipeline device ``r % K`` of replica ``r // K``. Ranks ``0..K-1`` form
+the first pipeline, ``K..2K-1`` the second, and the ranks ``d, K+d, 2K+d, ...`` hold the same
+stages (their *data-parallel group*). Which pipeline device runs stage ``s`` is read through
+:meth:`Layout.owner` only: the schedule's placement (``ScheduleSpec.placement``).
+
+The invariant: every rank derives the same :class:`Layout` from the same options, and
+:func:`create_groups` creates every group of the job — pipelines, data-parallel groups and the
+pipelines' point-to-point groups — in one fixed order on every rank, at construction (under
+NCCL each communicator is also made to exist then, never lazily in the middle of a step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpipe import options, plan
+
+__all__ = ["Groups", "Layout", "create_groups", "default_device", "resolve_counts"]
+
+
+def default_device(backend: str, env: Mapping[str, str]) -> torch.device:
+    """This rank's compute device when none is given: under NCCL the GPU ``LOCAL_RANK`` names
+    (torchrun sets it), refused without one; otherwise the CPU."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    local = env.get("LOCAL_RANK")
+    if local is None or not local.isdigit():
+        raise ValueError(
+            f"DistributedPipe on NCCL needs this rank's GPU: LOCAL_RANK is {local!r}; launch "
+            "with torchrun (which sets it) or pass device=torch.device('cuda', i)"
+        )
+    return torch.device("cuda", int(local))
+
+
+def resolve_counts(
+    world: int,
+    stages: int | None,
+    schedule_devices: int | None,
+    data_parallel: int | None,
+    balance: Sequence[int] | None,
+    virtual_stages: int,
+    num_layers: int,
+    pinned: int,
+) -> tuple[int, int]:
+    """Pipeline devices ``K`` and replicas ``D`` from the options and the world size ``W``;
+    refuses (saying what to change) any combination where ``W != K·D``."""
+    v = virtual_stages
+    if stages is not None:
+        k = options.count("stages", stages)
+    elif schedule_devices is not None:
+        k = schedule_devices
+    elif data_parallel is not None:
+        if world % options.count("data_parallel", data_parallel):
+            raise ValueError(
+                f"data_parallel={data_parallel} does not divide the {world} ranks of the "
+                f"process group; launch a multiple of {data_parallel} ranks or change "
+                "data_parallel="
+            )
+        k = world // data_parallel
+    elif balance is not None:
+        if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
+            plan.check_balance(balance, num_layers, 1, v, pinned)  # names what is wrong
+        k = len(balance) // v
+    else:
+        k = world
+    if data_parallel is not None:
+        options.count("data_parallel", data_parallel)
+    if k * v > num_layers:  # the model's limit first, as gpipe.Pipe says it
+        plan.check_stage_count(num_layers, k, v, pinned)
+    if k < 1 or world % k:
+        raise ValueError(
+            f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
+            f"a multiple of stages (W = stages x data_parallel): pass stages= that divides "
+            f"{world}, or launch stages x data_parallel ranks"
+        )
+    d = world // k
+    if data_parallel is not None and data_parallel != d:
+        raise ValueError(
+            f"data_parallel={data_parallel} x stages={k} = {data_parallel * k} ranks, but "
+            f"the process group has {world}; launch {data_parallel * k} ranks or change "
+            "data_parallel="
+        )
+    if schedule_devices is not None and schedule_devices != k:
+        raise ValueError(
+            f"the given schedule is built for {schedule_devices} devices, not {k}; build it "
+            f"for {k} devices or pass stages={schedule_devices}"
+        )
+    if balance is not None:
+        plan.check_balance(balance, num_layers, k, v, pinned)
+    else:
+        plan.check_stage_count(num_layers, k, v, pinned)
+    return k, d
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place: ``rank`` (in the pipe's process group) of ``K·D`` ranks."""
+
+    rank: int
+    num_devices: int
+    data_parallel: int
+    virtual_stages: int
+    placement: tuple[int, ...] = ()  # stage -> pipeline device, from the schedule
+
+    @property
+    def pipeline_device(self) -> int:
+        """The pipeline device ``d`` this rank is (``rank % K``)."""
+        return self.rank % self.num_devices
+
+    @property
+    def replica(self) -> int:
+        """The data-parallel replica ``j`` this rank belongs to (``rank // K``)."""
+        return self.rank // self.num_devices
+
+    @property
+    def num_stages(self) -> int:
+        """(Virtual) stages of one pipeline, ``K·V``."""
+        return self.num_devices * self.virtual_stages
+
+    def owner(self, stage: int) -> int:
+        """The pipeline device that runs ``stage`` — the one placement rule of this runtime."""
+        if self.placement:
+            return self.placement[stage]
+        return plan.device_of(stage, self.num_devices)
+
+    @property
+    def first_device(self) -> int:
+        """The device that runs stage 0 (it needs the inputs)."""
+        return self.owner(0)
+
+    @property
+    def last_device(self) -> int:
+        """The device that runs the last stage (it needs the targets and has the loss)."""
+        return self.owner(self.num_stages - 1)
+
+    def replica_ranks(self, process_group: Any) -> list[list[int]]:
+        """Global ranks of every replica's pipeline devices: ``[j][d]`` (``new_group`` takes
+        global ranks)."""
+        k = self.num_devices
+
+        def g(r: int) -> int:
+            if process_group is dist.group.WORLD:
+                return r
+            return dist.get_global_rank(process_group, r)
+
+        return [[g(j * k + dd) for dd in range(k)] for j in range(self.data_parallel)]
+
+
+@dataclass
+class Groups:
+    """The process groups one rank uses, and every group the pipe created (to release)."""
+
+    replicas: list[list[int]]  # global ranks, [replica][pipeline device]
+    pp: Any  # this replica's pipeline: the collectives over its stages (clip_grad_norm)
+    dp: Any | None  # the ranks holding this rank's stages in every replica (None if D == 1)
+    p2p: Any | None  # this replica's point-to-point group for boundary tensors (None if K == 1)
+    meta: Any | None  # this replica's CPU (gloo) group for message headers (None if K == 1)
+    created: list[Any] = field(default_factory=list)
+
+
+def create_groups(
+    layout: Layout, process_group: Any, timeout: float, backend: str, comm_device: torch.device
+) -> Groups:
+    """Create every group of the job, in the same order on every rank (``new_group`` is
+    collective): the pipelines (D > 1), the data-parallel groups (D > 1, K > 1), then for each
+    replica its point-to-point group and its gloo header group (K > 1). Under NCCL one
+    all-reduce per new group makes its communicator exist now."""
+    k, d = layout.num_devices, layout.data_parallel
+    replicas = layout.replica_ranks(process_group)
+    td = timedelta(seconds=timeout)
+    created: list[Any] = []
+    pp, dp = process_group, None
+    if d > 1:
+        pps = [dist.new_group(r, timeout=td) for r in replicas]
+        created += pps
+        pp = pps[layout.replica]
+        if k > 1:
+            dps = [dist.new_group([rep[dd] for rep in replicas], timeout=td) for dd in range(k)]
+            created += dps
+            dp = dps[layout.pipeline_device]
+        else:
+            dp = process_group
+    p2p = meta = None
+    if k > 1:
+        p2ps, metas = [], []
+        for rep in replicas:
+            p2ps.append(dist.new_group(rep, timeout=td))
+            metas.append(dist.new_group(rep, timeout=td, backend="gloo"))
+        created += p2ps + metas
+        p2p, meta = p2ps[layout.replica], metas[layout.replica]
+    groups = Groups(replicas, pp, dp, p2p, meta, created)
+    if backend == "nccl":
+        for grp in (pp, dp, p2p):  # this rank's communicators, in one fixed order
+            if grp is not None:
+                warm_up(grp, comm_device)
+    return groups
+
+
+def warm_up(group: Any, device: torch.device) -> None:
+    """Make ``group``'s communicator exist now (NCCL creates it at its first collective)."""
+    t = torch.zeros(1, device=device)
+    dist.all_reduce(t, group=group)
