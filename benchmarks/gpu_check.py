@@ -3,9 +3,14 @@
 For each schedule x re-materialization mode x precision (fp32, and bf16 autocast),
 a 2-stage ``gpipe.Pipe`` with both stages on ``--device`` (``devices=[d, d]``, timeout 30 s)
 trains one step, by ``pipe.step`` and, for ``gpipe``, by ``loss_fn(pipe(x), y).backward()``;
-its loss and gradients are compared with the plain model on the whole batch. With two or more
-GPUs, ``DistributedPipe`` on NCCL runs every schedule and one fault case in two spawned
-processes; on one GPU that part is skipped with a message.
+its loss and gradients are compared with the plain model on the whole batch. Two workers on
+one GPU each run on their own compute stream, so these cases also check the hand-off between
+streams (events, ``record_stream``). The *wide* cases (width 2048, 8 micro-batches) make each
+kernel long enough that a value read before its producer or its copy finished, or memory
+reused while another stream still reads it, shows as a wrong gradient. With two or more GPUs
+the wide cases also run across ``cuda:0`` and ``cuda:1`` (boundary copies on copy streams), and
+``DistributedPipe`` on NCCL runs every schedule and one fault case in two spawned processes;
+on one GPU those parts are skipped with a message.
 
 Every case prints one markdown row as soon as it ends, and a watchdog ends the process (exit
 3) if a case hangs, so a GPU deadlock shows as the case it happened in, not as a silent
@@ -31,17 +36,24 @@ from torch import nn
 
 import gpipe
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe-v"]
 REMATS = ["always", "except_last", "never"]
 D = 64
 
 
-def model(seed: int = 0) -> nn.Sequential:
+def model(seed: int = 0, width: int = D) -> nn.Sequential:
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for _ in range(4):
-        layers += [nn.Linear(D, D), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(D, 10))
+    layers: list[nn.Module] = [nn.Linear(D, width), nn.GELU()]
+    for _ in range(3):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def balance_for(schedule: str) -> list[int]:
+    """The 9 layers cut for 2 devices: two stages each with two virtual stages per device."""
+    from gpipe.schedules import ScheduleSpec
+
+    return [2, 2, 2, 3] if ScheduleSpec(schedule, None).virtual_stages == 2 else [4, 5]
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,26 +66,37 @@ def autocast(dev: torch.device, precision: str) -> Any:
     return contextlib.nullcontext()
 
 
-def plain_step(dev: torch.device, precision: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
-    ref = model().to(dev)
+def plain_step(
+    dev: torch.device, precision: str, x: torch.Tensor, y: torch.Tensor, width: int = D
+) -> tuple:
+    ref = model(width=width).to(dev)
     with autocast(dev, precision):
         loss = loss_fn(ref(x), y)
     loss.backward()
     return float(loss.detach()), [p.grad.float() for p in ref.parameters()]
 
 
-def check(dev: torch.device, schedule: str, remat: str, precision: str, how: str) -> dict:
-    """One case: the pipe's loss and gradients against the plain model's."""
+def check(
+    dev: torch.device,
+    schedule: str,
+    remat: str,
+    precision: str,
+    how: str,
+    width: int = D,
+    devices: list[torch.device] | None = None,
+) -> dict:
+    """One case: the pipe's loss and gradients against the plain model's (on ``dev``)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, D, generator=g).to(dev)
-    y = torch.randint(0, 10, (16,), generator=g).to(dev)
-    want_loss, want = plain_step(dev, precision, x, y)
-    m = model().to(dev)
+    rows, chunks = (16, 4) if width == D else (64, 8)
+    x = torch.randn(rows, D, generator=g).to(dev)
+    y = torch.randint(0, 10, (rows,), generator=g).to(dev)
+    want_loss, want = plain_step(dev, precision, x, y, width)
+    m = model(width=width).to(dev)
     pipe = gpipe.Pipe(
         m,
-        balance=[2, 2, 2, 3] if schedule == "interleaved" else [4, 5],
-        devices=[dev, dev],
-        chunks=4,
+        balance=balance_for(schedule),
+        devices=devices or [dev, dev],
+        chunks=chunks,
         schedule=schedule,
         remat=remat,
         timeout=30,
@@ -85,13 +108,13 @@ def check(dev: torch.device, schedule: str, remat: str, precision: str, how: str
         else:
             out = pipe(x)
     if how == "backward":
-        lv = loss_fn(out, y)
+        lv = loss_fn(out, y.to(out.device))
         lv.backward()
         loss = float(lv.detach())
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    got = [p.grad.float() for p in m.parameters()]
+    got = [p.grad.float().to(dev) for p in m.parameters()]
     if len(got) != len(want):
         raise AssertionError(f"{len(got)} gradients, the plain model has {len(want)}")
     err = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(got, want))
@@ -101,13 +124,34 @@ def check(dev: torch.device, schedule: str, remat: str, precision: str, how: str
         "schedule": schedule,
         "remat": remat,
         "precision": precision,
-        "how": how,
+        "how": how if width == D and devices is None else f"{how}, {_where(width, devices)}",
         "loss": loss,
         "plain loss": want_loss,
         "max rel grad err": err,
         "ok": err <= tol and abs(loss - want_loss) <= tol * max(1.0, abs(want_loss)),
         "seconds": seconds,
     }
+
+
+def _where(width: int, devices: list[torch.device] | None) -> str:
+    on = "one device" if devices is None else "+".join(str(d) for d in devices)
+    return f"width {width}, {on}"
+
+
+def wide_cases(dev: torch.device, quick: bool) -> list[tuple]:
+    """The wide cases: long kernels, every schedule, on one device and across two GPUs."""
+    width = 256 if quick else 2048
+    schedules = SCHEDULES[:2] if quick else SCHEDULES
+    places: list[list[torch.device] | None] = [None]
+    if dev.type == "cuda" and torch.cuda.device_count() >= 2:
+        places.append([torch.device("cuda", 0), torch.device("cuda", 1)])
+    cases = []
+    for where in places:
+        for s in schedules:
+            for r in ["always", "never"]:
+                cases.append((s, r, "fp32", "step", width, where))
+        cases.append(("gpipe", "except_last", "fp32", "backward", width, where))
+    return cases
 
 
 def watchdog(limit: float, what: list[str]) -> threading.Event:
@@ -141,7 +185,7 @@ def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
     for schedule in SCHEDULES:
         pipe = gpipe.DistributedPipe(
             model(),
-            balance=[2, 2, 2, 3] if schedule == "interleaved" else [4, 5],
+            balance=balance_for(schedule),
             chunks=4,
             schedule=schedule,
             timeout=30,
@@ -198,18 +242,22 @@ def main() -> int:
     remats = ["always", "never"] if args.quick else REMATS
     cases = [(s, r, p, "step") for s in schedules for r in remats for p in precisions]
     cases += [("gpipe", r, p, "backward") for r in remats for p in precisions]
+    cases += wide_cases(dev, args.quick)
     print(f"device {dev}, torch {torch.__version__}, {len(cases)} cases\n")
+    if dev.type != "cuda" or torch.cuda.device_count() < 2:
+        print("(wide cases across two GPUs: skipped, they need 2)\n")
     print("| schedule | remat | precision | how | max rel grad err | ok | s |")
     print("| --- | --- | --- | --- | ---: | --- | ---: |")
     current = ["start"]
     done = watchdog(args.case_limit, current)
     rows, failed = [], 0
     for case in cases:
-        current[0] = "/".join(case)
+        current[0] = "/".join(str(c) for c in case)
         try:
             row = check(dev, *case)
         except Exception as e:
-            row = {"schedule": case[0], "remat": case[1], "precision": case[2], "how": case[3]}
+            how = case[3] if len(case) == 4 else f"{case[3]}, {_where(case[4], case[5])}"
+            row = {"schedule": case[0], "remat": case[1], "precision": case[2], "how": how}
             row.update({"max rel grad err": float("nan"), "ok": False, "seconds": 0.0})
             row["error"] = f"{type(e).__name__}: {e}"
         failed += not row["ok"]

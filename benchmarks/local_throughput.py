@@ -20,10 +20,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 import gpipe
+from gpipe import schedules
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
 from gpipe.trace import bubble_fraction
 
@@ -39,6 +41,36 @@ def median_time(fn: Callable[[], object], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+@dataclass
+class Config:
+    """One row: what one step runs, with how many intra-op threads, and what it measured."""
+
+    name: str
+    fn: Callable[[], object]
+    threads: int
+    pipe: gpipe.Pipe | None = None
+    meta: dict = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # one median per round
+    # per stage and action kind ("B", "W"): durations of every timed action, in seconds
+    actions: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+
+    def record(self) -> None:
+        """Keep the durations of the last step's backward actions."""
+        assert self.pipe is not None
+        for e in self.pipe.last_events:
+            if e.action.kind in "BW":
+                key = (e.action.stage, e.action.kind)
+                self.actions.setdefault(key, []).append(e.end - e.start)
+
+    def backward_ms(self, num_stages: int) -> list[float]:
+        """Per stage: the median backward of one micro-batch (``B``, plus ``W`` when split)."""
+        out = []
+        for s in range(num_stages):
+            parts = [self.actions.get((s, k)) for k in "BW"]
+            out.append(sum(statistics.median(p) for p in parts if p) * 1e3)
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -50,12 +82,14 @@ def main() -> None:
     ap.add_argument("--remat", default="never")
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="configurations alternate this often")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--quick", action="store_true", help="few configurations, few steps")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     if args.quick:
-        args.chunks, args.schedules, args.steps, args.warmup = "4", "gpipe,1f1b", 3, 1
+        args.chunks, args.schedules, args.steps, args.warmup = "4", "gpipe,1f1b,zb-h1", 3, 1
+        args.rounds = 1
 
     cfg = TransformerConfig.preset(args.preset).replace(dropout=args.dropout)
     k = args.stages
@@ -63,7 +97,7 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
     cores = torch.get_num_threads()
-    rows = []
+    configs: list[Config] = []
 
     torch.manual_seed(0)
     model = TransformerLM(cfg)
@@ -72,28 +106,16 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         lm_loss(model(x), y).backward()
 
-    torch.set_num_threads(1)
-    t_plain1 = median_time(plain, args.steps, args.warmup)
-    rows.append({"config": "plain, 1 thread", "time": t_plain1})
-    torch.set_num_threads(cores)
-    t_plainn = median_time(plain, args.steps, args.warmup)
-    rows.append({"config": f"plain, {cores} threads", "time": t_plainn})
-
+    configs.append(Config("plain, 1 thread", plain, 1))
+    configs.append(Config(f"plain, {cores} threads", plain, cores))
     for m in [int(c) for c in args.chunks.split(",")]:
-        torch.set_num_threads(1)
 
         def plain_micro(m: int = m) -> None:
             model.zero_grad(set_to_none=True)
             for xm, ym in zip(x.chunk(m), y.chunk(m)):
                 (lm_loss(model(xm), ym) / m).backward()
 
-        rows.append(
-            {
-                "config": f"plain, 1 thread, M={m} sequential",
-                "time": median_time(plain_micro, args.steps, args.warmup),
-            }
-        )
-        torch.set_num_threads(cores)
+        configs.append(Config(f"plain, 1 thread, M={m} sequential", plain_micro, 1))
         for sched in args.schedules.split(","):
             torch.manual_seed(0)
             lm = TransformerLM(cfg)
@@ -103,39 +125,94 @@ def main() -> None:
             pipe = gpipe.Pipe(
                 lm, stages=k, chunks=m, schedule=sched, virtual_stages=v, remat=args.remat
             )
+            c = Config(f"gpipe.Pipe {sched}, K={k}, M={m}, remat={args.remat}", plain, cores, pipe)
 
-            def step(pipe: gpipe.Pipe = pipe, lm: TransformerLM = lm) -> None:
+            def step(pipe: gpipe.Pipe = pipe, lm: TransformerLM = lm, c: Config = c) -> None:
                 lm.zero_grad(set_to_none=True)
                 pipe.step(x, y, lm_loss)
+                c.record()
 
-            t = median_time(step, args.steps, args.warmup)
-            rows.append(
-                {
-                    "config": f"gpipe.Pipe {sched}, K={k}, M={m}, remat={args.remat}",
-                    "time": t,
-                    "bound": k * m / (m + k - 1),
-                    "bubble": bubble_fraction(pipe.last_events, k),
-                    "balance": pipe.balance,
-                }
+            c.fn = step
+            c.meta = {"sched": sched, "m": m, "bound": k * m / (m + k - 1)}
+            configs.append(c)
+
+    for r in range(args.rounds):
+        for c in configs:
+            torch.set_num_threads(c.threads)
+            c.times.append(median_time(c.fn, args.steps, args.warmup if r == 0 else 1))
+    torch.set_num_threads(cores)
+
+    t_plain1 = statistics.median(configs[0].times)
+    rows = []
+    for c in configs:
+        row = {"config": c.name, "time": statistics.median(c.times), "rounds": c.times}
+        if c.pipe is not None:
+            n_stages = len(c.pipe.balance)
+            row.update(
+                bound=c.meta["bound"],
+                bubble=bubble_fraction(c.pipe.last_events, k),
+                balance=c.pipe.balance,
+                backward_ms=c.backward_ms(n_stages),
+                schedule=c.meta["sched"],
+                m=c.meta["m"],
+                fallback=[len(st.fallback_parameters()) for st in c.pipe._stages or []],
             )
-            pipe.close()
+            c.pipe.close()
+        rows.append(row)
 
     print(f"machine: {platform.machine()}, {cores} threads, torch {torch.__version__}")
     print(
         f"model: TransformerLM {args.preset} (dropout {args.dropout}), batch {args.batch} x {args.seq}"
     )
+    print(
+        f"median of {args.rounds} rounds (configurations alternate), each the median of "
+        f"{args.steps} steps"
+    )
     print()
-    print("| configuration | step (s) | speed-up vs 1-thread plain | of bound | measured bubble |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| configuration | step (s) | speed-up vs 1-thread plain | of bound | measured bubble "
+        "| backward per micro-batch, per stage (ms) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         sp = t_plain1 / r["time"]
         r["speedup"] = sp
         ofb = f"{sp / r['bound']:.0%}" if "bound" in r else ""
         bub = f"{r['bubble']:.0%}" if "bubble" in r else ""
-        print(f"| {r['config']} | {r['time']:.3f} | {sp:.2f}x | {ofb} | {bub} |")
+        bwd = " / ".join(f"{t:.1f}" for t in r["backward_ms"]) if "backward_ms" in r else ""
+        print(f"| {r['config']} | {r['time']:.3f} | {sp:.2f}x | {ofb} | {bub} | {bwd} |")
+    _split_versus_whole(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+def _split_versus_whole(rows: list[dict]) -> None:
+    """One line per M: each split schedule's B+W per stage against 1F1B's whole backward."""
+    whole = {r["m"]: r for r in rows if r.get("schedule") == "1f1b"}
+    lines = []
+    for r in rows:
+        base = whole.get(r.get("m"))
+        if base is None or r.get("schedule") in (None, "1f1b") or "fallback" not in r:
+            continue
+        if not any(r["schedule"] == s for s in _split_names()):
+            continue
+        ratios = ", ".join(
+            f"stage {s}: {a:.1f} vs {b:.1f} ms ({a / b:.2f}x)"
+            for s, (a, b) in enumerate(zip(r["backward_ms"], base["backward_ms"]))
+        )
+        lines.append(
+            f"- {r['schedule']}, M={r['m']}: B+W per micro-batch vs 1f1b's backward — {ratios}; "
+            f"step {r['time'] / base['time']:.2f}x 1f1b's; parameters on the graph fallback "
+            f"per stage: {r['fallback']}"
+        )
+    if lines:
+        print()
+        print("\n".join(lines))
+
+
+def _split_names() -> list[str]:
+    return [n for n in schedules.available() if schedules.get(n, 2, 4).split_backward]
 
 
 if __name__ == "__main__":

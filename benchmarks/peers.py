@@ -7,13 +7,19 @@ steps (median); the table reports the median over rounds, so load from other pro
 every row alike:
 
 * plain: the un-pipelined model, one process, one thread (rank 0 alone, rank 1 waits);
-* gpipe: ``gpipe.DistributedPipe`` with schedules gpipe, 1f1b, interleaved (V=2);
-* torch: ``PipelineStage`` + ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``.
+* gpipe: ``gpipe.DistributedPipe`` with schedules gpipe, 1f1b, interleaved (V=2), and the
+  V-shaped zb-v and dualpipe-v (device ``d`` holds stages ``d`` and ``2K-1-d``);
+* torch: ``PipelineStage`` + ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
+  ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV`` (the same placement).
+
+torch's ``ScheduleInterleavedZeroBubble`` has no gpipe counterpart yet (gpipe's zero-bubble
+schedules are zb-h1/zb-h2 with one stage per device, and the V-shaped zb-v); a row for it goes
+in ``PAIRS`` once gpipe has an interleaved zero-bubble schedule.
 
 Speed-up is against the plain model; "of bound" divides it by K·M/(M+K−1); "vs torch" is the
 torch step time over gpipe's for the matching schedule (> 1: gpipe is faster).
 
-    python benchmarks/peers.py                # M in 2,4,8, batch 32 x 128, 3 rounds
+    python benchmarks/peers.py                # M in 4,8, batch 32 x 128, 3 rounds
     python benchmarks/peers.py --quick        # smoke run
 """
 
@@ -33,7 +39,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+# gpipe schedule -> (torch schedule class name, stages per process, V-shaped placement)
+PAIRS = {
+    "gpipe": ("ScheduleGPipe", 1, False),
+    "1f1b": ("Schedule1F1B", 1, False),
+    "interleaved": ("ScheduleInterleaved1F1B", 2, False),
+    "zb-v": ("ScheduleZBVZeroBubble", 2, True),
+    "dualpipe-v": ("ScheduleDualPipeV", 2, True),
+}
+SCHEDULES = tuple(PAIRS)
 
 
 def _free_port() -> int:
@@ -64,12 +78,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
         world_size=2,
         timeout=timedelta(seconds=300),
     )
-    from torch.distributed.pipelining import (
-        PipelineStage,
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-    )
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import PipelineStage
 
     import gpipe
     from gpipe.models import TransformerConfig, TransformerLM, lm_loss
@@ -103,8 +113,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     else:
         runners["plain"] = lambda: None
 
-    for m, sched in [(m, s) for m in args.chunk_list for s in SCHEDULES]:
-        bal = bal4 if sched == "interleaved" else bal2
+    for m, sched in [(m, s) for m in args.chunk_list for s in args.schedule_list]:
+        tname, per_rank, v_shape = PAIRS[sched]
+        bal = bal4 if per_rank == 2 else bal2
         pipe = gpipe.DistributedPipe(
             build(), balance=bal, chunks=m, schedule=sched, remat="never", timeout=300
         )
@@ -122,14 +133,13 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             bounds.append(bounds[-1] + b)
         mods = [torch.nn.Sequential(*layers[bounds[i] : bounds[i + 1]]) for i in range(len(bal))]
         n_stages = len(bal)
-        mine = [i for i in range(n_stages) if i % 2 == rank]
-        stages = [PipelineStage(mods[i], i, n_stages, torch.device("cpu")) for i in mine]
-        if sched == "gpipe":
-            tsched = ScheduleGPipe(stages[0], m, loss_fn=lm_loss)
-        elif sched == "1f1b":
-            tsched = Schedule1F1B(stages[0], m, loss_fn=lm_loss)
+        if v_shape:  # device d holds stages d and 2K-1-d
+            mine = [rank, n_stages - 1 - rank]
         else:
-            tsched = ScheduleInterleaved1F1B(stages, m, loss_fn=lm_loss)
+            mine = [i for i in range(n_stages) if i % 2 == rank]
+        stages = [PipelineStage(mods[i], i, n_stages, torch.device("cpu")) for i in mine]
+        tcls = getattr(pipelining.schedules, tname)
+        tsched = tcls(stages[0] if per_rank == 1 else stages, m, loss_fn=lm_loss)
         keep.append((tsched, mods))
         first = 0 in mine
         last = (n_stages - 1) in mine
@@ -167,7 +177,8 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--chunks", default="2,4,8", help="micro-batch counts, comma-separated")
+    ap.add_argument("--chunks", default="4,8", help="micro-batch counts, comma-separated")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -178,6 +189,7 @@ def main() -> None:
         args.batch, args.seq, args.steps, args.warmup, args.rounds = 16, 64, 3, 1, 1
         args.chunks = "8"
     args.chunk_list = [int(c) for c in str(args.chunks).split(",")]
+    args.schedule_list = [s for s in str(args.schedules).split(",") if s]
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
@@ -197,7 +209,7 @@ def main() -> None:
     print(f"| plain (1 process, 1 thread) | - | - | {med['plain']:.3f} | 1.00x | | |")
     for m in args.chunk_list:
         bound = 2 * m / (m + 1)
-        for sched in SCHEDULES:
+        for sched in args.schedule_list:
             ours, theirs = med[f"gpipe {sched} {m}"], med[f"torch {sched} {m}"]
             for name, t in (
                 ("gpipe.DistributedPipe", ours),

@@ -27,8 +27,10 @@ class LoopLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.head = Head(config, tied_weight=self.embed.weight)
 
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
+        if keep is None:  # a branch on an argument's presence, not on a tensor's value
+            keep = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         mask = keep.unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             x = block(x) * mask + x * (1 - mask)
@@ -49,7 +51,12 @@ def _tokens(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def loop_lm(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     cfg = TransformerConfig(
-        vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_layers=6, max_seq_len=SEQ,
+        vocab_size=VOCAB,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_layers=6,
+        max_seq_len=SEQ,
         dropout=dropout,
     )
     model = LoopLM(cfg).to(dtype)
@@ -64,9 +71,17 @@ def gpt2(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     cfg = GPT2Config(
-        n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=SEQ, use_cache=False,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=4,
+        n_embd=32,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        use_cache=False,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(cfg).to(dtype)
     x, y = _tokens(2)
@@ -78,10 +93,19 @@ def llama(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-        use_cache=False, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        use_cache=False,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg).to(dtype)
     x, y = _tokens(3)
@@ -93,9 +117,16 @@ def bert(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=SEQ, num_labels=3,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
     )
     model = BertForSequenceClassification(cfg).to(dtype)
     x, _ = _tokens(4)
@@ -110,9 +141,16 @@ def vit(dropout: float = 0.0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(0)
     cfg = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
-        num_attention_heads=4, intermediate_size=64, num_labels=5,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=0.0,
     )
     model = ViTForImageClassification(cfg).to(dtype)
     g = torch.Generator().manual_seed(6)

@@ -342,3 +342,110 @@ def test_deferred_batchnorm_in_a_pipe_with_remat_equals_formula(momentum: float 
         assert (bn.running_mean - mean).abs().max().item() <= TOL
         assert (bn.running_var - var).abs().max().item() <= TOL
     pipe.close()
+
+
+# ----------------------------------------------------------------------------- schedules
+# Idle time per device and peak live activations of the schedules, from the papers' tables,
+# against the simulator. Costs F, B (input gradient), W (weight gradient) are per device (the
+# whole model's share on it); V-shaped schedules split them over their two stages. Every
+# device does the same work, so the idle time is makespan - busy on each.
+#
+# * 1F1B: (K-1)(F+B+W), K micro-batches on device 0 — Narayanan et al., "Efficient
+#   Large-Scale Language Model Training on GPU Clusters" (2021), §2.2.1; and Table 1 below.
+# * ZB-H1: (K-1)(F+B-W), at most K micro-batches; ZB-H2: (K-1)(F+B-2W), 2K-1 micro-batches —
+#   Qi et al., "Zero Bubble Pipeline Parallelism", arXiv 2401.10241, §2.1-2.2. One step alone
+#   cannot hide the ramp of the first forwards, (K-1)·F (the paper lets consecutive steps
+#   overlap, its optimizer post-validation), so the simulated idle time is the larger.
+# * ZB-V: same arXiv 2401.10241, §6: 1F1B's memory (K whole-device units, i.e. 2K stage
+#   activations of half size) and, with F = W, idle (K-1)(F+B-2W) or the one-step ramp
+#   (K-1)·F/2: zero bubble beyond the ramp when F = B = W.
+# * DualPipeV: DeepSeek-AI, DualPipe (github.com/deepseek-ai/DualPipe, README table; DeepSeek-V3
+#   technical report arXiv 2412.19437, Table 2): bubble (PP/2-1)(F&B + B - 3W) and PP+1
+#   activations per device, with PP = 2K stages, per-stage costs F, B, W, and F&B the
+#   overlapped pair (here run in turn: F + B + W).
+
+SCHED_KS = [2, 3, 4, 8]
+
+
+def _idle(name: str, k: int, m: int, f: float, b: float, w: float, **kw: float) -> list[float]:
+    from gpipe.schedules import get
+    from gpipe.simulate import simulate
+
+    s = get(name, k, m)
+    v = s.virtual_stages
+    r = simulate(s, f / v, (b + w) / v, weight_costs=w / v, **kw)
+    return [r.makespan - busy for busy in r.busy]
+
+
+@pytest.mark.parametrize("k", SCHED_KS)
+@pytest.mark.parametrize("mult", [2, 4])
+@pytest.mark.parametrize(("f", "b", "w"), [(1, 1, 1), (1, 2, 1), (1, 1.5, 0.5), (2, 1, 1)])
+def test_zero_bubble_idle_times_equal_published_formulas(
+    k: int, mult: int, f: float, b: float, w: float
+) -> None:
+    m = k * mult
+    expect = {
+        "1f1b": (k - 1) * (f + b + w),
+        "zb-h1": (k - 1) * (f + b - w),
+        "zb-h2": (k - 1) * max(f, f + b - 2 * w),
+    }
+    for name, want in expect.items():
+        if name == "1f1b":
+            from gpipe.schedules import get
+            from gpipe.simulate import simulate
+
+            r = simulate(get(name, k, m), f, b + w)
+            idle = [r.makespan - busy for busy in r.busy]
+        else:
+            idle = _idle(name, k, m, f, b, w)
+        assert idle == pytest.approx([want] * k, abs=1e-9), name
+
+
+@pytest.mark.parametrize("k", SCHED_KS)
+@pytest.mark.parametrize("mult", [2, 4])
+@pytest.mark.parametrize(("f", "b"), [(1, 1), (1, 2), (1, 3), (0.5, 2)])
+def test_zb_v_idle_time_equals_published_formula_with_f_equal_w(
+    k: int, mult: int, f: float, b: float
+) -> None:
+    w = f
+    idle = _idle("zb-v", k, k * mult, f, b, w)
+    assert idle == pytest.approx([(k - 1) * max(f / 2, f + b - 2 * w)] * k, abs=1e-9)
+
+
+@pytest.mark.parametrize("k", SCHED_KS)
+@pytest.mark.parametrize("mult", [2, 4])
+def test_dualpipe_v_bubble_and_activations_equal_published_formulas(k: int, mult: int) -> None:
+    from gpipe.schedules import get
+    from gpipe.simulate import simulate
+
+    c = 0.5  # F = B = W per stage (1 per device)
+    pp = 2 * k
+    f_and_b = c + c + c  # the pair and its W, in turn
+    idle = _idle("dualpipe-v", k, k * mult, 2 * c, 2 * c, 2 * c)
+    assert idle == pytest.approx([(pp / 2 - 1) * (f_and_b + c - 3 * c)] * k, abs=1e-9)
+    assert simulate(get("dualpipe-v", k, k * mult)).peak_activations == (pp + 1,) * k
+
+
+@pytest.mark.parametrize("k", SCHED_KS)
+@pytest.mark.parametrize("mult", [2, 4])
+def test_zero_bubble_peak_activations_equal_published_formulas(k: int, mult: int) -> None:
+    from gpipe.schedules import get
+    from gpipe.simulate import simulate
+
+    m = k * mult
+    assert simulate(get("zb-h1", k, m)).peak_activations == (k,) * k
+    assert simulate(get("zb-h2", k, m)).peak_activations == (2 * k - 1,) * k
+    assert simulate(get("zb-v", k, m)).peak_activations == (2 * k,) * k  # K whole-device units
+
+
+def test_zb_v_beats_zb_h1_within_1f1b_memory() -> None:
+    """K=4, M=16, F = B = W: ZB-V's bubble is below ZB-H1's, and its peak per device, in
+    whole-device units (two half-size stages make one), is at most 1F1B's."""
+    from gpipe.schedules import get
+    from gpipe.simulate import simulate
+
+    zbv = simulate(get("zb-v", 4, 16), 0.5, 1.0, weight_costs=0.5)
+    zbh1 = simulate(get("zb-h1", 4, 16), 1.0, 2.0, weight_costs=1.0)
+    one = simulate(get("1f1b", 4, 16), 1.0, 3.0)
+    assert zbv.bubble < zbh1.bubble < one.bubble
+    assert max(p / 2 for p in zbv.peak_activations) <= max(one.peak_activations)

@@ -39,3 +39,17 @@ def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
     assert "passed, 0 failed" in check and "gpu_check exit status: 0" in check
     assert "passed" in (tmp_path / "tests.txt").read_text()
     assert "gpu_bench exit status: 0" in (tmp_path / "gpu_bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_stream_host_cost_benchmark_runs() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_streams_host.py"), "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("| gpipe |") == 2 and "one send + receive" in res.stdout

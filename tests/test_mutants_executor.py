@@ -38,7 +38,7 @@ class _Stage:
 
     pending: dict = {}  # noqa: RUF012
 
-    def forward(self, m, x, target):
+    def forward(self, m, x, target, split=False):
         return SimpleNamespace(value={"y": x * 2, "tag": "t"}, loss=None, fetched={})
 
 

@@ -274,3 +274,82 @@ def test_spec_errors() -> None:
         "virtual_stages=2 needs schedule='interleaved', not 'gpipe'"
     )
     assert re.search("must be an int", _raises(TypeError, ScheduleSpec, "interleaved", 2.5))
+
+
+# ------------------------------------------------------------------ placement and overlaps
+
+
+def test_placements_are_exact() -> None:
+    from gpipe.schedules import round_robin, v_shape
+
+    assert round_robin(3, 2) == (0, 1, 2, 0, 1, 2)
+    assert v_shape(3) == (0, 1, 2, 2, 1, 0)
+    assert v_shape(2, 4) == (0, 1, 1, 0, 0, 1, 1, 0)
+    assert v_shape(1, 3) == (0, 0, 0)
+
+
+def test_placement_errors_are_exact() -> None:
+    acts = [["F0@s0", "B0@s0"], ["F0@s1", "B0@s1"]]
+    from gpipe.schedules import custom as make
+
+    msg = _raises(ScheduleError, make, acts, 1, placement="01")
+    assert msg.startswith("placement must be a sequence of device indices, one per stage")
+    msg = _raises(ScheduleError, make, acts, 1, placement=[0, 2])
+    assert msg == "placement[1] is 2; it must be a device index in [0, 2)"
+    msg = _raises(ScheduleError, make, acts, 1, placement=[0, True])
+    assert msg == "placement[1] is True; it must be a device index in [0, 2)"
+    msg = _raises(ScheduleError, make, acts, 1, placement=[1, 1])
+    assert msg == "placement leaves device 0 without a stage: (1, 1)"
+    assert make(acts, 1, placement=(0, 1)).placement == (0, 1)
+
+
+def test_registered_placement_reaches_the_schedule_and_the_spec() -> None:
+    from gpipe.schedules import _REGISTRY, placement_of
+
+    def backwards(k: int, v: int) -> tuple[int, ...]:
+        return tuple(reversed(range(k)))
+
+    @register("test-reversed", placement=backwards)
+    def _build(k: int, m: int, v: int) -> list[list[Action]]:
+        return [[Action("F", k - 1 - d, 0), Action("B", k - 1 - d, 0)] for d in range(k)]
+
+    try:
+        s = get("test-reversed", 3, 1)
+        assert s.placement == (2, 1, 0) and s.stages_of(2) == [0]
+        assert placement_of("test-reversed", 3) == ScheduleSpec("test-reversed").placement(3)
+        assert _raises(TypeError, register, "x", placement=3).startswith(
+            "placement must be a function (K, V) -> tuple"
+        )
+    finally:
+        _REGISTRY.pop("test-reversed", None)
+
+
+def test_fixed_virtual_and_spec_placement_errors() -> None:
+    msg = _raises(ValueError, get, "dualpipe-v", 2, 4, virtual_stages=1)
+    assert msg == (
+        "schedule 'dualpipe-v' always has 2 stages per device; drop virtual_stages=1 (or pass 2)"
+    )
+    spec = ScheduleSpec(get("zb-v", 2, 4))
+    assert spec.placement(2) == (0, 1, 1, 0)
+    msg = _raises(ValueError, spec.placement, 3)
+    assert msg == (
+        "the given schedule is built for 2 devices but the pipeline has 3; build it for 3 devices"
+    )
+    assert ScheduleSpec("zb-v").virtual_stages == 2
+    assert ScheduleSpec("zb-v", 2).virtual_stages == 2
+
+
+def test_overlap_text_equality_and_parts() -> None:
+    from gpipe.schedules import Overlap
+
+    f, b = Action("F", 1, 2), Action("B", 0, 0)
+    o = Overlap(f, b)
+    assert str(o) == "F2@s1+B0@s0" and o.kind == "FB" and o.parts == (f, b)
+    assert _raises(ValueError, Overlap, b, f) == (
+        "Overlap.forward must be an F action, got Action(kind='B', stage=0, microbatch=0)"
+    )
+    assert _raises(ValueError, Overlap, f, f).startswith("Overlap.backward must be a B action")
+    s = get("dualpipe-v", 2, 4)
+    assert s == get("dualpipe-v", 2, 4) and hash(s) == hash(get("dualpipe-v", 2, 4))
+    assert s != get("zb-v", 2, 4) and s.has_overlaps and not get("zb-v", 2, 4).has_overlaps
+    assert "F3@s0+B1@s3" in str(s)

@@ -164,3 +164,31 @@ def test_table_error_wording() -> None:
     assert _raises(TypeError, table, [r]).endswith(
         "each row must be a (name, SimResult) pair as compare() returns"
     )
+
+
+def test_overlap_argument_wording_and_range() -> None:
+    s = get("dualpipe-v", 2, 4)
+    with pytest.raises(ValueError) as info:
+        simulate(s, overlap=1.5)
+    assert str(info.value) == (
+        "overlap must be in [0, 1] (the share of the shorter part of an overlapped pair "
+        "hidden behind the longer), got 1.5"
+    )
+    with pytest.raises(ValueError, match="overlap must be finite and non-negative"):
+        simulate(s, overlap=-0.1)
+    half = simulate(s, 1.0, 2.0, weight_costs=1.0, overlap=0.5)
+    none = simulate(s, 1.0, 2.0, weight_costs=1.0)
+    assert half.makespan < none.makespan
+    assert sum(half.busy) < sum(none.busy)
+    # an overlap's timeline is its forward, then its backward, splitting the pair's time by cost
+    pair_events = [e for e in none.events if e.action.kind == "F" and e.device == 0]
+    assert all(e.end - e.start == pytest.approx(1.0) for e in pair_events)
+
+
+def test_comm_cost_follows_the_placement() -> None:
+    """On a V placement the turn (stage K-1 to K, one device) pays no communication."""
+    s = get("zb-v", 2, 1)
+    base = simulate(s, 1.0, 2.0, 0.0, weight_costs=1.0)
+    comm = simulate(s, 1.0, 2.0, 0.5, weight_costs=1.0)
+    # one micro-batch: F0 F1 | F2 F3 | B3 B2 | B1 B0 crosses devices twice forward, twice back
+    assert comm.makespan == pytest.approx(base.makespan + 4 * 0.5)

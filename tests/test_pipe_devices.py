@@ -43,6 +43,35 @@ def test_default_devices_use_every_gpu_and_never_fall_back_to_cpu(
     assert [str(d) for d in partition.default_devices(k)] == want
 
 
+def test_an_unindexed_cuda_device_means_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda.set_device refuses "cuda" without an index, and tensors report "cuda:i"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    devs = partition.pipe_devices(["cuda", "cuda:0", 0], None, None, None, 1)
+    assert [str(d) for d in devs] == ["cuda:1", "cuda:0", "cuda:0"]
+
+
+def test_a_worker_that_cannot_start_on_its_device_fails_every_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpipe.runtime.local import QueueTransport, WorkerPool
+
+    def refuse(device: torch.device) -> None:
+        raise ValueError(f"no such device {device}")
+
+    monkeypatch.setattr(torch.cuda, "set_device", refuse)
+    pool = WorkerPool(
+        2, QueueTransport(timeout=5.0), devices=[torch.device("cpu"), torch.device("cuda", 3)]
+    )
+    ran: list[int] = []
+    for _ in range(2):  # at once, not after the pool's last-resort limit; and again
+        with pytest.raises(RuntimeError, match="worker 1 could not start on cuda:3: no such"):
+            pool.run([lambda: ran.append(0), lambda: ran.append(1)])
+    assert ran == [0, 0]
+    pool.close()
+
+
 class Probe(nn.Module):
     """A linear layer that records, per call, its thread's autograd multithreading flag in
     backward and the dtype its matmul computed in."""
@@ -92,6 +121,33 @@ def test_pipe_backward_works_with_the_callers_autograd_multithreading_off() -> N
     (plain(x) ** 2).sum().backward()
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_step_works_with_the_callers_autograd_multithreading_off(schedule: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)).double().to(DEV)
+    pipe = gpipe.Pipe(
+        model, balance=[2, 1], chunks=2, schedule=schedule, devices=[DEV, DEV], timeout=30
+    )
+    x = torch.randn(4, D, dtype=torch.float64, device=DEV)
+    y = torch.randn(4, D, dtype=torch.float64, device=DEV)
+
+    def loss_fn(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((o - t) ** 2).mean()
+
+    with torch.autograd.set_multithreading_enabled(False):
+        loss = pipe.step(x, y, loss_fn)
+        assert not torch._C._is_multithreading_enabled()  # the caller's setting is kept
+    want = loss_fn(plain(x), y)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-12, rtol=0)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+    pipe.close()
 
 
 @pytest.mark.device

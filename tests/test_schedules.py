@@ -5,21 +5,96 @@ from __future__ import annotations
 
 import pytest
 
-from gpipe.schedules import Action, ScheduleError, available, custom, get, validate
+from gpipe.schedules import (
+    Action,
+    Overlap,
+    ScheduleError,
+    ScheduleSpec,
+    available,
+    custom,
+    get,
+    placement_of,
+    validate,
+)
 from gpipe.simulate import compare, simulate
 
+V_SHAPED = ("zb-v", "dualpipe-v")
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1", "interleaved"])
+
+@pytest.mark.parametrize("name", available())
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
 def test_named_schedules_are_complete_and_valid(name: str, k: int, m: int) -> None:
     s = get(name, k, m)
     n = s.num_stages
     kinds = ("F", "B", "W") if s.split_backward else ("F", "B")
-    seen = [a for acts in s.actions for a in acts]
+    seen = [a for acts in s.actions for u in acts for a in u.parts]
     assert len(seen) == len(set(seen)) == len(kinds) * n * m
     for d, acts in enumerate(s.actions):
-        assert all(a.stage % k == d for a in acts)
+        assert all(s.placement[a.stage] == d for u in acts for a in u.parts)
+    if name in V_SHAPED:  # device d holds stages d and 2K-1-d
+        assert s.num_stages == 2 * k
+        assert all(s.stages_of(d) == sorted({d, 2 * k - 1 - d}) for d in range(k))
+    else:
+        assert s.placement == tuple(st % k for st in range(n))
+
+
+@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_placement_is_known_before_the_microbatch_count(name: str, k: int) -> None:
+    spec = ScheduleSpec(name)
+    assert spec.placement(k) == placement_of(name, k) == get(name, k, 2 * k).placement
+    assert spec.get(k, 3).placement == spec.placement(k)
+
+
+def test_dualpipe_v_overlaps_a_forward_with_a_backward_in_the_steady_state() -> None:
+    s = get("dualpipe-v", 3, 12)
+    for d, acts in enumerate(s.actions):
+        pairs = [u for u in acts if isinstance(u, Overlap)]
+        assert pairs, f"device {d} has no overlapped pair"
+        for u in pairs:  # F of one stage with B of the device's other stage
+            assert u.forward.stage != u.backward.stage
+            assert {u.forward.stage, u.backward.stage} == {d, 5 - d}
+    assert not s.forward_backward_separable
+    assert len(s.forward_part()[0]) == 2 * 12 and len(s.backward_part()[0]) == 4 * 12
+
+
+def test_overlap_units_are_validated_and_simulated() -> None:
+    ok = custom([["F0@s0", "F1@s0+B0@s0", "W0@s0", "B1@s0", "W1@s0"]], 2)
+    assert ok.actions[0][1] == Overlap(Action("F", 0, 1), Action("B", 0, 0))
+    r = simulate(ok, 1.0, 3.0, weight_costs=1.0)
+    assert r.makespan == pytest.approx(1 + (1 + 2) + 1 + 2 + 1)
+    hidden = simulate(ok, 1.0, 3.0, weight_costs=1.0, overlap=1.0)
+    assert hidden.makespan == pytest.approx(r.makespan - 1.0)  # min(F, B) = 1 hidden
+    assert r.peak_activations == (2,)
+    # the pair waits for its backward's forward, which comes after it: a deadlock
+    with pytest.raises(ScheduleError, match=r"stuck at F0@s0\+B1@s0 waiting for F1@s0"):
+        custom([["F0@s0+B1@s0", "F1@s0", "B0@s0"]], 2)
+    with pytest.raises(ValueError, match="needs its own forward first"):
+        Overlap(Action("F", 0, 0), Action("B", 0, 0))
+    with pytest.raises(ScheduleError, match="cannot parse overlap"):
+        custom([["F0@s0+F1@s0"]], 2)
+
+
+def test_custom_placement_is_checked_and_used() -> None:
+    acts = [["F0@s0", "F0@s1", "B0@s1", "B0@s0"], ["F0@s2", "F0@s3", "B0@s3", "B0@s2"]]
+    s = custom(acts, 1, 2, placement=[0, 0, 1, 1])
+    assert s.stages_of(0) == [0, 1] and s.device_of(2) == 1
+    assert simulate(s, 1.0, 2.0, 0.5).makespan == pytest.approx(4 * 1 + 4 * 2 + 2 * 0.5)
+    with pytest.raises(
+        ScheduleError, match=r"F0@s2 belongs on device 1 \(the placement puts stage 2 there\)"
+    ):
+        custom([acts[1], acts[0]], 1, 2, placement=[0, 0, 1, 1])
+    with pytest.raises(ScheduleError, match="leaves device 1 without a stage"):
+        custom(acts, 1, 2, placement=[0, 0, 0, 0])
+    with pytest.raises(ScheduleError, match="has 2 entries"):
+        custom(acts, 1, 2, placement=[0, 1])
+
+
+def test_v_shaped_schedules_take_no_other_virtual_stage_count() -> None:
+    with pytest.raises(ValueError, match="always has 2 stages per device"):
+        get("zb-v", 2, 4, virtual_stages=3)
+    assert get("zb-v", 2, 4, virtual_stages=2).num_stages == 4
 
 
 @pytest.mark.parametrize("k", range(1, 9))

@@ -3,7 +3,7 @@
 The public face of the package; everything is defined in its own module.
 """
 
-from gpipe import microbatch, rng, schedules, trace
+from gpipe import capture, microbatch, rng, schedules, trace
 from gpipe.auto import Auto
 from gpipe.autoplan import Configuration, NoFitError, autoplan
 from gpipe.balance import balance, balance_by_flops, balance_by_memory, balance_by_time
@@ -34,6 +34,7 @@ __all__ = [
     "balance_by_flops",
     "balance_by_memory",
     "balance_by_time",
+    "capture",
     "merge",
     "microbatch",
     "reference_forward",

@@ -164,7 +164,6 @@ class Groups:
     dp: Any | None  # the ranks holding this rank's stages in every replica (None if D == 1)
     p2p: Any | None  # this replica's point-to-point group for boundary tensors (None if K == 1)
     meta: Any | None  # this replica's CPU (gloo) group for message headers (None if K == 1)
-    channels: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     created: list[Any] = field(default_factory=list)
 
 
@@ -191,13 +190,14 @@ def create_groups(
         else:
             dp = process_group
     p2p = meta = None
-    from gpipe.runtime.dist import make_channels
-
-    me = replicas[layout.replica][layout.pipeline_device]
-    channels = make_channels(replicas, me, timeout) if k > 1 else {}
-    for pair in channels.values():
-        created += list(pair)
-    groups = Groups(replicas, pp, dp, p2p, meta, channels, created)
+    if k > 1:
+        p2ps, metas = [], []
+        for rep in replicas:
+            p2ps.append(dist.new_group(rep, timeout=td))
+            metas.append(dist.new_group(rep, timeout=td, backend="gloo"))
+        created += p2ps + metas
+        p2p, meta = p2ps[layout.replica], metas[layout.replica]
+    groups = Groups(replicas, pp, dp, p2p, meta, created)
     if backend == "nccl":
         for grp in (pp, dp, p2p):  # this rank's communicators, in one fixed order
             if grp is not None:

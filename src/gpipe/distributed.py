@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe import distconfig, diststep
+from gpipe import distconfig, diststep, plan
 from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
@@ -74,8 +74,9 @@ class DistributedPipe(nn.Module):
         chunks: micro-batches M per replica and step.
         micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
             need ``chunks``).
-        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb-h1"`` or a
-            :class:`~gpipe.schedules.Schedule`.
+        schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``,
+            ``"interleaved"``, ``"zb-h1"``, ``"zb-h2"``, ``"zb-v"``, ``"dualpipe-v"``),
+            ``"auto"`` or a :class:`~gpipe.schedules.Schedule`.
         virtual_stages: V for ``"interleaved"`` (default 2).
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
@@ -93,8 +94,10 @@ class DistributedPipe(nn.Module):
         tied: tuples of parameter names (as in the full model's
             ``named_parameters(remove_duplicate=False)``) that hold one value.
         init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
-        sample: an example global mini-batch (real or ``meta`` tensors) to balance on.
+        sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
+            module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
         batch_dim: the batch dimension of inputs and targets.
+        split_points: module paths where a captured model's stages are cut.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class DistributedPipe(nn.Module):
         init_fn: Callable[[nn.Module], None] | None = None,
         sample: Any = None,
         batch_dim: int = 0,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -144,7 +148,9 @@ class DistributedPipe(nn.Module):
         error: BaseException | None = None
         fingerprint = None
         self._timeout = 300.0
-        try:
+        try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
+            balance = getattr(module, "split_balance", None) if balance is None else balance
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
                 k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
@@ -179,13 +185,14 @@ class DistributedPipe(nn.Module):
         self._pp_group, self._dp_group = self._groups.pp, self._groups.dp
         self._transport = P2PTransport(
             self.pipeline_device,
-            self.num_devices,
             self._groups.replicas[self.replica],
-            self._groups.channels,
+            self._groups.p2p,
+            self._groups.meta,
+            self._layout.owner,
+            self._layout.num_stages,
             timeout=self._timeout,
             comm_device=comm_device,
         )
-        self._transport.placement = [self._layout.owner(s) for s in range(self._layout.num_stages)]
         self._closed = False
 
         self._stages: list[Stage] | None = None
@@ -268,6 +275,11 @@ class DistributedPipe(nn.Module):
         return None if self._balance is None else list(self._balance)
 
     @property
+    def placement(self) -> tuple[int, ...]:
+        """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
+        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
+
+    @property
     def stage_indices(self) -> list[int]:
         """The (virtual) stages this rank runs."""
         return [st.index for st in self._stages or []]
@@ -315,7 +327,7 @@ class DistributedPipe(nn.Module):
         self.close()
 
     def close(self) -> None:
-        """Stop the receiver threads, remove hooks and release the process groups this pipe
+        """Close the transport, remove hooks and release the process groups this pipe
         created (kept when the pipe broke: a peer may still hold them). Idempotent."""
         if self._closed:
             return

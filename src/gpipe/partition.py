@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpipe import options
+from gpipe.runtime.streams import indexed
 
 if TYPE_CHECKING:
     from gpipe.stage import Stage
@@ -74,7 +75,7 @@ def pipe_devices(
     else:
         if isinstance(devices, (str, int, torch.device)):
             devices = [devices]
-        devs = [options.device(d) for d in devices]
+        devs = [indexed(options.device(d)) for d in devices]  # "cuda" is cuda:<current>
     k = stages if stages is not None else (k_balance if k_balance is not None else len(devs))
     if k < 1:
         raise ValueError(f"stages must be >= 1, got {k}")

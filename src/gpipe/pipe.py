@@ -58,7 +58,8 @@ class Pipe(nn.Module):
 
     Args:
         module: an ``nn.Sequential`` (or list of modules); each layer takes the previous one's
-            output. The first layer receives ``pipe(*inputs)``'s arguments.
+            output. The first layer receives ``pipe(*inputs)``'s arguments. Any other module
+            is captured on ``sample`` and cut into layers (:mod:`gpipe.capture`).
         stages: number of devices K (default: ``len(balance)``, or the number of devices).
         balance: layers per stage (K·V numbers for interleaved schedules). Default: balanced by
             forward+backward FLOPs from :mod:`gpipe.cost`, measured on the first micro-batch.
@@ -67,7 +68,9 @@ class Pipe(nn.Module):
         micro_batch_size: alternatively (or also) the micro-batch size.
         batch_dim: the batch dimension of inputs and outputs.
         remat: ``"always"``, ``"except_last"`` (default) or ``"never"`` re-materialization.
-        schedule: a schedule name (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``) or a
+        schedule: a schedule name (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ``zb-h2``,
+            ``zb-v``, ``dualpipe-v``; ``gpipe.schedules.available()``), ``"auto"`` (the
+            planner's top configuration, :mod:`gpipe.auto`) or a
             :class:`gpipe.schedules.Schedule` built for this pipeline.
         virtual_stages: model chunks per device for ``"interleaved"`` (default 2).
         seed: seed of the keyed random streams (dropout etc.).
@@ -80,6 +83,10 @@ class Pipe(nn.Module):
             so running statistics are updated once per mini-batch.
         check_finite: raise (naming the micro-batch) when a loss computed by ``step`` is NaN
             or infinite, before its backward runs. Off by default: it synchronizes on GPUs.
+        sample: one example call of a module that is not a sequence: a tensor, a tuple, a
+            dict of keywords or ``gpipe.capture.Sample(*args, **kwargs)``.
+        split_points: module paths where the stages of a captured model are cut
+            (``"<path>"`` before it, ``"<path>:after"`` after it).
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step) and ``peak_live`` the most micro-batches each device held at once.
@@ -382,7 +389,7 @@ class Pipe(nn.Module):
                 keep_outputs=False,
             )
             self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))
-            self._execute(sched.actions if grad else sched.forward_part(), data)
+            self._execute(stepcore.step_actions(sched, grad), data)
             self._finish_forward(data, m)
             if grad:
                 backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)

@@ -137,7 +137,8 @@ def layers_of(
     else:
         raise TypeError(
             f"{who} needs an nn.Sequential (or a list of modules), got {type(module).__name__}; "
-            "wrap your layers in nn.Sequential so they can be cut into stages"
+            "wrap your layers in nn.Sequential so they can be cut into stages, or capture the "
+            "model: gpipe.Pipe(model, sample=<inputs>) or gpipe.capture.capture(model, sample)"
         )
     if not named:
         raise ValueError(f"{who} needs at least one layer")
@@ -251,12 +252,24 @@ def auto_balance(
     from gpipe.cost import profile
 
     costs = profile(list(layers), *sample_microbatch, train=train)
-    counts = balance_costs(flops_weights(costs), num_stages, pinned=pinned)
+    if _captured(layers):  # fine-grained layers: cut where little crosses, within 5% of best
+        from gpipe.capture.cuts import balance_small_boundaries
+
+        crossing = [c.activation_bytes for c in costs]
+        counts = balance_small_boundaries(flops_weights(costs), crossing, num_stages, pinned=pinned)
+    else:
+        counts = balance_costs(flops_weights(costs), num_stages, pinned=pinned)
     flops, i = [], 0
     for b in counts:
         flops.append(sum(c.flops for c in costs[i : i + b]))
         i += b
     return counts, flops
+
+
+def _captured(layers: Sequence[nn.Module]) -> bool:
+    from gpipe.capture import Segment
+
+    return any(isinstance(layer, Segment) for layer in layers)
 
 
 def stage_of_layers(balance: Sequence[int]) -> list[int]:

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpipe.schedules import Event, Schedule
-from gpipe.schedules.codes import Codec
+from gpipe.schedules import Event, Overlap, Schedule
+from gpipe.schedules.codes import Codec, in_order
 
 __all__ = ["SimResult", "compare", "simulate", "table"]
 
@@ -39,17 +39,30 @@ class SimResult:
     bubble: float
     busy: tuple[float, ...]
     peak_activations: tuple[int, ...]
-    _timeline: tuple[list[int], list[int], list[float], list[float]] = field(
+    _timeline: tuple[list[tuple[int, int, int]], list[float], list[float]] = field(
         repr=False, compare=False
     )
+    _costs: list[float] = field(repr=False, compare=False)  # per action code
 
     @functools.cached_property
     def events(self) -> tuple[Event, ...]:
-        """The timeline, one :class:`Event` per unit in replay order (made on first use)."""
-        devs, units, starts, ends = self._timeline
+        """The timeline, one :class:`Event` per action in replay order (made on first use). An
+        overlapped pair gives its forward then its backward, splitting the pair's time in
+        proportion to their costs, as the runtimes record the two parts."""
+        runs, starts, ends = self._timeline
         s = self.schedule
-        unit = Codec(s.num_stages, s.num_microbatches).unit
-        return tuple(Event(unit(c), d, a, b) for d, c, a, b in zip(devs, units, starts, ends))
+        codec = Codec(s.num_stages, s.num_microbatches)
+        unit = codec.unit
+        out = []
+        for (d, c), a, b in zip(in_order(s._codes, runs), starts, ends):
+            u = unit(c)
+            if isinstance(u, Overlap):
+                cf, cb = (self._costs[p] for p in codec.parts(c))
+                mid = a + (b - a) * (cf / (cf + cb) if cf + cb > 0 else 0.5)
+                out += [Event(u.forward, d, a, mid), Event(u.backward, d, mid, b)]
+            else:
+                out.append(Event(u, d, a, b))
+        return tuple(out)
 
 
 def _number(value: Any, what: str) -> float:
@@ -156,91 +169,79 @@ def _replay(
         + [b - w for b, w in zip(bwd, wgt) for _ in range(m)]
         + [w for w in wgt for _ in range(m)]
     )
-    dev = [schedule.placement[s] for s in range(n) for _ in range(m)] * 3
+    dev = [d for d in schedule.placement for _ in range(m)] * 3
     fin = [0.0] * top
     free = [0.0] * k
-    order_dev, order_unit = schedule._order
-    starts = [0.0] * len(order_unit)
-    ends = [0.0] * len(order_unit)
-    for i, c in enumerate(order_unit):
-        d = order_dev[i]
-        t = free[d]
-        if c < N:
-            if c >= m:
-                r = fin[c - m]
-                if comm and dev[c - m] != d:
-                    r += comm
-                if r > t:
-                    t = r
-            e = t + cost[c]
-            fin[c] = e
-        elif c < top:
-            r = fin[c - N]  # F(s, m) for B, B(s, m) for W: always on this device
-            if r > t:
-                t = r
-            if N <= c < last_b:
+    busy = [0.0] * k
+    starts: list[float] = []
+    ends: list[float] = []
+    add_start, add_end = starts.append, ends.append
+    codes = schedule._codes
+    # Only a dependency on another device can hold an action back: one on its own device ran
+    # earlier in the device's list (the validator proved it), so the device's clock already
+    # covers it. That leaves at most one per action: F(s-1, m) for F(s, m), B(s+1, m) for
+    # B(s, m). The replay order comes as runs of one device's consecutive units.
+    for d, start, stop in schedule._order:
+        now = free[d]
+        spent = busy[d]
+        for c in codes[d][start:stop]:
+            t = now
+            if c < N:
+                if c >= m:
+                    r = fin[c - m]
+                    if comm and dev[c - m] != d:
+                        r += comm
+                    if r > t:
+                        t = r
+            elif c < last_b:
                 r = fin[c + m]
                 if comm and dev[c + m] != d:
                     r += comm
                 if r > t:
                     t = r
-            e = t + cost[c]
-            fin[c] = e
-        else:
-            f, b = divmod(c - top, N)
-            b += N
-            for dep in ((f - m,) if f >= m else ()) + ((b - N, b + m) if b < last_b else (b - N,)):
-                r = fin[dep]
-                if comm and dev[dep] != d:
-                    r += comm
-                if r > t:
-                    t = r
-            cf, cb = cost[f], cost[b]
-            e = t + cf + cb - overlap * min(cf, cb)
-            fin[f] = fin[b] = e
-        free[d] = e
-        starts[i] = t
-        ends[i] = e
+            elif c >= top:  # an overlap: both parts' dependencies, both parts' costs
+                f, b = divmod(c - top, N)
+                b += N
+                if f >= m:
+                    r = fin[f - m]
+                    if comm and dev[f - m] != d:
+                        r += comm
+                    if r > t:
+                        t = r
+                if b < last_b:
+                    r = fin[b + m]
+                    if comm and dev[b + m] != d:
+                        r += comm
+                    if r > t:
+                        t = r
+                cf, cb = cost[f], cost[b]
+                now = t + cf + cb
+                if overlap:
+                    now -= overlap * (cf if cf < cb else cb)
+                fin[f] = fin[b] = now
+                spent += now - t
+                add_start(t)
+                add_end(now)
+                continue
+            now = t + cost[c]
+            fin[c] = now
+            spent += now - t
+            add_start(t)
+            add_end(now)
+        free[d] = now
+        busy[d] = spent
 
-    makespan = max(free) if order_unit else 0.0
-    busy = [0.0] * k
-    for i, d in enumerate(order_dev):
-        busy[d] += ends[i] - starts[i]
+    makespan = max(free) if starts else 0.0
     bubble = 1.0 - sum(busy) / (k * makespan) if makespan > 0 else 0.0
     return SimResult(
         schedule=schedule,
         makespan=makespan,
         bubble=bubble,
         busy=tuple(busy),
-        peak_activations=_peaks(schedule),
-        _timeline=(order_dev, order_unit, starts, ends),
+        peak_activations=schedule.peak_activations,
+        _timeline=(schedule._order, starts, ends),
+        _costs=cost,
     )
-
-
-def _peaks(schedule: Schedule) -> tuple[int, ...]:
-    """Per device, the most (stage, micro-batch) activation sets held at once: from the ``F``
-    until the last backward action (``W`` when the backward is split, else ``B``)."""
-    N = schedule.num_stages * schedule.num_microbatches
-    top = 3 * N
-    lo, hi = (2 * N, 3 * N) if schedule.split_backward else (N, 2 * N)
-    peaks = []
-    for codes in schedule._codes:
-        live = peak = 0
-        for c in codes:
-            if c < N:
-                live += 1
-                if live > peak:
-                    peak = live
-            elif lo <= c < hi:
-                live -= 1
-            elif c >= top:  # an overlap: its forward first, then its backward
-                live += 1
-                if live > peak:
-                    peak = live
-                if not schedule.split_backward:
-                    live -= 1
-        peaks.append(peak)
-    return tuple(peaks)
 
 
 def compare(

@@ -11,6 +11,7 @@ layer), so a recompute draws exactly what the first forward drew.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from gpipe import remat as remat_mod
-from gpipe import rng
+from gpipe import rng, wgrad
 from gpipe.microbatch import tree_detach, tree_flatten
 
 __all__ = ["Stage", "StageOutput", "StepState"]
@@ -43,6 +44,7 @@ class _Saved:
     target: Any
     out_tensors: list[torch.Tensor] | None = None  # for a deferred W
     out_grads: list[torch.Tensor | None] | None = None
+    calls: wgrad.Calls | None = None  # standard modules' calls, for a W without the graph
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Stage:
             self._hooks.extend(rng.install_hooks(layer))
         for name, module in (fetch or {}).items():
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
+        self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -126,6 +129,18 @@ class Stage:
             for p in layer.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
+
+    def fallback_parameters(self) -> list[str]:
+        """Names (``<layer index>.<name>``) of the trainable parameters whose deferred weight
+        gradient comes from the autograd graph kept from ``B`` to ``W`` rather than from
+        :mod:`gpipe.wgrad` (parameters of modules other than the standard ones)."""
+        fallback = {id(p) for p in self._wgrad.fallback(self.parameters())}
+        names: dict[int, str] = {}
+        for idx, layer in self.layers:
+            for name, p in layer.named_parameters():
+                if id(p) in fallback:
+                    names.setdefault(id(p), f"{idx}.{name}")
+        return list(names.values())
 
     def begin_step(
         self,
@@ -148,6 +163,7 @@ class Stage:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._wgrad.close()
         self.state = StepState()
 
     @property
@@ -242,8 +258,14 @@ class Stage:
 
     # ----------------------------------------------------------------- actions
 
-    def forward(self, microbatch: int, x: Any, target: Any = None) -> StageOutput:
-        """Run micro-batch ``microbatch`` forward; keep what backward needs."""
+    def forward(
+        self, microbatch: int, x: Any, target: Any = None, *, split: bool = False
+    ) -> StageOutput:
+        """Run micro-batch ``microbatch`` forward; keep what backward needs.
+
+        ``split``: a split backward (``B`` then ``W``) will follow, so the standard modules'
+        calls are captured for a weight gradient without the graph (:mod:`gpipe.wgrad`).
+        """
         state = self.state
         if microbatch in state.saved:
             raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} ran forward twice")
@@ -259,7 +281,8 @@ class Stage:
                     loss = self._loss(state, microbatch, out, target) if want_loss else None
                 return StageOutput(out, loss, self._sink)
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
-            with torch.set_grad_enabled(not remat):
+            capture = split and not remat and _wants_grad(inputs)
+            with torch.set_grad_enabled(not remat), self._capture(capture) as calls:
                 out = self._run(state, microbatch, inputs)
                 loss = self._loss(state, microbatch, out, target) if want_loss else None
             fetched = self._sink
@@ -267,13 +290,27 @@ class Stage:
             self._sink = None
         keep = None if remat else (loss if want_loss else out)
         # an abandoned worker of an earlier step writes into that step's state, never this one
-        state.saved[microbatch] = _Saved(inputs, keep, remat, target)
+        state.saved[microbatch] = _Saved(inputs, keep, remat, target, calls=calls)
         return StageOutput(out, loss, fetched)
 
-    def _outputs_for_backward(self, state: StepState, microbatch: int, saved: _Saved) -> Any:
+    def _capture(self, on: bool) -> Any:
+        """Capture the standard modules' calls inside the body when ``on`` (else a no-op
+        yielding ``None``).
+
+        Only a split backward of a stage whose inputs want a gradient captures: when none
+        does (the first stage, on token ids) ``B`` has nothing to compute and leaves the
+        whole backward, one walk of the graph, to ``W``.
+        """
+        return self._wgrad.capture() if on else contextlib.nullcontext()
+
+    def _outputs_for_backward(
+        self, state: StepState, microbatch: int, saved: _Saved, split: bool
+    ) -> Any:
         if not saved.remat:
             return saved.outputs
-        with torch.enable_grad(), remat_mod.recomputing():
+        capture = split and _wants_grad(saved.inputs)
+        with torch.enable_grad(), remat_mod.recomputing(), self._capture(capture) as calls:
+            saved.calls = calls
             out = self._run(state, microbatch, saved.inputs)
             if self.is_last and state.loss_fn is not None:
                 return self._loss(state, microbatch, out, saved.target)
@@ -293,7 +330,11 @@ class Stage:
             raise RuntimeError(
                 f"stage {self.index}: backward of micro-batch {microbatch} without its forward"
             )
-        out = self._outputs_for_backward(state, microbatch, saved)
+        if not split and saved.calls is not None:  # captured for W: run both halves now
+            gin = self.backward(microbatch, grad, split=True)
+            self.backward_weight(microbatch)
+            return gin
+        out = self._outputs_for_backward(state, microbatch, saved, split)
         if self.is_last and state.loss_fn is not None:
             outs = [out] if out.requires_grad else []
             grads: list[torch.Tensor | None] = [None] * len(outs)
@@ -323,6 +364,17 @@ class Stage:
                 ]
             )
         got: dict[int, torch.Tensor | None] = {}
+        if saved.calls is not None:
+            saved.calls.check_inputs(self.index, microbatch)
+            params = self.parameters()
+            res, kept = self._wgrad.input_grads(saved.calls, outs, grads, needs, params)
+            got = {id(v): g for v, g in zip(needs, res)}
+            # the graph stays only for parameters outside the standard modules
+            saved.out_tensors, saved.out_grads = (outs, grads) if kept else ([], [])
+            saved.outputs = saved.inputs = None
+            return rebuild(
+                [got.get(id(v)) if isinstance(v, torch.Tensor) else None for _, v in in_leaves]
+            )
         if outs and needs:
             res = torch.autograd.grad(outs, needs, grads, retain_graph=True, allow_unused=True)
             got = {id(v): g for v, g in zip(needs, res)}
@@ -340,10 +392,17 @@ class Stage:
                 f"stage {self.index}: weight-gradient of micro-batch {microbatch} before its "
                 "input-gradient"
             )
+        if saved.calls is not None:
+            self._wgrad.accumulate(saved.calls)
         params = [p for p in self.parameters() if p.requires_grad]
         outs = saved.out_tensors
         if outs and params:
             torch.autograd.backward(outs, saved.out_grads, inputs=params)
+
+
+def _wants_grad(inputs: Any) -> bool:
+    """Whether any tensor leaf of ``inputs`` requires grad."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0])
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

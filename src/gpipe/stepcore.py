@@ -26,6 +26,7 @@ __all__ = [
     "check_targets",
     "collect_fetched",
     "loss_scale",
+    "step_actions",
     "total_loss",
 ]
 
@@ -119,6 +120,12 @@ def _same_value(a: Any, b: Any) -> bool:
         return bool(a is b or a == b)
     except Exception:  # a value whose == is not a plain truth value: cannot tell, so differ
         return False
+
+
+def step_actions(schedule: Any, grad: bool) -> Any:
+    """Every device's actions of a ``step``: the whole schedule, or under ``no_grad`` its
+    forward actions only."""
+    return schedule.actions if grad else schedule.forward_part()
 
 
 def loss_scale(reduction: str, num_microbatches: int) -> float:

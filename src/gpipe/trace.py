@@ -334,7 +334,12 @@ def plot_timeline(
     if chunks > 1 and not show_chunks:
         legend_title = f"lighter = later virtual stage ({chunks} per device)"
     elif show_chunks:
-        legend_title = f"chunk c = virtual stage c·{k} + device"
+        round_robin = all(e.action.stage % k == e.device for e in evs)
+        legend_title = (
+            f"chunk c = virtual stage c·{k} + device"
+            if round_robin
+            else "chunk c = the device's c-th stage in model order"
+        )
     ax.legend(
         handles=handles,
         loc="upper center",

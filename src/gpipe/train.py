@@ -157,12 +157,13 @@ class Trainer:
 
     def _balance(self) -> list[int]:
         """Layers per (virtual) stage, balanced by forward+backward FLOPs of one micro-batch
-        (the interleaved schedule has two virtual stages per device)."""
+        (interleaved, zb-v and dualpipe-v have two virtual stages per device)."""
         from gpipe.balance import balance
         from gpipe.cost import profile
+        from gpipe.schedules import ScheduleSpec
 
         c = self.config
-        n_stages = c.stages * (2 if c.schedule.lower() == "interleaved" else 1)
+        n_stages = c.stages * ScheduleSpec(c.schedule).virtual_stages
         micro = max(1, c.batch_size // (c.chunks * c.data_parallel))
         sample = torch.zeros(micro, c.seq_len, dtype=torch.long)
         costs = profile(self.model, sample)

@@ -17,6 +17,7 @@ from typing import Any
 from gpipe.data import DEFAULT_MAX_BYTES
 from gpipe.models import TransformerConfig
 from gpipe.remat import MODES as REMAT_MODES
+from gpipe.schedules import ScheduleSpec
 from gpipe.schedules import available as available_schedules
 
 __all__ = ["PRECISIONS", "RESUME_KEYS", "RUNTIMES", "TrainConfig", "resume_differences"]
@@ -124,9 +125,9 @@ class TrainConfig:
                 "lower --seq-len or raise max_seq_len in the [model] table"
             )
         n_layers = mc.n_layers + 2  # embedding, the blocks, head: TransformerLM's children
-        virtual = 2 if self.schedule.lower() == "interleaved" else 1  # stages per device
+        virtual = ScheduleSpec(self.schedule).virtual_stages  # stages per device
         if self.stages * virtual > n_layers:
-            what = f"{self.stages} stages x 2 virtual stages" if virtual > 1 else "stages"
+            what = f"{self.stages} stages x {virtual} virtual stages" if virtual > 1 else "stages"
             raise ValueError(
                 f"{what} = {self.stages * virtual} exceeds the model's {n_layers} layers "
                 f"(embedding, {mc.n_layers} blocks, head); use --stages {n_layers // virtual} "

@@ -13,6 +13,7 @@ parameter objects under the model's own names.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,7 @@ def _split_balance(
                 "empty; drop it"
             )
     edges = [0, *sorted(cuts), len(names)]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return [b - a for a, b in itertools.pairwise(edges)]
 
 
 def capture(
@@ -103,7 +104,7 @@ def capture(
     units = unit_paths(model)
     points = resolve_split_points(list(split_points or ()), model, units)
     traced = trace(model, args, kwargs, batch_dim=batch_dim, method=method)
-    layers = cut(traced, model, units)
+    layers = cut(traced, model, units, batch_dim)
     names = [n for n, _ in layers]
     units_of_layer = [n.split("@")[0].replace("/", ".") for n in names]
     balance = _split_balance(names, units_of_layer, points) if points else None

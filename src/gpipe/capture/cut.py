@@ -15,7 +15,9 @@ into stages.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -57,6 +59,28 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def device_of(*values: Any) -> torch.device:
+    """The device of the first tensor among ``values`` (a segment's inputs)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+def _retarget_devices(g: fx.Graph) -> None:
+    """Replace every device the tracer baked into the graph (``arange(..., device=meta)``, the
+    sample's device) by the device of the segment's inputs at run time, so a layer captured
+    on ``meta`` or the CPU runs wherever its stage puts it."""
+    fixed = [n for n in g.nodes if any(isinstance(v, torch.device) for v in n.kwargs.values())]
+    if not fixed:
+        return
+    inputs = [n for n in g.nodes if n.op == "placeholder"]
+    with g.inserting_after(inputs[-1] if inputs else None):
+        dev = g.call_function(device_of, tuple(inputs))
+    for n in fixed:
+        n.kwargs = {k: dev if isinstance(v, torch.device) else v for k, v in n.kwargs.items()}
+
+
 def alias_groups(model: nn.Module) -> dict[str, list[str]]:
     """Every name of a tensor the model holds under several names (tied weights), mapped to
     all of its names in model order."""
@@ -79,7 +103,9 @@ def _own_name(target: str, aliases: dict[str, list[str]], unit: str) -> str:
     return target
 
 
-def cut(traced: Traced, model: nn.Module, units: Sequence[str]) -> list[tuple[str, Segment]]:
+def cut(
+    traced: Traced, model: nn.Module, units: Sequence[str], batch_dim: int = 0
+) -> list[tuple[str, Segment]]:
     """The layers of ``traced``, named by their units (``transformer/h/0``)."""
     graph = traced.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -128,6 +154,7 @@ def cut(traced: Traced, model: nn.Module, units: Sequence[str]) -> list[tuple[st
             g.output(fx.map_arg(output.args[0], arg))
         else:
             g.output(tuple(env[v] for v in boundary[s + 1]))
+        _retarget_devices(g)
         g.lint()
         seg = Segment(
             g,
@@ -136,6 +163,8 @@ def cut(traced: Traced, model: nn.Module, units: Sequence[str]) -> list[tuple[st
             first=s == 0,
             out_spec=traced.out_spec if last else None,
             boundary=tuple(v.name for v in inputs),
+            static_batch=traced.static_batch,
+            batch_dim=batch_dim,
         )
         out.append((name, seg))
     return out

@@ -6,8 +6,9 @@ nodes name the model's own parameters and buffers by their paths in the model (n
 and whose output is the flat list of the model's output leaves, rebuilt by ``out_spec``.
 
 Export's lifted parameters are turned back into ``get_attr`` nodes; its lifted constants are
-kept in ``constants``; ``aten.dropout`` becomes a call of an ``nn.Dropout`` module, so the
-graph follows ``train()``/``eval()`` and the keyed random streams see a known random module.
+kept in ``constants``; ``aten.dropout`` becomes a call of an ``nn.Dropout`` module (so the
+keyed random streams see a known random module) and a fused attention traced with dropout an
+:class:`AttentionDropout`, so the graph follows ``train()``/``eval()``.
 
 The invariant: running the graph with the model's parameters computes, op for op, what
 ``model(*args, **kwargs)`` computes for inputs of the sample's structure. Where neither tracer
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 __all__ = ["CaptureError", "Traced", "trace"]
 
@@ -47,10 +49,22 @@ class Traced:
     bind: Callable[[tuple, dict], tuple]
     out_spec: pytree.TreeSpec
     constants: dict[str, Any] = field(default_factory=dict)  # get_attr target -> tensor/module
-    unit_of: Callable[[fx.Node], tuple[str, str] | None] | None = None
+    static_batch: int | None = None  # the batch size export fixed, where it could not vary
 
 
-def _flat_bind(in_spec: pytree.TreeSpec, n_inputs: int) -> Callable[[tuple, dict], tuple]:
+def _shapes(leaves: list, batch_dim: int) -> list[tuple | None]:
+    """Each tensor leaf's shape with the batch dimension left out (``None``: not a tensor)."""
+    return [
+        (v.dim(), *[s for d, s in enumerate(v.shape) if d != batch_dim])
+        if isinstance(v, torch.Tensor)
+        else None
+        for v in leaves
+    ]
+
+
+def _flat_bind(
+    in_spec: pytree.TreeSpec, n_inputs: int, shapes: list[tuple | None], batch_dim: int
+) -> Callable[[tuple, dict], tuple]:
     def bind(args: tuple, kwargs: dict) -> tuple:
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != in_spec:
@@ -61,6 +75,14 @@ def _flat_bind(in_spec: pytree.TreeSpec, n_inputs: int) -> Callable[[tuple, dict
             )
         if len(leaves) != n_inputs:  # pragma: no cover - export's own contract
             raise TypeError(f"expected {n_inputs} input leaves, got {len(leaves)}")
+        for i, (want, got) in enumerate(zip(shapes, _shapes(leaves, batch_dim))):
+            if want is not None and got is not None and want != got:
+                raise ValueError(
+                    f"input {i} has shape {tuple(leaves[i].shape)}, but the model was captured "
+                    f"on a sample whose input {i} has {want[0]} dims and sizes {list(want[1:])} "
+                    f"outside batch_dim={batch_dim}; only the batch dimension may change — "
+                    "capture again on a sample of this shape"
+                )
         return tuple(leaves)
 
     return bind
@@ -68,7 +90,7 @@ def _flat_bind(in_spec: pytree.TreeSpec, n_inputs: int) -> Callable[[tuple, dict
 
 def _describe(spec: pytree.TreeSpec) -> str:
     try:
-        args, kwargs = spec.children_specs
+        args, kwargs = spec.children()
         kw = list(kwargs.context) if kwargs.context else []
         return f"{args.num_children} positional argument(s) and keyword(s) {kw}"
     except Exception:  # pragma: no cover - defensive
@@ -88,9 +110,37 @@ def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) 
     return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
+class AttentionDropout(nn.Module):
+    """Fused attention whose dropout follows ``train()``/``eval()`` (the tracer fixed the
+    probability the training-mode forward used)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v, attn_mask=None, **kwargs: Any) -> torch.Tensor:
+        p = self.p if self.training else 0.0
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=p, **kwargs
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _sdpa_dropout(node: fx.Node) -> float:
+    if len(node.args) > 4:
+        return float(node.args[4])
+    return float(node.kwargs.get("dropout_p", 0.0))
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Traced:
     ep = torch.export.export(
-        model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim), strict=False
+        model,
+        args,
+        kwargs,
+        dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim),
+        strict=False,
     )
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
@@ -128,6 +178,25 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
     for node in ep.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
+        if node.op == "call_function" and node.target == _aten.scaled_dot_product_attention.default:
+            p = _sdpa_dropout(node)
+            if p > 0:  # traced in training mode: drop only while training, as the model did
+                name = f"_gpipe_attention_{dropouts}"
+                dropouts += 1
+                constants[name] = AttentionDropout(p)
+                q, k, v, *rest = node.args
+                mask = rest[0] if rest else node.kwargs.get("attn_mask")
+                kw = {
+                    k2: v2 for k2, v2 in node.kwargs.items() if k2 not in ("attn_mask", "dropout_p")
+                }
+                if len(rest) > 2:
+                    kw["is_causal"] = rest[2]
+                new = graph.call_module(
+                    name, tuple(fx.map_arg((q, k, v, mask), lambda n: env[n])), kw
+                )
+                new.meta.update(node.meta)
+                env[node] = new
+                continue
         if node.op == "call_function" and node.target == _aten.dropout.default:
             name = f"_gpipe_dropout_{dropouts}"
             dropouts += 1
@@ -148,9 +217,17 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
         if spec.kind == okinds.USER_OUTPUT
     ]
     graph.output(tuple(users))
-    return Traced(
-        graph, "export", _flat_bind(ep.call_spec.in_spec, n_user), ep.call_spec.out_spec, constants
-    )
+    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+    bind = _flat_bind(ep.call_spec.in_spec, n_user, _shapes(leaves, batch_dim), batch_dim)
+    static = None
+    for node, spec in zip(placeholders, sig.input_specs, strict=True):
+        if spec.kind != kinds.USER_INPUT:
+            continue
+        val = node.meta.get("val")
+        fixed = isinstance(val, torch.Tensor) and val.dim() > batch_dim
+        if fixed and is_concrete_int(val.shape[batch_dim]):  # export specialized it
+            static = int(val.shape[batch_dim])
+    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants, static)
 
 
 def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
@@ -160,9 +237,7 @@ def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     for name, p in sig.parameters.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise CaptureError(f"torch.fx cannot trace a forward with *{name}")
-    concrete = {
-        k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)
-    }
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
     gm = fx.symbolic_trace(model, concrete_args=concrete)
     graph = gm.graph
     out = next(n for n in graph.nodes if n.op == "output")

@@ -45,9 +45,7 @@ def _set(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:
         setattr(mod, leaf, obj)
 
 
-def attach(
-    segment: nn.Module, model: nn.Module, target: str, constants: dict[str, Any]
-) -> None:
+def attach(segment: nn.Module, model: nn.Module, target: str, constants: dict[str, Any]) -> None:
     """Make ``segment.<target>`` the model's object at ``target`` (or the capture's constant)."""
     if target in constants:
         _set(segment, target, constants[target], persistent=False)
@@ -80,6 +78,8 @@ class Segment(nn.Module):
         first: bool,
         out_spec: pytree.TreeSpec | None,
         boundary: tuple[str, ...],
+        static_batch: int | None = None,
+        batch_dim: int = 0,
     ) -> None:
         super().__init__()
         for node in graph.nodes:
@@ -94,13 +94,30 @@ class Segment(nn.Module):
         self.first = first
         self.out_spec = out_spec
         self.boundary = boundary  # names of the values this segment receives
+        self.static_batch = static_batch if first else None
+        self.batch_dim = batch_dim
 
     @property
     def code(self) -> str:
         """The Python code this segment runs (for reading and debugging)."""
         return self._graph_module.code
 
+    def _check_batch(self, args: tuple) -> None:
+        for v in args:
+            if isinstance(v, torch.Tensor) and v.dim() > self.batch_dim:
+                n = v.shape[self.batch_dim]
+                if n != self.static_batch:
+                    raise ValueError(
+                        f"this micro-batch has {n} rows, but the model's forward fixes the "
+                        f"batch size at {self.static_batch} (torch.export could not keep it "
+                        f"variable); give the pipe micro_batch_size={self.static_batch}, or "
+                        "capture on a sample of one micro-batch"
+                    )
+                return
+
     def forward(self, *args: Any) -> Any:
+        if self.static_batch is not None:
+            self._check_batch(args)
         if not self.first:
             (args,) = args
         out = self._graph_module(*args)
@@ -138,7 +155,9 @@ class CapturedLayers(nn.Sequential):
         self._aliases = dict(aliases or {})
         self._register_load_state_dict_pre_hook(self._spread_keys)
 
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:  # type: ignore[override]
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:  # type: ignore[override]
         """The model's own keys (under ``prefix``), each once."""
         held: dict[str, Any] = {}
         for seg in self._modules.values():

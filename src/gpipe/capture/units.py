@@ -1,8 +1,8 @@
 """Which modules of a model are its *units* — the pieces a captured graph is cut between.
 
-A module is split into its children when it holds a repeated structure (a ``ModuleList``,
-``ModuleDict`` or ``Sequential`` of two or more modules, at any depth); otherwise it is one
-unit. So a GPT-2 gives ``transformer.wte``, ``transformer.wpe``, ``transformer.drop``, every
+A module is split into its children when it holds a stack of blocks at any depth (a
+``ModuleList``/``ModuleDict`` of two or more modules, or an ``nn.Sequential`` of two or more
+non-leaf blocks of one type); otherwise it is one unit. The model itself is always split. So a GPT-2 gives ``transformer.wte``, ``transformer.wpe``, ``transformer.drop``, every
 ``transformer.h.<i>``, ``transformer.ln_f`` and ``lm_head``. Every graph node is assigned the
 unit (and the call of that unit) it ran in, or ``None`` for glue code between units.
 
@@ -20,11 +20,20 @@ from torch import nn
 
 __all__ = ["node_units", "resolve_split_points", "unit_paths"]
 
-_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+def _is_stack(m: nn.Module) -> bool:
+    """A ``ModuleList``/``ModuleDict`` of two or more modules, or an ``nn.Sequential`` with two
+    or more non-leaf children of one type (a stack of blocks, not ``Linear → ReLU``)."""
+    if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+        return len(m) >= 2
+    if isinstance(m, nn.Sequential):
+        kinds = [type(c) for c in m.children() if c._modules]
+        return any(kinds.count(k) >= 2 for k in kinds)
+    return False
 
 
 def _repeats(module: nn.Module) -> bool:
-    return any(isinstance(m, _CONTAINERS) and len(m) >= 2 for m in module.modules())
+    return any(_is_stack(m) for m in module.modules())
 
 
 def unit_paths(model: nn.Module) -> list[str]:
@@ -52,9 +61,7 @@ def _unit_of_path(path: str, units: set[str]) -> str | None:
     return None
 
 
-def node_units(
-    nodes: Sequence[fx.Node], units: Sequence[str]
-) -> list[tuple[str, str] | None]:
+def node_units(nodes: Sequence[fx.Node], units: Sequence[str]) -> list[tuple[str, str] | None]:
     """For each node, ``(unit path, call key)`` of the unit call it belongs to, or ``None``.
 
     ``torch.export`` records the whole module stack of a node; ``torch.fx`` records only the

@@ -37,7 +37,8 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument(
         "--model",
         metavar="MODULE:FUNCTION",
-        help="a function returning an nn.Sequential (built on the meta device)",
+        help="a function returning an nn.Sequential, or any nn.Module and its example input "
+        "(one micro-batch; captured and cut into layers); built on the meta device",
     )
     p.add_argument(
         "--input-shape",
@@ -101,10 +102,6 @@ def _user_model(args: argparse.Namespace, micro: int) -> tuple[Any, Any, str]:
     module_name, _, fn_name = args.model.partition(":")
     if not module_name or not fn_name:
         raise UsageError(f"--model must look like module:function, got {args.model!r}")
-    shape = _input_shape(args.input_shape)
-    dtype = getattr(torch, args.input_dtype or "float32", None)
-    if not isinstance(dtype, torch.dtype):
-        raise UsageError(f"--input-dtype {args.input_dtype!r} is not a torch dtype")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -120,10 +117,41 @@ def _user_model(args: argparse.Namespace, micro: int) -> tuple[Any, Any, str]:
             model = fn()
     except Exception as e:
         raise UsageError(f"--model {args.model} raised {type(e).__name__}: {e}") from None
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], torch.nn.Module):
+        return _captured(args, *model)
     if not isinstance(model, torch.nn.Sequential):
-        raise UsageError(f"{args.model} returned a {type(model).__name__}, not nn.Sequential")
+        raise UsageError(
+            f"{args.model} returned a {type(model).__name__}, not an nn.Sequential nor a "
+            "(model, example input) pair"
+        )
+    shape = _input_shape(args.input_shape)
+    dtype = getattr(torch, args.input_dtype or "float32", None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"--input-dtype {args.input_dtype!r} is not a torch dtype")
     sample = torch.zeros(micro, *shape, dtype=dtype, device="meta")
     return model, sample, args.model
+
+
+def _captured(args: argparse.Namespace, model: Any, example: Any) -> tuple[Any, Any, str]:
+    """A ``(model, example input)`` from ``--model``: captured on the example (one
+    micro-batch) and cut into layers, still on the meta device."""
+    from gpipe.capture import capture, sample_args
+
+    if args.input_shape is not None or args.input_dtype is not None:
+        raise UsageError(
+            f"{args.model} returned its own example input; drop --input-shape/--input-dtype"
+        )
+    try:
+        a, kw = sample_args(example)
+        layers = capture(model, example)
+    except Exception as e:
+        raise UsageError(f"cannot capture {args.model}: {one_line(e)[:600]}") from None
+    n = sum(p.numel() for p in model.parameters())
+    label = (
+        f"{type(model).__name__} from {args.model} ({n / 1e6:,.1f}M parameters), captured "
+        f"with {layers.method} into {len(layers)} layers"
+    )
+    return layers, layers.bind(a, kw), label
 
 
 def _preset_model(args: argparse.Namespace, micro: int) -> tuple[Any, Any, str]:
@@ -146,6 +174,12 @@ def _preset_model(args: argparse.Namespace, micro: int) -> tuple[Any, Any, str]:
         f"parameters), micro-batch {micro} x {seq} tokens"
     )
     return model, sample, label
+
+
+def _shape(sample: Any) -> Any:
+    if isinstance(sample, tuple):
+        return [tuple(getattr(t, "shape", ())) for t in sample]
+    return tuple(sample.shape)
 
 
 @contextlib.contextmanager
@@ -177,10 +211,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return cmd_plan_auto(args, model, sample, label)
     try:
         with _quiet_fake_tensors():
-            costs = profile(model, sample)
+            costs = profile(model, *(sample if isinstance(sample, tuple) else (sample,)))
     except Exception as e:  # the input does not fit the user's model
         raise UsageError(
-            f"cannot run {label} on an input of shape {tuple(sample.shape)} "
+            f"cannot run {label} on an input of shape {_shape(sample)} "
             f"({type(e).__name__}: {one_line(e)[:300]}); check --input-shape and --input-dtype"
         ) from None
     k, m = args.stages, args.chunks
@@ -197,7 +231,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\npartition into {k} stages (balance {counts}), imbalance max/mean {imbalance:.3f}:")
     fwd = stage_costs([c.flops for c in costs], counts)
     bwd = stage_costs([c.backward_flops for c in costs], counts)
-    in_bytes = sample.numel() * sample.element_size()
+    in_bytes = sum(
+        t.numel() * t.element_size()
+        for t in (sample if isinstance(sample, tuple) else (sample,))
+        if hasattr(t, "element_size")
+    )
     boundary, start = [], 0
     for s, n in enumerate(counts):
         layers = costs[start : start + n]

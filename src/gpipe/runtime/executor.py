@@ -135,7 +135,7 @@ def execute(
                     start = time.perf_counter()
                     ev0 = _event() if gpu else None
                 target = data.targets[m] if (a.stage == last and data.targets is not None) else None
-                res = st.forward(m, x, target)
+                res = st.forward(m, x, target, split=data.split_backward)
                 if res.fetched:
                     data.fetched.setdefault(m, {}).update(res.fetched)
                 if a.stage == last:

@@ -110,15 +110,22 @@ def _worker(
     threads: int | None,
     device: torch.device | None,
 ) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if device is not None and device.type == "cuda":
-        torch.cuda.set_device(device)  # a layer's device="cuda" tensors land on its own GPU
+    broken: BaseException | None = None
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # a layer's device="cuda" tensors land on its GPU
+    except Exception as e:  # every job then reports it, rather than a silent dead worker
+        broken = RuntimeError(f"worker {index} could not start on {device}: {e}")
     while True:
         job = jobs.get()
         if job is None:
             return
         fn, state = job
+        if broken is not None:
+            results.put((index, broken))
+            continue
         try:
             state.apply(fn)
             results.put((index, None))

@@ -1,9 +1,10 @@
 """One step at a time in one process: the device loops of a step over a pool of workers.
 
 :class:`LocalRunner` is what ``gpipe.Pipe`` drives a step with. It hands each worker of a
-:class:`~gpipe.runtime.local.WorkerPool` the executor loop over its device's actions, marks
-the step cancelled when it is abandoned, turns device events into the timeline's times, and
-replaces a pool whose worker never came back from a failed step.
+:class:`~gpipe.runtime.local.WorkerPool` the executor loop over its device's actions — on
+its device's compute stream, with boundary values through :mod:`gpipe.runtime.streams` —
+marks the step cancelled when it is abandoned, turns device events into the timeline's
+times, and replaces a pool whose worker never came back from a failed step.
 
 The invariant: at most one step (a ``step``, a ``pipe(x)`` or its backward) runs on a runner
 at a time; a call from another thread waits for it (bounded by ``2 × timeout + 60 s``), and
@@ -16,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from gpipe.runtime.executor import StepData, execute, resolve_gpu_times
 from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
+from gpipe.runtime.streams import DeviceStreams, StreamedTransport
 from gpipe.schedules import device_of
 from gpipe.stage import Stage
 
@@ -46,6 +48,7 @@ class LocalRunner:
         self.threads_per_worker = threads_per_worker
         self.timeout = timeout
         self.transport = QueueTransport(timeout)
+        self.streams = DeviceStreams(self.devices)
         self.pool: WorkerPool | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -104,15 +107,22 @@ class LocalRunner:
         def where(s: int) -> int:
             return device_of(s, k) if placement is None else placement[s]
 
-        by_device = [
-            {st.index: st for st in stages if where(st.index) == d} for d in range(k)
-        ]
+        by_device = [{st.index: st for st in stages if where(st.index) == d} for d in range(k)]
         if self.pool.stuck:  # a worker never returned from a failed step: start afresh
             self.pool.close()
             self.transport = QueueTransport(self.timeout)
             self.start()
+        streams, first, last = self.streams, where(0), where(data.num_stages - 1)
+        if streams.active:  # the caller's values, ready for the workers that read them
+            for name, d in (("inputs", first), ("targets", last), ("grad_outputs", last)):
+                values = getattr(data, name)
+                if values is not None:
+                    setattr(data, name, [streams.hand_over(v, d) for v in values])
+        marks, ends = streams.begin(), {}
         jobs = [
-            functools.partial(execute, d, per_device[d], by_device[d], self.transport, data)
+            functools.partial(
+                self._job, d, per_device[d], by_device[d], self.transport, data, marks, ends, where
+            )
             for d in range(k)
         ]
 
@@ -122,6 +132,31 @@ class LocalRunner:
         try:
             self.pool.run(jobs, on_abort=cancel, state=state)
         finally:
+            streams.join(ends)
+            streams.hand_back(data.outputs, data.losses, data.input_grads, data.fetched)
             with contextlib.suppress(RuntimeError):  # a failed step keeps its host times
                 resolve_gpu_times(data)
             data.events.sort(key=lambda e: (e.start, e.device))
+
+    def _job(
+        self,
+        d: int,
+        actions: Sequence[Any],
+        stages: dict[int, Stage],
+        transport: QueueTransport,
+        data: StepData,
+        marks: list[Any],
+        ends: dict[int, Any],
+        where: Callable[[int], int],
+    ) -> None:
+        """Worker ``d``'s part of a step, on its compute stream: wait for the caller's
+        values, run the actions, mark the end of what it queued."""
+        streams = self.streams
+        if streams.active:
+            transport = StreamedTransport(transport, streams, d, where)
+        with streams.computing(d):
+            streams.enter(d, marks)
+            try:
+                execute(d, actions, stages, transport, data)
+            finally:
+                ends[d] = streams.leave(d)

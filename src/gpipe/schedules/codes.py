@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from gpipe.schedules.ir import KINDS, Action, Overlap, ScheduleError, Unit
 
-__all__ = ["Codec", "decode_lists", "encode_lists", "replay"]
+__all__ = ["Codec", "decode_lists", "encode_lists", "in_order", "replay"]
 
 _KIND_INDEX = {"F": 0, "B": 1, "W": 2}
 
@@ -111,9 +111,10 @@ def decode_lists(
 
 def replay(
     codes: Sequence[Sequence[int]], codec: Codec, split: bool, name: str
-) -> tuple[list[int], list[int]]:
-    """Walk every device's codes in order, devices advancing greedily in turn, and return
-    ``(devices, units)``: the order in which the units can run, each after its dependencies.
+) -> list[tuple[int, int, int]]:
+    """Walk every device's codes in order, devices advancing greedily in turn, and return the
+    order in which the units can run, each after its dependencies, as *runs*
+    ``(device, start, stop)``: device ``d`` runs ``codes[d][start:stop]`` next.
 
     Raises :class:`ScheduleError` when no device can advance, naming each stuck device's unit
     and the dependencies it waits for.
@@ -124,9 +125,8 @@ def replay(
     done = bytearray(top)
     k = len(codes)
     pos = [0] * k
-    order_dev: list[int] = []
-    order_unit: list[int] = []
-    add_dev, add_unit = order_dev.append, order_unit.append
+    runs: list[tuple[int, int, int]] = []
+    add_run = runs.append
     remaining = sum(len(lst) for lst in codes)
     while remaining:
         progressed = False
@@ -156,10 +156,9 @@ def replay(
                     if b < last_b and not done[b + M]:
                         break
                     done[f] = done[b] = 1
-                add_dev(d)
-                add_unit(c)
                 p += 1
             if p != start:
+                add_run((d, start, p))
                 pos[d] = p
                 remaining -= p - start
                 progressed = True
@@ -171,4 +170,11 @@ def replay(
                     missing = ", ".join(str(codec.unit(x)) for x in codec.missing(c, done, split))
                     stuck.append(f"device {d} stuck at {codec.unit(c)} waiting for {missing}")
             raise ScheduleError(f"schedule {name!r} deadlocks: " + "; ".join(stuck))
-    return order_dev, order_unit
+    return runs
+
+
+def in_order(codes: Sequence[Sequence[int]], runs: Sequence[tuple[int, int, int]]):
+    """``(device, unit code)`` pairs of ``runs``, one by one."""
+    for d, start, stop in runs:
+        for c in codes[d][start:stop]:
+            yield d, c

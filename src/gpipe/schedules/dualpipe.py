@@ -37,93 +37,95 @@ def _dualpipe_v(k: int, m: int, v: int) -> list[list[int]]:
     7. ``K-d-1`` rounds: one deferred ``W``, backward on ``s0``;
     8. the remaining deferred ``W``'s (``d+1`` of them).
     """
-    c = Codec(2 * k, m)
     n = max(m, 2 * k)  # laid out for at least 2K micro-batches; those past M are dropped
-    return [_encode(_device(k, n, d), c) for d in range(k)]
+    pad = Codec(2 * k, n)
+    out = [_device(k, n, d, pad) for d in range(k)]
+    if n > m:
+        out = [_drop(lst, pad, Codec(2 * k, m)) for lst in out]
+    return out
 
 
-def _device(k: int, n: int, d: int) -> list[tuple[int, ...]]:
-    """Device ``d``'s units for ``n`` micro-batches: ``(kind, stage, mb)`` with kind 0/1/2 for
-    F/B/W, or ``(F stage, F mb, B stage, B mb)`` for an overlap."""
-    s0, s1 = d, 2 * k - 1 - d
-    acts: list[tuple[int, ...]] = []
-    nf = {s0: 0, s1: 0}
-    nb = {s0: 0, s1: 0}
-    owed: list[tuple[int, int]] = []  # (stage, micro-batch) whose W is deferred
+def _device(k: int, n: int, d: int, c: Codec) -> list[int]:
+    """Device ``d``'s codes for ``n`` micro-batches (``c`` is the codec of that count).
 
-    def fwd(s: int) -> None:
-        acts.append((0, s, nf[s]))
-        nf[s] += 1
+    Index 0 is the device's first stage ``d``, index 1 its second ``2K-1-d``; a code is the
+    base of its (kind, stage) plus the micro-batch."""
+    stages = (d, 2 * k - 1 - d)
+    fb = [c.f(s, 0) for s in stages]
+    bb = [c.b(s, 0) for s in stages]
+    wb = [c.w(s, 0) for s in stages]
+    pb = [[c.pair(sf, 0, sb, 0) for sb in stages] for sf in stages]  # pb[f][b] + f_mb·N + b_mb
+    big = c.N
+    acts: list[int] = []
+    add = acts.append
+    nf = [0, 0]
+    nb = [0, 0]
+    owed: list[int] = []  # codes of the deferred W's, oldest first
 
-    def bwd(s: int, full: bool) -> None:
-        acts.append((1, s, nb[s]))
-        if full:
-            acts.append((2, s, nb[s]))
-        else:
-            owed.append((s, nb[s]))
-        nb[s] += 1
+    def fwd(i: int) -> None:
+        add(fb[i] + nf[i])
+        nf[i] += 1
 
-    def pair(sf: int, sb: int) -> None:
-        acts.append((sf, nf[sf], sb, nb[sb]))
-        acts.append((2, sb, nb[sb]))
-        nf[sf] += 1
-        nb[sb] += 1
+    def bwd(i: int, full: bool) -> None:
+        add(bb[i] + nb[i])
+        (add if full else owed.append)(wb[i] + nb[i])
+        nb[i] += 1
+
+    def pair(i: int, j: int) -> None:
+        add(pb[i][j] + nf[i] * big + nb[j])
+        add(wb[j] + nb[j])
+        nf[i] += 1
+        nb[j] += 1
 
     def weight() -> None:
         if owed:
-            acts.append((2, *owed.pop(0)))
+            add(owed.pop(0))
 
     for _ in range(2 * (k - d - 1)):
-        fwd(s0)
+        fwd(0)
     for _ in range(d + 1):
-        fwd(s0)
-        fwd(s1)
+        fwd(0)
+        fwd(1)
     for _ in range(k - d - 1):
-        bwd(s1, full=False)
+        bwd(1, full=False)
         weight()
-        fwd(s1)
-    for i in range(n - 2 * k + d + 1):
-        if i == 0 and d == k - 1:
-            fwd(s0)
-            bwd(s1, full=True)
+        fwd(1)
+    for r in range(n - 2 * k + d + 1):
+        if r == 0 and d == k - 1:
+            fwd(0)
+            bwd(1, full=True)
         else:
-            pair(s0, s1)
-        pair(s1, s0)
+            pair(0, 1)
+        pair(1, 0)
     for _ in range(k - d - 1):
-        bwd(s1, full=True)
-        pair(s1, s0)
+        bwd(1, full=True)
+        pair(1, 0)
     split = False
-    for i in range(d + 1):
-        if i == (d + 1) // 2 and d % 2 == 1:
+    for r in range(d + 1):
+        if r == (d + 1) // 2 and d % 2 == 1:
             split = True
-        bwd(s1, full=not split)
-        if i == (d + 1) // 2 and d % 2 == 0:
+        bwd(1, full=not split)
+        if r == (d + 1) // 2 and d % 2 == 0:
             split = True
-        bwd(s0, full=not split)
+        bwd(0, full=not split)
     for _ in range(k - d - 1):
         weight()
-        bwd(s0, full=not split)
+        bwd(0, full=not split)
     while owed:
         weight()
     return acts
 
 
-def _encode(units: list[tuple[int, ...]], c: Codec) -> list[int]:
-    """Codes of the units whose micro-batches exist (an overlap that lost one part to the
-    padding keeps the other as a plain action)."""
-    enc = (c.f, c.b, c.w)
+def _drop(codes: list[int], pad: Codec, c: Codec) -> list[int]:
+    """``codes`` of the padded layout re-coded for ``c``'s micro-batch count, without the
+    padding micro-batches (an overlap that lost one part keeps the other as a plain action)."""
     m = c.M
     out = []
-    for u in units:
-        if len(u) == 3:
-            if u[2] < m:
-                out.append(enc[u[0]](u[1], u[2]))
-            continue
-        sf, fi, sb, bi = u
-        if fi < m and bi < m:
-            out.append(c.pair(sf, fi, sb, bi))
-        elif fi < m:
-            out.append(c.f(sf, fi))
-        elif bi < m:
-            out.append(c.b(sb, bi))
+    for code in codes:
+        parts = [a for a in pad.unit(code).parts if a.microbatch < m]
+        if len(parts) == 2:
+            f, b = parts
+            out.append(c.pair(f.stage, f.microbatch, b.stage, b.microbatch))
+        elif parts:
+            out.append(c.encode(parts[0]))
     return out

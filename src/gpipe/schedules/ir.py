@@ -194,6 +194,7 @@ class Schedule:
         "_actions",
         "_codes",
         "_order",
+        "_peaks",
         "name",
         "num_devices",
         "num_microbatches",
@@ -211,7 +212,7 @@ class Schedule:
         codes: tuple[list[int], ...],
         split_backward: bool,
         placement: tuple[int, ...],
-        order: tuple[list[int], list[int]],
+        order: list[tuple[int, int, int]],
         actions: tuple[tuple[Unit, ...], ...] | None = None,
     ) -> None:
         self.name = name
@@ -223,6 +224,7 @@ class Schedule:
         self._codes = codes
         self._order = order
         self._actions = actions
+        self._peaks: tuple[int, ...] | None = None
 
     @property
     def actions(self) -> tuple[tuple[Unit, ...], ...]:
@@ -232,6 +234,32 @@ class Schedule:
 
             self._actions = decode_lists(self._codes, self.num_stages, self.num_microbatches)
         return self._actions
+
+    @property
+    def peak_activations(self) -> tuple[int, ...]:
+        """Per device, the most (stage, micro-batch) activation sets held at once, whatever
+        the costs: from the ``F`` until the last backward action of it (``W`` when the backward
+        is split, else ``B``); an overlap counts its forward first, then its backward."""
+        if self._peaks is None:
+            n_all = self.num_stages * self.num_microbatches
+            top = 3 * n_all
+            split = self.split_backward
+            lo, hi = (2 * n_all, top) if split else (n_all, 2 * n_all)
+            peaks = []
+            for codes in self._codes:
+                live = peak = 0
+                for c in codes:
+                    if c < n_all or c >= top:  # a forward, or an overlap's forward
+                        live += 1
+                        if live > peak:
+                            peak = live
+                        if c >= top and not split:  # ... then its full backward
+                            live -= 1
+                    elif lo <= c < hi:
+                        live -= 1
+                peaks.append(peak)
+            self._peaks = tuple(peaks)
+        return self._peaks
 
     @property
     def num_stages(self) -> int:

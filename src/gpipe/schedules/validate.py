@@ -8,10 +8,12 @@ schedule, so the simulator times exactly the order proven here.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
-from gpipe.schedules.codes import Codec, encode_lists, replay
+from gpipe.schedules.codes import Codec, encode_lists, in_order, replay
 from gpipe.schedules.ir import (
     Action,
     Overlap,
@@ -144,26 +146,35 @@ def from_codes(
     k = len(codes)
     n = k * virtual_stages
     codec = Codec(n, num_microbatches)
+    top = 3 * codec.N
+    # the checks run in builtins and comprehensions (min, max, set, itemgetter), without a
+    # Python-level step per action; an overlap is checked as its two parts
     N = codec.N
-    flat = [c for lst in codes for c in lst]
-    parts = [p for c in flat if c >= 3 * N for p in codec.parts(c)]
-    if parts:
-        flat = [c for c in flat if c < 3 * N] + parts
-    split = any(c >= 2 * N for c in flat)
+    per_device = []
+    for lst in codes:
+        if lst and max(lst) >= top:
+            prs = [c - top for c in lst if c >= top]
+            lst = [c for c in lst if c < top] + [x // N for x in prs] + [N + x % N for x in prs]
+        per_device.append(lst)
+    flat = list(itertools.chain.from_iterable(per_device))
+    split = bool(flat) and max(flat) >= 2 * N
     ok = (
         bool(flat)
         and min(flat) >= 0
-        and max(flat) < 3 * N
+        and max(flat) < top
         and len(flat) == (3 if split else 2) * N
         and len(set(flat)) == len(flat)
     )
     if ok:
-        top = 3 * N
-        stage_dev = [placement[s] for s in range(n) for _ in range(num_microbatches)] * 3
-        for d, lst in enumerate(codes):
-            if not all(stage_dev[c] == d for c in lst if c < top) or not all(
-                stage_dev[p] == d for c in lst if c >= top for p in codec.parts(c)
-            ):
+        per_stage = ([d] * num_microbatches for d in placement)
+        stage_dev = list(itertools.chain.from_iterable(per_stage)) * 3
+        for d, lst in enumerate(per_device):
+            devs = (
+                operator.itemgetter(*lst)(stage_dev)
+                if len(lst) > 1
+                else [stage_dev[c] for c in lst]
+            )
+            if devs.count(d) != len(devs):
                 ok = False
                 break
     if not ok:  # the readable check names the mistake
@@ -189,8 +200,9 @@ def execution_order(
     if not split_backward and any(a.kind == "W" for acts in lists for u in acts for a in u.parts):
         w = next(a for acts in lists for u in acts for a in u.parts if a.kind == "W")
         dependencies(w, num_stages, split_backward)  # raises, naming the W
-    devs, units = replay(encode_lists(lists, codec), codec, split_backward, name)
-    return [(d, codec.unit(c)) for d, c in zip(devs, units)]
+    codes = encode_lists(lists, codec)
+    runs = replay(codes, codec, split_backward, name)
+    return [(d, codec.unit(c)) for d, c in in_order(codes, runs)]
 
 
 def _check_lists(actions: Any, what: str) -> None:

@@ -4,12 +4,13 @@ deferred to fill the slots where 1F1B idles).
 
 * ``zb-h1`` — 1F1B's memory (at most ``K`` micro-batches per device); idle time per device
   ``(K-1)·(F + B - W)``, a third of 1F1B's with ``F = B = W``.
-* ``zb-h2`` — more warm-up forwards (``2(K-d)-1`` on device ``d``, so device 0 holds
-  ``2K-1`` micro-batches, about twice 1F1B's) and more ``W`` deferred; with ``F = B = W``
-  no device idles between its first and last action.
+* ``zb-h2`` — more warm-up forwards (``2(K-d-1)`` on device ``d``) and more ``W`` deferred:
+  ``2K-1`` micro-batches per device, about twice 1F1B's; idle time per device
+  ``(K-1)·(F + B - 2W)``, or the unavoidable ramp ``(K-1)·F`` of one step when that is more.
 * ``zb-v`` — two stages per device in a V (device ``d`` holds stages ``d`` and ``2K-1-d``):
   1F1B's memory, counted in whole-device units (``2K`` half-size stage activations), and, with
-  ``F = B = W``, no idle time between a device's first and last action.
+  ``F = W``, idle time ``(K-1)·(F + B - 2W)`` per device (costs per device), or the one-step
+  ramp ``(K-1)·F/2`` when that is more: zero bubble beyond the ramp when ``F = B = W``.
 
 The invariant: every builder here emits, for every (stage, micro-batch), one ``F``, one ``B``
 and one ``W`` on the device its placement names (the validator proves it, and that the lists
@@ -40,11 +41,10 @@ def _zb_h1(k: int, m: int, v: int) -> list[list[int]]:
 @register("zb-h2", _compact=True)
 def _zb_h2(k: int, m: int, v: int) -> list[list[int]]:
     """Zero-bubble H2: ZB-H1 with ``K-d-1`` more warm-up forwards on device ``d`` (they fill
-    the wait for the first ``B``) and ``2d`` weight gradients deferred to the end, where they
-    fill the wait between ``B`` actions coming back up the pipeline. Device ``d`` holds at most
-    ``2(K-d)-1`` micro-batches... plus its deferred ``W``'s: ``2K-1`` on every device with
-    ``M ≥ 2K``, about twice 1F1B's ``K``."""
-    return [_zb_h(k, m, d, warm=min(2 * (k - d) - 1, m), owed=2 * d) for d in range(k)]
+    the wait for the first ``B``) and ``2d`` weight gradients owed instead of ``d`` (they fill
+    the waits between ``B`` actions coming back up the pipeline). Every device holds at most
+    ``2K-1`` micro-batches (the paper's ``(2p-1)·M_B``, about twice 1F1B's ``K``)."""
+    return [_zb_h(k, m, d, warm=min(2 * (k - d - 1), m), owed=2 * d) for d in range(k)]
 
 
 def _zb_h(k: int, m: int, d: int, warm: int, owed: int) -> list[int]:
@@ -78,43 +78,53 @@ def _zb_v(k: int, m: int, v: int) -> list[list[int]]:
     ``B``'s (both stages, then the first with its ``W``) and the deferred ``W``'s. The pattern
     is laid out for ``max(M, 2K-1)`` micro-batches and the ones past ``M`` are dropped.
     """
-    c = Codec(2 * k, m)
-    n = max(m, 2 * k - 1)
+    n = max(m, 2 * k - 1)  # laid out for n micro-batches, codes of a Codec(2K, n)
+    big = 2 * k * n  # F = s·n + i, B = big + s·n + i, W = 2·big + s·n + i
     out = []
     for d in range(k):
-        s0, s1 = d, 2 * k - 1 - d
-        seq: list[tuple[str, int, int]] = []  # (kind, stage, micro-batch)
+        s0, s1 = d * n, (2 * k - 1 - d) * n
+        F0, B0, W0 = s0, big + s0, 2 * big + s0
+        F1, B1, W1 = s1, big + s1, 2 * big + s1
+        seq: list[int] = []
+        add = seq.append
         f0 = f1 = b0 = b1 = 0
         for _ in range(2 * (k - d) - 1):
-            seq.append(("F", s0, f0))
+            add(F0 + f0)
             f0 += 1
         for _ in range(d):
-            seq += [("F", s1, f1), ("F", s0, f0)]
+            seq += [F1 + f1, F0 + f0]
             f1 += 1
             f0 += 1
         for _ in range(k - d):
-            seq += [("F", s1, f1), ("B", s1, b1), ("W", s1, b1)]
+            seq += [F1 + f1, B1 + b1, W1 + b1]
             f1 += 1
             b1 += 1
         while f1 < f0 or f0 < n:
             if f0 < n:
-                seq.append(("F", s0, f0))
+                add(F0 + f0)
                 f0 += 1
-            seq += [("B", s0, b0), ("W", s0, b0), ("F", s1, f1), ("B", s1, b1), ("W", s1, b1)]
+            seq += [B0 + b0, W0 + b0, F1 + f1, B1 + b1, W1 + b1]
             b0 += 1
             f1 += 1
             b1 += 1
         w0, w1 = b0, b1
         for _ in range(d):
-            seq += [("B", s0, b0), ("B", s1, b1)]
+            seq += [B0 + b0, B1 + b1]
             b0 += 1
             b1 += 1
         for _ in range(k - d):
-            seq += [("B", s0, b0), ("W", s0, w0)]
+            seq += [B0 + b0, W0 + w0]
             b0 += 1
             w0 += 1
-        seq += [("W", s1, i) for i in range(w1, b1)]
-        seq += [("W", s0, i) for i in range(w0, b0)]
-        enc = {"F": c.f, "B": c.b, "W": c.w}
-        out.append([enc[kind](s, i) for kind, s, i in seq if i < m])
+        seq += [W1 + i for i in range(w1, b1)]
+        seq += [W0 + i for i in range(w0, b0)]
+        if n > m:  # drop the padding micro-batches and re-code for M = m
+            kept = []
+            for c in seq:
+                kind, rest = divmod(c, big)
+                st, i = divmod(rest, n)
+                if i < m:
+                    kept.append(kind * 2 * k * m + st * m + i)
+            seq = kept
+        out.append(seq)
     return out

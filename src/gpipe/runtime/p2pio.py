@@ -1,0 +1,167 @@
+"""The transfers of one rank's channels: headers and bulk parts on the gloo header group, direct
+tensors on the point-to-point group, batched as ``torch.distributed.pipelining`` batches them.
+
+:class:`Wire` issues what :mod:`gpipe.runtime.p2pproto` lays out. Header and bulk operations
+are single gloo ``isend``/``irecv`` calls (CPU tensors, so under NCCL no header crosses between
+host and GPU); the point-to-point operations of one moment — an action's sends and the receives
+posted for the next action — are collected and issued together by :meth:`Wire.flush` as one
+``batch_isend_irecv``. Every operation is issued from the calling thread.
+
+The invariant: every send's buffer stays referenced until its transfer completed
+(:meth:`Wire.wait_sends`), and a direct receive is posted only for sizes both ends expect.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpipe.runtime import p2pproto as proto
+from gpipe.runtime.wire import as_bytes, tensor_specs
+
+__all__ = ["Slot", "Wire", "tensors_of"]
+
+
+class Slot:
+    """The receives posted for one position of a channel: its header and, when the receiver
+    expected its sizes, its direct transfers."""
+
+    __slots__ = ("data", "data_works", "head", "head_work")
+
+    def __init__(self, head: torch.Tensor, head_work: Any) -> None:
+        self.head, self.head_work = head, head_work
+        self.data: list[torch.Tensor] | None = None
+        self.data_works: list[Any] = []
+
+
+class Wire:
+    """One rank's operations on its pipeline's two groups (peers by pipeline device)."""
+
+    def __init__(
+        self, ranks: list[int], peers: list[int], p2p: Any, meta: Any, comm_device: torch.device
+    ) -> None:
+        self.comm_device = comm_device
+        self._p2p, self._meta = p2p, meta
+        self._p2p_rank = {p: dist.get_group_rank(p2p, ranks[p]) for p in peers}
+        self._meta_rank = {p: dist.get_group_rank(meta, ranks[p]) for p in peers}
+        self._sends: list[tuple[Any, Any]] = []  # (work, buffer) until complete
+        self._ops: list[dist.P2POp] = []  # point-to-point ops of the current batch
+        self._slots: list[tuple[Slot, int]] = []  # receives in the batch, by op index
+
+    def _meta_op(self, op: Callable, t: torch.Tensor, peer: int, tag: int) -> Any:
+        peer_arg = "group_dst" if op is dist.isend else "group_src"
+        return op(t, group=self._meta, tag=tag, **{peer_arg: self._meta_rank[peer]})
+
+    def post_header(self, peer: int) -> Slot:
+        """Post the receive of ``peer``'s next header."""
+        head = torch.empty(proto.HEADER_BYTES, dtype=torch.uint8)
+        return Slot(head, self._meta_op(dist.irecv, head, peer, proto.HEAD_TAG))
+
+    def send(
+        self,
+        peer: int,
+        head: tuple[int, proto.Key | None, int, int],
+        meta: bytes,
+        tensors: list[torch.Tensor],
+        expected: list[int] | None,
+    ) -> list[int]:
+        """Send one message (``head``: type, key, step, M): header and bulk parts now, direct
+        tensors (when ``expected`` equals their sizes; else placeholders of the ``expected``
+        sizes) into the current batch. Returns the tensors' byte sizes."""
+        mtype, key, step, m = head
+        parts = [as_bytes(t.to(self.comm_device)) for t in tensors if t.numel()]
+        sizes = [b.numel() for b in parts]
+        direct = mtype == proto.DATA and expected == sizes
+        mode = proto.DIRECT if direct else proto.BULK
+        bulk = []
+        if len(meta) > proto.INLINE:
+            bulk.append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+        if direct:
+            data = parts
+        else:
+            bulk += [b.cpu() for b in parts]
+            dev = self.comm_device
+            data = [torch.empty(n, dtype=torch.uint8, device=dev) for n in expected or ()]
+        header = proto.pack_header(mtype, key, step, m, meta, mode)
+        for t, tag in [(header, proto.HEAD_TAG)] + [(b, proto.BULK_TAG) for b in bulk]:
+            self._sends.append((self._meta_op(dist.isend, t, peer, tag), t))
+        for b in data:
+            self._ops.append(
+                dist.P2POp(dist.isend, b, group=self._p2p, group_peer=self._p2p_rank[peer])
+            )
+        return sizes
+
+    def post_data(self, slot: Slot, peer: int, sizes: list[int]) -> None:
+        """Post, into the current batch, the direct receives of one message of ``sizes``."""
+        slot.data = [torch.empty(n, dtype=torch.uint8, device=self.comm_device) for n in sizes]
+        for b in slot.data:
+            self._slots.append((slot, len(self._ops)))
+            self._ops.append(
+                dist.P2POp(dist.irecv, b, group=self._p2p, group_peer=self._p2p_rank[peer])
+            )
+
+    def flush(self) -> None:
+        """Issue the current batch of point-to-point ops as one ``batch_isend_irecv``."""
+        ops, slots = self._ops, self._slots
+        if not ops:
+            return
+        self._ops, self._slots = [], []
+        works = dist.batch_isend_irecv(ops)
+        one_each = len(works) == len(ops)  # gloo: one work per op; NCCL: the coalesced work
+        for i, op in enumerate(ops):
+            if op.op is dist.isend:
+                self._sends += [(w, op.tensor) for w in ([works[i]] if one_each else works)]
+        for slot, i in slots:
+            slot.data_works += [works[i]] if one_each else list(works)
+
+    def bulk(self, peer: int, n: int, deadline: float) -> torch.Tensor:
+        """Receive ``peer``'s next bulk part of ``n`` bytes (CPU)."""
+        buf = torch.empty(n, dtype=torch.uint8)
+        wait(self._meta_op(dist.irecv, buf, peer, proto.BULK_TAG), deadline)
+        return buf
+
+    def wait_sends(self, deadline: float) -> BaseException | None:
+        """Wait for every send issued so far; the first error (or timeout), if any."""
+        pending, self._sends = self._sends, []
+        first = None
+        for work, _keep in pending:
+            try:
+                wait(work, deadline)
+            except Exception as e:
+                first = first or e
+        return first
+
+
+def wait(work: Any, deadline: float) -> None:
+    """Wait for ``work`` until ``deadline`` (``TimeoutError`` once it has passed)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    work.wait(timedelta(seconds=left))
+
+
+def tensors_of(meta: bytes, parts: Iterator[torch.Tensor], device: torch.device) -> list:
+    """The message's tensors from its byte ``parts`` (the non-empty ones, in order), with the
+    sender's shapes, dtypes and ``requires_grad``."""
+    tensors = []
+    for shape, dtype, rg in tensor_specs(meta):
+        if math.prod(shape) * dtype.itemsize:
+            t = next(parts).to(device).view(dtype).reshape(shape)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        if rg and (t.is_floating_point() or t.is_complex()):
+            t.requires_grad_(True)
+        tensors.append(t)
+    return tensors
+
+
+def sizes_of(meta: bytes) -> list[int]:
+    """The byte sizes of the message's non-empty tensors."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in tensor_specs(meta)]
+    return [n for n in sizes if n]

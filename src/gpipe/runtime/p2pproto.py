@@ -1,0 +1,164 @@
+"""The point-to-point protocol of the distributed transport: which messages a step carries on
+each channel, in which order, and the header that announces each one.
+
+A *channel* is an ordered pair of pipeline devices ``a → b``. Its messages in one step are
+known to both ends before the step starts: the values ``a``'s actions send to stages that
+``b`` runs, in ``a``'s action order (:func:`channel_messages`), then one terminal message.
+Each message is a fixed-size header on the CPU (gloo) header group, with the pytree's metadata
+inline when it fits, and then its tensors:
+
+- *direct*: on the pipeline's point-to-point group, one transfer per tensor, when both ends
+  expected exactly those byte sizes (the sizes this message had in the previous step: the
+  steady state of training); the receiver posted these receives ahead of time;
+- *bulk*: on the header group under tag :data:`BULK_TAG`, after the header (the first step,
+  a shape change, end-of-step payloads); if the receiver expected other sizes, the sender
+  also sends placeholder buffers of the expected sizes on the point-to-point group, so the
+  receives posted ahead are always matched one for one.
+
+``SKIP`` fills a position its sender never reached (its step failed), ``END`` and ``ABORT``
+end the channel's step. The invariant: both ends of a channel walk the same positions in
+the same order every step, whatever fails, so the groups stay in order for the next step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from gpipe.runtime.failures import Failure
+
+__all__ = [
+    "ABORT",
+    "BULK_TAG",
+    "DATA",
+    "END",
+    "HEADER_BYTES",
+    "INLINE",
+    "SKIP",
+    "Header",
+    "channel_messages",
+    "failure_body",
+    "failure_from",
+    "pack_header",
+    "remote_inputs",
+    "unpack_header",
+]
+
+MAGIC = 0x67706970  # "gpip"
+DATA, SKIP, END, ABORT = 1, 2, 3, 4
+DIRECT, BULK = 0, 1
+HEAD_TAG, BULK_TAG = 0, 1
+# header fields: magic, type, kind, stage, micro-batch, step, micro-batches, metadata bytes,
+# mode (direct or bulk)
+_FIELDS = 9
+HEADER_BYTES = 512
+INLINE = HEADER_BYTES - 8 * _FIELDS  # metadata up to this size travels inside the header
+KIND_CODES = {"act": 0, "grad": 1}
+KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
+
+Key = tuple[str, int, int]  # (kind, destination stage, micro-batch)
+
+
+def channel_messages(
+    per_device: Sequence[Sequence[Any]], owner: Callable[[int], int], num_stages: int
+) -> dict[tuple[int, int], list[Key]]:
+    """Every channel's data messages of one step, in the order their sender produces them.
+
+    ``F`` on a stage but the last sends its activation to the next stage, ``B`` on a stage but
+    the first sends its input gradient to the previous one; a value for a stage on the same
+    device stays local and is no message.
+    """
+    out: dict[tuple[int, int], list[Key]] = {}
+    last = num_stages - 1
+    for d, actions in enumerate(per_device):
+        for a in _flat(actions):
+            if a.kind == "F" and a.stage != last:
+                key: Key = ("act", a.stage + 1, a.microbatch)
+            elif a.kind == "B" and a.stage != 0:
+                key = ("grad", a.stage - 1, a.microbatch)
+            else:
+                continue
+            dst = owner(key[1])
+            if dst != d:
+                out.setdefault((d, dst), []).append(key)
+    return out
+
+
+def remote_inputs(
+    actions: Sequence[Any], device: int, owner: Callable[[int], int], num_stages: int
+) -> list[Key]:
+    """The values ``device``'s actions receive from other devices, in its action order."""
+    out: list[Key] = []
+    last = num_stages - 1
+    for a in _flat(actions):
+        if a.kind == "F" and a.stage != 0 and owner(a.stage - 1) != device:
+            out.append(("act", a.stage, a.microbatch))
+        elif a.kind == "B" and a.stage != last and owner(a.stage + 1) != device:
+            out.append(("grad", a.stage, a.microbatch))
+    return out
+
+
+def _flat(actions: Sequence[Any]) -> list[Any]:
+    """The actions in order, an overlapped unit (``Overlap``) as its parts."""
+    return [a for u in actions for a in getattr(u, "parts", (u,))]
+
+
+class Header:
+    """A decoded header: the message type, its key, the sender's step, M, metadata, mode."""
+
+    __slots__ = ("key", "meta", "meta_len", "mode", "mtype", "num_microbatches", "step")
+
+    def __init__(self, fields: list[int], inline: bytes) -> None:
+        magic, self.mtype, kind, stage, mb, self.step, self.num_microbatches, n, self.mode = fields
+        if magic != MAGIC:
+            raise RuntimeError(
+                "corrupt message header (wrong magic number): the ranks' messages are out of "
+                "order; build a new DistributedPipe on every rank"
+            )
+        self.key: Key = (KIND_NAMES.get(kind, "act"), stage, mb)
+        self.meta_len = n
+        self.meta: bytes | None = inline[:n] if n <= INLINE else None
+
+
+def pack_header(
+    mtype: int, key: Key | None, step: int, num_microbatches: int, meta: bytes, mode: int
+) -> torch.Tensor:
+    """The header as a CPU ``uint8`` tensor of :data:`HEADER_BYTES` (metadata inline if it
+    fits; otherwise it follows as a bulk transfer)."""
+    kind, stage, mb = key if key is not None else ("act", 0, 0)
+    fields = [MAGIC, mtype, KIND_CODES[kind], stage, mb, step, num_microbatches, len(meta), mode]
+    head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    head[: 8 * _FIELDS] = torch.tensor(fields, dtype=torch.int64).view(torch.uint8)
+    if len(meta) <= INLINE:
+        head[8 * _FIELDS : 8 * _FIELDS + len(meta)] = torch.frombuffer(
+            bytearray(meta), dtype=torch.uint8
+        )
+    return head
+
+
+def unpack_header(head: torch.Tensor) -> Header:
+    """Decode a header received into ``head`` (see :func:`pack_header`)."""
+    raw = head.numpy().tobytes()
+    fields = torch.frombuffer(bytearray(raw[: 8 * _FIELDS]), dtype=torch.int64).tolist()
+    return Header(fields, raw[8 * _FIELDS :])
+
+
+def failure_body(failure: Failure) -> bytes:
+    """``failure`` as the metadata of a ``SKIP`` or ``ABORT`` message."""
+    return json.dumps(
+        {
+            "rank": failure.rank,
+            "device": failure.device,
+            "stage": failure.stage,
+            "microbatch": failure.microbatch,
+            "error": failure.error,
+        }
+    ).encode()
+
+
+def failure_from(meta: bytes) -> Failure:
+    """The :class:`Failure` a ``SKIP`` or ``ABORT`` message carries."""
+    return Failure(**json.loads(meta.decode()))

@@ -1,0 +1,232 @@
+"""Deferred weight gradients for standard modules: W from each call's input and output gradient.
+
+A split schedule's backward is two actions: ``B`` (the gradient of a stage's inputs, which the
+previous stage waits for) and ``W`` (its parameters' gradients, which nothing waits for). Here
+``W`` never walks the autograd graph again. While a stage runs forward for a split schedule
+(and while it re-materializes for one), every call of a *standard* module — ``nn.Linear``,
+``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
+``nn.BatchNorm*d`` and :class:`gpipe.nn.DeferredBatchNorm` — runs with its parameters swapped
+for detached aliases, so the graph holds no edge to the real parameters, and :class:`Calls`
+keeps the call's input and the gradient edge of its output. ``B`` asks autograd for the stage
+inputs' gradients *and* those output edges (autograd prunes every weight-gradient product on
+the way); ``W`` turns each (input, output gradient) pair into the weight gradients directly
+(the formulas of :mod:`gpipe.wgrad_kinds`) and adds them to ``.grad``.
+
+The invariant: for each captured call, ``W`` adds to each of the module's parameters exactly
+the contribution autograd would have added for that call. Anything not captured stays in the
+graph and is still differentiated there: a parameter of any other module (the *fallback*,
+counted by :meth:`WeightGrads.fallback`: the stage then keeps its graph from ``B`` to ``W``
+and ``W`` runs ``autograd.backward`` for those parameters, as without this module), and any
+use of a standard module's parameter outside that module's own call (a tied weight read
+directly), whose gradient ``B`` computes along with the inputs' when nothing falls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from gpipe.wgrad_kinds import Kind, add_grad, kind_of, splittable
+
+__all__ = ["Calls", "WeightGrads", "splittable"]
+
+_active = threading.local()
+
+
+# ------------------------------------------------------------------ one micro-batch's calls
+
+
+class _Call:
+    """One captured module call: its input (and that input's version, to notice an in-place
+    change), the parameters that want a gradient (the real ones, by name), what its kind
+    keeps besides, then the gradient edge of its output (until ``B``) and that gradient."""
+
+    __slots__ = ("edge", "extra", "grad", "kind", "module", "params", "version", "x")
+
+    def __init__(self, module: nn.Module, kind: Kind, params: dict, x: torch.Tensor) -> None:
+        self.module, self.kind, self.params, self.x = module, kind, params, x
+        self.version = x._version
+        self.extra: Any = None
+        self.edge: GradientEdge | None = None
+        self.grad: torch.Tensor | None = None
+
+
+@dataclass
+class Calls:
+    """What one micro-batch's split forward kept for its weight gradients.
+
+    ``calls``: each captured module call, in order. After ``B``, each call holds its output
+    gradient (``None`` when no gradient reached it) and no reference to the graph; ``direct``
+    holds the gradients ``B`` computed for standard parameters used outside their module.
+    """
+
+    calls: list[_Call] = field(default_factory=list)
+    direct: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    _open: dict[int, _Call] = field(default_factory=dict)  # running, parameters swapped
+
+    def edges(self) -> list[GradientEdge]:
+        """The output gradient edges ``B`` asks autograd for, one per call."""
+        return [c.edge for c in self.calls if c.edge is not None]
+
+    def check_inputs(self, stage: int, microbatch: int) -> None:
+        """Raise if a call's input was changed in place after the call (``W`` needs it as the
+        call saw it)."""
+        for c in self.calls:
+            if c.x._version != c.version:
+                raise RuntimeError(
+                    f"stage {stage}, micro-batch {microbatch}: the input of a "
+                    f"{type(c.module).__name__} was modified in place after the module ran; "
+                    "its weight gradient needs the input as the module saw it — replace the "
+                    "in-place op after it (e.g. x += h) by an out-of-place one (x = x + h)"
+                )
+
+    def take_grads(self, grads: Iterable[torch.Tensor | None]) -> None:
+        """Store ``B``'s gradients of :meth:`edges` (in that order) and drop the edges."""
+        it = iter(grads)
+        for c in self.calls:
+            if c.edge is not None:
+                c.grad = next(it)
+                c.edge = None
+        self.calls = [c for c in self.calls if c.grad is not None]
+
+    def _restore(self) -> None:
+        for c in self._open.values():
+            c.module._parameters.update(c.params)
+        self._open.clear()
+
+
+class WeightGrads:
+    """The standard modules among a stage's layers, and ``W`` for them.
+
+    Hooks go on those modules at the first :meth:`capture` (a stage that never runs a split
+    schedule pays nothing) and come off at :meth:`close`; outside a capture they do nothing.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        seen: dict[int, nn.Module] = {}
+        for m in modules:
+            if splittable(m):
+                seen.setdefault(id(m), m)
+        self.modules = list(seen.values())
+        self._split_ids = {id(p) for m in self.modules for p in m.parameters(recurse=False)}
+        self._hooks: list[Any] = []
+
+    def fallback(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        """Of ``params``, those wanting a gradient that no standard module holds: their
+        gradient comes from the autograd graph, kept from ``B`` until ``W``."""
+        return [p for p in params if p.requires_grad and id(p) not in self._split_ids]
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[Calls]:
+        """Capture, on this thread, the standard modules' calls made inside the body."""
+        if not self._hooks:
+            for m in self.modules:
+                kind = kind_of(m)
+                self._hooks.append(m.register_forward_pre_hook(functools.partial(_pre, kind)))
+                self._hooks.append(m.register_forward_hook(_post))
+        calls = Calls()
+        prev = getattr(_active, "calls", None)
+        _active.calls = calls
+        try:
+            yield calls
+        finally:
+            _active.calls = prev
+            calls._restore()
+
+    def input_grads(
+        self,
+        calls: Calls,
+        outs: list[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        needs: list[torch.Tensor],
+        params: list[nn.Parameter],
+    ) -> tuple[list[torch.Tensor | None], bool]:
+        """``B`` for a captured micro-batch: the gradients of ``needs`` (the stage inputs that
+        require grad) given those of ``outs``, and, into ``calls``, the captured calls' output
+        gradients. Returns the input gradients and whether the graph was kept for ``W``
+        (when some of ``params`` fall back to it); otherwise the graph is freed, and the
+        gradients of standard parameters used outside their module come along into
+        ``calls.direct``."""
+        keep = bool(self.fallback(params))
+        edges = calls.edges()
+        direct = [] if keep else [p for p in params if p.requires_grad]
+        wanted: list[Any] = [*needs, *edges, *direct]
+        res: tuple[torch.Tensor | None, ...] = (None,) * len(wanted)
+        if outs and wanted:
+            res = torch.autograd.grad(outs, wanted, grads, retain_graph=keep, allow_unused=True)
+        n, e = len(needs), len(edges)
+        calls.take_grads(res[n : n + e])
+        calls.direct = [(p, g) for p, g in zip(direct, res[n + e :]) if g is not None]
+        return list(res[:n]), keep
+
+    @staticmethod
+    def accumulate(calls: Calls) -> None:
+        """``W``: add each captured call's weight gradients (and ``B``'s direct ones) to
+        ``.grad``."""
+        if not calls.calls and not calls.direct:
+            return
+        device = (calls.calls[0].x if calls.calls else calls.direct[0][1]).device
+        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(
+            device.type
+        )
+        off = torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            for c in calls.calls:
+                assert c.grad is not None
+                parts = c.kind.grads(c.module, c.x, c.grad, c.extra, c.params)
+                for name, p in c.params.items():
+                    add_grad(p, parts[name])
+            for p, g in calls.direct:
+                add_grad(p, g)
+        calls.calls, calls.direct = [], []
+
+
+# ------------------------------------------------------------------ the hooks
+
+
+def _pre(kind: Kind, module: nn.Module, args: tuple) -> None:
+    calls: Calls | None = getattr(_active, "calls", None)
+    if calls is None or not torch.is_grad_enabled() or id(module) in calls._open:
+        return
+    if not args or not isinstance(args[0], torch.Tensor):
+        return  # left to the graph: the parameters are not swapped, so autograd sees them
+    own = module._parameters
+    params = {}
+    for n in kind.names:
+        p = own.get(n)
+        if isinstance(p, nn.Parameter) and p.requires_grad:
+            params[n] = p
+            # a detached alias that still requires grad, so the output joins the graph even
+            # when the input does not (an embedding's indices); autograd never differentiates it
+            own[n] = p.detach().requires_grad_(True)  # type: ignore[assignment]
+    if params:
+        call = calls._open[id(module)] = _Call(module, kind, params, args[0])
+        if kind.extra is not None:
+            call.extra = kind.extra(module, args[0])
+
+
+def _post(module: nn.Module, args: tuple, output: Any) -> None:
+    calls: Calls | None = getattr(_active, "calls", None)
+    call = calls._open.pop(id(module), None) if calls is not None else None
+    if call is None:
+        return
+    module._parameters.update(call.params)
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        call.edge = get_gradient_edge(output)
+        if call.extra is None and call.kind.saved is not None:
+            call.extra = call.kind.saved(module, output)
+        calls.calls.append(call)  # type: ignore[union-attr]
