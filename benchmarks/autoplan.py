@@ -8,7 +8,8 @@ planner's balance for it and Adam.
   building the pipe afresh and timing ``--steps`` steps after one untimed step), the median
   over rounds — so a change in the machine's load hits every configuration alike.
 * Peak memory: each configuration in fresh subprocesses (``--memory-repeats``, median), as
-  ``benchmarks/memory.py`` measures it — the peak resident-set growth (``ru_maxrss``) over
+  ``benchmarks/memory.py`` measures it — the peak resident-set growth (``VmHWM``, which,
+  unlike ``ru_maxrss``, does not inherit a large parent's size across ``exec``) over
   the resident set before the training steps, when only the parameters exist (the pipe
   built, one step run under ``torch.no_grad()``) — plus the parameters' bytes, so it counts
   parameters, gradients, Adam's state and the step's activations and temporaries: what
@@ -77,14 +78,25 @@ def _train_step(pipe, opt, x, y) -> float:
     return time.perf_counter() - t0
 
 
+def _high_water() -> int:
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss``: Linux carries that
+    across ``exec`` from the forked parent, so a child of a large parent would report the
+    parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child(args: argparse.Namespace) -> None:
+    cfg = json.loads(args.child)
     import resource
 
     import torch
 
     from gpipe.models import lm_loss
 
-    cfg = json.loads(args.child)
     model, pipe, opt, x, y = _pipe(args, cfg)
     with torch.no_grad():
         pipe.step(x, y, lm_loss)
@@ -93,8 +105,7 @@ def child(args: argparse.Namespace) -> None:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for _ in range(2):
         _train_step(pipe, opt, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak - before + param_bytes}))
+    print(json.dumps({"peak": _high_water() - before + param_bytes}))
     pipe.close()
 
 

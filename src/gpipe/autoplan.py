@@ -188,6 +188,7 @@ def autoplan(
     action_overhead: float | None = None,
     split_extra: float = 0.25,
     repeats: int = 3,
+    headroom: float = 0.15,
 ) -> list[Configuration]:
     """Ranked configurations for training ``model`` on ``devices`` with ``sample`` batches.
 
@@ -206,6 +207,10 @@ def autoplan(
 
     ``chunks`` (default: every divisor of the batch up to ``max_chunks``) and
     ``virtual_stages`` (the V tried for interleaving schedules) bound the search.
+
+    A configuration fits when its predicted peak leaves ``headroom`` (a fraction) of the limit
+    free: measured peaks run up to ~20% above the model where activations are small (the
+    allocator's caching, autograd's temporaries; ``BENCHMARKS.md``).
 
     Returns every configuration, ranked (``rank`` 1 is the choice); those that do not fit
     come last with ``fits=False``. Raises :class:`NoFitError` when none fits.
@@ -247,7 +252,10 @@ def autoplan(
                         shared,
                     )
                 )
-    return _rank(results, limit, source, shared)
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom}")
+    usable = None if limit is None else int(limit * (1 - headroom))
+    return _rank(results, limit, usable, source, shared)
 
 
 def _evaluate(
@@ -288,12 +296,14 @@ def _peak(r: dict) -> int:
     return r["shared_peak"] if r["shared_peak"] is not None else max(x.total for x in r["memory"])
 
 
-def _rank(results: list[dict], limit: int | None, source: str, shared: bool) -> list[Configuration]:
+def _rank(
+    results: list[dict], limit: int | None, usable: int | None, source: str, shared: bool
+) -> list[Configuration]:
     if not results:
         raise ValueError("no schedule builds for these devices and micro-batch counts")
 
     def fits(r: dict) -> bool:
-        return limit is None or _peak(r) <= limit
+        return usable is None or _peak(r) <= usable
 
     order = sorted(
         results,
@@ -319,7 +329,8 @@ def _rank(results: list[dict], limit: int | None, source: str, shared: bool) -> 
         raise NoFitError(
             f"no configuration fits memory_limit={mm_fmt(limit)}: the smallest peak any "
             f"reaches is {mm_fmt(_peak(best))} on {where} ({best['schedule']}, "
-            f"M={best['chunks']}, remat {best['remat']}); raise the limit, use more devices, "
+            f"M={best['chunks']}, remat {best['remat']}), and a plan must stay under "
+            f"{mm_fmt(usable)} (the limit less its headroom); raise the limit, use more devices, "
             "a smaller batch, or an optimizer with less state"
         )
     top = order[0]
@@ -330,7 +341,7 @@ def _rank(results: list[dict], limit: int | None, source: str, shared: bool) -> 
             room = f", {mm_fmt(limit - _peak(r))} under the limit" if limit is not None else ""
             why = f"fastest that fits ({mm_fmt(_peak(r))} peak{room})"
         elif not ok:
-            why = f"does not fit: needs {mm_fmt(_peak(r))} > limit {mm_fmt(limit)}"
+            why = f"does not fit: needs {mm_fmt(_peak(r))} > {mm_fmt(usable)} usable"
         else:
             slower = r["step_time"] / top["step_time"] - 1 if top["step_time"] else 0.0
             why = f"{slower:+.1%} step time vs #1, bubble {r['bubble']:.0%}"
