@@ -188,3 +188,13 @@ def test_model_fn_is_checked_by_the_config(tmp_path: Path) -> None:
         TrainConfig(model_fn=FN, model={"d_model": 64}, out=str(tmp_path))
     config = TrainConfig(model_fn=FN, stages=64, out=str(tmp_path))  # layers known at capture
     assert TrainConfig.from_dict(config.to_dict()).model_fn == FN
+
+
+def test_the_readme_command_runs(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith(f"gpipe train --model {FN}")]
+    argv = line.split()[1:]
+    assert argv[argv.index("--model") + 1] == FN
+    out = tmp_path / "r"  # the README's options, then a shorter run
+    assert main([*argv, "--steps", "2", "--out", str(out), *SMALL]) == 0
+    assert sorted(steps(out)) == [1, 2]
