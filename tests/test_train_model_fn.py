@@ -59,6 +59,11 @@ def test_the_cli_trains_a_captured_model_and_its_loss_falls(run: Path) -> None:
     assert losses[6] < losses[1] - 0.2, losses
     saved = json.loads((run / "checkpoints" / "step-00000006" / "manifest.json").read_text())
     assert saved["config"]["model_fn"] == FN
+    from examples.hf_causal_lm import tiny_llama
+
+    # the model's own keys (no layer names), so either runtime and any K can resume it
+    names = {n for shard in saved["shards"] for n in shard["tensors"]}
+    assert names == set(tiny_llama(seq_len=32).state_dict())
 
 
 def test_resume_continues_bit_for_bit(run: Path, tmp_path: Path) -> None:
