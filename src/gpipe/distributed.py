@@ -74,8 +74,9 @@ class DistributedPipe(nn.Module):
         chunks: micro-batches M per replica and step.
         micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
             need ``chunks``).
-        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb-h1"`` or a
-            :class:`~gpipe.schedules.Schedule`.
+        schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``,
+            ``"interleaved"``, ``"zb-h1"``, ``"zb-h2"``, ``"zb-v"``, ``"dualpipe-v"``),
+            ``"auto"`` or a :class:`~gpipe.schedules.Schedule`.
         virtual_stages: V for ``"interleaved"`` (default 2).
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
@@ -326,7 +327,7 @@ class DistributedPipe(nn.Module):
         self.close()
 
     def close(self) -> None:
-        """Stop the receiver threads, remove hooks and release the process groups this pipe
+        """Close the transport, remove hooks and release the process groups this pipe
         created (kept when the pipe broke: a peer may still hold them). Idempotent."""
         if self._closed:
             return
