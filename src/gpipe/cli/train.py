@@ -70,7 +70,7 @@ def add_train_parser(sub: Any) -> None:
     """Register ``gpipe train`` and its options on the subparsers ``sub``."""
     p = sub.add_parser(
         "train",
-        help="train the byte-level Transformer LM as a pipeline",
+        help="train the byte-level Transformer LM (or --model's causal LM) as a pipeline",
         description="Train a byte-level Transformer LM with pipeline parallelism. Every option "
         "has a default; options come from the defaults, then --config FILE.toml, then flags.",
     )
