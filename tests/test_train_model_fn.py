@@ -138,6 +138,16 @@ def no_logits():
 
 def not_a_module():
     return 3
+
+
+class Branchy(Bytes):
+    def forward(self, x):
+        out = super().forward(x)
+        return out if out.sum() > 0 else -out  # a branch on a value: no graph
+
+
+def branchy():
+    return Branchy()
 """
 
 
@@ -150,6 +160,7 @@ def not_a_module():
         (["--model", "bad_lm_models:small_vocab"], "vocab >= 256"),
         (["--model", "bad_lm_models:no_logits"], "no logits"),
         (["--model", "bad_lm_models:not_a_module"], "must return an nn.Module"),
+        (["--model", "bad_lm_models:branchy"], "cannot capture --model bad_lm_models:branchy"),
         (["--model", FN, "--model-preset", "tiny"], "--model-preset"),
         (["--model", FN, "--dropout", "0.1"], "--dropout"),
         (["--model", FN, "--config", "{toml}"], "[model] overrides"),

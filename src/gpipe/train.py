@@ -48,7 +48,7 @@ from gpipe.train_config import (
 )
 from gpipe.train_state import restore_state, save_state
 from gpipe.trainer_pipe import TrainerPipe, build
-from gpipe.user_model import embedding_weights, user_lm_loss
+from gpipe.user_model import captured_user_model, embedding_weights, user_lm_loss
 
 __all__ = [
     "PRECISIONS",
@@ -167,16 +167,8 @@ class Trainer:
         if self.model_config is not None:
             model = TransformerLM(self.model_config)
             return model, decays(model), (torch.zeros(micro, c.seq_len, dtype=torch.long),)
-        from gpipe.capture import capture, sample_args
-        from gpipe.user_model import build_user_model
-
-        module, sample = build_user_model(str(c.model_fn), c.seq_len, micro)
-        try:
-            layers = capture(module, sample)
-        except Exception as e:  # the user's model: name it and the capture's reason
-            msg = " ".join(str(e).split())[:400]
-            raise ValueError(f"cannot capture --model {c.model_fn}: {msg}") from None
-        return layers, decays(module), tuple(layers.bind(*sample_args(sample)))
+        layers, module, sample = captured_user_model(str(c.model_fn), c.seq_len, micro)
+        return layers, decays(module), sample
 
     def _balance(self, sample: tuple) -> list[int]:
         """Layers per (virtual) stage, balanced by forward+backward FLOPs of one micro-batch

@@ -12,11 +12,14 @@ built; :func:`logits_of` is the one place the trainer reads logits out of the mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,7 +27,15 @@ from torch import Tensor, nn
 
 from gpipe.models import lm_loss
 
-__all__ = ["build_user_model", "check_spec", "load_function", "logits_of", "user_lm_loss"]
+__all__ = [
+    "build_user_model",
+    "captured_user_model",
+    "check_spec",
+    "embedding_weights",
+    "load_function",
+    "logits_of",
+    "user_lm_loss",
+]
 
 MIN_VOCAB = 256  # byte tokens
 
@@ -88,6 +99,42 @@ def build_user_model(spec: str, seq_len: int, rows: int) -> tuple[nn.Module, Any
         sample = torch.zeros(rows, seq_len, dtype=torch.long)
     _check_output(made, sample, spec, seq_len)
     return made, sample
+
+
+def captured_user_model(spec: str, seq_len: int, rows: int) -> tuple[nn.Module, nn.Module, tuple]:
+    """:func:`build_user_model`, then captured and cut into layers (:mod:`gpipe.capture`):
+    ``(layers, the user's module, the sample as the layers' flat inputs)``."""
+    from gpipe.capture import capture, sample_args
+
+    module, sample = build_user_model(spec, seq_len, rows)
+    try:
+        with _quiet(_TRACER_LOGGERS):
+            layers = capture(module, sample)
+    except Exception as e:  # the user's model: name it and the capture's reason
+        msg = " ".join(str(e).split())[:400]
+        raise ValueError(f"cannot capture --model {spec}: {msg}") from None
+    return layers, module, tuple(layers.bind(*sample_args(sample)))
+
+
+_TRACER_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor")
+"""Loggers that print a graph or a traceback before a capture fails; the failure itself is
+reported as one line."""
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Silence ``names`` and ``sys.stderr`` (``torch.export`` prints the partial graph of a
+    failed export there) while a capture runs."""
+    logs = [logging.getLogger(n) for n in names]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def _check_output(model: nn.Module, sample: Any, spec: str, seq_len: int) -> None:
