@@ -5,7 +5,10 @@ is one ``gpipe: error:`` line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -72,6 +75,22 @@ def test_resume_continues_bit_for_bit(run: Path, tmp_path: Path) -> None:
     shutil.rmtree(out / "checkpoints" / "step-00000006")
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert steps(out) == steps(run)  # exactly: same cut, same runtime
+
+
+@pytest.mark.slow
+def test_dist_runtime_trains_alike_and_resumes_locally(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    argv = ["train", "--model", FN, "--steps", "6", "--lr", "1e-2", "--warmup", "1"]
+    argv += ["--checkpoint-interval", "3", "--out", str(out), *SMALL, "--runtime", "dist"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gpipe.cli", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = steps(run)
+    assert steps(out) == pytest.approx(want, rel=1e-6)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")  # resume the dist run in one process
+    assert main(["train", "--out", str(out), "--resume", "--runtime", "local"]) == 0
+    assert steps(out) == pytest.approx(want, rel=1e-6)
 
 
 def test_losses_equal_the_unpipelined_model_stepped_by_hand(corpus, tmp_path: Path) -> None:

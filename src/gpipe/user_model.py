@@ -1,4 +1,4 @@
-"""A user's causal LM for ``gpipe train --model module:function``: load it, build it, check it.
+"""A user's causal LM for ``gpipe train --model module:function``: load, build, check, capture.
 
 ``module:function`` names a function that returns ``(module, sample)`` or a module (it is called
 as ``fn(seq_len=...)`` when it takes that keyword). The module must be a causal LM over byte
