@@ -167,6 +167,11 @@ class Branchy(Bytes):
 
 def branchy():
     return Branchy()
+
+
+def with_sample(seq_len):
+    torch.manual_seed(1)
+    return Bytes(), torch.randint(0, 256, (2, seq_len))
 """
 
 
@@ -233,3 +238,19 @@ def test_the_readme_command_runs(tmp_path: Path) -> None:
     out = tmp_path / "r"  # the README's options, then a shorter run
     assert main([*argv, "--steps", "2", "--out", str(out), *SMALL]) == 0
     assert sorted(steps(out)) == [1, 2]
+
+
+def test_a_function_may_give_its_own_sample(corpus, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "bad_lm_models.py").write_text(textwrap.dedent(BAD_MODELS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = TrainConfig(
+        model_fn="bad_lm_models:with_sample", chunks=2, batch_size=4, seq_len=32, steps=5,
+        lr=0.05, warmup=1, out=str(tmp_path / "o"), max_bytes=100_000,
+    )  # fmt: skip
+    trainer = Trainer(config, corpus=corpus)
+    try:
+        assert [p.layers for p in trainer.pipe.pipe.partitions] == [("emb",), ("head",)]
+        losses = [trainer.train_step()["loss"] for _ in range(config.steps)]
+    finally:
+        trainer.close()
+    assert losses[-1] < losses[0] - 0.5, losses
