@@ -6,6 +6,9 @@ and cut into layers by ``gpipe.Pipe(model, sample=...)``; the pipe then trains i
 unigram entropy within a few dozen steps.
 
     python examples/hf_causal_lm.py --steps 50
+
+``gpipe train --model examples.hf_causal_lm:tiny_llama`` trains :func:`tiny_llama` the same way
+through the trainer (checkpoints, ``--resume``, metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def build(seq: int, layers: int, width: int):
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     return LlamaForCausalLM(cfg)
+
+
+def tiny_llama(seq_len: int = 64):
+    """For ``gpipe train --model examples.hf_causal_lm:tiny_llama``: a 2-layer, 32-wide Llama
+    (the trainer captures it on one micro-batch of ``seq_len`` bytes)."""
+    return build(seq_len, layers=2, width=32)
 
 
 def loss_fn(out, targets: torch.Tensor) -> torch.Tensor:

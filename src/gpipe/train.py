@@ -48,6 +48,7 @@ from gpipe.train_config import (
 )
 from gpipe.train_state import restore_state, save_state
 from gpipe.trainer_pipe import TrainerPipe, build
+from gpipe.user_model import captured_user_model, embedding_weights, user_lm_loss
 
 __all__ = [
     "PRECISIONS",
@@ -77,9 +78,12 @@ def learning_rate(step: int, *, lr: float, warmup: int, steps: int, final_ratio:
 
 def decays(model: nn.Module) -> set[str]:
     """Names (as ``model.named_parameters()`` gives them) of the parameters weight decay
-    applies to: matrices, except the token embedding (and the head tied to it)."""
-    emb = getattr(model[0], "weight", None) if len(model) else None
-    return {n for n, p in model.named_parameters() if p.dim() >= 2 and p is not emb}
+    applies to: matrices, except token embeddings (and heads tied to them) — the first layer's
+    weight of a sequence, and every ``nn.Embedding``'s weight."""
+    emb = embedding_weights(model)
+    if isinstance(model, nn.Sequential) and len(model):
+        emb.add(id(getattr(model[0], "weight", None)))
+    return {n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in emb}
 
 
 def check_resume(config: TrainConfig, folder: Path, manifest: dict[str, Any]) -> None:
@@ -129,13 +133,13 @@ class Trainer:
                     f"{tokens.numel()} bytes, fewer than seq_len + 1 = {need}; use a larger "
                     "corpus or a smaller --seq-len"
                 )
-        self.model_config = config.model_config()
+        self.model_config = None if config.model_fn else config.model_config()
         self.checkpoint_dir = Path(config.out) / "checkpoints"
         torch.manual_seed(config.seed)
-        self.model = TransformerLM(self.model_config)
+        self.model, self._decay, sample = self._build_model()
         self.model_shapes = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
-        self._decay = decays(self.model)
-        self.balance = self._balance()
+        self._loss = user_lm_loss if config.model_fn else lm_loss
+        self.balance = self._balance(sample)
         self.pipe: TrainerPipe = build(config, self.model, self.balance, timeout=timeout)
         self.step = 0
         self.optimizer = self._build_optimizer()
@@ -155,7 +159,18 @@ class Trainer:
 
     # ----------------------------------------------------------------- building
 
-    def _balance(self) -> list[int]:
+    def _build_model(self) -> tuple[nn.Module, set[str], tuple]:
+        """The model the pipe cuts (``TransformerLM``, or ``--model``'s module captured into
+        layers), the names weight decay applies to, and one micro-batch's flat inputs."""
+        c = self.config
+        micro = max(1, c.batch_size // (c.chunks * c.data_parallel))
+        if self.model_config is not None:
+            model = TransformerLM(self.model_config)
+            return model, decays(model), (torch.zeros(micro, c.seq_len, dtype=torch.long),)
+        layers, module, sample = captured_user_model(str(c.model_fn), c.seq_len, micro)
+        return layers, decays(module), sample
+
+    def _balance(self, sample: tuple) -> list[int]:
         """Layers per (virtual) stage, balanced by forward+backward FLOPs of one micro-batch
         (interleaved, zb-v and dualpipe-v have two virtual stages per device)."""
         from gpipe.balance import balance
@@ -164,9 +179,7 @@ class Trainer:
 
         c = self.config
         n_stages = c.stages * ScheduleSpec(c.schedule).virtual_stages
-        micro = max(1, c.batch_size // (c.chunks * c.data_parallel))
-        sample = torch.zeros(micro, c.seq_len, dtype=torch.long)
-        costs = profile(self.model, sample)
+        costs = profile(self.model, *sample)
         return balance([max(1, x.flops + x.backward_flops) for x in costs], n_stages)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -207,6 +220,10 @@ class Trainer:
             self._entropy = unigram_entropy(self.corpus.train, self.corpus.vocab_size)
         return self._entropy
 
+    def model_fields(self) -> dict[str, Any] | None:
+        """The resolved ``TransformerConfig`` fields (``None`` for a ``--model`` run)."""
+        return None if self.model_config is None else asdict(self.model_config)
+
     def lr_at(self, step: int) -> float:
         """The learning rate step ``step`` uses."""
         c = self.config
@@ -234,7 +251,7 @@ class Trainer:
         self.pipe.train()
         t0 = time.perf_counter()
         with self._autocast():
-            loss = self.pipe.step(x, y, lm_loss)
+            loss = self.pipe.step(x, y, self._loss)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -279,7 +296,7 @@ class Trainer:
                 # Negative steps: a fixed set, disjoint from the training draws' keys.
                 x, y = get_batch(self.corpus.val, c.batch_size, c.seq_len, seed=c.seed, step=-1 - i)
                 with self._autocast():
-                    total += float(self.pipe.step(x.to(first), y.to(last), lm_loss))
+                    total += float(self.pipe.step(x.to(first), y.to(last), self._loss))
         finally:
             self.pipe.train()
         val = total / c.eval_batches
@@ -356,7 +373,7 @@ class Trainer:
             self.optimizer,
             self.param_names,
             staging=self.replaces_earlier,
-            config={**self.config.to_dict(), "model_resolved": asdict(self.model_config)},
+            config={**self.config.to_dict(), "model_resolved": self.model_fields()},
             data={"seed": self.config.seed, "step": self.step},
             extra={"pipe_rng_step": self.pipe.rng_step},
             keep=self.config.keep,

@@ -30,6 +30,8 @@ RUNTIMES = ("local", "dist")
 class TrainConfig:
     """Everything a training run depends on; every field has a default that trains well.
 
+    ``model_fn`` (``module:function``, :mod:`gpipe.user_model`) trains that function's causal
+    LM instead of the preset (no ``[model]`` overrides then).
     ``model`` overrides fields of the preset's :class:`TransformerConfig`; by default dropout
     is off (a few hundred steps over megabytes of text do not overfit, and dropout would only
     slow the loss down). ``batch_size`` is the mini-batch per optimizer step, split into
@@ -39,6 +41,7 @@ class TrainConfig:
 
     model_preset: str = "small"
     model: dict[str, Any] = field(default_factory=lambda: {"dropout": 0.0})
+    model_fn: str | None = None
     stages: int = 2
     chunks: int = 4
     schedule: str = "gpipe"
@@ -118,6 +121,9 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not divisible by {what}="
                 f"{self.chunks * self.data_parallel}; choose --chunks that divide --batch-size"
             )
+        if self.model_fn is not None:
+            self._check_model_fn()
+            return  # the user's model: its layers are known once it is captured
         mc = self.model_config()
         if self.seq_len > mc.max_seq_len:
             raise ValueError(
@@ -132,6 +138,16 @@ class TrainConfig:
                 f"{what} = {self.stages * virtual} exceeds the model's {n_layers} layers "
                 f"(embedding, {mc.n_layers} blocks, head); use --stages {n_layers // virtual} "
                 "or fewer"
+            )
+
+    def _check_model_fn(self) -> None:
+        from gpipe.user_model import check_spec
+
+        check_spec(self.model_fn)
+        if self.model not in ({}, {"dropout": 0.0}):
+            raise ValueError(
+                f"[model] overrides {sorted(self.model)} configure the preset TransformerLM; "
+                f"--model {self.model_fn} builds its own model: drop them (or drop --model)"
             )
 
     def model_config(self) -> TransformerConfig:
@@ -242,9 +258,14 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     and ``config``, one phrase each (empty: the resume may go ahead)."""
     current = config.to_dict()
     out = []
+    had_fn = saved.get("model_fn")
+    if had_fn != config.model_fn:
+        had, now = (repr(f) if f else "a preset TransformerLM" for f in (had_fn, config.model_fn))
+        out.append(f"model_fn (checkpoint {had}, now {now})")
+        return out
     resolved = saved.get("model_resolved")
-    mine = asdict(config.model_config())
-    if isinstance(resolved, dict) and resolved != mine:
+    mine = None if config.model_fn else asdict(config.model_config())
+    if mine is not None and isinstance(resolved, dict) and resolved != mine:
         keys = sorted(k for k, v in mine.items() if resolved.get(k) != v)
         out.append(f"model fields {keys}")
     for key in RESUME_KEYS:

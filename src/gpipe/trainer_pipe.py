@@ -41,12 +41,21 @@ __all__ = ["TrainerPipe", "build", "canonical_names", "clip_global_norm_"]
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
     """Every parameter name of ``model`` (duplicates included) → the name
-    ``model.named_parameters()`` gives that parameter (its first name)."""
+    ``model.named_parameters()`` gives that parameter (its first name), as the model's
+    ``state_dict`` keys it (a captured model's own names)."""
     first: dict[int, str] = {}
     out: dict[str, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        out[name] = first.setdefault(id(p), name)
+        out[name] = first.setdefault(id(p), _model_key(model, name))
     return out
+
+
+def _model_key(model: nn.Module, name: str) -> str:
+    """``name`` (``layer.key``) as the model's ``state_dict`` names it: a captured model's
+    segments hold the model's own keys, so the layer's name is dropped."""
+    from gpipe.capture import CapturedLayers
+
+    return name.partition(".")[2] if isinstance(model, CapturedLayers) else name
 
 
 def clip_global_norm_(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
@@ -184,7 +193,7 @@ class TrainerPipe:
             shard = out.setdefault(self.pipe.placement[part.stage], {})
             for layer in part.layers:
                 for key, v in children[layer].state_dict().items():
-                    shard[f"{layer}.{key}"] = v
+                    shard[_model_key(self.model, f"{layer}.{key}")] = v
         return sorted(out.items())
 
     def local_state(self) -> dict[str, Tensor]:
@@ -278,10 +287,10 @@ class _DistTrainerPipe(TrainerPipe):
     def shards(self) -> list[tuple[int, dict[str, Tensor]]]:
         if not self.writes_state:
             return []
-        return [(self.device_index, dict(self.pipe.state_dict()))]
+        return [(self.device_index, self.local_state())]
 
     def local_state(self) -> dict[str, Tensor]:
-        return dict(self.pipe.state_dict())
+        return {_model_key(self.model, k): v for k, v in self.pipe.state_dict().items()}
 
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist

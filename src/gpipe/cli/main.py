@@ -58,6 +58,12 @@ def load_model(path: str) -> Any:
 
     ckpt = checkpoint.load(path, optimizer=False)
     resolved = ckpt.manifest.get("config", {}).get("model_resolved")
+    model_fn = ckpt.manifest.get("config", {}).get("model_fn")
+    if model_fn:
+        raise checkpoint.CheckpointError(
+            f"{ckpt.path} was trained with --model {model_fn}; this command needs a preset "
+            "model (a run of gpipe train --model-preset ...)"
+        )
     if not isinstance(resolved, dict):
         raise checkpoint.CheckpointError(
             f"{ckpt.path} records no model config; it was not written by gpipe train"

@@ -39,6 +39,7 @@ __all__ = ["add_train_parser", "cmd_train", "report_error"]
 # None so that "given on the command line" can be told apart from "default".
 _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model-preset", "model_preset", str, "model size: tiny, small or 1b-words"),
+    ("--model", "model_fn", str, "MODULE:FUNCTION returning a byte-level causal LM instead"),
     ("--stages", "stages", int, "pipeline stages K (worker threads, or processes with dist)"),
     ("--chunks", "chunks", int, "micro-batches M per mini-batch"),
     ("--schedule", "schedule", str, "gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or dualpipe-v"),
@@ -69,7 +70,7 @@ def add_train_parser(sub: Any) -> None:
     """Register ``gpipe train`` and its options on the subparsers ``sub``."""
     p = sub.add_parser(
         "train",
-        help="train the byte-level Transformer LM as a pipeline",
+        help="train the byte-level Transformer LM (or --model's causal LM) as a pipeline",
         description="Train a byte-level Transformer LM with pipeline parallelism. Every option "
         "has a default; options come from the defaults, then --config FILE.toml, then flags.",
     )
@@ -162,10 +163,21 @@ def _train_config(args: argparse.Namespace) -> Any:
             raise UsageError(f"{found}/manifest.json records no training config to resume")
         values.update({k: v for k, v in saved.items() if k in values and k != "out"})
         resumed_step = manifest["step"]
-    model = {**values["model"], **from_file.pop("model", {})}
+    overrides = from_file.pop("model", {})
+    model = {**values["model"], **overrides}
     values.update(from_file)
     values.update(flags)
     given = {**from_file, **flags}
+    if values.get("model_fn") is not None:
+        clash = [w for w, on in (("--model-preset", "model_preset" in given),
+                                 ("[model] overrides", bool(overrides)),
+                                 ("--dropout", args.dropout is not None)) if on]  # fmt: skip
+        if clash:
+            both = " and ".join(clash)
+            raise UsageError(
+                f"--model {values['model_fn']} builds its own model, so {both} (which configure "
+                f"the preset TransformerLM) cannot be given with it; drop {both}"
+            )
     if values["runtime"] == "local" and "runtime" in given and "data_parallel" not in given:
         values["data_parallel"] = 1  # a dist checkpoint's replicas, resumed in one process
     if args.dropout is not None:
@@ -225,10 +237,14 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
         mc = trainer.model_config
         say(f"data: {trainer.corpus.description}")
-        say(
-            f"model: {config.model_preset} (d_model {mc.d_model}, {mc.n_layers} layers, "
-            f"dropout {mc.dropout}), {trainer.model.num_parameters():,} parameters"
-        )
+        if mc is None:  # --model: its layers, parameters counted once (parameters() dedups)
+            n = sum(p.numel() for p in trainer.model.parameters())
+            say(f"model: {config.model_fn} ({trainer.model.extra_repr()}), {n:,} parameters")
+        else:
+            say(
+                f"model: {config.model_preset} (d_model {mc.d_model}, {mc.n_layers} layers, "
+                f"dropout {mc.dropout}), {trainer.model.num_parameters():,} parameters"
+            )
         for line in trainer.pipe.describe():
             say(f"  {line}")
         dp = config.data_parallel
@@ -275,10 +291,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _model_fields(trainer: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(trainer.model_config)
+def _model_fields(trainer: Any) -> dict[str, Any] | None:
+    return trainer.model_fields()
 
 
 def _train_loop(
