@@ -21,6 +21,7 @@ from torch import nn
 
 from gpipe import remat as remat_mod
 from gpipe import rng, wgrad
+from gpipe.loss import checked_loss
 from gpipe.microbatch import tree_detach, tree_flatten
 
 __all__ = ["Stage", "StageOutput", "StepState"]
@@ -222,38 +223,7 @@ class Stage:
 
     def _loss(self, state: StepState, microbatch: int, out: Any, target: Any) -> torch.Tensor:
         assert state.loss_fn is not None
-        try:
-            loss = state.loss_fn(out, target)
-        except Exception as e:
-            if target is None:
-                raise ValueError(
-                    f"loss_fn failed on micro-batch {microbatch} with targets=None "
-                    f"({type(e).__name__}: {e}); pass the targets to step(inputs, targets, "
-                    "loss_fn) — with DistributedPipe, on the rank of the last stage too"
-                ) from e
-            raise
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor, got {shape} for micro-batch {microbatch}; "
-                "reduce it (e.g. .mean()) inside loss_fn"
-            )
-        if self.check_finite and not bool(torch.isfinite(loss.detach())):
-            raise FloatingPointError(
-                f"loss of micro-batch {microbatch} is {loss.item()} (check_finite=True); look "
-                "for a diverging learning rate or bad inputs in this micro-batch"
-            )
-        if not (loss.is_floating_point() or loss.is_complex()):
-            raise TypeError(
-                f"loss_fn returned a {loss.dtype} tensor for micro-batch {microbatch}; a loss "
-                "must be a floating-point scalar (convert the inputs of the loss, not the loss)"
-            )
-        if torch.is_grad_enabled() and not loss.requires_grad:
-            raise ValueError(
-                f"loss_fn returned a loss that does not require grad for micro-batch "
-                f"{microbatch} (detached, computed under no_grad, or from .item()), so nothing "
-                "would train; return the differentiable loss tensor from loss_fn"
-            )
+        loss = checked_loss(state.loss_fn, out, target, microbatch, self.check_finite)
         return loss * state.loss_scale
 
     # ----------------------------------------------------------------- actions
