@@ -297,3 +297,47 @@ def test_gpipe_plan_auto_with_a_limit_nothing_fits_is_one_error_line(capsys):
     assert "smallest peak any reaches is" in err[0] and " on device " in err[0]
     assert main([*argv, "--memory-limit", "lots"]) == 2
     assert "--memory-limit: cannot read the memory size 'lots'" in capsys.readouterr().err
+
+
+def test_gpipe_train_auto_trains_with_the_top_plan_and_its_balance(capsys, tmp_path):
+    import json
+
+    from gpipe.cli.main import main
+    from gpipe.cli.plan_auto import auto_train_config
+    from gpipe.train_config import TrainConfig
+
+    out = tmp_path / "run"
+    argv = ["train", "--auto", "--model-preset", "tiny", "--batch-size", "8", "--seq-len", "16"]
+    argv += ["--steps", "2", "--eval-interval", "0", "--checkpoint-interval", "0"]
+    assert main([*argv, "--memory-limit", "64MiB", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training with: " in printed
+    base = TrainConfig(model_preset="tiny", batch_size=8, seq_len=16, steps=2, out=str(out))
+    top = auto_train_config(base, "64MiB", say=False)
+    assert top.balance is not None and sum(top.balance) > 0
+    recorded = json.loads((out / "config.json").read_text())
+    for key in ("schedule", "chunks", "remat", "balance"):
+        assert recorded[key] == getattr(top, key), key
+    (manifest,) = out.glob("checkpoints/*/manifest.json")
+    assert json.loads(manifest.read_text())["topology"]["balance"] == top.balance
+
+
+def test_the_trainer_cuts_as_the_config_balance_says():
+    from gpipe.train import Trainer
+    from gpipe.train_config import TrainConfig
+
+    c = TrainConfig(model_preset="tiny", batch_size=4, seq_len=16, steps=1, balance=[1, 3])
+    trainer = Trainer(c)
+    try:  # the FLOPs balance of the tiny model is [2, 2]
+        assert trainer.balance == [1, 3] and trainer.pipe.balance == [1, 3]
+    finally:
+        trainer.pipe.close()
+
+
+def test_a_train_config_balance_of_the_wrong_length_is_refused():
+    from gpipe.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match="balance must list 2 positive layer counts"):
+        TrainConfig(model_preset="tiny", stages=2, balance=[4])
+    with pytest.raises(ValueError, match="balance must list 4 positive layer counts"):
+        TrainConfig(model_preset="tiny", stages=2, schedule="interleaved", balance=[2, 2])

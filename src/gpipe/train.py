@@ -139,7 +139,7 @@ class Trainer:
         self.model, self._decay, sample = self._build_model()
         self.model_shapes = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
         self._loss = user_lm_loss if config.model_fn else lm_loss
-        self.balance = self._balance(sample)
+        self.balance = list(config.balance) if config.balance else self._balance(sample)
         self.pipe: TrainerPipe = build(config, self.model, self.balance, timeout=timeout)
         self.step = 0
         self.optimizer = self._build_optimizer()

@@ -69,6 +69,7 @@ class TrainConfig:
     trace: bool = False
     runtime: str = "local"
     data_parallel: int = 1
+    balance: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,6 +122,7 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not divisible by {what}="
                 f"{self.chunks * self.data_parallel}; choose --chunks that divide --batch-size"
             )
+        self._check_balance()
         if self.model_fn is not None:
             self._check_model_fn()
             return  # the user's model: its layers are known once it is captured
@@ -138,6 +140,22 @@ class TrainConfig:
                 f"{what} = {self.stages * virtual} exceeds the model's {n_layers} layers "
                 f"(embedding, {mc.n_layers} blocks, head); use --stages {n_layers // virtual} "
                 "or fewer"
+            )
+
+    def _check_balance(self) -> None:
+        """``balance`` (layers per stage, set by ``--auto``; ``None``: balanced by FLOPs) is a
+        list of one positive count per (virtual) stage; the pipe checks it against the model."""
+        if self.balance is None:
+            return
+        n = self.stages * ScheduleSpec(self.schedule).virtual_stages
+        ok = isinstance(self.balance, (list, tuple)) and all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.balance
+        )
+        if not ok or len(self.balance) != n:
+            raise ValueError(
+                f"balance must list {n} positive layer counts (one per stage of {self.stages} "
+                f"devices under {self.schedule}), got {self.balance!r}; leave it out to "
+                "balance by FLOPs"
             )
 
     def _check_model_fn(self) -> None:

@@ -131,7 +131,7 @@ def add_train_auto_arguments(p: argparse.ArgumentParser) -> None:
 def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
     """``config`` with the planner's top schedule, micro-batch count and remat mode for its
     model, batch and stages (AdamW's state counted; interleaving at V=2, as the trainer runs
-    it). The trainer still cuts the model by FLOPs. ``say``: print the ranking first."""
+    it), and its balance. ``say``: print the ranking first."""
     import dataclasses
 
     import torch
@@ -165,7 +165,12 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
         print(f"planner (--auto): {len(ranked)} configurations, costs from {top.cost_source}")
         print(table(ranked, top=5))
         print(f"training with: {top.describe()}\n")
-    values = {"schedule": top.schedule, "chunks": top.chunks, "remat": top.remat}
+    values = {
+        "schedule": top.schedule,
+        "chunks": top.chunks,
+        "remat": top.remat,
+        "balance": [int(b) for b in top.balance],
+    }
     chosen = dataclasses.replace(config, **values)
     chosen.validate()
     return chosen
