@@ -5,10 +5,8 @@ Every rank builds ``DistributedPipe(model, ...)`` identically after
 ``torch.distributed.init_process_group`` (e.g. under ``torchrun``), then calls
 ``pipe.step(inputs, targets, loss_fn)`` identically every step. Construction proves the first
 part: before any group is created the ranks exchange a fingerprint of their options and layers
-(:mod:`gpipe.runtime.agree`) and all raise, naming what differs, if any two disagree — ranks
-that disagree on the balance would otherwise train another model and return a plausible loss. Each rank runs the shared
-executor loop (:func:`gpipe.runtime.executor.execute`) over its own stages with a
-:class:`gpipe.runtime.dist.P2PTransport`: one executor, two transports.
+(:mod:`gpipe.runtime.agree`) and all raise, naming what differs. Each rank runs the shared
+executor loop over its own stages with a :class:`gpipe.runtime.dist.P2PTransport`.
 
 Layout and groups (:mod:`gpipe.distlayout`): rank ``r`` is pipeline device ``r % K`` of
 replica ``r // K``; replica ``j``'s micro-batch ``i`` is micro-batch ``j·M + i`` of the whole
@@ -204,7 +202,10 @@ class DistributedPipe(nn.Module):
         elif sample is not None:
             try:
                 sample_mb = sample_microbatch(
-                    sample, self.data_parallel, self._batch_dim, self._num_microbatches
+                    sample,
+                    self.data_parallel,
+                    self._batch_dim,
+                    lambda local: diststep.share_microbatches(self, local),
                 )
                 sample_error = None
             except Exception as e:
@@ -352,9 +353,6 @@ class DistributedPipe(nn.Module):
         )
 
     # ----------------------------------------------------------------- step
-
-    def _num_microbatches(self, local: Any) -> int:
-        return diststep.share_microbatches(self, local)
 
     def step(
         self,

@@ -26,6 +26,7 @@ __all__ = [
     "tree_detach",
     "tree_flatten",
     "tree_unflatten",
+    "tree_wants_grad",
 ]
 
 
@@ -105,6 +106,11 @@ def tree_detach(obj: Any) -> Any:
     """``obj`` with every tensor leaf detached from its graph (the other leaves as they are)."""
     leaves, rebuild = tree_flatten(obj)
     return rebuild([v.detach() if isinstance(v, torch.Tensor) else v for _, v in leaves])
+
+
+def tree_wants_grad(obj: Any) -> bool:
+    """Whether any tensor leaf of ``obj`` requires grad."""
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(obj)[0])
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -30,8 +30,8 @@ from gpipe import options, plan, stepcore
 from gpipe import remat as remat_mod
 from gpipe.auto import Auto
 from gpipe.bridge import Run, backward_into_inputs
-from gpipe.microbatch import split, tree_flatten
-from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm
+from gpipe.microbatch import split, tree_flatten, tree_wants_grad
+from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm_in
 from gpipe.partition import Partition, partitions, pipe_devices
 from gpipe.runtime.executor import StepData
 from gpipe.runtime.local import ThreadState
@@ -40,17 +40,6 @@ from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import Stage, StepState
 
 __all__ = ["Partition", "Pipe"]
-
-
-def _with_deferred_batch_norm(module: nn.Module | Sequence[nn.Module]) -> Any:
-    """``module`` with every BatchNorm replaced by a :class:`DeferredBatchNorm`, in the user's
-    own container (so its BatchNorms are the pipe's)."""
-    if isinstance(module, nn.Module):
-        return convert_deferred_batch_norm(module)
-    if isinstance(module, list):
-        module[:] = [convert_deferred_batch_norm(m) for m in module]
-        return module
-    return [convert_deferred_batch_norm(m) for m in module]
 
 
 class Pipe(nn.Module):
@@ -117,7 +106,7 @@ class Pipe(nn.Module):
     ) -> None:
         super().__init__()
         if deferred_batch_norm:
-            module = _with_deferred_batch_norm(module)
+            module = convert_deferred_batch_norm_in(module)
         module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim)
         named = plan.layers_of(module, "Pipe")
         self.layers = plan.container(module, named)
@@ -315,10 +304,7 @@ class Pipe(nn.Module):
         """Whether ``pipe(inputs)`` builds a graph: grad mode on, and a trainable parameter
         or an input that requires grad."""
         return torch.is_grad_enabled() and (
-            any(p.requires_grad for p in self.parameters())
-            or any(
-                isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0]
-            )
+            any(p.requires_grad for p in self.parameters()) or tree_wants_grad(inputs)
         )
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:

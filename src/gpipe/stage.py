@@ -22,7 +22,7 @@ from torch import nn
 from gpipe import remat as remat_mod
 from gpipe import rng, wgrad
 from gpipe.loss import checked_loss
-from gpipe.microbatch import tree_detach, tree_flatten
+from gpipe.microbatch import tree_detach, tree_flatten, tree_wants_grad
 
 __all__ = ["Stage", "StageOutput", "StepState"]
 
@@ -251,7 +251,7 @@ class Stage:
                     loss = self._loss(state, microbatch, out, target) if want_loss else None
                 return StageOutput(out, loss, self._sink)
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
-            capture = split and not remat and _wants_grad(inputs)
+            capture = split and not remat and tree_wants_grad(inputs)
             with torch.set_grad_enabled(not remat), self._capture(capture) as calls:
                 out = self._run(state, microbatch, inputs)
                 loss = self._loss(state, microbatch, out, target) if want_loss else None
@@ -278,7 +278,7 @@ class Stage:
     ) -> Any:
         if not saved.remat:
             return saved.outputs
-        capture = split and _wants_grad(saved.inputs)
+        capture = split and tree_wants_grad(saved.inputs)
         with torch.enable_grad(), remat_mod.recomputing(), self._capture(capture) as calls:
             saved.calls = calls
             out = self._run(state, microbatch, saved.inputs)
@@ -368,11 +368,6 @@ class Stage:
         outs = saved.out_tensors
         if outs and params:
             torch.autograd.backward(outs, saved.out_grads, inputs=params)
-
-
-def _wants_grad(inputs: Any) -> bool:
-    """Whether any tensor leaf of ``inputs`` requires grad."""
-    return any(isinstance(v, torch.Tensor) and v.requires_grad for _, v in tree_flatten(inputs)[0])
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -43,8 +43,9 @@ from gpipe.train_config import (
     PRECISIONS,
     RESUME_KEYS,
     RUNTIMES,
+    ConfigMismatch,
     TrainConfig,
-    resume_differences,
+    check_resume,
 )
 from gpipe.train_state import restore_state, save_state
 from gpipe.trainer_pipe import TrainerPipe, build
@@ -60,10 +61,6 @@ __all__ = [
     "decays",
     "learning_rate",
 ]
-
-
-class ConfigMismatch(st.CheckpointError):
-    """A resume whose config differs from the checkpoint's in a trajectory-defining key."""
 
 
 def learning_rate(step: int, *, lr: float, warmup: int, steps: int, final_ratio: float) -> float:
@@ -84,20 +81,6 @@ def decays(model: nn.Module) -> set[str]:
     if isinstance(model, nn.Sequential) and len(model):
         emb.add(id(getattr(model[0], "weight", None)))
     return {n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in emb}
-
-
-def check_resume(config: TrainConfig, folder: Path, manifest: dict[str, Any]) -> None:
-    """Raise :class:`ConfigMismatch` naming every trajectory-defining option in which
-    ``config`` differs from the checkpoint's (``folder``, its ``manifest``)."""
-    saved = manifest.get("config") or {}
-    diffs = resume_differences(saved if isinstance(saved, dict) else {}, config)
-    if diffs:
-        raise ConfigMismatch(
-            f"cannot resume from {folder}: the config differs in "
-            + "; ".join(diffs)
-            + ". Use the checkpoint's options (see its manifest.json or "
-            f"{Path(config.out) / 'config.json'}) or start a fresh run without --resume"
-        )
 
 
 class Trainer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpipe.data import DEFAULT_MAX_BYTES
@@ -19,6 +20,7 @@ from gpipe.models import TransformerConfig
 from gpipe.remat import MODES as REMAT_MODES
 from gpipe.schedules import ScheduleSpec
 from gpipe.schedules import available as available_schedules
+from gpipe.state import CheckpointError
 
 __all__ = ["PRECISIONS", "RESUME_KEYS", "RUNTIMES", "TrainConfig", "resume_differences"]
 
@@ -302,3 +304,21 @@ def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
         elif key in saved and saved[key] != current[key]:
             out.append(f"{key} (checkpoint {saved[key]!r}, now {current[key]!r})")
     return out
+
+
+class ConfigMismatch(CheckpointError):
+    """A resume whose config differs from the checkpoint's in a trajectory-defining key."""
+
+
+def check_resume(config: TrainConfig, folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise :class:`ConfigMismatch` naming every trajectory-defining option in which
+    ``config`` differs from the checkpoint's (``folder``, its ``manifest``)."""
+    saved = manifest.get("config") or {}
+    diffs = resume_differences(saved if isinstance(saved, dict) else {}, config)
+    if diffs:
+        raise ConfigMismatch(
+            f"cannot resume from {folder}: the config differs in "
+            + "; ".join(diffs)
+            + ". Use the checkpoint's options (see its manifest.json or "
+            f"{Path(config.out) / 'config.json'}) or start a fresh run without --resume"
+        )

@@ -137,7 +137,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     """Defaults < the resumed checkpoint's config < --config file < flags, validated whole
     (:meth:`gpipe.train.TrainConfig.validate`) before anything is built."""
     from gpipe import state as checkpoint
-    from gpipe.train import TrainConfig, check_resume
+    from gpipe.train_config import TrainConfig, check_resume
 
     values: dict[str, Any] = TrainConfig().to_dict()
     from_file = _read_toml(args.config) if args.config else {}

@@ -13,6 +13,9 @@ re-materialization pass (``gpipe.remat.is_recomputing()``) adds nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,3 +141,15 @@ def convert_deferred_batch_norm(module: nn.Module, chunks: int = 1) -> nn.Module
     """Replace every ``nn.BatchNorm*d`` in ``module`` by :class:`DeferredBatchNorm` for
     ``chunks`` micro-batches per step, keeping weights and running statistics."""
     return DeferredBatchNorm.convert(module, chunks)
+
+
+def convert_deferred_batch_norm_in(module: nn.Module | Sequence[nn.Module]) -> Any:
+    """``module`` (a module, or a list or sequence of layers) with every BatchNorm replaced
+    by a :class:`DeferredBatchNorm`, in the user's own container where it is one, so its
+    BatchNorms are the pipe's."""
+    if isinstance(module, nn.Module):
+        return convert_deferred_batch_norm(module)
+    if isinstance(module, list):
+        module[:] = [convert_deferred_batch_norm(m) for m in module]
+        return module
+    return [convert_deferred_batch_norm(m) for m in module]
