@@ -1,6 +1,7 @@
 """``gpipe.wgrad``: the deferred weight gradient (W) formed from each standard module call's input
-and output gradient equals autograd's weight gradient, for every module kind; what cannot be
-split falls back to the graph and is counted; a stage or a pipe mixing both kinds of
+and output gradient equals autograd's weight gradient, for every module kind; the reductions
+(normalization layers, parameters of at most one dimension) come out of B exactly; what cannot
+be split falls back to the graph and is counted; a stage or a pipe mixing all three kinds of
 parameters is exact (float64, against plain autograd and tests/reference_impl.py)."""
 
 from __future__ import annotations
@@ -27,33 +28,39 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _split_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    """B then W through :class:`wgrad.WeightGrads` alone; ``.grad`` gets W's result."""
-    wg = wgrad.WeightGrads([module])
+def _split_weight_grads(
+    module: nn.Module, x: torch.Tensor, g: torch.Tensor, captured: bool = True
+) -> None:
+    """B then W through :class:`wgrad.WeightGrads` alone; ``.grad`` gets W's result.
+    ``captured``: the module's call is captured for W (else B reduces its parameters)."""
+    wg = wgrad.WeightGrads(list(module.modules()))
     with wg.capture() as calls:
         y = module(x)
-    assert len(calls.calls) == 1, "the call was not captured"
+    assert len(calls.calls) == int(captured), "the call was not captured as expected"
     params = list(module.parameters())
     before = [None if p.grad is None else p.grad.clone() for p in params]
     _, kept = wg.input_grads(calls, [y], [g], [], params)
     assert not kept
     for p, b in zip(params, before, strict=True):  # B does not touch the weight gradients
         assert (p.grad is None) if b is None else torch.equal(p.grad, b)
+    assert len(calls.direct) == (0 if captured else len(params))  # B's reductions, kept for W
     wg.accumulate(calls)
     wg.close()
 
 
-def _check_kind(module: nn.Module, x: torch.Tensor, *, twice: bool = False) -> None:
+def _check_kind(
+    module: nn.Module, x: torch.Tensor, *, twice: bool = False, captured: bool = True
+) -> None:
     module = module.to(DT)
     ref = copy.deepcopy(module)
     x = x.to(DT) if x.is_floating_point() else x
     y = ref(x)
     g = torch.randn(y.shape, generator=_gen(5), dtype=DT)
     y.backward(g)
-    _split_weight_grads(module, x, g)
+    _split_weight_grads(module, x, g, captured)
     if twice:  # accumulation onto an existing .grad
         ref(x).backward(g)
-        _split_weight_grads(module, x, g)
+        _split_weight_grads(module, x, g, captured)
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     assert names
     for (n, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
@@ -96,6 +103,10 @@ KINDS = {
         torch.tensor([[1, 3, 3], [0, 6, 1]]),
     ),
     "embedding-max-norm": (lambda: nn.Embedding(7, 4, max_norm=0.5), torch.tensor([1, 2, 2, 5])),
+}
+
+# normalization layers and other parameters of at most one dimension: reduced by B itself
+REDUCED = {
     "layernorm": (lambda: nn.LayerNorm(5), _x(3, 4, 5)),
     "layernorm-2d-shape": (lambda: nn.LayerNorm((4, 5)), _x(3, 4, 5)),
     "layernorm-no-bias": (lambda: nn.LayerNorm(5, bias=False), _x(3, 5)),
@@ -107,12 +118,26 @@ KINDS = {
         lambda: _eval(nn.BatchNorm3d(2, track_running_stats=False)),
         _x(2, 2, 3, 2, 2),
     ),
+    "instancenorm1d-affine": (lambda: nn.InstanceNorm1d(3, affine=True), _x(2, 3, 5)),
     "deferred-batchnorm-train": (lambda: DeferredBatchNorm(3, chunks=2), _x(4, 3, 5)),
     "deferred-batchnorm-eval": (lambda: _eval(DeferredBatchNorm(3)), _x(4, 3, 5)),
+    "custom-gate-1d": (lambda: _Gate(5), _x(3, 5)),
 }
 if hasattr(nn, "RMSNorm"):
-    KINDS["rmsnorm"] = (lambda: nn.RMSNorm(5), _x(3, 4, 5))
-    KINDS["rmsnorm-eps"] = (lambda: nn.RMSNorm((4, 5), eps=1e-3), _x(3, 4, 5))
+    REDUCED["rmsnorm"] = (lambda: nn.RMSNorm(5), _x(3, 4, 5))
+    REDUCED["rmsnorm-eps"] = (lambda: nn.RMSNorm((4, 5), eps=1e-3), _x(3, 4, 5))
+
+
+class _Gate(nn.Module):
+    """A custom module with a vector parameter: its gradient is a reduction, formed in B."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, n))
+        self.shift = nn.Parameter(torch.tensor(0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.gate + self.shift)
 
 
 def _eval(m: nn.Module) -> nn.Module:
@@ -135,7 +160,20 @@ def test_weight_gradient_of_each_kind_equals_autograds(kind: str) -> None:
     assert wgrad.splittable(module)
     with warnings.catch_warnings():  # ATen's note that an even 'same' kernel pads a copy
         warnings.filterwarnings("ignore", "Using padding='same' with even kernel")
-        _check_kind(module, x, twice=kind in ("linear", "conv2d", "layernorm"))
+        _check_kind(module, x, twice=kind in ("linear", "conv2d"))
+
+
+@pytest.mark.parametrize("kind", sorted(REDUCED))
+def test_reductions_come_out_of_b_exactly(kind: str) -> None:
+    make, x = REDUCED[kind]
+    torch.manual_seed(0)
+    module = make()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=_gen(3)) * 0.1)
+    assert not wgrad.splittable(module)
+    assert wgrad.WeightGrads(list(module.modules())).fallback(module.parameters()) == []
+    _check_kind(module, x, twice=kind == "layernorm", captured=False)
 
 
 def test_frozen_weight_only_the_bias_is_formed() -> None:
@@ -155,12 +193,14 @@ class _Keeps(nn.Linear):
 
 
 class _Scale(nn.Module):
+    """A custom module with a matrix parameter: not splittable, not a reduction — falls back."""
+
     def __init__(self, n: int) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
+        self.scale = nn.Parameter(torch.eye(n) * torch.linspace(0.5, 1.5, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
+        return x @ self.scale
 
 
 def test_what_is_not_splittable() -> None:
@@ -170,6 +210,7 @@ def test_what_is_not_splittable() -> None:
     assert not wgrad.splittable(_Custom(3, 3))
     assert not wgrad.splittable(_Scale(3))
     assert not wgrad.splittable(nn.LayerNorm(3, elementwise_affine=False))  # nothing to split
+    assert not wgrad.splittable(nn.LayerNorm(3))  # B reduces it
     assert not wgrad.splittable(nn.MultiheadAttention(4, 2))
     assert not wgrad.splittable(nn.ConvTranspose2d(2, 2, 3))
     assert wgrad.splittable(_Keeps(3, 3))
@@ -295,11 +336,14 @@ def test_stage_mixing_split_and_fallback_parameters_is_exact(remat: str, fallbac
     gx = st.backward(0, None, split=True)
     assert (gx - want_x).abs().max().item() <= 1e-10
     saved = st.state.saved[0]
-    assert saved.calls is not None and len(saved.calls.calls) == 6  # lin, emb, norm, lin ×2, lin
+    assert saved.calls is not None and len(saved.calls.calls) == 5  # lin, emb, lin ×2, lin
     assert all(c.edge is None for c in saved.calls.calls)  # no reference to the graph
     # the graph is kept for W only when some parameter falls back to it
     assert bool(saved.out_tensors) is fallback
-    assert bool(saved.calls.direct) is not fallback  # the tied read, computed in B
+    direct = {id(p) for p, _ in saved.calls.direct}
+    norm = layers[2].norm
+    assert {id(norm.weight), id(norm.bias)} <= direct  # the norm's reduction, always in B
+    assert (id(layers[-1].emb.weight) in direct) is not fallback  # the tied read, in B
     assert all(p.grad is None for p in _params(layers))
     if not fallback and remat == "never":
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -365,18 +409,20 @@ D, N_LAYERS, BATCH = 6, 8, 24
 
 
 class _Block(nn.Module):
-    """LayerNorm → Linear → tanh → dropout, with or without a non-standard parameter."""
+    """LayerNorm → Linear → tanh → dropout → a vector scale (reduced in B), with or without a
+    non-standard matrix parameter (falls back to the graph)."""
 
     def __init__(self, raw: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(D)
         self.fc = nn.Linear(D, D)
         self.drop = nn.Dropout(0.3)
-        self.gate = nn.Parameter(torch.linspace(0.5, 1.5, D)) if raw else None
+        self.scale = nn.Parameter(torch.linspace(0.8, 1.2, D))
+        self.gate = nn.Parameter(torch.eye(D) + 0.1 * torch.ones(D, D)) if raw else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(torch.tanh(self.fc(self.norm(x))))
-        return x + (h * self.gate if self.gate is not None else h)
+        return x + (h @ self.gate if self.gate is not None else h) * self.scale
 
 
 def _mixed_model() -> nn.Sequential:
@@ -457,16 +503,3 @@ def test_zero_bubble_with_convolutions_and_deferred_batch_norm(remat: str) -> No
         assert torch.allclose(model[i].running_mean, ref[i].running_mean, atol=1e-12)
         assert torch.allclose(model[i].running_var, ref[i].running_var, atol=1e-12)
     pipe.close()
-
-
-def test_layer_norm_statistics_recomputed_when_the_forward_saved_none() -> None:
-    from gpipe import wgrad_kinds
-
-    ln = nn.LayerNorm(5).to(DT)
-    with torch.no_grad():
-        ln.weight.add_(0.3)
-    x, g = _x(3, 5), _x(3, 5, seed=4)
-    ln(x).backward(g)
-    got = wgrad_kinds._layer_norm(ln, x, g, None, ("weight", "bias"))
-    assert (got["weight"] - ln.weight.grad).abs().max().item() <= 1e-12
-    assert (got["bias"] - ln.bias.grad).abs().max().item() <= 1e-12

@@ -364,7 +364,9 @@ class Stage:
             )
         if saved.calls is not None:
             self._wgrad.accumulate(saved.calls)
-        params = [p for p in self.parameters() if p.requires_grad]
+            params = self._wgrad.graph_params(self.parameters())
+        else:
+            params = [p for p in self.parameters() if p.requires_grad]
         outs = saved.out_tensors
         if outs and params:
             torch.autograd.backward(outs, saved.out_grads, inputs=params)

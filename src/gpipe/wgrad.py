@@ -4,21 +4,22 @@ A split schedule's backward is two actions: ``B`` (the gradient of a stage's inp
 previous stage waits for) and ``W`` (its parameters' gradients, which nothing waits for). Here
 ``W`` never walks the autograd graph again. While a stage runs forward for a split schedule
 (and while it re-materializes for one), every call of a *standard* module — ``nn.Linear``,
-``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
-``nn.BatchNorm*d`` and :class:`gpipe.nn.DeferredBatchNorm` — runs with its parameters swapped
-for detached aliases, so the graph holds no edge to the real parameters, and :class:`Calls`
-keeps the call's input and the gradient edge of its output. ``B`` asks autograd for the stage
-inputs' gradients *and* those output edges (autograd prunes every weight-gradient product on
-the way); ``W`` turns each (input, output gradient) pair into the weight gradients directly
-(the formulas of :mod:`gpipe.wgrad_kinds`) and adds them to ``.grad``.
+``nn.Conv1d/2d/3d``, ``nn.Embedding`` (:mod:`gpipe.wgrad_kinds`) — runs with its parameters
+swapped for detached aliases, so the graph holds no edge to the real parameters, and
+:class:`Calls` keeps the call's input and the gradient edge of its output. ``B`` asks autograd
+for the stage inputs' gradients, those output edges, and the gradients of the parameters whose
+gradient is a mere reduction (normalization layers, anything of at most one dimension:
+:func:`gpipe.wgrad_kinds.reduced_in_b`) — autograd prunes every weight-gradient matrix product
+on the way; ``W`` turns each (input, output gradient) pair into the weight gradients directly
+and adds them, and ``B``'s reductions, to ``.grad``.
 
-The invariant: for each captured call, ``W`` adds to each of the module's parameters exactly
-the contribution autograd would have added for that call. Anything not captured stays in the
-graph and is still differentiated there: a parameter of any other module (the *fallback*,
-counted by :meth:`WeightGrads.fallback`: the stage then keeps its graph from ``B`` to ``W``
-and ``W`` runs ``autograd.backward`` for those parameters, as without this module), and any
-use of a standard module's parameter outside that module's own call (a tied weight read
-directly), whose gradient ``B`` computes along with the inputs' when nothing falls back.
+The invariant: ``W`` adds to each parameter exactly the contribution autograd would have
+added for the micro-batch. Anything not captured and not reduced in ``B`` stays in the graph
+and is still differentiated there: a matrix parameter of any other module (the *fallback*,
+counted by :meth:`WeightGrads.fallback`: the stage then keeps its graph from ``B`` to ``W`` and
+``W`` runs ``autograd.backward`` for those parameters, as without this module), and any use of
+a standard module's parameter outside that module's own call (a tied weight read directly),
+whose gradient ``B`` computes along with the inputs' when nothing falls back.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gpipe.wgrad_kinds import Kind, add_grad, kind_of, splittable
+from gpipe.wgrad_kinds import NORMS, Kind, add_grad, kind_of, splittable
 
 __all__ = ["Calls", "WeightGrads", "splittable"]
 
@@ -46,15 +47,14 @@ _active = threading.local()
 
 class _Call:
     """One captured module call: its input (and that input's version, to notice an in-place
-    change), the parameters that want a gradient (the real ones, by name), what its kind
-    keeps besides, then the gradient edge of its output (until ``B``) and that gradient."""
+    change), the parameters that want a gradient (the real ones, by name), then the gradient
+    edge of its output (until ``B``) and that gradient."""
 
-    __slots__ = ("edge", "extra", "grad", "kind", "module", "params", "version", "x")
+    __slots__ = ("edge", "grad", "kind", "module", "params", "version", "x")
 
     def __init__(self, module: nn.Module, kind: Kind, params: dict, x: torch.Tensor) -> None:
         self.module, self.kind, self.params, self.x = module, kind, params, x
         self.version = x._version
-        self.extra: Any = None
         self.edge: GradientEdge | None = None
         self.grad: torch.Tensor | None = None
 
@@ -65,7 +65,8 @@ class Calls:
 
     ``calls``: each captured module call, in order. After ``B``, each call holds its output
     gradient (``None`` when no gradient reached it) and no reference to the graph; ``direct``
-    holds the gradients ``B`` computed for standard parameters used outside their module.
+    holds the parameter gradients ``B`` computed itself (the reductions, and standard
+    parameters used outside their module).
     """
 
     calls: list[_Call] = field(default_factory=list)
@@ -112,17 +113,35 @@ class WeightGrads:
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         seen: dict[int, nn.Module] = {}
+        norms: set[int] = set()
         for m in modules:
             if splittable(m):
                 seen.setdefault(id(m), m)
+            elif isinstance(m, NORMS):
+                norms.update(id(p) for p in m.parameters(recurse=False))
         self.modules = list(seen.values())
         self._split_ids = {id(p) for m in self.modules for p in m.parameters(recurse=False)}
+        self._norm_ids = norms - self._split_ids
         self._hooks: list[Any] = []
 
+    def _reduced(self, p: nn.Parameter) -> bool:
+        """Whether ``B`` computes ``p``'s gradient (see :func:`gpipe.wgrad_kinds.reduced_in_b`)."""
+        return id(p) not in self._split_ids and (id(p) in self._norm_ids or p.dim() <= 1)
+
     def fallback(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-        """Of ``params``, those wanting a gradient that no standard module holds: their
-        gradient comes from the autograd graph, kept from ``B`` until ``W``."""
-        return [p for p in params if p.requires_grad and id(p) not in self._split_ids]
+        """Of ``params``, those wanting a gradient that no standard module holds and that are
+        not reduced in ``B``: their gradient comes from the autograd graph, kept from ``B``
+        until ``W``."""
+        return [
+            p
+            for p in params
+            if p.requires_grad and id(p) not in self._split_ids and not self._reduced(p)
+        ]
+
+    def graph_params(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        """Of ``params``, those whose deferred gradient a ``W`` on the kept graph computes:
+        all that want one except the reductions ``B`` already formed."""
+        return [p for p in params if p.requires_grad and not self._reduced(p)]
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -157,13 +176,17 @@ class WeightGrads:
     ) -> tuple[list[torch.Tensor | None], bool]:
         """``B`` for a captured micro-batch: the gradients of ``needs`` (the stage inputs that
         require grad) given those of ``outs``, and, into ``calls``, the captured calls' output
-        gradients. Returns the input gradients and whether the graph was kept for ``W``
-        (when some of ``params`` fall back to it); otherwise the graph is freed, and the
-        gradients of standard parameters used outside their module come along into
-        ``calls.direct``."""
+        gradients, and, into ``calls.direct``, the gradients of the parameters reduced in
+        ``B``. Returns the input gradients and whether the graph was kept for ``W`` (when some
+        of ``params`` fall back to it: ``W`` then walks it for :meth:`graph_params`);
+        otherwise the graph is freed, and the gradients of standard parameters used outside
+        their module come along into ``calls.direct`` too."""
         keep = bool(self.fallback(params))
         edges = calls.edges()
-        direct = [] if keep else [p for p in params if p.requires_grad]
+        if keep:
+            direct = [p for p in params if p.requires_grad and self._reduced(p)]
+        else:
+            direct = [p for p in params if p.requires_grad]
         wanted: list[Any] = [*needs, *edges, *direct]
         res: tuple[torch.Tensor | None, ...] = (None,) * len(wanted)
         if outs and wanted:
@@ -187,7 +210,7 @@ class WeightGrads:
         with torch.no_grad(), off:
             for c in calls.calls:
                 assert c.grad is not None
-                parts = c.kind.grads(c.module, c.x, c.grad, c.extra, c.params)
+                parts = c.kind.grads(c.module, c.x, c.grad, c.params)
                 for name, p in c.params.items():
                     add_grad(p, parts[name])
             for p, g in calls.direct:
@@ -214,9 +237,7 @@ def _pre(kind: Kind, module: nn.Module, args: tuple) -> None:
             # when the input does not (an embedding's indices); autograd never differentiates it
             own[n] = p.detach().requires_grad_(True)  # type: ignore[assignment]
     if params:
-        call = calls._open[id(module)] = _Call(module, kind, params, args[0])
-        if kind.extra is not None:
-            call.extra = kind.extra(module, args[0])
+        calls._open[id(module)] = _Call(module, kind, params, args[0])
 
 
 def _post(module: nn.Module, args: tuple, output: Any) -> None:
@@ -227,6 +248,4 @@ def _post(module: nn.Module, args: tuple, output: Any) -> None:
     module._parameters.update(call.params)
     if isinstance(output, torch.Tensor) and output.requires_grad:
         call.edge = get_gradient_edge(output)
-        if call.extra is None and call.kind.saved is not None:
-            call.extra = call.kind.saved(module, output)
         calls.calls.append(call)  # type: ignore[union-attr]
