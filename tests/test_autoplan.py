@@ -140,6 +140,20 @@ def test_memory_terms_of_a_tiny_model_match_hand_computed_values():
     one_f_one_b = mm.device_memory(get("1f1b", 2, 2), stages, "never", "adam")
     assert one_f_one_b[1].activations == kept1  # 1F1B's last device holds one micro-batch
 
+    # a split backward keeps, from B to W, each Linear call's input and output gradient — or,
+    # on the first stage, which captures nothing, its whole graph
+    assert [c.deferred_bytes for c in costs] == [rows * (4 + 8) * f32, 0, rows * (8 + 2) * f32]
+    deferred1 = rows * (8 + 2) * f32
+    assert [s.deferred for s in stages] == [kept0, deferred1]
+    zb = mm.device_memory(get("zb-h1", 2, 2), stages, "never", "adam")
+    # device 1 runs F0 B0 F1 B1 W0 W1: at B1, micro-batch 1's graph and both W parts are held
+    assert zb[1].activations == kept1 + 2 * deferred1
+    assert zb[1].transient == stages[1].input + stages[1].output + stages[1].workspace
+    zb_remat = mm.device_memory(get("zb-h1", 2, 2), stages, "always", "adam")
+    # re-materialized: the inputs and W's parts; B1 recomputes micro-batch 1's graph
+    assert zb_remat[1].activations == 2 * deferred1
+    assert zb_remat[1].transient == kept1 + zb[1].transient
+
 
 def test_optimizer_slots_and_sizes():
     assert mm.optimizer_slots("Adam") == 2 and mm.optimizer_slots("sgd") == 0

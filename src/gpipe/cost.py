@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpipe.microbatch import tree_flatten, tree_unflatten
+from gpipe.wgrad_kinds import splittable
 
 __all__ = ["LayerCost", "profile", "summarize"]
 
@@ -47,6 +48,9 @@ class LayerCost:
     # bytes of the distinct tensors the forward's autograd graph saves for backward, the
     # layer's own parameters and buffers excluded (what a micro-batch keeps alive without remat)
     saved_bytes: int = 0
+    # bytes a split backward keeps from B to W (gpipe.wgrad): each standard module call's input
+    # and output gradient (the output's size), once B has freed the graph
+    deferred_bytes: int = 0
 
 
 class _SeededOps(TorchDispatchMode):
@@ -221,6 +225,12 @@ def _profile_layer(
     leaves, rebuild = tree_flatten(args)
     with faker.mode:
         call_args = tree_unflatten(rebuild, [_non_leaf(leaf) for _, leaf in leaves])
+    deferred = [0]
+    hooks = []
+    if isinstance(layer, nn.Module):
+        for m in layer.modules():
+            if splittable(m) and any(p.requires_grad for p in m.parameters(recurse=False)):
+                hooks.append(m.register_forward_hook(_deferred_counter(deferred)))
     try:
         if isinstance(layer, nn.Module):
             layer.train(train)
@@ -247,6 +257,8 @@ def _profile_layer(
     finally:
         for m, was_training in modes:
             m.training = was_training
+        for h in hooks:
+            h.remove()
     flops = forward_counter.get_total_flops()
 
     outs = _tensors(out)
@@ -276,8 +288,21 @@ def _profile_layer(
         out_dtypes=tuple(t.dtype for t in outs),
         random=bool(seeded.seen),
         saved_bytes=sum(saved.storages.values()),
+        deferred_bytes=deferred[0],
     )
     return cost, out
+
+
+def _deferred_counter(total: list[int]) -> Callable[..., None]:
+    """A forward hook adding a standard module call's input and output bytes to ``total[0]``:
+    what :mod:`gpipe.wgrad` keeps of that call from ``B`` to ``W``."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            x = args[0]
+            total[0] += x.numel() * x.element_size() + output.numel() * output.element_size()
+
+    return hook
 
 
 def _storage_key(t: torch.Tensor) -> int:

@@ -9,7 +9,10 @@ what each micro-batch keeps between its forward and its last backward action:
   of the stage's layers; the last stage also keeps what the loss saves, assumed to be one more
   copy of its output, as cross-entropy keeps its log-probabilities);
 * re-materialized: only its boundary input, plus, while its backward runs, the recomputed graph
-  of that one micro-batch.
+  of that one micro-batch;
+* after a split backward's ``B``, until its ``W``: what :mod:`gpipe.wgrad` keeps for ``W`` —
+  each standard module call's input and output gradient (``LayerCost.deferred_bytes``), or on
+  a first stage, which captures nothing, the whole saved graph.
 
 While a backward runs it also holds the gradients of the stage's output and input and a
 workspace for the gradients inside it, taken as its largest layer's saved graph (one layer's
@@ -100,6 +103,9 @@ class StageMemory:
     input: int  # bytes of the stage's boundary input of one micro-batch
     output: int  # bytes of the stage's output of one micro-batch
     workspace: int = 0  # what a backward allocates on top: its largest layer's saved graph
+    # what a split backward keeps from B to W: the standard calls' inputs and output gradients
+    # (gpipe.wgrad); the whole saved graph on a first stage, which captures nothing
+    deferred: int = 0
 
 
 def stage_memory(
@@ -124,6 +130,7 @@ def stage_memory(
                 input=input_bytes if start == 0 else costs[start - 1].activation_bytes,
                 output=layers[-1].activation_bytes,
                 workspace=max(c.saved_bytes for c in layers),
+                deferred=sum(c.deferred_bytes for c in layers) if start > 0 else kept,
             )
         )
         start += n
@@ -157,10 +164,12 @@ def _deltas(kind: str, st: StageMemory, remat: bool, split: bool) -> tuple[int, 
         return (0, st.input, 0, 0) if remat else (st.kept, 0, 0, 0)
     if kind == "B":
         grads = st.input + st.output + st.workspace  # boundary gradients, inner gradients
-        if split:  # the graph is retained for W; a recomputed one replaces the kept input
-            return (st.kept, -st.input, grads, 0) if remat else (0, 0, grads, 0)
+        if split:  # B keeps W's part and frees the graph (kept, or recomputed from the input)
+            if remat:
+                return (st.deferred, 0, grads + st.kept, st.input)
+            return (st.deferred, 0, grads, st.kept)
         return (0, 0, grads + (st.kept if remat else 0), st.input if remat else st.kept)
-    return (0, 0, 0, st.kept)  # W frees the retained graph
+    return (0, 0, 0, st.deferred)  # W frees what B kept for it
 
 
 def _static(stages: Sequence[StageMemory], slots: int) -> tuple[int, int, int]:
