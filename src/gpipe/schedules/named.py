@@ -197,7 +197,8 @@ def _interleaved(k: int, m: int, v: int) -> list[list[int]]:
     device is group-major (K micro-batches on chunk 0, the same K on chunk 1, ...), the backward
     order mirrors it from the last chunk. Warm-up is ``(K-d-1)·2 + (V-1)·K`` forwards, then one
     forward and one backward alternate. When ``M`` is not a multiple of ``K`` the last group is
-    shorter; the schedule stays valid (checked by the validator).
+    shorter; some such ``M`` deadlock (e.g. K=4, M=5, V=3; K=5, M=7, V=2) and :func:`get`
+    raises — a multiple of ``K`` always works, and ``interleaved-zb`` takes every ``M``.
     """
     total = m * v
     out = []
