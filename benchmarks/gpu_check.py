@@ -36,7 +36,16 @@ from torch import nn
 
 import gpipe
 
-SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe-v"]
+SCHEDULES = [
+    "gpipe",
+    "1f1b",
+    "interleaved",
+    "interleaved-zb",
+    "zb-h1",
+    "zb-h2",
+    "zb-v",
+    "dualpipe-v",
+]
 REMATS = ["always", "except_last", "never"]
 D = 64
 

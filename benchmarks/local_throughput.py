@@ -149,7 +149,7 @@ def main() -> None:
         for sched in args.schedules.split(","):
             torch.manual_seed(0)
             lm = TransformerLM(cfg)
-            v = 2 if sched == "interleaved" else None
+            v = 2 if sched.startswith("interleaved") else None
             if (v or 1) * k > len(lm):
                 continue
             pipe = gpipe.Pipe(

@@ -7,14 +7,12 @@ steps (median); the table reports the median over rounds, so load from other pro
 every row alike:
 
 * plain: the un-pipelined model, one process, one thread (rank 0 alone, rank 1 waits);
-* gpipe: ``gpipe.DistributedPipe`` with schedules gpipe, 1f1b, interleaved (V=2), and the
-  V-shaped zb-v and dualpipe-v (device ``d`` holds stages ``d`` and ``2K-1-d``);
+* gpipe: ``gpipe.DistributedPipe`` with schedules gpipe, 1f1b, interleaved and
+  interleaved-zb (V=2, round-robin), and the V-shaped zb-v and dualpipe-v (device ``d`` holds
+  stages ``d`` and ``2K-1-d``);
 * torch: ``PipelineStage`` + ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
-  ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV`` (the same placement).
-
-torch's ``ScheduleInterleavedZeroBubble`` has no gpipe counterpart yet (gpipe's zero-bubble
-schedules are zb-h1/zb-h2 with one stage per device, and the V-shaped zb-v); a row for it goes
-in ``PAIRS`` once gpipe has an interleaved zero-bubble schedule.
+  ``ScheduleInterleavedZeroBubble``, ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV`` (the same
+  placement).
 
 Speed-up is against the plain model; "of bound" divides it by K·M/(M+K−1); "vs torch" is the
 torch step time over gpipe's for the matching schedule (> 1: gpipe is faster).
@@ -44,6 +42,7 @@ PAIRS = {
     "gpipe": ("ScheduleGPipe", 1, False),
     "1f1b": ("Schedule1F1B", 1, False),
     "interleaved": ("ScheduleInterleaved1F1B", 2, False),
+    "interleaved-zb": ("ScheduleInterleavedZeroBubble", 2, False),
     "zb-v": ("ScheduleZBVZeroBubble", 2, True),
     "dualpipe-v": ("ScheduleDualPipeV", 2, True),
 }

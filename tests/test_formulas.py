@@ -363,6 +363,11 @@ def test_deferred_batchnorm_in_a_pipe_with_remat_equals_formula(momentum: float 
 #   technical report arXiv 2412.19437, Table 2): bubble (PP/2-1)(F&B + B - 3W) and PP+1
 #   activations per device, with PP = 2K stages, per-stage costs F, B, W, and F&B the
 #   overlapped pair (here run in turn: F + B + W).
+# * Interleaved zero bubble (torch.distributed.pipelining's ScheduleInterleavedZeroBubble, the
+#   paper's ZB-H1 rule on interleaved 1F1B's order): no published table, so the expectation is
+#   ZB-H1's, arXiv 2401.10241 §2.1, with per-stage costs F/V, B/V, W/V — idle
+#   (K-1)·max(F, F+B-W)/V per device (the ramp (K-1)·F/V when W > B) and ZB-H1's K
+#   whole-device units of memory, i.e. V·K stage activations of 1/V size.
 
 SCHED_KS = [2, 3, 4, 8]
 
@@ -388,6 +393,7 @@ def test_zero_bubble_idle_times_equal_published_formulas(
         "1f1b": (k - 1) * (f + b + w),
         "zb-h1": (k - 1) * (f + b - w),
         "zb-h2": (k - 1) * max(f, f + b - 2 * w),
+        "interleaved-zb": (k - 1) * max(f, f + b - w) / 2,  # default V = 2
     }
     for name, want in expect.items():
         if name == "1f1b":
@@ -399,6 +405,16 @@ def test_zero_bubble_idle_times_equal_published_formulas(
         else:
             idle = _idle(name, k, m, f, b, w)
         assert idle == pytest.approx([want] * k, abs=1e-9), name
+
+
+@pytest.mark.parametrize("k", SCHED_KS)
+@pytest.mark.parametrize("mult", [1, 2])
+@pytest.mark.parametrize(("f", "b", "w"), [(1, 0.5, 1), (1, 1, 2), (2, 1, 1.5)])
+def test_interleaved_zero_bubble_idles_the_ramp_when_w_exceeds_b(
+    k: int, mult: int, f: float, b: float, w: float
+) -> None:
+    idle = _idle("interleaved-zb", k, k * mult, f, b, w)
+    assert idle == pytest.approx([(k - 1) * f / 2] * k, abs=1e-9)
 
 
 @pytest.mark.parametrize("k", SCHED_KS)
@@ -436,6 +452,9 @@ def test_zero_bubble_peak_activations_equal_published_formulas(k: int, mult: int
     assert simulate(get("zb-h1", k, m)).peak_activations == (k,) * k
     assert simulate(get("zb-h2", k, m)).peak_activations == (2 * k - 1,) * k
     assert simulate(get("zb-v", k, m)).peak_activations == (2 * k,) * k  # K whole-device units
+    for v in (2, 3):  # K whole-device units of V·K chunk activations
+        s = get("interleaved-zb", k, m, virtual_stages=v)
+        assert simulate(s).peak_activations == (v * k,) * k
 
 
 def test_zb_v_beats_zb_h1_within_1f1b_memory() -> None:

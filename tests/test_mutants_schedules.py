@@ -271,7 +271,7 @@ def test_spec_errors() -> None:
         "virtual_stages must be >= 1, got 0"
     )
     assert _raises(ValueError, ScheduleSpec, "gpipe", 2) == (
-        "virtual_stages=2 needs schedule='interleaved', not 'gpipe'"
+        "virtual_stages=2 needs schedule='interleaved' or 'interleaved-zb', not 'gpipe'"
     )
     assert re.search("must be an int", _raises(TypeError, ScheduleSpec, "interleaved", 2.5))
 

@@ -13,6 +13,7 @@ from gpipe.schedules import (
     available,
     custom,
     get,
+    interleaving,
     placement_of,
     validate,
 )
@@ -126,6 +127,44 @@ def test_zero_bubble_h1_idles_a_third_of_1f1b(k: int, m: int) -> None:
     assert max(zb.peak_activations) <= k
 
 
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("v", [2, 3])
+@pytest.mark.parametrize("mult", [2, 4])
+def test_interleaved_zero_bubble_idles_less_than_interleaved_within_1f1b_memory(
+    k: int, v: int, mult: int
+) -> None:
+    """F = B = W per stage: the W's fill interleaved 1F1B's waits, and fewer warm-up forwards
+    keep every device at V·K stage activations (K whole-device units, 1F1B's peak) against
+    interleaved 1F1B's (V-1)·K + 2K-1."""
+    m = k * mult
+    il = simulate(get("interleaved", k, m, virtual_stages=v), 1.0, 2.0)
+    zb = simulate(get("interleaved-zb", k, m, virtual_stages=v), 1.0, 2.0, weight_costs=1.0)
+    assert zb.bubble < il.bubble
+    assert zb.peak_activations == (v * k,) * k
+    assert il.peak_activations[0] == (v - 1) * k + 2 * k - 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_interleaved_zero_bubble_with_one_chunk_is_zb_h1(k: int) -> None:
+    for m in (1, k, 2 * k + 1):
+        one = get("interleaved-zb", k, m, virtual_stages=1)
+        assert one.actions == get("zb-h1", k, m).actions
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("v", [2, 3, 4])
+def test_interleaved_zero_bubble_is_valid_for_every_microbatch_count(k: int, v: int) -> None:
+    """Any M >= 1, also where M is not a multiple of K (interleaved 1F1B deadlocks on some of
+    those with V >= 3, e.g. K=4, M=5)."""
+    for m in range(1, 3 * k + 2):
+        s = get("interleaved-zb", k, m, virtual_stages=v)
+        assert s.split_backward and s.placement == tuple(st % k for st in range(k * v))
+        assert max(s.peak_activations) <= v * k
+    if (k, v) == (4, 3):
+        with pytest.raises(ScheduleError, match="deadlocks"):
+            get("interleaved", 4, 5, virtual_stages=3)
+
+
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 @pytest.mark.parametrize("m", [1, 4, 8, 16])
 def test_peak_activations(k: int, m: int) -> None:
@@ -176,9 +215,10 @@ def test_custom_schedule_from_strings() -> None:
 def test_get_rejects_unknown_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="unknown schedule 'pipedream'"):
         get("pipedream", 2, 4)
-    with pytest.raises(ValueError, match="needs schedule='interleaved'"):
+    with pytest.raises(ValueError, match="needs schedule='interleaved' or 'interleaved-zb'"):
         get("gpipe", 2, 4, virtual_stages=2)
-    assert set(available()) >= {"gpipe", "1f1b", "interleaved", "zb-h1"}
+    assert set(available()) >= {"gpipe", "1f1b", "interleaved", "interleaved-zb", "zb-h1"}
+    assert interleaving() == ["interleaved", "interleaved-zb"]
 
 
 def test_forward_backward_separability() -> None:
@@ -203,10 +243,15 @@ def test_comm_cost_and_uneven_stages_lengthen_makespan() -> None:
 
 
 def test_compare_gives_a_row_per_schedule() -> None:
-    rows = compare(["gpipe", "1f1b", "interleaved", "zb-h1"], 4, 16)
-    assert [n for n, _ in rows] == ["gpipe", "1f1b", "interleaved", "zb-h1"]
+    names = ["gpipe", "1f1b", "interleaved", "zb-h1", "interleaved-zb"]
+    rows = compare(names, 4, 16)
+    assert [n for n, _ in rows] == names
     bubbles = dict((n, r.bubble) for n, r in rows)
     assert bubbles["interleaved"] < bubbles["1f1b"]
+    assert bubbles["interleaved-zb"] < bubbles["zb-h1"]
+    three = dict(compare(["interleaved-zb", "zb-v"], 4, 16, virtual_stages=3))
+    assert three["interleaved-zb"].schedule.virtual_stages == 3
+    assert three["zb-v"].schedule.virtual_stages == 2
 
 
 def test_table_lists_every_schedule() -> None:

@@ -1,6 +1,8 @@
-"""The V-shaped schedules through ``gpipe.DistributedPipe``: two ranks (gloo on loopback), each
-holding two stages of the V (rank 0 stages 0 and 3, rank 1 stages 1 and 2, whose handoff
-stays on rank 1), gradients equal to the independent reference in float64.
+"""The schedules with two stages per rank through ``gpipe.DistributedPipe``: two ranks (gloo on
+loopback), each holding two stages — of the V for ``zb-v`` and ``dualpipe-v`` (rank 0 stages 0
+and 3, rank 1 stages 1 and 2, whose handoff stays on rank 1), round-robin for
+``interleaved-zb`` (rank 0 stages 0 and 2, rank 1 stages 1 and 3) — gradients equal to the
+independent reference in float64.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from torch import nn
 import reference_impl
 
 TOL = 1e-10
-CASES = list(itertools.product(["zb-v", "dualpipe-v"], [2, 4], ["always", "never"]))
+CASES = list(
+    itertools.product(["zb-v", "dualpipe-v", "interleaved-zb"], [2, 4], ["always", "never"])
+)
+PLACEMENTS = {"zb-v": (0, 1, 1, 0), "dualpipe-v": (0, 1, 1, 0), "interleaved-zb": (0, 1, 0, 1)}
 
 
 def _model() -> nn.Sequential:
@@ -67,7 +72,7 @@ def _entry(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_v_schedules_across_two_processes_equal_reference(tmp_path: Path) -> None:
+def test_two_stage_per_rank_schedules_across_two_processes_equal_reference(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     init = f"file://{tmp_path}/store"
     procs = [ctx.Process(target=_entry, args=(r, init, str(tmp_path)), daemon=True) for r in (0, 1)]
@@ -92,8 +97,8 @@ def test_v_schedules_across_two_processes_equal_reference(tmp_path: Path) -> Non
         seen: set[str] = set()
         for r in (0, 1):
             loss, grads, placement = results[r][key]
-            assert placement == (0, 1, 1, 0)
-            if r == 0:  # the last stage is on rank 0, which reports the loss
+            assert placement == PLACEMENTS[key[0]]
+            if r == placement[-1]:  # the rank of the last stage reports the loss
                 assert abs(loss - ref_loss) < TOL, (key, loss, ref_loss)
             for n, g in grads.items():
                 err = (g - ref_grads[n].grad).abs().max().item()

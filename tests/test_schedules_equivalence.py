@@ -3,7 +3,7 @@ equal the independent reference (float64, ≤ 1e-10), the measured peak of live 
 equals the simulated one, and a handoff between two stages of one device never touches the
 transport.
 
-Cases: ``zb-h2``, ``zb-v`` and ``dualpipe-v`` for K ∈ {2, 3, 4}, M ∈ {K, 2K, 4K} and every
+Cases: ``zb-h2``, ``zb-v``, ``dualpipe-v`` and ``interleaved-zb`` for K ∈ {2, 3, 4}, M ∈ {K, 2K, 4K} and every
 re-materialization mode, with dropout, on tiny layers (the helpers of tests/test_pipe.py).
 """
 
@@ -21,7 +21,7 @@ from gpipe.simulate import simulate
 from test_pipe import N_LAYERS, D, grads, loss_fn, make_model, max_diff
 
 BATCH = 48  # divisible by every M below
-NEW = ["zb-h2", "zb-v", "dualpipe-v"]
+NEW = ["zb-h2", "zb-v", "dualpipe-v", "interleaved-zb"]
 REMATS = ["always", "except_last", "never"]
 CASES = [
     (s, k, k * mult, r) for s, k, mult, r in itertools.product(NEW, [2, 3, 4], [1, 2, 4], REMATS)
@@ -65,8 +65,11 @@ def test_new_schedules_equal_reference_and_simulated_peaks(
     assert max_diff(grads(model), ref_grads) <= 1e-10
     sched = pipe._schedule(m)
     assert pipe.peak_live == list(simulate(sched).peak_activations)
-    if v == 2:  # stages d and 2K-1-d on device d
+    if v == 2:
         assert [p.device for p in pipe.partitions] == [pipe.devices[d] for d in sched.placement]
+    if schedule == "interleaved-zb":  # round-robin, s % K
+        assert sched.placement == tuple(list(range(k)) * 2)
+    elif v == 2:  # stages d and 2K-1-d on device d
         assert sched.placement == tuple(list(range(k)) + list(reversed(range(k))))
     pipe.close()
 

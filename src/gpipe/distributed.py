@@ -73,9 +73,10 @@ class DistributedPipe(nn.Module):
         micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
             need ``chunks``).
         schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``,
-            ``"interleaved"``, ``"zb-h1"``, ``"zb-h2"``, ``"zb-v"``, ``"dualpipe-v"``),
+            ``"interleaved"``, ``"interleaved-zb"``, ``"zb-h1"``, ``"zb-h2"``, ``"zb-v"``,
+            ``"dualpipe-v"``),
             ``"auto"`` or a :class:`~gpipe.schedules.Schedule`.
-        virtual_stages: V for ``"interleaved"`` (default 2).
+        virtual_stages: V for ``"interleaved"`` and ``"interleaved-zb"`` (default 2).
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
         pinned: the first ``pinned`` layers stay on stage 0 when balancing by FLOPs.

@@ -260,7 +260,7 @@ def compare(
     each device's cost evenly over its ``virtual_stages`` chunks. Returns ``(name, result)``
     pairs in the order given — the data behind ``gpipe plan``'s schedule table.
     """
-    from gpipe.schedules import get
+    from gpipe.schedules import get, interleaving
 
     if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
         raise TypeError(f"names must be a list of schedule names, e.g. [{names!r}], got {names!r}")
@@ -279,7 +279,7 @@ def compare(
     for name in names:
         # the name as get() reads it, so "Interleaved" gets virtual_stages too
         key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
-        v = virtual_stages if key == "interleaved" else None
+        v = virtual_stages if key in interleaving() else None
         sched = get(name, num_devices, num_microbatches, virtual_stages=v)
         vv = sched.virtual_stages
         f = [fwd[sched.placement[s]] / vv for s in range(sched.num_stages)]

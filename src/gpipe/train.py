@@ -155,7 +155,7 @@ class Trainer:
 
     def _balance(self, sample: tuple) -> list[int]:
         """Layers per (virtual) stage, balanced by forward+backward FLOPs of one micro-batch
-        (interleaved, zb-v and dualpipe-v have two virtual stages per device)."""
+        (interleaved, interleaved-zb, zb-v and dualpipe-v have two virtual stages per device)."""
         from gpipe.balance import balance
         from gpipe.cost import profile
         from gpipe.schedules import ScheduleSpec

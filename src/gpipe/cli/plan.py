@@ -254,19 +254,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"\nsimulated schedules, K={k}, M={m} (1 unit = mean stage forward of one micro-batch; "
         f"no-bubble ideal {sum(f + b for f, b in zip(fwd_u, bwd_u)) / k * m:.1f} units):"
     )
-    header = f"  {'schedule':<12} {'step (units)':>12} {'bubble':>7}   peak boundary activations"
+    header = f"  {'schedule':<14} {'step (units)':>12} {'bubble':>7}   peak boundary activations"
     print(header + " per device (micro-batches, bytes)")
     chosen = None
     for name in available():
         try:
             ((_, res),) = compare([name], k, m, fwd_u, bwd_u)
         except ValueError as e:
-            print(f"  {name:<12} n/a ({e})")
+            print(f"  {name:<14} n/a ({e})")
             continue
         peaks = ", ".join(
             f"{p} ({fmt_bytes(p * boundary[d])})" for d, p in enumerate(res.peak_activations)
         )
-        print(f"  {name:<12} {res.makespan:>12.1f} {res.bubble:>7.1%}   {peaks}")
+        print(f"  {name:<14} {res.makespan:>12.1f} {res.bubble:>7.1%}   {peaks}")
         if name == args.schedule.lower().replace("_", "-"):
             chosen = res
     if args.png:

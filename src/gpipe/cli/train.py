@@ -42,7 +42,12 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model_fn", str, "MODULE:FUNCTION returning a byte-level causal LM instead"),
     ("--stages", "stages", int, "pipeline stages K (worker threads, or processes with dist)"),
     ("--chunks", "chunks", int, "micro-batches M per mini-batch"),
-    ("--schedule", "schedule", str, "gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or dualpipe-v"),
+    (
+        "--schedule",
+        "schedule",
+        str,
+        "gpipe, 1f1b, interleaved, interleaved-zb, zb-h1, zb-h2, zb-v or dualpipe-v",
+    ),
     ("--remat", "remat", str, "re-materialization: always, except_last or never"),
     ("--batch-size", "batch_size", int, "sequences per optimizer step (split into chunks)"),
     ("--seq-len", "seq_len", int, "bytes per training sequence"),

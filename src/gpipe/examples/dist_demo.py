@@ -26,7 +26,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=4, help="micro-batches per step")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or dualpipe-v")
+    p.add_argument(
+        "--schedule",
+        default="1f1b",
+        help="gpipe, 1f1b, interleaved, interleaved-zb, zb-h1, zb-h2, zb-v or dualpipe-v",
+    )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--losses", default=None, help="rank 0 writes the losses (JSON) here")
     return p.parse_args(argv)

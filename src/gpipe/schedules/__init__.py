@@ -14,8 +14,8 @@ dependencies can be met in the listed order without deadlock.
 Modules: :mod:`~gpipe.schedules.ir` (the types and placements), :mod:`~gpipe.schedules.codes`
 (integer codes and the replay), :mod:`~gpipe.schedules.validate`,
 :mod:`~gpipe.schedules.named` (the registry, GPipe, 1F1B, interleaved),
-:mod:`~gpipe.schedules.zero_bubble` (ZB-H1, ZB-H2, ZB-V), :mod:`~gpipe.schedules.dualpipe`
-(DualPipeV) and :mod:`~gpipe.schedules.spec` (a pipe's ``schedule=`` argument).
+:mod:`~gpipe.schedules.zero_bubble` (ZB-H1, ZB-H2, ZB-V, interleaved zero bubble),
+:mod:`~gpipe.schedules.dualpipe` (DualPipeV) and :mod:`~gpipe.schedules.spec` (a pipe's ``schedule=`` argument).
 """
 
 from gpipe.schedules import dualpipe as _dualpipe  # noqa: F401  (registers dualpipe-v)
@@ -32,7 +32,7 @@ from gpipe.schedules.ir import (
     round_robin,
     v_shape,
 )
-from gpipe.schedules.named import _REGISTRY, available, get, placement_of, register
+from gpipe.schedules.named import _REGISTRY, available, get, interleaving, placement_of, register
 from gpipe.schedules.spec import ScheduleSpec
 from gpipe.schedules.validate import custom, dependencies, execution_order, validate
 
@@ -51,6 +51,7 @@ __all__ = [
     "device_of",
     "execution_order",
     "get",
+    "interleaving",
     "placement_of",
     "register",
     "round_robin",

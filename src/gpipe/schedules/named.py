@@ -20,7 +20,7 @@ from gpipe.schedules.codes import Codec
 from gpipe.schedules.ir import Schedule, _int, round_robin
 from gpipe.schedules.validate import from_codes, validate
 
-__all__ = ["available", "get", "placement_of", "register", "resolve_virtual"]
+__all__ = ["available", "get", "interleaving", "placement_of", "register", "resolve_virtual"]
 
 Builder = Callable[..., list[list[Any]]]
 Placement = Callable[[int, int], tuple[int, ...]]
@@ -92,6 +92,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def interleaving() -> list[str]:
+    """Names of the schedules that take ``virtual_stages`` (any V, default 2)."""
+    return [name for name in available() if _REGISTRY[name].virtual]
+
+
+def needs_interleaving() -> str:
+    """``schedule='interleaved' or ...``: what an error names when V > 1 is asked of a schedule
+    with one stage per device."""
+    return "schedule=" + " or ".join(repr(n) for n in interleaving())
+
+
 def _entry(name: object) -> tuple[str, Entry]:
     key = _key(name)
     if key not in _REGISTRY:
@@ -117,7 +128,7 @@ def resolve_virtual(name: object, virtual_stages: int | None) -> int:
     if virtual_stages not in (None, 1):
         raise ValueError(
             f"schedule {name!r} has one stage per device; virtual_stages={virtual_stages} "
-            "needs schedule='interleaved'"
+            f"needs {needs_interleaving()}"
         )
     return 1
 
@@ -135,8 +146,9 @@ def get(
 ) -> Schedule:
     """The named schedule for ``num_devices`` devices and ``num_microbatches`` micro-batches.
 
-    ``virtual_stages`` (V) applies to ``"interleaved"`` only (default 2); ``zb-v`` and
-    ``dualpipe-v`` always have two stages per device, the others one.
+    ``virtual_stages`` (V) applies to ``"interleaved"`` and ``"interleaved-zb"`` only (default
+    2; :func:`interleaving`); ``zb-v`` and ``dualpipe-v`` always have two stages per device, the
+    others one.
     """
     key, entry = _entry(name)
     num_devices = _int(num_devices, "num_devices", 1)
@@ -185,20 +197,13 @@ def _interleaved(k: int, m: int, v: int) -> list[list[int]]:
     device is group-major (K micro-batches on chunk 0, the same K on chunk 1, ...), the backward
     order mirrors it from the last chunk. Warm-up is ``(K-d-1)·2 + (V-1)·K`` forwards, then one
     forward and one backward alternate. When ``M`` is not a multiple of ``K`` the last group is
-    shorter; the schedule stays valid (checked by the validator).
+    shorter; some such ``M`` deadlock (e.g. K=4, M=5, V=3; K=5, M=7, V=2) and :func:`get`
+    raises — a multiple of ``K`` always works, and ``interleaved-zb`` takes every ``M``.
     """
-    c = Codec(k * v, m)
     total = m * v
-    fo: list[tuple[int, int]] = []
-    for g0 in range(0, m, k):
-        group = range(g0, min(g0 + k, m))
-        for ch in range(v):
-            fo += [(ch, i) for i in group]
-    bo = [(v - 1 - ch, i) for ch, i in fo]
     out = []
     for d in range(k):
-        fwd = [c.f(ch * k + d, i) for ch, i in fo]
-        bwd = [c.b(ch * k + d, i) for ch, i in bo]
+        fwd, bwd = interleaved_order(k, m, v, d)
         warm = min((k - d - 1) * 2 + (v - 1) * k, total)
         acts = fwd[:warm]
         for j in range(total - warm):
@@ -207,3 +212,19 @@ def _interleaved(k: int, m: int, v: int) -> list[list[int]]:
         acts += bwd[total - warm :]
         out.append(acts)
     return out
+
+
+def interleaved_order(k: int, m: int, v: int, d: int) -> tuple[list[int], list[int]]:
+    """Device ``d``'s forward codes and backward codes in interleaved order (codes of a
+    ``Codec(K·V, M)``): the forwards group-major — micro-batches in groups of ``K``, each group
+    through the device's chunks ``0 .. V-1`` in turn — and the backwards in the same order
+    from the last chunk down. Interleaved schedules differ only in how they merge the two."""
+    c = Codec(k * v, m)
+    fo: list[tuple[int, int]] = []
+    for g0 in range(0, m, k):
+        group = range(g0, min(g0 + k, m))
+        for ch in range(v):
+            fo += [(ch, i) for i in group]
+    fwd = [c.f(ch * k + d, i) for ch, i in fo]
+    bwd = [c.b((v - 1 - ch) * k + d, i) for ch, i in fo]
+    return fwd, bwd

@@ -8,7 +8,15 @@ construction, before any batch fixes ``M`` — is the placement of every schedul
 from __future__ import annotations
 
 from gpipe.schedules.ir import Schedule, _int
-from gpipe.schedules.named import _REGISTRY, _key, _unknown, get, placement_of, resolve_virtual
+from gpipe.schedules.named import (
+    _REGISTRY,
+    _key,
+    _unknown,
+    get,
+    needs_interleaving,
+    placement_of,
+    resolve_virtual,
+)
 
 __all__ = ["ScheduleSpec"]
 
@@ -17,8 +25,9 @@ class ScheduleSpec:
     """A pipe's ``schedule`` argument — a name or a built :class:`Schedule` — resolved once
     per micro-batch count. Both runtimes' pipes hold one.
 
-    ``virtual_stages`` applies to ``"interleaved"`` (default 2); ``zb-v`` and ``dualpipe-v``
-    have two stages per device; ``num_devices`` is fixed only when a built schedule was given.
+    ``virtual_stages`` applies to ``"interleaved"`` and ``"interleaved-zb"`` (default 2);
+    ``zb-v`` and ``dualpipe-v`` have two stages per device; ``num_devices`` is fixed only when a
+    built schedule was given.
     """
 
     def __init__(self, schedule: str | Schedule, virtual_stages: int | None = None) -> None:
@@ -43,7 +52,7 @@ class ScheduleSpec:
         entry = _REGISTRY[self.name]
         if virtual_stages not in (None, 1) and not entry.virtual and entry.fixed_virtual is None:
             raise ValueError(
-                f"virtual_stages={virtual_stages} needs schedule='interleaved', not {schedule!r}"
+                f"virtual_stages={virtual_stages} needs {needs_interleaving()}, not {schedule!r}"
             )
         self.virtual_stages = resolve_virtual(self.name, virtual_stages)
         self.num_devices = None

@@ -11,6 +11,8 @@ deferred to fill the slots where 1F1B idles).
   1F1B's memory, counted in whole-device units (``2K`` half-size stage activations), and, with
   ``F = W``, idle time ``(K-1)·(F + B - 2W)`` per device (costs per device), or the one-step
   ramp ``(K-1)·F/2`` when that is more: zero bubble beyond the ramp when ``F = B = W``.
+* ``interleaved-zb`` — ZB-H1 on interleaved 1F1B's order (V chunks per device, round-robin):
+  ZB-H1's memory (``K`` whole-device units) and, with ``W ≤ B``, ``1/V`` of its idle time.
 
 The invariant: every builder here emits, for every (stage, micro-batch), one ``F``, one ``B``
 and one ``W`` on the device its placement names (the validator proves it, and that the lists
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from gpipe.schedules.codes import Codec
 from gpipe.schedules.ir import v_shape
-from gpipe.schedules.named import register
+from gpipe.schedules.named import interleaved_order, register
 
 __all__: list[str] = []
 
@@ -35,7 +37,7 @@ def _zb_h1(k: int, m: int, v: int) -> list[list[int]]:
     ``W`` fills the slots where 1F1B would idle. Every device holds at most ``K`` micro-batches
     of activations (1F1B's peak on device 0).
     """
-    return [_zb_h(k, m, d, warm=min(k - d - 1, m), owed=d) for d in range(k)]
+    return [_one_stage(k, m, d, warm=min(k - d - 1, m), owed=d) for d in range(k)]
 
 
 @register("zb-h2", _compact=True)
@@ -44,25 +46,57 @@ def _zb_h2(k: int, m: int, v: int) -> list[list[int]]:
     the wait for the first ``B``) and ``2d`` weight gradients owed instead of ``d`` (they fill
     the waits between ``B`` actions coming back up the pipeline). Every device holds at most
     ``2K-1`` micro-batches (the paper's ``(2p-1)·M_B``, about twice 1F1B's ``K``)."""
-    return [_zb_h(k, m, d, warm=min(2 * (k - d - 1), m), owed=2 * d) for d in range(k)]
+    return [_one_stage(k, m, d, warm=min(2 * (k - d - 1), m), owed=2 * d) for d in range(k)]
 
 
-def _zb_h(k: int, m: int, d: int, warm: int, owed: int) -> list[int]:
-    """Device ``d``'s list: ``warm`` forwards, then ``F B`` (and ``W`` once more than
-    ``owed`` weight gradients wait), the remaining ``B`` likewise, the remaining ``W``."""
+@register("interleaved-zb", virtual=True, _compact=True)
+def _interleaved_zb(k: int, m: int, v: int) -> list[list[int]]:
+    """Interleaved zero bubble (ZB-H1 on interleaved 1F1B's order; the paper's ZB-1p with V
+    chunks per device, torch's ``ScheduleInterleavedZeroBubble``): round-robin placement, the
+    forward and backward orders of ``interleaved``, backward split into B and W.
+
+    Device ``d`` warms up with ``(V-1)·K + K-d-1`` forwards (``K-d-1`` fewer than interleaved
+    1F1B: the W's fill that wait instead), then runs ``F B`` pairs with ``W`` once ``d`` weight
+    gradients are owed, oldest first, as ZB-H1 does. Every device holds at most ``V·K``
+    (stage, micro-batch) activation sets of ``1/V``-size chunks — ``K`` whole-device units,
+    1F1B's and ZB-H1's peak, below interleaved 1F1B's ``(V-1)·K + 2K-1`` sets. With ``M`` a
+    multiple of ``K`` and per-stage costs F, B, W, each device idles ``(K-1)·max(F, F+B-W)``
+    (ZB-H1's ``(K-1)·(F+B-W)``, at ``1/V`` of the stage cost). Valid for every ``M ≥ 1``.
+    """
+    total = m * v
+    big = k * v * m  # a B code plus this is the W of the same (stage, micro-batch)
+    out = []
+    for d in range(k):
+        fwd, bwd = interleaved_order(k, m, v, d)
+        wgt = [b + big for b in bwd]
+        out.append(_merge(fwd, bwd, wgt, warm=min((v - 1) * k + k - d - 1, total), owed=d))
+    return out
+
+
+def _one_stage(k: int, m: int, d: int, warm: int, owed: int) -> list[int]:
+    """Device ``d``'s list of a one-stage-per-device zero-bubble schedule (see :func:`_merge`)."""
     c = Codec(k, m)
-    acts = [c.f(d, i) for i in range(warm)]
+    fwd = [c.f(d, i) for i in range(m)]
+    return _merge(fwd, [c.b(d, i) for i in range(m)], [c.w(d, i) for i in range(m)], warm, owed)
+
+
+def _merge(fwd: list[int], bwd: list[int], wgt: list[int], warm: int, owed: int) -> list[int]:
+    """One device's list from its forwards, backwards and weight gradients, each in order:
+    ``warm`` forwards, then ``F B`` (and ``W`` once more than ``owed`` weight gradients wait),
+    the remaining ``B`` likewise, the remaining ``W``."""
+    acts = fwd[:warm]
     f, b, w = warm, 0, 0
-    while b < m:
-        if f < m:
-            acts.append(c.f(d, f))
+    n = len(bwd)
+    while b < n:
+        if f < n:
+            acts.append(fwd[f])
             f += 1
-        acts.append(c.b(d, b))
+        acts.append(bwd[b])
         b += 1
         if b - w > owed:
-            acts.append(c.w(d, w))
+            acts.append(wgt[w])
             w += 1
-    acts += [c.w(d, i) for i in range(w, m)]
+    acts += wgt[w:]
     return acts
 
 
