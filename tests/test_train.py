@@ -137,7 +137,9 @@ def test_fresh_run_keeps_old_checkpoints_until_its_first_save(tmp_path: Path, co
     assert not [p for p in tmp_path.iterdir() if ".new-" in p.name]  # no staging left
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved", "zb-h1", "zb-v", "dualpipe-v"])
+@pytest.mark.parametrize(
+    "schedule", ["1f1b", "interleaved", "interleaved-zb", "zb-h1", "zb-v", "dualpipe-v"]
+)
 def test_every_schedule_trains_and_checkpoints(tmp_path: Path, corpus, schedule: str) -> None:
     t = Trainer(tiny(tmp_path, steps=2, eval_interval=0, schedule=schedule), corpus=corpus)
     recs = list(t.run())
@@ -146,7 +148,7 @@ def test_every_schedule_trains_and_checkpoints(tmp_path: Path, corpus, schedule:
     ck = checkpoint.load(tmp_path / "checkpoints")
     assert len(ck.stages) == 2  # one shard per pipeline device, virtual stages included
     assert ck.topology["schedule"] == schedule and ck.topology["runtime"] == "local"
-    two_per_device = schedule in ("interleaved", "zb-v", "dualpipe-v")
+    two_per_device = schedule in ("interleaved", "interleaved-zb", "zb-v", "dualpipe-v")
     assert len(ck.topology["balance"]) == (4 if two_per_device else 2)
     checkpoint.check_parameters(ck, TransformerLM(TransformerConfig.preset("tiny")).state_dict())
 
