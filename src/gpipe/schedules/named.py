@@ -197,14 +197,16 @@ def _interleaved(k: int, m: int, v: int) -> list[list[int]]:
     device is group-major (K micro-batches on chunk 0, the same K on chunk 1, ...), the backward
     order mirrors it from the last chunk. Warm-up is ``(K-d-1)·2 + (V-1)·K`` forwards, then one
     forward and one backward alternate. When ``M`` is not a multiple of ``K`` the last group is
-    shorter; some such ``M`` deadlock (e.g. K=4, M=5, V=3; K=5, M=7, V=2) and :func:`get`
-    raises — a multiple of ``K`` always works, and ``interleaved-zb`` takes every ``M``.
+    shorter, and with that warm-up some such ``M`` deadlock (e.g. K=4, M=5, V=3; K=5, M=7,
+    V=2); there the warm-up is ``(K-d-1) + (V-1)·K`` instead (interleaved-zb's, which runs
+    without deadlock for every ``M``), so every ``M ≥ 1`` works.
     """
     total = m * v
     out = []
     for d in range(k):
         fwd, bwd = interleaved_order(k, m, v, d)
-        warm = min((k - d - 1) * 2 + (v - 1) * k, total)
+        ramp = (k - d - 1) * (2 if m % k == 0 else 1)
+        warm = min(ramp + (v - 1) * k, total)
         acts = fwd[:warm]
         for j in range(total - warm):
             acts.append(fwd[warm + j])
