@@ -23,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 import gpipe
 from gpipe import schedules
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
+from gpipe.models.transformer import Block
 from gpipe.stage import Stage
 from gpipe.trace import bubble_fraction
 
@@ -113,6 +115,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="configurations alternate this often")
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument(
+        "--uniform",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the LM, N identical Transformer blocks on float input with an MSE loss: "
+        "every stage costs the same, so the rows compare the schedules alone (the LM's "
+        "embedding and head make some placements uneven)",
+    )
     ap.add_argument("--quick", action="store_true", help="few configurations, few steps")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
@@ -124,17 +135,30 @@ def main() -> None:
     cfg = TransformerConfig.preset(args.preset).replace(dropout=args.dropout)
     k = args.stages
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    if args.uniform:
+        x = torch.randn(args.batch, args.seq, cfg.d_model, generator=g)
+        y = torch.randn(args.batch, args.seq, cfg.d_model, generator=g)
+        loss_fn: Callable[..., torch.Tensor] = _mse
+
+        def make() -> nn.Sequential:
+            torch.manual_seed(0)
+            return nn.Sequential(*[Block(cfg) for _ in range(args.uniform)])
+    else:
+        x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+        y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+        loss_fn = lm_loss
+
+        def make() -> nn.Sequential:
+            torch.manual_seed(0)
+            return TransformerLM(cfg)
+
     cores = torch.get_num_threads()
     configs: list[Config] = []
-
-    torch.manual_seed(0)
-    model = TransformerLM(cfg)
+    model = make()
 
     def plain() -> None:
         model.zero_grad(set_to_none=True)
-        lm_loss(model(x), y).backward()
+        loss_fn(model(x), y).backward()
 
     configs.append(Config("plain, 1 thread", plain, 1))
     configs.append(Config(f"plain, {cores} threads", plain, cores))
@@ -143,12 +167,11 @@ def main() -> None:
         def plain_micro(m: int = m) -> None:
             model.zero_grad(set_to_none=True)
             for xm, ym in zip(x.chunk(m), y.chunk(m)):
-                (lm_loss(model(xm), ym) / m).backward()
+                (loss_fn(model(xm), ym) / m).backward()
 
         configs.append(Config(f"plain, 1 thread, M={m} sequential", plain_micro, 1))
         for sched in args.schedules.split(","):
-            torch.manual_seed(0)
-            lm = TransformerLM(cfg)
+            lm = make()
             v = 2 if sched.startswith("interleaved") else None
             if (v or 1) * k > len(lm):
                 continue
@@ -157,9 +180,9 @@ def main() -> None:
             )
             c = Config(f"gpipe.Pipe {sched}, K={k}, M={m}, remat={args.remat}", plain, cores, pipe)
 
-            def step(pipe: gpipe.Pipe = pipe, lm: TransformerLM = lm, c: Config = c) -> None:
+            def step(pipe: gpipe.Pipe = pipe, lm: nn.Module = lm, c: Config = c) -> None:
                 lm.zero_grad(set_to_none=True)
-                pipe.step(x, y, lm_loss)
+                pipe.step(x, y, loss_fn)
                 c.record()
 
             c.fn = step
@@ -191,10 +214,13 @@ def main() -> None:
             c.pipe.close()
         rows.append(row)
 
-    print(f"machine: {platform.machine()}, {cores} threads, torch {torch.__version__}")
-    print(
-        f"model: TransformerLM {args.preset} (dropout {args.dropout}), batch {args.batch} x {args.seq}"
+    what = (
+        f"{args.uniform} Transformer blocks of {args.preset} on float input, MSE"
+        if args.uniform
+        else f"TransformerLM {args.preset}"
     )
+    print(f"machine: {platform.machine()}, {cores} threads, torch {torch.__version__}")
+    print(f"model: {what} (dropout {args.dropout}), batch {args.batch} x {args.seq}")
     print(
         f"median of {args.rounds} rounds (configurations alternate), each the median of "
         f"{args.steps} steps"
@@ -217,6 +243,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()
 
 
 def _split_versus_whole(rows: list[dict]) -> None:
