@@ -5,7 +5,9 @@ tensors on the point-to-point group, batched as ``torch.distributed.pipelining``
 are single gloo ``isend``/``irecv`` calls (CPU tensors, so under NCCL no header crosses between
 host and GPU); the point-to-point operations of one moment — an action's sends and the receives
 posted for the next action — are collected and issued together by :meth:`Wire.flush` as one
-``batch_isend_irecv``. Every operation is issued from the calling thread.
+``batch_isend_irecv``. Every operation is issued from the calling thread. An inline message
+(:mod:`gpipe.runtime.p2pproto`) is one buffer: the value's tensors, each at an offset aligned
+to :data:`ALIGN` bytes, then the trailer (:func:`pack`, :func:`unpack`).
 
 The invariant: every send's buffer stays referenced until its transfer completed
 (:meth:`Wire.wait_sends`), and a direct receive is posted only for sizes both ends expect.
@@ -25,7 +27,9 @@ import torch.distributed as dist
 from gpipe.runtime import p2pproto as proto
 from gpipe.runtime.wire import as_bytes, tensor_specs
 
-__all__ = ["Slot", "Wire", "tensors_of"]
+__all__ = ["ALIGN", "Slot", "Wire", "pack", "packed_size", "tensors_of", "unpack"]
+
+ALIGN = 16  # every packed tensor starts at a multiple of this many bytes (any dtype views it)
 
 
 class Slot:
@@ -97,6 +101,35 @@ class Wire:
             )
         return sizes
 
+    def send_inline(
+        self,
+        peer: int,
+        head: tuple[int, proto.Key | None, int, int],
+        meta: bytes,
+        tensors: list[torch.Tensor],
+        known: bytes,
+    ) -> bool:
+        """Send, into the current batch, the one buffer of a message whose receiver expects a
+        value described by ``known``: the value itself when it is a ``DATA`` message with
+        that metadata (returns ``True``), else a placeholder saying that the message follows
+        with its header (returns ``False``; the caller sends it)."""
+        mtype, key, step, m = head
+        assert key is not None
+        same = mtype == proto.DATA and meta == known
+        trailer = proto.pack_trailer(proto.SAME if same else proto.OTHER, key, step, m)
+        parts = [as_bytes(t) for t in tensors if t.numel()] if same else []
+        buf = pack(parts, trailer, packed_size(known))
+        self._ops.append(
+            dist.P2POp(dist.isend, buf, group=self._p2p, group_peer=self._p2p_rank[peer])
+        )
+        return same
+
+    def post_header_now(self, slot: Slot, peer: int) -> None:
+        """Post the receive of ``peer``'s next header into ``slot`` (inline control: a header
+        is received only when the receiver learns that one follows)."""
+        fresh = self.post_header(peer)
+        slot.head, slot.head_work = fresh.head, fresh.head_work
+
     def post_data(self, slot: Slot, peer: int, sizes: list[int]) -> None:
         """Post, into the current batch, the direct receives of one message of ``sizes``."""
         slot.data = [torch.empty(n, dtype=torch.uint8, device=self.comm_device) for n in sizes]
@@ -159,6 +192,36 @@ def tensors_of(meta: bytes, parts: Iterator[torch.Tensor], device: torch.device)
             t.requires_grad_(True)
         tensors.append(t)
     return tensors
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def packed_size(meta: bytes) -> int:
+    """Bytes of the inline buffer of a value described by ``meta`` (trailer included)."""
+    return sum(_padded(n) for n in sizes_of(meta)) + proto.TRAILER_BYTES
+
+
+def pack(parts: list[torch.Tensor], trailer: torch.Tensor, size: int) -> torch.Tensor:
+    """One CPU buffer of ``size`` bytes: the byte ``parts`` (none for a placeholder), each at
+    an aligned offset, and ``trailer`` in its last bytes."""
+    buf = torch.empty(size, dtype=torch.uint8)
+    at = 0
+    for b in parts:
+        buf[at : at + b.numel()].copy_(b)
+        at += _padded(b.numel())
+    buf[size - proto.TRAILER_BYTES :].copy_(trailer)
+    return buf
+
+
+def unpack(buf: torch.Tensor, meta: bytes) -> list[torch.Tensor]:
+    """The byte parts of an inline buffer whose value ``meta`` describes (views, no copy)."""
+    parts, at = [], 0
+    for n in sizes_of(meta):
+        parts.append(buf[at : at + n])
+        at += _padded(n)
+    return parts
 
 
 def sizes_of(meta: bytes) -> list[int]:

@@ -1,0 +1,241 @@
+"""gpipe's distributed runtime against ``torch.distributed.pipelining``, same model, same run.
+
+Two spawned processes (gloo on loopback, one intra-op thread each) hold the two pipeline
+stages of the flagship ``TransformerLM`` (``small`` preset), cut at the same layers for both
+libraries. In rounds, each configuration runs ``--warmup`` steps and then ``--steps`` timed
+steps (median); the table reports the median over rounds, so load from other processes hits
+every row alike:
+
+* plain: the un-pipelined model, one process, one thread (rank 0 alone, rank 1 waits);
+* gpipe: ``gpipe.DistributedPipe`` with schedules gpipe, 1f1b, interleaved (V=2), and the
+  V-shaped zb-v and dualpipe-v (device ``d`` holds stages ``d`` and ``2K-1-d``);
+* torch: ``PipelineStage`` + ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
+  ``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV`` (the same placement).
+
+torch's ``ScheduleInterleavedZeroBubble`` has no gpipe counterpart yet (gpipe's zero-bubble
+schedules are zb-h1/zb-h2 with one stage per device, and the V-shaped zb-v); a row for it goes
+in ``PAIRS`` once gpipe has an interleaved zero-bubble schedule.
+
+Speed-up is against the plain model; "of bound" divides it by K·M/(M+K−1); "vs torch" is the
+torch step time over gpipe's for the matching schedule (> 1: gpipe is faster).
+
+    python benchmarks/peers.py                # M in 4,8, batch 32 x 128, 3 rounds
+    python benchmarks/peers.py --quick        # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# gpipe schedule -> (torch schedule class name, stages per process, V-shaped placement)
+PAIRS = {
+    "gpipe": ("ScheduleGPipe", 1, False),
+    "1f1b": ("Schedule1F1B", 1, False),
+    "interleaved": ("ScheduleInterleaved1F1B", 2, False),
+    "zb-v": ("ScheduleZBVZeroBubble", 2, True),
+    "dualpipe-v": ("ScheduleDualPipeV", 2, True),
+}
+SCHEDULES = tuple(PAIRS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(fn: Callable[[], object], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    dist.barrier()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=300),
+    )
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import PipelineStage
+
+    import gpipe
+    from gpipe.models import TransformerConfig, TransformerLM, lm_loss
+
+    cfg = TransformerConfig.preset(args.preset).replace(dropout=0.0)
+
+    def build() -> TransformerLM:
+        torch.manual_seed(0)
+        return TransformerLM(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    n_layers = len(build())
+    half = n_layers // 2
+    bal2 = [half, n_layers - half]
+    q = n_layers // 4
+    bal4 = [q, half - q, q, n_layers - half - q]
+
+    runners: dict[str, Callable[[], object]] = {}
+    keep: list[object] = []
+
+    model = build()
+    if rank == 0:
+
+        def plain() -> None:
+            model.zero_grad(set_to_none=True)
+            lm_loss(model(x), y).backward()
+
+        runners["plain"] = plain
+    else:
+        runners["plain"] = lambda: None
+
+    for m, sched in [(m, s) for m in args.chunk_list for s in args.schedule_list]:
+        tname, per_rank, v_shape = PAIRS[sched]
+        bal = bal4 if per_rank == 2 else bal2
+        pipe = gpipe.DistributedPipe(
+            build(), balance=bal, chunks=m, schedule=sched, remat="never", timeout=300
+        )
+        keep.append(pipe)
+
+        def ours(pipe: gpipe.DistributedPipe = pipe) -> None:
+            pipe.zero_grad(set_to_none=True)
+            pipe.step(x, y, lm_loss)
+
+        runners[f"gpipe {sched} {m}"] = ours
+        pipe2 = gpipe.DistributedPipe(
+            build(), balance=bal, chunks=m, schedule=sched, remat="never", timeout=300
+        )
+        pipe2._transport.prefetch = False
+        keep.append(pipe2)
+
+        def hdr(pipe: gpipe.DistributedPipe = pipe2) -> None:
+            pipe.zero_grad(set_to_none=True)
+            pipe.step(x, y, lm_loss)
+
+        runners[f"hdr {sched} {m}"] = hdr
+
+        layers = list(build())
+        bounds = [0]
+        for b in bal:
+            bounds.append(bounds[-1] + b)
+        mods = [torch.nn.Sequential(*layers[bounds[i] : bounds[i + 1]]) for i in range(len(bal))]
+        n_stages = len(bal)
+        if v_shape:  # device d holds stages d and 2K-1-d
+            mine = [rank, n_stages - 1 - rank]
+        else:
+            mine = [i for i in range(n_stages) if i % 2 == rank]
+        stages = [PipelineStage(mods[i], i, n_stages, torch.device("cpu")) for i in mine]
+        tcls = getattr(pipelining.schedules, tname)
+        tsched = tcls(stages[0] if per_rank == 1 else stages, m, loss_fn=lm_loss)
+        keep.append((tsched, mods))
+        first = 0 in mine
+        last = (n_stages - 1) in mine
+
+        def theirs(tsched=tsched, mods=mods, first=first, last=last) -> None:
+            for mod in mods:
+                mod.zero_grad(set_to_none=True)
+            kwargs: dict = {}
+            if last:
+                kwargs = {"target": y, "losses": []}
+            if first:
+                tsched.step(x, **kwargs)
+            else:
+                tsched.step(**kwargs)
+
+        runners[f"torch {sched} {m}"] = theirs
+
+    results: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for name, fn in runners.items():
+            dist.barrier()
+            results[name].append(_timed(fn, args.steps, args.warmup))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    for p in keep:
+        if hasattr(p, "close"):
+            p.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--chunks", default="4,8", help="micro-batch counts, comma-separated")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.seq, args.steps, args.warmup, args.rounds = 16, 64, 3, 1, 1
+        args.chunks = "8"
+    args.chunk_list = [int(c) for c in str(args.chunks).split(",")]
+    args.schedule_list = [s for s in str(args.schedules).split(",") if s]
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.json")
+        mp.start_processes(_worker, args=(args, _free_port(), out), nprocs=2, start_method="spawn")
+        with open(out) as f:
+            results = json.load(f)
+    load1 = os.getloadavg()[0]
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(
+        f"TransformerLM {args.preset}, batch {args.batch} x {args.seq}, K=2 processes (gloo, "
+        f"1 thread each), remat never; median over {args.rounds} round(s) of the median "
+        f"of {args.steps} steps; load average {load0:.2f} -> {load1:.2f}"
+    )
+    print()
+    print("| runtime | schedule | M | step (s) | speed-up vs plain | of bound | torch / gpipe |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| plain (1 process, 1 thread) | - | - | {med['plain']:.3f} | 1.00x | | |")
+    for m in args.chunk_list:
+        bound = 2 * m / (m + 1)
+        for sched in args.schedule_list:
+            ours, theirs = med[f"gpipe {sched} {m}"], med[f"torch {sched} {m}"]
+            print(f"| no-prefetch gpipe | {sched} | {m} | {med[f'hdr {sched} {m}']:.3f} | | | {theirs / med[f'hdr {sched} {m}']:.2f} |")
+            for name, t in (
+                ("gpipe.DistributedPipe", ours),
+                ("torch.distributed.pipelining", theirs),
+            ):
+                sp = med["plain"] / t
+                ratio = f"{theirs / ours:.2f}" if name.startswith("gpipe") else ""
+                print(
+                    f"| {name} | {sched} | {m} | {t:.3f} | {sp:.2f}x | {sp / bound:.0%} | {ratio} |"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "medians": med, "rounds": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
