@@ -143,6 +143,9 @@ class P2PTransport(ChannelHealth):
         # every position's receives, and the terminal's, in order: headers posted now, or
         # (inline control) once the receiver knows that one follows
         post = (lambda p: Slot(None, None)) if self.inline else self._wire.post_header
+        if self.inline and self.peers:  # last step's receive buffers, once no value uses them
+            old = getattr(self, "_slots", {}).values()
+            self._wire.buffers.give([b for slots in old for s in slots for b in s.data or ()])
         self._slots: dict[int, list[Slot]] = {
             p: [post(p) for _ in range(len(self._in[p]) + 1)] for p in self.peers
         }
@@ -303,7 +306,7 @@ class P2PTransport(ChannelHealth):
             known = self._expect.get(self._in[peer][pos])
             sizes = [packed_size(known[1])] if known and self.inline else known and known[0]
             if sizes:
-                self._wire.post_data(self._slots[peer][pos], peer, sizes)
+                self._wire.post_data(self._slots[peer][pos], peer, sizes, self.inline)
 
     def _bulk(self, peer: int, n: int, deadline: float) -> torch.Tensor:
         try:

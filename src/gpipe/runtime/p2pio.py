@@ -9,8 +9,12 @@ posted for the next action — are collected and issued together by :meth:`Wire.
 (:mod:`gpipe.runtime.p2pproto`) is one buffer: the value's tensors, each at an offset aligned
 to :data:`ALIGN` bytes, then the trailer (:func:`pack`, :func:`unpack`).
 
+Host buffers of inline messages are reused from step to step (:class:`Buffers`): a fresh
+large buffer costs a page fault per 4 KiB page on first touch, every message.
+
 The invariant: every send's buffer stays referenced until its transfer completed
-(:meth:`Wire.wait_sends`), and a direct receive is posted only for sizes both ends expect.
+(:meth:`Wire.wait_sends`), and a direct receive is posted only for sizes both ends expect; a
+buffer is reused only once its transfer completed and no tensor views it any more.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from gpipe.runtime import p2pproto as proto
 from gpipe.runtime.wire import as_bytes, tensor_specs
 
-__all__ = ["ALIGN", "Slot", "Wire", "pack", "packed_size", "tensors_of", "unpack"]
+__all__ = ["ALIGN", "Buffers", "Slot", "Wire", "pack", "packed_size", "tensors_of", "unpack"]
 
 ALIGN = 16  # every packed tensor starts at a multiple of this many bytes (any dtype views it)
 
@@ -44,6 +48,34 @@ class Slot:
         self.data_works: list[Any] = []
 
 
+class Buffers:
+    """Reusable CPU ``uint8`` buffers by size: :meth:`take` one, :meth:`give` it back once its
+    transfer completed; a buffer that a tensor still views (a received value in use) is kept
+    out until it is given back free."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+
+    def take(self, n: int) -> torch.Tensor:
+        """A buffer of ``n`` bytes (a free one of that size, else a new one)."""
+        free = self._free.get(n)
+        return free.pop() if free else torch.empty(n, dtype=torch.uint8)
+
+    def give(self, bufs: list[torch.Tensor]) -> None:
+        """Return ``bufs`` whose transfers completed; those still viewed are dropped."""
+        for b in bufs:
+            if _unshared(b):
+                self._free.setdefault(b.numel(), []).append(b)
+
+
+def _unshared(buf: torch.Tensor) -> bool:
+    """Whether no tensor but ``buf`` itself refers to its memory."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    return count(buf.untyped_storage()._cdata) <= 2  # ``buf`` and the temporary storage
+
+
 class Wire:
     """One rank's operations on its pipeline's two groups (peers by pipeline device)."""
 
@@ -57,6 +89,8 @@ class Wire:
         self._sends: list[tuple[Any, Any]] = []  # (work, buffer) until complete
         self._ops: list[dist.P2POp] = []  # point-to-point ops of the current batch
         self._slots: list[tuple[Slot, int]] = []  # receives in the batch, by op index
+        self.buffers = Buffers()  # inline buffers (host memory)
+        self._pooled: list[torch.Tensor] = []  # send buffers to give back once sent
 
     def _meta_op(self, op: Callable, t: torch.Tensor, peer: int, tag: int) -> Any:
         peer_arg = "group_dst" if op is dist.isend else "group_src"
@@ -118,7 +152,8 @@ class Wire:
         same = mtype == proto.DATA and meta == known
         trailer = proto.pack_trailer(proto.SAME if same else proto.OTHER, key, step, m)
         parts = [as_bytes(t) for t in tensors if t.numel()] if same else []
-        buf = pack(parts, trailer, packed_size(known))
+        buf = pack(parts, trailer, self.buffers.take(packed_size(known)))
+        self._pooled.append(buf)
         self._ops.append(
             dist.P2POp(dist.isend, buf, group=self._p2p, group_peer=self._p2p_rank[peer])
         )
@@ -130,9 +165,14 @@ class Wire:
         fresh = self.post_header(peer)
         slot.head, slot.head_work = fresh.head, fresh.head_work
 
-    def post_data(self, slot: Slot, peer: int, sizes: list[int]) -> None:
-        """Post, into the current batch, the direct receives of one message of ``sizes``."""
-        slot.data = [torch.empty(n, dtype=torch.uint8, device=self.comm_device) for n in sizes]
+    def post_data(self, slot: Slot, peer: int, sizes: list[int], inline: bool = False) -> None:
+        """Post, into the current batch, the direct receives of one message of ``sizes`` (an
+        ``inline`` one into a reused host buffer)."""
+        if inline:
+            slot.data = [self.buffers.take(n) for n in sizes]
+        else:
+            dev = self.comm_device
+            slot.data = [torch.empty(n, dtype=torch.uint8, device=dev) for n in sizes]
         for b in slot.data:
             self._slots.append((slot, len(self._ops)))
             self._ops.append(
@@ -168,6 +208,9 @@ class Wire:
                 wait(work, deadline)
             except Exception as e:
                 first = first or e
+        pooled, self._pooled = self._pooled, []
+        if first is None:
+            self.buffers.give(pooled)
         return first
 
 
@@ -203,10 +246,10 @@ def packed_size(meta: bytes) -> int:
     return sum(_padded(n) for n in sizes_of(meta)) + proto.TRAILER_BYTES
 
 
-def pack(parts: list[torch.Tensor], trailer: torch.Tensor, size: int) -> torch.Tensor:
-    """One CPU buffer of ``size`` bytes: the byte ``parts`` (none for a placeholder), each at
-    an aligned offset, and ``trailer`` in its last bytes."""
-    buf = torch.empty(size, dtype=torch.uint8)
+def pack(parts: list[torch.Tensor], trailer: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` (CPU ``uint8``) filled with the byte ``parts`` (none for a placeholder), each
+    at an aligned offset, and ``trailer`` in its last bytes."""
+    size = buf.numel()
     at = 0
     for b in parts:
         buf[at : at + b.numel()].copy_(b)
