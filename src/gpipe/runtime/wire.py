@@ -9,6 +9,7 @@ and anything that cannot cross a process boundary is refused by :func:`encode` w
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -87,7 +88,14 @@ def _bad(obj: Any, path: str, where: str) -> TypeError:
 
 def decode(meta: bytes, tensors: Sequence[torch.Tensor]) -> Any:
     """Rebuild the value :func:`encode` described, with ``tensors`` in placeholder order."""
-    return _build(json.loads(meta.decode())["v"], tensors)
+    return _build(_parse(meta)["v"], tensors)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(meta: bytes) -> Any:
+    """The parsed metadata (cached: in the steady state a channel repeats the same few; the
+    result is only read, never changed)."""
+    return json.loads(meta.decode())
 
 
 def _build(node: Any, tensors: Sequence[torch.Tensor]) -> Any:
@@ -102,9 +110,11 @@ def _build(node: Any, tensors: Sequence[torch.Tensor]) -> Any:
     return {k: _build(v, tensors) for k, v in node["d"]}
 
 
-def tensor_specs(meta: bytes) -> list[tuple[list[int], torch.dtype, bool]]:
-    doc = json.loads(meta.decode())
-    return [(s["shape"], getattr(torch, s["dtype"]), s["rg"]) for s in doc["ts"]]
+@functools.lru_cache(maxsize=1024)
+def tensor_specs(meta: bytes) -> tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]:
+    """Each tensor's shape, dtype and ``requires_grad`` from ``meta`` (cached)."""
+    doc = _parse(meta)
+    return tuple((tuple(s["shape"]), getattr(torch, s["dtype"]), s["rg"]) for s in doc["ts"])
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
