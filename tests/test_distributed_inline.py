@@ -180,3 +180,37 @@ def test_headers_travel_only_when_the_receiver_cannot_know_the_value(runs):
         # changes requires_grad (micro-batch 0 is re-materialized: its forward ran without
         # grad in the steps before too)
         assert inline[3] == (3 if r == 0 else 1), (r, inline)
+
+
+def _single(out: str) -> None:
+    import torch.distributed as dist
+
+    from gpipe.distributed import DistributedPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store1", rank=0, world_size=1)
+    pipe = DistributedPipe(_model(), chunks=2, balance=[9], schedule="1f1b", timeout=30)
+    losses, grads = [], []
+    for i in range(2):  # the second step would reuse channels, if there were any
+        pipe.zero_grad()
+        losses.append(float(pipe.step(*_batch(i, 8), F.cross_entropy)))
+        grads.append({n: p.grad.clone() for n, p in pipe.named_parameters()})
+    pipe.close()
+    dist.destroy_process_group()
+    torch.save((losses, grads), f"{out}/single.pt")
+
+
+def test_one_pipeline_device_needs_no_channel(tmp_path):
+    proc = mp.get_context("spawn").Process(target=_single, args=(str(tmp_path),), daemon=True)
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0, "the one-device pipe failed (see its stderr)"
+    losses, grads = torch.load(tmp_path / "single.pt", weights_only=False)
+    for i in range(2):
+        model = _model()
+        ref = reference_impl.step(model, *_batch(i, 8), F.cross_entropy, chunks=2, step=i)
+        assert abs(losses[i] - float(ref)) < TOL, (i, losses[i], float(ref))
+        for n, p in model.named_parameters():
+            assert (grads[i][n] - p.grad).abs().max().item() < TOL, (i, n)

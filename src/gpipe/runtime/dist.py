@@ -283,6 +283,8 @@ class P2PTransport(ChannelHealth):
             self._expect_next[key] = (sizes, meta)
 
     def _flush(self) -> None:
+        if not self.peers:  # one pipeline device: no channel
+            return
         try:
             self._wire.flush()
         except Exception as e:
