@@ -9,7 +9,11 @@ laid out, is :mod:`gpipe.runtime.p2pproto`. The order of operations follows
 next action needs (posted non-blocking, ahead of its compute); an action that needs a value
 waits only for that value's transfers. Headers travel on a CPU (gloo) group, so under NCCL no
 header is copied between host and GPU; every group exists from construction
-(:func:`gpipe.distlayout.create_groups`), and every wait is bounded by ``timeout``.
+(:func:`gpipe.distlayout.create_groups`), and every wait is bounded by ``timeout``. With
+tensors in host memory (gloo) a value both ends expect travels as one buffer and no header
+(*inline control*, :mod:`gpipe.runtime.p2pproto`); its header is then received only when
+its trailer says that one follows. What went wrong on a channel is
+:mod:`gpipe.runtime.p2phealth`.
 
 Each step every rank ends every channel it sends on with one *terminal* message: ``END``
 (carrying an optional payload, e.g. the loss from the last stage) or ``ABORT`` (rank, stage,
@@ -35,17 +39,14 @@ from gpipe.runtime import p2pproto as proto
 from gpipe.runtime.executor import Aborted
 from gpipe.runtime.failures import Failure, PeerError
 from gpipe.runtime.local import QueueTransport
-from gpipe.runtime.p2pio import Slot, Wire, sizes_of, tensors_of, wait
+from gpipe.runtime.p2phealth import Broken, ChannelHealth, first_line
+from gpipe.runtime.p2pio import Slot, Wire, packed_size, sizes_of, tensors_of, unpack, wait
 from gpipe.runtime.wire import decode, encode
 
 __all__ = ["Failure", "P2PTransport", "PeerError", "decode", "encode"]
 
 
-class _Broken(Exception):
-    """A channel can no longer be used (raised inside the transport only)."""
-
-
-class P2PTransport:
+class P2PTransport(ChannelHealth):
     """Transport of one pipeline device (this rank) to the other devices of its pipeline.
 
     Args:
@@ -58,6 +59,8 @@ class P2PTransport:
         timeout: seconds any wait may last (a message, a send, the end of a step).
         comm_device: where tensors travel (``cpu`` for gloo, the rank's GPU for NCCL); values
             are moved there before sending and arrive there.
+        inline: inline control (:mod:`gpipe.runtime.p2pproto`): a value both ends expect goes
+            as one buffer with no header. Default: when ``comm_device`` is the CPU.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class P2PTransport:
         *,
         timeout: float = 300.0,
         comm_device: torch.device | str = "cpu",
+        inline: bool | None = None,
     ) -> None:
         self.device = device
         self.ranks = list(ranks)
@@ -78,36 +82,30 @@ class P2PTransport:
         self.rank = self.ranks[device]
         self.timeout = float(timeout)
         self.comm_device = torch.device(comm_device)
+        self.inline = self.comm_device.type == "cpu" if inline is None else bool(inline)
+        if self.inline and self.comm_device.type != "cpu":
+            raise ValueError(
+                f"inline control reads each message's trailer on the host, so it needs tensors "
+                f"travelling in host memory, not on {self.comm_device}; pass inline=False"
+            )
         self.peers = [p for p in range(self.num_devices) if p != device]
         self._owner, self._num_stages = owner, num_stages
         if self.peers:
             self._wire = Wire(self.ranks, self.peers, p2p_group, meta_group, self.comm_device)
         self._box = QueueTransport(timeout)
-        self._failure: Failure | None = None
-        self._broken: str | None = None
-        self._dead: set[int] = set()  # peers whose channels are out of order for good
-        self._lost: set[int] = set()  # peers that died or closed their connection
+        super().__init__()
         self._closed = False
         self._in_step = False
         self._step, self._m = 0, 1
-        self._expect_next: dict[proto.Key, list[int]] = {}  # byte sizes, per message key
-        self._expect: dict[proto.Key, list[int]] = {}  # frozen at begin_step
+        # per message key: the byte sizes and metadata it carried last (frozen at begin_step)
+        self._expect_next: dict[proto.Key, tuple[list[int], bytes]] = {}
+        self._expect: dict[proto.Key, tuple[list[int], bytes]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         """Refuse further steps (idempotent); no thread or receive outlives a healthy step."""
         self._closed = True
-
-    @property
-    def broken(self) -> str | None:
-        """Why the channels can no longer be used, or ``None`` while they are healthy."""
-        return self._broken
-
-    @property
-    def failure(self) -> Failure | None:
-        """The first failure seen in this step (local or from a peer)."""
-        return self._failure
 
     def begin_step(
         self, step: int, num_microbatches: int, per_device: Sequence[Sequence[Any]]
@@ -142,9 +140,15 @@ class P2PTransport:
         self._wants = proto.remote_inputs(mine, me, self._owner, self._num_stages)
         self._next_want = 0
         self._payloads: dict[int, Any] = {}
+        # every position's receives, and the terminal's, in order: headers posted now, or
+        # (inline control) once the receiver knows that one follows
+        post = (lambda p: Slot(None, None)) if self.inline else self._wire.post_header
+        if self.inline and self.peers:  # last step's receive buffers, once no value uses them
+            old = getattr(self, "_slots", {}).values()
+            self._wire.buffers.give([b for slots in old for s in slots for b in s.data or ()])
         self._slots: dict[int, list[Slot]] = {
-            p: [self._wire.post_header(p) for _ in range(len(self._in[p]) + 1)] for p in self.peers
-        }  # every position's header, and the terminal's, in order
+            p: [post(p) for _ in range(len(self._in[p]) + 1)] for p in self.peers
+        }
         self._prefetch()
         self._flush()
 
@@ -188,7 +192,7 @@ class P2PTransport:
                 self._flush()
                 while self._decoded[peer] <= pos:
                     self._decode_next(peer, time.monotonic() + self.timeout)
-            except _Broken:
+            except Broken:
                 pass
             self._check_failed()
         try:
@@ -204,8 +208,7 @@ class P2PTransport:
 
     def abort(self, failure: Failure) -> None:
         """Record ``failure`` (first one wins) and wake a waiting local :meth:`recv`."""
-        if self._failure is None:
-            self._failure = failure
+        super().abort(failure)
         self._box.abort()
 
     # ------------------------------------------------------------------ end of step
@@ -249,7 +252,7 @@ class P2PTransport:
                 self._flush()
                 while self._decoded[p] <= len(self._in[p]):
                     self._decode_next(p, deadline)
-            except _Broken:
+            except Broken:
                 continue
         self._wait_sends(deadline)
         self._in_step = False
@@ -260,7 +263,7 @@ class P2PTransport:
             return
         e = self._wire.wait_sends(deadline)
         if e is not None:
-            self._broken = self._broken or f"a send did not complete: {_first_line(e)}"
+            self._broken = self._broken or f"a send did not complete: {first_line(e)}"
             if self._failure is None:
                 self.abort(Failure(self.rank, self.device, None, None, f"a send failed: {e}"))
 
@@ -269,13 +272,19 @@ class P2PTransport:
     def _emit(
         self, peer: int, mtype: int, key: proto.Key | None, meta: bytes, tensors: list
     ) -> None:
-        expected = self._expect.get(key) if key is not None else None
         head = (mtype, key, self._step, self._m)
-        sizes = self._wire.send(peer, head, meta, tensors, expected)
+        known = self._expect.get(key) if key is not None else None
+        if known is not None and self.inline:  # the receiver posted one buffer for this key
+            if self._wire.send_inline(peer, head, meta, tensors, known[1]):
+                return
+            known = None  # it was a placeholder: the whole message follows with its header
+        sizes = self._wire.send(peer, head, meta, tensors, known and known[0])
         if mtype == proto.DATA and key is not None:
-            self._expect_next[key] = sizes
+            self._expect_next[key] = (sizes, meta)
 
     def _flush(self) -> None:
+        if not self.peers:  # one pipeline device: no channel
+            return
         try:
             self._wire.flush()
         except Exception as e:
@@ -296,10 +305,10 @@ class P2PTransport:
         while self._data_posted[peer] <= upto:
             pos = self._data_posted[peer]
             self._data_posted[peer] = pos + 1
-            sizes = self._expect.get(self._in[peer][pos])
-            if not sizes:
-                continue
-            self._wire.post_data(self._slots[peer][pos], peer, sizes)
+            known = self._expect.get(self._in[peer][pos])
+            sizes = [packed_size(known[1])] if known and self.inline else known and known[0]
+            if sizes:
+                self._wire.post_data(self._slots[peer][pos], peer, sizes, self.inline)
 
     def _bulk(self, peer: int, n: int, deadline: float) -> torch.Tensor:
         try:
@@ -312,6 +321,21 @@ class P2PTransport:
         :attr:`failure`, or the terminal message's payload."""
         pos = self._decoded[peer]
         slot = self._slots[peer][pos]
+        if slot.head_work is None and slot.data is not None:  # an inline message
+            for w in slot.data_works:
+                self._wait(w, deadline, peer)
+            key, t = self._in[peer][pos], proto.unpack_trailer(slot.data[0])
+            if t.status == proto.SAME:
+                if (t.key, t.step, t.num_microbatches) != (key, self._step, self._m):
+                    self._out_of_order(peer, t.key, t.step, t.num_microbatches)
+                self._decoded[peer] = pos + 1
+                meta = self._expect[key][1]
+                parts = iter(unpack(slot.data[0], meta))
+                self._box.send(*key, decode(meta, tensors_of(meta, parts, self.comm_device)))
+                return
+            slot.data, slot.data_works = None, []  # a placeholder: the header follows
+        if slot.head_work is None:
+            self._wire.post_header_now(slot, peer)
         self._wait(slot.head_work, deadline, peer)
         h = proto.unpack_header(slot.head)
         meta = h.meta
@@ -325,17 +349,7 @@ class P2PTransport:
             wrong = h.mtype == proto.DATA and (h.key, h.step, h.num_microbatches) != want
             wrong = wrong or h.mtype not in (proto.DATA, proto.SKIP)
         if wrong:
-            self._dead.add(peer)
-            self._broken = self._broken or f"messages from rank {self.ranks[peer]} out of order"
-            self.abort(
-                Failure(
-                    self.ranks[peer], peer, h.key[1], h.key[2],
-                    f"ran step {h.step} with {h.num_microbatches} micro-batches while rank "
-                    f"{self.rank} ran step {self._step} with {self._m}; every rank must call "
-                    "step() with the same batch and chunks",
-                )
-            )  # fmt: skip
-            raise _Broken()
+            self._out_of_order(peer, h.key, h.step, h.num_microbatches)
         for w in slot.data_works:  # direct data, or the placeholders of a bulk message
             self._wait(w, deadline, peer)
         self._decoded[peer] = pos + 1
@@ -351,47 +365,16 @@ class P2PTransport:
         if terminal:
             self._payloads[peer] = value
             return
-        self._expect_next[h.key] = sizes
+        self._expect_next[h.key] = (sizes, meta)
         self._box.send(*h.key, value)
 
     def _wait(self, work: Any, deadline: float, peer: int) -> None:
         """Wait for ``peer``'s ``work`` until ``deadline``; a timeout or a lost peer breaks
-        the channel (:class:`_Broken`)."""
+        the channel (:class:`Broken`)."""
         try:
             wait(work, deadline)
         except Exception as e:
             self._lost_peer(peer, e)
-
-    def _lost_peer(self, peer: int, e: BaseException) -> Any:
-        if "timed out" in str(e).lower() or isinstance(e, TimeoutError):
-            self._dead.add(peer)
-            self._broken = self._broken or f"no message from rank {self.ranks[peer]}"
-            self.abort(
-                Failure(
-                    self.ranks[peer], peer, None, None,
-                    f"sent nothing for {self.timeout:.0f}s (hung or too slow; raise timeout=)",
-                )
-            )  # fmt: skip
-        else:
-            self._mark_broken(peer, e)
-        raise _Broken() from None
-
-    def _mark_broken(self, peer: int | None, error: BaseException) -> None:
-        who = "a peer" if peer is None else f"rank {self.ranks[peer]} (pipeline device {peer})"
-        self._broken = self._broken or (
-            f"lost the connection to {who}: {type(error).__name__}: {_first_line(error)}"
-        )
-        if peer is not None:
-            self._dead.add(peer)
-            self._lost.add(peer)
-            self.abort(Failure(self.ranks[peer], peer, None, None, "died or closed its connection"))
-        else:
-            self.abort(Failure(self.rank, self.device, None, None, f"transfer failed: {error}"))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def _detach_tree(value: Any) -> Any:

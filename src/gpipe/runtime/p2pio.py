@@ -5,10 +5,16 @@ tensors on the point-to-point group, batched as ``torch.distributed.pipelining``
 are single gloo ``isend``/``irecv`` calls (CPU tensors, so under NCCL no header crosses between
 host and GPU); the point-to-point operations of one moment — an action's sends and the receives
 posted for the next action — are collected and issued together by :meth:`Wire.flush` as one
-``batch_isend_irecv``. Every operation is issued from the calling thread.
+``batch_isend_irecv``. Every operation is issued from the calling thread. An inline message
+(:mod:`gpipe.runtime.p2pproto`) is one buffer: the value's tensors, each at an offset aligned
+to :data:`ALIGN` bytes, then the trailer (:func:`pack`, :func:`unpack`).
+
+Host buffers of inline messages are reused from step to step (:class:`Buffers`): a fresh
+large buffer costs a page fault per 4 KiB page on first touch, every message.
 
 The invariant: every send's buffer stays referenced until its transfer completed
-(:meth:`Wire.wait_sends`), and a direct receive is posted only for sizes both ends expect.
+(:meth:`Wire.wait_sends`), and a direct receive is posted only for sizes both ends expect; a
+buffer is reused only once its transfer completed and no tensor views it any more.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import torch.distributed as dist
 from gpipe.runtime import p2pproto as proto
 from gpipe.runtime.wire import as_bytes, tensor_specs
 
-__all__ = ["Slot", "Wire", "tensors_of"]
+__all__ = ["ALIGN", "Buffers", "Slot", "Wire", "pack", "packed_size", "tensors_of", "unpack"]
+
+ALIGN = 16  # every packed tensor starts at a multiple of this many bytes (any dtype views it)
 
 
 class Slot:
@@ -38,6 +46,34 @@ class Slot:
         self.head, self.head_work = head, head_work
         self.data: list[torch.Tensor] | None = None
         self.data_works: list[Any] = []
+
+
+class Buffers:
+    """Reusable CPU ``uint8`` buffers by size: :meth:`take` one, :meth:`give` it back once its
+    transfer completed; a buffer that a tensor still views (a received value in use) is kept
+    out until it is given back free."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+
+    def take(self, n: int) -> torch.Tensor:
+        """A buffer of ``n`` bytes (a free one of that size, else a new one)."""
+        free = self._free.get(n)
+        return free.pop() if free else torch.empty(n, dtype=torch.uint8)
+
+    def give(self, bufs: list[torch.Tensor]) -> None:
+        """Return ``bufs`` whose transfers completed; those still viewed are dropped."""
+        for b in bufs:
+            if _unshared(b):
+                self._free.setdefault(b.numel(), []).append(b)
+
+
+def _unshared(buf: torch.Tensor) -> bool:
+    """Whether no tensor but ``buf`` itself refers to its memory."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    return count(buf.untyped_storage()._cdata) <= 2  # ``buf`` and the temporary storage
 
 
 class Wire:
@@ -53,6 +89,8 @@ class Wire:
         self._sends: list[tuple[Any, Any]] = []  # (work, buffer) until complete
         self._ops: list[dist.P2POp] = []  # point-to-point ops of the current batch
         self._slots: list[tuple[Slot, int]] = []  # receives in the batch, by op index
+        self.buffers = Buffers()  # inline buffers (host memory)
+        self._pooled: list[torch.Tensor] = []  # send buffers to give back once sent
 
     def _meta_op(self, op: Callable, t: torch.Tensor, peer: int, tag: int) -> Any:
         peer_arg = "group_dst" if op is dist.isend else "group_src"
@@ -97,9 +135,44 @@ class Wire:
             )
         return sizes
 
-    def post_data(self, slot: Slot, peer: int, sizes: list[int]) -> None:
-        """Post, into the current batch, the direct receives of one message of ``sizes``."""
-        slot.data = [torch.empty(n, dtype=torch.uint8, device=self.comm_device) for n in sizes]
+    def send_inline(
+        self,
+        peer: int,
+        head: tuple[int, proto.Key | None, int, int],
+        meta: bytes,
+        tensors: list[torch.Tensor],
+        known: bytes,
+    ) -> bool:
+        """Send, into the current batch, the one buffer of a message whose receiver expects a
+        value described by ``known``: the value itself when it is a ``DATA`` message with
+        that metadata (returns ``True``), else a placeholder saying that the message follows
+        with its header (returns ``False``; the caller sends it)."""
+        mtype, key, step, m = head
+        assert key is not None
+        same = mtype == proto.DATA and meta == known
+        trailer = proto.pack_trailer(proto.SAME if same else proto.OTHER, key, step, m)
+        parts = [as_bytes(t) for t in tensors if t.numel()] if same else []
+        buf = pack(parts, trailer, self.buffers.take(packed_size(known)))
+        self._pooled.append(buf)
+        self._ops.append(
+            dist.P2POp(dist.isend, buf, group=self._p2p, group_peer=self._p2p_rank[peer])
+        )
+        return same
+
+    def post_header_now(self, slot: Slot, peer: int) -> None:
+        """Post the receive of ``peer``'s next header into ``slot`` (inline control: a header
+        is received only when the receiver learns that one follows)."""
+        fresh = self.post_header(peer)
+        slot.head, slot.head_work = fresh.head, fresh.head_work
+
+    def post_data(self, slot: Slot, peer: int, sizes: list[int], inline: bool = False) -> None:
+        """Post, into the current batch, the direct receives of one message of ``sizes`` (an
+        ``inline`` one into a reused host buffer)."""
+        if inline:
+            slot.data = [self.buffers.take(n) for n in sizes]
+        else:
+            dev = self.comm_device
+            slot.data = [torch.empty(n, dtype=torch.uint8, device=dev) for n in sizes]
         for b in slot.data:
             self._slots.append((slot, len(self._ops)))
             self._ops.append(
@@ -135,6 +208,9 @@ class Wire:
                 wait(work, deadline)
             except Exception as e:
                 first = first or e
+        pooled, self._pooled = self._pooled, []
+        if first is None:
+            self.buffers.give(pooled)
         return first
 
 
@@ -159,6 +235,36 @@ def tensors_of(meta: bytes, parts: Iterator[torch.Tensor], device: torch.device)
             t.requires_grad_(True)
         tensors.append(t)
     return tensors
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def packed_size(meta: bytes) -> int:
+    """Bytes of the inline buffer of a value described by ``meta`` (trailer included)."""
+    return sum(_padded(n) for n in sizes_of(meta)) + proto.TRAILER_BYTES
+
+
+def pack(parts: list[torch.Tensor], trailer: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` (CPU ``uint8``) filled with the byte ``parts`` (none for a placeholder), each
+    at an aligned offset, and ``trailer`` in its last bytes."""
+    size = buf.numel()
+    at = 0
+    for b in parts:
+        buf[at : at + b.numel()].copy_(b)
+        at += _padded(b.numel())
+    buf[size - proto.TRAILER_BYTES :].copy_(trailer)
+    return buf
+
+
+def unpack(buf: torch.Tensor, meta: bytes) -> list[torch.Tensor]:
+    """The byte parts of an inline buffer whose value ``meta`` describes (views, no copy)."""
+    parts, at = [], 0
+    for n in sizes_of(meta):
+        parts.append(buf[at : at + n])
+        at += _padded(n)
+    return parts
 
 
 def sizes_of(meta: bytes) -> list[int]:

@@ -15,6 +15,16 @@ inline when it fits, and then its tensors:
   also sends placeholder buffers of the expected sizes on the point-to-point group, so the
   receives posted ahead are always matched one for one.
 
+With *inline control* (the default when tensors travel in host memory, i.e. gloo), a data
+message both ends expect — the value's metadata equals the one this key carried in the
+previous step — has no header at all: its tensors go packed into one buffer on the
+point-to-point group, ended by a :data:`TRAILER_BYTES` trailer (:func:`pack_trailer`) that
+repeats the key, step and M. A trailer marked :data:`OTHER` says the buffer is a placeholder
+and the message follows as a header (a new shape or structure, ``SKIP``); the receiver
+then receives that header. So the steady state costs one message per value, and the header
+group carries only what the receiver cannot know. Under NCCL reading a trailer would be a
+blocking device-to-host copy per message, so there every message has a header.
+
 ``SKIP`` fills a position its sender never reached (its step failed), ``END`` and ``ABORT``
 end the channel's step. The invariant: both ends of a channel walk the same positions in
 the same order every step, whatever fails, so the groups stay in order for the next step.
@@ -37,14 +47,20 @@ __all__ = [
     "END",
     "HEADER_BYTES",
     "INLINE",
+    "OTHER",
+    "SAME",
     "SKIP",
+    "TRAILER_BYTES",
     "Header",
+    "Trailer",
     "channel_messages",
     "failure_body",
     "failure_from",
     "pack_header",
+    "pack_trailer",
     "remote_inputs",
     "unpack_header",
+    "unpack_trailer",
 ]
 
 MAGIC = 0x67706970  # "gpip"
@@ -56,6 +72,8 @@ HEAD_TAG, BULK_TAG = 0, 1
 _FIELDS = 9
 HEADER_BYTES = 512
 INLINE = HEADER_BYTES - 8 * _FIELDS  # metadata up to this size travels inside the header
+TRAILER_BYTES = 64  # inline control: magic, status, kind, stage, micro-batch, step, M, 0
+SAME, OTHER = 0, 1  # the buffer holds the value / is a placeholder, a header follows
 KIND_CODES = {"act": 0, "grad": 1}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
@@ -162,3 +180,30 @@ def failure_body(failure: Failure) -> bytes:
 def failure_from(meta: bytes) -> Failure:
     """The :class:`Failure` a ``SKIP`` or ``ABORT`` message carries."""
     return Failure(**json.loads(meta.decode()))
+
+
+class Trailer:
+    """A decoded trailer of an inline message: its status, key, the sender's step and M."""
+
+    __slots__ = ("key", "num_microbatches", "status", "step")
+
+    def __init__(self, fields: list[int]) -> None:
+        magic, self.status, kind, stage, mb, self.step, self.num_microbatches, _ = fields
+        if magic != MAGIC:
+            raise RuntimeError(
+                "corrupt message trailer (wrong magic number): the ranks' messages are out of "
+                "order; build a new DistributedPipe on every rank"
+            )
+        self.key: Key = (KIND_NAMES.get(kind, "act"), stage, mb)
+
+
+def pack_trailer(status: int, key: Key, step: int, num_microbatches: int) -> torch.Tensor:
+    """The trailer of an inline message as a CPU ``uint8`` tensor of :data:`TRAILER_BYTES`."""
+    kind, stage, mb = key
+    fields = [MAGIC, status, KIND_CODES[kind], stage, mb, step, num_microbatches, 0]
+    return torch.tensor(fields, dtype=torch.int64).view(torch.uint8)
+
+
+def unpack_trailer(buf: torch.Tensor) -> Trailer:
+    """Decode the trailer at the end of an inline buffer (CPU ``uint8``)."""
+    return Trailer(buf[-TRAILER_BYTES:].view(torch.int64).tolist())

@@ -9,6 +9,7 @@ and anything that cannot cross a process boundary is refused by :func:`encode` w
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -31,78 +32,89 @@ def encode(value: Any, where: str = "value") -> tuple[bytes, list[torch.Tensor]]
     """
     tensors: list[torch.Tensor] = []
     specs: list[dict[str, Any]] = []
-
-    def walk(obj: Any, path: str) -> Any:
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            if type(obj) not in (type(None), bool, int, float, str):
-                raise _bad(obj, path)
-            return obj
-        if isinstance(obj, torch.Tensor):
-            if obj.layout != torch.strided or obj.is_quantized or obj.is_nested:
-                raise TypeError(
-                    f"{where}: {path} is a {obj.layout} tensor; only dense (strided) tensors "
-                    "can be sent between pipeline stages"
-                )
-            if obj.device.type == "meta":
-                raise TypeError(f"{where}: {path} is a meta tensor and holds no data to send")
-            specs.append(
-                {
-                    "shape": list(obj.shape),
-                    "dtype": str(obj.dtype).removeprefix("torch."),
-                    "rg": bool(obj.requires_grad),
-                }
-            )
-            tensors.append(obj.detach())
-            return {"x": len(tensors) - 1}
-        if type(obj) is list:
-            return {"l": [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
-        if type(obj) is tuple:
-            return {"t": [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
-        if type(obj) is dict:
-            items = []
-            for k, v in obj.items():
-                if k is not None and type(k) not in (bool, int, float, str):
-                    raise TypeError(
-                        f"{where}: {path} has a key of type {type(k).__name__}; dict keys sent "
-                        "between stages must be str, int, float, bool or None"
-                    )
-                items.append([k, walk(v, f"{path}[{k!r}]")])
-            return {"d": items}
-        raise _bad(obj, path)
-
-    def _bad(obj: Any, path: str) -> TypeError:
-        return TypeError(
-            f"{where}: {path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-            f"cannot be sent to another process; values between pipeline stages may hold only "
-            f"{_ALLOWED} (convert NamedTuples/dataclasses to tuples or dicts)"
-        )
-
-    tree = walk(value, "value")
+    tree = _walk(value, "value", where, tensors, specs)
     meta = json.dumps({"v": tree, "ts": specs}, separators=(",", ":")).encode()
     return meta, tensors
 
 
+# The walks are module functions, not closures: a recursive closure is a reference cycle that
+# would keep every tensor of the message alive until the cyclic garbage collector runs.
+def _walk(obj: Any, path: str, where: str, tensors: list, specs: list) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        if type(obj) not in (type(None), bool, int, float, str):
+            raise _bad(obj, path, where)
+        return obj
+    if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.is_quantized or obj.is_nested:
+            raise TypeError(
+                f"{where}: {path} is a {obj.layout} tensor; only dense (strided) tensors "
+                "can be sent between pipeline stages"
+            )
+        if obj.device.type == "meta":
+            raise TypeError(f"{where}: {path} is a meta tensor and holds no data to send")
+        specs.append(
+            {
+                "shape": list(obj.shape),
+                "dtype": str(obj.dtype).removeprefix("torch."),
+                "rg": bool(obj.requires_grad),
+            }
+        )
+        tensors.append(obj.detach())
+        return {"x": len(tensors) - 1}
+    if type(obj) is list:
+        return {"l": [_walk(v, f"{path}[{i}]", where, tensors, specs) for i, v in enumerate(obj)]}
+    if type(obj) is tuple:
+        return {"t": [_walk(v, f"{path}[{i}]", where, tensors, specs) for i, v in enumerate(obj)]}
+    if type(obj) is dict:
+        items = []
+        for k, v in obj.items():
+            if k is not None and type(k) not in (bool, int, float, str):
+                raise TypeError(
+                    f"{where}: {path} has a key of type {type(k).__name__}; dict keys sent "
+                    "between stages must be str, int, float, bool or None"
+                )
+            items.append([k, _walk(v, f"{path}[{k!r}]", where, tensors, specs)])
+        return {"d": items}
+    raise _bad(obj, path, where)
+
+
+def _bad(obj: Any, path: str, where: str) -> TypeError:
+    return TypeError(
+        f"{where}: {path} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+        f"cannot be sent to another process; values between pipeline stages may hold only "
+        f"{_ALLOWED} (convert NamedTuples/dataclasses to tuples or dicts)"
+    )
+
+
 def decode(meta: bytes, tensors: Sequence[torch.Tensor]) -> Any:
     """Rebuild the value :func:`encode` described, with ``tensors`` in placeholder order."""
-    doc = json.loads(meta.decode())
-
-    def build(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        if "x" in node:
-            return tensors[node["x"]]
-        if "l" in node:
-            return [build(v) for v in node["l"]]
-        if "t" in node:
-            return tuple(build(v) for v in node["t"])
-        return {k: build(v) for k, v in node["d"]}
-
-    return build(doc["v"])
+    return _build(_parse(meta)["v"], tensors)
 
 
-def tensor_specs(meta: bytes) -> list[tuple[list[int], torch.dtype, bool]]:
-    doc = json.loads(meta.decode())
-    return [(s["shape"], getattr(torch, s["dtype"]), s["rg"]) for s in doc["ts"]]
+@functools.lru_cache(maxsize=1024)
+def _parse(meta: bytes) -> Any:
+    """The parsed metadata (cached: in the steady state a channel repeats the same few; the
+    result is only read, never changed)."""
+    return json.loads(meta.decode())
+
+
+def _build(node: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    if "x" in node:
+        return tensors[node["x"]]
+    if "l" in node:
+        return [_build(v, tensors) for v in node["l"]]
+    if "t" in node:
+        return tuple(_build(v, tensors) for v in node["t"])
+    return {k: _build(v, tensors) for k, v in node["d"]}
+
+
+@functools.lru_cache(maxsize=1024)
+def tensor_specs(meta: bytes) -> tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]:
+    """Each tensor's shape, dtype and ``requires_grad`` from ``meta`` (cached)."""
+    doc = _parse(meta)
+    return tuple((tuple(s["shape"]), getattr(torch, s["dtype"]), s["rg"]) for s in doc["ts"])
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

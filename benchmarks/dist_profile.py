@@ -1,0 +1,254 @@
+"""Where a distributed step's time goes, gpipe against ``torch.distributed.pipelining``.
+
+The same two spawned processes (gloo on loopback, one intra-op thread each), model and cut as
+``benchmarks/peers.py``. Every rank wraps, for the whole run:
+
+* each top-level layer's forward (hooks) and ``torch.autograd.backward`` / ``grad``: compute;
+* ``Work.wait``: time blocked on communication;
+* every ``torch.distributed`` point-to-point call and collective: messages per step.
+
+Configurations alternate in rounds; per rank and configuration the table gives medians over
+steps of the wall time and its split into forward, backward, waits and the rest (Python,
+packing, the loss, what the runtime does around the compute), and the messages per step.
+
+    python benchmarks/dist_profile.py --schedules gpipe,1f1b,interleaved --chunks 4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peers import PAIRS
+
+CALLS = (
+    "isend", "irecv", "send", "recv", "batch_isend_irecv", "all_reduce", "all_gather",
+    "broadcast", "barrier", "all_gather_object", "broadcast_object_list",
+)  # fmt: skip
+
+
+class Meter:
+    """Seconds in each kind of work and calls counted, since the last :meth:`take`."""
+
+    def __init__(self) -> None:
+        self.t: Counter[str] = Counter()
+        self.n: Counter[str] = Counter()
+        self.on = False
+
+    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+        t, n = dict(self.t), dict(self.n)
+        self.t.clear()
+        self.n.clear()
+        return t, n
+
+
+METER = Meter()
+
+
+def _instrument() -> None:
+    from torch.distributed import distributed_c10d as c10d
+
+    work = dist.Work
+    orig_wait = work.wait
+
+    def wait(self: object, *a: object) -> object:
+        t = time.perf_counter()
+        try:
+            return orig_wait(self, *a)
+        finally:
+            METER.t["wait"] += time.perf_counter() - t
+
+    work.wait = wait  # type: ignore[method-assign]
+    for name in CALLS:  # one wrapper in both namespaces: P2POp checks its op by identity
+        orig = getattr(c10d, name, None)
+        if orig is None:
+            continue
+
+        def wrapper(*args: object, _orig: Callable = orig, _name: str = name, **kw: object):
+            METER.n[_name] += 1
+            return _orig(*args, **kw)
+
+        setattr(c10d, name, wrapper)
+        setattr(dist, name, wrapper)
+    for name in ("backward", "grad"):
+        orig = getattr(torch.autograd, name)
+
+        def timed(*args: object, _orig: Callable = orig, **kw: object) -> object:
+            t = time.perf_counter()
+            try:
+                return _orig(*args, **kw)
+            finally:
+                METER.t["bwd"] += time.perf_counter() - t
+
+        setattr(torch.autograd, name, timed)
+
+
+def _hook_layers(layers: list[torch.nn.Module]) -> None:
+    starts: list[float] = []
+
+    def pre(_m: object, _a: object) -> None:
+        starts.append(time.perf_counter())
+
+    def post(_m: object, _a: object, _o: object) -> None:
+        METER.t["fwd"] += time.perf_counter() - starts.pop()
+
+    for layer in layers:
+        layer.register_forward_pre_hook(pre)
+        layer.register_forward_hook(post)
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=300),
+    )  # fmt: skip
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import PipelineStage
+
+    import gpipe
+    from gpipe.models import TransformerConfig, TransformerLM, lm_loss
+
+    _instrument()
+    cfg = TransformerConfig.preset(args.preset).replace(dropout=0.0)
+
+    def build() -> TransformerLM:
+        torch.manual_seed(0)
+        return TransformerLM(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    n = len(build())
+    half, q = n // 2, n // 4
+    bal2, bal4 = [half, n - half], [q, half - q, q, n - half - q]
+    runners: dict[str, Callable[[], object]] = {}
+    keep: list[object] = []
+    for m in args.chunk_list:
+        for sched in args.schedule_list:
+            tname, per_rank, v_shape = PAIRS[sched]
+            bal = bal4 if per_rank == 2 else bal2
+            model = build()
+            _hook_layers(list(model))
+            pipe = gpipe.DistributedPipe(
+                model, balance=bal, chunks=m, schedule=sched, remat="never", timeout=300
+            )
+            keep.append(pipe)
+
+            def ours(pipe: gpipe.DistributedPipe = pipe) -> None:
+                pipe.zero_grad(set_to_none=True)
+                pipe.step(x, y, lm_loss)
+
+            runners[f"gpipe {sched} {m}"] = ours
+            layers = list(build())
+            _hook_layers(layers)
+            bounds = [0]
+            for b in bal:
+                bounds.append(bounds[-1] + b)
+            mods = [
+                torch.nn.Sequential(*layers[bounds[i] : bounds[i + 1]]) for i in range(len(bal))
+            ]
+            k = len(bal)
+            mine = [rank, k - 1 - rank] if v_shape else [i for i in range(k) if i % 2 == rank]
+            stages = [PipelineStage(mods[i], i, k, torch.device("cpu")) for i in mine]
+            tcls = getattr(pipelining.schedules, tname)
+            tsched = tcls(stages[0] if per_rank == 1 else stages, m, loss_fn=lm_loss)
+            keep.append((tsched, mods))
+
+            def theirs(tsched=tsched, mods=mods, first=0 in mine, last=k - 1 in mine) -> None:
+                for mod in mods:
+                    mod.zero_grad(set_to_none=True)
+                kwargs: dict = {"target": y, "losses": []} if last else {}
+                tsched.step(x, **kwargs) if first else tsched.step(**kwargs)
+
+            runners[f"torch {sched} {m}"] = theirs
+
+    rows: dict[str, list[dict]] = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for name, fn in runners.items():
+            for _ in range(args.warmup):
+                fn()
+            dist.barrier()
+            for _ in range(args.steps):
+                METER.take()
+                t = time.perf_counter()
+                fn()
+                wall = time.perf_counter() - t
+                times, counts = METER.take()
+                rows[name].append({"wall": wall, **times, "counts": counts})
+    gathered: list = [None, None]
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    for p in keep:
+        if hasattr(p, "close"):
+            p.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--chunks", default="4,8")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.chunk_list = [int(c) for c in args.chunks.split(",")]
+    args.schedule_list = [s for s in args.schedules.split(",") if s]
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.json")
+        mp.start_processes(_worker, args=(args, _free_port(), out), nprocs=2, start_method="spawn")
+        with open(out) as f:
+            per_rank = json.load(f)
+    print(
+        f"TransformerLM {args.preset}, batch {args.batch} x {args.seq}, 2 gloo processes; "
+        f"medians over {args.rounds} x {args.steps} steps (ms); load {load0:.2f} -> "
+        f"{os.getloadavg()[0]:.2f}\n"
+    )
+    print("| config | rank | wall | fwd | bwd | wait | rest | messages per step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name in per_rank[0]:
+        for r, rows in enumerate(per_rank):
+            med = {
+                k: 1e3 * statistics.median(row.get(k, 0.0) for row in rows[name])
+                for k in ("wall", "fwd", "bwd", "wait")
+            }
+            rest = med["wall"] - med["fwd"] - med["bwd"] - med["wait"]
+            c = rows[name][-1]["counts"]
+            msgs = ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+            print(
+                f"| {name} | {r} | {med['wall']:.1f} | {med['fwd']:.1f} | {med['bwd']:.1f} | "
+                f"{med['wait']:.1f} | {rest:.1f} | {msgs} |"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(per_rank, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""What one rank knows about the health of its pipeline's channels: the step's first failure,
+the peers whose channels are out of order or gone, and why the channels are broken.
+
+:class:`ChannelHealth` is the part of :class:`gpipe.runtime.dist.P2PTransport` that turns
+what went wrong on a channel (a timeout, a lost connection, a message out of order) into a
+:class:`~gpipe.runtime.failures.Failure` naming the rank, stage and micro-batch concerned.
+
+The invariant: once a channel is out of order (:attr:`ChannelHealth.broken` set) it stays so,
+and every such event records a failure for the step (the first one wins) and wakes a waiting
+local receive, so no rank waits on a channel that can no longer deliver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpipe.runtime.failures import Failure
+
+__all__ = ["Broken", "ChannelHealth", "first_line"]
+
+
+class Broken(Exception):
+    """A channel can no longer be used (raised inside the transport only)."""
+
+
+class ChannelHealth:
+    """Failure bookkeeping of one rank (``rank``, pipeline device ``device``) towards the
+    peers of its pipeline (``ranks[peer]`` is a peer's global rank)."""
+
+    rank: int
+    device: int
+    ranks: list[int]
+    timeout: float
+
+    def __init__(self) -> None:
+        self._failure: Failure | None = None
+        self._broken: str | None = None
+        self._dead: set[int] = set()  # peers whose channels are out of order for good
+        self._lost: set[int] = set()  # peers that died or closed their connection
+
+    @property
+    def broken(self) -> str | None:
+        """Why the channels can no longer be used, or ``None`` while they are healthy."""
+        return self._broken
+
+    @property
+    def failure(self) -> Failure | None:
+        """The first failure seen in this step (local or from a peer)."""
+        return self._failure
+
+    def abort(self, failure: Failure) -> None:
+        """Record ``failure`` (first one wins); subclasses also wake a waiting receive."""
+        if self._failure is None:
+            self._failure = failure
+
+    def _out_of_order(self, peer: int, key: tuple[str, int, int], step: int, m: int) -> None:
+        """``peer`` sent ``key`` of ``step`` with ``m`` micro-batches where this rank expected
+        another message: the channel is out of order for good (:class:`Broken`)."""
+        self._dead.add(peer)
+        self._broken = self._broken or f"messages from rank {self.ranks[peer]} out of order"
+        mine = getattr(self, "_step", None), getattr(self, "_m", None)
+        self.abort(
+            Failure(
+                self.ranks[peer], peer, key[1], key[2],
+                f"ran step {step} with {m} micro-batches while rank {self.rank} ran step "
+                f"{mine[0]} with {mine[1]}; every rank must call step() with the same batch "
+                "and chunks",
+            )
+        )  # fmt: skip
+        raise Broken()
+
+    def _lost_peer(self, peer: int, e: BaseException) -> Any:
+        """A wait on ``peer`` failed with ``e``: a timeout (hung or slow peer) or a lost
+        connection. Raises :class:`Broken`."""
+        if "timed out" in str(e).lower() or isinstance(e, TimeoutError):
+            self._dead.add(peer)
+            self._broken = self._broken or f"no message from rank {self.ranks[peer]}"
+            self.abort(
+                Failure(
+                    self.ranks[peer], peer, None, None,
+                    f"sent nothing for {self.timeout:.0f}s (hung or too slow; raise timeout=)",
+                )
+            )  # fmt: skip
+        else:
+            self._mark_broken(peer, e)
+        raise Broken() from None
+
+    def _mark_broken(self, peer: int | None, error: BaseException) -> None:
+        """A transfer with ``peer`` (``None``: a batch of several) raised ``error``."""
+        who = "a peer" if peer is None else f"rank {self.ranks[peer]} (pipeline device {peer})"
+        self._broken = self._broken or (
+            f"lost the connection to {who}: {type(error).__name__}: {first_line(error)}"
+        )
+        if peer is not None:
+            self._dead.add(peer)
+            self._lost.add(peer)
+            self.abort(Failure(self.ranks[peer], peer, None, None, "died or closed its connection"))
+        else:
+            self.abort(Failure(self.rank, self.device, None, None, f"transfer failed: {error}"))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, at most 300 characters."""
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""

@@ -1,0 +1,216 @@
+"""Inline control of the distributed transport (``runtime/p2pproto``): after the first step a
+value both ends expect travels as one buffer with no header; a header travels only when the
+value changes (shape, structure, ``requires_grad``) or a step fails.
+
+Two spawned gloo ranks run the same sequence of steps with inline control on (the default on
+the CPU) and off (every message with a header): a first step, a steady one, a smaller batch
+(new shapes), a ``no_grad`` step (same bytes, another ``requires_grad``), a step whose last
+stage raises, and a clean step after it. Every step's loss and gradients must equal the
+un-pipelined reference (``tests/reference_impl.py``); the header group must carry only the
+terminal message per step in the steady state with inline control; the failure must reach
+both ranks naming rank, stage and micro-batch, and the next step must work.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import reference_impl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+TOL = 1e-10
+# (rows, grad enabled, last stage raises) per step
+STEPS = [(8, True, False), (8, True, False), (4, True, False), (4, False, False),
+         (4, True, True), (4, True, False)]  # fmt: skip
+
+
+class Raise(nn.Module):
+    """Raises in forward while ``on``."""
+
+    on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            raise ValueError("injected")
+        return x
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(8, 8), nn.Tanh()]
+    return nn.Sequential(*layers, Raise()).double()
+
+
+def _batch(seed: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 8, dtype=torch.float64, generator=g)
+    return x, torch.randint(0, 8, (rows,), generator=g)
+
+
+def _scenario(rank: int, inline: bool, path: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    from gpipe.distributed import DistributedPipe
+
+    sends: list[int] = []  # id of the group of every isend
+    orig = c10d.isend
+
+    def isend(*args: Any, **kwargs: Any) -> Any:
+        sends.append(id(kwargs.get("group")))
+        return orig(*args, **kwargs)
+
+    c10d.isend = dist.isend = isend  # one object in both namespaces (P2POp checks identity)
+    pipe = DistributedPipe(_model(), chunks=2, balance=[4, 5], schedule="1f1b", timeout=30)
+    pipe._transport.inline = inline
+    meta = id(pipe._groups.meta)
+    out: list[dict[str, Any]] = []
+    for i, (rows, grad, fail) in enumerate(STEPS):
+        pipe.zero_grad()
+        Raise.on = fail
+        before = len(sends)
+        res: dict[str, Any] = {"error": None}
+        try:
+            with torch.set_grad_enabled(grad):
+                res["loss"] = float(pipe.step(*_batch(i, rows), F.cross_entropy))
+        except Exception as e:
+            res["error"] = (type(e).__name__, str(e))
+        Raise.on = False
+        res["headers"] = sum(g == meta for g in sends[before:])
+        res["grads"] = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+        out.append(res)
+    pipe.close()
+    torch.save(out, path / f"{'inline' if inline else 'header'}{rank}.pt")
+
+
+def _entry(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        for inline in (True, False):
+            _scenario(rank, inline, Path(out))
+    except BaseException:
+        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[list[dict[str, Any]]]]:
+    tmp = tmp_path_factory.mktemp("inline")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_entry, args=(r, f"file://{tmp}/store", str(tmp)), daemon=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+    for r in range(2):
+        err = tmp / f"error{r}.txt"
+        if err.exists():
+            pytest.fail(f"rank {r} failed:\n{err.read_text()}")
+    return {
+        mode: [torch.load(tmp / f"{mode}{r}.pt", weights_only=False) for r in range(2)]
+        for mode in ("inline", "header")
+    }
+
+
+def _reference(i: int) -> tuple[float, dict[str, torch.Tensor]]:
+    rows, grad, _ = STEPS[i]
+    model = _model()
+    with torch.set_grad_enabled(grad):
+        loss = reference_impl.step(model, *_batch(i, rows), F.cross_entropy, chunks=2, step=i)
+    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["inline", "header"])
+@pytest.mark.parametrize("i", range(len(STEPS)))
+def test_every_step_equals_the_reference_or_fails_on_every_rank(runs, mode, i):
+    _, grad, fail = STEPS[i]
+    for r, steps in enumerate(runs[mode]):
+        res = steps[i]
+        if fail:
+            assert res["error"] is not None, (mode, r, "the failing step did not raise")
+            name, text = res["error"]
+            assert name == ("StageError" if r == 1 else "PeerError"), (mode, r, res["error"])
+            for part in ("rank 1", "stage 1", "micro-batch 0"):
+                assert part in text, (mode, r, part, text)
+            continue
+        assert res["error"] is None, (mode, r, res["error"])
+        ref_loss, ref_grads = _reference(i)
+        assert abs(res["loss"] - ref_loss) < TOL, (mode, r, i, res["loss"], ref_loss)
+        assert bool(res["grads"]) == grad, (mode, r, i)
+        for n, g in res["grads"].items():
+            assert (g - ref_grads[n]).abs().max().item() < TOL, (mode, r, i, n)
+
+
+def test_headers_travel_only_when_the_receiver_cannot_know_the_value(runs):
+    # 1F1B with M=2 on two ranks: each rank sends 2 values and one END per step; a value
+    # the receiver cannot know costs a header and its bytes (bulk) on the header group
+    for r in range(2):
+        inline = [s["headers"] for s in runs["inline"][r]]
+        header = [s["headers"] for s in runs["header"][r]]
+        assert header[1] == 3, (r, header)  # every value has a header, plus END
+        assert inline[1] == 1, (r, inline)  # steady state: END only
+        assert inline[0] == 5 and inline[2] == 5, (r, inline)  # first step, new shapes
+        assert inline[5] == 1, (r, inline)  # after the failure the shapes are known again
+        # no_grad: rank 1 sends no gradient; of rank 0's activations only micro-batch 1's
+        # changes requires_grad (micro-batch 0 is re-materialized: its forward ran without
+        # grad in the steps before too)
+        assert inline[3] == (3 if r == 0 else 1), (r, inline)
+
+
+def _single(out: str) -> None:
+    import torch.distributed as dist
+
+    from gpipe.distributed import DistributedPipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store1", rank=0, world_size=1)
+    pipe = DistributedPipe(_model(), chunks=2, balance=[9], schedule="1f1b", timeout=30)
+    losses, grads = [], []
+    for i in range(2):  # the second step would reuse channels, if there were any
+        pipe.zero_grad()
+        losses.append(float(pipe.step(*_batch(i, 8), F.cross_entropy)))
+        grads.append({n: p.grad.clone() for n, p in pipe.named_parameters()})
+    pipe.close()
+    dist.destroy_process_group()
+    torch.save((losses, grads), f"{out}/single.pt")
+
+
+def test_one_pipeline_device_needs_no_channel(tmp_path):
+    proc = mp.get_context("spawn").Process(target=_single, args=(str(tmp_path),), daemon=True)
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0, "the one-device pipe failed (see its stderr)"
+    losses, grads = torch.load(tmp_path / "single.pt", weights_only=False)
+    for i in range(2):
+        model = _model()
+        ref = reference_impl.step(model, *_batch(i, 8), F.cross_entropy, chunks=2, step=i)
+        assert abs(losses[i] - float(ref)) < TOL, (i, losses[i], float(ref))
+        for n, p in model.named_parameters():
+            assert (grads[i][n] - p.grad).abs().max().item() < TOL, (i, n)
