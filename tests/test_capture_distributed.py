@@ -3,16 +3,15 @@ different ranks) captured on its sample trains as the plain model, over two gloo
 
 from __future__ import annotations
 
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from capture_models import loop_lm
+from spawn_ranks import spawn
 
 
 def _scenario(rank: int, path: Path) -> None:
@@ -43,16 +42,8 @@ def _entry(rank: int, init: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_distributed_pipe_captures_and_trains_any_module(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
     init = f"file://{tmp_path}/store"
-    procs = [ctx.Process(target=_entry, args=(r, init, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 240
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
+    spawn(_entry, lambda r: (r, init, str(tmp_path)), world=2, limit=240)
     for r in range(2):
         err = tmp_path / f"error-{r}.txt"
         if err.exists():

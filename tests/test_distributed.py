@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,6 +27,7 @@ import reference_impl
 from gpipe.distributed import materialize
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
 from gpipe.runtime.dist import decode, encode
+from spawn_ranks import spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -284,25 +284,8 @@ def _entry(rank: int, world: int, init: str, scenario: str, out: str) -> None:
 
 def _launch(tmp: Path, world: int, scenario: str, limit: float = 150.0) -> list[int | None]:
     """Run ``scenario`` on ``world`` spawned ranks; return their exit codes (killed → None)."""
-    ctx = mp.get_context("spawn")
     init = f"file://{tmp}/store-{scenario}"
-    procs = [
-        ctx.Process(target=_entry, args=(r, world, init, scenario, str(tmp)), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + limit
-    codes: list[int | None] = []
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
+    codes = spawn(_entry, lambda r: (r, world, init, scenario, str(tmp)), world, limit)
     for r in range(world):
         err = tmp / f"{scenario}-error-{r}.pt"
         if err.exists():

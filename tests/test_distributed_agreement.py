@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+
+from spawn_ranks import spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -461,25 +462,12 @@ def _entry(rank: int, world: int, init: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("agree")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_entry, args=(r, 2, f"file://{tmp}/store", str(tmp)), daemon=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 100
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
+    codes = spawn(_entry, lambda r: (r, 2, f"file://{tmp}/store", str(tmp)), world=2, limit=100)
     for r in range(2):
         err = tmp / f"error-{r}.txt"
         if err.exists():
             pytest.fail(f"rank {r} failed:\n{err.read_text()}")
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert codes == [0, 0]
     return [torch.load(tmp / f"agree-{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -13,7 +13,6 @@ both ranks naming rank, stage and micro-batch, and the next step must work.
 
 from __future__ import annotations
 
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import reference_impl
+from spawn_ranks import spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -115,18 +115,7 @@ def _entry(rank: int, init: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[list[dict[str, Any]]]]:
     tmp = tmp_path_factory.mktemp("inline")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_entry, args=(r, f"file://{tmp}/store", str(tmp)), daemon=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
+    spawn(_entry, lambda r: (r, f"file://{tmp}/store", str(tmp)), world=2, limit=120)
     for r in range(2):
         err = tmp / f"error{r}.txt"
         if err.exists():

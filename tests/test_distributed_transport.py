@@ -11,7 +11,6 @@ still computing the reference gradients (tests/reference_impl.py), after a faile
 from __future__ import annotations
 
 import threading
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -19,13 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 import reference_impl
 from gpipe.runtime import p2pproto
 from gpipe.schedules import Action
+from spawn_ranks import spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -137,18 +136,7 @@ def _entry(rank: int, init: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("transport")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_entry, args=(r, f"file://{tmp}/store", str(tmp)), daemon=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 100
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
+    spawn(_entry, lambda r: (r, f"file://{tmp}/store", str(tmp)), world=2, limit=100)
     for r in range(2):
         err = tmp / f"error{r}.txt"
         if err.exists():

@@ -8,17 +8,16 @@ independent reference in float64.
 from __future__ import annotations
 
 import itertools
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import reference_impl
+from spawn_ranks import spawn
 
 TOL = 1e-10
 CASES = list(
@@ -73,16 +72,8 @@ def _entry(rank: int, init: str, out: str) -> None:
 
 
 def test_two_stage_per_rank_schedules_across_two_processes_equal_reference(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
     init = f"file://{tmp_path}/store"
-    procs = [ctx.Process(target=_entry, args=(r, init, str(tmp_path)), daemon=True) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 240
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
+    spawn(_entry, lambda r: (r, init, str(tmp_path)), world=2, limit=240)
     for r in (0, 1):
         err = tmp_path / f"err-{r}.pt"
         if err.exists():
