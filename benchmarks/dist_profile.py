@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from peers import PAIRS
+from peers import finish, free_port, init_gloo, make_runners
 
 CALLS = (
     "isend", "irecv", "send", "recv", "batch_isend_irecv", "all_reduce", "all_gather",
@@ -109,71 +107,9 @@ def _hook_layers(layers: list[torch.nn.Module]) -> None:
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-        timeout=timedelta(seconds=300),
-    )  # fmt: skip
-    from torch.distributed import pipelining
-    from torch.distributed.pipelining import PipelineStage
-
-    import gpipe
-    from gpipe.models import TransformerConfig, TransformerLM, lm_loss
-
+    init_gloo(rank, port)
     _instrument()
-    cfg = TransformerConfig.preset(args.preset).replace(dropout=0.0)
-
-    def build() -> TransformerLM:
-        torch.manual_seed(0)
-        return TransformerLM(cfg)
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    n = len(build())
-    half, q = n // 2, n // 4
-    bal2, bal4 = [half, n - half], [q, half - q, q, n - half - q]
-    runners: dict[str, Callable[[], object]] = {}
-    keep: list[object] = []
-    for m in args.chunk_list:
-        for sched in args.schedule_list:
-            tname, per_rank, v_shape = PAIRS[sched]
-            bal = bal4 if per_rank == 2 else bal2
-            model = build()
-            _hook_layers(list(model))
-            pipe = gpipe.DistributedPipe(
-                model, balance=bal, chunks=m, schedule=sched, remat="never", timeout=300
-            )
-            keep.append(pipe)
-
-            def ours(pipe: gpipe.DistributedPipe = pipe) -> None:
-                pipe.zero_grad(set_to_none=True)
-                pipe.step(x, y, lm_loss)
-
-            runners[f"gpipe {sched} {m}"] = ours
-            layers = list(build())
-            _hook_layers(layers)
-            bounds = [0]
-            for b in bal:
-                bounds.append(bounds[-1] + b)
-            mods = [
-                torch.nn.Sequential(*layers[bounds[i] : bounds[i + 1]]) for i in range(len(bal))
-            ]
-            k = len(bal)
-            mine = [rank, k - 1 - rank] if v_shape else [i for i in range(k) if i % 2 == rank]
-            stages = [PipelineStage(mods[i], i, k, torch.device("cpu")) for i in mine]
-            tcls = getattr(pipelining.schedules, tname)
-            tsched = tcls(stages[0] if per_rank == 1 else stages, m, loss_fn=lm_loss)
-            keep.append((tsched, mods))
-
-            def theirs(tsched=tsched, mods=mods, first=0 in mine, last=k - 1 in mine) -> None:
-                for mod in mods:
-                    mod.zero_grad(set_to_none=True)
-                kwargs: dict = {"target": y, "losses": []} if last else {}
-                tsched.step(x, **kwargs) if first else tsched.step(**kwargs)
-
-            runners[f"torch {sched} {m}"] = theirs
-
+    runners, keep, _ = make_runners(rank, args, hook=_hook_layers)
     rows: dict[str, list[dict]] = {k: [] for k in runners}
     for _ in range(args.rounds):
         for name, fn in runners.items():
@@ -192,17 +128,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
-    for p in keep:
-        if hasattr(p, "close"):
-            p.close()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish(keep)
 
 
 def main() -> None:
@@ -222,7 +148,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
-        mp.start_processes(_worker, args=(args, _free_port(), out), nprocs=2, start_method="spawn")
+        mp.start_processes(_worker, args=(args, free_port(), out), nprocs=2, start_method="spawn")
         with open(out) as f:
             per_rank = json.load(f)
     print(

@@ -49,7 +49,7 @@ PAIRS = {
 SCHEDULES = tuple(PAIRS)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,16 +67,13 @@ def _timed(fn: Callable[[], object], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=300),
-    )
+def make_runners(
+    rank: int, args: argparse.Namespace, hook: Callable[[list], None] | None = None
+) -> tuple[dict[str, Callable[[], object]], list[object], Callable[[], object]]:
+    """This rank's step functions, ``"gpipe <schedule> <M>"`` and ``"torch <schedule> <M>"``
+    for every pair of ``args.schedule_list`` x ``args.chunk_list`` (same model, same cut),
+    what must stay alive while they run, and the plain model's step (rank 0; a no-op on the
+    other). ``hook`` sees every model's layer list before it is wrapped (instrumentation)."""
     from torch.distributed import pipelining
     from torch.distributed.pipelining import PipelineStage
 
@@ -87,7 +84,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
 
     def build() -> TransformerLM:
         torch.manual_seed(0)
-        return TransformerLM(cfg)
+        model = TransformerLM(cfg)
+        if hook is not None:
+            hook(list(model))
+        return model
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
@@ -100,17 +100,11 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
 
     runners: dict[str, Callable[[], object]] = {}
     keep: list[object] = []
-
     model = build()
-    if rank == 0:
 
-        def plain() -> None:
-            model.zero_grad(set_to_none=True)
-            lm_loss(model(x), y).backward()
-
-        runners["plain"] = plain
-    else:
-        runners["plain"] = lambda: None
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        lm_loss(model(x), y).backward()
 
     for m, sched in [(m, s) for m in args.chunk_list for s in args.schedule_list]:
         tname, per_rank, v_shape = PAIRS[sched]
@@ -155,7 +149,35 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
                 tsched.step(**kwargs)
 
         runners[f"torch {sched} {m}"] = theirs
+    return runners, keep, plain if rank == 0 else (lambda: None)
 
+
+def init_gloo(rank: int, port: int) -> None:
+    """One intra-op thread, and the two-rank gloo group on loopback."""
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=300),
+    )
+
+
+def finish(keep: list[object]) -> None:
+    """Close the pipes and leave the process group together."""
+    for p in keep:
+        if hasattr(p, "close"):
+            p.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    init_gloo(rank, port)
+    pairs, keep, plain = make_runners(rank, args)
+    runners = {"plain": plain, **pairs}
     results: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.rounds):
         for name, fn in runners.items():
@@ -164,11 +186,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    for p in keep:
-        if hasattr(p, "close"):
-            p.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(keep)
 
 
 def main() -> None:
@@ -192,7 +210,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
-        mp.start_processes(_worker, args=(args, _free_port(), out), nprocs=2, start_method="spawn")
+        mp.start_processes(_worker, args=(args, free_port(), out), nprocs=2, start_method="spawn")
         with open(out) as f:
             results = json.load(f)
     load1 = os.getloadavg()[0]
