@@ -35,7 +35,7 @@ PROFILES = {
 def row(name: str, k: int, m: int, profile: str) -> tuple[float, float, float]:
     """(makespan, bubble, peak activations in whole-device units) of ``name`` at K, M."""
     f, full, b, w = PROFILES[profile]
-    v = 2 if name in schedules.interleaving() or name in ("zb-v", "dualpipe-v") else None
+    v = 2 if name in schedules.interleaving() else None  # zb-v, dualpipe-v: always 2
     sched = schedules.get(name, k, m, virtual_stages=v)
     vv = sched.virtual_stages
     n = sched.num_stages

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gpipe.wgrad_kinds import NORMS, Kind, add_grad, kind_of, splittable
+from gpipe.wgrad_kinds import Kind, add_grad, kind_of, reduced_in_b, splittable
 
 __all__ = ["Calls", "WeightGrads", "splittable"]
 
@@ -113,20 +113,19 @@ class WeightGrads:
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         seen: dict[int, nn.Module] = {}
-        norms: set[int] = set()
+        self._owner: dict[int, nn.Module] = {}  # each parameter's holder
         for m in modules:
             if splittable(m):
                 seen.setdefault(id(m), m)
-            elif isinstance(m, NORMS):
-                norms.update(id(p) for p in m.parameters(recurse=False))
+            for p in m.parameters(recurse=False):
+                self._owner.setdefault(id(p), m)
         self.modules = list(seen.values())
         self._split_ids = {id(p) for m in self.modules for p in m.parameters(recurse=False)}
-        self._norm_ids = norms - self._split_ids
         self._hooks: list[Any] = []
 
     def _reduced(self, p: nn.Parameter) -> bool:
-        """Whether ``B`` computes ``p``'s gradient (see :func:`gpipe.wgrad_kinds.reduced_in_b`)."""
-        return id(p) not in self._split_ids and (id(p) in self._norm_ids or p.dim() <= 1)
+        """Whether ``B`` computes ``p``'s gradient (:func:`gpipe.wgrad_kinds.reduced_in_b`)."""
+        return id(p) not in self._split_ids and reduced_in_b(p, self._owner.get(id(p)))
 
     def fallback(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """Of ``params``, those wanting a gradient that no standard module holds and that are

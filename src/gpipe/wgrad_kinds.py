@@ -113,8 +113,9 @@ NORMS: tuple[type[nn.Module], ...] = (
 )
 
 
-def reduced_in_b(param: nn.Parameter, owner: nn.Module) -> bool:
-    """Whether ``B`` computes ``param``'s gradient (held directly by ``owner``) rather than
+def reduced_in_b(param: nn.Parameter, owner: nn.Module | None) -> bool:
+    """Whether ``B`` computes ``param``'s gradient (held directly by ``owner``, ``None`` when
+    unknown) rather than
     deferring it: a normalization layer's parameter, or any parameter of at most one
     dimension (a scale, a gate, a bias outside a standard call) — its gradient is a reduction
     over activations, never a matrix product, so deferring it would save ``B`` almost nothing
