@@ -140,6 +140,7 @@ class DistributedPipe(nn.Module):
         self._fetch_arg = fetch  # checked in _configure, so a bad one reaches every rank
         self.fetched: dict[str, Any] = {}
         self.last_events: list[Event] = []
+        self.last_events_t0 = 0.0  # perf_counter time the events are counted from
         self._calls = 0
         self._closed = True  # until the transport exists
         # Check the arguments, then agree with every other rank before any group is created

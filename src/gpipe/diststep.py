@@ -180,6 +180,7 @@ def run_step(
     payloads = transport.finish_step(mine, end)
     resolve_gpu_times(data)
     pipe.last_events = sorted(data.events, key=lambda e: e.start)
+    pipe.last_events_t0 = data.t0
     pipe.fetched = stepcore.collect_fetched(data.fetched, pipe.fetch_names, m, pipe._batch_dim)
     failure = transport.failure
     if failure is None and loss is None:

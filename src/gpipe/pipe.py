@@ -79,7 +79,8 @@ class Pipe(nn.Module):
             (``"<path>"`` before it, ``"<path>:after"`` after it).
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
-    start of the step) and ``peak_live`` the most micro-batches each device held at once.
+    start of the step, which is ``last_events_t0`` on ``time.perf_counter``'s clock) and
+    ``peak_live`` the most micro-batches each device held at once.
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class Pipe(nn.Module):
         self.timeout = timeout = options.seconds("timeout", timeout)
         self.rng_step = 0
         self.last_events: list[Event] = []
+        self.last_events_t0 = 0.0  # perf_counter time the events are counted from
         self.peak_live: list[int] = []
         self.fetched: dict[str, Any] = {}
 
@@ -279,6 +281,7 @@ class Pipe(nn.Module):
             self._runner.run(self._stages, per_device, data, state, self.placement)
         finally:
             self.last_events = list(data.events)
+            self.last_events_t0 = data.t0
             self.peak_live = [data.peak_live.get(d, 0) for d in range(self.num_devices)]
 
     def _finish_forward(self, data: StepData, m: int) -> None:

@@ -14,7 +14,8 @@ in one process) or a :class:`gpipe.DistributedPipe` (one process per stage) in a
   across processes, so every wait is bounded;
 * the last step's timeline of every device on one clock (:meth:`TrainerPipe.timeline`): each
   process sends its events with its wall-clock offset (``time.time() - time.perf_counter()``)
-  and the ``perf_counter`` time it entered the step, so events of different processes line up.
+  and the ``perf_counter`` time its events count from (the pipe's ``last_events_t0``), so
+  events of different processes line up.
 
 The invariant: every method either touches only this process's state or is a collective that
 every process calls in the same order (step, clip, gather, broadcast, timeline), so the
@@ -102,7 +103,6 @@ class TrainerPipe:
         self.replica, self.device_index = 0, 0
         self._canonical = canonical
         self._wall = time.time() - time.perf_counter()
-        self._entered = time.perf_counter()
 
     # ----------------------------------------------------------------- facts
 
@@ -161,7 +161,6 @@ class TrainerPipe:
 
     def step(self, x: Any, y: Any, loss_fn: Callable[[Any, Any], Tensor]) -> Tensor:
         """One pipelined forward (+ backward when grad is enabled) of the mini-batch."""
-        self._entered = time.perf_counter()
         return self.pipe.step(x, y, loss_fn)
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -214,7 +213,8 @@ class TrainerPipe:
         """The last step's events of every device on one clock starting at 0 (a collective
         under the distributed runtime); lane = replica · stages + pipeline device."""
         events = list(getattr(self.pipe, "last_events", None) or [])
-        rows = self.gather((self.replica, self._wall + self._entered, events))
+        t0 = float(getattr(self.pipe, "last_events_t0", 0.0))
+        rows = self.gather((self.replica, self._wall + t0, events))
         out: list[Event] = []
         base = math.inf
         for _, t0, evs in rows:
