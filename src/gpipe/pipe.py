@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import options, plan, stepcore
+from gpipe import options, plan, shared_params, stepcore
 from gpipe import remat as remat_mod
 from gpipe.auto import Auto
 from gpipe.bridge import Run, backward_into_inputs
@@ -209,6 +209,7 @@ class Pipe(nn.Module):
             seed=self.seed,
             fetch_at=self._fetch_at,
         )
+        shared_params.lend(self._stages, self.placement)
         self._runner.start()
 
     def _ensure_built(self, sample_microbatch: tuple) -> None:
@@ -303,6 +304,7 @@ class Pipe(nn.Module):
             for st, state in zip(self._stages, states, strict=True):
                 st.state = state
             self._execute(per_device, data, thread_state)
+            shared_params.flush(self._stages, states)
 
     def _needs_grad(self, inputs: Any) -> bool:
         """Whether ``pipe(inputs)`` builds a graph: grad mode on, and a trainable parameter
@@ -378,8 +380,9 @@ class Pipe(nn.Module):
                 split_backward=sched.split_backward,
                 keep_outputs=False,
             )
-            self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))
+            states = self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))
             self._execute(stepcore.step_actions(sched, grad), data)
+            shared_params.flush(self._stages, states)
             self._finish_forward(data, m)
             if grad:
                 backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)

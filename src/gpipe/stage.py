@@ -4,8 +4,9 @@ A :class:`Stage` owns a contiguous run of layers and, per micro-batch in flight,
 re-materialization mode needs: the boundary input always; the autograd graph only when the
 micro-batch is not re-materialized. The invariant: after ``forward(m)`` and then ``backward(m)``
 (or ``backward(m)`` + ``backward_weight(m)`` for split schedules) the parameters' ``.grad`` hold
-this micro-batch's contribution added to what was there, and nothing of micro-batch ``m`` is
-kept. Random ops run inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch,
+this micro-batch's contribution added to what was there (a parameter the stage borrows from
+a stage on another worker: its step alias's ``.grad``, added at the step's end by
+:func:`gpipe.shared_params.flush`), and nothing of micro-batch ``m`` is kept. Random ops run inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch,
 layer), so a recompute draws exactly what the first forward drew.
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from gpipe import remat as remat_mod
-from gpipe import rng, wgrad
+from gpipe import rng, shared_params, wgrad
 from gpipe.loss import checked_loss
 from gpipe.microbatch import tree_detach, tree_flatten, tree_wants_grad
 
@@ -64,6 +65,8 @@ class StepState:
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     loss_scale: float = 1.0
     saved: dict[int, _Saved] = field(default_factory=dict)
+    # id(borrowed parameter) → this step's alias (:mod:`gpipe.shared_params`)
+    aliases: dict[int, nn.Parameter] = field(default_factory=dict)
 
 
 def _leaves(obj: Any) -> list[Any]:
@@ -120,6 +123,10 @@ class Stage:
         for name, module in (fetch or {}).items():
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
+        # parameters an earlier stage on another worker owns (:func:`gpipe.shared_params.lend`)
+        self.borrowed: dict[int, nn.Parameter] = {}
+        self.holders: list[tuple[shared_params.Overlaid, str, int]] = []
+        self.overlaid: list[nn.Module] = []
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -157,7 +164,15 @@ class Stage:
         own); a worker abandoned in an earlier step writes into that old state, never this one.
         """
         self.state = StepState(step, num_microbatches, grad_mode, loss_fn, loss_scale)
+        if grad_mode and self.borrowed:
+            self.state.aliases = shared_params.aliases(self.borrowed)
         return self.state
+
+    def _targets(self, state: StepState, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """``params`` as this step's gradients reach them (a borrowed one: its alias)."""
+        if not state.aliases:
+            return params
+        return [state.aliases.get(id(p), p) for p in params]
 
     def close(self) -> None:
         """Remove the hooks this stage put on the model and drop saved state."""
@@ -165,6 +180,7 @@ class Stage:
             h.remove()
         self._hooks.clear()
         self._wgrad.close()
+        shared_params.unlend(self.overlaid)
         self.state = StepState()
 
     @property
@@ -182,6 +198,10 @@ class Stage:
     # ----------------------------------------------------------------- running layers
 
     def _run(self, state: StepState, microbatch: int, x: Any) -> Any:
+        with shared_params.view(self.holders, state.aliases):
+            return self._run_layers(state, microbatch, x)
+
+    def _run_layers(self, state: StepState, microbatch: int, x: Any) -> Any:
         microbatch += self.rng_offset
         for pos, (idx, layer) in enumerate(self.layers):
             unpack = self.is_first and pos == 0
@@ -337,7 +357,9 @@ class Stage:
         if saved.calls is not None:
             saved.calls.check_inputs(self.index, microbatch)
             params = self.parameters()
-            res, kept = self._wgrad.input_grads(saved.calls, outs, grads, needs, params)
+            res, kept = self._wgrad.input_grads(
+                saved.calls, outs, grads, needs, params, state.aliases
+            )
             got = {id(v): g for v, g in zip(needs, res)}
             # the graph stays only for parameters outside the standard modules
             saved.out_tensors, saved.out_grads = (outs, grads) if kept else ([], [])
@@ -369,7 +391,8 @@ class Stage:
             params = [p for p in self.parameters() if p.requires_grad]
         outs = saved.out_tensors
         if outs and params:
-            torch.autograd.backward(outs, saved.out_grads, inputs=params)
+            inputs = self._targets(self.state, params)
+            torch.autograd.backward(outs, saved.out_grads, inputs=inputs)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +172,7 @@ class WeightGrads:
         grads: list[torch.Tensor | None],
         needs: list[torch.Tensor],
         params: list[nn.Parameter],
+        alias: Mapping[int, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor | None], bool]:
         """``B`` for a captured micro-batch: the gradients of ``needs`` (the stage inputs that
         require grad) given those of ``outs``, and, into ``calls``, the captured calls' output
@@ -179,13 +180,15 @@ class WeightGrads:
         ``B``. Returns the input gradients and whether the graph was kept for ``W`` (when some
         of ``params`` fall back to it: ``W`` then walks it for :meth:`graph_params`);
         otherwise the graph is freed, and the gradients of standard parameters used outside
-        their module come along into ``calls.direct`` too."""
+        their module come along into ``calls.direct`` too. ``alias`` maps a parameter the
+        stage borrows (:mod:`gpipe.shared_params`) to the leaf its gradient goes to."""
         keep = bool(self.fallback(params))
         edges = calls.edges()
         if keep:
-            direct = [p for p in params if p.requires_grad and self._reduced(p)]
+            chosen = [p for p in params if p.requires_grad and self._reduced(p)]
         else:
-            direct = [p for p in params if p.requires_grad]
+            chosen = [p for p in params if p.requires_grad]
+        direct = [alias.get(id(p), p) for p in chosen] if alias else chosen
         wanted: list[Any] = [*needs, *edges, *direct]
         res: tuple[torch.Tensor | None, ...] = (None,) * len(wanted)
         if outs and wanted:
