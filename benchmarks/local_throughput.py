@@ -8,6 +8,8 @@ model; "of bound" compares with the ideal K·M/(M+K−1).
 
     python benchmarks/local_throughput.py            # full table
     python benchmarks/local_throughput.py --quick    # smoke run (< 1 minute)
+    python benchmarks/local_throughput.py --schedules zb-h1,zb-h1:every   # NAME:every is the
+        # zero-bubble schedule with every backward split, as its paper lays it out
 
 Prints a markdown table and writes JSON next to it (``--json``).
 """
@@ -29,6 +31,7 @@ import gpipe
 from gpipe import schedules
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
 from gpipe.models.transformer import Block
+from gpipe.schedules.zero_bubble import every_split
 from gpipe.stage import Stage
 from gpipe.trace import bubble_fraction
 
@@ -85,21 +88,23 @@ class Config:
                 self.actions.setdefault(key, []).append(e.end - e.start)
 
     def backward_cpu_ms(self) -> list[float]:
-        """Per stage: the median thread CPU time of one micro-batch's backward (B, + W)."""
+        """Per stage: the thread CPU time of one micro-batch's backward (its ``B`` and, where
+        split, its ``W``), the mean over all micro-batches (a schedule may split some only)."""
         assert self.pipe is not None and self.pipe._stages is not None
-        out = []
-        for st in self.pipe._stages:
-            parts = [CPU.get((id(st), k)) for k in "BW"]
-            out.append(sum(statistics.median(p) for p in parts if p) * 1e3)
-        return out
+        return [_per_backward(CPU.get((id(st), "B")), CPU.get((id(st), "W"))) for st in
+                self.pipe._stages]  # fmt: skip
 
     def backward_ms(self, num_stages: int) -> list[float]:
-        """Per stage: the median backward of one micro-batch (``B``, plus ``W`` when split)."""
-        out = []
-        for s in range(num_stages):
-            parts = [self.actions.get((s, k)) for k in "BW"]
-            out.append(sum(statistics.median(p) for p in parts if p) * 1e3)
-        return out
+        """Per stage: one micro-batch's backward (``B``, plus ``W`` where split), the mean."""
+        return [
+            _per_backward(self.actions.get((s, "B")), self.actions.get((s, "W")))
+            for s in range(num_stages)
+        ]
+
+
+def _per_backward(b: list[float] | None, w: list[float] | None) -> float:
+    """Milliseconds of backward per micro-batch: all ``B`` and ``W`` time over the ``B`` count."""
+    return (sum(b or []) + sum(w or [])) / max(len(b or []), 1) * 1e3
 
 
 def main() -> None:
@@ -172,11 +177,13 @@ def main() -> None:
         configs.append(Config(f"plain, 1 thread, M={m} sequential", plain_micro, 1))
         for sched in args.schedules.split(","):
             lm = make()
-            v = 2 if sched.startswith("interleaved") else None
+            name, _, how = sched.partition(":")  # "zb-h1:every": every backward split
+            v = 2 if name.startswith("interleaved") else None
             if (v or 1) * k > len(lm):
                 continue
+            built = every_split(name, k, m, v) if how == "every" else name
             pipe = gpipe.Pipe(
-                lm, stages=k, chunks=m, schedule=sched, virtual_stages=v, remat=args.remat
+                lm, stages=k, chunks=m, schedule=built, virtual_stages=v, remat=args.remat
             )
             c = Config(f"gpipe.Pipe {sched}, K={k}, M={m}, remat={args.remat}", plain, cores, pipe)
 
@@ -257,7 +264,7 @@ def _split_versus_whole(rows: list[dict]) -> None:
         base = whole.get(r.get("m"))
         if base is None or r.get("schedule") in (None, "1f1b") or "fallback" not in r:
             continue
-        if not any(r["schedule"] == s for s in _split_names()):
+        if r["schedule"].partition(":")[0] not in _split_names():
             continue
         ratios = ", ".join(
             f"stage {s}: {a:.1f} vs {b:.1f} ms ({a / b:.2f}x; CPU {ac:.1f} vs {bc:.1f}, "

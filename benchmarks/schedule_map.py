@@ -12,7 +12,8 @@ Two cost profiles, per micro-batch and device, relative to the forward F:
 * ``cpu``: what ``benchmarks/local_throughput.py`` measures on the flagship LM on this
   project's 2-core CPU: a whole backward ≈ 1.07 F (attention and dropout make the forward
   heavy), and split, B ≈ 0.76 F and W ≈ 0.38 F — B + W ≈ 1.14 F, 6% more than the whole
-  backward, because W reads the kept output gradients again from memory.
+  backward, because W reads the kept output gradients again from memory (a backward the
+  schedule leaves whole costs 1.07 F: ``simulate(..., split_overhead=...)``).
 
 Communication is free and every stage costs the same, so the table isolates what the schedule
 itself does. ``python benchmarks/schedule_map.py [--profile balanced|cpu|both]``.
@@ -39,8 +40,10 @@ def row(name: str, k: int, m: int, profile: str) -> tuple[float, float, float]:
     sched = schedules.get(name, k, m, virtual_stages=v)
     vv = sched.virtual_stages
     n = sched.num_stages
-    if sched.split_backward:
-        res = simulate(sched, [f / vv] * n, [(b + w) / vv] * n, weight_costs=[w / vv] * n)
+    if sched.split_backward:  # a split costs (b + w) / full - 1 more than a whole backward
+        share = w * full / (b + w)  # W's share of the whole backward
+        res = simulate(sched, [f / vv] * n, [full / vv] * n, weight_costs=[share / vv] * n,
+                       split_overhead=(b + w) / full - 1)  # fmt: skip
     else:
         res = simulate(sched, [f / vv] * n, [full / vv] * n)
     return res.makespan, res.bubble, max(res.peak_activations) / vv

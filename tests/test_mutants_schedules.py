@@ -63,7 +63,8 @@ def test_forward_and_backward_parts_split_each_device() -> None:
         tuple(acts) for acts in _parse_all("F0@s0 F1@s0", "F0@s1 F1@s1")
     )
     assert s.backward_part() == tuple(
-        tuple(acts) for acts in _parse_all("B0@s0 W0@s0 B1@s0 W1@s0", "B0@s1 B1@s1 W0@s1 W1@s1")
+        # device 0 has no earlier stage to send to: its backwards stay whole
+        tuple(acts) for acts in _parse_all("B0@s0 B1@s0", "B0@s1 B1@s1 W0@s1 W1@s1")
     )
 
 
@@ -137,9 +138,15 @@ def test_validate_names_out_of_range_stage_and_microbatch() -> None:
 def test_validate_names_missing_actions_and_their_device() -> None:
     msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0", "F0@s1"), 1)
     assert msg == "action B0@s1 is missing (device 1 must run it)"
-    # a split backward must have every W
-    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 F1@s0 B0@s0 B1@s0 W0@s0"), 2)
-    assert msg == "action W1@s0 is missing (device 0 must run it)"
+    # a W is optional: B1 without one is micro-batch 1's whole backward
+    s = validate(_parse_all("F0@s0 F1@s0 B0@s0 B1@s0 W0@s0"), 2)
+    assert s.split_backward and s.splits(0, 0) and not s.splits(0, 1) and s.num_split == 1
+    assert s.peak_activations == (2,)
+    # but never twice, and never without its B
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0 W0@s0 W0@s0"), 1)
+    assert msg == "device 0: W0@s0 occurs twice"
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 F1@s0 B0@s0 W1@s0 W0@s0"), 2)
+    assert msg == "action B1@s0 is missing (device 0 must run it)"
 
 
 def test_validate_deadlock_names_the_schedule() -> None:

@@ -45,10 +45,15 @@ def test_split_backward_defaults_w_to_half_the_backward() -> None:
         (e.action.kind, e.action.stage, e.action.microbatch): e.end - e.start for e in r.events
     }
     assert {d for (kind, _, _), d in durations.items() if kind == "W"} == {1.5}
-    assert {d for (kind, _, _), d in durations.items() if kind == "B"} == {1.5}
+    split = {d for (kind, s, _), d in durations.items() if kind == "B" and s == 1}
+    whole = {d for (kind, s, _), d in durations.items() if kind == "B" and s == 0}
+    assert (split, whole) == ({1.5}, {3.0})  # a B without a W is the whole backward
     # W may take the whole backward, leaving B free
     r = simulate(get("zb-h1", 2, 2), 1.0, 2.0, weight_costs=2.0)
     assert r.busy == (6.0, 6.0)
+    # a split's own cost: B and W of a split micro-batch each grow by split_overhead
+    r = simulate(get("zb-h1", 2, 2), 1.0, 3.0, split_overhead=0.25)
+    assert r.busy == (2 + 2 * 3.0, 2 + 2 * 3.0 * 1.25)
 
 
 def test_comm_cost_is_paid_only_across_devices() -> None:

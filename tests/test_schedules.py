@@ -28,9 +28,11 @@ V_SHAPED = ("zb-v", "dualpipe-v")
 def test_named_schedules_are_complete_and_valid(name: str, k: int, m: int) -> None:
     s = get(name, k, m)
     n = s.num_stages
-    kinds = ("F", "B", "W") if s.split_backward else ("F", "B")
     seen = [a for acts in s.actions for u in acts for a in u.parts]
-    assert len(seen) == len(set(seen)) == len(kinds) * n * m
+    assert len(seen) == len(set(seen)) == 2 * n * m + s.num_split  # a W only where split
+    ws = {(a.stage, a.microbatch) for a in seen if a.kind == "W"}
+    assert ws == {(st, i) for st in range(n) for i in range(m) if s.splits(st, i)}
+    assert s.split_backward == bool(ws)
     for d, acts in enumerate(s.actions):
         assert all(s.placement[a.stage] == d for u in acts for a in u.parts)
     if name in V_SHAPED:  # device d holds stages d and 2K-1-d

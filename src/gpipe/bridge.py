@@ -178,7 +178,7 @@ class Run:
         self.data.grad_outputs = split(self.rebuild_output(full), m, batch_dim=pipe.batch_dim)
         part = self.schedule.backward_part()
         if not with_params:  # input gradients only: B split from W, and no W
-            self.data.split_backward = True
+            self.data.splits = lambda stage, microbatch: True
             part = tuple(tuple(a for a in acts if a.kind != "W") for acts in part)
         pipe._run_backward(part, self.data, self.states, self.thread_state)
         self.states = []

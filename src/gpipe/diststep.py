@@ -145,7 +145,7 @@ def run_step(
     last_dev = layout.last_device
     stash: list[torch.Tensor | None] = []
     data = StepData(
-        layout.num_stages, inputs=mbs, targets=tmbs, split_backward=sched.split_backward
+        layout.num_stages, inputs=mbs, targets=tmbs, splits=sched.splits
     )
     loss = None
     try:

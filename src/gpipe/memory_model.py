@@ -198,7 +198,10 @@ def device_memory(
         for a in (part for unit in acts for part in getattr(unit, "parts", (unit,))):
             st = stages[a.stage]
             add_g, add_i, transient, freed = _deltas(
-                a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
+                a.kind,
+                st,
+                should_remat(remat, a.microbatch, m),
+                schedule.splits(a.stage, a.microbatch),
             )
             graph += add_g
             inputs += add_i
@@ -231,7 +234,10 @@ def process_peak(
         for a in getattr(e.action, "parts", (e.action,)):  # an overlapped pair: both parts
             st = stages[a.stage]
             add_g, add_i, transient, freed = _deltas(
-                a.kind, st, should_remat(remat, a.microbatch, m), schedule.split_backward
+                a.kind,
+                st,
+                should_remat(remat, a.microbatch, m),
+                schedule.splits(a.stage, a.microbatch),
             )
             points.append((e.start, add_g + add_i + transient))  # allocated while it runs
             points.append((e.end, -transient - freed))

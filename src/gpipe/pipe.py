@@ -336,7 +336,7 @@ class Pipe(nn.Module):
             data = StepData(
                 self.num_devices * self.virtual_stages,
                 inputs=mbs,
-                split_backward=sched.split_backward,
+                splits=sched.splits,
             )
             states = self._begin(m, needs_grad)
             self._execute(sched.forward_part(), data)
@@ -377,7 +377,7 @@ class Pipe(nn.Module):
                 self.num_devices * self.virtual_stages,
                 inputs=mbs,
                 targets=tmbs,
-                split_backward=sched.split_backward,
+                splits=sched.splits,
                 keep_outputs=False,
             )
             states = self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))

@@ -105,12 +105,17 @@ def simulate(
     *,
     weight_costs: float | Sequence[float] | None = None,
     overlap: float = 0.0,
+    split_overhead: float = 0.0,
 ) -> SimResult:
     """Simulate one step of ``schedule``.
 
     Costs are per (virtual) stage, or one number for all. ``backward_costs`` is the whole
     backward of a stage (default twice the forward). For schedules that split backward,
-    ``weight_costs`` is the ``W`` share of it (default half); ``B`` costs the rest. An
+    ``weight_costs`` is the ``W`` share of it (default half); a split ``B`` costs the rest, a
+    ``B`` without a ``W`` (:meth:`~gpipe.schedules.Schedule.splits`) the whole backward.
+    ``split_overhead`` is what splitting costs beyond that: a split micro-batch's ``B`` and
+    ``W`` each take ``1 + split_overhead`` times their share (on a CPU the separate ``W`` reads
+    every kept output gradient back from memory: about 0.05–0.15, BENCHMARKS.md). An
     :class:`~gpipe.schedules.Overlap` pair costs ``F + B − overlap·min(F, B)``: ``0`` (the
     default) runs the two in turn, as the CPU runtime does; ``1`` hides the shorter entirely.
     A dependency on another device (by the schedule's placement) adds ``comm_cost``.
@@ -140,12 +145,13 @@ def simulate(
         wgt = [0.0] * n
     comm_cost = _number(comm_cost, "comm_cost")
     overlap = _number(overlap, "overlap")
+    split_overhead = _number(split_overhead, "split_overhead")
     if overlap > 1:
         raise ValueError(
             f"overlap must be in [0, 1] (the share of the shorter part of an overlapped pair "
             f"hidden behind the longer), got {overlap}"
         )
-    return _replay(schedule, fwd, bwd, wgt, comm_cost, overlap)
+    return _replay(schedule, fwd, bwd, wgt, comm_cost, overlap, split_overhead)
 
 
 def _replay(
@@ -155,6 +161,7 @@ def _replay(
     wgt: list[float],
     comm: float,
     overlap: float,
+    split_overhead: float = 0.0,
 ) -> SimResult:
     """Time the schedule's stored replay order on flat per-action lists (see
     :mod:`gpipe.schedules.codes` for the integer layout)."""
@@ -169,6 +176,14 @@ def _replay(
         + [b - w for b, w in zip(bwd, wgt) for _ in range(m)]
         + [w for w in wgt for _ in range(m)]
     )
+    if schedule.split_backward and (split_overhead or schedule.num_split < N):
+        grow = 1.0 + split_overhead
+        for i, split in enumerate(schedule._split_flags()):
+            if split:
+                cost[N + i] *= grow
+                cost[2 * N + i] *= grow
+            else:  # B is the whole backward
+                cost[N + i] = bwd[i // m]
     dev = [d for d in schedule.placement for _ in range(m)] * 3
     fin = [0.0] * top
     free = [0.0] * k

@@ -14,7 +14,7 @@ device, action and micro-batch, with the original exception as its cause — or 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,7 +69,9 @@ class StepData:
     inputs: Sequence[Any] | None = None  # per micro-batch, for stage 0
     targets: Sequence[Any] | None = None  # per micro-batch, for the last stage's loss
     grad_outputs: Sequence[Any] | None = None  # per micro-batch, for the last stage (no loss)
-    split_backward: bool = False
+    # whether the backward of (stage, micro-batch) is split into B and W: the schedule's
+    # ``Schedule.splits``; the bridge's inputs-only backward splits every one (and runs no W)
+    splits: Callable[[int, int], bool] = field(default=lambda stage, microbatch: False)
     # the last stage's outputs, per micro-batch: the values (detached) when the caller returns
     # them; otherwise only their shapes (tensors on the meta device), so a step whose loss is
     # computed inside holds no logits beyond their micro-batch's backward
@@ -135,7 +137,7 @@ def execute(
                     start = time.perf_counter()
                     ev0 = _event() if gpu else None
                 target = data.targets[m] if (a.stage == last and data.targets is not None) else None
-                res = st.forward(m, x, target, split=data.split_backward)
+                res = st.forward(m, x, target, split=data.splits(a.stage, m))
                 if res.fetched:
                     data.fetched.setdefault(m, {}).update(res.fetched)
                 if a.stage == last:
@@ -157,7 +159,7 @@ def execute(
                     g = transport.recv("grad", a.stage, m)
                     start = time.perf_counter()
                     ev0 = _event() if gpu else None
-                gin = st.backward(m, g, split=data.split_backward)
+                gin = st.backward(m, g, split=data.splits(a.stage, m))
                 if a.stage == 0:
                     data.input_grads[m] = gin
                 elif a.stage - 1 in stages:

@@ -182,8 +182,9 @@ class Schedule:
 
     Build one with :func:`gpipe.schedules.get` (a named schedule) or
     :func:`gpipe.schedules.custom` (your own lists); both validate. ``split_backward`` is true
-    when backward is split into ``B`` (input gradient) and ``W`` (weight gradient).
-    ``placement[s]`` is the device that holds stage ``s``.
+    when some backward is split into ``B`` (input gradient) and ``W`` (weight gradient);
+    :meth:`splits` says which: a (stage, micro-batch) whose ``B`` has no ``W`` runs its whole
+    backward in ``B``. ``placement[s]`` is the device that holds stage ``s``.
 
     Internally the lists are also kept as integer codes (see :mod:`gpipe.schedules.codes`), so
     the validator and the simulator walk flat lists of ints; ``actions`` is made from them on
@@ -195,6 +196,7 @@ class Schedule:
         "_codes",
         "_order",
         "_peaks",
+        "_split",
         "name",
         "num_devices",
         "num_microbatches",
@@ -225,6 +227,7 @@ class Schedule:
         self._order = order
         self._actions = actions
         self._peaks: tuple[int, ...] | None = None
+        self._split: bytearray | None = None
 
     @property
     def actions(self) -> tuple[tuple[Unit, ...], ...]:
@@ -235,6 +238,29 @@ class Schedule:
             self._actions = decode_lists(self._codes, self.num_stages, self.num_microbatches)
         return self._actions
 
+    def _split_flags(self) -> bytearray:
+        """Per ``stage·M + micro-batch``: 1 when that backward is split (it has a ``W``)."""
+        if self._split is None:
+            n_all = self.num_stages * self.num_microbatches
+            flags = bytearray(n_all)
+            if self.split_backward:
+                for codes in self._codes:
+                    for c in codes:
+                        if 2 * n_all <= c < 3 * n_all:
+                            flags[c - 2 * n_all] = 1
+            self._split = flags
+        return self._split
+
+    def splits(self, stage: int, microbatch: int) -> bool:
+        """Whether the backward of (``stage``, ``microbatch``) is split into ``B`` and ``W``
+        (a ``W`` of it is in the schedule); otherwise its ``B`` is the whole backward."""
+        return bool(self._split_flags()[stage * self.num_microbatches + microbatch])
+
+    @property
+    def num_split(self) -> int:
+        """How many (stage, micro-batch) backwards are split."""
+        return sum(self._split_flags())
+
     @property
     def peak_activations(self) -> tuple[int, ...]:
         """Per device, the most (stage, micro-batch) activation sets held at once, whatever
@@ -243,8 +269,7 @@ class Schedule:
         if self._peaks is None:
             n_all = self.num_stages * self.num_microbatches
             top = 3 * n_all
-            split = self.split_backward
-            lo, hi = (2 * n_all, top) if split else (n_all, 2 * n_all)
+            flags = self._split_flags()
             peaks = []
             for codes in self._codes:
                 live = peak = 0
@@ -253,9 +278,10 @@ class Schedule:
                         live += 1
                         if live > peak:
                             peak = live
-                        if c >= top and not split:  # ... then its full backward
+                        # ... then its backward, the last of that micro-batch unless split
+                        if c >= top and not flags[(c - top) % n_all]:
                             live -= 1
-                    elif lo <= c < hi:
+                    elif c >= 2 * n_all or not flags[c - n_all]:  # a W, or a whole B
                         live -= 1
                 peaks.append(peak)
             self._peaks = tuple(peaks)

@@ -1,8 +1,9 @@
 """Validation: the proof that a schedule can run, and the one replay order.
 
 The invariant kept here: :func:`validate` returns a :class:`~gpipe.schedules.ir.Schedule` only
-when every (kind, stage, micro-batch) occurs exactly once, on the device its placement names,
-and executing each device's list in order never deadlocks. Its replay order is stored in the
+when every ``F`` and ``B`` of every (stage, micro-batch) occurs exactly once, and a ``W`` at
+most once (a ``B`` without one is that micro-batch's whole backward), each on the device its
+placement names, and executing each device's list in order never deadlocks. Its replay order is stored in the
 schedule, so the simulator times exactly the order proven here.
 """
 
@@ -90,8 +91,7 @@ def _check_units(
                 if a in seen:
                     raise ScheduleError(f"device {d}: {a} occurs twice")
                 seen[a] = d
-    wanted = ("F", "B", "W") if split else ("F", "B")
-    for kind in wanted:
+    for kind in ("F", "B"):  # a W is optional: without one, B is the whole backward
         for s in range(num_stages):
             for m in range(num_microbatches):
                 if Action(kind, s, m) not in seen:
@@ -111,9 +111,11 @@ def validate(
 ) -> Schedule:
     """Check ``actions`` and return it as a :class:`Schedule`.
 
-    Proves that every (kind, stage, micro-batch) occurs exactly once on the device that holds
-    the stage (``placement[stage]``, default ``stage % K``), and that executing each device's
-    list in order never deadlocks. Raises :class:`ScheduleError` naming the offending action,
+    Proves that every ``F`` and ``B`` of every (stage, micro-batch) occurs exactly once, and
+    a ``W`` at most once, on the device that holds the stage (``placement[stage]``, default
+    ``stage % K``), and that executing each device's list in order never deadlocks. A ``B``
+    with no ``W`` of its (stage, micro-batch) computes the whole backward; with one, only the
+    input gradient, the ``W`` forming the weight gradients later. Raises :class:`ScheduleError` naming the offending action,
     or, for a deadlock, the action each stuck device waits at and the dependency it waits for.
     """
     _check_lists(actions, "actions")
@@ -162,8 +164,9 @@ def from_codes(
         bool(flat)
         and min(flat) >= 0
         and max(flat) < top
-        and len(flat) == (3 if split else 2) * N
         and len(set(flat)) == len(flat)
+        # every F and B; a W at most once (the rest are W codes, distinct)
+        and len(flat) - sum(map((2 * N).__le__, flat)) == 2 * N
     )
     if ok:
         per_stage = ([d] * num_microbatches for d in placement)
@@ -229,8 +232,8 @@ def custom(
     placement: Sequence[int] | None = None,
 ) -> Schedule:
     """A user's own schedule, validated. Units may be :class:`Action`, :class:`Overlap` or
-    strings like ``"F3@s1"`` (an overlap: ``"F3@s1+B0@s6"``). ``placement[s]`` is the device
-    of stage ``s`` (default ``s % K``)."""
+    strings like ``"F3@s1"`` (an overlap: ``"F3@s1+B0@s6"``); a ``B`` without its ``W`` is a
+    whole backward. ``placement[s]`` is the device of stage ``s`` (default ``s % K``)."""
     _check_lists(actions, "actions")
     parsed = [[_parse(a) if isinstance(a, str) else a for a in acts] for acts in actions]
     return validate(parsed, num_microbatches, virtual_stages, name="custom", placement=placement)

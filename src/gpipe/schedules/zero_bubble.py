@@ -14,22 +14,30 @@ deferred to fill the slots where 1F1B idles).
 * ``interleaved-zb`` — ZB-H1 on interleaved 1F1B's order (V chunks per device, round-robin):
   ZB-H1's memory (``K`` whole-device units) and, with ``W ≤ B``, ``1/V`` of its idle time.
 
+Splitting is not free: ``W`` reads back every output gradient ``B`` kept for it (5–15% of a
+backward on a CPU). So each builder splits only the backwards whose split changes the step —
+those where the pipeline fills and drains (:func:`_worth_splitting`) — and leaves the steady
+state's backwards whole (a ``B`` with no ``W``). The bubbles above are those of splitting
+every backward, and so are these schedules' with a free split; ``every=True`` builds the
+every-backward-split lists of the papers (and torch.distributed.pipelining) for comparison.
+
 The invariant: every builder here emits, for every (stage, micro-batch), one ``F``, one ``B``
-and one ``W`` on the device its placement names (the validator proves it, and that the lists
-run without deadlock, for every ``K`` and ``M``).
+and at most one ``W`` on the device its placement names (the validator proves it, and that
+the lists run without deadlock, for every ``K`` and ``M``); with a free split its simulated
+step equals the every-backward-split one (``tests/test_partial_split.py``).
 """
 
 from __future__ import annotations
 
 from gpipe.schedules.codes import Codec
-from gpipe.schedules.ir import v_shape
+from gpipe.schedules.ir import Schedule, round_robin, v_shape
 from gpipe.schedules.named import interleaved_order, register
 
-__all__: list[str] = []
+__all__ = ["every_split"]
 
 
 @register("zb-h1", _compact=True)
-def _zb_h1(k: int, m: int, v: int) -> list[list[int]]:
+def _zb_h1(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
     """Zero-bubble H1: 1F1B with backward split into B and W.
 
     Device ``d`` runs ``K-d-1`` warm-up forwards, then pairs ``F B`` and, once ``d`` W's are
@@ -37,20 +45,21 @@ def _zb_h1(k: int, m: int, v: int) -> list[list[int]]:
     ``W`` fills the slots where 1F1B would idle. Every device holds at most ``K`` micro-batches
     of activations (1F1B's peak on device 0).
     """
-    return [_one_stage(k, m, d, warm=min(k - d - 1, m), owed=d) for d in range(k)]
+    return [_one_stage(k, m, d, min(k - d - 1, m), d, k - d, every) for d in range(k)]
 
 
 @register("zb-h2", _compact=True)
-def _zb_h2(k: int, m: int, v: int) -> list[list[int]]:
+def _zb_h2(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
     """Zero-bubble H2: ZB-H1 with ``K-d-1`` more warm-up forwards on device ``d`` (they fill
     the wait for the first ``B``) and ``2d`` weight gradients owed instead of ``d`` (they fill
     the waits between ``B`` actions coming back up the pipeline). Every device holds at most
     ``2K-1`` micro-batches (the paper's ``(2p-1)·M_B``, about twice 1F1B's ``K``)."""
-    return [_one_stage(k, m, d, warm=min(2 * (k - d - 1), m), owed=2 * d) for d in range(k)]
+    warm = [min(2 * (k - d - 1), m) for d in range(k)]
+    return [_one_stage(k, m, d, warm[d], 2 * d, 2 * (k - d), every) for d in range(k)]
 
 
 @register("interleaved-zb", virtual=True, _compact=True)
-def _interleaved_zb(k: int, m: int, v: int) -> list[list[int]]:
+def _interleaved_zb(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
     """Interleaved zero bubble (ZB-H1 on interleaved 1F1B's order; the paper's ZB-1p with V
     chunks per device, torch's ``ScheduleInterleavedZeroBubble``): round-robin placement, the
     forward and backward orders of ``interleaved``, backward split into B and W.
@@ -64,44 +73,75 @@ def _interleaved_zb(k: int, m: int, v: int) -> list[list[int]]:
     (ZB-H1's ``(K-1)·(F+B-W)``, at ``1/V`` of the stage cost). Valid for every ``M ≥ 1``.
     """
     total = m * v
-    big = k * v * m  # a B code plus this is the W of the same (stage, micro-batch)
+    n_all = k * v * m
     out = []
     for d in range(k):
         fwd, bwd = interleaved_order(k, m, v, d)
-        wgt = [b + big for b in bwd]
-        out.append(_merge(fwd, bwd, wgt, warm=min((v - 1) * k + k - d - 1, total), owed=d))
+        wgt = [b + n_all for b in bwd]  # the W of the same (stage, micro-batch)
+        split = None if every else _worth_splitting([(b - n_all) // m for b in bwd], d, v * k - d)
+        out.append(_merge(fwd, bwd, wgt, min((v - 1) * k + k - d - 1, total), owed=d, split=split))
     return out
 
 
-def _one_stage(k: int, m: int, d: int, warm: int, owed: int) -> list[int]:
-    """Device ``d``'s list of a one-stage-per-device zero-bubble schedule (see :func:`_merge`)."""
+def _one_stage(k: int, m: int, d: int, warm: int, owed: int, tail: int, every: bool) -> list[int]:
+    """Device ``d``'s list of a one-stage-per-device zero-bubble schedule (see :func:`_merge`):
+    every backward split when ``every``, else those :func:`_worth_splitting` picks."""
     c = Codec(k, m)
     fwd = [c.f(d, i) for i in range(m)]
-    return _merge(fwd, [c.b(d, i) for i in range(m)], [c.w(d, i) for i in range(m)], warm, owed)
+    bwd, wgt = [c.b(d, i) for i in range(m)], [c.w(d, i) for i in range(m)]
+    split = None if every else _worth_splitting([d] * m, owed, tail)
+    return _merge(fwd, bwd, wgt, warm, owed, split)
 
 
-def _merge(fwd: list[int], bwd: list[int], wgt: list[int], warm: int, owed: int) -> list[int]:
+def _worth_splitting(stages: list[int], owed: int, tail: int) -> list[bool]:
+    """Which of a device's backwards (their stages, in the device's order) to split: the first
+    ``owed`` (their ``B`` sends the first wave of gradients up the pipeline without waiting
+    for ``W``, and their ``W`` waits for the cool-down) and the last ``tail`` (their ``W``
+    fills the cool-down's waits: one more than the device's warm-up forwards for ZB-H1 and
+    interleaved-zb, ``K-d`` and ``VK-d``; two more for ZB-H2, ``2(K-d)``, which owes twice
+    the ``W``), never stage 0's, which has no earlier stage to send to.
+    The others run their whole backward in ``B``: in the steady state a split fills no idle
+    time and costs what it costs (``W`` reading every kept output gradient back: 5–15% of a
+    backward on a CPU, BENCHMARKS.md). With the split free this gives the same step as
+    splitting every backward; with any split cost it is faster (both checked by simulation in
+    ``tests/test_partial_split.py``)."""
+    n = len(stages)
+    return [s != 0 and (i < owed or i >= n - tail) for i, s in enumerate(stages)]
+
+
+def _merge(
+    fwd: list[int],
+    bwd: list[int],
+    wgt: list[int],
+    warm: int,
+    owed: int,
+    split: list[bool] | None = None,
+) -> list[int]:
     """One device's list from its forwards, backwards and weight gradients, each in order:
-    ``warm`` forwards, then ``F B`` (and ``W`` once more than ``owed`` weight gradients wait),
-    the remaining ``B`` likewise, the remaining ``W``."""
+    ``warm`` forwards, then ``F B`` (and the oldest ``W`` once more than ``owed`` weight
+    gradients wait), the remaining ``B`` likewise, the remaining ``W``. ``split[i]`` false:
+    backward ``i`` is whole, it has no ``W`` (default: every backward is split)."""
     acts = fwd[:warm]
-    f, b, w = warm, 0, 0
+    f = warm
     n = len(bwd)
-    while b < n:
+    waiting: list[int] = []  # the W codes owed, oldest first
+    w = 0
+    for b in range(n):
         if f < n:
             acts.append(fwd[f])
             f += 1
         acts.append(bwd[b])
-        b += 1
-        if b - w > owed:
-            acts.append(wgt[w])
+        if split is None or split[b]:
+            waiting.append(wgt[b])
+        if len(waiting) - w > owed:
+            acts.append(waiting[w])
             w += 1
-    acts += wgt[w:]
+    acts += waiting[w:]
     return acts
 
 
 @register("zb-v", placement=v_shape, virtual_stages=2, _compact=True)
-def _zb_v(k: int, m: int, v: int) -> list[list[int]]:
+def _zb_v(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
     """Zero-bubble V (arXiv 2401.10241, section 6): two stages per device, ``d`` and
     ``2K-1-d``, so a micro-batch goes down the devices and back up (the last device runs
     stages ``K-1`` and ``K`` back to back).
@@ -110,7 +150,9 @@ def _zb_v(k: int, m: int, v: int) -> list[list[int]]:
     forwards (second stage, first stage), ``K-d`` rounds of ``F B W`` on its second stage; the
     steady state alternates ``F B W`` on the two stages; the cool-down runs the remaining
     ``B``'s (both stages, then the first with its ``W``) and the deferred ``W``'s. The pattern
-    is laid out for ``max(M, 2K-1)`` micro-batches and the ones past ``M`` are dropped.
+    is laid out for ``max(M, 2K-1)`` micro-batches and the ones past ``M`` are dropped. Of the
+    steady state's ``B W`` pairs only the device's first ``2K`` and last ``3K`` backwards stay
+    split (:func:`_keep_split`).
     """
     n = max(m, 2 * k - 1)  # laid out for n micro-batches, codes of a Codec(2K, n)
     big = 2 * k * n  # F = s·n + i, B = big + s·n + i, W = 2·big + s·n + i
@@ -160,5 +202,33 @@ def _zb_v(k: int, m: int, v: int) -> list[list[int]]:
                 if i < m:
                     kept.append(kind * 2 * k * m + st * m + i)
             seq = kept
-        out.append(seq)
+        out.append(seq if every else _keep_split(seq, 2 * k * m, m, 2 * k, 3 * k))
     return out
+
+
+def _keep_split(seq: list[int], n_all: int, m: int, head: int, tail: int) -> list[int]:
+    """``seq`` with the ``W`` of each backward dropped (its ``B`` becoming the whole backward)
+    except the device's first ``head`` and last ``tail`` backwards, never stage 0's (see
+    :func:`_worth_splitting`). ZB-V's steady state runs each ``W`` right after its ``B``, so
+    a split there only sends the input gradient ``W`` earlier; the simulator finds that this
+    matters only where the pipeline fills and drains: with the split free, dropping the others
+    gives the same step (K ≤ 5, M ≤ 4K), with any split cost a shorter one."""
+    bwd = [c for c in seq if n_all <= c < 2 * n_all]
+    split = _worth_splitting([(c - n_all) // m for c in bwd], head, tail)
+    keep = {c + n_all for c, on in zip(bwd, split) if on}
+    return [c for c in seq if c < 2 * n_all or c >= 3 * n_all or c in keep]
+
+
+def every_split(name: str, k: int, m: int, v: int | None = None) -> Schedule:
+    """The zero-bubble schedule ``name`` as its paper (and torch.distributed.pipelining) lay it
+    out: every backward split, stage 0's too — for comparing against the named schedule, which
+    splits only where a split changes the step."""
+    from gpipe.schedules.validate import from_codes
+
+    builders = {"zb-h1": _zb_h1, "zb-h2": _zb_h2, "interleaved-zb": _interleaved_zb, "zb-v": _zb_v}
+    if name not in builders:
+        raise ValueError(f"every_split builds {sorted(builders)}, got {name!r}")
+    if v is None:
+        v = 2 if name in ("interleaved-zb", "zb-v") else 1
+    place = v_shape(k, v) if name == "zb-v" else round_robin(k, v)
+    return from_codes(tuple(builders[name](k, m, v, every=True)), m, v, name, place)
