@@ -247,9 +247,29 @@ def main() -> None:
         cpu = " / ".join(f"{t:.1f}" for t in r.get("backward_cpu_ms", []))
         print(f"| {r['config']} | {r['time']:.3f} | {sp:.2f}x | {ofb} | {bub} | {bwd} | {cpu} |")
     _split_versus_whole(rows)
+    _paired(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+def _paired(rows: list[dict]) -> None:
+    """Each schedule against 1F1B and interleaved at the same M, paired round by round: the
+    median over rounds of the ratio of the two rounds' times. Configurations of one round run
+    seconds apart, so a slow spell of the machine (rounds here differ by up to 25%) slows
+    both sides of a ratio alike, where the medians of the times above do not cancel it."""
+    pipes = [r for r in rows if "schedule" in r]
+    print("\npaired with the same round's 1f1b / interleaved (median over rounds):")
+    for r in pipes:
+        out = []
+        for base in ("1f1b", "interleaved"):
+            b = next((x for x in pipes if x["schedule"] == base and x["m"] == r["m"]), None)
+            if b is not None and b is not r:
+                ratios = [t / u for t, u in zip(r["rounds"], b["rounds"])]
+                r[f"paired_{base}"] = statistics.median(ratios)
+                out.append(f"{statistics.median(ratios):.3f}x {base}")
+        if out:
+            print(f"- {r['schedule']}, M={r['m']}: " + ", ".join(out))
 
 
 def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

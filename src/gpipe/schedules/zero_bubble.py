@@ -151,8 +151,8 @@ def _zb_v(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
     steady state alternates ``F B W`` on the two stages; the cool-down runs the remaining
     ``B``'s (both stages, then the first with its ``W``) and the deferred ``W``'s. The pattern
     is laid out for ``max(M, 2K-1)`` micro-batches and the ones past ``M`` are dropped. Of the
-    steady state's ``B W`` pairs only the device's first ``2K`` and last ``3K`` backwards stay
-    split (:func:`_keep_split`).
+    steady state's ``B W`` pairs only the device's first ``K-1`` and last ``3K-2`` backwards
+    stay split (:func:`_keep_split`).
     """
     n = max(m, 2 * k - 1)  # laid out for n micro-batches, codes of a Codec(2K, n)
     big = 2 * k * n  # F = s·n + i, B = big + s·n + i, W = 2·big + s·n + i
@@ -202,7 +202,7 @@ def _zb_v(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
                 if i < m:
                     kept.append(kind * 2 * k * m + st * m + i)
             seq = kept
-        out.append(seq if every else _keep_split(seq, 2 * k * m, m, 2 * k, 3 * k))
+        out.append(seq if every else _keep_split(seq, 2 * k * m, m, k - 1, 3 * k - 2))
     return out
 
 
@@ -212,7 +212,8 @@ def _keep_split(seq: list[int], n_all: int, m: int, head: int, tail: int) -> lis
     :func:`_worth_splitting`). ZB-V's steady state runs each ``W`` right after its ``B``, so
     a split there only sends the input gradient ``W`` earlier; the simulator finds that this
     matters only where the pipeline fills and drains: with the split free, dropping the others
-    gives the same step (K ≤ 5, M ≤ 4K), with any split cost a shorter one."""
+    gives the same step, with any split cost a shorter one (``head = K-1`` and ``tail = 3K-2``
+    are the fewest that keep the step for K ≤ 6, M ≤ 5K and five F:B:W ratios)."""
     bwd = [c for c in seq if n_all <= c < 2 * n_all]
     split = _worth_splitting([(c - n_all) // m for c in bwd], head, tail)
     keep = {c + n_all for c, on in zip(bwd, split) if on}
