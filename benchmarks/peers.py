@@ -15,7 +15,8 @@ every row alike:
   placement).
 
 Speed-up is against the plain model; "of bound" divides it by K·M/(M+K−1); "vs torch" is the
-torch step time over gpipe's for the matching schedule (> 1: gpipe is faster).
+torch step time over gpipe's for the matching schedule (> 1: gpipe is faster); "paired" is the
+median over rounds of that ratio within each round (the two run back to back).
 
     python benchmarks/peers.py                # M in 4,8, batch 32 x 128, 3 rounds
     python benchmarks/peers.py --quick        # smoke run
@@ -221,19 +222,27 @@ def main() -> None:
         f"of {args.steps} steps; load average {load0:.2f} -> {load1:.2f}"
     )
     print()
-    print("| runtime | schedule | M | step (s) | speed-up vs plain | of bound | torch / gpipe |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| plain (1 process, 1 thread) | - | - | {med['plain']:.3f} | 1.00x | | |")
+    print(
+        "| runtime | schedule | M | step (s) | speed-up vs plain | of bound | torch / gpipe "
+        "| paired |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| plain (1 process, 1 thread) | - | - | {med['plain']:.3f} | 1.00x | | | |")
     for m in args.chunk_list:
         bound = 2 * m / (m + 1)
         for sched in args.schedule_list:
             ours, theirs = med[f"gpipe {sched} {m}"], med[f"torch {sched} {m}"]
+            # the two run back to back in every round: the median of their per-round ratios
+            # cancels the machine's slow spells, which the medians of the times do not
+            rounds = zip(results[f"torch {sched} {m}"], results[f"gpipe {sched} {m}"])
+            paired = statistics.median(a / b for a, b in rounds)
             for name, t in (
                 ("gpipe.DistributedPipe", ours),
                 ("torch.distributed.pipelining", theirs),
             ):
                 sp = med["plain"] / t
-                ratio = f"{theirs / ours:.2f}" if name.startswith("gpipe") else ""
+                mine = name.startswith("gpipe")
+                ratio = f"{theirs / ours:.2f} | {paired:.2f}" if mine else " |"
                 print(
                     f"| {name} | {sched} | {m} | {t:.3f} | {sp:.2f}x | {sp / bound:.0%} | {ratio} |"
                 )
