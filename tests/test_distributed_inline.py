@@ -74,14 +74,34 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
         return orig(*args, **kwargs)
 
     c10d.isend = dist.isend = isend  # one object in both namespaces (P2POp checks identity)
+    recvs: list[int] = []  # id of the group of every irecv
+    orig_recv = c10d.irecv
+
+    def irecv(*args: Any, **kwargs: Any) -> Any:
+        recvs.append(id(kwargs.get("group")))
+        return orig_recv(*args, **kwargs)
+
+    c10d.irecv = dist.irecv = irecv
     pipe = DistributedPipe(_model(), chunks=2, balance=[4, 5], schedule="1f1b", timeout=30)
     pipe._transport.inline = inline
     meta = id(pipe._groups.meta)
+    # per forward action of this rank's stage: point-to-point receives posted so far this step
+    at_forward: list[int] = []
+    stage = pipe._stages[0]
+    orig_forward = stage.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        at_forward.append(sum(g != meta for g in recvs[first_recv:]))
+        return orig_forward(*args, **kwargs)
+
+    stage.forward = forward  # type: ignore[method-assign]
     out: list[dict[str, Any]] = []
     for i, (rows, grad, fail) in enumerate(STEPS):
         pipe.zero_grad()
         Raise.on = fail
         before = len(sends)
+        first_recv = len(recvs)
+        at_forward.clear()
         res: dict[str, Any] = {"error": None}
         try:
             with torch.set_grad_enabled(grad):
@@ -90,6 +110,7 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
             res["error"] = (type(e).__name__, str(e))
         Raise.on = False
         res["headers"] = sum(g == meta for g in sends[before:])
+        res["recvs_at_forward"] = list(at_forward)
         res["grads"] = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
         out.append(res)
     pipe.close()
@@ -169,6 +190,14 @@ def test_headers_travel_only_when_the_receiver_cannot_know_the_value(runs):
         # changes requires_grad (micro-batch 0 is re-materialized: its forward ran without
         # grad in the steps before too)
         assert inline[3] == (3 if r == 0 else 1), (r, inline)
+
+
+def test_the_next_input_is_posted_before_a_forward_that_sends_nothing(runs):
+    """The last stage's forward sends nothing; the receive of the next activation must
+    already be posted when it runs, so that transfer overlaps its compute (it used to be
+    posted only at the next send, after the forward: the receiver then waited for it)."""
+    steady = runs["inline"][1][1]["recvs_at_forward"]  # rank 1, the steady step, M=2
+    assert steady == [2, 2], steady  # at micro-batch 0's forward, micro-batch 1's is posted
 
 
 def _single(out: str) -> None:

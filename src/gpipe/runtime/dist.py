@@ -6,8 +6,10 @@ between the ranks of one pipeline. What each channel carries in a step, and how 
 laid out, is :mod:`gpipe.runtime.p2pproto`. The order of operations follows
 ``torch.distributed.pipelining``: the sends of an action are issued right after it, in one
 ``batch_isend_irecv`` on the pipeline's point-to-point group together with the receives the
-next action needs (posted non-blocking, ahead of its compute); an action that needs a value
-waits only for that value's transfers. Headers travel on a CPU (gloo) group, so under NCCL no
+next remote input needs (posted non-blocking, ahead of its compute), and a receive posts the
+next remote input's too (an action that sends nothing, as a last stage's forward, still
+overlaps the next transfer with its compute: on gloo a transfer starts only once its receive
+is posted); an action that needs a value waits only for that value's transfers. Headers travel on a CPU (gloo) group, so under NCCL no
 header is copied between host and GPU; every group exists from construction
 (:func:`gpipe.distlayout.create_groups`), and every wait is bounded by ``timeout``. With
 tensors in host memory (gloo) a value both ends expect travels as one buffer and no header
@@ -189,6 +191,9 @@ class P2PTransport(ChannelHealth):
             self._check_failed()
             try:
                 self._post_data(peer, pos)
+                # and the next remote input's, so its transfer runs under this action's
+                # compute even when this action sends nothing (a last stage's forward)
+                self._prefetch()
                 self._flush()
                 while self._decoded[peer] <= pos:
                     self._decode_next(peer, time.monotonic() + self.timeout)
