@@ -64,7 +64,8 @@ def test_forward_and_backward_parts_split_each_device() -> None:
     )
     assert s.backward_part() == tuple(
         # device 0 has no earlier stage to send to: its backwards stay whole
-        tuple(acts) for acts in _parse_all("B0@s0 B1@s0", "B0@s1 B1@s1 W0@s1 W1@s1")
+        tuple(acts)
+        for acts in _parse_all("B0@s0 B1@s0", "B0@s1 B1@s1 W0@s1 W1@s1")
     )
 
 

@@ -144,9 +144,7 @@ def run_step(
     # From here on every rank must reach finish_step, whatever happens.
     last_dev = layout.last_device
     stash: list[torch.Tensor | None] = []
-    data = StepData(
-        layout.num_stages, inputs=mbs, targets=tmbs, splits=sched.splits
-    )
+    data = StepData(layout.num_stages, inputs=mbs, targets=tmbs, splits=sched.splits)
     loss = None
     try:
         stash = collectives.stash_tied(pipe._ties) if grad else []

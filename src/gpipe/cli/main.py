@@ -237,4 +237,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_trace(args)
     except UsageError as e:
         return report_error(str(e))
-
