@@ -169,3 +169,38 @@ def test_tables_are_overlaid_only_while_the_pipe_lives() -> None:
     assert names == {n for n, _ in make(torch.float32).named_parameters()}
     pipe.close()
     assert type(shared._parameters) is dict
+
+
+class RootWeight(nn.Module):
+    """A parameter of the model itself, read by the first and the last captured layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(D, D) / 3)
+        self.blocks = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x @ self.w
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x @ self.w.t()
+
+
+@pytest.mark.parametrize("schedule", schedules.available())
+def test_a_captured_models_own_parameter_read_by_two_workers(schedule: str) -> None:
+    """The captured segments' generated code reads the segment's own parameter table: the
+    borrowing stage must see its alias there too (else a split schedule loses its part)."""
+    x, y = data(torch.float64)
+    plain = RootWeight().double()
+    loss_fn(plain(x), y).backward()
+    model = RootWeight().double()
+    v = ScheduleSpec(schedule).virtual_stages
+    pipe = gpipe.Pipe(model, sample=(x[:6],), stages=2, chunks=4, schedule=schedule,
+                      virtual_stages=v if schedule in schedules.interleaving() else None,
+                      devices=["cpu", "cpu"])  # fmt: skip
+    pipe.step(x, y, loss_fn)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert (a.grad - b.grad).abs().max().item() <= 1e-12
+    pipe.close()
+    assert all(type(m._parameters) is dict for m in pipe.modules())

@@ -98,7 +98,7 @@ def unlend(modules: Sequence[nn.Module]) -> None:
     for module in modules:
         table = module.__dict__["_parameters"]
         if isinstance(table, Overlaid):
-            module.__dict__["_parameters"] = dict(table)
+            _replace_table(module, table, dict(table))
 
 
 def _modules(stage: Any) -> list[nn.Module]:
@@ -112,9 +112,19 @@ def _modules(stage: Any) -> list[nn.Module]:
 def _overlay_table(module: nn.Module) -> Overlaid:
     table = module.__dict__["_parameters"]
     if not isinstance(table, Overlaid):
-        table = Overlaid(table)
-        module.__dict__["_parameters"] = table
+        table = _replace_table(module, table, Overlaid(table))
     return table
+
+
+def _replace_table(module: nn.Module, old: dict, new: dict) -> Any:
+    """Make ``new`` the parameter table of ``module`` and of any module object held in its
+    ``__dict__`` that shares ``old`` (a captured segment's ``GraphModule`` reads the segment's
+    own table: it must read the overlaid one too)."""
+    module.__dict__["_parameters"] = new
+    for v in module.__dict__.values():
+        if isinstance(v, nn.Module) and v.__dict__.get("_parameters") is old:
+            v.__dict__["_parameters"] = new
+    return new
 
 
 def aliases(borrowed: Mapping[int, nn.Parameter]) -> dict[int, nn.Parameter]:
