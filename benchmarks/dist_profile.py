@@ -20,15 +20,13 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from peers import finish, free_port, init_gloo, make_runners
+from peers import finish, init_gloo, make_runners, parse_args, run_two
 
 CALLS = (
     "isend", "irecv", "send", "recv", "batch_isend_irecv", "all_reduce", "all_gather",
@@ -132,25 +130,9 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--chunks", default="4,8")
-    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    args.chunk_list = [int(c) for c in args.chunks.split(",")]
-    args.schedule_list = [s for s in args.schedules.split(",") if s]
+    args = parse_args(__doc__ or "", "gpipe,1f1b,interleaved")
     load0 = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "res.json")
-        mp.start_processes(_worker, args=(args, free_port(), out), nprocs=2, start_method="spawn")
-        with open(out) as f:
-            per_rank = json.load(f)
+    per_rank = run_two(_worker, args)
     print(
         f"TransformerLM {args.preset}, batch {args.batch} x {args.seq}, 2 gloo processes; "
         f"medians over {args.rounds} x {args.steps} steps (ms); load {load0:.2f} -> "

@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -190,30 +191,44 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     finish(keep)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, schedules: str, quick: bool = False) -> argparse.Namespace:
+    """The options both two-process benchmarks take (model, batch, M, schedules, steps,
+    rounds, JSON), with ``chunk_list`` and ``schedule_list`` parsed from them."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--chunks", default="4,8", help="micro-batch counts, comma-separated")
-    ap.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated")
+    ap.add_argument("--schedules", default=schedules, help="comma-separated")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
+    if quick:
+        ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.quick:
+    if getattr(args, "quick", False):
         args.batch, args.seq, args.steps, args.warmup, args.rounds = 16, 64, 3, 1, 1
         args.chunks = "8"
     args.chunk_list = [int(c) for c in str(args.chunks).split(",")]
     args.schedule_list = [s for s in str(args.schedules).split(",") if s]
-    load0 = os.getloadavg()[0]
+    return args
+
+
+def run_two(worker: Callable[..., None], args: argparse.Namespace) -> Any:
+    """Run ``worker(rank, args, port, out)`` on two spawned ranks; what rank 0 wrote to
+    ``out`` (JSON)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
-        mp.start_processes(_worker, args=(args, free_port(), out), nprocs=2, start_method="spawn")
+        mp.start_processes(worker, args=(args, free_port(), out), nprocs=2, start_method="spawn")
         with open(out) as f:
-            results = json.load(f)
+            return json.load(f)
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "", ",".join(SCHEDULES), quick=True)
+    load0 = os.getloadavg()[0]
+    results = run_two(_worker, args)
     load1 = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in results.items()}
     print(

@@ -1,16 +1,24 @@
 """Spawned ranks for the multi-process tests: start them, wait within a limit, kill stragglers.
 
 Every multi-process test goes through :func:`spawn`, so none can hang CI: a rank still alive
-when the limit is up is killed, and its exit code reads ``None``.
+when the limit is up is killed, and its exit code reads ``None``. :func:`run_gloo` is the
+common case: a scenario on the ranks of one gloo group, a rank's traceback failing the test;
+:class:`Raise` is the fault the scenarios inject.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 
 def spawn(
@@ -34,3 +42,42 @@ def spawn(
         else:
             codes.append(p.exitcode)
     return codes
+
+
+class Raise(nn.Module):
+    """Raises in forward while ``on`` (a scenario's injected fault)."""
+
+    on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            raise ValueError("injected")
+        return x
+
+
+def run_gloo(
+    scenario: Callable[[int, Path], None], tmp: Path, world: int = 2, limit: float = 120
+) -> None:
+    """Run ``scenario(rank, tmp)`` on ``world`` spawned ranks of one gloo group (one intra-op
+    thread each, every wait bounded); a rank that raised fails the test with its traceback."""
+    spawn(_gloo_rank, lambda r: (scenario, r, world, str(tmp)), world, limit)
+    for r in range(world):
+        err = tmp / f"error{r}.txt"
+        if err.exists():
+            pytest.fail(f"rank {r} failed:\n{err.read_text()}")
+
+
+def _gloo_rank(scenario: Callable[[int, Path], None], rank: int, world: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        scenario(rank, Path(out))
+    except BaseException:
+        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    dist.destroy_process_group()

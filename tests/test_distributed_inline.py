@@ -13,19 +13,16 @@ both ranks naming rank, stage and micro-batch, and the next step must work.
 
 from __future__ import annotations
 
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 import reference_impl
-from spawn_ranks import spawn
+from spawn_ranks import Raise, run_gloo, spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -33,17 +30,6 @@ TOL = 1e-10
 # (rows, grad enabled, last stage raises) per step
 STEPS = [(8, True, False), (8, True, False), (4, True, False), (4, False, False),
          (4, True, True), (4, True, False)]  # fmt: skip
-
-
-class Raise(nn.Module):
-    """Raises in forward while ``on``."""
-
-    on = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            raise ValueError("injected")
-        return x
 
 
 def _model() -> nn.Sequential:
@@ -117,30 +103,15 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
     torch.save(out, path / f"{'inline' if inline else 'header'}{rank}.pt")
 
 
-def _entry(rank: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
-        for inline in (True, False):
-            _scenario(rank, inline, Path(out))
-    except BaseException:
-        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    dist.destroy_process_group()
+def _both(rank: int, path: Path) -> None:
+    for inline in (True, False):
+        _scenario(rank, inline, path)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[list[dict[str, Any]]]]:
     tmp = tmp_path_factory.mktemp("inline")
-    spawn(_entry, lambda r: (r, f"file://{tmp}/store", str(tmp)), world=2, limit=120)
-    for r in range(2):
-        err = tmp / f"error{r}.txt"
-        if err.exists():
-            pytest.fail(f"rank {r} failed:\n{err.read_text()}")
+    run_gloo(_both, tmp, limit=120)
     return {
         mode: [torch.load(tmp / f"{mode}{r}.pt", weights_only=False) for r in range(2)]
         for mode in ("inline", "header")
@@ -219,12 +190,8 @@ def _single(out: str) -> None:
 
 
 def test_one_pipeline_device_needs_no_channel(tmp_path):
-    proc = mp.get_context("spawn").Process(target=_single, args=(str(tmp_path),), daemon=True)
-    proc.start()
-    proc.join(60)
-    if proc.is_alive():
-        proc.kill()
-    assert proc.exitcode == 0, "the one-device pipe failed (see its stderr)"
+    (code,) = spawn(_single, lambda r: (str(tmp_path),), world=1, limit=60)
+    assert code == 0, "the one-device pipe failed (see its stderr)"
     losses, grads = torch.load(tmp_path / "single.pt", weights_only=False)
     for i in range(2):
         model = _model()

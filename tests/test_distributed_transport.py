@@ -11,8 +11,6 @@ still computing the reference gradients (tests/reference_impl.py), after a faile
 from __future__ import annotations
 
 import threading
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from torch.nn import functional as F
 import reference_impl
 from gpipe.runtime import p2pproto
 from gpipe.schedules import Action
-from spawn_ranks import spawn
+from spawn_ranks import Raise, run_gloo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -41,17 +39,6 @@ def _model(fail: bool = False) -> nn.Sequential:
     if fail:
         layers.append(Raise())
     return nn.Sequential(*layers).double()
-
-
-class Raise(nn.Module):
-    """Raises in forward while ``on``."""
-
-    on = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            raise ValueError("injected")
-        return x
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,29 +105,10 @@ def _scenario(rank: int, path: Path) -> None:
     torch.save(res, path / f"rank{rank}.pt")
 
 
-def _entry(rank: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
-        _scenario(rank, Path(out))
-    except BaseException:
-        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("transport")
-    spawn(_entry, lambda r: (r, f"file://{tmp}/store", str(tmp)), world=2, limit=100)
-    for r in range(2):
-        err = tmp / f"error{r}.txt"
-        if err.exists():
-            pytest.fail(f"rank {r} failed:\n{err.read_text()}")
+    run_gloo(_scenario, tmp, limit=100)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

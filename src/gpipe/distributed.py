@@ -72,11 +72,9 @@ class DistributedPipe(nn.Module):
         chunks: micro-batches M per replica and step.
         micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
             need ``chunks``).
-        schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``,
-            ``"interleaved"``, ``"interleaved-zb"``, ``"zb-h1"``, ``"zb-h2"``, ``"zb-v"``,
-            ``"dualpipe-v"``),
+        schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``, ...),
             ``"auto"`` or a :class:`~gpipe.schedules.Schedule`.
-        virtual_stages: V for ``"interleaved"`` and ``"interleaved-zb"`` (default 2).
+        virtual_stages: V for the schedules of ``gpipe.schedules.interleaving()`` (default 2).
         remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
         seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
         pinned: the first ``pinned`` layers stay on stage 0 when balancing by FLOPs.

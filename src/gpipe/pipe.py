@@ -57,12 +57,11 @@ class Pipe(nn.Module):
         micro_batch_size: alternatively (or also) the micro-batch size.
         batch_dim: the batch dimension of inputs and outputs.
         remat: ``"always"``, ``"except_last"`` (default) or ``"never"`` re-materialization.
-        schedule: a schedule name (``gpipe``, ``1f1b``, ``interleaved``, ``interleaved-zb``,
-            ``zb-h1``, ``zb-h2``, ``zb-v``, ``dualpipe-v``; ``gpipe.schedules.available()``),
+        schedule: a schedule name (``gpipe``, ``1f1b``, ...: ``gpipe.schedules.available()``),
             ``"auto"`` (the planner's top configuration, :mod:`gpipe.auto`) or a
             :class:`gpipe.schedules.Schedule` built for this pipeline.
-        virtual_stages: model chunks per device for ``"interleaved"`` and
-            ``"interleaved-zb"`` (default 2).
+        virtual_stages: model chunks per device for the schedules of
+            ``gpipe.schedules.interleaving()`` (default 2).
         seed: seed of the keyed random streams (dropout etc.).
         pinned: the first ``pinned`` layers run on stage 0 (the seed's ``before_tpl``).
         fetch: names of inner modules (as in ``named_modules()`` of ``module``) whose outputs

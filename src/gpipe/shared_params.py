@@ -8,11 +8,11 @@ swaps a standard module's parameters for detached aliases (:mod:`gpipe.wgrad`), 
 threads write one ``.grad`` and one module's parameter table at once: lost contributions.
 
 So the first stage that uses such a parameter *owns* it; every later stage on another worker
-*borrows* it. For each training step (:func:`aliases`, when the stage's step begins) a
-borrowing stage gets an alias: a new leaf ``Parameter`` on the same storage. While that stage
-runs its layers (:func:`view`), every module holding the parameter resolves it, on that thread
-only, to the alias — its graph, its captured calls and its ``W`` all write the alias's
-``.grad``. When the step's backward is done, :func:`flush` adds each alias's gradient to the
+*borrows* it (:func:`lend` gives each stage its :class:`Loan`). For each training step
+(:meth:`Loan.aliases`, when the stage's step begins) a borrowing stage gets an alias: a new
+leaf ``Parameter`` on the same storage. While that stage runs its layers (:meth:`Loan.view`),
+every module holding the parameter resolves it, on that thread only, to the alias — its
+graph, its captured calls and its ``W`` all write the alias's ``.grad``. When the step's backward is done, :func:`flush` adds each alias's gradient to the
 real ``.grad``, stages in order.
 
 The invariant: after a step, a shared parameter's ``.grad`` is what it held, plus its owner's
@@ -26,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Overlaid", "aliases", "flush", "lend", "unlend", "view"]
+__all__ = ["Loan", "Overlaid", "flush", "lend", "targets"]
 
 _tls = threading.local()
 
@@ -39,7 +40,7 @@ _tls = threading.local()
 class Overlaid(dict):
     """A module's ``_parameters`` whose entries a thread may replace for itself.
 
-    Outside a :func:`view` it is the plain table. Inside one, on that thread, the names the
+    Outside a :meth:`Loan.view` it is the plain table. Inside one, on that thread, the names the
     view covers read (and, for :mod:`gpipe.wgrad`'s swaps, write) the thread's own entries;
     iteration (``parameters()``, ``state_dict()``) always sees the real parameters.
     """
@@ -72,33 +73,68 @@ class Overlaid(dict):
             self[k] = v
 
 
+@dataclass
+class Loan:
+    """What one stage borrows: ``borrowed`` (by id, the parameters an earlier stage on another
+    worker owns) and ``holders`` (each module, parameter name and id holding one of them)."""
+
+    borrowed: dict[int, nn.Parameter] = field(default_factory=dict)
+    holders: list[tuple[nn.Module, str, int]] = field(default_factory=list)
+
+    def aliases(self) -> dict[int, nn.Parameter]:
+        """One step's aliases of the borrowed parameters that want a gradient: leaves on the
+        same storage (and version counter), each gathering this stage's gradient."""
+        return {
+            i: nn.Parameter(p.detach(), requires_grad=True)
+            for i, p in self.borrowed.items()
+            if p.requires_grad
+        }
+
+    @contextlib.contextmanager
+    def view(self, alias: Mapping[int, torch.Tensor]) -> Iterator[None]:
+        """On this thread, inside the body, each holder's entry reads the step's alias."""
+        if not alias:
+            yield
+            return
+        prev = getattr(_tls, "views", None)
+        views: dict[int, dict[str, Any]] = {k: dict(v) for k, v in (prev or {}).items()}
+        for module, name, pid in self.holders:
+            if pid in alias:
+                views.setdefault(id(module.__dict__["_parameters"]), {})[name] = alias[pid]
+        _tls.views = views
+        try:
+            yield
+        finally:
+            _tls.views = prev
+
+    def close(self) -> None:
+        """Give the holders back their plain parameter tables (a closing pipe)."""
+        for module, _, _ in self.holders:
+            table = module.__dict__["_parameters"]
+            if isinstance(table, Overlaid):
+                _replace_table(module, table, dict(table))
+
+
 def lend(stages: Sequence[Any], worker_of: Sequence[int]) -> None:
-    """Give each stage its ``borrowed`` parameters and ``holders`` (the parameter tables to
-    overlay): a parameter is borrowed by a stage when an earlier stage on another worker
-    (``worker_of[stage.index]``) uses it. Installs :class:`Overlaid` tables where needed."""
+    """Give each stage its :class:`Loan` (``stage.loan``): a parameter is borrowed by a stage
+    when an earlier stage on another worker (``worker_of[stage.index]``) uses it. Installs
+    :class:`Overlaid` tables where needed."""
     first: dict[int, int] = {}  # id(parameter) → worker of the first stage using it
     for st in stages:
-        borrowed: dict[int, nn.Parameter] = {}
-        holders: list[tuple[Overlaid, str, int]] = []
+        loan = Loan()
         w = worker_of[st.index]
         for module in _modules(st):
             for name, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                owner = first.setdefault(id(p), w)
-                if owner != w:
-                    borrowed[id(p)] = p
-                    holders.append((_overlay_table(module), name, id(p)))
-                    st.overlaid.append(module)
-        st.borrowed, st.holders = borrowed, holders
+                if p is not None and first.setdefault(id(p), w) != w:
+                    loan.borrowed[id(p)] = p
+                    loan.holders.append((module, name, id(p)))
+                    _overlay_table(module)
+        st.loan = loan
 
 
-def unlend(modules: Sequence[nn.Module]) -> None:
-    """Give ``modules`` back their plain parameter tables (a closing pipe)."""
-    for module in modules:
-        table = module.__dict__["_parameters"]
-        if isinstance(table, Overlaid):
-            _replace_table(module, table, dict(table))
+def targets(params: list[nn.Parameter], alias: Mapping[int, Any] | None) -> list[Any]:
+    """``params`` as a step's gradients reach them: a borrowed one as its alias."""
+    return [alias.get(id(p), p) for p in params] if alias else params
 
 
 def _modules(stage: Any) -> list[nn.Module]:
@@ -109,14 +145,13 @@ def _modules(stage: Any) -> list[nn.Module]:
     return list(seen.values())
 
 
-def _overlay_table(module: nn.Module) -> Overlaid:
+def _overlay_table(module: nn.Module) -> None:
     table = module.__dict__["_parameters"]
     if not isinstance(table, Overlaid):
-        table = _replace_table(module, table, Overlaid(table))
-    return table
+        _replace_table(module, table, Overlaid(table))
 
 
-def _replace_table(module: nn.Module, old: dict, new: dict) -> Any:
+def _replace_table(module: nn.Module, old: dict, new: dict) -> None:
     """Make ``new`` the parameter table of ``module`` and of any module object held in its
     ``__dict__`` that shares ``old`` (a captured segment's ``GraphModule`` reads the segment's
     own table: it must read the overlaid one too)."""
@@ -124,37 +159,6 @@ def _replace_table(module: nn.Module, old: dict, new: dict) -> Any:
     for v in module.__dict__.values():
         if isinstance(v, nn.Module) and v.__dict__.get("_parameters") is old:
             v.__dict__["_parameters"] = new
-    return new
-
-
-def aliases(borrowed: Mapping[int, nn.Parameter]) -> dict[int, nn.Parameter]:
-    """One step's aliases of a stage's borrowed parameters that want a gradient: leaves on
-    the same storage (and version counter), each gathering the stage's gradient."""
-    return {
-        i: nn.Parameter(p.detach(), requires_grad=True)
-        for i, p in borrowed.items()
-        if p.requires_grad
-    }
-
-
-@contextlib.contextmanager
-def view(
-    holders: Sequence[tuple[Overlaid, str, int]], alias: Mapping[int, torch.Tensor]
-) -> Iterator[None]:
-    """On this thread, inside the body, each holder's entry reads the step's alias."""
-    if not alias:
-        yield
-        return
-    prev = getattr(_tls, "views", None)
-    views: dict[int, dict[str, Any]] = {k: dict(v) for k, v in (prev or {}).items()}
-    for table, name, pid in holders:
-        if pid in alias:
-            views.setdefault(id(table), {})[name] = alias[pid]
-    _tls.views = views
-    try:
-        yield
-    finally:
-        _tls.views = prev
 
 
 def flush(stages: Sequence[Any], states: Sequence[Any]) -> None:
@@ -165,7 +169,7 @@ def flush(stages: Sequence[Any], states: Sequence[Any]) -> None:
             g = a.grad
             if g is None:
                 continue
-            p = st.borrowed[pid]
+            p = st.loan.borrowed[pid]
             if p.grad is None:
                 p.grad = g
             else:

@@ -161,7 +161,7 @@ def _replay(
     wgt: list[float],
     comm: float,
     overlap: float,
-    split_overhead: float = 0.0,
+    split_overhead: float,
 ) -> SimResult:
     """Time the schedule's stored replay order on flat per-action lists (see
     :mod:`gpipe.schedules.codes` for the integer layout)."""

@@ -4,10 +4,11 @@ A :class:`Stage` owns a contiguous run of layers and, per micro-batch in flight,
 re-materialization mode needs: the boundary input always; the autograd graph only when the
 micro-batch is not re-materialized. The invariant: after ``forward(m)`` and then ``backward(m)``
 (or ``backward(m)`` + ``backward_weight(m)`` for split schedules) the parameters' ``.grad`` hold
-this micro-batch's contribution added to what was there (a parameter the stage borrows from
-a stage on another worker: its step alias's ``.grad``, added at the step's end by
-:func:`gpipe.shared_params.flush`), and nothing of micro-batch ``m`` is kept. Random ops run inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch,
-layer), so a recompute draws exactly what the first forward drew.
+this micro-batch's contribution added to what was there (a parameter borrowed from a stage
+on another worker: its step alias's, added at the step's end by
+:func:`gpipe.shared_params.flush`), and nothing of micro-batch ``m`` is kept. Random ops run
+inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch, layer), so a
+recompute draws exactly what the first forward drew.
 """
 
 from __future__ import annotations
@@ -124,9 +125,7 @@ class Stage:
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
         # parameters an earlier stage on another worker owns (:func:`gpipe.shared_params.lend`)
-        self.borrowed: dict[int, nn.Parameter] = {}
-        self.holders: list[tuple[shared_params.Overlaid, str, int]] = []
-        self.overlaid: list[nn.Module] = []
+        self.loan = shared_params.Loan()
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -164,15 +163,9 @@ class Stage:
         own); a worker abandoned in an earlier step writes into that old state, never this one.
         """
         self.state = StepState(step, num_microbatches, grad_mode, loss_fn, loss_scale)
-        if grad_mode and self.borrowed:
-            self.state.aliases = shared_params.aliases(self.borrowed)
+        if grad_mode and self.loan.borrowed:
+            self.state.aliases = self.loan.aliases()
         return self.state
-
-    def _targets(self, state: StepState, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        """``params`` as this step's gradients reach them (a borrowed one: its alias)."""
-        if not state.aliases:
-            return params
-        return [state.aliases.get(id(p), p) for p in params]
 
     def close(self) -> None:
         """Remove the hooks this stage put on the model and drop saved state."""
@@ -180,7 +173,7 @@ class Stage:
             h.remove()
         self._hooks.clear()
         self._wgrad.close()
-        shared_params.unlend(self.overlaid)
+        self.loan.close()
         self.state = StepState()
 
     @property
@@ -198,28 +191,23 @@ class Stage:
     # ----------------------------------------------------------------- running layers
 
     def _run(self, state: StepState, microbatch: int, x: Any) -> Any:
-        with shared_params.view(self.holders, state.aliases):
-            return self._run_layers(state, microbatch, x)
-
-    def _run_layers(self, state: StepState, microbatch: int, x: Any) -> Any:
         microbatch += self.rng_offset
-        for pos, (idx, layer) in enumerate(self.layers):
-            unpack = self.is_first and pos == 0
-            key = (idx, layer.training)
-            how = self._random.get(key)
-            if how is None or how == "full":
-                with rng.keyed(self.seed, state.step, microbatch, idx) as mode:
+        with self.loan.view(state.aliases):  # a borrowed parameter reads its alias
+            for pos, (idx, layer) in enumerate(self.layers):
+                unpack = self.is_first and pos == 0
+                key = (idx, layer.training)
+                how = self._random.get(key)
+                if how is None or how == "full":
+                    with rng.keyed(self.seed, state.step, microbatch, idx) as mode:
+                        x = layer(*x) if unpack else layer(x)
+                    if how is None:
+                        used = "modules" if mode.used else "none"
+                        self._random[key] = "full" if mode.used_outside_known else used
+                elif how == "modules":
+                    with rng.keyed_modules(self.seed, state.step, microbatch, idx):
+                        x = layer(*x) if unpack else layer(x)
+                else:
                     x = layer(*x) if unpack else layer(x)
-                if how is None:
-                    how = (
-                        "full" if mode.used_outside_known else ("modules" if mode.used else "none")
-                    )
-                    self._random[key] = how
-            elif how == "modules":
-                with rng.keyed_modules(self.seed, state.step, microbatch, idx):
-                    x = layer(*x) if unpack else layer(x)
-            else:
-                x = layer(*x) if unpack else layer(x)
         return x
 
     def _prepare(self, state: StepState, x: Any) -> Any:
@@ -391,7 +379,7 @@ class Stage:
             params = [p for p in self.parameters() if p.requires_grad]
         outs = saved.out_tensors
         if outs and params:
-            inputs = self._targets(self.state, params)
+            inputs = shared_params.targets(params, self.state.aliases)
             torch.autograd.backward(outs, saved.out_grads, inputs=inputs)
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from gpipe import shared_params
 from gpipe.wgrad_kinds import Kind, add_grad, kind_of, reduced_in_b, splittable
 
 __all__ = ["Calls", "WeightGrads", "splittable"]
@@ -188,7 +189,7 @@ class WeightGrads:
             chosen = [p for p in params if p.requires_grad and self._reduced(p)]
         else:
             chosen = [p for p in params if p.requires_grad]
-        direct = [alias.get(id(p), p) for p in chosen] if alias else chosen
+        direct = shared_params.targets(chosen, alias)
         wanted: list[Any] = [*needs, *edges, *direct]
         res: tuple[torch.Tensor | None, ...] = (None,) * len(wanted)
         if outs and wanted:

@@ -3,8 +3,8 @@
 The invariant kept here: :func:`validate` returns a :class:`~gpipe.schedules.ir.Schedule` only
 when every ``F`` and ``B`` of every (stage, micro-batch) occurs exactly once, and a ``W`` at
 most once (a ``B`` without one is that micro-batch's whole backward), each on the device its
-placement names, and executing each device's list in order never deadlocks. Its replay order is stored in the
-schedule, so the simulator times exactly the order proven here.
+placement names, and executing each device's list in order never deadlocks. Its replay order
+is stored in the schedule, so the simulator times exactly the order proven here.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ def validate(
     a ``W`` at most once, on the device that holds the stage (``placement[stage]``, default
     ``stage % K``), and that executing each device's list in order never deadlocks. A ``B``
     with no ``W`` of its (stage, micro-batch) computes the whole backward; with one, only the
-    input gradient, the ``W`` forming the weight gradients later. Raises :class:`ScheduleError` naming the offending action,
-    or, for a deadlock, the action each stuck device waits at and the dependency it waits for.
+    input gradient, the ``W`` forming the weight gradients later. Raises
+    :class:`ScheduleError` naming the offending action, or, for a deadlock, the action each
+    stuck device waits at and the dependency it waits for.
     """
     _check_lists(actions, "actions")
     k = len(actions)

@@ -30,7 +30,7 @@ step equals the every-backward-split one (``tests/test_partial_split.py``).
 from __future__ import annotations
 
 from gpipe.schedules.codes import Codec
-from gpipe.schedules.ir import Schedule, round_robin, v_shape
+from gpipe.schedules.ir import Schedule, v_shape
 from gpipe.schedules.named import interleaved_order, register
 
 __all__ = ["every_split"]
@@ -224,12 +224,12 @@ def every_split(name: str, k: int, m: int, v: int | None = None) -> Schedule:
     """The zero-bubble schedule ``name`` as its paper (and torch.distributed.pipelining) lay it
     out: every backward split, stage 0's too — for comparing against the named schedule, which
     splits only where a split changes the step."""
+    from gpipe.schedules.named import placement_of, resolve_virtual
     from gpipe.schedules.validate import from_codes
 
     builders = {"zb-h1": _zb_h1, "zb-h2": _zb_h2, "interleaved-zb": _interleaved_zb, "zb-v": _zb_v}
     if name not in builders:
         raise ValueError(f"every_split builds {sorted(builders)}, got {name!r}")
-    if v is None:
-        v = 2 if name in ("interleaved-zb", "zb-v") else 1
-    place = v_shape(k, v) if name == "zb-v" else round_robin(k, v)
-    return from_codes(tuple(builders[name](k, m, v, every=True)), m, v, name, place)
+    v = resolve_virtual(name, v)
+    codes = tuple(builders[name](k, m, v, every=True))
+    return from_codes(codes, m, v, name, placement_of(name, k, v))
