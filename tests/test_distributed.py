@@ -572,6 +572,33 @@ def test_encode_roundtrip_and_type_errors():
         encode(torch.empty(2, device="meta"))
 
 
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.randn(2, 3),
+        torch.randn(2, 3, requires_grad=True) * 2,
+        torch.zeros(0, 4, dtype=torch.int64),
+        torch.ones((), dtype=torch.bfloat16),
+        torch.randn(4, 6).t(),  # not contiguous
+    ],
+)
+def test_a_lone_tensors_cached_metadata_is_what_the_walk_gives(t):
+    # a value that is one tensor skips the walk (its metadata is cached by shape, dtype and
+    # requires_grad); the receiver must not be able to tell the difference
+    from gpipe.runtime import wire
+
+    meta, tensors = encode(t)
+    specs: list = []
+    tree = wire._walk(t, "value", "value", [], specs)
+    assert meta == wire._dumps(tree, specs)
+    assert len(tensors) == 1 and not tensors[0].requires_grad
+    back = decode(meta, tensors)
+    assert torch.equal(back, t.detach())
+    # a subclass (a Parameter) takes the walk and gives the same metadata
+    p = torch.nn.Parameter(t.detach().clone().float(), requires_grad=t.requires_grad)
+    assert encode(p)[0] == encode(p.detach().requires_grad_(t.requires_grad))[0]
+
+
 def test_materialize_is_layer_keyed_and_keeps_ties():
     a, b = meta_lm(META_CFG), meta_lm(META_CFG)
     materialize(a, seed=3)

@@ -81,6 +81,16 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
         return orig_forward(*args, **kwargs)
 
     stage.forward = forward  # type: ignore[method-assign]
+    transport = pipe._transport
+    orig_finish = transport.finish_step
+    ahead: list[bool] = []  # per step: the peer's terminal header receive already posted
+
+    def finish_step(*args: Any, **kwargs: Any) -> Any:
+        ends = [transport._slots[p][len(transport._in[p])] for p in transport.peers]
+        ahead.append(all(slot.head_work is not None for slot in ends))
+        return orig_finish(*args, **kwargs)
+
+    transport.finish_step = finish_step  # type: ignore[method-assign]
     out: list[dict[str, Any]] = []
     for i, (rows, grad, fail) in enumerate(STEPS):
         pipe.zero_grad()
@@ -97,6 +107,7 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
         Raise.on = False
         res["headers"] = sum(g == meta for g in sends[before:])
         res["recvs_at_forward"] = list(at_forward)
+        res["terminal_ahead"] = ahead[-1]
         res["grads"] = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
         out.append(res)
     pipe.close()
@@ -169,6 +180,18 @@ def test_the_next_input_is_posted_before_a_forward_that_sends_nothing(runs):
     posted only at the next send, after the forward: the receiver then waited for it)."""
     steady = runs["inline"][1][1]["recvs_at_forward"]  # rank 1, the steady step, M=2
     assert steady == [2, 2], steady  # at micro-batch 0's forward, micro-batch 1's is posted
+
+
+def test_the_end_of_the_step_is_posted_before_the_rank_reaches_it(runs):
+    """With inline control the peer's terminal header (END with the loss) is posted as soon
+    as its channel's last value is read, so it arrives under this rank's last actions; it
+    used to be posted in ``finish_step``, a round trip on every step's critical path. Every
+    header mode posts all headers at the start of the step."""
+    for mode in ("inline", "header"):
+        for r in range(2):
+            ahead = [s["terminal_ahead"] for s in runs[mode][r]]
+            ok = [a for a, (_, _, fail) in zip(ahead, STEPS) if not fail]
+            assert all(ok), (mode, r, ahead)
 
 
 def _single(out: str) -> None:

@@ -102,6 +102,7 @@ class P2PTransport(ChannelHealth):
         # per message key: the byte sizes and metadata it carried last (frozen at begin_step)
         self._expect_next: dict[proto.Key, tuple[list[int], bytes]] = {}
         self._expect: dict[proto.Key, tuple[list[int], bytes]] = {}
+        self._plans: dict[int, tuple[Any, proto.Channels]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -130,16 +131,10 @@ class P2PTransport(ChannelHealth):
         self._step, self._m = step, num_microbatches
         self._in_step = True
         self._expect = dict(self._expect_next)
-        seqs = proto.channel_messages(per_device, self._owner, self._num_stages)
-        me = self.device
-        self._out = {p: seqs.get((me, p), []) for p in self.peers}
-        self._in = {p: seqs.get((p, me), []) for p in self.peers}
+        self._out, self._in, self._where, self._wants = self._channels(per_device)
         self._sent = dict.fromkeys(self.peers, 0)
         self._decoded = dict.fromkeys(self.peers, 0)
         self._data_posted = dict.fromkeys(self.peers, 0)
-        self._where = {k: (p, i) for p in self.peers for i, k in enumerate(self._in[p])}
-        mine = per_device[me] if me < len(per_device) else []
-        self._wants = proto.remote_inputs(mine, me, self._owner, self._num_stages)
         self._next_want = 0
         self._payloads: dict[int, Any] = {}
         # every position's receives, and the terminal's, in order: headers posted now, or
@@ -151,8 +146,31 @@ class P2PTransport(ChannelHealth):
         self._slots: dict[int, list[Slot]] = {
             p: [post(p) for _ in range(len(self._in[p]) + 1)] for p in self.peers
         }
+        for p in self.peers:
+            self._terminal_ahead(p)
         self._prefetch()
         self._flush()
+
+    def _channels(self, per_device: Sequence[Sequence[Any]]) -> proto.Channels:
+        """:func:`gpipe.runtime.p2pproto.channels` of a step of ``per_device``, kept per
+        schedule (the same few every step)."""
+        cached = self._plans.get(id(per_device))
+        if cached is None or cached[0] is not per_device:
+            if len(self._plans) >= 16:
+                self._plans.clear()
+            got = proto.channels(per_device, self.device, self.peers, self._owner, self._num_stages)
+            cached = self._plans[id(per_device)] = (per_device, got)
+        return cached[1]
+
+    def _terminal_ahead(self, peer: int) -> None:
+        """With inline control, post the receive of ``peer``'s terminal header as soon as
+        every earlier position of its channel is read (a header posted earlier could match
+        another position's), so the end of the step is already here when this rank reaches
+        :meth:`finish_step`."""
+        n = len(self._in[peer])
+        slot = self._slots[peer][n]
+        if self.inline and self._decoded[peer] == n and slot.head_work is None:
+            self._wire.post_header_now(slot, peer)
 
     # ------------------------------------------------------------------ Transport protocol
 
@@ -334,6 +352,7 @@ class P2PTransport(ChannelHealth):
                 if (t.key, t.step, t.num_microbatches) != (key, self._step, self._m):
                     self._out_of_order(peer, t.key, t.step, t.num_microbatches)
                 self._decoded[peer] = pos + 1
+                self._terminal_ahead(peer)
                 meta = self._expect[key][1]
                 parts = iter(unpack(slot.data[0], meta))
                 self._box.send(*key, decode(meta, tensors_of(meta, parts, self.comm_device)))
@@ -358,6 +377,8 @@ class P2PTransport(ChannelHealth):
         for w in slot.data_works:  # direct data, or the placeholders of a bulk message
             self._wait(w, deadline, peer)
         self._decoded[peer] = pos + 1
+        if not terminal:
+            self._terminal_ahead(peer)
         if h.mtype in (proto.SKIP, proto.ABORT):
             self.abort(proto.failure_from(meta))
             return

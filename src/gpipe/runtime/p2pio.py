@@ -87,7 +87,7 @@ class Wire:
         self._p2p_rank = {p: dist.get_group_rank(p2p, ranks[p]) for p in peers}
         self._meta_rank = {p: dist.get_group_rank(meta, ranks[p]) for p in peers}
         self._sends: list[tuple[Any, Any]] = []  # (work, buffer) until complete
-        self._ops: list[dist.P2POp] = []  # point-to-point ops of the current batch
+        self._ops: list[tuple[Callable, torch.Tensor, int]] = []  # (isend/irecv, tensor, peer)
         self._slots: list[tuple[Slot, int]] = []  # receives in the batch, by op index
         self.buffers = Buffers()  # inline buffers (host memory)
         self._pooled: list[torch.Tensor] = []  # send buffers to give back once sent
@@ -130,9 +130,7 @@ class Wire:
         for t, tag in [(header, proto.HEAD_TAG)] + [(b, proto.BULK_TAG) for b in bulk]:
             self._sends.append((self._meta_op(dist.isend, t, peer, tag), t))
         for b in data:
-            self._ops.append(
-                dist.P2POp(dist.isend, b, group=self._p2p, group_peer=self._p2p_rank[peer])
-            )
+            self._ops.append((dist.isend, b, peer))
         return sizes
 
     def send_inline(
@@ -154,9 +152,7 @@ class Wire:
         parts = [as_bytes(t) for t in tensors if t.numel()] if same else []
         buf = pack(parts, trailer, self.buffers.take(packed_size(known)))
         self._pooled.append(buf)
-        self._ops.append(
-            dist.P2POp(dist.isend, buf, group=self._p2p, group_peer=self._p2p_rank[peer])
-        )
+        self._ops.append((dist.isend, buf, peer))
         return same
 
     def post_header_now(self, slot: Slot, peer: int) -> None:
@@ -175,21 +171,30 @@ class Wire:
             slot.data = [torch.empty(n, dtype=torch.uint8, device=dev) for n in sizes]
         for b in slot.data:
             self._slots.append((slot, len(self._ops)))
-            self._ops.append(
-                dist.P2POp(dist.irecv, b, group=self._p2p, group_peer=self._p2p_rank[peer])
-            )
+            self._ops.append((dist.irecv, b, peer))
 
     def flush(self) -> None:
-        """Issue the current batch of point-to-point ops as one ``batch_isend_irecv``."""
+        """Issue the current batch of point-to-point ops: on host memory (gloo) each op at
+        once, in order, which is all ``batch_isend_irecv`` does there, without building its
+        ``P2POp`` objects; on a GPU as one ``batch_isend_irecv`` (NCCL coalesces it)."""
         ops, slots = self._ops, self._slots
         if not ops:
             return
         self._ops, self._slots = [], []
-        works = dist.batch_isend_irecv(ops)
-        one_each = len(works) == len(ops)  # gloo: one work per op; NCCL: the coalesced work
-        for i, op in enumerate(ops):
-            if op.op is dist.isend:
-                self._sends += [(w, op.tensor) for w in ([works[i]] if one_each else works)]
+        g, rank = self._p2p, self._p2p_rank
+        if self.comm_device.type == "cpu":
+            works = []
+            for op, t, peer in ops:
+                peer_arg = "group_dst" if op is dist.isend else "group_src"
+                works.append(op(t, group=g, **{peer_arg: rank[peer]}))
+        else:
+            works = dist.batch_isend_irecv(
+                [dist.P2POp(op, t, group=g, group_peer=rank[peer]) for op, t, peer in ops]
+            )
+        one_each = len(works) == len(ops)  # one work per op; NCCL: the coalesced work
+        for i, (op, t, _) in enumerate(ops):
+            if op is dist.isend:
+                self._sends += [(w, t) for w in ([works[i]] if one_each else works)]
         for slot, i in slots:
             slot.data_works += [works[i]] if one_each else list(works)
 

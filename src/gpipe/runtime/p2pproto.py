@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -51,9 +51,11 @@ __all__ = [
     "SAME",
     "SKIP",
     "TRAILER_BYTES",
+    "Channels",
     "Header",
     "Trailer",
     "channel_messages",
+    "channels",
     "failure_body",
     "failure_from",
     "pack_header",
@@ -103,6 +105,33 @@ def channel_messages(
             if dst != d:
                 out.setdefault((d, dst), []).append(key)
     return out
+
+
+class Channels(NamedTuple):
+    """What one device sends and receives in a step: per peer its outgoing and incoming keys
+    in order (``out``, ``into``), where each incoming key sits (``where``: peer, position),
+    and the device's remote inputs in its action order (``wants``)."""
+
+    out: dict[int, list[Key]]
+    into: dict[int, list[Key]]
+    where: dict[Key, tuple[int, int]]
+    wants: list[Key]
+
+
+def channels(
+    per_device: Sequence[Sequence[Any]],
+    device: int,
+    peers: Sequence[int],
+    owner: Callable[[int], int],
+    num_stages: int,
+) -> Channels:
+    """``device``'s :class:`Channels` in a step whose actions are ``per_device``."""
+    seqs = channel_messages(per_device, owner, num_stages)
+    out = {p: seqs.get((device, p), []) for p in peers}
+    into = {p: seqs.get((p, device), []) for p in peers}
+    where = {k: (p, i) for p in peers for i, k in enumerate(into[p])}
+    mine = per_device[device] if device < len(per_device) else []
+    return Channels(out, into, where, remote_inputs(mine, device, owner, num_stages))
 
 
 def remote_inputs(

@@ -31,10 +31,36 @@ def encode(value: Any, where: str = "value") -> tuple[bytes, list[torch.Tensor]]
     boundary. :func:`decode` rebuilds the value.
     """
     tensors: list[torch.Tensor] = []
+    if type(value) is torch.Tensor:  # the common boundary value: its metadata is cached
+        _check_tensor(value, "value", where)
+        return _lone_meta(tuple(value.shape), value.dtype, value.requires_grad), [value.detach()]
     specs: list[dict[str, Any]] = []
     tree = _walk(value, "value", where, tensors, specs)
-    meta = json.dumps({"v": tree, "ts": specs}, separators=(",", ":")).encode()
-    return meta, tensors
+    return _dumps(tree, specs), tensors
+
+
+def _dumps(tree: Any, specs: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"v": tree, "ts": specs}, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _lone_meta(shape: tuple[int, ...], dtype: torch.dtype, rg: bool) -> bytes:
+    """The metadata of a value that is one tensor (what :func:`_walk` would give it)."""
+    return _dumps({"x": 0}, [_spec(shape, dtype, rg)])
+
+
+def _spec(shape: Any, dtype: torch.dtype, rg: bool) -> dict[str, Any]:
+    return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "rg": bool(rg)}
+
+
+def _check_tensor(obj: torch.Tensor, path: str, where: str) -> None:
+    if obj.layout != torch.strided or obj.is_quantized or obj.is_nested:
+        raise TypeError(
+            f"{where}: {path} is a {obj.layout} tensor; only dense (strided) tensors "
+            "can be sent between pipeline stages"
+        )
+    if obj.device.type == "meta":
+        raise TypeError(f"{where}: {path} is a meta tensor and holds no data to send")
 
 
 # The walks are module functions, not closures: a recursive closure is a reference cycle that
@@ -45,20 +71,8 @@ def _walk(obj: Any, path: str, where: str, tensors: list, specs: list) -> Any:
             raise _bad(obj, path, where)
         return obj
     if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided or obj.is_quantized or obj.is_nested:
-            raise TypeError(
-                f"{where}: {path} is a {obj.layout} tensor; only dense (strided) tensors "
-                "can be sent between pipeline stages"
-            )
-        if obj.device.type == "meta":
-            raise TypeError(f"{where}: {path} is a meta tensor and holds no data to send")
-        specs.append(
-            {
-                "shape": list(obj.shape),
-                "dtype": str(obj.dtype).removeprefix("torch."),
-                "rg": bool(obj.requires_grad),
-            }
-        )
+        _check_tensor(obj, path, where)
+        specs.append(_spec(obj.shape, obj.dtype, obj.requires_grad))
         tensors.append(obj.detach())
         return {"x": len(tensors) - 1}
     if type(obj) is list:
