@@ -42,6 +42,54 @@ def test_unlimited_ranking_is_by_predicted_step_time(unlimited):
     assert unlimited[0].cost_source == "flops"
 
 
+@pytest.mark.parametrize("name", ["zb-h1", "zb-h2"])
+def test_a_whole_backward_costs_the_same_in_every_schedule(name):
+    """A zero-bubble schedule leaves most backwards whole (``Schedule.splits``): those cost
+    what 1F1B's do, and only a split pair costs ``split_extra`` more (its ``B + W`` is the
+    whole backward times ``1 + split_extra``). The planner used to add the split's extra to
+    every backward, 1F1B's too, and a second action's overhead to a split schedule's whole
+    ones, while its split pairs cost no more than a whole backward."""
+    model, x = _tiny_lm()
+    extra = 0.2
+    plans = autoplan(model, x, devices=2, chunks=[8], schedules=["1f1b", name],
+                     remat_modes=["never"], split_extra=extra)  # fmt: skip
+    by = {c.schedule: c for c in plans}
+    ref, zb = by["1f1b"], by[name]
+    assert ref.balance == zb.balance
+    whole = {e.action.stage: e.end - e.start for e in ref.simulation.events if e.action.kind == "B"}
+    sched = get(name, 2, 8)
+    spans: dict[tuple[int, int], float] = {}
+    n_whole = 0
+    for e in zb.simulation.events:
+        a = e.action
+        if a.kind == "F":
+            continue
+        if a.kind == "B" and not sched.splits(a.stage, a.microbatch):
+            assert e.end - e.start == pytest.approx(whole[a.stage], rel=1e-9), a
+            n_whole += 1
+        else:
+            spans[(a.stage, a.microbatch)] = spans.get((a.stage, a.microbatch), 0) + e.end - e.start
+    assert n_whole > 0 and spans
+    for (stage, _), t in spans.items():
+        assert t == pytest.approx(whole[stage] * (1 + extra), rel=1e-9), (stage, t)
+
+
+def test_measured_costs_put_a_layer_without_parameters_wholly_in_b():
+    """``measure`` times the whole backward as one walk and ``B`` as the walk that prunes the
+    weight gradients; ``W`` is the rest, none for a layer without parameters."""
+    from gpipe import layer_timing
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)]
+    before = [p.grad for layer in layers for p in layer.parameters()]
+    times = layer_timing.measure(layers, (torch.randn(8, 16),), repeats=2)
+    assert len(times) == 3 and all(t >= 0 for row in times for t in row)
+    assert times[1][2] == 0.0 and times[1][1] > 0  # Tanh: all of its backward is B
+    assert times[0][1] == 0.0 and times[0][2] > 0  # first layer: no input gradient wanted
+    assert times[2][1] > 0
+    assert [p.grad for layer in layers for p in layer.parameters()] == before
+
+
 def test_a_looser_limit_never_gives_a_slower_top_plan(unlimited):
     model, x = _tiny_lm()
     peaks = sorted({c.peak_memory for c in unlimited})

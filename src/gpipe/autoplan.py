@@ -186,7 +186,7 @@ def autoplan(
     pinned: int = 0,
     flops_per_second: float | None = None,
     action_overhead: float | None = None,
-    split_extra: float = 0.25,
+    split_extra: float = 0.1,
     repeats: int = 3,
     headroom: float = 0.15,
 ) -> list[Configuration]:
@@ -202,8 +202,10 @@ def autoplan(
     Costs come from ``cost.profile``'s FLOPs at ``flops_per_second`` (default: a rough rate
     for the device kind), or, with ``measure=True``, from timing each layer's F, B and W on the
     real device for every micro-batch size searched (``repeats`` runs, median).
-    ``action_overhead`` (seconds) is added to every action; ``split_extra`` is the share of a
-    backward that a split B/W schedule pays twice in FLOP-based costs.
+    ``action_overhead`` (seconds) is added to every action; ``split_extra`` is what a
+    backward split into ``B`` and ``W`` costs beyond the whole one, as a share of it (``W``
+    reads every kept output gradient back from memory: 5–15% on a CPU, ``BENCHMARKS.md``); a
+    backward the schedule leaves whole costs the whole backward.
 
     ``chunks`` (default: every divisor of the batch up to ``max_chunks``) and
     ``virtual_stages`` (the V tried for interleaving schedules) bound the search.
@@ -236,7 +238,7 @@ def autoplan(
             real = layer_timing.rows_like(sample, rows)
             times = layer_timing.measure(named, real, repeats=repeats, threads=threads)
         else:
-            times = layer_timing.from_flops(costs, rate, split_extra)
+            times = layer_timing.from_flops(costs, rate)
         for sched in _schedules(names, k, m, len(named), virtual_stages):
             for remat in remat_modes:
                 results.append(
@@ -247,6 +249,7 @@ def autoplan(
                         times,
                         _bytes_of(mb),
                         overhead,
+                        split_extra,
                         pinned,
                         optimizer,
                         shared,
@@ -265,6 +268,7 @@ def _evaluate(
     times: Sequence[tuple[float, float, float]],
     input_bytes: int,
     overhead: float,
+    split_extra: float,
     pinned: int,
     optimizer: str | int,
     shared: bool,
@@ -278,11 +282,14 @@ def _evaluate(
         part = times[start : start + c]
         f = sum(t[0] for t in part)
         fwd.append(f + overhead)
-        extra_w = overhead if sched.split_backward else 0.0
-        wgt.append(sum(t[2] for t in part) + extra_w)
-        bwd.append(f * share + sum(t[1] + t[2] for t in part) + overhead + extra_w)
+        # the whole backward (and its recompute); a split one's B and W each cost their
+        # share times 1 + split_extra, which also covers the second action's overhead
+        bwd.append(f * share + sum(t[1] + t[2] for t in part) + overhead)
+        wgt.append(sum(t[2] for t in part))
         start += c
-    sim = simulate(sched, fwd, bwd, weight_costs=wgt if sched.split_backward else None)
+    split = sched.split_backward
+    sim = simulate(sched, fwd, bwd, weight_costs=wgt if split else None,
+                   split_overhead=split_extra if split else 0.0)  # fmt: skip
     stages = mm.stage_memory(costs, counts, input_bytes)
     memory = mm.device_memory(sched, stages, remat, optimizer)
     joint = mm.process_peak(sim.events, sched, stages, remat, optimizer) if shared else None

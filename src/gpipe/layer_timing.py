@@ -1,9 +1,10 @@
 """Per-layer action costs of one micro-batch: from FLOPs, or timed on the real device.
 
 Both give, for each layer, ``(F, B, W)`` in seconds: the forward, the input-gradient half of
-the backward and the weight-gradient half, as a stage runs them (``W`` is the parameters'
-backward over the graph that ``B`` retained). A stage's action then costs the sum over its
-layers (plus a fixed per-action overhead, added by the planner).
+the backward and the weight-gradient half, with ``B + W`` the whole backward (timed as one
+walk of the graph; ``B`` alone as the walk that prunes the weight gradients). A stage's
+action then costs the sum over its layers, plus a fixed per-action overhead and, for a
+backward split into two actions, the share ``split_extra`` more (both added by the planner).
 
 The invariant: the two sources answer the same question in the same unit, so a plan built on
 either is ranked by the same rule; only :func:`measure` runs anything, and it leaves the
@@ -38,7 +39,6 @@ def default_flops_per_second(device: str, workers: int) -> float:
 def from_flops(
     costs: Sequence[Any],
     flops_per_second: float,
-    split_extra: float = 0.0,
     backward_factor: float = 1.5,
 ) -> list[tuple[float, float, float]]:
     """``(F, B, W)`` per layer from ``cost.profile``'s FLOPs at ``flops_per_second``.
@@ -46,15 +46,15 @@ def from_flops(
     A backward FLOP takes ``backward_factor`` times a forward one (on the CPU its kernels run
     slower than the forward's matmuls; measured in ``BENCHMARKS.md``). The backward of a layer
     with parameters is split evenly between B and W (a matmul's input and weight gradients
-    cost the same); a layer without parameters has no W. ``split_extra`` is the share of the
-    backward that a split B/W pays twice (W walks the retained graph again).
+    cost the same); a layer without parameters has no W. ``B + W`` is the whole backward; what
+    a split into two actions costs beyond it is the planner's ``split_extra``.
     """
     out = []
     for c in costs:
         f = c.flops / flops_per_second
         bwd = c.backward_flops * backward_factor / flops_per_second
         w = bwd / 2 if c.param_bytes else 0.0
-        out.append((f, bwd - w, w + (split_extra * bwd if w else 0.0)))
+        out.append((f, bwd - w, w))
     return out
 
 
@@ -145,17 +145,24 @@ def measure(
                 outs = [t for t in _float_leaves(y) if t.requires_grad]
                 ins = [t for t in _float_leaves(inp) if t.requires_grad]
                 ones = [torch.ones_like(t) for t in outs]
-                if outs and ins:
+                if outs and ins and params:  # B alone: the input gradient, weights pruned
                     torch.autograd.grad(outs, ins, ones, retain_graph=True, allow_unused=True)
                 _sync(device)
                 t2 = time.perf_counter()
-                if outs and params:
-                    torch.autograd.backward(outs, ones, inputs=params)
+                if outs and (ins or params):  # the whole backward, one walk
+                    torch.autograd.backward(outs, ones, inputs=[*ins, *params])
                 _sync(device)
                 t3 = time.perf_counter()
                 if r:
                     times.append((t1 - t0, t2 - t1, t3 - t2))
-            out.append(tuple(statistics.median(t[j] for t in times) for j in range(3)))
+            f, b, whole = (statistics.median(t[j] for t in times) for j in range(3))
+            # W is the whole backward's part beyond B: all of it without an input gradient to
+            # form (the first layer), none without parameters
+            if not params:
+                b = whole
+            elif not ins:
+                b = 0.0
+            out.append((f, min(b, whole), max(whole - b, 0.0)))
             x = _detach(y, grad=False)
         return out
     finally:
