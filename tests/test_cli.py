@@ -161,3 +161,5 @@ def test_help_and_usage_errors(capsys) -> None:
     assert main(["train", "--stages", "two"]) == 2
     assert main(["train", "--precision", "fp8"]) == 2
     assert "precision must be one of" in capsys.readouterr().err
+    assert main(["train", "--schedule", "1f1b", "--virtual-stages", "2"]) == 2
+    assert "--virtual-stages" in capsys.readouterr().err

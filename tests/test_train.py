@@ -153,6 +153,31 @@ def test_every_schedule_trains_and_checkpoints(tmp_path: Path, corpus, schedule:
     checkpoint.check_parameters(ck, TransformerLM(TransformerConfig.preset("tiny")).state_dict())
 
 
+def test_interleaving_at_any_v_trains_as_the_default_cut_does(tmp_path: Path, corpus) -> None:
+    """``virtual_stages`` (``--virtual-stages``) cuts the model into K·V stages, V per device;
+    the checkpoint records it, and two steps end at the parameters the same run reaches at
+    V = 2 and under 1F1B (the keyed streams make dropout independent of the cut)."""
+    deep = {"dropout": 0.1, "n_layers": 4}  # embedding, 4 blocks, head: 6 layers
+    runs = {}
+    for name, kw in {
+        "v3": dict(schedule="interleaved", virtual_stages=3),
+        "v2": dict(schedule="interleaved"),
+        "1f1b": dict(schedule="1f1b"),
+        "izb3": dict(schedule="interleaved-zb", virtual_stages=3),
+    }.items():
+        out = tmp_path / name
+        t = Trainer(tiny(out, steps=2, eval_interval=0, model=deep, **kw), corpus=corpus)
+        list(t.run())
+        runs[name] = params(t.model)
+        t.close()
+        ck = checkpoint.load(out / "checkpoints")
+        v = kw.get("virtual_stages", 2 if name == "v2" else 1)
+        assert ck.topology["virtual_stages"] == v and len(ck.topology["balance"]) == 2 * v
+    for name in ("v2", "1f1b", "izb3"):
+        for n, p in runs["v3"].items():
+            assert torch.allclose(p, runs[name][n], atol=1e-5), (name, n)
+
+
 def test_metrics_records(tmp_path: Path, corpus) -> None:
     t = Trainer(tiny(tmp_path, steps=3, trace=True, precision="bf16"), corpus=corpus)
     recs = list(t.run())
@@ -185,6 +210,10 @@ def test_metrics_records(tmp_path: Path, corpus) -> None:
         (dict(model={"d_model": 32.0}), "model.d_model must be an integer"),
         (dict(data=""), "data must be the path"),
         (dict(trace="no"), "trace must be true or false"),
+        (dict(virtual_stages=2), "virtual_stages=2 needs .*--virtual-stages"),
+        (dict(schedule="interleaved", virtual_stages=0), "virtual_stages must be an integer"),
+        (dict(schedule="interleaved", virtual_stages=3), "2 stages x 3 virtual stages = 6"),
+        (dict(schedule="zb-v", virtual_stages=3), "--virtual-stages"),
     ],
 )
 def test_config_is_validated(tmp_path: Path, change: dict, message: str) -> None:

@@ -155,13 +155,12 @@ class Trainer:
 
     def _balance(self, sample: tuple) -> list[int]:
         """Layers per (virtual) stage, balanced by forward+backward FLOPs of one micro-batch
-        (interleaved, interleaved-zb, zb-v and dualpipe-v have two virtual stages per device)."""
+        (V of them per device: ``TrainConfig.per_device``)."""
         from gpipe.balance import balance
         from gpipe.cost import profile
-        from gpipe.schedules import ScheduleSpec
 
         c = self.config
-        n_stages = c.stages * ScheduleSpec(c.schedule).virtual_stages
+        n_stages = c.stages * c.per_device()
         costs = profile(self.model, *sample)
         return balance([max(1, x.flops + x.backward_flops) for x in costs], n_stages)
 

@@ -37,7 +37,8 @@ class TrainConfig:
     ``model`` overrides fields of the preset's :class:`TransformerConfig`; by default dropout
     is off (a few hundred steps over megabytes of text do not overfit, and dropout would only
     slow the loss down). ``batch_size`` is the mini-batch per optimizer step, split into
-    ``chunks`` micro-batches. ``out`` receives ``checkpoints/`` (and, from the CLI, metrics
+    ``chunks`` micro-batches. ``virtual_stages`` is V, the stages per device of an
+    interleaving schedule (``None``: the schedule's own, 2 for interleaved). ``out`` receives ``checkpoints/`` (and, from the CLI, metrics
     and traces).
     """
 
@@ -47,6 +48,7 @@ class TrainConfig:
     stages: int = 2
     chunks: int = 4
     schedule: str = "gpipe"
+    virtual_stages: int | None = None
     remat: str = "except_last"
     batch_size: int = 16
     seq_len: int = 128
@@ -104,6 +106,12 @@ class TrainConfig:
                     f"{name} must be one of {', '.join(choices)}, got {value!r} "
                     f"(--{name.replace('_', '-')})"
                 )
+        if self.virtual_stages is not None:
+            _check_int("virtual_stages", self.virtual_stages, 1)
+        try:
+            self.per_device()
+        except ValueError as e:
+            raise ValueError(f"{e} (--virtual-stages, --schedule)") from None
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ValueError(
                 f"data must be the path of a UTF-8 text file or folder, got {self.data!r}; "
@@ -135,7 +143,7 @@ class TrainConfig:
                 "lower --seq-len or raise max_seq_len in the [model] table"
             )
         n_layers = mc.n_layers + 2  # embedding, the blocks, head: TransformerLM's children
-        virtual = ScheduleSpec(self.schedule).virtual_stages  # stages per device
+        virtual = self.per_device()
         if self.stages * virtual > n_layers:
             what = f"{self.stages} stages x {virtual} virtual stages" if virtual > 1 else "stages"
             raise ValueError(
@@ -144,12 +152,16 @@ class TrainConfig:
                 "or fewer"
             )
 
+    def per_device(self) -> int:
+        """Stages per device: ``virtual_stages``, or the schedule's own (``ScheduleSpec``)."""
+        return ScheduleSpec(self.schedule.lower(), self.virtual_stages).virtual_stages
+
     def _check_balance(self) -> None:
         """``balance`` (layers per stage, set by ``--auto``; ``None``: balanced by FLOPs) is a
         list of one positive count per (virtual) stage; the pipe checks it against the model."""
         if self.balance is None:
             return
-        n = self.stages * ScheduleSpec(self.schedule).virtual_stages
+        n = self.stages * self.per_device()
         ok = isinstance(self.balance, (list, tuple)) and all(
             isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.balance
         )

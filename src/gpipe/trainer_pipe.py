@@ -98,6 +98,7 @@ class TrainerPipe:
         self.stages = int(config.stages)
         self.data_parallel = int(config.data_parallel)
         self.schedule = str(config.schedule)
+        self.virtual_stages = config.per_device()
         self.balance = [int(b) for b in balance]
         self.rank, self.world = 0, 1
         self.replica, self.device_index = 0, 0
@@ -129,6 +130,7 @@ class TrainerPipe:
             "balance": list(self.balance),
             "data_parallel": self.data_parallel,
             "schedule": self.schedule,
+            "virtual_stages": self.virtual_stages,
         }
 
     def devices(self) -> tuple[torch.device, torch.device]:
@@ -319,6 +321,7 @@ def build(
         balance=list(balance),
         chunks=config.chunks,
         schedule=config.schedule,
+        virtual_stages=config.virtual_stages,
         remat=config.remat,
         seed=config.seed,
     )

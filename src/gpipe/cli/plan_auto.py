@@ -130,8 +130,8 @@ def add_train_auto_arguments(p: argparse.ArgumentParser) -> None:
 
 def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
     """``config`` with the planner's top schedule, micro-batch count and remat mode for its
-    model, batch and stages (AdamW's state counted; interleaving at V=2, as the trainer runs
-    it), and its balance. ``say``: print the ranking first."""
+    model, batch and stages (AdamW's state counted; an interleaving schedule at the V the
+    planner chose), and its balance. ``say``: print the ranking first."""
     import dataclasses
 
     import torch
@@ -139,6 +139,7 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
     from gpipe.autoplan import NoFitError, autoplan, table
     from gpipe.memory_model import parse_bytes
     from gpipe.models import TransformerLM
+    from gpipe.schedules import interleaving
 
     try:
         limit = parse_bytes(memory_limit) if memory_limit else None
@@ -156,7 +157,6 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
             devices=config.stages,
             memory_limit=limit,
             optimizer="adamw",
-            virtual_stages=(2,),
         )
     except NoFitError as e:
         raise UsageError(str(e)) from None
@@ -167,6 +167,7 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
         print(f"training with: {top.describe()}\n")
     values = {
         "schedule": top.schedule,
+        "virtual_stages": top.virtual_stages if top.schedule in interleaving() else None,
         "chunks": top.chunks,
         "remat": top.remat,
         "balance": [int(b) for b in top.balance],

@@ -48,6 +48,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
         str,
         "gpipe, 1f1b, interleaved, interleaved-zb, zb-h1, zb-h2, zb-v or dualpipe-v",
     ),
+    ("--virtual-stages", "virtual_stages", int, "stages per device V of interleaved(-zb)"),
     ("--remat", "remat", str, "re-materialization: always, except_last or never"),
     ("--batch-size", "batch_size", int, "sequences per optimizer step (split into chunks)"),
     ("--seq-len", "seq_len", int, "bytes per training sequence"),
@@ -254,9 +255,11 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             say(f"  {line}")
         dp = config.data_parallel
         replicas = f" x {dp} data-parallel replicas" if dp > 1 else ""
+        v = config.per_device()
+        per = f" ({v} stages per device)" if v > 1 else ""
         say(
             f"pipeline: {config.stages} stages{replicas}, {config.chunks} micro-batches of "
-            f"{config.batch_size // (config.chunks * dp)}, schedule {config.schedule}, remat "
+            f"{config.batch_size // (config.chunks * dp)}, schedule {config.schedule}{per}, remat "
             f"{config.remat}, {config.precision}, runtime {config.runtime}"
         )
         if start:
