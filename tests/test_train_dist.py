@@ -118,6 +118,7 @@ def test_dist_resume_is_bitwise_identical(runs: dict[str, Path]) -> None:
         "balance": [2, 2],
         "data_parallel": 1,
         "schedule": "gpipe",
+        "virtual_stages": 1,
     }
 
 
