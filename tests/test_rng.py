@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,3 +174,101 @@ def test_fast_path_is_chosen_only_when_safe_and_matches_reference() -> None:
     how.update({k[0]: v for k, v in pipe._stages[1]._random.items()})
     assert how == {0: "full", 1: "modules", 2: "none"}
     pipe.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_a_plain_cpu_dropout_draws_without_the_dispatch_mode_and_the_same_bits(p, dtype):
+    """Inside a hooked ``nn.Dropout`` (a layer's runs after its first), the CPU dropout is
+    drawn by a function mode issuing ATen's own CPU dropout ops, not under the dispatch
+    mode: output and input gradient must be bit for bit those of the dispatch mode (a layer's
+    first run, and a re-materialized forward, use one and then the other)."""
+    drop = nn.Dropout(p)
+    handles = rng.install_hooks(drop)
+    x = torch.randn(3, 5, 7, dtype=dtype, requires_grad=True)
+    with rng.keyed(1, 2, 3, 4):
+        want = F.dropout(x, p, True)
+    (gw,) = torch.autograd.grad(want.float().square().sum(), x)
+    dispatched = []
+    orig = rng.KeyedRandom.__torch_dispatch__
+
+    def spy(self, func, *args, **kwargs):
+        dispatched.append(func)
+        return orig(self, func, *args, **kwargs)
+
+    rng.KeyedRandom.__torch_dispatch__ = spy
+    try:
+        with rng.keyed_modules(1, 2, 3, 4) as mode:
+            got = drop(x)
+    finally:
+        rng.KeyedRandom.__torch_dispatch__ = orig
+        for h in handles:
+            h.remove()
+    (gg,) = torch.autograd.grad(got.float().square().sum(), x)
+    assert dispatched == [] and mode.used
+    assert torch.equal(got, want) and torch.equal(gg, gw)
+
+
+def test_other_dropouts_in_a_hooked_module_still_go_through_the_dispatch_mode():
+    """In place, a subclass, ``Dropout1d``: anything but a plain ``nn.Dropout`` keeps the
+    dispatch mode inside the module, and draws what the full mode draws."""
+
+    class MyDropout(nn.Dropout):
+        pass
+
+    x = torch.randn(4, 6)
+    orig = rng.KeyedRandom.__torch_dispatch__
+    for drop in (nn.Dropout(0.3, inplace=True), MyDropout(0.3), nn.Dropout1d(0.3)):
+        handles = rng.install_hooks(drop)
+        dispatched = []
+
+        def spy(self, func, *args, seen=dispatched, **kwargs):
+            seen.append(func)
+            return orig(self, func, *args, **kwargs)
+
+        try:
+            with rng.keyed(5, 0, 0, 0):
+                want = drop(x.clone())
+            rng.KeyedRandom.__torch_dispatch__ = spy
+            with rng.keyed_modules(5, 0, 0, 0):
+                got = drop(x.clone())
+        finally:
+            rng.KeyedRandom.__torch_dispatch__ = orig
+            for h in handles:
+                h.remove()
+        assert dispatched, type(drop).__name__
+        assert torch.equal(got, want), type(drop).__name__
+
+
+@pytest.mark.parametrize("case", ["p=0", "p=1", "eval", "empty", "int8"])
+def test_a_dropout_that_draws_nothing_stays_off_the_cpu_path(case):
+    """``p = 0``, ``p = 1``, eval mode, an empty or a non-float tensor: the module's own
+    forward under the dispatch mode decides (it draws nothing, or refuses), never the CPU
+    path, which would draw a mask (and mark the region used) where ATen draws none."""
+    p = {"p=0": 0.0, "p=1": 1.0}.get(case, 0.5)
+    drop = nn.Dropout(p)
+    if case == "eval":
+        drop.eval()
+    x = {"empty": torch.randn(0, 3), "int8": torch.ones(4, 3, dtype=torch.int8)}.get(
+        case, torch.randn(4, 3)
+    )
+    handles = rng.install_hooks(drop)
+    try:
+        with rng.keyed(7, 0, 0, 0):
+            try:
+                want: object = drop(x)
+            except Exception as e:  # an integer tensor: ATen refuses it, and so must we
+                want = type(e)
+        with rng.keyed_modules(7, 0, 0, 0) as mode:
+            try:
+                got: object = drop(x)
+            except Exception as e:
+                got = type(e)
+    finally:
+        for h in handles:
+            h.remove()
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+        assert not mode.used
+    else:
+        assert got == want
