@@ -34,8 +34,11 @@ from gpipe.simulate import SimResult, simulate
 
 __all__ = ["Configuration", "NoFitError", "autoplan", "table"]
 
-#: Seconds of runtime bookkeeping per action (executor, transport); ``BENCHMARKS.md``.
-ACTION_OVERHEAD_S = {"cpu": 1.5e-4, "cuda": 5e-5}
+#: Seconds an action costs beyond its layers' own timings (``BENCHMARKS.md``, "The planner"):
+#: on a CPU the runtime's bookkeeping (0.1–0.27 ms an action with free layers) and two workers
+#: slowing each other on small micro-batches (an action of 2 rows ~1–1.4 ms over its layers
+#: timed alone), which a per-layer model does not see; on a GPU the host's bookkeeping.
+ACTION_OVERHEAD_S = {"cpu": 1e-3, "cuda": 5e-5}
 
 
 class NoFitError(ValueError):
