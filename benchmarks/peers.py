@@ -16,7 +16,8 @@ every row alike:
 
 Speed-up is against the plain model; "of bound" divides it by K·M/(M+K−1); "vs torch" is the
 torch step time over gpipe's for the matching schedule (> 1: gpipe is faster); "paired" is the
-median over rounds of that ratio within each round (the two run back to back).
+median over rounds of that ratio within each round (the two run back to back, gpipe first
+in even rounds and torch first in odd ones).
 
     python benchmarks/peers.py                # M in 4,8, batch 32 x 128, 3 rounds
     python benchmarks/peers.py --quick        # smoke run
@@ -176,15 +177,29 @@ def finish(keep: list[object]) -> None:
     dist.destroy_process_group()
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The order of round ``r``: as given, but in odd rounds each ``gpipe``/``torch`` pair
+    the other way round, so a machine that speeds up or slows down during a round favours
+    neither library (the paired ratio's median then cancels it)."""
+    if r % 2 == 0:
+        return names
+    out = list(names)
+    for i in range(len(out) - 1):
+        a, b = out[i], out[i + 1]
+        if a.startswith("gpipe ") and b == "torch " + a[len("gpipe ") :]:
+            out[i], out[i + 1] = b, a
+    return out
+
+
 def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     init_gloo(rank, port)
     pairs, keep, plain = make_runners(rank, args)
     runners = {"plain": plain, **pairs}
     results: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(args.rounds):
-        for name, fn in runners.items():
+    for r in range(args.rounds):
+        for name in round_order(list(runners), r):
             dist.barrier()
-            results[name].append(_timed(fn, args.steps, args.warmup))
+            results[name].append(_timed(runners[name], args.steps, args.warmup))
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)

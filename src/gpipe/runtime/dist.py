@@ -152,8 +152,7 @@ class P2PTransport(ChannelHealth):
         self._flush()
 
     def _channels(self, per_device: Sequence[Sequence[Any]]) -> proto.Channels:
-        """:func:`gpipe.runtime.p2pproto.channels` of a step of ``per_device``, kept per
-        schedule (the same few every step)."""
+        """:func:`gpipe.runtime.p2pproto.channels` of ``per_device``, kept per schedule."""
         cached = self._plans.get(id(per_device))
         if cached is None or cached[0] is not per_device:
             if len(self._plans) >= 16:
@@ -163,10 +162,8 @@ class P2PTransport(ChannelHealth):
         return cached[1]
 
     def _terminal_ahead(self, peer: int) -> None:
-        """With inline control, post the receive of ``peer``'s terminal header as soon as
-        every earlier position of its channel is read (a header posted earlier could match
-        another position's), so the end of the step is already here when this rank reaches
-        :meth:`finish_step`."""
+        """Inline control: post ``peer``'s terminal header receive once every earlier position
+        is read (not before: it could match another's header), ahead of :meth:`finish_step`."""
         n = len(self._in[peer])
         slot = self._slots[peer][n]
         if self.inline and self._decoded[peer] == n and slot.head_work is None:
