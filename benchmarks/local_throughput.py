@@ -197,7 +197,9 @@ def main() -> None:
             configs.append(c)
 
     for r in range(args.rounds):
-        for c in configs:
+        # odd rounds run the configurations in reverse, so the machine's drift within a round
+        # favours neither side of a paired ratio
+        for c in configs if r % 2 == 0 else configs[::-1]:
             torch.set_num_threads(c.threads)
             c.times.append(median_time(c.fn, args.steps, args.warmup if r == 0 else 1))
     torch.set_num_threads(cores)
