@@ -87,6 +87,18 @@ def _scenario(rank: int, path: Path) -> None:
             loss = float(pipe.step(x, y, F.cross_entropy))
             grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
             res[sched] = (log[:built], log[built:], loss, grads)
+    # the GPU path's way of issuing, on gloo: every message with its header (no inline
+    # control) and each flush one coalesced batch_isend_irecv of P2POps; the second step's
+    # tensors go direct (the first step's sizes are not known yet: bulk, on the header group)
+    with DistributedPipe(_model(), chunks=4, balance=[4, 4], schedule="1f1b", timeout=20) as pipe:
+        pipe._transport.inline = False
+        pipe._transport._wire.coalesce = True
+        pipe.step(*_batch(1), F.cross_entropy)
+        pipe.zero_grad()
+        built = len(log)
+        loss = float(pipe.step(*_batch(1), F.cross_entropy))
+        grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
+        res["coalesced"] = (log[:built], log[built:], loss, grads)
     # a failed step, then a clean one, on the same channels
     model = _model(fail=True)
     with DistributedPipe(model, chunks=4, balance=[4, 5], schedule="1f1b", timeout=20) as pipe:
@@ -120,12 +132,15 @@ def _reference(seed: int, fail: bool = False) -> tuple[float, dict[str, torch.Te
     return loss, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("case", [*SCHEDULES, "recover"])
+@pytest.mark.parametrize("case", [*SCHEDULES, "coalesced", "recover"])
 def test_point_to_point_from_one_thread_on_groups_made_at_construction(watched, case):
     for r, res in enumerate(watched):
         before, during, loss, grads, *rest = res[case]
         p2p_during = [(n, t, g) for n, t, g in during if n in P2P]
         assert p2p_during, f"rank {r} {case}: no point-to-point call was recorded"
+        # on the host each op is issued alone; the GPU path batches them as NCCL needs
+        batched = any(n == "batch_isend_irecv" for n, _, _ in p2p_during)
+        assert batched == (case == "coalesced"), (r, case)
         threads = {t for _, t, _ in p2p_during}
         assert threads == {res["main"]}, f"rank {r} {case}: P2P from threads {threads}"
         made = [n for n, _, _ in during if n == "new_group"]

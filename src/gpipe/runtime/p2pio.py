@@ -83,6 +83,8 @@ class Wire:
         self, ranks: list[int], peers: list[int], p2p: Any, meta: Any, comm_device: torch.device
     ) -> None:
         self.comm_device = comm_device
+        # one coalesced batch_isend_irecv per flush (NCCL's way); on the host, op by op
+        self.coalesce = comm_device.type != "cpu"
         self._p2p, self._meta = p2p, meta
         self._p2p_rank = {p: dist.get_group_rank(p2p, ranks[p]) for p in peers}
         self._meta_rank = {p: dist.get_group_rank(meta, ranks[p]) for p in peers}
@@ -182,7 +184,7 @@ class Wire:
             return
         self._ops, self._slots = [], []
         g, rank = self._p2p, self._p2p_rank
-        if self.comm_device.type == "cpu":
+        if not self.coalesce:
             works = []
             for op, t, peer in ops:
                 peer_arg = "group_dst" if op is dist.isend else "group_src"
