@@ -38,8 +38,8 @@ class TrainConfig:
     is off (a few hundred steps over megabytes of text do not overfit, and dropout would only
     slow the loss down). ``batch_size`` is the mini-batch per optimizer step, split into
     ``chunks`` micro-batches. ``virtual_stages`` is V, the stages per device of an
-    interleaving schedule (``None``: the schedule's own, 2 for interleaved). ``out`` receives ``checkpoints/`` (and, from the CLI, metrics
-    and traces).
+    interleaving schedule (``None``: the schedule's own, 2 for interleaved). ``out`` receives
+    ``checkpoints/`` (and, from the CLI, metrics and traces).
     """
 
     model_preset: str = "small"

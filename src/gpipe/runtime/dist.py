@@ -3,19 +3,17 @@ all of it issued from the one thread that runs this rank's executor loop.
 
 :class:`P2PTransport` implements the executor's :class:`~gpipe.runtime.executor.Transport`
 between the ranks of one pipeline. What each channel carries in a step, and how a message is
-laid out, is :mod:`gpipe.runtime.p2pproto`. The order of operations follows
-``torch.distributed.pipelining``: the sends of an action are issued right after it, in one
-``batch_isend_irecv`` on the pipeline's point-to-point group together with the receives the
-next remote input needs (posted non-blocking, ahead of its compute), and a receive posts the
-next remote input's too (an action that sends nothing, as a last stage's forward, still
-overlaps the next transfer with its compute: on gloo a transfer starts only once its receive
-is posted); an action that needs a value waits only for that value's transfers. Headers travel on a CPU (gloo) group, so under NCCL no
-header is copied between host and GPU; every group exists from construction
-(:func:`gpipe.distlayout.create_groups`), and every wait is bounded by ``timeout``. With
-tensors in host memory (gloo) a value both ends expect travels as one buffer and no header
-(*inline control*, :mod:`gpipe.runtime.p2pproto`); its header is then received only when
-its trailer says that one follows. What went wrong on a channel is
-:mod:`gpipe.runtime.p2phealth`.
+laid out, is :mod:`gpipe.runtime.p2pproto`; how its operations are issued (op by op on gloo,
+one coalesced batch under NCCL) is :mod:`gpipe.runtime.p2pio`. As in
+``torch.distributed.pipelining``, an action's sends go right after it together with the
+receives the next remote input needs, posted ahead of its compute; a receive posts the next
+remote input's too (on gloo a transfer starts only once its receive is posted, so a forward
+that sends nothing still overlaps the next transfer), and the peer's terminal header is posted
+once its channel's last value is read. An action waits only for its own value's transfers.
+Headers travel on a CPU (gloo) group; every group exists from construction
+(:func:`gpipe.distlayout.create_groups`); every wait is bounded by ``timeout``. With tensors in
+host memory a value both ends expect is one buffer and no header (*inline control*). What
+went wrong on a channel is :mod:`gpipe.runtime.p2phealth`.
 
 Each step every rank ends every channel it sends on with one *terminal* message: ``END``
 (carrying an optional payload, e.g. the loss from the last stage) or ``ABORT`` (rank, stage,
@@ -102,7 +100,7 @@ class P2PTransport(ChannelHealth):
         # per message key: the byte sizes and metadata it carried last (frozen at begin_step)
         self._expect_next: dict[proto.Key, tuple[list[int], bytes]] = {}
         self._expect: dict[proto.Key, tuple[list[int], bytes]] = {}
-        self._plans: dict[int, tuple[Any, proto.Channels]] = {}
+        self._plans = proto.ChannelPlans(device, self.peers, owner, num_stages)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,7 +129,7 @@ class P2PTransport(ChannelHealth):
         self._step, self._m = step, num_microbatches
         self._in_step = True
         self._expect = dict(self._expect_next)
-        self._out, self._in, self._where, self._wants = self._channels(per_device)
+        self._out, self._in, self._where, self._wants = self._plans.of(per_device)
         self._sent = dict.fromkeys(self.peers, 0)
         self._decoded = dict.fromkeys(self.peers, 0)
         self._data_posted = dict.fromkeys(self.peers, 0)
@@ -150,16 +148,6 @@ class P2PTransport(ChannelHealth):
             self._terminal_ahead(p)
         self._prefetch()
         self._flush()
-
-    def _channels(self, per_device: Sequence[Sequence[Any]]) -> proto.Channels:
-        """:func:`gpipe.runtime.p2pproto.channels` of ``per_device``, kept per schedule."""
-        cached = self._plans.get(id(per_device))
-        if cached is None or cached[0] is not per_device:
-            if len(self._plans) >= 16:
-                self._plans.clear()
-            got = proto.channels(per_device, self.device, self.peers, self._owner, self._num_stages)
-            cached = self._plans[id(per_device)] = (per_device, got)
-        return cached[1]
 
     def _terminal_ahead(self, peer: int) -> None:
         """Inline control: post ``peer``'s terminal header receive once every earlier position

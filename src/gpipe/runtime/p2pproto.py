@@ -51,6 +51,7 @@ __all__ = [
     "SAME",
     "SKIP",
     "TRAILER_BYTES",
+    "ChannelPlans",
     "Channels",
     "Header",
     "Trailer",
@@ -132,6 +133,26 @@ def channels(
     where = {k: (p, i) for p in peers for i, k in enumerate(into[p])}
     mine = per_device[device] if device < len(per_device) else []
     return Channels(out, into, where, remote_inputs(mine, device, owner, num_stages))
+
+
+class ChannelPlans:
+    """One device's :func:`channels`, computed once per schedule: a pipe runs the same few
+    schedules (one per M and grad mode, each a cached object) every step."""
+
+    def __init__(
+        self, device: int, peers: Sequence[int], owner: Callable[[int], int], num_stages: int
+    ) -> None:
+        self._args = (device, list(peers), owner, num_stages)
+        self._plans: dict[int, tuple[Any, Channels]] = {}
+
+    def of(self, per_device: Sequence[Sequence[Any]]) -> Channels:
+        """The :class:`Channels` of a step whose actions are ``per_device``."""
+        got = self._plans.get(id(per_device))
+        if got is None or got[0] is not per_device:  # a new object (ids are reused)
+            if len(self._plans) >= 16:
+                self._plans.clear()
+            got = self._plans[id(per_device)] = (per_device, channels(per_device, *self._args))
+        return got[1]
 
 
 def remote_inputs(

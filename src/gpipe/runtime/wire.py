@@ -30,10 +30,10 @@ def encode(value: Any, where: str = "value") -> tuple[bytes, list[torch.Tensor]]
     ``TypeError`` naming ``where`` and the path of the bad leaf, since it cannot cross a process
     boundary. :func:`decode` rebuilds the value.
     """
-    tensors: list[torch.Tensor] = []
     if type(value) is torch.Tensor:  # the common boundary value: its metadata is cached
         _check_tensor(value, "value", where)
         return _lone_meta(tuple(value.shape), value.dtype, value.requires_grad), [value.detach()]
+    tensors: list[torch.Tensor] = []
     specs: list[dict[str, Any]] = []
     tree = _walk(value, "value", where, tensors, specs)
     return _dumps(tree, specs), tensors
