@@ -18,7 +18,8 @@ planner's balance for it and Adam.
   new arena whenever two threads contend, and the resident set then varies from run to run.
 
 Reported: the rank of the planner's choice among the measured configurations, its measured
-step against the fastest, predicted vs measured peak memory, and a memory limit that rules
+step against the fastest, the same for the choice of ``gpipe.autotune`` (the planner's top
+``--tune`` configurations timed by the tuner itself, beforehand and on its own clock), predicted vs measured peak memory, and a memory limit that rules
 out GPipe without re-materialization.
 
     python benchmarks/autoplan.py            # the whole grid (about 10 minutes on 2 cores)
@@ -134,6 +135,22 @@ def _times(cfgs: list[dict], args: argparse.Namespace) -> list[float]:
     return [statistics.median(t) for t in per_round]
 
 
+def _tune(args: argparse.Namespace, ranked: list):
+    """The choice of ``gpipe.autotune`` among ``ranked``'s top ``args.tune``, timed by it."""
+    import torch
+
+    from gpipe.autotune import autotune
+    from gpipe.models import lm_loss
+
+    cfg, model = _model(args.preset)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    measured = autotune(model, ranked, x, y, lm_loss, devices=["cpu"] * args.stages,
+                        top=args.tune)  # fmt: skip
+    return measured[0].configuration
+
+
 def _key(c) -> tuple:
     return (c.schedule, c.virtual_stages, c.chunks, c.remat)
 
@@ -160,6 +177,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory-repeats", type=int, default=2)
+    ap.add_argument("--tune", type=int, default=6, help="configurations gpipe.autotune times")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="write every row here")
@@ -178,6 +196,9 @@ def main() -> None:
     t0 = time.perf_counter()
     measured_plan = _plan(args, schedules, chunks, measure=True)
     measure_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tuned = _tune(args, ranked)
+    tune_s = time.perf_counter() - t0
     cfgs = [dict(schedule=c.schedule, virtual_stages=c.virtual_stages, chunks=c.chunks,
                  remat=c.remat, balance=list(c.balance)) for c in ranked]  # fmt: skip
     times = _times(cfgs, args)
@@ -200,7 +221,8 @@ def main() -> None:
         )
 
     print(f"TransformerLM {args.preset}, batch {args.batch} x {args.seq}, K={args.stages}, CPU")
-    print(f"planning took {plan_s:.1f} s (FLOPs), {measure_s:.1f} s (measure=True)\n")
+    print(f"planning took {plan_s:.1f} s (FLOPs), {measure_s:.1f} s (measure=True), "
+          f"tuning the top {args.tune} {tune_s:.1f} s\n")  # fmt: skip
     print("| schedule | V | M | remat | predicted (s) | measured (s) | predicted peak | "
           "measured peak | predicted / measured peak |")  # fmt: skip
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -213,6 +235,7 @@ def main() -> None:
     print()
     report("planner (FLOPs)", ranked[0])
     report("planner (measured costs)", measured_plan[0])
+    report(f"planner (FLOPs) + autotune of its top {args.tune}", tuned)
     errors = [abs(r["predicted_peak"] / r["peak"] - 1) for r in rows]
     print(f"peak memory: median |error| {statistics.median(errors):.1%}, max {max(errors):.1%}")
     gpipe_never = [r for r in rows if r["schedule"] == "gpipe" and r["remat"] == "never"]

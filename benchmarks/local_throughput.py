@@ -29,6 +29,7 @@ from torch import nn
 
 import gpipe
 from gpipe import schedules
+from gpipe.autotune import median_time
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
 from gpipe.models.transformer import Block
 from gpipe.schedules.zero_bubble import every_split
@@ -53,17 +54,6 @@ def _timed_stage_actions() -> None:
                 CPU.setdefault((id(self), _kind), []).append(time.thread_time() - t)
 
         setattr(Stage, name, timed)
-
-
-def median_time(fn: Callable[[], object], steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 @dataclass

@@ -29,6 +29,10 @@ class Auto:
 
     ``memory_limit`` defaults to each CUDA device's total memory (no limit on CPUs).
     ``optimizer`` names the optimizer whose state counts (default Adam: two slots).
+    ``tune``: time the planner's first ``tune`` configurations that fit on the first batch
+    (:func:`gpipe.autotune.autotune`, ``tune_steps`` timed steps each in two rounds) and take
+    the measured fastest; the first call must then be ``pipe.step(inputs, targets, loss_fn)``.
+    ``0`` (the default) takes the planner's top configuration untimed.
     """
 
     def __init__(
@@ -36,13 +40,21 @@ class Auto:
         memory_limit: int | str | None = None,
         optimizer: str | int = "adam",
         measure: bool = False,
+        tune: int = 0,
+        tune_steps: int = 2,
         **search: Any,
     ) -> None:
+        for name, value, least in (("tune", tune, 0), ("tune_steps", tune_steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Auto: {name} must be an integer >= {least}, got {value!r}")
         self.memory_limit = memory_limit
         self.optimizer = optimizer
         self.measure = measure
+        self.tune, self.tune_steps = tune, tune_steps
         self.search = search
         self.chunks: int | None = None  # the pipe's own chunks, when the user fixed them
+        #: the timed configurations, fastest first, once ``tune`` has run
+        self.measured: list[Any] | None = None
 
     @staticmethod
     def of(schedule: Any) -> Auto | None:
@@ -70,13 +82,23 @@ class Auto:
         chunks: int | None,
         batch_rows: int,
         pinned: int = 0,
+        step: tuple[Any, Any, Any] | None = None,
     ) -> Configuration:
-        """The top configuration for one batch ``inputs`` (``batch_rows`` rows) on ``devices``;
-        ``chunks`` fixes M when the user gave it."""
+        """The top configuration for one batch ``inputs`` (``batch_rows`` rows, bound to the
+        first layer's arguments) on ``devices``; ``chunks`` fixes M when the user gave it. With
+        ``tune``, ``step`` is that batch as ``Pipe.step`` got it, ``(inputs, targets,
+        loss_fn)``, and the choice is the measured fastest of the planner's top; ``layers``
+        is then the pipe's own layer container, which the timed pipes cut."""
+        if self.tune and step is None:
+            raise ValueError(
+                f"Auto(tune={self.tune}) times training steps on the first batch, so the first "
+                "call must be pipe.step(inputs, targets, loss_fn), not pipe(inputs); or use "
+                "Auto(tune=0) for the planner's choice untimed"
+            )
         search = dict(self.search)
         if chunks is not None:
             search["chunks"] = [chunks]
-        return autoplan(
+        ranked = autoplan(
             list(layers),
             inputs,
             devices=list(devices),
@@ -86,7 +108,16 @@ class Auto:
             measure=self.measure,
             pinned=pinned,
             **search,
-        )[0]
+        )
+        if not self.tune:
+            return ranked[0]
+        from gpipe.autotune import autotune
+
+        assert step is not None and isinstance(layers, nn.Module)
+        given, targets, loss_fn = step
+        self.measured = autotune(layers, ranked, given, targets, loss_fn, devices=list(devices),
+                                 top=self.tune, steps=self.tune_steps)  # fmt: skip
+        return self.measured[0].configuration
 
     def for_distributed(
         self,
@@ -115,6 +146,12 @@ class Auto:
             raise ValueError(
                 "DistributedPipe(schedule='auto') chooses the balance and the micro-batch size; "
                 "drop balance= and micro_batch_size= (chunks= may fix M)"
+            )
+        if self.tune:
+            raise ValueError(
+                "DistributedPipe(schedule='auto') cannot tune: each rank would time "
+                "differently and choose differently; use Auto(tune=0), or tune the local "
+                "gpipe.Pipe and pass its choice to DistributedPipe"
             )
         if self.measure:
             raise ValueError(

@@ -15,6 +15,7 @@ when none does, :class:`NoFitError` names the smallest peak any configuration re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -232,10 +233,23 @@ def autoplan(
     mm.optimizer_slots(optimizer)  # refuse an unknown optimizer before any work
 
     results = []
-    for m in _chunk_counts(batch, max_chunks, chunks):
+    counts = _chunk_counts(batch, max_chunks, chunks)
+    for m in counts:
         rows = batch // m
         mb = _micro_sample(sample, rows, named)
-        costs = profile(named, *mb)
+        try:
+            costs = profile(named, *mb)
+        except RuntimeError as e:
+            if m == counts[0]:
+                raise
+            # a layer that cannot take micro-batches this small (BatchNorm on one row):
+            # this M and any larger cannot run; say so rather than drop them silently
+            warnings.warn(
+                f"autoplan: M={m} and more skipped, micro-batches of {rows} row(s) fail: "
+                f"{str(e).split('. Check')[0]}",
+                stacklevel=2,
+            )
+            break
         if measure:
             threads = max(1, torch.get_num_threads() // k) if kind == "cpu" else None
             real = layer_timing.rows_like(sample, rows)

@@ -223,13 +223,15 @@ class Pipe(nn.Module):
         )
         self._build(counts)
 
-    def _take_plan(self, inputs: tuple) -> None:
-        """``schedule="auto"``: take the planner's top configuration for this batch, build it."""
+    def _take_plan(self, inputs: tuple, step: tuple[Any, Any, Any] | None) -> None:
+        """``schedule="auto"``: take the planner's top configuration for this batch (or, with
+        ``Auto(tune=N)``, the fastest of its top N timed on ``step``: the arguments of
+        :meth:`step`), build it."""
         leaves = [v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.dim()]
         rows = leaves[0].shape[self.batch_dim]
         m = None if self._auto_m else self.chunks or -(-rows // self.micro_batch_size)
         top = self._auto.choose(self.layers, inputs, self.devices, chunks=m, batch_rows=rows,
-                                pinned=self.pinned)  # fmt: skip
+                                pinned=self.pinned, step=step)  # fmt: skip
         self.auto_plan, self.remat = top, top.remat
         self._spec = ScheduleSpec(top.schedule, top.virtual_stages)
         self.schedule_name, self.virtual_stages = self._spec.name, self._spec.virtual_stages
@@ -249,9 +251,9 @@ class Pipe(nn.Module):
 
     # ----------------------------------------------------------------- running
 
-    def _split(self, obj: Any) -> list[Any]:
+    def _split(self, obj: Any, step: tuple[Any, Any, Any] | None = None) -> list[Any]:
         if self._auto is not None and self._stages is None:
-            self._take_plan(obj)
+            self._take_plan(obj, step)
         return split(
             obj, self.chunks, micro_batch_size=self.micro_batch_size, batch_dim=self.batch_dim
         )
@@ -363,9 +365,9 @@ class Pipe(nn.Module):
         runs (evaluation). Calls from several threads run one after the other.
         """
         stepcore.check_call(loss_fn, reduction)
-        inputs = plan.step_inputs(self.layers, inputs)
+        given, inputs = inputs, plan.step_inputs(self.layers, inputs)
         with self._runner.owned("pipe.step"):
-            mbs = self._split(inputs)
+            mbs = self._split(inputs, (given, targets, loss_fn))
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)

@@ -126,12 +126,22 @@ def add_train_auto_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-limit", metavar="SIZE", help="per-device memory limit for --auto, e.g. 8GiB"
     )
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --auto: time the planner's top N configurations for a few steps on this "
+        "model and take the measured fastest (local runtime)",
+    )
 
 
-def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
+def auto_train_config(config: Any, memory_limit: str | None, say: bool, tune: int = 0) -> Any:
     """``config`` with the planner's top schedule, micro-batch count and remat mode for its
     model, batch and stages (AdamW's state counted; an interleaving schedule at the V the
-    planner chose), and its balance. ``say``: print the ranking first."""
+    planner chose), and its balance. ``say``: print the ranking first. ``tune``: time the
+    top ``tune`` that fit on a randomly initialized model of the config (same shapes, so the
+    same speed) and take the measured fastest."""
     import dataclasses
 
     import torch
@@ -164,6 +174,9 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
     if say:
         print(f"planner (--auto): {len(ranked)} configurations, costs from {top.cost_source}")
         print(table(ranked, top=5))
+    if tune:
+        top = _tuned(config, ranked, tune, say)
+    if say:
         print(f"training with: {top.describe()}\n")
     values = {
         "schedule": top.schedule,
@@ -175,3 +188,38 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool) -> Any:
     chosen = dataclasses.replace(config, **values)
     chosen.validate()
     return chosen
+
+
+def _tuned(config: Any, ranked: list, tune: int, say: bool) -> Any:
+    """The measured fastest of ``ranked``'s top ``tune`` for ``config`` (its model at random
+    weights, a random batch of its shape, its precision), printed as a table when ``say``."""
+    import contextlib
+
+    import torch
+
+    from gpipe.autotune import autotune, table
+    from gpipe.models import TransformerLM, lm_loss
+
+    if config.runtime != "local":
+        raise UsageError(
+            "--tune times configurations in this process, so it needs --runtime local; under "
+            "--runtime dist each rank would time and choose on its own: tune locally, then pass "
+            "the chosen --schedule/--chunks/--remat to the distributed run"
+        )
+    if tune < 1:
+        raise UsageError(f"--tune must be >= 1, got {tune}")
+    g = torch.Generator().manual_seed(config.seed)
+    mc = config.model_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = TransformerLM(mc)
+    shape = (config.batch_size, config.seq_len)
+    x = torch.randint(0, mc.vocab_size, shape, generator=g)
+    y = torch.randint(0, mc.vocab_size, shape, generator=g)
+    bf16 = config.precision == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        measured = autotune(model, ranked, x, y, lm_loss, top=tune)
+    if say:
+        print(f"\n--tune {tune}: measured on this machine (median step, 2 rounds)")
+        print(table(measured))
+    return measured[0].configuration

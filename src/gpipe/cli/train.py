@@ -192,8 +192,12 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.trace is not None:
         values["trace"] = args.trace
     config = TrainConfig.from_dict(values)
+    if args.tune and not args.auto:
+        raise UsageError(f"--tune {args.tune} times the planner's choices: add --auto")
     if args.auto:  # printed once: by the command, not again by each torchrun rank
-        config = auto_train_config(config, args.memory_limit, "LOCAL_RANK" not in os.environ)
+        config = auto_train_config(
+            config, args.memory_limit, "LOCAL_RANK" not in os.environ, args.tune
+        )
     if found is not None:  # before any process is launched: every rank would refuse alike
         check_resume(config, found, manifest)
     if resumed_step is not None and config.steps < resumed_step:
