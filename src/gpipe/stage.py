@@ -8,7 +8,8 @@ this micro-batch's contribution added to what was there (a parameter borrowed fr
 on another worker: its step alias's, added at the step's end by
 :func:`gpipe.shared_params.flush`), and nothing of micro-batch ``m`` is kept. Random ops run
 inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch, layer), so a
-recompute draws exactly what the first forward drew.
+recompute draws exactly what the first forward drew, and it leaves every buffer the forward
+updated in place as it found it (:class:`gpipe.remat.SideEffects`: BatchNorm's statistics).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Stage:
         for name, module in (fetch or {}).items():
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
+        self._effects = remat_mod.SideEffects(layer for _, layer in self.layers)
         # parameters an earlier stage on another worker owns (:func:`gpipe.shared_params.lend`)
         self.loan = shared_params.Loan()
 
@@ -260,7 +262,11 @@ class Stage:
                 return StageOutput(out, loss, self._sink)
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
             capture = split and not remat and tree_wants_grad(inputs)
-            with torch.set_grad_enabled(not remat), self._capture(capture) as calls:
+            with (
+                torch.set_grad_enabled(not remat),
+                self._capture(capture) as calls,
+                self._effects.watch(),
+            ):
                 out = self._run(state, microbatch, inputs)
                 loss = self._loss(state, microbatch, out, target) if want_loss else None
             fetched = self._sink
@@ -287,7 +293,12 @@ class Stage:
         if not saved.remat:
             return saved.outputs
         capture = split and tree_wants_grad(saved.inputs)
-        with torch.enable_grad(), remat_mod.recomputing(), self._capture(capture) as calls:
+        with (
+            torch.enable_grad(),
+            remat_mod.recomputing(),
+            self._capture(capture) as calls,
+            self._effects.undone(),  # BatchNorm's statistics take each micro-batch once
+        ):
             saved.calls = calls
             out = self._run(state, microbatch, saved.inputs)
             if self.is_last and state.loss_fn is not None:
