@@ -16,59 +16,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from gpipe import inplace, rng, shared_params, wgrad
 from gpipe import remat as remat_mod
-from gpipe import rng, shared_params, wgrad
 from gpipe.loss import checked_loss
 from gpipe.microbatch import tree_detach, tree_flatten, tree_wants_grad
+from gpipe.stage_state import StageOutput, StepState, _Saved
 
 __all__ = ["Stage", "StageOutput", "StepState"]
-
-
-@dataclass
-class StageOutput:
-    """What ``Stage.forward`` produced: the boundary value, the loss (last stage, when a loss
-    function was given) and the activations fetched from named inner layers."""
-
-    value: Any
-    loss: torch.Tensor | None
-    fetched: dict[str, Any]
-
-
-@dataclass
-class _Saved:
-    inputs: Any
-    outputs: Any  # output pytree (or scaled loss) with its graph, or None when re-materialized
-    remat: bool
-    target: Any
-    out_tensors: list[torch.Tensor] | None = None  # for a deferred W
-    out_grads: list[torch.Tensor | None] | None = None
-    calls: wgrad.Calls | None = None  # standard modules' calls, for a W without the graph
-
-
-@dataclass
-class StepState:
-    """What one step (a ``pipe(x)`` call, or a ``step``) keeps on a stage between its actions.
-
-    A new one is made by :meth:`Stage.begin_step`. ``pipe(x)`` holds on to each stage's state
-    until its backward, so two forwards before one backward (siamese losses, two views of a
-    batch) each keep their own random-stream step and saved activations, and the backward of
-    either one recomputes and differentiates exactly what its own forward ran.
-    """
-
-    step: int = 0
-    num_microbatches: int = 1
-    grad_mode: bool = True
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-    loss_scale: float = 1.0
-    saved: dict[int, _Saved] = field(default_factory=dict)
-    # id(borrowed parameter) → this step's alias (:mod:`gpipe.shared_params`)
-    aliases: dict[int, nn.Parameter] = field(default_factory=dict)
 
 
 def _leaves(obj: Any) -> list[Any]:
@@ -126,6 +85,8 @@ class Stage:
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
         self._effects = remat_mod.SideEffects(layer for _, layer in self.layers)
+        # the layers get copies of the inputs: they write them in place (:mod:`gpipe.inplace`)
+        self._copy_inputs = inplace.writes_inputs(layer for _, layer in self.layers)
         # parameters an earlier stage on another worker owns (:func:`gpipe.shared_params.lend`)
         self.loan = shared_params.Loan()
 
@@ -231,6 +192,10 @@ class Stage:
                 out.append(v)
         return rebuild(out)
 
+    def _fed(self, inputs: Any) -> Any:
+        """What the layers run on: the kept inputs, or copies when they write in place."""
+        return inplace.copies(inputs) if self._copy_inputs else inputs
+
     def _loss(self, state: StepState, microbatch: int, out: Any, target: Any) -> torch.Tensor:
         assert state.loss_fn is not None
         loss = checked_loss(state.loss_fn, out, target, microbatch, self.check_finite)
@@ -262,13 +227,23 @@ class Stage:
                 return StageOutput(out, loss, self._sink)
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
             capture = split and not remat and tree_wants_grad(inputs)
-            with (
-                torch.set_grad_enabled(not remat),
-                self._capture(capture) as calls,
-                self._effects.watch(),
-            ):
-                out = self._run(state, microbatch, inputs)
-                loss = self._loss(state, microbatch, out, target) if want_loss else None
+            before = inplace.versions(inputs)
+            for retry in (False, True):
+                try:
+                    with (
+                        torch.set_grad_enabled(not remat),
+                        self._capture(capture) as calls,
+                        self._effects.watch(),
+                    ):
+                        out = self._run(state, microbatch, self._fed(inputs))
+                        loss = self._loss(state, microbatch, out, target) if want_loss else None
+                    break
+                except RuntimeError as e:  # an in-place write on a boundary input: copy it
+                    if retry or self._copy_inputs or not inplace.refused(e):
+                        raise
+                    self._copy_inputs = True
+            if remat:
+                inplace.check_unwritten(inputs, before, self.index, microbatch)
             fetched = self._sink
         finally:
             self._sink = None
@@ -300,7 +275,7 @@ class Stage:
             self._effects.undone(),  # BatchNorm's statistics take each micro-batch once
         ):
             saved.calls = calls
-            out = self._run(state, microbatch, saved.inputs)
+            out = self._run(state, microbatch, self._fed(saved.inputs))
             if self.is_last and state.loss_fn is not None:
                 return self._loss(state, microbatch, out, saved.target)
         return out
