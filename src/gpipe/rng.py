@@ -200,8 +200,56 @@ def warm_up() -> None:
 def keyed(seed: int, step: int, microbatch: int, layer: int) -> Iterator[KeyedRandom]:
     """Run the body with random ops drawing from the stream keyed by the four numbers."""
     mode = KeyedRandom(derive_seed(seed, step, microbatch, layer))
-    with mode:
-        yield mode
+    _tls.regions = getattr(_tls, "regions", 0) + 1
+    try:
+        with mode:
+            yield mode
+    finally:
+        _tls.regions -= 1
+
+
+def _unkeyed(where: tuple[int, int], what: str) -> RuntimeError:
+    stage, microbatch = where
+    return RuntimeError(
+        f"stage {stage}, micro-batch {microbatch}: {what} drew random numbers during the "
+        "backward, outside the forward's keyed stream (a layer's own torch.utils.checkpoint "
+        "recomputing?), so its mask would not be the forward's and the gradients would be "
+        "wrong; drop the layer's own checkpointing and use the pipe's re-materialization "
+        "(remat='always' or 'except_last'), which replays every random draw exactly"
+    )
+
+
+class _Unkeyed(TorchDispatchMode):
+    """A stage's backward: a seeded random op outside any keyed region is refused."""
+
+    def __init__(self, where: tuple[int, int]) -> None:
+        super().__init__()
+        self.where = where
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        if seeded and not getattr(_tls, "regions", 0) and not _draws_nothing(func, args, kwargs):
+            raise _unkeyed(self.where, f"aten.{func.overloadpacket.__name__}")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def backward_of(stage: int, microbatch: int, watch_ops: bool) -> Iterator[None]:
+    """Mark the body as ``stage``'s backward of ``microbatch``: a hooked random module
+    (:func:`install_hooks`) that runs in it outside a keyed region — the recompute of a
+    layer's own ``torch.utils.checkpoint`` — raises instead of drawing a mask the forward
+    never drew. ``watch_ops`` (a stage with layers that draw outside random modules) watches
+    every seeded ATen op too, at a dispatch mode's cost."""
+    prev = getattr(_tls, "backward_of", None)
+    _tls.backward_of = (stage, microbatch)
+    try:
+        with _Unkeyed((stage, microbatch)) if watch_ops else contextlib.nullcontext():
+            yield
+    finally:
+        _tls.backward_of = prev
 
 
 class _CpuDropout(TorchFunctionMode):
@@ -247,8 +295,12 @@ def _fast(module: nn.Module, args: Any) -> bool:
 
 def _pre_hook(module: nn.Module, args: Any) -> None:
     depth = getattr(_tls, "known_depth", 0)
-    _tls.known_depth = depth + 1
     mode = getattr(_tls, "module_mode", None)
+    where = getattr(_tls, "backward_of", None)
+    outside = where is not None and mode is None and not getattr(_tls, "regions", 0)
+    if outside and module.training and getattr(module, "p", 1) != 0:
+        raise _unkeyed(where, type(module).__name__)
+    _tls.known_depth = depth + 1
     if mode is not None and depth == 0:
         entered = _CpuDropout(mode) if _fast(module, args) else mode
         entered.__enter__()
@@ -283,7 +335,9 @@ def keyed_modules(seed: int, step: int, microbatch: int, layer: int) -> Iterator
     mode = KeyedRandom(derive_seed(seed, step, microbatch, layer))
     prev = getattr(_tls, "module_mode", None)
     _tls.module_mode = mode
+    _tls.regions = getattr(_tls, "regions", 0) + 1
     try:
         yield mode
     finally:
         _tls.module_mode = prev
+        _tls.regions -= 1

@@ -280,6 +280,11 @@ class Stage:
                 return self._loss(state, microbatch, out, saved.target)
         return out
 
+    def _backward_of(self, microbatch: int) -> Any:
+        """The random-stream guard of a backward action (:func:`gpipe.rng.backward_of`)."""
+        full = any(how == "full" for how in self._random.values())
+        return rng.backward_of(self.index, microbatch, full)
+
     def backward(self, microbatch: int, grad: Any, *, split: bool = False) -> Any:
         """Backward of ``microbatch`` given the gradient of its outputs.
 
@@ -288,6 +293,10 @@ class Stage:
         gradient of the stage's input pytree. With ``split=True`` only the input gradient is
         computed now; the weight gradient waits for :meth:`backward_weight`.
         """
+        with self._backward_of(microbatch):
+            return self._backward(microbatch, grad, split)
+
+    def _backward(self, microbatch: int, grad: Any, split: bool) -> Any:
         state = self.state
         saved = state.saved.get(microbatch)
         if saved is None:
@@ -352,6 +361,10 @@ class Stage:
 
     def backward_weight(self, microbatch: int) -> None:
         """The deferred weight-gradient half of a split backward for ``microbatch``."""
+        with self._backward_of(microbatch):
+            self._backward_weight(microbatch)
+
+    def _backward_weight(self, microbatch: int) -> None:
         saved = self.state.saved.pop(microbatch, None)
         if saved is None or saved.out_tensors is None:
             raise RuntimeError(
