@@ -19,12 +19,15 @@ from a known random module (``nn.Dropout`` and friends). If so, later runs only 
 on inside those modules (forward hooks, :func:`install_hooks` + :func:`keyed_modules`): the
 draws are the same, in the same order, from the same generator, at no cost for the other ops.
 A plain ``nn.Dropout`` on a CPU tensor skips even that: a function mode issues ATen's own CPU
-dropout ops with the region's generator (``_CpuDropout``), the same bits.
+dropout ops with the region's generator (``_CpuDropout``), the same bits. A random module
+recomputed by a layer's own ``torch.utils.checkpoint`` during the backward, outside every
+region, draws its forward's numbers again (:mod:`gpipe.rng_replay`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -201,55 +204,13 @@ def keyed(seed: int, step: int, microbatch: int, layer: int) -> Iterator[KeyedRa
     """Run the body with random ops drawing from the stream keyed by the four numbers."""
     mode = KeyedRandom(derive_seed(seed, step, microbatch, layer))
     _tls.regions = getattr(_tls, "regions", 0) + 1
+    prev, _tls.full_mode = getattr(_tls, "full_mode", None), mode
     try:
         with mode:
             yield mode
     finally:
         _tls.regions -= 1
-
-
-def _unkeyed(where: tuple[int, int], what: str) -> RuntimeError:
-    stage, microbatch = where
-    return RuntimeError(
-        f"stage {stage}, micro-batch {microbatch}: {what} drew random numbers during the "
-        "backward, outside the forward's keyed stream (a layer's own torch.utils.checkpoint "
-        "recomputing?), so its mask would not be the forward's and the gradients would be "
-        "wrong; drop the layer's own checkpointing and use the pipe's re-materialization "
-        "(remat='always' or 'except_last'), which replays every random draw exactly"
-    )
-
-
-class _Unkeyed(TorchDispatchMode):
-    """A stage's backward: a seeded random op outside any keyed region is refused."""
-
-    def __init__(self, where: tuple[int, int]) -> None:
-        super().__init__()
-        self.where = where
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        seeded = torch.Tag.nondeterministic_seeded in func.tags
-        if seeded and not getattr(_tls, "regions", 0) and not _draws_nothing(func, args, kwargs):
-            raise _unkeyed(self.where, f"aten.{func.overloadpacket.__name__}")
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def backward_of(stage: int, microbatch: int, watch_ops: bool) -> Iterator[None]:
-    """Mark the body as ``stage``'s backward of ``microbatch``: a hooked random module
-    (:func:`install_hooks`) that runs in it outside a keyed region — the recompute of a
-    layer's own ``torch.utils.checkpoint`` — raises instead of drawing a mask the forward
-    never drew. ``watch_ops`` (a stage with layers that draw outside random modules) watches
-    every seeded ATen op too, at a dispatch mode's cost."""
-    prev = getattr(_tls, "backward_of", None)
-    _tls.backward_of = (stage, microbatch)
-    try:
-        with _Unkeyed((stage, microbatch)) if watch_ops else contextlib.nullcontext():
-            yield
-    finally:
-        _tls.backward_of = prev
+        _tls.full_mode = prev
 
 
 class _CpuDropout(TorchFunctionMode):
@@ -293,38 +254,63 @@ def _fast(module: nn.Module, args: Any) -> bool:
     )
 
 
-def _pre_hook(module: nn.Module, args: Any) -> None:
+def _draws(module: nn.Module) -> bool:
+    return module.training and getattr(module, "p", 1) != 0
+
+
+def _device_arg(args: Any) -> torch.device:
+    x = args[0] if args else None
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _pre_hook(module: nn.Module, args: Any, index: int | None = None) -> None:
     depth = getattr(_tls, "known_depth", 0)
-    mode = getattr(_tls, "module_mode", None)
-    where = getattr(_tls, "backward_of", None)
-    outside = where is not None and mode is None and not getattr(_tls, "regions", 0)
-    if outside and module.training and getattr(module, "p", 1) != 0:
-        raise _unkeyed(where, type(module).__name__)
     _tls.known_depth = depth + 1
-    if mode is not None and depth == 0:
-        entered = _CpuDropout(mode) if _fast(module, args) else mode
+    if depth:
+        return
+    entered = None
+    mode = getattr(_tls, "module_mode", None)
+    region = mode or getattr(_tls, "full_mode", None)
+    if getattr(_tls, "regions", 0):
+        draws = getattr(_tls, "draws", None)
+        if draws is not None and index is not None and region is not None and _draws(module):
+            state = region.generator(_device_arg(args)).get_state()
+            draws.setdefault((index, id(module)), []).append(state)
+        if mode is not None:
+            entered = _CpuDropout(mode) if _fast(module, args) else mode
+    elif _draws(module):
+        device = _device_arg(args)
+        from gpipe import rng_replay  # it builds on this module
+
+        where = getattr(_tls, "backward_of", None) or rng_replay.on_device.get(device)
+        if where is not None:
+            entered = rng_replay.replay(where, module, args, index, device)
+    if entered is not None:
         entered.__enter__()
-        _tls.entered = entered
+    _tls.entered = entered
 
 
 def _post_hook(module: nn.Module, args: Any, output: Any) -> None:
     _tls.known_depth -= 1
-    mode = getattr(_tls, "module_mode", None)
-    if mode is not None and _tls.known_depth == 0:
-        _tls.entered.__exit__(None, None, None)
+    entered = getattr(_tls, "entered", None)
+    if _tls.known_depth == 0 and entered is not None:
+        entered.__exit__(None, None, None)
         _tls.entered = None
 
 
-def install_hooks(layer: nn.Module) -> list[Any]:
-    """Hook every :data:`RANDOM_MODULES` instance inside ``layer``; returns the handles.
+def install_hooks(layer: nn.Module, index: int | None = None) -> list[Any]:
+    """Hook every :data:`RANDOM_MODULES` instance inside ``layer`` (the model's layer
+    ``index``: a recompute by the layer's own checkpoint replays its draws); returns the
+    handles.
 
-    The hooks do nothing outside :func:`keyed_modules` but count nesting depth, which lets the
-    full mode tell whether a layer draws random numbers anywhere else.
+    The hooks do nothing outside keyed regions and backwards but count nesting depth, which
+    lets the full mode tell whether a layer draws random numbers anywhere else.
     """
     handles = []
+    pre = functools.partial(_pre_hook, index=index)
     for m in layer.modules():
         if isinstance(m, RANDOM_MODULES):
-            handles.append(m.register_forward_pre_hook(_pre_hook))
+            handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(_post_hook, always_call=True))
     return handles
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import inplace, rng, shared_params, wgrad
+from gpipe import inplace, rng, rng_replay, shared_params, wgrad
 from gpipe import remat as remat_mod
 from gpipe.loss import checked_loss
 from gpipe.microbatch import tree_detach, tree_flatten, tree_wants_grad
@@ -79,8 +79,8 @@ class Stage:
         self._sink: dict[str, Any] | None = None
         self._hooks = []
         rng.warm_up()
-        for _, layer in self.layers:
-            self._hooks.extend(rng.install_hooks(layer))
+        for idx, layer in self.layers:
+            self._hooks.extend(rng.install_hooks(layer, idx))
         for name, module in (fetch or {}).items():
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
@@ -228,12 +228,14 @@ class Stage:
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
             capture = split and not remat and tree_wants_grad(inputs)
             before = inplace.versions(inputs)
+            draws: dict = {}
             for retry in (False, True):
                 try:
                     with (
                         torch.set_grad_enabled(not remat),
                         self._capture(capture) as calls,
                         self._effects.watch(),
+                        rng_replay.recording(draws),
                     ):
                         out = self._run(state, microbatch, self._fed(inputs))
                         loss = self._loss(state, microbatch, out, target) if want_loss else None
@@ -242,6 +244,7 @@ class Stage:
                     if retry or self._copy_inputs or not inplace.refused(e):
                         raise
                     self._copy_inputs = True
+                    draws.clear()
             if remat:
                 inplace.check_unwritten(inputs, before, self.index, microbatch)
             fetched = self._sink
@@ -249,7 +252,7 @@ class Stage:
             self._sink = None
         keep = None if remat else (loss if want_loss else out)
         # an abandoned worker of an earlier step writes into that step's state, never this one
-        state.saved[microbatch] = _Saved(inputs, keep, remat, target, calls=calls)
+        state.saved[microbatch] = _Saved(inputs, keep, remat, target, calls=calls, draws=draws)
         return StageOutput(out, loss, fetched)
 
     def _capture(self, on: bool) -> Any:
@@ -281,9 +284,11 @@ class Stage:
         return out
 
     def _backward_of(self, microbatch: int) -> Any:
-        """The random-stream guard of a backward action (:func:`gpipe.rng.backward_of`)."""
+        """The random-stream guard of a backward action (:func:`gpipe.rng_replay.backward_of`)."""
         full = any(how == "full" for how in self._random.values())
-        return rng.backward_of(self.index, microbatch, full)
+        saved = self.state.saved.get(microbatch)
+        draws = saved.draws if saved is not None else None
+        return rng_replay.backward_of(self.index, microbatch, full, draws, self.device)
 
     def backward(self, microbatch: int, grad: Any, *, split: bool = False) -> Any:
         """Backward of ``microbatch`` given the gradient of its outputs.

@@ -39,6 +39,7 @@ class _Saved:
     out_tensors: list[torch.Tensor] | None = None  # for a deferred W
     out_grads: list[torch.Tensor | None] | None = None
     calls: wgrad.Calls | None = None  # standard modules' calls, for a W without the graph
+    draws: dict | None = None  # random modules' generator states (gpipe.rng_replay)
 
 
 @dataclass
