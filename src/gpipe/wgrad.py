@@ -19,7 +19,9 @@ and is still differentiated there: a matrix parameter of any other module (the *
 counted by :meth:`WeightGrads.fallback`: the stage then keeps its graph from ``B`` to ``W`` and
 ``W`` runs ``autograd.backward`` for those parameters, as without this module), and any use of
 a standard module's parameter outside that module's own call (a tied weight read directly),
-whose gradient ``B`` computes along with the inputs' when nothing falls back.
+whose gradient ``B`` computes along with the inputs' when nothing falls back. A parameter
+that carries a gradient hook always falls back (its module's calls are not captured), so
+autograd forms its gradient and runs the hook once per micro-batch, as without the split.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ class WeightGrads:
 
     def _reduced(self, p: nn.Parameter) -> bool:
         """Whether ``B`` computes ``p``'s gradient (:func:`gpipe.wgrad_kinds.reduced_in_b`)."""
+        if _hooked(p):
+            return False
         return id(p) not in self._split_ids and reduced_in_b(p, self._owner.get(id(p)))
 
     def fallback(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -135,7 +139,9 @@ class WeightGrads:
         return [
             p
             for p in params
-            if p.requires_grad and id(p) not in self._split_ids and not self._reduced(p)
+            if p.requires_grad
+            and (id(p) not in self._split_ids or _hooked(p))
+            and not self._reduced(p)
         ]
 
     def graph_params(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -224,6 +230,14 @@ class WeightGrads:
 # ------------------------------------------------------------------ the hooks
 
 
+def _hooked(p: torch.Tensor) -> bool:
+    """Whether ``p`` carries a gradient hook (``register_hook``,
+    ``register_post_accumulate_grad_hook``): autograd runs it when it forms ``p``'s gradient,
+    so that gradient must come from the graph — never from ``W``'s formula, which would skip
+    the hook (a clipping or noise hook then silently changes nothing)."""
+    return bool(p._backward_hooks) or bool(getattr(p, "_post_accumulate_grad_hooks", None))
+
+
 def _pre(kind: Kind, module: nn.Module, args: tuple) -> None:
     calls: Calls | None = getattr(_active, "calls", None)
     if calls is None or not torch.is_grad_enabled() or id(module) in calls._open:
@@ -231,6 +245,8 @@ def _pre(kind: Kind, module: nn.Module, args: tuple) -> None:
     if not args or not isinstance(args[0], torch.Tensor):
         return  # left to the graph: the parameters are not swapped, so autograd sees them
     own = module._parameters
+    if any(isinstance(p, nn.Parameter) and _hooked(p) for p in map(own.get, kind.names)):
+        return  # a gradient hook runs only where autograd forms the gradient: the graph
     params = {}
     for n in kind.names:
         p = own.get(n)
