@@ -117,3 +117,15 @@ def test_a_dropout_that_draws_nothing_is_no_reason_to_refuse():
     model = _model("module", p=0.0)
     assert torch.isfinite(_run(model, "1f1b", "never"))
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_public_reference_recomputes_a_checkpointed_dropout_with_the_forwards_masks():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    model, twin = _model("module"), _model("module", own_checkpoint=False)
+    loss = gpipe.reference_step(model, x, y, _mse, chunks=4, seed=3, step=2)
+    twin_loss = reference_impl.step(twin, x, y, _mse, chunks=4, seed=3, step=2)
+    assert torch.allclose(loss, twin_loss, atol=1e-12)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10)

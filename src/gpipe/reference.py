@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import rng
+from gpipe import rng, rng_replay
 from gpipe.microbatch import merge, split
 
 __all__ = ["reference_forward", "reference_step"]
@@ -63,15 +63,28 @@ def reference_step(
 ) -> torch.Tensor:
     """The un-pipelined equivalent of ``Pipe.step``: forward each micro-batch through the whole
     model with keyed random streams, add the losses (divided by M for ``"mean"``), backward
-    once. Gradients accumulate in ``module``'s parameters; returns the loss."""
+    each (a layer's own checkpoint then recomputes with the forward's draws, as in the pipe).
+    Gradients accumulate in ``module``'s parameters; returns the loss."""
     layers = list(module)
     mbs = split((inputs,), chunks, batch_dim=batch_dim)
     m = len(mbs)
     tmbs = [None] * m if targets is None else split(targets, m, batch_dim=batch_dim)
     scale = 1.0 / m if reduction == "mean" else 1.0
-    total = sum(
-        loss_fn(_run(layers, mb, seed, step, t), tmbs[t]) * scale for t, mb in enumerate(mbs)
-    )
-    if torch.is_grad_enabled() and isinstance(total, torch.Tensor) and total.requires_grad:
-        total.backward()
+    hooks = [h for i, layer in enumerate(layers) for h in rng.install_hooks(layer, i)]
+    try:
+        losses, draws = [], [{} for _ in mbs]
+        for t, mb in enumerate(mbs):
+            with rng_replay.recording(draws[t]):
+                losses.append(loss_fn(_run(layers, mb, seed, step, t), tmbs[t]) * scale)
+        total = sum(losses)
+        if torch.is_grad_enabled() and isinstance(total, torch.Tensor) and total.requires_grad:
+            # one backward per micro-batch, so that a layer's own checkpoint recomputing a
+            # random module draws that micro-batch's recorded numbers (gpipe.rng_replay)
+            for t, loss in enumerate(losses):
+                if loss.requires_grad:
+                    with rng_replay.backward_of(0, t, True, draws[t]):
+                        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
     return total.detach()
