@@ -21,7 +21,9 @@ counted by :meth:`WeightGrads.fallback`: the stage then keeps its graph from ``B
 a standard module's parameter outside that module's own call (a tied weight read directly),
 whose gradient ``B`` computes along with the inputs' when nothing falls back. A parameter
 that carries a gradient hook always falls back (its module's calls are not captured), so
-autograd forms its gradient and runs the hook once per micro-batch, as without the split.
+autograd forms its gradient and runs the hook once per micro-batch, as without the split; a
+module with forward hooks of its own (which may change its input or output) is not captured
+either, its parameters' gradients coming from the graph.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules import module as _module_hooks
 
 from gpipe import shared_params
 from gpipe.wgrad_kinds import Kind, add_grad, kind_of, reduced_in_b, splittable
@@ -230,6 +233,18 @@ class WeightGrads:
 # ------------------------------------------------------------------ the hooks
 
 
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks besides this module's own pair (or a global one):
+    a hook may change the input the call sees or the output it returns, so the pair kept for
+    ``W`` would not be the one autograd differentiates; such a module is left to the graph."""
+    return (
+        len(module._forward_pre_hooks) > 1
+        or len(module._forward_hooks) > 1
+        or bool(_module_hooks._global_forward_pre_hooks)
+        or bool(_module_hooks._global_forward_hooks)
+    )
+
+
 def _hooked(p: torch.Tensor) -> bool:
     """Whether ``p`` carries a gradient hook (``register_hook``,
     ``register_post_accumulate_grad_hook``): autograd runs it when it forms ``p``'s gradient,
@@ -247,6 +262,8 @@ def _pre(kind: Kind, module: nn.Module, args: tuple) -> None:
     own = module._parameters
     if any(isinstance(p, nn.Parameter) and _hooked(p) for p in map(own.get, kind.names)):
         return  # a gradient hook runs only where autograd forms the gradient: the graph
+    if _foreign_hooks(module):
+        return  # the call's input or output may not be what its hooks saw: the graph
     params = {}
     for n in kind.names:
         p = own.get(n)
