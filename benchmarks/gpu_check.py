@@ -10,7 +10,10 @@ kernel long enough that a value read before its producer or its copy finished, o
 reused while another stream still reads it, shows as a wrong gradient. With two or more GPUs
 the wide cases also run across ``cuda:0`` and ``cuda:1`` (boundary copies on copy streams), and
 ``DistributedPipe`` on NCCL runs every schedule and one fault case in two spawned processes;
-on one GPU those parts are skipped with a message.
+on one GPU those parts are skipped with a message. Then the user-path cases: a layer's own
+``torch.utils.checkpoint`` around a dropout (on CUDA its recompute runs on the autograd
+engine's device thread, so this is the check of ``gpipe.rng_replay``'s per-device context),
+an in-place ReLU right after a cut and a clipping gradient hook under zero bubble.
 
 Every case prints one markdown row as soon as it ends, and a watchdog ends the process (exit
 3) if a case hangs, so a GPU deadlock shows as the case it happened in, not as a silent
@@ -232,6 +235,76 @@ def nccl_section(out: str) -> list[str]:
     return lines
 
 
+class _Checkpointed(nn.Module):
+    """A block that checkpoints itself around a dropout (what ``gradient_checkpointing_enable``
+    does); ``own=False`` is the same block without the checkpoint."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.drop, self.own = nn.Linear(D, D), nn.Linear(D, D), nn.Dropout(0.3), own
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.b(self.drop(torch.tanh(self.a(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.own:
+            return self.body(x)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.body, x, use_reentrant=False)
+
+
+def _user_model(case: str, twin: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    if case == "own checkpoint + dropout":
+        return nn.Sequential(*[_Checkpointed(own=not twin) for _ in range(4)])
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        lin = nn.Linear(D, D)
+        if case == "clipping grad hook":
+            lin.weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+        layers += [lin, nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers[:-1])
+
+
+def user_path_rows(dev: torch.device, quick: bool) -> list[dict]:
+    """The user-path cases on the device: a layer's own checkpoint around a dropout (its
+    recompute runs on CUDA's autograd device thread: the per-device replay context), an
+    in-place ReLU right after a cut, a clipping hook under zero bubble — each against the
+    same model run plainly (for the checkpoint: without it, with the same keyed masks)."""
+    rows = []
+    cases = ["own checkpoint + dropout", "in-place after a cut", "clipping grad hook"]
+    for case in cases:
+        for schedule in ["zb-h1"] if quick else ["1f1b", "zb-h1", "zb-v"]:
+            for remat in ["never", "always"]:
+                t0 = time.perf_counter()
+                g = torch.Generator().manual_seed(1)
+                x = torch.randn(8, D, generator=g).to(dev)
+                y = torch.randn(8, D, generator=g).to(dev)
+                model = _user_model(case).to(dev)
+                four = schedule == "zb-v"
+                balance = [2, 1, 2, 2] if four and case != "own checkpoint + dropout" else None
+                balance = balance or ([1] * 4 if four else [2, 2] if len(model) == 4 else [1, 6])
+                row = {"case": case, "schedule": schedule, "remat": remat}
+                try:
+                    pipe = gpipe.Pipe(model, balance=balance, devices=[dev, dev], chunks=4,
+                                      schedule=schedule, remat=remat, timeout=30)  # fmt: skip
+                    try:
+                        pipe.step(x, y, loss_fn)
+                    finally:
+                        pipe.close()
+                    ref = _user_model(case, twin=True).to(dev)
+                    gpipe.reference_step(ref, x, y, loss_fn, chunks=4)
+                    errs = [float((a.grad - b.grad).abs().max() / (b.grad.abs().max() + 1e-12))
+                            for a, b in zip(model.parameters(), ref.parameters())]  # fmt: skip
+                    row.update(err=max(errs), ok=max(errs) < 1e-4)
+                except Exception as e:
+                    row.update(err=float("nan"), ok=False, error=f"{type(e).__name__}: {e}")
+                row["seconds"] = time.perf_counter() - t0
+                rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -277,6 +350,18 @@ def main() -> int:
             f"{row['seconds']:.2f} |" + (f" {row['error']}" if "error" in row else ""),
             flush=True,
         )
+    current[0] = "user path"
+    print("\n| user-path case | schedule | remat | max rel grad err | ok | s |")
+    print("| --- | --- | --- | ---: | --- | ---: |")
+    for row in user_path_rows(dev, args.quick):
+        failed += not row["ok"]
+        print(
+            f"| {row['case']} | {row['schedule']} | {row['remat']} | {row['err']:.2e} | "
+            f"{'yes' if row['ok'] else 'NO'} | {row['seconds']:.2f} |"
+            + (f" {row['error']}" if "error" in row else ""),
+            flush=True,
+        )
+        cases.append(row)
     current[0] = "nccl"
     print()
     for line in nccl_section((args.json or "gpu_check") + ".nccl"):
