@@ -71,10 +71,22 @@ def test_the_measured_fastest_comes_first_whatever_the_planner_said(fake_clock):
     assert [m.configuration.rank for m in measured] == [3, 4, 1, 2]
     assert [m.step_time for m in measured] == [1.0, 2.0, 3.0, 5.0]
     assert all(len(m.times) == 2 for m in measured)
-    # two rounds, the second in the opposite order: drift favours no configuration
+    # two rounds, the second in the opposite order: drift favours no configuration; no race,
+    # since none is within 5% of the fastest
     assert fake_clock.built == [1, 2, 3, 4, 4, 3, 2, 1]
     text = at.table(measured)
     assert text.splitlines()[2].split()[:2] == ["1", "3"] and "(3.00x)" in text
+
+
+def test_configurations_within_a_few_percent_of_the_fastest_race_on(fake_clock):
+    x, y = _batch()
+    ranked = autoplan(list(_model()), x, devices=DEVICES, remat_modes=["never"], max_chunks=8)
+    fake_clock.times = {1: 1.03, 2: 1.0, 3: 2.0}
+    measured = at.autotune(_model(), ranked, x, y, _loss, devices=DEVICES, top=3, rounds=2)
+    assert [m.configuration.rank for m in measured] == [2, 1, 3]
+    # 1 and 2 are 3% apart: two more rounds for them alone, alternating; 3 is not timed again
+    assert fake_clock.built == [1, 2, 3, 3, 2, 1, 1, 2, 2, 1]
+    assert [len(m.times) for m in measured] == [4, 4, 2]
 
 
 def test_tuning_leaves_no_trace_on_the_model():

@@ -123,13 +123,16 @@ def autotune(
     steps: int = 2,
     warmup: int = 1,
     rounds: int = 2,
+    close: float = 0.05,
 ) -> list[Measured]:
     """Time the first ``top`` configurations of ``ranked`` that fit (an :func:`autoplan`
     ranking) on ``module`` with one real batch (``inputs``, ``targets``, ``loss_fn`` as for
     :meth:`gpipe.Pipe.step`) and return them measured, fastest first.
 
     Each configuration runs ``warmup`` untimed steps in its first round, one in later rounds,
-    then ``steps`` timed ones, in ``rounds`` rounds that alternate their order. ``devices``
+    then ``steps`` timed ones, in ``rounds`` rounds that alternate their order; then those
+    within ``close`` (a fraction) of the fastest race on, up to ``rounds`` more rounds, until
+    one leads by more. The median of a configuration's rounds decides. ``devices``
     are the pipeline devices (default: :class:`gpipe.Pipe`'s). Nothing of the timed steps
     stays on ``module`` (:func:`preserved`); a configuration that fails names itself.
     """
@@ -141,23 +144,34 @@ def autotune(
     if not chosen:
         raise ValueError("autotune: no configuration of the ranking fits; nothing to time")
     times: dict[int, list[float]] = {i: [] for i in range(len(chosen))}
+
+    def time_round(r: int, which: list[int]) -> None:
+        for i in which if r % 2 == 0 else which[::-1]:
+            c = chosen[i]
+            try:  # one pipe at a time: each hooks the same layers while it lives
+                pipe = _pipe_for(module, c, devices)
+                try:
+                    times[i].append(median_time(_step(module, pipe, inputs, targets, loss_fn),
+                                                steps, warmup if not times[i] else 1))  # fmt: skip
+                finally:
+                    pipe.close()
+            except Exception as e:
+                raise RuntimeError(
+                    f"autotune: configuration #{c.rank} ({c.describe()}) failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+
     with preserved(module):
-        order = list(range(len(chosen)))
         for r in range(rounds):
-            for i in order if r % 2 == 0 else order[::-1]:
-                c = chosen[i]
-                try:  # one pipe at a time: each hooks the same layers while it lives
-                    pipe = _pipe_for(module, c, devices)
-                    try:
-                        times[i].append(median_time(_step(module, pipe, inputs, targets, loss_fn),
-                                                    steps, warmup if r == 0 else 1))  # fmt: skip
-                    finally:
-                        pipe.close()
-                except Exception as e:
-                    raise RuntimeError(
-                        f"autotune: configuration #{c.rank} ({c.describe()}) failed: "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
+            time_round(r, list(range(len(chosen))))
+        # a race for the close ones: up to as many rounds again for those within ``close`` of
+        # the fastest, so that a few percent is decided by more than two samples
+        for r in range(rounds, 2 * rounds):
+            best = min(statistics.median(t) for t in times.values())
+            near = [i for i, t in times.items() if statistics.median(t) <= best * (1 + close)]
+            if len(near) < 2:
+                break
+            time_round(r, near)
     out = [Measured(c, statistics.median(times[i]), tuple(times[i])) for i, c in enumerate(chosen)]
     return sorted(out, key=lambda x: (x.step_time, x.configuration.rank))
 
