@@ -31,7 +31,6 @@ import os
 import socket
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -59,15 +58,13 @@ def free_port() -> int:
 
 
 def _timed(fn: Callable[[], object], steps: int, warmup: int) -> float:
+    """``warmup`` steps, both ranks lined up, then the median of ``steps`` timed ones."""
+    from gpipe.autotune import median_time
+
     for _ in range(warmup):
         fn()
     dist.barrier()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_time(fn, steps, 0)
 
 
 def make_runners(

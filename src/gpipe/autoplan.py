@@ -32,6 +32,7 @@ from gpipe.microbatch import tree_flatten, tree_unflatten
 from gpipe.remat import MODES
 from gpipe.schedules import Schedule, available, get
 from gpipe.simulate import SimResult, simulate
+from gpipe.texttable import text_table
 
 __all__ = ["Configuration", "NoFitError", "autoplan", "table"]
 
@@ -394,7 +395,4 @@ def table(configs: Sequence[Configuration], top: int = 10) -> str:
         rows.append((str(c.rank), c.schedule, str(c.virtual_stages), str(c.chunks), c.remat,
                      ",".join(map(str, c.balance)), f"{c.step_time * 1e3:.1f} ms",
                      f"{c.bubble:.1%}", mm_fmt(c.peak_memory), on, c.reason))  # fmt: skip
-    widths = [max(len(r[j]) for r in (head, *rows)) for j in range(len(head))]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in (head, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(head, rows)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gpipe.autoplan import Configuration
+from gpipe.texttable import text_table
 
 __all__ = ["Measured", "autotune", "median_time", "preserved", "table"]
 
@@ -75,17 +76,9 @@ def preserved(module: nn.Module) -> Iterator[None]:
 
 def _pipe_for(module: nn.Module, c: Configuration, devices: Any) -> Any:
     from gpipe.pipe import Pipe
-    from gpipe.schedules import interleaving
 
-    return Pipe(
-        module,
-        balance=list(c.balance),
-        chunks=c.chunks,
-        schedule=c.schedule,
-        virtual_stages=c.virtual_stages if c.schedule in interleaving() else None,
-        remat=c.remat,
-        devices=devices,
-    )
+    return Pipe(module, balance=list(c.balance), chunks=c.chunks, schedule=c.schedule,
+                virtual_stages=c.virtual_stages, remat=c.remat, devices=devices)  # fmt: skip
 
 
 def _step(module: nn.Module, pipe: Any, inputs: Any, targets: Any, loss_fn: Callable) -> Callable:
@@ -186,7 +179,4 @@ def table(measured: Sequence[Measured]) -> str:
         ratio = f" ({x.step_time / best:.2f}x)" if i else ""
         rows.append((str(i + 1), str(c.rank), c.describe(), f"{c.step_time * 1e3:.1f} ms",
                      f"{x.step_time * 1e3:.1f} ms{ratio}", f"{x.error:+.0%}"))  # fmt: skip
-    widths = [max(len(r[j]) for r in (head, *rows)) for j in range(len(head))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in (head, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(head, rows)

@@ -9,24 +9,26 @@ on the very input its recompute starts from, so an in-place write there would ch
 the recompute sees.
 
 The invariant: the layers of a stage never write into the tensors the stage keeps as its
-input. A stage feeds them copies (:func:`copies`) when one of its modules is an in-place
-module (:func:`writes_inputs`: any with ``inplace=True``) or once autograd refused an
-in-place write on a boundary input (:func:`refused`, the forward then re-run on copies); a
-write that neither catches (a functional in-place op under ``no_grad``) is detected by the
+input. A stage's :class:`Inputs` feeds them copies (:func:`copies`) when one of its
+modules is an in-place module (:func:`writes_inputs`: any with ``inplace=True``) or once
+autograd refused an in-place write on a boundary input (:func:`refused`, the forward then
+re-run on copies); a write that neither catches (a functional in-place op under ``no_grad``) is detected by the
 inputs' version counters (:func:`versions`) and refused with the stage and micro-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from gpipe.microbatch import tree_flatten
 
-__all__ = ["check_unwritten", "copies", "refused", "versions", "writes_inputs"]
+__all__ = ["Inputs", "check_unwritten", "copies", "refused", "versions", "writes_inputs"]
+
+T = TypeVar("T")
 
 _REFUSED = "a leaf Variable that requires grad is being used in an in-place operation"
 
@@ -65,3 +67,31 @@ def check_unwritten(tree: Any, before: list[int], stage: int, microbatch: int) -
             "out-of-place op (x = x * 2, not x.mul_(2)), a module with inplace=True (gpipe "
             "then copies the input), or remat='never'"
         )
+
+
+class Inputs:
+    """One stage's rule for its layers' inputs: copies once its layers are known to write them
+    in place (an ``inplace=True`` module among ``modules``, or autograd's refusal seen)."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.copy = writes_inputs(modules)
+
+    def fed(self, inputs: Any) -> Any:
+        """What the layers run on: ``inputs``, or copies of them."""
+        return copies(inputs) if self.copy else inputs
+
+    def run(self, body: Callable[[Any], T], inputs: Any, check: bool, stage: int, mb: int) -> T:
+        """``body(fed inputs)``; once more on copies if autograd refused an in-place write on
+        them (learned for every later call); with ``check`` (a re-materialized forward), an
+        unseen write into ``inputs`` is refused (:func:`check_unwritten`)."""
+        before = versions(inputs) if check else []
+        try:
+            out = body(self.fed(inputs))
+        except RuntimeError as e:
+            if self.copy or not refused(e):
+                raise
+            self.copy = True
+            out = body(self.fed(inputs))
+        if check:
+            check_unwritten(inputs, before, stage, mb)
+        return out

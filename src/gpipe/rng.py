@@ -278,13 +278,10 @@ def _pre_hook(module: nn.Module, args: Any, index: int | None = None) -> None:
             draws.setdefault((index, id(module)), []).append(state)
         if mode is not None:
             entered = _CpuDropout(mode) if _fast(module, args) else mode
-    elif _draws(module):
-        device = _device_arg(args)
+    elif _draws(module):  # outside every region: a backward's recompute, or not ours at all
         from gpipe import rng_replay  # it builds on this module
 
-        where = getattr(_tls, "backward_of", None) or rng_replay.on_device.get(device)
-        if where is not None:
-            entered = rng_replay.replay(where, module, args, index, device)
+        entered = rng_replay.replay(module, args, index)
     if entered is not None:
         entered.__enter__()
     _tls.entered = entered

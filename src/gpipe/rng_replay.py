@@ -124,7 +124,14 @@ class _Replay:
         rng._tls.regions -= 1
 
 
-def replay(where: tuple, module: nn.Module, args: Any, index: int | None, device: Any) -> Any:
+def replay(module: nn.Module, args: Any, index: int | None) -> Any:
+    """For a random module called outside every keyed region: inside a stage's backward
+    (this thread's, or the device's), the context that draws its recorded call again;
+    elsewhere ``None`` (a module run outside any pipeline draws as usual)."""
+    device = rng._device_arg(args)
+    where = getattr(rng._tls, "backward_of", None) or on_device.get(device)
+    if where is None:
+        return None
     stage, microbatch, draws = where
     states = draws.get((index, id(module))) if draws is not None and index is not None else None
     if not states:

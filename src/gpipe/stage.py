@@ -85,8 +85,7 @@ class Stage:
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
         self._effects = remat_mod.SideEffects(layer for _, layer in self.layers)
-        # the layers get copies of the inputs: they write them in place (:mod:`gpipe.inplace`)
-        self._copy_inputs = inplace.writes_inputs(layer for _, layer in self.layers)
+        self._inputs = inplace.Inputs(layer for _, layer in self.layers)
         # parameters an earlier stage on another worker owns (:func:`gpipe.shared_params.lend`)
         self.loan = shared_params.Loan()
 
@@ -192,10 +191,6 @@ class Stage:
                 out.append(v)
         return rebuild(out)
 
-    def _fed(self, inputs: Any) -> Any:
-        """What the layers run on: the kept inputs, or copies when they write in place."""
-        return inplace.copies(inputs) if self._copy_inputs else inputs
-
     def _loss(self, state: StepState, microbatch: int, out: Any, target: Any) -> torch.Tensor:
         assert state.loss_fn is not None
         loss = checked_loss(state.loss_fn, out, target, microbatch, self.check_finite)
@@ -227,26 +222,22 @@ class Stage:
                 return StageOutput(out, loss, self._sink)
             remat = remat_mod.should_remat(self.remat, microbatch, state.num_microbatches)
             capture = split and not remat and tree_wants_grad(inputs)
-            before = inplace.versions(inputs)
-            draws: dict = {}
-            for retry in (False, True):
-                try:
-                    with (
-                        torch.set_grad_enabled(not remat),
-                        self._capture(capture) as calls,
-                        self._effects.watch(),
-                        rng_replay.recording(draws),
-                    ):
-                        out = self._run(state, microbatch, self._fed(inputs))
-                        loss = self._loss(state, microbatch, out, target) if want_loss else None
-                    break
-                except RuntimeError as e:  # an in-place write on a boundary input: copy it
-                    if retry or self._copy_inputs or not inplace.refused(e):
-                        raise
-                    self._copy_inputs = True
-                    draws.clear()
-            if remat:
-                inplace.check_unwritten(inputs, before, self.index, microbatch)
+
+            def attempt(fed: Any) -> tuple:
+                draws: dict = {}
+                with (
+                    torch.set_grad_enabled(not remat),
+                    self._capture(capture) as calls,
+                    self._effects.watch(),
+                    rng_replay.recording(draws),
+                ):
+                    out = self._run(state, microbatch, fed)
+                    loss = self._loss(state, microbatch, out, target) if want_loss else None
+                return out, loss, calls, draws
+
+            out, loss, calls, draws = self._inputs.run(
+                attempt, inputs, remat, self.index, microbatch
+            )
             fetched = self._sink
         finally:
             self._sink = None
@@ -278,7 +269,7 @@ class Stage:
             self._effects.undone(),  # BatchNorm's statistics take each micro-batch once
         ):
             saved.calls = calls
-            out = self._run(state, microbatch, self._fed(saved.inputs))
+            out = self._run(state, microbatch, self._inputs.fed(saved.inputs))
             if self.is_last and state.loss_fn is not None:
                 return self._loss(state, microbatch, out, saved.target)
         return out
