@@ -60,6 +60,24 @@ def mlp(extra: nn.Module | None = None, at: int = 0) -> nn.Sequential:
     return nn.Sequential(*layers).double()
 
 
+def mlp_no_dropout() -> nn.Sequential:
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Dropout):
+            layer.p = 0.0
+    return model
+
+
+def ignored_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mlp_batch` with the first 5 of 16 targets ignored (-100): with 2 replicas x 2
+    micro-batches, replica 0's first micro-batch has no items, its second 3, replica 1's 4
+    and 4."""
+    x, y = mlp_batch()
+    y = y.clone()
+    y[:5] = -100
+    return x, y
+
+
 def mlp_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(16, 8, dtype=torch.float64, generator=g), torch.randint(
@@ -475,6 +493,12 @@ def scenario_dp(rank: int, world: int, path: Path) -> None:
         out["tied"] = (float(pipe.step(xs, ys, lm_loss)), _grads(pipe))
     with DistributedPipe(mlp(), chunks=2, balance=[9, 10], schedule="1f1b") as pipe:
         out["sum"] = (float(pipe.step(x, y, F.cross_entropy, reduction="sum")), _grads(pipe))
+    import gpipe
+
+    xi, yi = ignored_batch()
+    with DistributedPipe(mlp_no_dropout(), chunks=2, balance=[9, 10], data_parallel=2) as pipe:
+        loss = pipe.step(xi, yi, F.cross_entropy, reduction=gpipe.count_items())
+        out["items"] = (float(loss), _grads(pipe))
     _save(path, "dp", rank, out)
 
 
@@ -744,3 +768,14 @@ def test_data_parallel_times_pipeline_equals_reference(dp):
     ref_sum = {n: p.grad for n, p in model.named_parameters()}
     for r in range(4):
         _check([results[r]["sum"][0]], results[r]["sum"][1], [loss], ref_sum, f"DP sum rank {r}")
+
+    # a mean over the targets not ignored, items unevenly spread over replicas and
+    # micro-batches (one without any): the plain model's loss on the whole batch
+    model = mlp_no_dropout()
+    xi, yi = ignored_batch()
+    loss = F.cross_entropy(model(xi), yi)
+    loss.backward()
+    ref_items = {n: p.grad for n, p in model.named_parameters()}
+    for r in range(4):
+        got_loss, got = results[r]["items"]
+        _check([got_loss], got, [loss.item()], ref_items, f"DP items rank {r}")

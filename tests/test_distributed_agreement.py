@@ -385,10 +385,10 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
         ("ValueError", r"the batch is empty \(0 rows along batch_dim=0\)"),
         ("ValueError", r"the batch is empty \(0 rows along batch_dim=0\)"),
     ),
-    "reduction": ("ValueError", r"reduction must be 'mean' or 'sum', got 'avg'"),
+    "reduction": ("ValueError", r"reduction must be 'mean', 'sum' or a callable.*got 'avg'"),
     "reduction on rank 0 only": (
-        ("ValueError", r"reduction must be 'mean' or 'sum', got 'avg'"),
-        ("PeerError", r"rank 0 .*reduction must be 'mean' or 'sum', got 'avg'"),
+        ("ValueError", r"reduction must be 'mean', 'sum' or a callable.*got 'avg'"),
+        ("PeerError", r"rank 0 .*reduction must be 'mean', 'sum' or a callable.*got 'avg'"),
     ),
     "after close": ("RuntimeError", r"this DistributedPipe was closed.*construct a new one"),
     "pinned": ("ValueError", DIS + r"pinned: rank 0 has 0, rank 1 has 1; " + FIX),

@@ -10,6 +10,7 @@ from gpipe.balance import balance, balance_by_flops, balance_by_memory, balance_
 from gpipe.distributed import DistributedPipe
 from gpipe.microbatch import merge, split
 from gpipe.pipe import Partition, Pipe
+from gpipe.reduction import count_items
 from gpipe.reference import reference_forward, reference_step
 from gpipe.runtime.executor import StageError
 from gpipe.schedules import Action, Schedule, ScheduleError
@@ -35,6 +36,7 @@ __all__ = [
     "balance_by_memory",
     "balance_by_time",
     "capture",
+    "count_items",
     "merge",
     "microbatch",
     "reference_forward",

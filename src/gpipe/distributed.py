@@ -44,6 +44,7 @@ from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
+from gpipe.reduction import Reduction
 from gpipe.runtime import agree, collectives
 from gpipe.runtime.dist import P2PTransport, PeerError
 from gpipe.schedules import Event, Schedule
@@ -360,13 +361,14 @@ class DistributedPipe(nn.Module):
         targets: Any,
         loss_fn: Callable[[Any, Any], torch.Tensor],
         *,
-        reduction: str = "mean",
+        reduction: Reduction = "mean",
     ) -> torch.Tensor:
         """One pipelined forward+backward of the global mini-batch on every rank.
 
         Call it on every rank with the same arguments (``inputs`` are used by the first stage,
         ``targets`` by the last; other ranks may pass ``None``). Returns the loss, the same on
-        every rank (averaged over data-parallel replicas). Gradients accumulate in the local
+        every rank (averaged over data-parallel replicas; ``reduction`` as in
+        :meth:`gpipe.Pipe.step`, an item count weighting each replica by its items). Gradients accumulate in the local
         parameters, already averaged over replicas and summed over tied copies. Under
         ``torch.no_grad()`` only the forward runs. A failure on any rank raises on every rank:
         the failing rank's :class:`~gpipe.runtime.executor.StageError`, or :class:`PeerError`

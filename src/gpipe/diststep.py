@@ -24,6 +24,7 @@ import torch
 from gpipe import stepcore
 from gpipe.distbuild import local_params
 from gpipe.microbatch import batch_size, num_microbatches, split
+from gpipe.reduction import Reduction
 from gpipe.runtime import collectives
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
 from gpipe.runtime.failures import Failure, PeerError
@@ -107,16 +108,20 @@ def run_step(
     inputs: Any,
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
-    reduction: str,
+    reduction: Reduction,
 ) -> torch.Tensor:
     """The body of :meth:`gpipe.DistributedPipe.step` (see there)."""
     grad = torch.is_grad_enabled()
     local_error: BaseException | None = None
     mbs = tmbs = None
+    scales: list[float] | float = 1.0  # the last stage's, which computes the loss
+    items = 0.0  # this replica's (counted on the last stage, which sends it with the loss)
     try:  # a bad argument on one rank must reach the others, not leave them waiting
         stepcore.check_call(loss_fn, reduction)
         stepcore.check_targets(inputs, targets, pipe._batch_dim)
         mbs, tmbs, m = prepare(pipe, inputs, targets)
+        if pipe._layout.pipeline_device == pipe._layout.last_device:
+            scales, items = stepcore.loss_scales(reduction, tmbs or [None] * m)
     except Exception as e:
         local_error, m = e, pipe._chunks or 1
     if pipe._stages is None:
@@ -135,7 +140,7 @@ def run_step(
         m,
         grad,
         loss_fn,
-        stepcore.loss_scale(reduction, m),
+        scales,
         check_finite=pipe.check_finite,
         rng_offset=layout.replica * m,
     )
@@ -174,7 +179,9 @@ def run_step(
         )
     # the loss travels inside the END header's metadata (a float holds any float dtype's value
     # exactly), so the end of a step costs no extra transfer
-    end = None if loss is None else {"loss": loss.item(), "dtype": str(loss.dtype)[6:]}
+    end = None
+    if loss is not None:
+        end = {"loss": loss.item(), "dtype": str(loss.dtype)[6:], "items": items}
     payloads = transport.finish_step(mine, end)
     resolve_gpu_times(data)
     pipe.last_events = sorted(data.events, key=lambda e: e.start)
@@ -184,10 +191,12 @@ def run_step(
     if failure is None and loss is None:
         got = payloads[last_dev]
         loss = torch.tensor(got["loss"], dtype=getattr(torch, got["dtype"]))
-    loss, failure = collectives.replica_sync(
+        items = got["items"]
+    loss, failure, weight = collectives.replica_sync(
         loss,
         failure,
         reduction,
+        items,
         pipe._groups.dp,
         layout.data_parallel,
         layout.num_devices,
@@ -205,7 +214,6 @@ def run_step(
             collectives.reduce_over_replicas(
                 [p for p in local_params(pipe._stages) if p.requires_grad],
                 pipe._groups.dp,
-                layout.data_parallel,
-                average=reduction == "mean",
+                weight,
             )
     return loss.detach().to(pipe.device)

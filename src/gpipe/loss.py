@@ -2,6 +2,8 @@
 
 The invariant: a loss that reaches the backward is a differentiable floating-point scalar (and
 finite, with ``check_finite``); anything else is refused naming the micro-batch and the fix.
+A micro-batch that holds no items (:mod:`gpipe.reduction`) gets :func:`zero_loss` instead of
+``loss_fn``'s mean over nothing: zero, and a zero gradient for every output.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["checked_loss"]
+from gpipe.microbatch import tree_flatten
+
+__all__ = ["checked_loss", "zero_loss"]
 
 
 def checked_loss(
@@ -55,3 +59,18 @@ def checked_loss(
             "would train; return the differentiable loss tensor from loss_fn"
         )
     return loss
+
+
+def zero_loss(out: Any, device: torch.device | None = None) -> torch.Tensor:
+    """A loss of 0 whose gradient is zero for every differentiable output (the backward still
+    reaches every earlier stage, as the schedule expects), in the outputs' dtype."""
+    floats = [
+        v
+        for _, v in tree_flatten(out)[0]
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+    ]
+    parts = [v.sum().real * 0 for v in floats if v.requires_grad]
+    if parts:
+        return sum(parts[1:], parts[0])
+    dtype = floats[0].real.dtype if floats else torch.get_default_dtype()
+    return torch.zeros((), dtype=dtype, device=device)

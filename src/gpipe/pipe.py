@@ -33,6 +33,7 @@ from gpipe.bridge import Run, backward_into_inputs
 from gpipe.microbatch import split, tree_flatten, tree_wants_grad
 from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm_in
 from gpipe.partition import Partition, partitions, pipe_devices
+from gpipe.reduction import Reduction
 from gpipe.runtime.executor import StepData
 from gpipe.runtime.local import ThreadState
 from gpipe.runtime.local_runner import LocalRunner
@@ -259,7 +260,7 @@ class Pipe(nn.Module):
         )
 
     def _begin(
-        self, m: int, grad: bool, loss_fn: Callable | None = None, scale: float = 1.0
+        self, m: int, grad: bool, loss_fn: Callable | None = None, scale: Any = 1.0
     ) -> list[StepState]:
         """Give every stage a fresh step state (random-stream step, saved activations)."""
         assert self._stages is not None
@@ -352,14 +353,16 @@ class Pipe(nn.Module):
         targets: Any,
         loss_fn: Callable[[Any, Any], torch.Tensor],
         *,
-        reduction: str = "mean",
+        reduction: Reduction = "mean",
     ) -> torch.Tensor:
         """One pipelined forward+backward with the loss computed inside the last stage.
 
         ``loss_fn(output_microbatch, target_microbatch)`` returns a scalar. With
         ``reduction="mean"`` (for a loss that averages over its micro-batch) each micro-batch's
         loss is divided by M, so the returned loss and the gradients equal those of the whole
-        mini-batch; with ``"sum"`` they are added. Gradients accumulate in ``.grad`` (call
+        mini-batch; with ``"sum"`` they are added; with a callable ``count(targets)`` (a mean
+        over the items it counts, e.g. :func:`gpipe.count_items` for ``ignore_index``) each is
+        weighted by its share of the items (:mod:`gpipe.reduction`). Gradients accumulate in ``.grad`` (call
         ``zero_grad`` as usual), and in the inputs' ``.grad`` (or their graph) for inputs that
         require grad, as ``loss.backward()`` would. Under ``torch.no_grad()`` only the forward
         runs (evaluation). Calls from several threads run one after the other.
@@ -381,7 +384,7 @@ class Pipe(nn.Module):
                 splits=sched.splits,
                 keep_outputs=False,
             )
-            states = self._begin(m, grad, loss_fn, stepcore.loss_scale(reduction, m))
+            states = self._begin(m, grad, loss_fn, stepcore.loss_scales(reduction, tmbs)[0])
             self._execute(stepcore.step_actions(sched, grad), data)
             shared_params.flush(self._stages, states)
             self._finish_forward(data, m)

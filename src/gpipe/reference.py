@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from gpipe import rng, rng_replay
+from gpipe.loss import zero_loss
 from gpipe.microbatch import merge, split
+from gpipe.reduction import Reduction, microbatch_scales
 
 __all__ = ["reference_forward", "reference_step"]
 
@@ -59,23 +61,25 @@ def reference_step(
     seed: int = 0,
     step: int = 0,
     batch_dim: int = 0,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """The un-pipelined equivalent of ``Pipe.step``: forward each micro-batch through the whole
-    model with keyed random streams, add the losses (divided by M for ``"mean"``), backward
+    model with keyed random streams, add the losses (each scaled as ``reduction`` says:
+    divided by M for ``"mean"``, by its share of the items for a count), backward
     each (a layer's own checkpoint then recomputes with the forward's draws, as in the pipe).
     Gradients accumulate in ``module``'s parameters; returns the loss."""
     layers = list(module)
     mbs = split((inputs,), chunks, batch_dim=batch_dim)
     m = len(mbs)
     tmbs = [None] * m if targets is None else split(targets, m, batch_dim=batch_dim)
-    scale = 1.0 / m if reduction == "mean" else 1.0
+    scales = microbatch_scales(reduction, tmbs)[0]
     hooks = [h for i, layer in enumerate(layers) for h in rng.install_hooks(layer, i)]
     try:
         losses, draws = [], [{} for _ in mbs]
         for t, mb in enumerate(mbs):
             with rng_replay.recording(draws[t]):
-                losses.append(loss_fn(_run(layers, mb, seed, step, t), tmbs[t]) * scale)
+                out = _run(layers, mb, seed, step, t)
+                losses.append(loss_fn(out, tmbs[t]) * scales[t] if scales[t] else zero_loss(out))
         total = sum(losses)
         if torch.is_grad_enabled() and isinstance(total, torch.Tensor) and total.requires_grad:
             # one backward per micro-batch, so that a layer's own checkpoint recomputing a

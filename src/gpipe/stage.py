@@ -23,7 +23,7 @@ from torch import nn
 
 from gpipe import inplace, rng, rng_replay, shared_params, wgrad
 from gpipe import remat as remat_mod
-from gpipe.loss import checked_loss
+from gpipe.loss import checked_loss, zero_loss
 from gpipe.microbatch import tree_detach, tree_flatten, tree_wants_grad
 from gpipe.stage_state import StageOutput, StepState, _Saved
 
@@ -117,7 +117,7 @@ class Stage:
         num_microbatches: int,
         grad_mode: bool,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-        loss_scale: float = 1.0,
+        loss_scale: float | Sequence[float] = 1.0,
     ) -> StepState:
         """Start a step with a fresh :class:`StepState` and return it.
 
@@ -193,8 +193,12 @@ class Stage:
 
     def _loss(self, state: StepState, microbatch: int, out: Any, target: Any) -> torch.Tensor:
         assert state.loss_fn is not None
+        scale = state.loss_scale
+        scale = scale if isinstance(scale, float | int) else scale[microbatch]
+        if scale == 0:  # a micro-batch without items (gpipe.reduction): it adds nothing
+            return zero_loss(out, self.device)
         loss = checked_loss(state.loss_fn, out, target, microbatch, self.check_finite)
-        return loss * state.loss_scale
+        return loss * scale
 
     # ----------------------------------------------------------------- actions
 

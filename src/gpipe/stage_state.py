@@ -8,7 +8,7 @@ entry, until that micro-batch's last backward action removes it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,7 @@ class StepState:
     num_microbatches: int = 1
     grad_mode: bool = True
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-    loss_scale: float = 1.0
+    loss_scale: float | Sequence[float] = 1.0  # one for all, or each micro-batch's
     saved: dict[int, _Saved] = field(default_factory=dict)
     # id(borrowed parameter) → this step's alias (:mod:`gpipe.shared_params`)
     aliases: dict[int, nn.Parameter] = field(default_factory=dict)

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from gpipe import reduction as reduction_mod
 from gpipe.microbatch import batch_size, tree_flatten
+from gpipe.reduction import Reduction
 from gpipe.stage import Stage, StepState
 
 __all__ = [
@@ -25,7 +27,7 @@ __all__ = [
     "check_output_rows",
     "check_targets",
     "collect_fetched",
-    "loss_scale",
+    "loss_scales",
     "step_actions",
     "total_loss",
 ]
@@ -33,8 +35,7 @@ __all__ = [
 
 def check_call(loss_fn: Any, reduction: Any) -> None:
     """``step``'s own arguments: a callable loss and a known reduction."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    reduction_mod.check(reduction)
     if not callable(loss_fn):
         raise TypeError(
             f"loss_fn must be callable as loss_fn(output, target), got "
@@ -128,9 +129,13 @@ def step_actions(schedule: Any, grad: bool) -> Any:
     return schedule.actions if grad else schedule.forward_part()
 
 
-def loss_scale(reduction: str, num_microbatches: int) -> float:
-    """The factor of each micro-batch's loss: ``1/M`` for a mean over the mini-batch."""
-    return 1.0 / num_microbatches if reduction == "mean" else 1.0
+def loss_scales(reduction: Reduction, targets: Sequence[Any]) -> tuple[list[float], float]:
+    """Each micro-batch's loss factor and the mini-batch's item count
+    (:mod:`gpipe.reduction`; ``targets`` are the micro-batches' targets), warning where
+    ``"mean"`` meets unevenly ignored targets."""
+    if reduction == "mean":
+        reduction_mod.warn_uneven(targets)
+    return reduction_mod.microbatch_scales(reduction, targets)
 
 
 def begin(
@@ -139,7 +144,7 @@ def begin(
     num_microbatches: int,
     grad: bool,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    scale: float = 1.0,
+    scale: float | Sequence[float] = 1.0,
     *,
     check_finite: bool = False,
     rng_offset: int = 0,

@@ -2,8 +2,9 @@
 data-parallel replicas add up their gradients, and the global gradient-norm clip.
 
 The invariant: after these, every rank holds the gradients of un-pipelined training on the
-whole global batch (tied parameters summed over their copies, replicas averaged for a mean
-loss), every rank returns the same loss, and a failure on any replica is known on every rank.
+whole global batch (tied parameters summed over their copies, replicas weighted as
+:mod:`gpipe.reduction` says: averaged for a mean loss, by their items for a count), every
+rank returns the same loss, and a failure on any replica is known on every rank.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpipe.reduction import Reduction, replica_weights
 from gpipe.runtime.failures import Failure
 
 __all__ = [
@@ -31,16 +33,18 @@ Tie = tuple[nn.Parameter, Any, int, bool]  # local copy, its tie subgroup, sourc
 def replica_sync(
     loss: torch.Tensor | None,
     failure: Failure | None,
-    reduction: str,
+    reduction: Reduction,
+    items: float,
     dp_group: Any,
     data_parallel: int,
     num_devices: int,
     comm_device: torch.device,
-) -> tuple[torch.Tensor | None, Failure | None]:
-    """Across data-parallel replicas: learn whether any replica failed; average the loss
-    (``"mean"``) or add it up (``"sum"``)."""
+) -> tuple[torch.Tensor | None, Failure | None, float]:
+    """Across data-parallel replicas: learn whether any replica failed; weigh each replica's
+    loss by :func:`gpipe.reduction.replica_weights` (from its ``items``) and add them up.
+    Returns the loss, the failure, and this replica's weight for its gradients."""
     if dp_group is None:
-        return loss, failure
+        return loss, failure, 1.0
     f = failure
     row = torch.tensor(
         [
@@ -49,6 +53,7 @@ def replica_sync(
             -1 if f is None or f.stage is None else f.stage,
             -1 if f is None or f.microbatch is None else f.microbatch,
             0.0 if loss is None else float(loss),
+            float(items),
         ],
         dtype=torch.float64,
         device=comm_device,
@@ -57,26 +62,33 @@ def replica_sync(
     try:
         dist.all_gather(rows, row, group=dp_group)
     except Exception as e:
-        return loss, failure or Failure(
-            -1, -1, None, None, f"a data-parallel replica did not answer: {e}"
+        return (
+            loss,
+            failure or Failure(-1, -1, None, None, f"a data-parallel replica did not answer: {e}"),
+            1.0,
         )
     if failure is not None:
-        return loss, failure
+        return loss, failure, 1.0
     rows = [r.cpu() for r in rows]
     for j, r in enumerate(rows):
         if r[0] > 0:
             ints = [int(v) for v in r[1:4].tolist()]
-            return loss, Failure(
-                ints[0],
-                ints[0] % num_devices,
-                None if ints[1] < 0 else ints[1],
-                None if ints[2] < 0 else ints[2],
-                f"failed in data-parallel replica {j} (see that rank's error)",
+            return (
+                loss,
+                Failure(
+                    ints[0],
+                    ints[0] % num_devices,
+                    None if ints[1] < 0 else ints[1],
+                    None if ints[2] < 0 else ints[2],
+                    f"failed in data-parallel replica {j} (see that rank's error)",
+                ),
+                1.0,
             )
     assert loss is not None
-    losses = torch.stack([r[4] for r in rows])
-    total = losses.mean() if reduction == "mean" else losses.sum()
-    return total.to(loss.dtype), None
+    weights = replica_weights(reduction, [float(r[5]) for r in rows])
+    total = sum(w * float(r[4]) for w, r in zip(weights, rows, strict=True))
+    me = dist.get_group_rank(dp_group, dist.get_rank())
+    return torch.tensor(total, dtype=torch.float64).to(loss.dtype), None, weights[me]
 
 
 def stash_tied(ties: list[Tie]) -> list[torch.Tensor | None]:
@@ -107,11 +119,10 @@ def sync_tied(ties: list[Tie], stash: list[torch.Tensor | None]) -> None:
         p.grad = g if old is None else g + old
 
 
-def reduce_over_replicas(
-    params: list[nn.Parameter], group: Any, data_parallel: int, *, average: bool
-) -> None:
-    """Sum the replicas' gradients over the data-parallel group, and average them for a
-    ``"mean"`` loss, so they equal the gradients of the whole global batch."""
+def reduce_over_replicas(params: list[nn.Parameter], group: Any, weight: float) -> None:
+    """Sum the replicas' gradients over the data-parallel group, each replica's scaled by its
+    ``weight`` (:func:`gpipe.reduction.replica_weights`: ``1/D`` for a ``"mean"`` loss), so
+    they equal the gradients of the whole global batch."""
     by_key: dict[tuple, list[nn.Parameter]] = {}
     for p in params:
         if p.grad is None:
@@ -119,9 +130,9 @@ def reduce_over_replicas(
         by_key.setdefault((p.grad.dtype, p.grad.device), []).append(p)
     for ps in by_key.values():
         flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        if weight != 1.0:
+            flat *= weight
         dist.all_reduce(flat, group=group)
-        if average:
-            flat /= data_parallel
         off = 0
         for p in ps:
             n = p.grad.numel()

@@ -1,0 +1,147 @@
+"""How the micro-batch losses add up to the mini-batch's loss: the factor of each.
+
+``step(..., reduction=)`` says what ``loss_fn`` computes on a micro-batch:
+
+* ``"mean"``: a mean over its rows. Every micro-batch has as many rows, so the mini-batch's
+  loss is the average of the M losses (each is scaled by ``1/M``).
+* ``"sum"``: a sum. The losses are added (each scaled by 1).
+* a callable ``count(targets) -> int``: a mean over the *items* of the micro-batch that
+  ``count`` counts in its targets (for a cross-entropy with ``ignore_index``, the tokens not
+  ignored: :func:`count_items`). Micro-batches may hold different numbers of items, so the
+  average of their means is not the mini-batch's mean; each loss is scaled by its share of
+  the mini-batch's items, ``n_i / N``, which is. A micro-batch with no items adds nothing
+  (its loss function, a mean over nothing, is not called).
+
+With ``"mean"``, integer targets that hold ``-100`` (PyTorch's ``ignore_index``) in unequal
+numbers per micro-batch are warned about (:func:`warn_uneven`): that is the silent
+difference the callable removes.
+
+The invariant: ``sum_i scale_i * loss_fn(out_i, t_i)`` equals ``loss_fn`` over the whole
+mini-batch, and the gradients follow it; over data-parallel replicas the same holds with the
+replicas weighted by :func:`replica_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from gpipe.microbatch import tree_flatten
+
+__all__ = [
+    "Reduction",
+    "check",
+    "count_items",
+    "microbatch_scales",
+    "replica_weights",
+    "warn_uneven",
+]
+
+Reduction = str | Callable[[Any], Any]
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default
+
+
+def check(reduction: Any) -> None:
+    """A known reduction: ``"mean"``, ``"sum"`` or an item-counting callable."""
+    if reduction in ("mean", "sum") or (callable(reduction) and not isinstance(reduction, str)):
+        return
+    raise ValueError(
+        f"reduction must be 'mean', 'sum' or a callable count(targets) -> number of items "
+        f"(e.g. gpipe.count_items()), got {reduction!r}"
+    )
+
+
+def count_items(ignore_index: int = IGNORE_INDEX) -> Callable[[Any], torch.Tensor]:
+    """A ``reduction`` for a loss that averages over the targets not equal to
+    ``ignore_index`` (``F.cross_entropy(..., ignore_index=-100)`` with padded sequences): the
+    pipelined loss and gradients then equal the whole mini-batch's mean over its tokens.
+
+    A loss that shifts its labels (a causal LM that predicts ``labels[:, 1:]``) counts the
+    shifted ones: pass ``lambda t: (t[:, 1:] != -100).sum()`` instead."""
+
+    def count(targets: Any) -> torch.Tensor:
+        leaves = [v for _, v in tree_flatten(targets)[0] if isinstance(v, torch.Tensor)]
+        if len(leaves) != 1:
+            raise ValueError(
+                f"count_items counts one target tensor, got {len(leaves)} tensors in the "
+                "targets; pass reduction=your own count(targets) function"
+            )
+        return (leaves[0] != ignore_index).sum()
+
+    count.__qualname__ = f"count_items(ignore_index={ignore_index})"
+    return count
+
+
+def microbatch_scales(reduction: Reduction, targets: Sequence[Any]) -> tuple[list[float], float]:
+    """Each micro-batch's loss factor, and the number of items of the mini-batch (``M`` rows'
+    worth for ``"mean"`` and ``"sum"``, counted for a callable); ``targets`` are the
+    micro-batches' targets (``None`` each where this rank has none: only their count
+    matters then)."""
+    m = len(targets)
+    if reduction == "mean":
+        return [1.0 / m] * m, float(m)
+    if reduction == "sum":
+        return [1.0] * m, float(m)
+    counts = [_count(reduction, t, i) for i, t in enumerate(targets)]
+    total = math.fsum(counts)
+    return [c / total if total > 0 else 0.0 for c in counts], total
+
+
+def _count(reduction: Callable[[Any], Any], target: Any, microbatch: int) -> float:
+    if target is None:
+        raise ValueError(
+            f"reduction={_name(reduction)} counts the items of each micro-batch's targets, "
+            f"but micro-batch {microbatch} has none; pass the targets to step()"
+        )
+    n = reduction(target)
+    if isinstance(n, torch.Tensor) and n.numel() == 1:
+        n = n.item()
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not n >= 0 or math.isinf(n):
+        raise ValueError(
+            f"reduction={_name(reduction)} must return the number of items (a count >= 0) "
+            f"of micro-batch {microbatch}'s targets, got {n!r}"
+        )
+    return float(n)
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def replica_weights(reduction: Reduction, items: Sequence[float]) -> list[float]:
+    """The weight of each data-parallel replica's loss and gradients in the global ones,
+    from each replica's item count (``M`` each for ``"mean"`` and ``"sum"``)."""
+    d = len(items)
+    if reduction == "mean":
+        return [1.0 / d] * d
+    if reduction == "sum":
+        return [1.0] * d
+    total = math.fsum(items)
+    return [n / total if total > 0 else 0.0 for n in items]
+
+
+def warn_uneven(targets: Sequence[Any]) -> None:
+    """Warn when ``"mean"`` meets integer targets holding ``-100`` (PyTorch's
+    ``ignore_index``) in unequal numbers per micro-batch: a loss that ignores them averages
+    each micro-batch over a different count, and the average of those means differs from the
+    whole mini-batch's mean. Checks host tensors only (on a GPU the check would wait for it)."""
+    counts = []
+    for t in targets:
+        leaves = [v for _, v in tree_flatten(t)[0] if isinstance(v, torch.Tensor)]
+        if len(leaves) != 1 or leaves[0].device.type != "cpu" or leaves[0].is_floating_point():
+            return
+        counts.append(int((leaves[0] == IGNORE_INDEX).sum()))
+    if len(set(counts)) > 1:
+        warnings.warn(
+            "the targets hold -100 (cross_entropy's ignore_index) in unequal numbers per "
+            "micro-batch, and reduction='mean' averages the micro-batches' losses: if loss_fn "
+            "ignores them, that average differs from the whole mini-batch's mean over its "
+            "tokens. Pass reduction=gpipe.count_items() to weight each micro-batch by its "
+            "items (or reduction='sum' with a summing loss_fn)",
+            stacklevel=4,
+        )
