@@ -165,6 +165,42 @@ def test_recompute_repeats_the_forwards_autocast_even_when_backward_is_outside_i
     assert probe.dtypes == [torch.bfloat16] * 4  # 2 forwards + 2 recomputes
 
 
+@pytest.mark.device
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+def test_step_with_a_grad_scaler_in_the_loss_equals_the_plain_loop(schedule: str) -> None:
+    """fp16 training with ``GradScaler``: ``step`` runs the backward itself, so the scale goes
+    into ``loss_fn`` (README, "Mixed precision"); after ``unscale_`` the gradients are the
+    plain model's under the same autocast, micro-batch by micro-batch."""
+
+    def make() -> nn.Sequential:
+        torch.manual_seed(0)
+        layers = [nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)]
+        return nn.Sequential(*layers).to(DEV)
+
+    x = torch.randn(8, D, device=DEV)
+    y = torch.randint(0, 3, (8,), device=DEV)
+    ce = nn.functional.cross_entropy
+    ref = make()
+    ref_scaler = torch.amp.GradScaler(DEV.type, init_scale=1024.0)
+    ref_loss = 0.0
+    for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
+        with torch.autocast(DEV.type, dtype=torch.float16):
+            loss = ce(ref(xb), yb) / 4
+        ref_scaler.scale(loss).backward()
+        ref_loss += loss.item()
+    ref_scaler.unscale_(torch.optim.SGD(ref.parameters(), lr=0.1))
+    model = make()
+    pipe = gpipe.Pipe(model, balance=[2, 3], chunks=4, schedule=schedule, devices=[DEV, DEV])
+    scaler = torch.amp.GradScaler(DEV.type, init_scale=1024.0)
+    with torch.autocast(DEV.type, dtype=torch.float16):
+        scaled = pipe.step(x, y, lambda out, t: scaler.scale(ce(out, t)))
+    scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert scaled.item() / scaler.get_scale() == pytest.approx(ref_loss, rel=1e-6)
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    pipe.close()
+
+
 def test_targets_are_moved_to_the_last_stages_device() -> None:
     # the last stage moves the targets where its outputs are (here "meta" stands in for a GPU)
     from gpipe.stage import _to_device
