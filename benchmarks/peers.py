@@ -21,6 +21,7 @@ in even rounds and torch first in odd ones).
 
     python benchmarks/peers.py                # M in 4,8, batch 32 x 128, 3 rounds
     python benchmarks/peers.py --quick        # smoke run
+    python benchmarks/peers.py --cpu          # and each rank's CPU time and context switches
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import tempfile
@@ -65,6 +67,23 @@ def _timed(fn: Callable[[], object], steps: int, warmup: int) -> float:
         fn()
     dist.barrier()
     return median_time(fn, steps, 0)
+
+
+def _usage() -> tuple[float, int, int]:
+    """This process's CPU seconds (every thread: compute, gloo's, autograd's) and its
+    voluntary and involuntary context switches so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_nvcsw, r.ru_nivcsw
+
+
+def _per_step_usage(fn: Callable[[], object], steps: int) -> list[float]:
+    """CPU milliseconds and context switches (voluntary, involuntary) per step, over
+    ``steps`` steps (run after :func:`_timed`, so the transfers are warm)."""
+    a = _usage()
+    for _ in range(steps):
+        fn()
+    b = _usage()
+    return [(b[0] - a[0]) * 1e3 / steps, (b[1] - a[1]) / steps, (b[2] - a[2]) / steps]
 
 
 def make_runners(
@@ -193,13 +212,20 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     pairs, keep, plain = make_runners(rank, args)
     runners = {"plain": plain, **pairs}
     results: dict[str, list[float]] = {k: [] for k in runners}
+    usage: dict[str, list[list[float]]] = {k: [] for k in runners}
     for r in range(args.rounds):
         for name in round_order(list(runners), r):
             dist.barrier()
             results[name].append(_timed(runners[name], args.steps, args.warmup))
+            if getattr(args, "cpu", False):
+                dist.barrier()
+                usage[name].append(_per_step_usage(runners[name], args.steps))
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    if getattr(args, "cpu", False):
+        with open(f"{out}.usage{rank}", "w") as f:
+            json.dump(usage, f)
     finish(keep)
 
 
@@ -217,6 +243,11 @@ def parse_args(doc: str, schedules: str, quick: bool = False) -> argparse.Namesp
     ap.add_argument("--rounds", type=int, default=3)
     if quick:
         ap.add_argument("--quick", action="store_true")
+        ap.add_argument(
+            "--cpu",
+            action="store_true",
+            help="also measure each rank's CPU time and context switches per step",
+        )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if getattr(args, "quick", False):
@@ -229,10 +260,15 @@ def parse_args(doc: str, schedules: str, quick: bool = False) -> argparse.Namesp
 
 def run_two(worker: Callable[..., None], args: argparse.Namespace) -> Any:
     """Run ``worker(rank, args, port, out)`` on two spawned ranks; what rank 0 wrote to
-    ``out`` (JSON)."""
+    ``out`` (JSON), and in ``args.usage`` what each rank wrote to ``out.usage<rank>``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
         mp.start_processes(worker, args=(args, free_port(), out), nprocs=2, start_method="spawn")
+        args.usage = []
+        for rank in range(2):
+            if os.path.exists(f"{out}.usage{rank}"):
+                with open(f"{out}.usage{rank}") as f:
+                    args.usage.append(json.load(f))
         with open(out) as f:
             return json.load(f)
 
@@ -273,9 +309,29 @@ def main() -> None:
                 print(
                     f"| {name} | {sched} | {m} | {t:.3f} | {sp:.2f}x | {sp / bound:.0%} | {ratio} |"
                 )
+    if args.usage:
+        print_usage(args.usage)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "medians": med, "rounds": results}, f, indent=2)
+
+
+def print_usage(usage: list[dict[str, list[list[float]]]]) -> None:
+    """Per configuration and rank, the medians over rounds of CPU ms and context switches
+    per step: what each library's step costs the machine's cores, beside its wall time."""
+    print()
+    print(
+        "| configuration | rank 0 CPU ms | rank 1 CPU ms | rank 0 switches (vol/invol) "
+        "| rank 1 switches (vol/invol) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in usage[0]:
+        if name == "plain":
+            continue
+        cols = [[statistics.median(r[i] for r in u[name]) for i in range(3)] for u in usage]
+        cpu = " | ".join(f"{c[0]:.1f}" for c in cols)
+        sw = " | ".join(f"{c[1]:.0f} / {c[2]:.0f}" for c in cols)
+        print(f"| {name} | {cpu} | {sw} |")
 
 
 if __name__ == "__main__":
