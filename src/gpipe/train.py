@@ -4,7 +4,8 @@
 into stages (balanced by FLOPs from :mod:`gpipe.cost`) and trains it through a
 :class:`gpipe.trainer_pipe.TrainerPipe` — threads in one process or one process per stage, the
 trainer does not know which — with AdamW, linear warm-up then cosine decay, gradient clipping
-and optional bf16 autocast. :meth:`Trainer.run` yields one metrics record per step, evaluation,
+and optional bf16 or fp16 autocast (fp16 with a loss scale all stages agree on:
+:mod:`gpipe.precision`). :meth:`Trainer.run` yields one metrics record per step, evaluation,
 trace and checkpoint; it never prints — the CLI (or any caller) decides what to show.
 
 The invariant: training is a pure function of the config, not of the topology. Batch ``s`` is
@@ -25,7 +26,6 @@ parameter name and shape (:func:`decays`), so every runtime and every cut groups
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -39,6 +39,7 @@ from torch import nn
 from gpipe import state as st
 from gpipe.data import Corpus, get_batch, load_corpus, unigram_entropy
 from gpipe.models import TransformerLM, lm_loss
+from gpipe.precision import Precision
 from gpipe.train_config import (
     PRECISIONS,
     RESUME_KEYS,
@@ -126,6 +127,7 @@ class Trainer:
         self.pipe: TrainerPipe = build(config, self.model, self.balance, timeout=timeout)
         self.step = 0
         self.optimizer = self._build_optimizer()
+        self.precision = Precision(config.precision, self.pipe.devices()[0].type)
         self._entropy: float | None = None
         self.moved_aside: Path | None = None
         self.resumed_from: Path | None = None
@@ -213,11 +215,6 @@ class Trainer:
             step, lr=c.lr, warmup=c.warmup, steps=c.steps, final_ratio=c.final_lr_ratio
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.precision == "bf16":
-            return torch.autocast(self.pipe.devices()[0].type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     # ----------------------------------------------------------------- steps
 
     def train_step(self) -> dict[str, Any]:
@@ -232,16 +229,21 @@ class Trainer:
             g["lr"] = lr
         self.pipe.train()
         t0 = time.perf_counter()
-        with self._autocast():
-            loss = self.pipe.step(x, y, self._loss)
-        loss_value = float(loss)
+        prec = self.precision
+        scale = prec.scale
+        with prec.autocast():
+            loss = self.pipe.step(x, y, prec.loss_fn(self._loss))
+        loss_value = prec.loss_value(loss)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"the training loss became {loss_value} at step {s}; lower --lr (now {c.lr}) "
                 "or --clip, or use --precision fp32"
             )
+        prec.unscale(p for _, p in self.pipe.named_parameters())
         grad_norm = self.pipe.clip_grad_norm_(c.clip if c.clip > 0 else math.inf)
-        self.optimizer.step()
+        stepped = prec.update(grad_norm)
+        if stepped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         self.step = s + 1
@@ -255,6 +257,7 @@ class Trainer:
             "step_time": dt,
             "tokens_per_s": c.batch_size * c.seq_len / dt if dt > 0 else float("inf"),
             "bubble": self.measured_bubble(),
+            **({"loss_scale": scale, "skipped": not stepped} if prec.scaled else {}),
         }
 
     def measured_bubble(self) -> float | None:
@@ -277,7 +280,7 @@ class Trainer:
             for i in range(c.eval_batches):
                 # Negative steps: a fixed set, disjoint from the training draws' keys.
                 x, y = get_batch(self.corpus.val, c.batch_size, c.seq_len, seed=c.seed, step=-1 - i)
-                with self._autocast():
+                with self.precision.autocast():
                     total += float(self.pipe.step(x.to(first), y.to(last), self._loss))
         finally:
             self.pipe.train()
@@ -357,7 +360,7 @@ class Trainer:
             staging=self.replaces_earlier,
             config={**self.config.to_dict(), "model_resolved": self.model_fields()},
             data={"seed": self.config.seed, "step": self.step},
-            extra={"pipe_rng_step": self.pipe.rng_step},
+            extra={"pipe_rng_step": self.pipe.rng_step, "loss_scale": self.precision.state_dict()},
             keep=self.config.keep,
         )
         if self.replaces_earlier:
@@ -384,6 +387,7 @@ class Trainer:
             lambda folder, manifest: check_resume(self.config, folder, manifest),
         )
         self.step = int(ckpt.manifest.get("data", {}).get("step", ckpt.step))
+        self.precision.load_state_dict(ckpt.manifest.get("extra", {}).get("loss_scale"))
         self.resumed_from = ckpt.path
         return self.step
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from gpipe.data import DEFAULT_MAX_BYTES
 from gpipe.models import TransformerConfig
+from gpipe.precision import PRECISIONS
 from gpipe.remat import MODES as REMAT_MODES
 from gpipe.schedules import ScheduleSpec
 from gpipe.schedules import available as available_schedules
@@ -24,7 +25,6 @@ from gpipe.state import CheckpointError
 
 __all__ = ["PRECISIONS", "RESUME_KEYS", "RUNTIMES", "TrainConfig", "resume_differences"]
 
-PRECISIONS = ("fp32", "bf16")
 RUNTIMES = ("local", "dist")
 
 

@@ -193,12 +193,11 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool, tune: in
 def _tuned(config: Any, ranked: list, tune: int, say: bool) -> Any:
     """The measured fastest of ``ranked``'s top ``tune`` for ``config`` (its model at random
     weights, a random batch of its shape, its precision), printed as a table when ``say``."""
-    import contextlib
-
     import torch
 
     from gpipe.autotune import autotune, table
     from gpipe.models import TransformerLM, lm_loss
+    from gpipe.precision import Precision
 
     if config.runtime != "local":
         raise UsageError(
@@ -216,8 +215,7 @@ def _tuned(config: Any, ranked: list, tune: int, say: bool) -> Any:
     shape = (config.batch_size, config.seq_len)
     x = torch.randint(0, mc.vocab_size, shape, generator=g)
     y = torch.randint(0, mc.vocab_size, shape, generator=g)
-    bf16 = config.precision == "bf16"
-    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+    with Precision(config.precision, "cpu").autocast():
         measured = autotune(model, ranked, x, y, lm_loss, top=tune)
     if say:
         print(f"\n--tune {tune}: measured on this machine (median step, 2 rounds)")

@@ -58,7 +58,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--final-lr-ratio", "final_lr_ratio", float, "learning rate at the end, relative to --lr"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
     ("--clip", "clip", float, "clip the global gradient norm to this (0: off)"),
-    ("--precision", "precision", str, "fp32 or bf16 (autocast)"),
+    ("--precision", "precision", str, "fp32, bf16 (autocast) or fp16 (autocast, loss scale)"),
     ("--eval-interval", "eval_interval", int, "validate every N steps (0: only at the end)"),
     ("--eval-batches", "eval_batches", int, "fixed validation batches per evaluation"),
     ("--checkpoint-interval", "checkpoint_interval", int, "checkpoint every N steps (+ end)"),
