@@ -497,6 +497,13 @@ def test_workers_stop_on_close() -> None:
         pipe(data()[0])
 
 
+def test_a_pipe_closes_as_a_context_like_the_distributed_one() -> None:
+    with gpipe.Pipe(make_model(), balance=[6, 6], chunks=2) as pipe:
+        pipe(data()[0])
+        assert pipe._runner.pool.alive
+    assert not pipe._runner.pool.alive
+
+
 @pytest.mark.parametrize(("schedule", "v"), SCHEDULES)
 @pytest.mark.parametrize(("k", "m"), [(2, 8), (3, 4), (4, 8)])
 @pytest.mark.parametrize("remat", ["always", "never"])

@@ -82,7 +82,7 @@ def test_item_mean_equals_the_plain_model(schedule: str, remat: str, km: tuple) 
     x, y = padded_batch()
     ref_loss, ref_grads = plain(x, y)
     model = make_model()
-    with closing(pipe_of(model, schedule, remat, k, m)) as pipe:
+    with pipe_of(model, schedule, remat, k, m) as pipe:  # a Pipe closes as a context
         loss = pipe.step(x, y, token_loss, reduction=gpipe.count_items())
     assert abs(loss.item() - ref_loss) <= 1e-12
     assert max_diff([p.grad for p in model.parameters()], ref_grads) <= 1e-10

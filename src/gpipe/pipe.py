@@ -244,8 +244,15 @@ class Pipe(nn.Module):
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
 
+    def __enter__(self) -> Pipe:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop the worker threads and remove hooks. The module's layers stay usable."""
+        """Stop the worker threads and remove hooks (``with Pipe(...) as pipe:`` closes it at
+        the end, as ``DistributedPipe`` does). The module's layers stay usable."""
         self._runner.close()
         for st in self._stages or []:
             st.close()
