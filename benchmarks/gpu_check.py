@@ -295,14 +295,20 @@ def user_path_rows(dev: torch.device, quick: bool) -> list[dict]:
                         pipe.close()
                     ref = _user_model(case, twin=True).to(dev)
                     gpipe.reference_step(ref, x, y, loss_fn, chunks=4)
-                    errs = [float((a.grad - b.grad).abs().max() / (b.grad.abs().max() + 1e-12))
-                            for a, b in zip(model.parameters(), ref.parameters())]  # fmt: skip
-                    row.update(err=max(errs), ok=max(errs) < 1e-4)
+                    row.update(_compared(model, ref))
                 except Exception as e:
                     row.update(err=float("nan"), ok=False, error=f"{type(e).__name__}: {e}")
                 row["seconds"] = time.perf_counter() - t0
                 rows.append(row)
     return rows + item_mean_rows(dev, quick)
+
+
+def _compared(model: nn.Module, ref: nn.Module) -> dict:
+    """The largest relative gradient difference of ``model`` from ``ref``, and whether it
+    is within 1e-4."""
+    errs = [float((a.grad - b.grad).abs().max() / (b.grad.abs().max() + 1e-12))
+            for a, b in zip(model.parameters(), ref.parameters())]  # fmt: skip
+    return {"err": max(errs), "ok": max(errs) < 1e-4}
 
 
 def item_mean_rows(dev: torch.device, quick: bool) -> list[dict]:
@@ -325,9 +331,7 @@ def item_mean_rows(dev: torch.device, quick: bool) -> list[dict]:
             with gpipe.Pipe(mine, balance=[4, 5], devices=[dev, dev], chunks=4,
                             schedule=schedule, timeout=30) as pipe:  # fmt: skip
                 pipe.step(x, y, nn.functional.cross_entropy, reduction=gpipe.count_items())
-            errs = [float((a.grad - b.grad).abs().max() / (b.grad.abs().max() + 1e-12))
-                    for a, b in zip(mine.parameters(), ref.parameters())]  # fmt: skip
-            row.update(err=max(errs), ok=max(errs) < 1e-4)
+            row.update(_compared(mine, ref))
         except Exception as e:
             row.update(err=float("nan"), ok=False, error=f"{type(e).__name__}: {e}")
         row["seconds"] = time.perf_counter() - t0
