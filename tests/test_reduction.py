@@ -200,3 +200,41 @@ def test_count_items_wants_one_tensor() -> None:
     with pytest.raises(ValueError, match="one target tensor"):
         gpipe.count_items()((torch.zeros(2), torch.zeros(2)))
     assert int(gpipe.count_items(ignore_index=0)(torch.tensor([0, 1, 2, 0]))) == 2
+
+
+def _distributed_items(rank: int, path) -> None:
+    from test_distributed import ignored_batch, mlp_no_dropout
+
+    x, y = ignored_batch()
+    out = {}
+    for schedule in ["gpipe", "1f1b", "zb-h1", "interleaved", "zb-v"]:
+        v = resolve_virtual(schedule, None)
+        balance = [5, 5, 5, 4] if v == 2 else [9, 10]
+        with gpipe.DistributedPipe(
+            mlp_no_dropout(), chunks=4, balance=balance, schedule=schedule
+        ) as pipe:  # inputs on the first stage's rank only (rank 0, for zb-v too)
+            loss = pipe.step(
+                x if rank == 0 else None, y, F.cross_entropy, reduction=gpipe.count_items()
+            )
+            out[schedule] = (loss.item(), {n: p.grad.clone() for n, p in pipe.named_parameters()})
+    torch.save(out, path / f"items{rank}.pt")
+
+
+@pytest.mark.timeout(150)
+def test_distributed_pipe_weighs_micro_batches_by_items(tmp_path) -> None:
+    """Two ranks, one of 4 micro-batches without items: the last rank counts, the first
+    learns the step's loss from it; both hold the plain model's gradients."""
+    from spawn_ranks import run_gloo
+    from test_distributed import ignored_batch, mlp_no_dropout
+
+    run_gloo(_distributed_items, tmp_path, world=2, limit=120)
+    x, y = ignored_batch()
+    model = mlp_no_dropout()
+    ref = F.cross_entropy(model(x), y)
+    ref.backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    for rank in range(2):
+        for schedule, (loss, grads) in torch.load(tmp_path / f"items{rank}.pt").items():
+            assert abs(loss - ref.item()) <= 1e-12, (rank, schedule)
+            assert grads, (rank, schedule)
+            assert max_diff(list(grads.values()), [want[n] for n in grads]) <= 1e-10

@@ -96,7 +96,8 @@ def _count(reduction: Callable[[Any], Any], target: Any, microbatch: int) -> flo
     if target is None:
         raise ValueError(
             f"reduction={_name(reduction)} counts the items of each micro-batch's targets, "
-            f"but micro-batch {microbatch} has none; pass the targets to step()"
+            f"but micro-batch {microbatch} has none; pass the targets to step() (with "
+            "DistributedPipe, on the rank that runs the last stage)"
         )
     n = reduction(target)
     if isinstance(n, torch.Tensor) and n.numel() == 1:
