@@ -238,3 +238,27 @@ def test_distributed_pipe_weighs_micro_batches_by_items(tmp_path) -> None:
             assert abs(loss - ref.item()) <= 1e-12, (rank, schedule)
             assert grads, (rank, schedule)
             assert max_diff(list(grads.values()), [want[n] for n in grads]) <= 1e-10
+
+
+def test_a_class_weighted_loss_counts_the_weights_of_its_targets() -> None:
+    """``F.cross_entropy(weight=w)`` averages over the weights of its targets: the count is
+    their sum (and ignored targets weigh nothing)."""
+    w = torch.linspace(0.5, 2.0, VOCAB, dtype=torch.float64)
+
+    def weighted(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.reshape(-1, VOCAB), target.reshape(-1), weight=w)
+
+    def weight_of(target: torch.Tensor) -> torch.Tensor:
+        kept = target[target != -100]
+        return w[kept].sum()
+
+    x, y = padded_batch()
+    model = make_model()
+    ref = weighted(model(x), y)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with gpipe.Pipe(model, balance=[4, 4], chunks=4, schedule="zb-h1") as pipe:
+        loss = pipe.step(x, y, weighted, reduction=weight_of)
+    assert abs(loss.item() - ref.item()) <= 1e-12
+    assert max_diff([p.grad for p in model.parameters()], ref_grads) <= 1e-10

@@ -10,7 +10,8 @@
   ignored: :func:`count_items`). Micro-batches may hold different numbers of items, so the
   average of their means is not the mini-batch's mean; each loss is scaled by its share of
   the mini-batch's items, ``n_i / N``, which is. A micro-batch with no items adds nothing
-  (its loss function, a mean over nothing, is not called).
+  (its loss function, a mean over nothing, is not called). The count may be any weight: a
+  class-weighted cross-entropy (``weight=w``) averages over ``w[targets].sum()``.
 
 With ``"mean"``, integer targets that hold ``-100`` (PyTorch's ``ignore_index``) in unequal
 numbers per micro-batch are warned about (:func:`warn_uneven`): that is the silent
