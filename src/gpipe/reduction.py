@@ -88,21 +88,32 @@ def microbatch_scales(reduction: Reduction, targets: Sequence[Any]) -> tuple[lis
         return [1.0 / m] * m, float(m)
     if reduction == "sum":
         return [1.0] * m, float(m)
-    counts = [_count(reduction, t, i) for i, t in enumerate(targets)]
+    raw = [_raw_count(reduction, t, i) for i, t in enumerate(targets)]
+    counts = [_checked(reduction, n, i) for i, n in enumerate(_host_values(raw))]
     total = math.fsum(counts)
     return [c / total if total > 0 else 0.0 for c in counts], total
 
 
-def _count(reduction: Callable[[Any], Any], target: Any, microbatch: int) -> float:
+def _raw_count(reduction: Callable[[Any], Any], target: Any, microbatch: int) -> Any:
     if target is None:
         raise ValueError(
             f"reduction={_name(reduction)} counts the items of each micro-batch's targets, "
             f"but micro-batch {microbatch} has none; pass the targets to step() (with "
             "DistributedPipe, on the rank that runs the last stage)"
         )
-    n = reduction(target)
-    if isinstance(n, torch.Tensor) and n.numel() == 1:
-        n = n.item()
+    return reduction(target)
+
+
+def _host_values(raw: list[Any]) -> list[Any]:
+    """The counts as numbers: one-element tensors of one device read in one transfer (one
+    wait for a GPU, not one per micro-batch); anything else as it is, for the check."""
+    one = [isinstance(n, torch.Tensor) and n.numel() == 1 for n in raw]
+    if all(one) and len({n.device for n in raw}) == 1:
+        return torch.stack([n.reshape(()).double() for n in raw]).tolist()
+    return [n.item() if ok else n for n, ok in zip(raw, one, strict=True)]
+
+
+def _checked(reduction: Callable[[Any], Any], n: Any, microbatch: int) -> float:
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not n >= 0 or math.isinf(n):
         raise ValueError(
             f"reduction={_name(reduction)} must return the number of items (a count >= 0) "
