@@ -130,3 +130,60 @@ def test_plain_batchnorm_through_pipe_call_and_backward_is_counted_once() -> Non
         pipe.close()
     assert model[1].num_batches_tracked.item() == 4
     assert torch.allclose(model[7].running_var, ref[7].running_var, atol=1e-12)
+
+
+def _mlp_bn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(),
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3),
+    ).double()  # fmt: skip
+
+
+def _bn_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64) * 3 + 1
+    return x, torch.randint(0, 3, (16,), generator=g)
+
+
+def _distributed_deferred(rank: int, path) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    x, y = _bn_batch()
+    dp = dist.get_world_size() // 2
+    with gpipe.DistributedPipe(
+        _mlp_bn(), chunks=2, balance=[3, 4], data_parallel=dp, deferred_batch_norm=True
+    ) as pipe:
+        for _ in range(2):
+            pipe.step(x, y, F.cross_entropy)
+        state = {k: v.clone() for k, v in pipe.state_dict().items() if "running" in k}
+        grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
+    torch.save((state, grads), path / f"bn{rank}.pt")
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_deferred_statistics_cover_the_global_batch(world: int, tmp_path) -> None:
+    """``DistributedPipe(deferred_batch_norm=True)`` with D = world / 2 replicas: every
+    replica's running statistics (and the gradients) equal the one-process pipe's with
+    ``chunks = D·M`` — the replicas' sums are added before the one commit of each step."""
+    import torch.nn.functional as F
+
+    from spawn_ranks import run_gloo
+
+    run_gloo(_distributed_deferred, tmp_path, world=world, limit=150)
+    x, y = _bn_batch()
+    model = _mlp_bn()
+    with gpipe.Pipe(model, balance=[3, 4], chunks=world, deferred_batch_norm=True) as pipe:
+        for _ in range(2):
+            pipe.step(x, y, F.cross_entropy)
+    want = model.state_dict()
+    want_grads = dict(model.named_parameters())
+    for rank in range(world):
+        state, grads = torch.load(tmp_path / f"bn{rank}.pt")
+        assert state and grads
+        for k, v in state.items():
+            assert torch.allclose(v, want[k], atol=1e-12), (world, rank, k)
+        for n, g in grads.items():
+            assert torch.allclose(g, want_grads[n].grad, atol=1e-10), (world, rank, n)

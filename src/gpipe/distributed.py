@@ -44,6 +44,7 @@ from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
+from gpipe.nn import convert_deferred_batch_norm_in
 from gpipe.reduction import Reduction
 from gpipe.runtime import agree, collectives
 from gpipe.runtime.dist import P2PTransport, PeerError
@@ -96,6 +97,8 @@ class DistributedPipe(nn.Module):
             module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
         batch_dim: the batch dimension of inputs and targets.
         split_points: module paths where a captured model's stages are cut.
+        deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`:
+            running statistics of the whole global batch, summed over the replicas.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class DistributedPipe(nn.Module):
         sample: Any = None,
         batch_dim: int = 0,
         split_points: Sequence[str] | None = None,
+        deferred_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -148,6 +152,8 @@ class DistributedPipe(nn.Module):
         fingerprint = None
         self._timeout = 300.0
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            if deferred_batch_norm:  # statistics of the whole global batch (diststep)
+                module = convert_deferred_batch_norm_in(module)
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
             balance = getattr(module, "split_balance", None) if balance is None else balance
             auto, self.auto_plan = Auto.of(schedule), None

@@ -24,6 +24,7 @@ import torch
 from gpipe import stepcore
 from gpipe.distbuild import local_params
 from gpipe.microbatch import batch_size, num_microbatches, split
+from gpipe.nn import DeferredBatchNorm, commit_over
 from gpipe.reduction import Reduction
 from gpipe.runtime import collectives
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
@@ -103,6 +104,14 @@ def prepare(
     return mbs, tmbs, m
 
 
+def deferred_batch_norms(pipe: DistributedPipe) -> list[DeferredBatchNorm]:
+    """This rank's :class:`~gpipe.nn.DeferredBatchNorm` layers, in stage and layer order
+    (the same on every replica: the collective of :func:`~gpipe.nn.commit_over` pairs them)."""
+    assert pipe._stages is not None
+    layers = [layer for st in pipe._stages for _, layer in st.layers]
+    return [m for layer in layers for m in layer.modules() if isinstance(m, DeferredBatchNorm)]
+
+
 def run_step(
     pipe: DistributedPipe,
     inputs: Any,
@@ -131,8 +140,11 @@ def run_step(
     per_device = stepcore.step_actions(sched, grad)
     actions = per_device[layout.pipeline_device]
     step_id = pipe.rng_step
+    bns = deferred_batch_norms(pipe)
     if pipe.training:
         pipe.rng_step += 1
+        for bn in bns:  # accumulate over this replica's micro-batches; commit after the step
+            bn.begin_step(m, defer=True)
     assert pipe._stages is not None
     stepcore.begin(
         pipe._stages,
@@ -208,6 +220,8 @@ def run_step(
             raise local_error
         raise PeerError(failure, pipe.rank)
     assert loss is not None
+    if pipe.training:
+        commit_over(bns, pipe._groups.dp)  # the whole global batch's statistics
     if grad:
         collectives.sync_tied(pipe._ties, stash)
         if pipe._groups.dp is not None:

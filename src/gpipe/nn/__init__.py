@@ -2,8 +2,14 @@
 
 from gpipe.nn.batchnorm import (
     DeferredBatchNorm,
+    commit_over,
     convert_deferred_batch_norm,
     convert_deferred_batch_norm_in,
 )
 
-__all__ = ["DeferredBatchNorm", "convert_deferred_batch_norm", "convert_deferred_batch_norm_in"]
+__all__ = [
+    "DeferredBatchNorm",
+    "commit_over",
+    "convert_deferred_batch_norm",
+    "convert_deferred_batch_norm_in",
+]

@@ -6,6 +6,11 @@ normalizes each micro-batch with that micro-batch's statistics (as the layer wou
 batch size) but *defers* the running-statistics update: it accumulates sums over the M
 micro-batches and commits once per step.
 
+A distributed pipe's data-parallel replicas each see a share of the mini-batch: there the
+layer only accumulates (``begin_step(m, defer=True)``) and :func:`commit_over` adds up the
+replicas' sums after the step and commits once, so the statistics are the whole global
+batch's on every replica.
+
 The invariant: after one training step over M micro-batches, ``running_mean`` and
 ``running_var`` equal those of a plain ``BatchNorm`` that saw the whole mini-batch at once; a
 re-materialization pass (``gpipe.remat.is_recomputing()``) adds nothing.
@@ -23,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gpipe.remat import is_recomputing
 
-__all__ = ["DeferredBatchNorm", "convert_deferred_batch_norm"]
+__all__ = ["DeferredBatchNorm", "commit_over", "convert_deferred_batch_norm"]
 
 
 class DeferredBatchNorm(_BatchNorm):
@@ -48,14 +53,16 @@ class DeferredBatchNorm(_BatchNorm):
         self.register_buffer("sum_squares", torch.zeros_like(self.running_var), persistent=False)
         self.counter = 0  # elements accumulated per channel
         self.tracked = 0  # micro-batches accumulated
+        self.defer = False  # commit only when told (commit_over), not at the last micro-batch
 
-    def begin_step(self, chunks: int) -> None:
+    def begin_step(self, chunks: int, defer: bool = False) -> None:
         """Start a mini-batch of ``chunks`` micro-batches: the pipe calls this each training
         step with the real micro-batch count (which a clamp may have lowered), and anything
-        left from an unfinished step is dropped rather than mixed into this one."""
+        left from an unfinished step is dropped rather than mixed into this one. ``defer``:
+        only accumulate; :func:`commit_over` commits after the step."""
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
-        self.chunks = chunks
+        self.chunks, self.defer = chunks, defer
         self.sum.zero_()
         self.sum_squares.zero_()
         self.counter = 0
@@ -109,7 +116,7 @@ class DeferredBatchNorm(_BatchNorm):
             )
         if not is_recomputing():
             self._track(input)
-            if self.tracked == self.chunks:
+            if self.tracked == self.chunks and not self.defer:
                 self._commit()
         return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
@@ -135,6 +142,26 @@ class DeferredBatchNorm(_BatchNorm):
         for name, child in module.named_children():
             module.add_module(name, cls.convert(child, chunks))
         return module
+
+
+def commit_over(layers: Sequence[DeferredBatchNorm], group: Any = None) -> None:
+    """Commit the deferred statistics of ``layers`` once, summed over the processes of
+    ``group`` first (the data-parallel replicas; ``None``: this process alone), so each
+    layer's running statistics are those of the whole global batch."""
+    import torch.distributed as dist
+
+    for bn in layers:
+        if group is not None:
+            sums = torch.cat([bn.sum, bn.sum_squares])
+            count = torch.tensor([bn.counter], device=bn.sum.device, dtype=torch.float64)
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(count, group=group)
+            bn.sum.copy_(sums[: bn.sum.numel()])
+            bn.sum_squares.copy_(sums[bn.sum.numel() :])
+            bn.counter = int(count.item())
+        if bn.counter:
+            bn._commit()
+        bn.defer = False
 
 
 def convert_deferred_batch_norm(module: nn.Module, chunks: int = 1) -> nn.Module:
