@@ -216,6 +216,8 @@ def run_step(
     )
     if failure is not None:
         collectives.unstash(pipe._ties, stash)
+        for bn in bns:  # a failed step adds no statistics, and the layers commit as before
+            bn.begin_step(bn.chunks)
         if local_error is not None:
             raise local_error
         raise PeerError(failure, pipe.rank)
