@@ -159,7 +159,15 @@ def _distributed_deferred(rank: int, path) -> None:
             pipe.step(x, y, F.cross_entropy)
         state = {k: v.clone() for k, v in pipe.state_dict().items() if "running" in k}
         grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
-    torch.save((state, grads), path / f"bn{rank}.pt")
+        try:  # a step that fails in the last stage's loss (targets of the wrong shape)
+            pipe.step(x, y[:, None], F.cross_entropy)
+            failed = False
+        except Exception:
+            failed = True
+        bns = [m for m in pipe.modules() if isinstance(m, DeferredBatchNorm)]
+        after = {k: v.clone() for k, v in pipe.state_dict().items() if "running" in k}
+        left = (failed, [(bn.counter, bn.tracked, bn.defer) for bn in bns], after)
+    torch.save((state, grads, left), path / f"bn{rank}.pt")
 
 
 @pytest.mark.timeout(200)
@@ -181,8 +189,11 @@ def test_distributed_deferred_statistics_cover_the_global_batch(world: int, tmp_
     want = model.state_dict()
     want_grads = dict(model.named_parameters())
     for rank in range(world):
-        state, grads = torch.load(tmp_path / f"bn{rank}.pt")
+        state, grads, (failed, left, after) = torch.load(tmp_path / f"bn{rank}.pt")
         assert state and grads
+        # the failed step added nothing and left every layer committing as before
+        assert failed and left and all(t == (0, 0, False) for t in left), (rank, left)
+        assert all(torch.equal(after[k], state[k]) for k in state), rank
         for k, v in state.items():
             assert torch.allclose(v, want[k], atol=1e-12), (world, rank, k)
         for n, g in grads.items():
