@@ -119,3 +119,22 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) ->
         assert skipped and not moved, (rank, skipped, moved)  # rank 0's stage was finite
         assert scale == 512.0, (rank, scale)
         assert not skipped2 and moved2, rank
+
+
+def test_the_command_says_when_fp16_skipped_a_step(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    import gpipe.precision
+    from gpipe.cli import main
+    from test_cli import TINY
+
+    monkeypatch.setattr(gpipe.precision, "INIT_SCALE", 2.0**40)  # the first steps overflow
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--steps", "2", "--precision", "fp16", "--eval-interval", "0"]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "step skipped on every stage, scale halved" in said, said
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert steps[0]["skipped"] and steps[0]["loss_scale"] == 2.0**40
+    assert steps[1]["loss_scale"] == 2.0**39

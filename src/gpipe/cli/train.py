@@ -336,13 +336,20 @@ def _train_loop(
                 metrics.write(rec)
             if kind == "step":
                 bub = rec["bubble"]
+                scale = {"scale": f"{rec['loss_scale']:g}"} if "loss_scale" in rec else {}
                 bar.set_postfix(
                     loss=f"{rec['loss']:.3f}",
                     tok_s=f"{rec['tokens_per_s']:.0f}",
                     bubble="-" if bub is None else f"{bub:.0%}",
+                    **scale,
                     refresh=False,
                 )
                 bar.update(1)
+                if rec.get("skipped"):  # fp16: the gradients overflowed on some stage
+                    log(
+                        f"step {rec['step']:>6}: gradients not finite at loss scale "
+                        f"{rec['loss_scale']:g}; step skipped on every stage, scale halved"
+                    )
                 if quiet and main_rank and time.perf_counter() - last_log > 10:
                     last_log = time.perf_counter()
                     log(
