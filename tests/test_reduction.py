@@ -262,3 +262,21 @@ def test_a_class_weighted_loss_counts_the_weights_of_its_targets() -> None:
         loss = pipe.step(x, y, weighted, reduction=weight_of)
     assert abs(loss.item() - ref.item()) <= 1e-12
     assert max_diff([p.grad for p in model.parameters()], ref_grads) <= 1e-10
+
+
+def test_tuning_times_the_steps_with_the_users_reduction() -> None:
+    """``Auto(tune=N)`` times its candidates with the step's own ``reduction``: no warning
+    about ``"mean"`` from the timed steps, and the trained step still equals the plain model."""
+    x, y = padded_batch()
+    ref_loss, ref_grads = plain(x, y)
+    model = make_model()
+    auto = gpipe.Auto(tune=2, tune_steps=1)
+    with (
+        gpipe.Pipe(model, stages=2, chunks=4, schedule=auto) as pipe,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error")  # the "mean" warning would fail the test
+        loss = pipe.step(x, y, token_loss, reduction=gpipe.count_items())
+    assert len(auto.measured) == 2
+    assert abs(loss.item() - ref_loss) <= 1e-12
+    assert max_diff([p.grad for p in model.parameters()], ref_grads) <= 1e-10

@@ -82,12 +82,12 @@ class Auto:
         chunks: int | None,
         batch_rows: int,
         pinned: int = 0,
-        step: tuple[Any, Any, Any] | None = None,
+        step: tuple[Any, Any, Any, Any] | None = None,
     ) -> Configuration:
         """The top configuration for one batch ``inputs`` (``batch_rows`` rows, bound to the
         first layer's arguments) on ``devices``; ``chunks`` fixes M when the user gave it. With
         ``tune``, ``step`` is that batch as ``Pipe.step`` got it, ``(inputs, targets,
-        loss_fn)``, and the choice is the measured fastest of the planner's top; ``layers``
+        loss_fn, reduction)``, and the choice is the measured fastest of the planner's top; ``layers``
         is then the pipe's own layer container, which the timed pipes cut."""
         if self.tune and step is None:
             raise ValueError(
@@ -114,9 +114,10 @@ class Auto:
         from gpipe.autotune import autotune
 
         assert step is not None and isinstance(layers, nn.Module)
-        given, targets, loss_fn = step
+        given, targets, loss_fn, reduction = step
         self.measured = autotune(layers, ranked, given, targets, loss_fn, devices=list(devices),
-                                 top=self.tune, steps=self.tune_steps)  # fmt: skip
+                                 top=self.tune, steps=self.tune_steps,
+                                 reduction=reduction)  # fmt: skip
         return self.measured[0].configuration
 
     def for_distributed(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gpipe.autoplan import Configuration
+from gpipe.reduction import Reduction
 from gpipe.texttable import text_table
 
 __all__ = ["Measured", "autotune", "median_time", "preserved", "table"]
@@ -81,13 +82,15 @@ def _pipe_for(module: nn.Module, c: Configuration, devices: Any) -> Any:
                 virtual_stages=c.virtual_stages, remat=c.remat, devices=devices)  # fmt: skip
 
 
-def _step(module: nn.Module, pipe: Any, inputs: Any, targets: Any, loss_fn: Callable) -> Callable:
+def _step(
+    module: nn.Module, pipe: Any, inputs: Any, targets: Any, loss_fn: Callable, reduction: Any
+) -> Callable:
     """One training step of ``pipe`` from zero gradients (what a training loop times)."""
 
     def step() -> None:
         for p in module.parameters():
             p.grad = None
-        pipe.step(inputs, targets, loss_fn)
+        pipe.step(inputs, targets, loss_fn, reduction=reduction)
 
     return step
 
@@ -117,10 +120,11 @@ def autotune(
     warmup: int = 1,
     rounds: int = 2,
     close: float = 0.05,
+    reduction: Reduction = "mean",
 ) -> list[Measured]:
     """Time the first ``top`` configurations of ``ranked`` that fit (an :func:`autoplan`
-    ranking) on ``module`` with one real batch (``inputs``, ``targets``, ``loss_fn`` as for
-    :meth:`gpipe.Pipe.step`) and return them measured, fastest first.
+    ranking) on ``module`` with one real batch (``inputs``, ``targets``, ``loss_fn`` and
+    ``reduction`` as for :meth:`gpipe.Pipe.step`) and return them measured, fastest first.
 
     Each configuration runs ``warmup`` untimed steps in its first round, one in later rounds,
     then ``steps`` timed ones, in ``rounds`` rounds that alternate their order; then those
@@ -144,7 +148,7 @@ def autotune(
             try:  # one pipe at a time: each hooks the same layers while it lives
                 pipe = _pipe_for(module, c, devices)
                 try:
-                    times[i].append(median_time(_step(module, pipe, inputs, targets, loss_fn),
+                    times[i].append(median_time(_step(module, pipe, inputs, targets, loss_fn, reduction),
                                                 steps, warmup if not times[i] else 1))  # fmt: skip
                 finally:
                     pipe.close()

@@ -224,7 +224,7 @@ class Pipe(nn.Module):
         )
         self._build(counts)
 
-    def _take_plan(self, inputs: tuple, step: tuple[Any, Any, Any] | None) -> None:
+    def _take_plan(self, inputs: tuple, step: tuple | None) -> None:
         """``schedule="auto"``: take the planner's top configuration for this batch (or, with
         ``Auto(tune=N)``, the fastest of its top N timed on ``step``: the arguments of
         :meth:`step`), build it."""
@@ -259,7 +259,7 @@ class Pipe(nn.Module):
 
     # ----------------------------------------------------------------- running
 
-    def _split(self, obj: Any, step: tuple[Any, Any, Any] | None = None) -> list[Any]:
+    def _split(self, obj: Any, step: tuple | None = None) -> list[Any]:
         if self._auto is not None and self._stages is None:
             self._take_plan(obj, step)
         return split(
@@ -377,7 +377,7 @@ class Pipe(nn.Module):
         stepcore.check_call(loss_fn, reduction)
         given, inputs = inputs, plan.step_inputs(self.layers, inputs)
         with self._runner.owned("pipe.step"):
-            mbs = self._split(inputs, (given, targets, loss_fn))
+            mbs = self._split(inputs, (given, targets, loss_fn, reduction))
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
