@@ -59,8 +59,13 @@ def test_an_in_place_relu_after_a_cut_trains_as_the_plain_model(schedule: str, r
         loss = pipe.step(x, y, _mse)
     finally:
         pipe.close()
-    ref = _model()
-    ref_loss = reference_impl.step(ref, x, y, _mse, chunks=4)
+    _equals_reference(loss, model, _model(), x, y)
+
+
+def _equals_reference(loss, model, ref, x, y, steps: int = 1) -> None:
+    """``loss`` and ``model``'s gradients equal ``steps`` reference steps of ``ref``."""
+    for _ in range(steps):
+        ref_loss = reference_impl.step(ref, x, y, _mse, chunks=4)
     assert torch.allclose(loss, ref_loss, atol=1e-12)
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-10)
@@ -75,12 +80,7 @@ def test_a_functional_in_place_write_is_learned_without_re_materialization():
             loss = pipe.step(x, y, _mse)
     finally:
         pipe.close()
-    ref = _model(_Doubled)
-    for _ in range(2):
-        ref_loss = reference_impl.step(ref, x, y, _mse, chunks=4)
-    assert torch.allclose(loss, ref_loss, atol=1e-12)
-    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
-        assert torch.allclose(a.grad, b.grad, atol=1e-10)
+    _equals_reference(loss, model, _model(_Doubled), x, y, steps=2)
 
 
 def test_a_functional_in_place_write_under_re_materialization_is_refused_by_name():

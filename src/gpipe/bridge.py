@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpipe.microbatch import merge, split, tree_flatten
+from gpipe.microbatch import merge, split, tree_flatten, tree_wants_grad
 
 if TYPE_CHECKING:
     from gpipe.pipe import Pipe
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gpipe.schedules import Schedule
     from gpipe.stage import StepState
 
-__all__ = ["Run", "backward_into_inputs", "merge_input_grads"]
+__all__ = ["Run", "backward_into_inputs", "merge_input_grads", "needs_grad_of"]
 
 
 class _Bridge(torch.autograd.Function):
@@ -184,3 +184,11 @@ class Run:
         self.states = []
         per_mb = [self.data.input_grads[i] for i in range(m)]
         return merge_input_grads(per_mb, self.inputs, pipe.batch_dim)
+
+
+def needs_grad_of(pipe: Pipe, inputs: Any) -> bool:
+    """Whether ``pipe(inputs)`` builds a graph (a :class:`Run` to differentiate): grad mode
+    on, and a trainable parameter or an input that requires grad."""
+    return torch.is_grad_enabled() and (
+        any(p.requires_grad for p in pipe.parameters()) or tree_wants_grad(inputs)
+    )

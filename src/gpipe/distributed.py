@@ -44,7 +44,7 @@ from gpipe.auto import Auto
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
-from gpipe.nn import convert_deferred_batch_norm_in
+from gpipe.nn import deferred_in
 from gpipe.reduction import Reduction
 from gpipe.runtime import agree, collectives
 from gpipe.runtime.dist import P2PTransport, PeerError
@@ -152,9 +152,8 @@ class DistributedPipe(nn.Module):
         fingerprint = None
         self._timeout = 300.0
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
-            if deferred_batch_norm:  # statistics of the whole global batch (diststep)
-                module = convert_deferred_batch_norm_in(module)
-            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points)
+            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
+                                deferred_batch_norm=deferred_batch_norm)  # fmt: skip
             balance = getattr(module, "split_balance", None) if balance is None else balance
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
@@ -228,18 +227,11 @@ class DistributedPipe(nn.Module):
         doing: str = "start the first step",
     ) -> list[int]:
         return agree_balance(
-            self._named,
-            sample_mb,
-            local_error,
-            rank=self.rank,
-            num_stages=self._layout.num_stages,
-            pinned=self._pinned,
-            train=self.training,
-            group=self._pg,
-            timeout=self._timeout,
-            comm_device=self._transport.comm_device,
+            self._named, sample_mb, local_error, rank=self.rank,
+            num_stages=self._layout.num_stages, pinned=self._pinned, train=self.training,
+            group=self._pg, timeout=self._timeout, comm_device=self._transport.comm_device,
             doing=doing,
-        )
+        )  # fmt: skip
 
     def _register(self, name: str, layer: nn.Module) -> None:
         if hasattr(self, name) and name not in self._modules:
@@ -267,12 +259,10 @@ class DistributedPipe(nn.Module):
             timeout=self._timeout,
         )
         self._stages = built.stages
+        self._deferred_bn = deferred_in(layer for st in built.stages for _, layer in st.layers)
         self._stage_map = {st.index: st for st in built.stages}
         self._ties, self._not_counted = built.ties, built.not_counted
         self._created += built.created
-
-    def _local_params(self) -> list[nn.Parameter]:
-        return local_params(self._stages or [])
 
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
@@ -396,7 +386,7 @@ class DistributedPipe(nn.Module):
         parameter counts once."""
         self._require_built("clip_grad_norm_()")
         return collectives.clip_grad_norm(
-            self._local_params(),
+            local_params(self._stages or []),
             self._not_counted,
             max_norm,
             norm_type,

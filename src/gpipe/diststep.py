@@ -24,7 +24,7 @@ import torch
 from gpipe import stepcore
 from gpipe.distbuild import local_params
 from gpipe.microbatch import batch_size, num_microbatches, split
-from gpipe.nn import DeferredBatchNorm, commit_over
+from gpipe.nn import commit_over
 from gpipe.reduction import Reduction
 from gpipe.runtime import collectives
 from gpipe.runtime.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
@@ -104,14 +104,6 @@ def prepare(
     return mbs, tmbs, m
 
 
-def deferred_batch_norms(pipe: DistributedPipe) -> list[DeferredBatchNorm]:
-    """This rank's :class:`~gpipe.nn.DeferredBatchNorm` layers, in stage and layer order
-    (the same on every replica: the collective of :func:`~gpipe.nn.commit_over` pairs them)."""
-    assert pipe._stages is not None
-    layers = [layer for st in pipe._stages for _, layer in st.layers]
-    return [m for layer in layers for m in layer.modules() if isinstance(m, DeferredBatchNorm)]
-
-
 def run_step(
     pipe: DistributedPipe,
     inputs: Any,
@@ -140,7 +132,7 @@ def run_step(
     per_device = stepcore.step_actions(sched, grad)
     actions = per_device[layout.pipeline_device]
     step_id = pipe.rng_step
-    bns = deferred_batch_norms(pipe)
+    bns = pipe._deferred_bn  # this rank's, in stage order (alike on every replica)
     if pipe.training:
         pipe.rng_step += 1
         for bn in bns:  # accumulate over this replica's micro-batches; commit after the step

@@ -29,9 +29,9 @@ from torch import nn
 from gpipe import options, plan, shared_params, stepcore
 from gpipe import remat as remat_mod
 from gpipe.auto import Auto
-from gpipe.bridge import Run, backward_into_inputs
-from gpipe.microbatch import split, tree_flatten, tree_wants_grad
-from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm_in
+from gpipe.bridge import Run, backward_into_inputs, needs_grad_of
+from gpipe.microbatch import split, tree_flatten
+from gpipe.nn import deferred_in
 from gpipe.partition import Partition, partitions, pipe_devices
 from gpipe.reduction import Reduction
 from gpipe.runtime.executor import StepData
@@ -107,9 +107,8 @@ class Pipe(nn.Module):
         split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        if deferred_batch_norm:
-            module = convert_deferred_batch_norm_in(module)
-        module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim)
+        module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim,
+                            deferred_batch_norm=deferred_batch_norm)  # fmt: skip
         named = plan.layers_of(module, "Pipe")
         self.layers = plan.container(module, named)
         balance = getattr(module, "split_balance", None) if balance is None else balance
@@ -126,7 +125,7 @@ class Pipe(nn.Module):
         self.pinned = pinned = options.count("pinned", pinned, minimum=0)
         if threads_per_stage is not None:
             threads_per_stage = options.count("threads_per_stage", threads_per_stage)
-        self._deferred_bn = [m for m in self.layers.modules() if isinstance(m, DeferredBatchNorm)]
+        self._deferred_bn = deferred_in(self.layers)
         for bn in self._deferred_bn:
             bn.chunks = self.chunks or 1  # until a step tells the real micro-batch count
         self.batch_dim = options.integer("batch_dim", batch_dim)
@@ -315,13 +314,6 @@ class Pipe(nn.Module):
             self._execute(per_device, data, thread_state)
             shared_params.flush(self._stages, states)
 
-    def _needs_grad(self, inputs: Any) -> bool:
-        """Whether ``pipe(inputs)`` builds a graph: grad mode on, and a trainable parameter
-        or an input that requires grad."""
-        return torch.is_grad_enabled() and (
-            any(p.requires_grad for p in self.parameters()) or tree_wants_grad(inputs)
-        )
-
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Pipelined forward of the mini-batch ``inputs``; ``.backward()`` on a loss of the
         result runs the pipelined backward. With ``fetch``, returns ``(output, fetched)``.
@@ -333,7 +325,7 @@ class Pipe(nn.Module):
             mbs = self._split(inputs)
             m = len(mbs)
             self._ensure_built(mbs[0])
-            needs_grad = self._needs_grad(inputs)
+            needs_grad = needs_grad_of(self, inputs)
             sched = self._schedule(m)
             if needs_grad and not sched.forward_backward_separable:
                 raise RuntimeError(

@@ -52,11 +52,18 @@ def front(
     sample: Any = None,
     split_points: Sequence[str] | None = None,
     batch_dim: int = 0,
+    deferred_batch_norm: bool = False,
 ) -> Any:
     """What a pipe cuts: ``module`` itself when it is a sequence of layers (an
     ``nn.Sequential`` or a list), else the model captured on ``sample`` and cut into layers
-    (:func:`gpipe.capture.capture`; also for a sequence given ``split_points``)."""
+    (:func:`gpipe.capture.capture`; also for a sequence given ``split_points``); with
+    ``deferred_batch_norm``, its BatchNorms replaced by :class:`gpipe.nn.DeferredBatchNorm`
+    first (in the user's own container)."""
     from gpipe.capture import CapturedLayers, capture
+    from gpipe.nn import convert_deferred_batch_norm_in
+
+    if deferred_batch_norm:
+        module = convert_deferred_batch_norm_in(module)
 
     if isinstance(module, CapturedLayers):
         return module

@@ -5,6 +5,7 @@ from gpipe.nn.batchnorm import (
     commit_over,
     convert_deferred_batch_norm,
     convert_deferred_batch_norm_in,
+    deferred_in,
 )
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "commit_over",
     "convert_deferred_batch_norm",
     "convert_deferred_batch_norm_in",
+    "deferred_in",
 ]

@@ -18,7 +18,7 @@ re-materialization pass (``gpipe.remat.is_recomputing()``) adds nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from gpipe.remat import is_recomputing
 
-__all__ = ["DeferredBatchNorm", "commit_over", "convert_deferred_batch_norm"]
+__all__ = ["DeferredBatchNorm", "commit_over", "convert_deferred_batch_norm", "deferred_in"]
 
 
 class DeferredBatchNorm(_BatchNorm):
@@ -144,21 +144,31 @@ class DeferredBatchNorm(_BatchNorm):
         return module
 
 
+def deferred_in(modules: Iterable[nn.Module]) -> list[DeferredBatchNorm]:
+    """Every :class:`DeferredBatchNorm` inside ``modules``, in order."""
+    return [m for mod in modules for m in mod.modules() if isinstance(m, DeferredBatchNorm)]
+
+
 def commit_over(layers: Sequence[DeferredBatchNorm], group: Any = None) -> None:
     """Commit the deferred statistics of ``layers`` once, summed over the processes of
     ``group`` first (the data-parallel replicas; ``None``: this process alone), so each
-    layer's running statistics are those of the whole global batch."""
+    layer's running statistics are those of the whole global batch. One collective for all
+    the layers (their sums in float64, then each back in its own dtype)."""
     import torch.distributed as dist
 
+    if group is not None and layers:
+        parts = [t.double() for bn in layers for t in (bn.sum, bn.sum_squares)]
+        counts = torch.tensor([bn.counter for bn in layers], dtype=torch.float64)
+        flat = torch.cat([*parts, counts.to(parts[0].device)])
+        dist.all_reduce(flat, group=group)
+        at = 0
+        for bn in layers:
+            for t in (bn.sum, bn.sum_squares):
+                t.copy_(flat[at : at + t.numel()])
+                at += t.numel()
+        for bn, n in zip(layers, flat[at:].tolist(), strict=True):
+            bn.counter = int(n)
     for bn in layers:
-        if group is not None:
-            sums = torch.cat([bn.sum, bn.sum_squares])
-            count = torch.tensor([bn.counter], device=bn.sum.device, dtype=torch.float64)
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(count, group=group)
-            bn.sum.copy_(sums[: bn.sum.numel()])
-            bn.sum_squares.copy_(sums[bn.sum.numel() :])
-            bn.counter = int(count.item())
         if bn.counter:
             bn._commit()
         bn.defer = False
