@@ -201,11 +201,25 @@ def test_a_bad_sample_is_refused() -> None:
         capture(Net(), 3)
 
 
-def test_a_call_whose_sizes_differ_from_the_sample_outside_the_batch_is_refused() -> None:
-    layers = capture(Net(), _data()[0])  # tokens [8, 5]
+class FixedLength(nn.Module):
+    """Flattens the sequence into a Linear's input: its forward fixes the length at 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 4)
+        self.head = nn.Linear(5 * 4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).reshape(tokens.shape[0], -1))
+
+
+def test_a_size_the_forward_fixes_is_refused_by_argument_and_dimension() -> None:
+    layers = capture(FixedLength(), torch.zeros(8, 5, dtype=torch.long))
     layers.bind((torch.zeros(3, 5, dtype=torch.long),), {})  # another batch size is fine
-    with pytest.raises(ValueError, match=r"only the batch dimension may change"):
+    with pytest.raises(ValueError, match=r"positional argument 0 has size 6 in dimension 1.*fixes"):
         layers.bind((torch.zeros(8, 6, dtype=torch.long),), {})
+    with pytest.raises(ValueError, match=r"has 3 dimensions .* the sample's had 2"):
+        layers.bind((torch.zeros(8, 5, 1, dtype=torch.long),), {})
 
 
 def test_attention_dropout_captured_in_training_follows_eval() -> None:

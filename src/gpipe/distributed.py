@@ -152,8 +152,11 @@ class DistributedPipe(nn.Module):
         fingerprint = None
         self._timeout = 300.0
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            given = module
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
                                 deferred_batch_norm=deferred_batch_norm)  # fmt: skip
+            self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
+            self._follow = plan.Follower(given, module)
             balance = getattr(module, "split_balance", None) if balance is None else balance
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
@@ -307,6 +310,15 @@ class DistributedPipe(nn.Module):
         self._require_built("state_dict()")
         return super().state_dict(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> DistributedPipe:
+        """Set the mode of this rank's layers and, for a captured model, of the whole model
+        (every rank's graphs then run the same mode's variant)."""
+        super().train(mode)
+        follow = getattr(self, "_follow", None)
+        if follow is not None:
+            follow.train(mode)
+        return self
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the local gradients; a no-op before the pipeline is partitioned."""
         if self._stages is not None:
@@ -375,6 +387,7 @@ class DistributedPipe(nn.Module):
                 "this DistributedPipe was closed (its process groups are released); construct a "
                 "new one on every rank"
             )
+        self._follow("the DistributedPipe")
         return diststep.run_step(self, inputs, targets, loss_fn, reduction)
 
     def clip_grad_norm_(

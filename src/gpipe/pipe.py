@@ -107,10 +107,18 @@ class Pipe(nn.Module):
         split_points: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim,
-                            deferred_batch_norm=deferred_batch_norm)  # fmt: skip
+        given = module
+        module = plan.front(
+            module,
+            sample=sample,
+            split_points=split_points,
+            batch_dim=batch_dim,
+            deferred_batch_norm=deferred_batch_norm,
+        )
         named = plan.layers_of(module, "Pipe")
         self.layers = plan.container(module, named)
+        self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
+        self._follow = plan.Follower(given, self.layers)
         balance = getattr(module, "split_balance", None) if balance is None else balance
         self._auto, self.auto_plan = Auto.of(schedule), None  # "auto": planned at the first batch
         self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
@@ -320,6 +328,7 @@ class Pipe(nn.Module):
 
         Each call keeps its own state until its backward, so several forwards may precede one
         backward (as with a plain module)."""
+        self._follow("the pipe")
         inputs = plan.bind_inputs(self.layers, inputs, kwargs)
         with self._runner.owned("pipe(x)"):
             mbs = self._split(inputs)
@@ -367,6 +376,7 @@ class Pipe(nn.Module):
         runs (evaluation). Calls from several threads run one after the other.
         """
         stepcore.check_call(loss_fn, reduction)
+        self._follow("the pipe")
         given, inputs = inputs, plan.step_inputs(self.layers, inputs)
         with self._runner.owned("pipe.step"):
             mbs = self._split(inputs, (given, targets, loss_fn, reduction))

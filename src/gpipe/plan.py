@@ -23,11 +23,13 @@ from torch import nn
 from gpipe import options
 from gpipe.balance import balance as balance_costs
 from gpipe.schedules import device_of
+from gpipe.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from gpipe.stage import Stage
 
 __all__ = [
+    "Follower",
     "auto_balance",
     "bind_inputs",
     "build_stages",
@@ -40,6 +42,7 @@ __all__ = [
     "flops_weights",
     "front",
     "layers_of",
+    "mode_of",
     "stage_of_layers",
     "step_inputs",
 ]
@@ -80,6 +83,49 @@ def front(
             "arguments or gpipe.capture.Sample(*args, **kwargs)); or give an nn.Sequential"
         )
     return capture(module, sample, split_points=split_points, batch_dim=batch_dim)
+
+
+def mode_of(module: Any) -> bool:
+    """The mode a pipe starts in: the wrapped model's (a list of layers: train unless every
+    layer is in eval mode). The layers keep their own modes until ``pipe.train()`` or
+    ``pipe.eval()``."""
+    if isinstance(module, nn.Module):
+        return module.training
+    return any(getattr(m, "training", True) for m in module)
+
+
+class Follower:
+    """What a pipe calls before each call, ``follow(who)``: refuse (naming the place) when a
+    layer was replaced in the pipe's container or the user's sequence, or a captured model
+    no longer holds the objects its graphs run; make a captured model's graphs those of the
+    modes it is in now (:meth:`gpipe.capture.CapturedLayers.select`). :meth:`train` sets the
+    mode of the whole captured model (a pipe whose children are only some of its layers)."""
+
+    def __init__(self, module: Any, layers: Any) -> None:
+        from gpipe.capture import CapturedLayers
+
+        self._snapshot = Snapshot("pipe.layers")
+        for name in layers._modules if isinstance(layers, nn.Module) else ():
+            self._snapshot.add(layers, name, name)
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and not isinstance(
+            module, CapturedLayers
+        ):
+            user = Snapshot("model")
+            for name in module._modules:
+                user.add(module, name, name)
+            self._snapshot.merge(user)
+        self._captured = layers if isinstance(layers, CapturedLayers) else None
+
+    def __call__(self, who: str) -> None:
+        self._snapshot.check(who)
+        if self._captured is not None:
+            self._captured.snapshot.check(who)
+            self._captured.select()
+
+    def train(self, mode: bool) -> None:
+        """Set a captured model's mode everywhere (its segments and the model itself)."""
+        if self._captured is not None:
+            self._captured.train(mode)
 
 
 def container(module: Any, named: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:

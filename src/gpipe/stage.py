@@ -73,9 +73,9 @@ class Stage:
         self.rng_offset = rng_offset
         self.check_finite = False
         self.state = StepState()
-        # per (layer, training): "full" (keyed mode around the whole layer), "modules" (only
+        # per (layer, training, captured graph): "full" (keyed mode around the whole layer), "modules" (only
         # inside hooked dropout modules) or "none"; unknown until the layer's first run.
-        self._random: dict[tuple[int, bool], str] = {}
+        self._random: dict[tuple[int, bool, Any], str] = {}
         self._sink: dict[str, Any] | None = None
         self._hooks = []
         rng.warm_up()
@@ -157,7 +157,7 @@ class Stage:
         with self.loan.view(state.aliases):  # a borrowed parameter reads its alias
             for pos, (idx, layer) in enumerate(self.layers):
                 unpack = self.is_first and pos == 0
-                key = (idx, layer.training)
+                key = (idx, layer.training, getattr(layer, "graph_key", None))
                 how = self._random.get(key)
                 if how is None or how == "full":
                     with rng.keyed(self.seed, state.step, microbatch, idx) as mode:

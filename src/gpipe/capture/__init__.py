@@ -7,8 +7,10 @@ cuts the graph at every unit call (:mod:`~gpipe.capture.cut`) and returns a
 output, so every part of the pipeline (cost model, balancer, keyed random streams by layer
 index, re-materialization, schedules, ``gpipe plan``) runs on it unchanged.
 
-The invariant: ``CapturedLayers`` computes what the model computes, with the model's own
-parameter objects under the model's own names.
+The invariant: ``CapturedLayers`` computes what the model computes in the modes it is in,
+with the model's own parameter objects under the model's own names — checked on the sample
+when it is captured, and refused by name at a call when the model no longer holds those
+objects or is in modes no graph was captured for.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe.capture.cut import alias_groups, cut
+from gpipe.capture.cut import Piece, alias_groups, cut
 from gpipe.capture.graph import CaptureError, Traced, trace
-from gpipe.capture.segment import CapturedLayers, Segment
+from gpipe.capture.segment import CapturedLayers, Segment, attached_path, modes_of
 from gpipe.capture.units import resolve_split_points, unit_paths
+from gpipe.capture.verify import verify
+from gpipe.snapshot import Snapshot
 
 __all__ = [
     "CaptureError",
@@ -85,6 +89,22 @@ def _split_balance(
     return [b - a for a, b in itertools.pairwise(edges)]
 
 
+def _set_modes(model: nn.Module, modes: tuple[bool, ...]) -> None:
+    for m, mode in zip(model.modules(), modes, strict=True):
+        m.training = mode
+
+
+def _wanted_modes(model: nn.Module) -> list[tuple[bool, ...]]:
+    """The modes a capture holds graphs for: the model's own now, all train, all eval."""
+    now = modes_of(model)
+    out = [now]
+    for mode in (True, False):
+        every = (mode,) * len(now)
+        if every not in out:
+            out.append(every)
+    return out
+
+
 def capture(
     model: nn.Module,
     sample: Any,
@@ -92,28 +112,108 @@ def capture(
     split_points: Sequence[str] | None = None,
     batch_dim: int = 0,
     method: str = "auto",
+    check: bool = True,
 ) -> CapturedLayers:
     """Capture ``model`` on ``sample`` and cut it into layers (see the module docstring).
 
     ``split_points``: module paths where stages must be cut (``"transformer.h.2"`` cuts
     before it, ``"transformer.h.2:after"`` after it); the pipe then gets one stage per piece.
+
+    The model is traced in the modes it is in, and again in train and in eval mode (a
+    graph fixes BatchNorm's statistics, dropout and every ``if self.training:`` branch), so
+    ``pipe.train()`` / ``pipe.eval()`` run what the model runs in that mode; the model's
+    modes are restored afterwards. With ``check`` (and a model not on ``meta``), the layers
+    are run against the model on the sample in each mode (:mod:`gpipe.capture.verify`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture needs an nn.Module, got {type(model).__name__}")
     args, kwargs = sample_args(sample)
     units = unit_paths(model)
     points = resolve_split_points(list(split_points or ()), model, units)
-    traced = trace(model, args, kwargs, batch_dim=batch_dim, method=method)
-    layers = cut(traced, model, units, batch_dim)
-    names = [n for n, _ in layers]
+    start = modes_of(model)
+    variants: dict[tuple[bool, ...], int] = {}
+    traced_by_key: list[tuple[Traced, list[Piece]]] = []
+    try:
+        for modes in _wanted_modes(model):
+            key = len(traced_by_key)
+            _set_modes(model, modes)
+            try:
+                traced = trace(
+                    model,
+                    args,
+                    kwargs,
+                    batch_dim=batch_dim,
+                    method=method if not key else traced_by_key[0][0].method,
+                    tag=f"_v{key}" if key else "",
+                )
+            except CaptureError:
+                if not key:
+                    raise
+                continue  # the model in this mode is refused by name when it is called
+            pieces = cut(traced, model, units)
+            if key and [p.name for p in pieces] != [p.name for p in traced_by_key[0][1]]:
+                continue  # another mode calls other modules: refused by name when called
+            variants[modes] = key
+            traced_by_key.append((traced, pieces))
+    finally:
+        _set_modes(model, start)
+    segments = _segments(model, traced_by_key, batch_dim)
+    names = [p.name for p in traced_by_key[0][1]]
     units_of_layer = [n.split("@")[0].replace("/", ".") for n in names]
     balance = _split_balance(names, units_of_layer, points) if points else None
-    return CapturedLayers(
-        layers,
-        traced.bind,
-        method=traced.method,
+    snapshot = Snapshot("model")
+    for seg_graphs in traced_by_key:
+        for piece in seg_graphs[1]:
+            for node in piece.graph.nodes:
+                if node.op in ("get_attr", "call_module") and not str(node.target).startswith(
+                    "_gpipe"
+                ):
+                    snapshot.add_path(model, attached_path(model, str(node.target)))
+    layers = CapturedLayers(
+        segments,
+        {key: traced.bind for key, (traced, _) in enumerate(traced_by_key)},
+        method=traced_by_key[0][0].method,
         model_name=type(model).__name__,
+        model=model,
+        variants=variants,
+        snapshot=snapshot,
         split_balance=balance,
         key_order=list(model.state_dict(keep_vars=True)),
         aliases=alias_groups(model),
     )
+    if check:
+        verify(model, layers, args, kwargs)
+    return layers
+
+
+def _segments(
+    model: nn.Module, traced_by_key: list[tuple[Traced, list[Piece]]], batch_dim: int
+) -> list[tuple[str, Segment]]:
+    """One segment per layer, holding that layer's graph of every captured variant."""
+    out: list[tuple[str, Segment]] = []
+    for key, (traced, pieces) in enumerate(traced_by_key):
+        for i, piece in enumerate(pieces):
+            static = traced.static_batch
+            if key == 0:
+                seg = Segment(
+                    piece.graph,
+                    model,
+                    traced.constants,
+                    first=i == 0,
+                    out_spec=piece.out_spec,
+                    boundary=piece.boundary,
+                    static_batch=static,
+                    batch_dim=batch_dim,
+                )
+                out.append((piece.name, seg))
+            else:
+                out[i][1].add_graph(
+                    key,
+                    piece.graph,
+                    model,
+                    traced.constants,
+                    out_spec=piece.out_spec,
+                    boundary=piece.boundary,
+                    static_batch=static,
+                )
+    return out

@@ -15,17 +15,18 @@ into stages.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from gpipe.capture.graph import Traced
-from gpipe.capture.segment import Segment
 from gpipe.capture.units import node_units
 
-__all__ = ["cut", "layer_starts"]
+__all__ = ["Piece", "cut", "layer_starts"]
 
 
 def layer_starts(nodes: Sequence[fx.Node], units: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -103,9 +104,18 @@ def _own_name(target: str, aliases: dict[str, list[str]], unit: str) -> str:
     return target
 
 
-def cut(
-    traced: Traced, model: nn.Module, units: Sequence[str], batch_dim: int = 0
-) -> list[tuple[str, Segment]]:
+@dataclass
+class Piece:
+    """One layer of a cut graph: its graph, the names of the boundary values it receives, and
+    the model's output structure where it is the last layer."""
+
+    name: str
+    graph: fx.Graph
+    boundary: tuple[str, ...]
+    out_spec: pytree.TreeSpec | None
+
+
+def cut(traced: Traced, model: nn.Module, units: Sequence[str]) -> list[Piece]:
     """The layers of ``traced``, named by their units (``transformer/h/0``)."""
     graph = traced.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -156,15 +166,5 @@ def cut(
             g.output(tuple(env[v] for v in boundary[s + 1]))
         _retarget_devices(g)
         g.lint()
-        seg = Segment(
-            g,
-            model,
-            traced.constants,
-            first=s == 0,
-            out_spec=traced.out_spec if last else None,
-            boundary=tuple(v.name for v in inputs),
-            static_batch=traced.static_batch,
-            batch_dim=batch_dim,
-        )
-        out.append((name, seg))
+        out.append(Piece(name, g, tuple(v.name for v in inputs), traced.out_spec if last else None))
     return out

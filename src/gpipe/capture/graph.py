@@ -52,18 +52,52 @@ class Traced:
     static_batch: int | None = None  # the batch size export fixed, where it could not vary
 
 
-def _shapes(leaves: list, batch_dim: int) -> list[tuple | None]:
-    """Each tensor leaf's shape with the batch dimension left out (``None``: not a tensor)."""
-    return [
-        (v.dim(), *[s for d, s in enumerate(v.shape) if d != batch_dim])
-        if isinstance(v, torch.Tensor)
-        else None
-        for v in leaves
+def _fixed_sizes(val: Any, batch_dim: int) -> dict[int, int]:
+    """The sizes of a traced input that the graph fixed (every dimension but the batch one
+    was traced variable; a size the forward specialized on stays a plain int)."""
+    if not isinstance(val, torch.Tensor):
+        return {}
+    return {d: int(n) for d, n in enumerate(val.shape) if d != batch_dim and is_concrete_int(n)}
+
+
+@dataclass(frozen=True)
+class InputRule:
+    """What a call's flat input leaf must be for the graph to compute the model's forward:
+    a tensor of ``dims`` dimensions whose ``fixed`` sizes (dimension -> size) are the
+    sample's, or a non-tensor equal to the sample's ``value`` (the tracer baked it in)."""
+
+    path: str
+    dims: int | None = None  # None: not a tensor
+    fixed: dict[int, int] = field(default_factory=dict)
+    value: Any = None
+
+
+def _rules(in_spec: pytree.TreeSpec, leaves: list, vals: list, batch_dim: int) -> list[InputRule]:
+    paths = [
+        pytree.keystr(k)
+        for k, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(leaves, in_spec))[0]
     ]
+    rules = []
+    for path, leaf, val in zip(paths, leaves, vals, strict=True):
+        if isinstance(leaf, torch.Tensor):
+            rules.append(InputRule(path, leaf.dim(), _fixed_sizes(val, batch_dim)))
+        else:
+            rules.append(InputRule(path, value=leaf))
+    return rules
+
+
+def _argument(path: str) -> str:
+    """``[0][1]`` -> positional argument 1; ``[1]['mask']`` -> keyword argument 'mask'."""
+    m = re.match(r"\[(\d)\]\[([^\]]+)\](.*)", path)
+    if not m:
+        return f"input {path}"
+    kind, key, rest = m.groups()
+    what = f"positional argument {key}" if kind == "0" else f"keyword argument {key}"
+    return what + (f" (at {rest})" if rest else "")
 
 
 def _flat_bind(
-    in_spec: pytree.TreeSpec, n_inputs: int, shapes: list[tuple | None], batch_dim: int
+    in_spec: pytree.TreeSpec, rules: list[InputRule], batch_dim: int
 ) -> Callable[[tuple, dict], tuple]:
     def bind(args: tuple, kwargs: dict) -> tuple:
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -73,19 +107,47 @@ def _flat_bind(
                 f"{_describe(in_spec)}, but got {_describe(spec)}; call it with the same "
                 "positional and keyword arguments as sample= (values may differ)"
             )
-        if len(leaves) != n_inputs:  # pragma: no cover - export's own contract
-            raise TypeError(f"expected {n_inputs} input leaves, got {len(leaves)}")
-        for i, (want, got) in enumerate(zip(shapes, _shapes(leaves, batch_dim))):
-            if want is not None and got is not None and want != got:
-                raise ValueError(
-                    f"input {i} has shape {tuple(leaves[i].shape)}, but the model was captured "
-                    f"on a sample whose input {i} has {want[0]} dims and sizes {list(want[1:])} "
-                    f"outside batch_dim={batch_dim}; only the batch dimension may change — "
-                    "capture again on a sample of this shape"
-                )
+        for rule, leaf in zip(rules, leaves, strict=True):
+            _check_leaf(rule, leaf, batch_dim)
         return tuple(leaves)
 
     return bind
+
+
+def _constant_changed(where: str, now: Any, sample: Any) -> str:
+    return (
+        f"{where} is {now!r}, but the model was captured with {sample!r} there: the tracer "
+        "fixed this non-tensor argument's value into the graph, so the pipe would silently "
+        "compute with the sample's; build the pipe with sample= holding this value (one pipe "
+        "per value), or pass it as a tensor"
+    )
+
+
+def _check_leaf(rule: InputRule, leaf: Any, batch_dim: int) -> None:
+    where = _argument(rule.path)
+    if rule.dims is None:
+        if (
+            isinstance(leaf, torch.Tensor)
+            or type(leaf) is not type(rule.value)
+            or not (leaf == rule.value)
+        ):
+            raise ValueError(_constant_changed(where, leaf, rule.value))
+        return
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"{where} was a tensor in the sample, got {type(leaf).__name__}")
+    if leaf.dim() != rule.dims:
+        raise ValueError(
+            f"{where} has {leaf.dim()} dimensions (shape {tuple(leaf.shape)}), but the "
+            f"sample's had {rule.dims}; call the pipe with inputs of the sample's rank"
+        )
+    for d, n in rule.fixed.items():
+        if leaf.shape[d] != n:
+            raise ValueError(
+                f"{where} has size {leaf.shape[d]} in dimension {d} (shape "
+                f"{tuple(leaf.shape)}), but the model's forward fixes that size at {n} "
+                "(torch.export could not keep it variable: the forward specializes on it); "
+                f"pad or cut it to {n}, or build the pipe with a sample of this size"
+            )
 
 
 def _describe(spec: pytree.TreeSpec) -> str:
@@ -97,13 +159,18 @@ def _describe(spec: pytree.TreeSpec) -> str:
         return str(spec)
 
 
-def _dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Any:
-    """Every tensor input's batch dimension marked ``Dim.AUTO`` (micro-batches are smaller
-    than the sample), by forward argument name; other dimensions static."""
+def _dynamic_dims(
+    model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, every_dim: bool = True
+) -> Any:
+    """Every tensor input's dimensions marked ``Dim.AUTO``, by forward argument name: the batch
+    dimension (micro-batches are smaller than the sample) and, with ``every_dim``, the others
+    too (a batch of another sequence length runs the same graph). Export keeps a dimension
+    variable unless the forward specializes on it; :class:`InputRule` then names it."""
 
     def spec(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() > batch_dim:
-            return {batch_dim: torch.export.Dim.AUTO}
+            dims = range(v.dim()) if every_dim else (batch_dim,)
+            return dict.fromkeys(dims, torch.export.Dim.AUTO)
         return None
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -128,20 +195,34 @@ class AttentionDropout(nn.Module):
         return f"p={self.p}"
 
 
+def _dropout_trains(node: fx.Node) -> bool:
+    """Whether an ``aten.dropout(x, p, train)`` node was traced in training mode."""
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True))
+
+
 def _sdpa_dropout(node: fx.Node) -> float:
     if len(node.args) > 4:
         return float(node.args[4])
     return float(node.kwargs.get("dropout_p", 0.0))
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Traced:
-    ep = torch.export.export(
-        model,
-        args,
-        kwargs,
-        dynamic_shapes=_dynamic_batch(model, args, kwargs, batch_dim),
-        strict=False,
-    )
+def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: str = "") -> Traced:
+    try:
+        ep = torch.export.export(
+            model,
+            args,
+            kwargs,
+            dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim),
+            strict=False,
+        )
+    except Exception:  # a variable sequence length defeats this forward: keep the sample's
+        ep = torch.export.export(
+            model,
+            args,
+            kwargs,
+            dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim, every_dim=False),
+            strict=False,
+        )
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
     okinds = torch.export.graph_signature.OutputKind
@@ -154,7 +235,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
         if spec.kind in (kinds.PARAMETER, kinds.BUFFER):
             env[node] = graph.get_attr(spec.target)
         elif spec.kind == kinds.CONSTANT_TENSOR:
-            name = "_gpipe_const_" + re.sub(r"\W", "_", spec.target)
+            name = f"_gpipe{tag}_const_" + re.sub(r"\W", "_", spec.target)
             constants[name] = ep.constants[spec.target]
             env[node] = graph.get_attr(name)
         elif spec.kind == kinds.USER_INPUT:
@@ -181,7 +262,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
         if node.op == "call_function" and node.target == _aten.scaled_dot_product_attention.default:
             p = _sdpa_dropout(node)
             if p > 0:  # traced in training mode: drop only while training, as the model did
-                name = f"_gpipe_attention_{dropouts}"
+                name = f"_gpipe{tag}_attention_{dropouts}"
                 dropouts += 1
                 constants[name] = AttentionDropout(p)
                 q, k, v, *rest = node.args
@@ -198,7 +279,12 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
                 env[node] = new
                 continue
         if node.op == "call_function" and node.target == _aten.dropout.default:
-            name = f"_gpipe_dropout_{dropouts}"
+            if not _dropout_trains(node):  # traced in eval mode: ATen's no-op stays
+                new = graph.node_copy(node, lambda n: env[n])
+                new.meta.update(node.meta)
+                env[node] = new
+                continue
+            name = f"_gpipe{tag}_dropout_{dropouts}"
             dropouts += 1
             constants[name] = nn.Dropout(float(node.args[1]))
             new = graph.call_module(name, (env[node.args[0]],))
@@ -218,7 +304,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> Trac
     ]
     graph.output(tuple(users))
     leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
-    bind = _flat_bind(ep.call_spec.in_spec, n_user, _shapes(leaves, batch_dim), batch_dim)
+    if len(leaves) != n_user:  # pragma: no cover - export's own contract
+        raise CaptureError(f"torch.export gave {n_user} inputs for {len(leaves)} leaves")
+    vals = [
+        node.meta.get("val")
+        for node, spec in zip(placeholders, sig.input_specs, strict=True)
+        if spec.kind == kinds.USER_INPUT
+    ]
+    bind = _flat_bind(
+        ep.call_spec.in_spec, _rules(ep.call_spec.in_spec, leaves, vals, batch_dim), batch_dim
+    )
     static = None
     for node, spec in zip(placeholders, sig.input_specs, strict=True):
         if spec.kind != kinds.USER_INPUT:
@@ -251,15 +346,21 @@ def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
         b.apply_defaults()
         for k, t in sample_kinds.items():
             v = b.arguments[k]
-            if type(v) is not t or (v is None) != (concrete[k] is None):
-                raise TypeError(
-                    f"argument {k!r} was {concrete[k]!r} in the sample (captured as a "
-                    f"constant) but is {type(v).__name__} now; call the pipe with the sample's "
-                    "non-tensor arguments"
-                )
+            if type(v) is not t or not _same_constant(v, concrete[k]):
+                raise ValueError(_constant_changed(f"argument {k!r}", v, concrete[k]))
         return tuple(b.arguments[k] for k in names)
 
     return Traced(graph, "fx", bind, out_spec, {})
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    """Whether a call's non-tensor argument is the sample's (``None`` and modules by identity)."""
+    if a is None or b is None or isinstance(a, nn.Module):
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
 
 
 def _data_dependent_note(err: BaseException) -> str:
@@ -299,18 +400,22 @@ def trace(
     *,
     batch_dim: int = 0,
     method: str = "auto",
+    tag: str = "",
 ) -> Traced:
     """The forward of ``model`` on ``(args, kwargs)`` as a :class:`Traced` graph.
 
-    ``method="auto"`` tries ``torch.export`` (batch dimension dynamic) and, where it fails,
-    ``torch.fx`` symbolic tracing; ``"export"`` or ``"fx"`` uses only that one.
+    ``method="auto"`` tries ``torch.export`` (every dimension of a tensor input variable
+    where the forward allows, else the batch dimension alone) and, where it fails,
+    ``torch.fx`` symbolic tracing; ``"export"`` or ``"fx"`` uses only that one. ``tag`` goes
+    into the names of the modules and constants the capture adds, so the graphs of one model
+    in several modes can live side by side.
     """
     if method not in ("auto", "export", "fx"):
         raise ValueError(f"method must be 'auto', 'export' or 'fx', got {method!r}")
     failures: list[tuple[str, BaseException]] = []
     if method in ("auto", "export"):
         try:
-            return _export(model, args, kwargs, batch_dim)
+            return _export(model, args, kwargs, batch_dim, tag)
         except Exception as e:
             failures.append(("torch.export", e))
     if method in ("auto", "fx"):

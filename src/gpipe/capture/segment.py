@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,30 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["CapturedLayers", "Segment", "attach"]
+from gpipe.snapshot import Snapshot
+
+__all__ = ["CapturedLayers", "Segment", "attach", "attached_path", "modes_of"]
+
+
+def modes_of(model: nn.Module) -> tuple[bool, ...]:
+    """The training flag of every module of ``model``, in ``modules()`` order."""
+    return tuple(m.training for m in model.modules())
+
+
+def _mode_mismatch(model: nn.Module, variants: dict[tuple[bool, ...], int]) -> str:
+    now = modes_of(model)
+    names = [n or "(the model)" for n, _ in model.named_modules()]
+    closest = min(variants, key=lambda v: sum(a != b for a, b in zip(v, now)))
+    diff = [(n, a) for n, a, b in zip(names, now, closest) if a != b]
+    where = ", ".join(f"{n} is in {'train' if a else 'eval'} mode" for n, a in diff[:3])
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    return (
+        f"the model's modules are in a mix of modes the pipe did not capture ({where}{more}): "
+        "a captured graph fixes what each module does in its mode, and the pipe holds graphs "
+        "for the whole model in train mode, in eval mode and in the modes it had when the pipe "
+        "was built; call pipe.train() or pipe.eval(), or set the modules' modes before "
+        "building the pipe"
+    )
 
 
 def _set(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:
@@ -45,29 +69,53 @@ def _set(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:
         setattr(mod, leaf, obj)
 
 
+def attached_path(model: nn.Module, target: str) -> str:
+    """The place in ``model`` whose object a segment attaches for graph target ``target``: a
+    module, the leaf module that owns a tensor (attached whole), or the tensor itself."""
+    try:
+        model.get_submodule(target)
+        return target
+    except AttributeError:
+        pass
+    owner_path, _, _ = target.rpartition(".")
+    if owner_path and not model.get_submodule(owner_path)._modules:
+        return owner_path
+    return target
+
+
 def attach(segment: nn.Module, model: nn.Module, target: str, constants: dict[str, Any]) -> None:
     """Make ``segment.<target>`` the model's object at ``target`` (or the capture's constant)."""
     if target in constants:
         _set(segment, target, constants[target], persistent=False)
         return
-    owner_path, _, attr = target.rpartition(".")
-    try:
-        obj = model.get_submodule(target)
-        _set(segment, target, obj)
-        return
-    except AttributeError:
-        pass
+    path = attached_path(model, target)
+    owner_path, _, attr = path.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
-    if owner_path and not owner._modules:  # a leaf module: attach it whole
-        _set(segment, owner_path, owner)
-        return
     value = getattr(owner, attr)
-    _set(segment, target, value, persistent=attr not in owner._non_persistent_buffers_set)
+    if isinstance(value, nn.Module):  # a module, or a leaf module that owns the tensor
+        _set(segment, path, value)
+        return
+    _set(segment, path, value, persistent=attr not in owner._non_persistent_buffers_set)
+
+
+@dataclass
+class _Graph:
+    """One variant of a segment: its code and what it receives and returns."""
+
+    module: fx.GraphModule
+    out_spec: pytree.TreeSpec | None
+    boundary: tuple[str, ...]
+    static_batch: int | None
+    made: list[nn.Module]  # the capture's own modules (dropouts), not the model's
 
 
 class Segment(nn.Module):
     """A piece of a captured graph. The first segment takes the user's flat inputs, the others
-    one boundary tuple; the last returns the model's output structure (``out_spec``)."""
+    one boundary tuple; the last returns the model's output structure (``out_spec``).
+
+    A segment holds one graph per captured variant of the model (its modes: train, eval, or
+    the mix it was captured in) and runs the one :attr:`graph_key` names, which
+    :meth:`CapturedLayers.bind` selects for every segment before a call."""
 
     def __init__(
         self,
@@ -80,66 +128,129 @@ class Segment(nn.Module):
         boundary: tuple[str, ...],
         static_batch: int | None = None,
         batch_dim: int = 0,
+        key: int = 0,
     ) -> None:
         super().__init__()
+        self.first = first
+        self.batch_dim = batch_dim
+        self.__dict__["_graphs"] = {}
+        #: the variant the segment runs (an index into :attr:`CapturedLayers.variants`)
+        self.graph_key = key
+        self.add_graph(
+            key,
+            graph,
+            model,
+            constants,
+            out_spec=out_spec,
+            boundary=boundary,
+            static_batch=static_batch,
+        )
+
+    def add_graph(
+        self,
+        key: int,
+        graph: fx.Graph,
+        model: nn.Module,
+        constants: dict[str, Any],
+        *,
+        out_spec: pytree.TreeSpec | None,
+        boundary: tuple[str, ...],
+        static_batch: int | None = None,
+    ) -> None:
+        """Add the graph of variant ``key``, attaching the model objects it reads."""
+        own = []
         for node in graph.nodes:
             if node.op in ("get_attr", "call_module"):
                 attach(self, model, str(node.target), constants)
+                made = constants.get(str(node.target))
+                if isinstance(made, nn.Module):
+                    own.append(made)
         gm = fx.GraphModule(self, graph)
         # the generated code reads attributes through these dicts: share ours
         gm.__dict__["_modules"] = self._modules
         gm.__dict__["_parameters"] = self._parameters
         gm.__dict__["_buffers"] = self._buffers
-        self.__dict__["_graph_module"] = gm
-        self.first = first
-        self.out_spec = out_spec
-        self.boundary = boundary  # names of the values this segment receives
-        self.static_batch = static_batch if first else None
-        self.batch_dim = batch_dim
+        self._graphs[key] = _Graph(
+            gm, out_spec, boundary, static_batch if self.first else None, own
+        )
+
+    def select(self, key: int) -> None:
+        """Run the graph of variant ``key`` from now on. The modules the capture made for it
+        (dropouts it found drawing) draw whatever mode they were set to: they exist only in
+        the graphs of modes that draw."""
+        self.graph_key = key
+        for m in self._graphs[key].made:
+            m.training = True
+
+    @property
+    def keys(self) -> list[int]:
+        """The variants this segment holds a graph for."""
+        return list(self._graphs)
+
+    @property
+    def _active(self) -> _Graph:
+        return self._graphs[self.graph_key]
 
     @property
     def code(self) -> str:
         """The Python code this segment runs (for reading and debugging)."""
-        return self._graph_module.code
+        return self._active.module.code
 
-    def _check_batch(self, args: tuple) -> None:
+    @property
+    def boundary(self) -> tuple[str, ...]:
+        """Names of the values this segment receives."""
+        return self._active.boundary
+
+    @property
+    def static_batch(self) -> int | None:
+        """The batch size the forward fixed (``None``: variable)."""
+        return self._active.static_batch
+
+    def _check_batch(self, args: tuple, static: int) -> None:
         for v in args:
             if isinstance(v, torch.Tensor) and v.dim() > self.batch_dim:
                 n = v.shape[self.batch_dim]
-                if n != self.static_batch:
+                if n != static:
                     raise ValueError(
                         f"this micro-batch has {n} rows, but the model's forward fixes the "
-                        f"batch size at {self.static_batch} (torch.export could not keep it "
-                        f"variable); give the pipe micro_batch_size={self.static_batch}, or "
+                        f"batch size at {static} (torch.export could not keep it "
+                        f"variable); give the pipe micro_batch_size={static}, or "
                         "capture on a sample of one micro-batch"
                     )
                 return
 
     def forward(self, *args: Any) -> Any:
-        if self.static_batch is not None:
-            self._check_batch(args)
+        active = self._active
+        if active.static_batch is not None:
+            self._check_batch(args, active.static_batch)
         if not self.first:
             (args,) = args
-        out = self._graph_module(*args)
-        if self.out_spec is not None:
-            return pytree.tree_unflatten(list(out), self.out_spec)
+        out = active.module(*args)
+        if active.out_spec is not None:
+            return pytree.tree_unflatten(list(out), active.out_spec)
         return out
 
 
 class CapturedLayers(nn.Sequential):
     """The segments of a captured model, in order, with what the pipe needs around them.
 
-    ``bind(args, kwargs)`` turns a call's arguments into the first segment's flat inputs;
-    ``split_balance`` is the layers per stage forced by ``split_points`` (or ``None``);
-    ``method`` says which tracer captured it; ``model_name`` the captured class."""
+    ``bind(args, kwargs)`` turns a call's arguments into the first segment's flat inputs,
+    after checking that the model still holds the objects the segments run (``snapshot``) and
+    selecting, in every segment, the graph of the modes the model is in now (``variants``:
+    modes -> graph key; ``pipe.train()`` / ``pipe.eval()`` reach the model through
+    :meth:`train`); ``split_balance`` is the layers per stage forced by ``split_points`` (or
+    ``None``); ``method`` says which tracer captured it; ``model_name`` the captured class."""
 
     def __init__(
         self,
         segments: list[tuple[str, Segment]],
-        bind: Callable[[tuple, dict], tuple],
+        binds: dict[int, Callable[[tuple, dict], tuple]],
         *,
         method: str,
         model_name: str,
+        model: nn.Module | None = None,
+        variants: dict[tuple[bool, ...], int] | None = None,
+        snapshot: Snapshot | None = None,
         split_balance: list[int] | None = None,
         key_order: list[str] | None = None,
         aliases: dict[str, list[str]] | None = None,
@@ -147,13 +258,42 @@ class CapturedLayers(nn.Sequential):
         super().__init__()
         for name, seg in segments:
             self.add_module(name, seg)
-        self.__dict__["bind"] = bind
+        self.__dict__["_binds"] = dict(binds)
+        self.__dict__["_model"] = model  # not a child: its objects live in the segments
+        self.variants = dict(variants or {})
+        self.snapshot = snapshot or Snapshot()
         self.method = method
         self.model_name = model_name
         self.split_balance = split_balance
         self._key_order = list(key_order or ())
         self._aliases = dict(aliases or {})
         self._register_load_state_dict_pre_hook(self._spread_keys)
+        if model is not None:
+            self.training = model.training
+
+    def train(self, mode: bool = True) -> CapturedLayers:
+        """Set the mode of the segments and of the whole model (its non-leaf modules too)."""
+        super().train(mode)
+        if self._model is not None:
+            self._model.train(mode)
+        return self
+
+    def select(self) -> int:
+        """Make every segment run the graph of the modes the model is in now; its key."""
+        if self._model is None or not self.variants:
+            return next(iter(self._binds))
+        modes = modes_of(self._model)
+        key = self.variants.get(modes)
+        if key is None:
+            raise RuntimeError(_mode_mismatch(self._model, self.variants))
+        for seg in self._modules.values():
+            seg.select(key)
+        return key
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple:
+        """A call's arguments as the first segment's flat inputs (see the class doc)."""
+        self.snapshot.check("the pipe")
+        return self._binds[self.select()](tuple(args), dict(kwargs))
 
     def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False

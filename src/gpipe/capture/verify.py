@@ -1,0 +1,124 @@
+"""The capture checks itself: the cut layers against the model, on the sample, in every mode.
+
+A capture that computes something else than the model (a tracer that fixed a branch, a mode
+the graph froze, a bug in the cut) would train another model without a word. So
+:func:`verify` runs the model and the captured layers on the capture's own sample, in each
+mode a graph was captured for, with the same random numbers for both (each run starts from
+the same seed), and refuses with the largest difference and the first output where the two
+diverge beyond float rounding.
+
+The invariant: the model comes back as it was — its modes, buffers (BatchNorm's running
+statistics) and the global random state are restored, and no gradient is made. A model on
+``meta`` (nothing to run) is not checked.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from gpipe.capture.graph import CaptureError
+
+if TYPE_CHECKING:
+    from gpipe.capture.segment import CapturedLayers
+
+__all__ = ["tolerance", "verify"]
+
+_SEED = 20181106  # any fixed seed: both runs draw the same numbers from it
+
+
+def tolerance(ref: torch.Tensor) -> float:
+    """The largest difference float rounding explains for an output like ``ref``: a thousand
+    units of its dtype's rounding, scaled by its magnitude (graph and model run the same ops;
+    a capture bug is off by far more)."""
+    eps = torch.finfo(ref.dtype).eps
+    scale = ref.detach().abs().max().item() if ref.numel() else 0.0
+    return 1e3 * eps * (1.0 + scale)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _run_layers(layers: CapturedLayers, flat: tuple) -> Any:
+    segments = list(layers)
+    x = segments[0](*flat)
+    for seg in segments[1:]:
+        x = seg(x)
+    return x
+
+
+def _outputs(out: Any) -> list[tuple[str, Any]]:
+    leaves, _ = pytree.tree_flatten_with_path(out)
+    return [(pytree.keystr(path) or "the output", v) for path, v in leaves]
+
+
+def _compare(model_out: Any, layers_out: Any) -> tuple[float, str] | None:
+    """``None`` when the outputs agree, else the largest difference and where."""
+    ref, got = _outputs(model_out), _outputs(layers_out)
+    if len(ref) != len(got):
+        return float("inf"), f"the output's structure ({len(got)} leaves, the model's {len(ref)})"
+    worst: tuple[float, str] | None = None
+    for (where, a), (_, b) in zip(ref, got, strict=True):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b:
+                continue
+            return float("inf"), where
+        if a.shape != b.shape:
+            return float("inf"), f"{where} (shape {tuple(b.shape)}, the model's {tuple(a.shape)})"
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return float("inf"), where
+            continue
+        diff = (a.detach().double() - b.detach().double()).abs()
+        d = diff.max().item() if diff.numel() else 0.0
+        if not d <= tolerance(a) and (worst is None or d > worst[0]):  # NaN counts as a miss
+            worst = (d, where)
+    return worst
+
+
+def _restore(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+
+
+def verify(model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict) -> None:
+    """Run ``model(*args, **kwargs)`` and ``layers`` in every captured mode and refuse the
+    capture (:class:`~gpipe.capture.graph.CaptureError`) where they differ."""
+    if _on_meta(model):
+        return
+    modes_before = [m.training for m in model.modules()]
+    layers_before = layers.training
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
+    try:
+        for modes, _key in layers.variants.items():
+            for m, mode in zip(model.modules(), modes, strict=True):
+                m.training = mode
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                _restore(buffers)
+                torch.manual_seed(_SEED)
+                want = model(*args, **kwargs)
+                _restore(buffers)
+                torch.manual_seed(_SEED)
+                got = _run_layers(layers, layers.bind(args, kwargs))
+            bad = _compare(want, got)
+            if bad is not None:
+                what = "train" if all(modes) else "eval" if not any(modes) else "its own"
+                raise CaptureError(
+                    f"the captured {type(model).__name__} differs from the model on the "
+                    f"sample in {what} mode: {bad[1]} is off by {bad[0]:.3g} (float rounding "
+                    "explains far less); the graph does not compute what the forward does "
+                    "(a branch or value the tracer fixed); capture with method='fx', or write "
+                    "the model as an nn.Sequential; capture(..., check=False) skips this check"
+                )
+    finally:
+        _restore(buffers)
+        for m, mode in zip(model.modules(), modes_before, strict=True):
+            m.training = mode
+        layers.training = layers_before
+        layers.select()
