@@ -13,8 +13,8 @@ is rounded before it is added.)
 Cases: every schedule with every re-materialization mode through ``Pipe.step``, the
 ``pipe(x)`` + ``loss.backward()`` path (its recompute runs inside the backward), an input
 computed before the pipe (its gradient is sent on by the step), ``DistributedPipe`` on two
-gloo ranks, :mod:`gpipe.amp` by itself, and one test on ``GPIPE_TEST_DEVICE`` (fp16 with a
-loss scale on CUDA).
+gloo ranks, ``gpipe.reference_step``, :mod:`gpipe.amp` by itself, and one test on
+``GPIPE_TEST_DEVICE`` (fp16 with a loss scale on CUDA).
 """
 
 from __future__ import annotations
@@ -131,6 +131,18 @@ def test_step_under_autocast_equals_the_plain_loop(schedule: str, remat: str) ->
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = pipe.step(x, y, loss_fn)
         assert torch.is_autocast_enabled("cpu") is False  # the caller's state is kept
+    torch.testing.assert_close(loss, want, rtol=RTOL, atol=0)
+    assert_grads_equal(model, ref)
+
+
+def test_reference_step_under_autocast_equals_the_plain_loop() -> None:
+    # gpipe.reference_step, the un-pipelined step, runs its backward without autocast too
+    x, y = data()
+    ref = make_model()
+    want = plain_loop(ref, x, y)
+    model = make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = gpipe.reference_step(model, x, y, loss_fn, chunks=M)
     torch.testing.assert_close(loss, want, rtol=RTOL, atol=0)
     assert_grads_equal(model, ref)
 

@@ -16,8 +16,9 @@ the stages apply autocast themselves:
 
 The invariant: every op of a step runs in the dtype it has in the un-pipelined loop
 ``with torch.autocast(...): loss = loss_fn(model(x), y)`` followed by ``loss.backward()``
-outside the region — a layer the user keeps in float32 inside the region (autocast disabled
-around it) has float32 gradients, and with fp16 its matmuls never see the loss scale in fp16.
+outside the region: a layer the user keeps in float32 inside the region (autocast disabled
+around it) has a float32 backward, and with fp16 its backward matmuls on the loss-scaled
+gradients stay in float32.
 """
 
 from __future__ import annotations
