@@ -114,7 +114,7 @@ class Run:
     ) -> None:
         from gpipe.runtime.local import ThreadState
 
-        self.thread_state = ThreadState()  # the forward's grad mode and autocast
+        self.thread_state = ThreadState()  # the forward's grad mode
         self.pipe = pipe
         self.schedule = schedule
         self.data = data

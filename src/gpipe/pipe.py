@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import options, plan, shared_params, stepcore
+from gpipe import amp, options, plan, shared_params, stepcore
 from gpipe import remat as remat_mod
 from gpipe.auto import Auto
 from gpipe.bridge import Run, backward_into_inputs, needs_grad_of
@@ -313,8 +313,8 @@ class Pipe(nn.Module):
         states: list[StepState],
         thread_state: ThreadState,
     ) -> None:
-        """The backward actions of an earlier ``pipe(x)``, on that call's own step states and
-        under its forward's autocast (a recompute repeats the forward exactly)."""
+        """The backward actions of an earlier ``pipe(x)``, on that call's own step states
+        (a recompute repeats the forward exactly, under the forward's autocast)."""
         assert self._stages is not None
         with self._runner.owned("the backward of pipe(x)"):
             for st, state in zip(self._stages, states, strict=True):
@@ -398,7 +398,8 @@ class Pipe(nn.Module):
             shared_params.flush(self._stages, states)
             self._finish_forward(data, m)
             if grad:
-                backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)
+                with amp.off():  # a backward, as the pipe's own (the caller may be in a region)
+                    backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)
             return stepcore.total_loss(data.losses, m)
 
     def extra_repr(self) -> str:

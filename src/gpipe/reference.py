@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import rng, rng_replay
+from gpipe import amp, rng, rng_replay
 from gpipe.loss import zero_loss
 from gpipe.microbatch import merge, split
 from gpipe.reduction import Reduction, microbatch_scales
@@ -66,8 +66,9 @@ def reference_step(
     """The un-pipelined equivalent of ``Pipe.step``: forward each micro-batch through the whole
     model with keyed random streams, add the losses (each scaled as ``reduction`` says:
     divided by M for ``"mean"``, by its share of the items for a count), backward
-    each (a layer's own checkpoint then recomputes with the forward's draws, as in the pipe).
-    Gradients accumulate in ``module``'s parameters; returns the loss."""
+    each (a layer's own checkpoint then recomputes with the forward's draws, as in the pipe)
+    without autocast, as the pipe's backward (:mod:`gpipe.amp`). Gradients accumulate in
+    ``module``'s parameters; returns the loss."""
     layers = list(module)
     mbs = split((inputs,), chunks, batch_dim=batch_dim)
     m = len(mbs)
@@ -86,7 +87,7 @@ def reference_step(
             # random module draws that micro-batch's recorded numbers (gpipe.rng_replay)
             for t, loss in enumerate(losses):
                 if loss.requires_grad:
-                    with rng_replay.backward_of(0, t, True, draws[t]):
+                    with amp.off(), rng_replay.backward_of(0, t, True, draws[t]):
                         loss.backward()
     finally:
         for h in hooks:

@@ -10,6 +10,8 @@ on another worker: its step alias's, added at the step's end by
 inside :func:`gpipe.rng.keyed` regions keyed by (seed, step, micro-batch, layer), so a
 recompute draws exactly what the first forward drew, and it leaves every buffer the forward
 updated in place as it found it (:class:`gpipe.remat.SideEffects`: BatchNorm's statistics).
+Forwards and recomputes run under the autocast state the step began with, backwards without
+autocast (:mod:`gpipe.amp`), on whichever thread runs them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import inplace, rng, rng_replay, shared_params, wgrad
+from gpipe import amp, inplace, rng, rng_replay, shared_params, wgrad
 from gpipe import remat as remat_mod
 from gpipe.loss import checked_loss, zero_loss
 from gpipe.microbatch import tree_detach, tree_flatten, tree_wants_grad
@@ -118,13 +120,18 @@ class Stage:
         grad_mode: bool,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         loss_scale: float | Sequence[float] = 1.0,
+        autocast: amp.Autocast | None = None,
     ) -> StepState:
         """Start a step with a fresh :class:`StepState` and return it.
 
-        The previous state is left to whoever holds it (an unfinished ``pipe(x)`` keeps its
+        ``autocast``: the state its forwards run under (default: this thread's, now). The
+        previous state is left to whoever holds it (an unfinished ``pipe(x)`` keeps its
         own); a worker abandoned in an earlier step writes into that old state, never this one.
         """
-        self.state = StepState(step, num_microbatches, grad_mode, loss_fn, loss_scale)
+        autocast = autocast or amp.Autocast.capture()
+        self.state = StepState(
+            step, num_microbatches, grad_mode, loss_fn, loss_scale, autocast=autocast
+        )
         if grad_mode and self.loan.borrowed:
             self.state.aliases = self.loan.aliases()
         return self.state
@@ -208,8 +215,13 @@ class Stage:
         """Run micro-batch ``microbatch`` forward; keep what backward needs.
 
         ``split``: a split backward (``B`` then ``W``) will follow, so the standard modules'
-        calls are captured for a weight gradient without the graph (:mod:`gpipe.wgrad`).
+        calls are captured for a weight gradient without the graph (:mod:`gpipe.wgrad`). The
+        layers and the loss run under the step's autocast (:mod:`gpipe.amp`).
         """
+        with self.state.autocast.forward():
+            return self._forward(microbatch, x, target, split)
+
+    def _forward(self, microbatch: int, x: Any, target: Any, split: bool) -> StageOutput:
         state = self.state
         if microbatch in state.saved:
             raise RuntimeError(f"stage {self.index}: micro-batch {microbatch} ran forward twice")
@@ -267,6 +279,7 @@ class Stage:
             return saved.outputs
         capture = split and tree_wants_grad(saved.inputs)
         with (
+            state.autocast.forward(),  # a forward: the step's autocast, inside a backward
             torch.enable_grad(),
             remat_mod.recomputing(),
             self._capture(capture) as calls,
@@ -291,9 +304,10 @@ class Stage:
         ``grad`` is a pytree shaped like the stage's output (``None`` leaves for outputs that
         got no gradient), or ``None`` on the last stage when it computed the loss. Returns the
         gradient of the stage's input pytree. With ``split=True`` only the input gradient is
-        computed now; the weight gradient waits for :meth:`backward_weight`.
+        computed now; the weight gradient waits for :meth:`backward_weight`. Runs without
+        autocast (:mod:`gpipe.amp`), as a backward outside the forward's region does.
         """
-        with self._backward_of(microbatch):
+        with amp.off(), self._backward_of(microbatch):
             return self._backward(microbatch, grad, split)
 
     def _backward(self, microbatch: int, grad: Any, split: bool) -> Any:
@@ -360,8 +374,9 @@ class Stage:
         )
 
     def backward_weight(self, microbatch: int) -> None:
-        """The deferred weight-gradient half of a split backward for ``microbatch``."""
-        with self._backward_of(microbatch):
+        """The deferred weight-gradient half of a split backward for ``microbatch``,
+        without autocast (:mod:`gpipe.amp`)."""
+        with amp.off(), self._backward_of(microbatch):
             self._backward_weight(microbatch)
 
     def _backward_weight(self, microbatch: int) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gpipe import wgrad
+from gpipe.amp import Autocast
 
 __all__ = ["StageOutput", "StepState"]
 
@@ -60,3 +61,5 @@ class StepState:
     saved: dict[int, _Saved] = field(default_factory=dict)
     # id(borrowed parameter) → this step's alias (:mod:`gpipe.shared_params`)
     aliases: dict[int, nn.Parameter] = field(default_factory=dict)
+    # the caller's autocast when the step began: its forwards (and recomputes) run under it
+    autocast: Autocast = field(default_factory=Autocast)

@@ -3,7 +3,8 @@
 ``Pipe.step`` and ``DistributedPipe.step`` differ only in who runs the device loops (threads,
 or this rank) and in what follows (nothing, or collectives). The rules of a step are here:
 which arguments it takes, how the loss is scaled over micro-batches, how each stage starts
-the step (random-stream step, grad mode, loss), how the micro-batch losses are added up.
+the step (random-stream step, grad mode, loss, the forward's autocast), how the micro-batch
+losses are added up.
 
 The invariant: the same call is accepted or refused by both pipes with the same message, and
 a stage's state for a step comes from :func:`begin` only.
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from gpipe import reduction as reduction_mod
+from gpipe.amp import Autocast
 from gpipe.microbatch import batch_size, tree_flatten
 from gpipe.reduction import Reduction
 from gpipe.stage import Stage, StepState
@@ -150,10 +152,12 @@ def begin(
     rng_offset: int = 0,
 ) -> list[StepState]:
     """Start a step on ``stages``: a fresh state each (random-stream ``step``, grad mode, the
-    loss and its scale), and the micro-batch offset of this data-parallel replica."""
+    loss and its scale, the calling thread's autocast for its forwards), and the micro-batch
+    offset of this data-parallel replica."""
     states = []
+    autocast = Autocast.capture()
     for st in stages:
-        states.append(st.begin_step(step, num_microbatches, grad, loss_fn, scale))
+        states.append(st.begin_step(step, num_microbatches, grad, loss_fn, scale, autocast))
         st.check_finite = check_finite
         st.rng_offset = rng_offset
     return states

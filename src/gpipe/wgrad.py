@@ -214,12 +214,7 @@ class WeightGrads:
         ``.grad``."""
         if not calls.calls and not calls.direct:
             return
-        device = (calls.calls[0].x if calls.calls else calls.direct[0][1]).device
-        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(
-            device.type
-        )
-        off = torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext()
-        with torch.no_grad(), off:
+        with torch.no_grad():
             for c in calls.calls:
                 assert c.grad is not None
                 parts = c.kind.grads(c.module, c.x, c.grad, c.params)

@@ -10,8 +10,9 @@ aborted and have stopped — never a hang (every wait is bounded by ``timeout``)
 ready for the next step.
 
 On CPU each worker limits PyTorch's intra-op threads to its share of the cores, so K stages
-computing at once do not oversubscribe the machine; grad mode and autocast state of the
-calling thread are applied in the workers for each job.
+computing at once do not oversubscribe the machine; the grad mode of the calling thread is
+applied in the workers for each job. Autocast is not: the stages apply their step's own to
+forwards and none to backwards (:mod:`gpipe.amp`), so a job runs without it.
 """
 
 from __future__ import annotations
@@ -79,28 +80,18 @@ class QueueTransport:
 
 
 class ThreadState:
-    """Thread-local torch state captured in the caller and re-applied in a worker."""
+    """Thread-local torch state captured in the caller and re-applied in a worker: grad
+    mode (autocast belongs to each step's forwards, :mod:`gpipe.amp`)."""
 
     def __init__(self) -> None:
         self.grad = torch.is_grad_enabled()
-        self.autocast = []
-        for dev in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(dev):
-                self.autocast.append((dev, torch.get_autocast_dtype(dev)))
 
     def apply(self, fn: Callable[[], None]) -> None:
         # Backward runs on this worker thread, not on autograd's per-device thread: a user's
         # loss.backward() on CUDA reaches the pipe's bridge on that device thread, which then
         # waits for the workers; their own backward queued behind it would never run.
         with torch.set_grad_enabled(self.grad), torch.autograd.set_multithreading_enabled(False):
-            ctxs = [torch.autocast(dev, dtype=dt) for dev, dt in self.autocast]
-            for c in ctxs:
-                c.__enter__()
-            try:
-                fn()
-            finally:
-                for c in reversed(ctxs):
-                    c.__exit__(None, None, None)
+            fn()
 
 
 def _worker(
@@ -215,9 +206,8 @@ class WorkerPool:
         that is still busy after that is abandoned: the failure is raised anyway and the pool
         reports :attr:`stuck`. ``on_abort`` runs when the step is abandoned (the caller marks
         its step data cancelled so late workers stop before their next action). ``state`` is
-        the grad-mode and autocast state the jobs run under (default: the caller's); the
-        backward of ``pipe(x)`` passes its forward's, so a recompute repeats the forward's
-        autocast even when autograd calls it from another thread.
+        the grad mode the jobs run under (default: the caller's); the backward of ``pipe(x)``
+        passes its forward's.
         """
         if not self._finalizer.alive:
             raise RuntimeError("this pipeline's workers were closed; build a new Pipe")

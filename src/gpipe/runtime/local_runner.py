@@ -98,8 +98,9 @@ class LocalRunner:
 
         Afterwards, also when the step fails, ``data.events`` is the step's timeline sorted by
         start (device times where the device records events; host times of what ran when the
-        step failed). ``state`` is the grad mode and autocast the jobs run under (default: the
-        caller's). ``placement[s]`` is the device of stage ``s`` (default ``s % K``).
+        step failed). ``state`` is the grad mode the jobs run under (default: the caller's;
+        autocast is each step's own, applied by its stages). ``placement[s]`` is the device
+        of stage ``s`` (default ``s % K``).
         """
         assert self.pool is not None, "start() the runner first"
         k = len(self.devices)
