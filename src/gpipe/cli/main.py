@@ -31,7 +31,7 @@ from gpipe.cli.base import (
     fmt_bytes,
 )
 from gpipe.cli.plan import add_plan_parser, cmd_plan
-from gpipe.cli.train import add_train_parser, cmd_train, report_error
+from gpipe.cli.train import add_train_parser, cmd_train, report_error, report_interrupted
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -237,3 +237,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_trace(args)
     except UsageError as e:
         return report_error(str(e))
+    except KeyboardInterrupt:  # before gpipe train's own report (which names the checkpoint)
+        return report_interrupted("interrupted")
