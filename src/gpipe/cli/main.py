@@ -30,8 +30,9 @@ from gpipe.cli.base import (
     check_output_file,
     fmt_bytes,
 )
+from gpipe.cli.launch import EXIT_INTERRUPTED
 from gpipe.cli.plan import add_plan_parser, cmd_plan
-from gpipe.cli.train import add_train_parser, cmd_train, report_error, report_interrupted
+from gpipe.cli.train import add_train_parser, cmd_train, report_error
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -238,4 +239,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         return report_error(str(e))
     except KeyboardInterrupt:  # before gpipe train's own report (which names the checkpoint)
-        return report_interrupted("interrupted")
+        print("gpipe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -7,8 +7,11 @@ process runs the same :class:`gpipe.train.Trainer`, and rank 0 prints.
 
 The invariant: a user error is one ``gpipe: error:`` line and exit code 2 under both runtimes.
 Everything checkable from the options and the checkpoint's manifest is checked before torchrun
-is launched (:func:`_train_config`); what a launched rank meets later comes back through
-:mod:`gpipe.cli.launch` as the same one line.
+is launched (:func:`_train_config`; an option the run would ignore, or one ``--auto`` would
+override, is refused); what a launched rank meets later (a diverged loss, a full disk at a
+checkpoint) comes back through :mod:`gpipe.cli.launch` as the same one line. One run at a
+time writes into an ``--out`` folder (:class:`gpipe.cli.run.RunLock`), and a Ctrl-C ends in
+one line naming the last checkpoint and exit code 130.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from gpipe.cli.run import (
     write_trace,
 )
 
-__all__ = ["add_train_parser", "cmd_train", "report_error", "report_interrupted"]
+__all__ = ["add_train_parser", "cmd_train", "report_error"]
 
 # (flag, TrainConfig field, type, help). Defaults live in TrainConfig; argparse defaults are
 # None so that "given on the command line" can be told apart from "default".
@@ -231,11 +234,12 @@ def _check_auto(args: argparse.Namespace, given: dict[str, Any], model_fn: str |
     """``--memory-limit`` and ``--tune`` only with ``--auto``, and ``--auto`` without the
     options it chooses (given as flags or in ``--config``)."""
     if not args.auto:
-        for flag, value in (("--memory-limit", args.memory_limit), ("--tune", args.tune)):
+        for flag, value, what in (
+            ("--memory-limit", args.memory_limit, "is the limit the planner plans under"),
+            ("--tune", args.tune, "times the planner's choices"),
+        ):
             if value:
-                raise UsageError(
-                    f"{flag} {value} is read by the planner only: add --auto, or drop {flag}"
-                )
+                raise UsageError(f"{flag} {value} {what}: add --auto, or drop {flag}")
         return
     clash = [flag for field, flag in _PLANNED.items() if field in given]
     if clash:
