@@ -172,6 +172,14 @@ def branchy():
 def with_sample(seq_len):
     torch.manual_seed(1)
     return Bytes(), torch.randint(0, 256, (2, seq_len))
+
+
+def other_length(seq_len):
+    return Bytes(), torch.randint(0, 256, (2, seq_len // 2))
+
+
+def dict_sample(seq_len):
+    return Bytes(), {"x": torch.randint(0, 256, (2, seq_len))}
 """
 
 
@@ -185,6 +193,8 @@ def with_sample(seq_len):
         (["--model", "bad_lm_models:no_logits"], "no logits"),
         (["--model", "bad_lm_models:not_a_module"], "must return an nn.Module"),
         (["--model", "bad_lm_models:branchy"], "cannot capture --model bad_lm_models:branchy"),
+        (["--model", "bad_lm_models:other_length"], "sample of shape (2, 16) and dtype int64"),
+        (["--model", "bad_lm_models:dict_sample"], "returned keyword inputs ['x'] as its sample"),
         (["--model", FN, "--model-preset", "tiny"], "--model-preset"),
         (["--model", FN, "--dropout", "0.1"], "--dropout"),
         (["--model", FN, "--config", "{toml}"], "[model] overrides"),

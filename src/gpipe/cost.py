@@ -26,6 +26,7 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from gpipe.compiling import refuse_compiling
 from gpipe.microbatch import tree_flatten, tree_unflatten
 from gpipe.wgrad_kinds import splittable
 
@@ -180,8 +181,11 @@ def profile(
     and ``2 * flops`` when the backward cannot be traced on fake tensors.
 
     Raises ``RuntimeError`` naming the layer, its index and its input shapes when a layer's
-    forward fails on fake tensors (the original error is chained).
+    forward fails on fake tensors (the original error is chained), and
+    :class:`gpipe.compiling.CompileError` when ``torch.compile`` traces the call (profiling
+    under dynamo crashes the process).
     """
+    refuse_compiling("gpipe.cost.profile")
     named = _named_layers(layers)
     all_tensors = _tensors(sample_inputs)
     for _, layer in named:

@@ -41,6 +41,7 @@ from torch import nn
 
 from gpipe import distconfig, diststep, plan
 from gpipe.auto import Auto
+from gpipe.compiling import refuse_compiling
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
@@ -382,6 +383,7 @@ class DistributedPipe(nn.Module):
         the failing rank's :class:`~gpipe.runtime.executor.StageError`, or :class:`PeerError`
         naming it.
         """
+        refuse_compiling("DistributedPipe.step")
         if self._closed:
             raise RuntimeError(
                 "this DistributedPipe was closed (its process groups are released); construct a "

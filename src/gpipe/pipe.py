@@ -30,6 +30,7 @@ from gpipe import amp, options, plan, shared_params, stepcore
 from gpipe import remat as remat_mod
 from gpipe.auto import Auto
 from gpipe.bridge import Run, backward_into_inputs, needs_grad_of
+from gpipe.compiling import refuse_compiling
 from gpipe.microbatch import split, tree_flatten
 from gpipe.nn import deferred_in
 from gpipe.partition import Partition, partitions, pipe_devices
@@ -328,6 +329,7 @@ class Pipe(nn.Module):
 
         Each call keeps its own state until its backward, so several forwards may precede one
         backward (as with a plain module)."""
+        refuse_compiling("pipe(x)")
         self._follow("the pipe")
         inputs = plan.bind_inputs(self.layers, inputs, kwargs)
         with self._runner.owned("pipe(x)"):
@@ -375,6 +377,7 @@ class Pipe(nn.Module):
         require grad, as ``loss.backward()`` would. Under ``torch.no_grad()`` only the forward
         runs (evaluation). Calls from several threads run one after the other.
         """
+        refuse_compiling("pipe.step")
         stepcore.check_call(loss_fn, reduction)
         self._follow("the pipe")
         given, inputs = inputs, plan.step_inputs(self.layers, inputs)

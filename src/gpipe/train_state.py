@@ -58,6 +58,10 @@ def _together(pipe: Any, fn: Callable[[], Any], on_error: Callable[[], None] | N
     return [v for v, _ in rows]
 
 
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def save_state(
     pipe: Any,
     root: Path,
@@ -97,11 +101,17 @@ def save_state(
         if not shards:
             return [], None
         tensors, meta = st.state_by_name(optimizer, names)
-        records = []
-        for index, shard in shards:
-            slots = {k: t for k, t in tensors.items() if k.rpartition("/")[0] in shard}
-            records.append(st.write_shard(tmp, index, shard, slots))
         owned = {n for _, shard in shards for n in shard}
+        slots = {k: t for k, t in tensors.items() if k.rpartition("/")[0] in owned}
+        records = []
+        try:
+            for index, shard in shards:
+                mine = {k: t for k, t in slots.items() if k.rpartition("/")[0] in shard}
+                records.append(st.write_shard(tmp, index, shard, mine))
+        except OSError as e:
+            need = sum(_nbytes(t) for _, shard in shards for t in shard.values())
+            st.raise_if_full(e, root, step, need + sum(_nbytes(t) for t in slots.values()))
+            raise
         meta["param_groups"] = [
             {**g, "params": [n for n in g["params"] if n in owned]} for g in meta["param_groups"]
         ]
@@ -128,8 +138,11 @@ def save_state(
                 extra=extra,
                 keep=keep,
             )
-        except BaseException:
+        except BaseException as e:
             cleanup()
+            if isinstance(e, OSError):  # the manifest, once every shard is written
+                need = sum(f["bytes"] for r in records for f in r.files.values())
+                st.raise_if_full(e, root, step, need)
             raise
         if not staging:
             return str(path), None

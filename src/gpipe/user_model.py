@@ -97,6 +97,8 @@ def build_user_model(spec: str, seq_len: int, rows: int) -> tuple[nn.Module, Any
         )
     if sample is None:
         sample = torch.zeros(rows, seq_len, dtype=torch.long)
+    else:
+        _check_sample(sample, spec, seq_len)
     _check_output(made, sample, spec, seq_len)
     return made, sample
 
@@ -135,6 +137,35 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
     finally:
         for log, level in zip(logs, levels, strict=True):
             log.setLevel(level)
+
+
+def _check_sample(sample: Any, spec: str, seq_len: int) -> None:
+    """The function's own sample must look like what the trainer feeds: one int64 tensor of
+    token ids ``(rows, seq_len)``, passed positionally (the model is captured on it, and a
+    captured model takes only calls shaped like its sample)."""
+    from gpipe.capture import sample_args
+
+    try:
+        args, kwargs = sample_args(sample)
+    except TypeError:
+        args, kwargs = (), {}
+    fix = (
+        f"return a tensor of token ids of shape (rows, {seq_len}) as the sample (the function "
+        "may take seq_len=), or no sample"
+    )
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        what = f"keyword inputs {sorted(kwargs)}" if kwargs else f"a {type(sample).__name__}"
+        raise ValueError(
+            f"--model {spec} returned {what} as its sample; the trainer calls the model with "
+            f"one tensor of token ids: {fix}"
+        )
+    ids = args[0]
+    if ids.dim() != 2 or ids.shape[1] != seq_len or ids.dtype != torch.long:
+        raise ValueError(
+            f"--model {spec} returned a sample of shape {tuple(ids.shape)} and dtype "
+            f"{str(ids.dtype).removeprefix('torch.')}, but the trainer feeds int64 token ids of "
+            f"shape (batch, --seq-len {seq_len}): {fix}"
+        )
 
 
 def _check_output(model: nn.Module, sample: Any, spec: str, seq_len: int) -> None:

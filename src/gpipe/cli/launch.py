@@ -9,13 +9,19 @@ rank does not print its error: :func:`report_error` writes it to a file in the f
 launcher gave it (``GPIPE_ERROR_DIR``); the launcher stops relaying the ranks' stderr once one
 is there (so torchrun's own failure report is not shown), prints the most specific line — a
 rank's own error before another rank's ``rank R failed: ...`` echo of it — and returns 2.
+A Ctrl-C is one line too: torchrun runs in its own session, so only the launcher gets the
+terminal's SIGINT; it stops relaying, hands torchrun one SIGINT (torchrun passes it to each
+rank once), and prints the main rank's line (:func:`report_interrupted`: the step and the last
+checkpoint) or, if no rank got that far, the last checkpoint on disk, and returns 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,13 +32,23 @@ from pathlib import Path
 from typing import Any
 
 from gpipe.cli.base import EXIT_USAGE, fail, one_line
+from gpipe.cli.run import LOCKED_ENV, interrupted_line
 
-__all__ = ["DIST_TIMEOUT", "ERROR_DIR_ENV", "init_dist", "launch_dist", "report_error"]
+__all__ = [
+    "DIST_TIMEOUT",
+    "ERROR_DIR_ENV",
+    "EXIT_INTERRUPTED",
+    "init_dist",
+    "launch_dist",
+    "report_error",
+    "report_interrupted",
+]
 
 
 def launch_dist(config: Any, argv: Sequence[str]) -> int:
     """Re-run this command under torchrun with stages × data-parallel processes; a user error
-    in any of them comes back as one line and exit code 2 (see the module docstring)."""
+    in any of them comes back as one line and exit code 2, a Ctrl-C as one line naming the
+    last checkpoint and exit code 130 (see the module docstring)."""
     n = config.stages * config.data_parallel
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
@@ -40,40 +56,84 @@ def launch_dist(config: Any, argv: Sequence[str]) -> int:
     ]  # fmt: skip
     print(f"gpipe: launching {n} processes: {' '.join(cmd)}", file=sys.stderr)
     errors = Path(tempfile.mkdtemp(prefix="gpipe-errors-"))
+    interrupted = threading.Event()
     try:
-        env = {**os.environ, ERROR_DIR_ENV: str(errors)}
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-        relay = threading.Thread(target=_relay, args=(proc, errors), daemon=True)
+        env = {**os.environ, ERROR_DIR_ENV: str(errors), LOCKED_ENV: "1"}
+        # torchrun in its own session: a Ctrl-C reaches this process only, which hands torchrun
+        # one SIGINT (torchrun passes it on to each rank once)
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
+        relay = threading.Thread(target=_relay, args=(proc, errors, interrupted), daemon=True)
         relay.start()
-        code = proc.wait()
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            interrupted.set()
+            _interrupt(proc)
+            code = EXIT_INTERRUPTED
         relay.join(10)
         message = _launched_error(errors)
+        stopped = _read(errors / INTERRUPTED_FILE)
     finally:
         shutil.rmtree(errors, ignore_errors=True)
+    if stopped is not None or interrupted.is_set():
+        line = stopped or interrupted_line(Path(config.out), None)
+        print(f"gpipe: {line}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if message is not None:
         print(f"gpipe: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     return code
 
 
+EXIT_INTERRUPTED = 130
+"""The exit code of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+INTERRUPTED_FILE = "interrupted.txt"
+"""Where the main rank of a launched run leaves its line when a Ctrl-C stopped it."""
+
+STOP_TIMEOUT = 90.0
+"""Seconds torchrun has to stop its ranks after a Ctrl-C (it gives them 30, then kills them)."""
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Hand torchrun one SIGINT and wait for it to stop its ranks; kill it after
+    :data:`STOP_TIMEOUT` seconds or a second Ctrl-C."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        proc.wait()
+
+
 ERROR_DIR_ENV = "GPIPE_ERROR_DIR"
 _DERIVED = re.compile(r"^rank \d+ failed: ")
 
 
-def _relay(proc: subprocess.Popen, errors: Path) -> None:
+def _relay(proc: subprocess.Popen, errors: Path, interrupted: threading.Event) -> None:
     """Pass the ranks' stderr (progress bar included) through as it comes, until a rank has
-    reported a user error: torchrun's failure report that follows is not the user's business."""
+    reported a user error or a Ctrl-C came: torchrun's failure or shutdown report that follows
+    is not the user's business."""
     assert proc.stderr is not None
     fd = proc.stderr.fileno()
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
     while chunk := os.read(fd, 65536):
-        if any(errors.iterdir()):
+        if interrupted.is_set() or any(errors.iterdir()):
             continue
         if out is not None:
             out.write(chunk)
             out.flush()
         else:  # a captured stderr (tests): text only
             sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+
+
+def _read(path: Path) -> str | None:
+    """The text of ``path`` stripped, or ``None`` when it does not exist or is empty."""
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _launched_error(errors: Path) -> str | None:
@@ -89,14 +149,35 @@ def _launched_error(errors: Path) -> str | None:
 def report_error(message: str) -> int:
     """Print ``message`` as the one error line — or, in a rank launched by
     :func:`launch_dist`, hand it to the launcher — and return the usage exit code."""
+    where = _launcher_folder()
+    if where is None:
+        return fail(message)
+    _hand_over(where / f"rank-{int(os.environ.get('RANK', '0'))}.txt", one_line(message))
+    return EXIT_USAGE
+
+
+def report_interrupted(line: str) -> int:
+    """Print ``line`` (where a Ctrl-C stopped the run) as ``gpipe: ...`` — or, in a rank
+    launched by :func:`launch_dist`, hand it to the launcher — and return 130."""
+    where = _launcher_folder()
+    if where is None:
+        print(f"gpipe: {one_line(line)}", file=sys.stderr)
+    else:
+        _hand_over(where / INTERRUPTED_FILE, one_line(line))
+    return EXIT_INTERRUPTED
+
+
+def _launcher_folder() -> Path | None:
+    """The folder the launcher reads this rank's lines from, when launched by it."""
     where = os.environ.get(ERROR_DIR_ENV)
-    if where and "LOCAL_RANK" in os.environ:
-        rank = int(os.environ.get("RANK", "0"))
-        tmp = Path(where) / f".rank-{rank}.tmp"
-        tmp.write_text(one_line(message) + "\n", encoding="utf-8")
-        os.replace(tmp, Path(where) / f"rank-{rank}.txt")
-        return EXIT_USAGE
-    return fail(message)
+    return Path(where) if where and "LOCAL_RANK" in os.environ else None
+
+
+def _hand_over(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole (a temporary file renamed), for the launcher."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 DIST_TIMEOUT = 300.0

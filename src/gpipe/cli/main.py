@@ -30,6 +30,7 @@ from gpipe.cli.base import (
     check_output_file,
     fmt_bytes,
 )
+from gpipe.cli.launch import EXIT_INTERRUPTED
 from gpipe.cli.plan import add_plan_parser, cmd_plan
 from gpipe.cli.train import add_train_parser, cmd_train, report_error
 
@@ -237,3 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_trace(args)
     except UsageError as e:
         return report_error(str(e))
+    except KeyboardInterrupt:  # before gpipe train's own report (which names the checkpoint)
+        print("gpipe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -7,8 +7,11 @@ process runs the same :class:`gpipe.train.Trainer`, and rank 0 prints.
 
 The invariant: a user error is one ``gpipe: error:`` line and exit code 2 under both runtimes.
 Everything checkable from the options and the checkpoint's manifest is checked before torchrun
-is launched (:func:`_train_config`); what a launched rank meets later comes back through
-:mod:`gpipe.cli.launch` as the same one line.
+is launched (:func:`_train_config`; an option the run would ignore, or one ``--auto`` would
+override, is refused); what a launched rank meets later (a diverged loss, a full disk at a
+checkpoint) comes back through :mod:`gpipe.cli.launch` as the same one line. One run at a
+time writes into an ``--out`` folder (:class:`gpipe.cli.run.RunLock`), and a Ctrl-C ends in
+one line naming the last checkpoint and exit code 130.
 """
 
 from __future__ import annotations
@@ -26,12 +29,21 @@ from gpipe.cli.base import EXIT_USAGE, UsageError, check_folder_path, toml_modul
 from gpipe.cli.launch import (
     DIST_TIMEOUT,
     ERROR_DIR_ENV,
+    EXIT_INTERRUPTED,
     init_dist,
     launch_dist,
     report_error,
+    report_interrupted,
 )
 from gpipe.cli.plan_auto import add_train_auto_arguments, auto_train_config
-from gpipe.cli.run import EarlierRunFiles, Metrics, write_trace
+from gpipe.cli.run import (
+    LOCKED_ENV,
+    EarlierRunFiles,
+    Metrics,
+    RunLock,
+    interrupted_line,
+    write_trace,
+)
 
 __all__ = ["add_train_parser", "cmd_train", "report_error"]
 
@@ -192,8 +204,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.trace is not None:
         values["trace"] = args.trace
     config = TrainConfig.from_dict(values)
-    if args.tune and not args.auto:
-        raise UsageError(f"--tune {args.tune} times the planner's choices: add --auto")
+    _check_auto(args, given, values.get("model_fn"))
     if args.auto:  # printed once: by the command, not again by each torchrun rank
         config = auto_train_config(
             config, args.memory_limit, "LOCAL_RANK" not in os.environ, args.tune
@@ -209,18 +220,72 @@ def _train_config(args: argparse.Namespace) -> Any:
     return config
 
 
+_PLANNED = {
+    "schedule": "--schedule",
+    "chunks": "--chunks",
+    "virtual_stages": "--virtual-stages",
+    "remat": "--remat",
+    "balance": "balance (--config)",
+}
+"""What ``--auto`` chooses: giving any of them too is refused, not silently overridden."""
+
+
+def _check_auto(args: argparse.Namespace, given: dict[str, Any], model_fn: str | None) -> None:
+    """``--memory-limit`` and ``--tune`` only with ``--auto``, and ``--auto`` without the
+    options it chooses (given as flags or in ``--config``)."""
+    if not args.auto:
+        for flag, value, what in (
+            ("--memory-limit", args.memory_limit, "is the limit the planner plans under"),
+            ("--tune", args.tune, "times the planner's choices"),
+        ):
+            if value:
+                raise UsageError(f"{flag} {value} {what}: add --auto, or drop {flag}")
+        return
+    clash = [flag for field, flag in _PLANNED.items() if field in given]
+    if clash:
+        both = " and ".join(clash)
+        raise UsageError(
+            f"--auto chooses the schedule, chunks, virtual stages, remat and balance, so {both} "
+            f"cannot be given with it; drop {both}, or drop --auto to use them"
+        )
+    if model_fn is not None:
+        raise UsageError(
+            f"--auto plans the preset TransformerLM, not --model {model_fn}; drop "
+            f"--auto and give --schedule and --chunks (gpipe plan --auto --model ... ranks them)"
+        )
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Train as configured; every option is validated before the model is built, and an
+    """Train as configured; every option is validated before the model is built, one run at a
+    time writes into ``--out`` (:class:`gpipe.cli.run.RunLock`, held by this process, the
+    ``--runtime dist`` launcher, or rank 0 of a run launched by torchrun directly), and an
     earlier run's checkpoints in ``--out`` are moved aside only after this run's first save."""
-    from gpipe.state import CheckpointError, latest
-    from gpipe.train import Trainer
+    from gpipe.state import CheckpointError
 
     try:
         config = _train_config(args)
     except (ValueError, TypeError, CheckpointError) as e:
         raise UsageError(str(e)) from None
-    if config.runtime == "dist" and "LOCAL_RANK" not in os.environ:
-        return launch_dist(config, argv)
+    launcher = config.runtime == "dist" and "LOCAL_RANK" not in os.environ
+    holds = "LOCAL_RANK" not in os.environ or (
+        LOCKED_ENV not in os.environ and os.environ.get("RANK", "0") == "0"
+    )
+    lock = RunLock(Path(config.out), " ".join(["gpipe", *argv])) if holds else None
+    try:
+        if launcher:
+            return launch_dist(config, argv)
+        return _train(args, config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, config: Any) -> int:
+    """Run the training ``config`` describes in this process (or rank), reporting as it goes;
+    the exit code (130 when interrupted, naming the last checkpoint)."""
+    from gpipe.state import CheckpointError, NoSpaceError, latest
+    from gpipe.train import Trainer
+
     if config.runtime == "dist":
         init_dist()
     out = Path(config.out)
@@ -277,14 +342,18 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         quiet = args.no_progress or not main_rank
         final = _train_loop(trainer, config, metrics, out, quiet, earlier)
     except KeyboardInterrupt:
-        if earlier is not None and earlier.saved:
-            how = f" before its first checkpoint; the earlier run in {out} is untouched"
-        else:
-            how = f"; continue with: gpipe train --out {out} --resume"
-        say(f"\ninterrupted at step {trainer.step}{how}", file=sys.stderr)
-        return 130
-    except FloatingPointError as e:  # the loss diverged: a learning rate or clip to change
-        return report_error(str(e)) if main_rank or ERROR_DIR_ENV in os.environ else EXIT_USAGE
+        first = earlier is not None and bool(earlier.saved)
+        line = interrupted_line(out, trainer.step, before_first_save=first)
+        return report_interrupted(line) if main_rank else EXIT_INTERRUPTED
+    except (FloatingPointError, NoSpaceError, CheckpointError) as e:
+        # the loss diverged (a learning rate or clip to change), or a save failed (the last
+        # complete checkpoint is intact: free the space and resume)
+        hint = (
+            "" if isinstance(e, FloatingPointError) else f"; then: gpipe train --out {out} --resume"
+        )
+        return (
+            report_error(f"{e}{hint}") if main_rank or ERROR_DIR_ENV in os.environ else EXIT_USAGE
+        )
     finally:
         trainer.close()
         if metrics is not None:

@@ -25,6 +25,7 @@ manifest last, fsyncs, renames the folder into place, then replaces ``latest`` a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +57,26 @@ class CheckpointError(ValueError):
 
     The message names the offending file (or parameter / config key) and what to do.
     """
+
+
+class NoSpaceError(OSError):
+    """A save the disk (or the user's quota) had no room for: its temporary files are removed,
+    and the last complete checkpoint under the root is intact. The message names the folder,
+    the bytes the save needs and that checkpoint."""
+
+
+def raise_if_full(error: OSError, root: str | os.PathLike[str], step: int, need: int) -> None:
+    """Raise :class:`NoSpaceError` (from ``error``) when ``error`` is a full disk or quota
+    while saving step ``step`` under ``root``, a save of about ``need`` bytes; else return."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
+    last = latest(root)
+    kept = f"the last complete checkpoint {last} is intact" if last else "nothing was saved yet"
+    raise NoSpaceError(
+        error.errno,
+        f"no space left on the device of {root} to save step {step} ({error.strerror}): the "
+        f"save needs about {need:,} bytes there; {kept}",
+    ) from error
 
 
 @dataclass
