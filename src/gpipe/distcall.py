@@ -18,10 +18,10 @@ ranks that must hold the same one: all of them, or those of one replica.
 
 The invariant: :func:`check` returns on one rank only if it returns on every rank, with the
 same :class:`Agreed` everywhere; a checksum is a function of the tensors' bytes, shapes and
-dtypes only (exact integer sums: the same on every rank, however many threads sum them). It
-reads every row, but of a large tensor only a spread of each row's words (at most 2**18 words
-in all), so the check costs little whatever the inputs' size: a guard against different
-batches, not a proof that two batches are equal byte for byte.
+dtypes only (exact integer sums, modulo 2**64: the same on every rank and device, however
+many threads sum them). It reads every row, but of a large tensor only a spread of each row's
+words (at most 2**18 words in all), so the check costs little whatever the inputs' size: a
+guard against different batches, not a proof that two batches are equal byte for byte.
 """
 
 from __future__ import annotations
@@ -95,15 +95,17 @@ def _leaf_sum(t: torch.Tensor, batch_dim: int) -> int:
 def checksum(obj: Any, batch_dim: int) -> int:
     """A cheap fingerprint of a pytree of tensors: every leaf's path, shape, dtype and an
     integer sum of its bytes (:func:`_leaf_sum`; of a large tensor, a spread of them);
-    non-tensor leaves by their ``repr``. Two ranks given the same values get the same
-    number."""
+    plain non-tensor leaves (numbers, strings) by their ``repr``, other objects by type.
+    Two ranks given the same values get the same number, on any device."""
     h = 0
     for path, leaf in tree_flatten(obj)[0]:
         if isinstance(leaf, torch.Tensor):
             head = f"{path} {tuple(leaf.shape)} {leaf.dtype}"
             value = _leaf_sum(leaf, batch_dim)
-        else:
+        elif leaf is None or isinstance(leaf, (bool, int, float, str, bytes)):
             head, value = f"{path} {leaf!r}", 0
+        else:  # another object: its type only (a repr may hold an address, alike nowhere)
+            head, value = f"{path} {type(leaf).__qualname__}", 0
         h = (h * 1_000_000_007 + zlib.crc32(head.encode()) + value) & _MASK
     return h
 
