@@ -7,8 +7,9 @@ stages (their *data-parallel group*). Which pipeline device runs stage ``s`` is 
 :meth:`Layout.owner` only: the schedule's placement (``ScheduleSpec.placement``).
 
 The invariant: every rank derives the same :class:`Layout` from the same options, and
-:func:`create_groups` creates every group of the job — pipelines, data-parallel groups and the
-pipelines' point-to-point groups — in one fixed order on every rank, at construction (under
+:func:`create_groups` creates every group of the job — pipelines, data-parallel groups, the
+pipelines' point-to-point groups and the CPU group of each step's agreement — in one fixed
+order on every rank, at construction (under
 NCCL each communicator is also made to exist then, never lazily in the middle of a step).
 """
 
