@@ -9,8 +9,8 @@ stages (their *data-parallel group*). Which pipeline device runs stage ``s`` is 
 The invariant: every rank derives the same :class:`Layout` from the same options, and
 :func:`create_groups` creates every group of the job — pipelines, data-parallel groups, the
 pipelines' point-to-point groups and the CPU group of each step's agreement — in one fixed
-order on every rank, at construction (under
-NCCL each communicator is also made to exist then, never lazily in the middle of a step).
+order on every rank, at construction (under NCCL each communicator is also made to exist
+then, never lazily in the middle of a step).
 """
 
 from __future__ import annotations
