@@ -199,6 +199,48 @@ def _keep(store: dict, name: str) -> Callable:
     return hook
 
 
+def _own_batches(rank: int) -> Any:
+    """Each rank draws its own batch: rank 0's inputs would meet rank 1's targets."""
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(12, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (12,), generator=g)
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(x, y, F.cross_entropy)
+
+
+def _smaller_batch_on_rank1(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe:
+        return pipe.step(*batch(12 if rank == 0 else 8), F.cross_entropy)
+
+
+def _eval_on_rank1(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe:
+        pipe.train(rank == 0)
+        return pipe.step(*batch(), F.cross_entropy)
+
+
+def _no_grad_on_rank1(rank: int) -> Any:
+    with _construct(rank, balance=[3, 3]) as pipe, torch.set_grad_enabled(rank == 0):
+        return pipe.step(*batch(), F.cross_entropy)
+
+
+def _refused_then_agreeing(rank: int) -> Any:
+    """A refused step changes nothing: the next, agreeing, step is the reference's."""
+    from gpipe.reference import reference_step
+
+    x, y = batch()
+    with _construct(rank, balance=[3, 3]) as pipe:
+        try:
+            pipe.step(x * (1 + rank), y, F.cross_entropy)
+            refused = "no"
+        except ValueError as e:
+            refused = str(e)
+        loss = float(pipe.step(x, y, F.cross_entropy))
+        step = pipe.rng_step
+    ref = float(reference_step(mlp(), x, y, F.cross_entropy, chunks=2, seed=0, step=0))
+    return refused, loss, ref, step
+
+
 def _opaque(rank: int) -> Any:
     model = nn.Sequential(nn.Linear(8, 8), Opaque(), Unwrap(), nn.Linear(8, 3)).double()
     with _construct(rank, model, balance=[2, 2]) as pipe:
@@ -271,6 +313,13 @@ CASES: dict[str, Callable[[int], Any]] = {
     "fetch": _fetch,
     "fetch of an unknown module": _per_rank(fetch=(["9"], ["9"])),
     "non-tensor boundary value": _opaque,
+    # ranks whose calls of step differ (each step's agreement)
+    "each rank its own batch": _own_batches,
+    "a smaller batch on rank 1": _smaller_batch_on_rank1,
+    "eval() on rank 1": _eval_on_rank1,
+    "no_grad on rank 1": _no_grad_on_rank1,
+    "refused, then agreeing": _refused_then_agreeing,
+    "batch='shards'": _per_rank(batch=("shards", "shards")),
     "a rank that never constructs": _never_comes,  # must stay last
 }
 
@@ -416,6 +465,21 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
         ),
         ("PeerError", r"rank 0 .*builtins.set"),
     ),
+    "each rank its own batch": (
+        "ValueError",
+        r"^rank 1's batch differs from rank 0's \(inputs checksum \w+ vs \w+, targets checksum "
+        r"\w+ vs \w+\): DistributedPipe needs the same mini-batch on every rank$",
+    ),
+    "a smaller batch on rank 1": (
+        "ValueError",
+        r"^rank 1's batch has 8 rows but rank 0's has 12: DistributedPipe needs the same",
+    ),
+    "eval() on rank 1": ("ValueError", r"^rank 1 is in eval\(\) while rank 0 is in train\(\)$"),
+    "no_grad on rank 1": (
+        "ValueError",
+        r"^rank 1 runs without grad \(torch.no_grad\) while rank 0 runs with grad$",
+    ),
+    "batch='shards'": ("ValueError", r"batch must be 'same' .* or 'per_replica' .*got 'shards'"),
     "a rank that never constructs": (
         (
             "TimeoutError",
@@ -490,6 +554,14 @@ def test_identical_ranks_pass_the_check_and_train_the_reference(results: list) -
         assert balance is not None and sum(balance) == 6
 
 
+def test_a_refused_step_changes_nothing(results: list) -> None:
+    for r in range(2):
+        kind, (refused, loss, ref, step), _ = results[r]["refused, then agreeing"]
+        assert kind == "ok"
+        assert refused.startswith("rank 1's batch differs from rank 0's"), refused
+        assert abs(loss - ref) < 1e-10 and step == 1  # the refused step drew no stream step
+
+
 def test_fetch_gives_each_rank_its_own_layers_activations(results: list) -> None:
     for rank, names in enumerate((["1"], ["3"])):
         kind, (got, err), _ = results[rank]["fetch"]
@@ -498,7 +570,9 @@ def test_fetch_gives_each_rank_its_own_layers_activations(results: list) -> None
 
 
 def test_every_case_is_checked() -> None:
-    assert set(CASES) == set(EXPECT) | {"agreeing", "fetch"} | set(SHARED_BAD)
+    assert set(CASES) == set(EXPECT) | {"agreeing", "fetch", "refused, then agreeing"} | set(
+        SHARED_BAD
+    )
 
 
 @pytest.mark.parametrize("case", list(SHARED_BAD))

@@ -115,5 +115,6 @@ def fingerprint(
         "seed": pipe._seed,
         "pinned": pipe._pinned,
         "batch_dim": pipe._batch_dim,
+        "batch": pipe.batch,
         "tied parameters": [list(grp) for grp in pipe._tie_groups],
     }

@@ -7,9 +7,10 @@ stages (their *data-parallel group*). Which pipeline device runs stage ``s`` is 
 :meth:`Layout.owner` only: the schedule's placement (``ScheduleSpec.placement``).
 
 The invariant: every rank derives the same :class:`Layout` from the same options, and
-:func:`create_groups` creates every group of the job — pipelines, data-parallel groups and the
-pipelines' point-to-point groups — in one fixed order on every rank, at construction (under
-NCCL each communicator is also made to exist then, never lazily in the middle of a step).
+:func:`create_groups` creates every group of the job — pipelines, data-parallel groups, the
+pipelines' point-to-point groups and the CPU group of each step's agreement — in one fixed
+order on every rank, at construction (under NCCL each communicator is also made to exist
+then, never lazily in the middle of a step).
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class Groups:
     dp: Any | None  # the ranks holding this rank's stages in every replica (None if D == 1)
     p2p: Any | None  # this replica's point-to-point group for boundary tensors (None if K == 1)
     meta: Any | None  # this replica's CPU (gloo) group for message headers (None if K == 1)
+    calls: Any | None = None  # every rank's CPU (gloo) group for the step's agreement (W > 1)
     created: list[Any] = field(default_factory=list)
 
 
@@ -197,7 +199,13 @@ def create_groups(
             metas.append(dist.new_group(rep, timeout=td, backend="gloo"))
         created += p2ps + metas
         p2p, meta = p2ps[layout.replica], metas[layout.replica]
-    groups = Groups(replicas, pp, dp, p2p, meta, created)
+    calls = None
+    if k * d > 1:
+        calls = process_group
+        if backend != "gloo":
+            calls = dist.new_group([r for rep in replicas for r in rep], timeout=td, backend="gloo")
+            created.append(calls)
+    groups = Groups(replicas, pp, dp, p2p, meta, calls, created)
     if backend == "nccl":
         for grp in (pp, dp, p2p):  # this rank's communicators, in one fixed order
             if grp is not None:

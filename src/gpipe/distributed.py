@@ -5,7 +5,11 @@ Every rank builds ``DistributedPipe(model, ...)`` identically after
 ``torch.distributed.init_process_group`` (e.g. under ``torchrun``), then calls
 ``pipe.step(inputs, targets, loss_fn)`` identically every step. Construction proves the first
 part: before any group is created the ranks exchange a fingerprint of their options and layers
-(:mod:`gpipe.runtime.agree`) and all raise, naming what differs. Each rank runs the shared
+(:mod:`gpipe.runtime.agree`) and all raise, naming what differs. Each step proves the second:
+before any state changes the ranks compare their mode, grad mode and a checksum of their
+batches (:mod:`gpipe.distcall`). ``batch="same"`` (the default): every rank is given the whole
+global mini-batch and each replica takes its share; ``batch="per_replica"``: each replica is
+given its own shard (the DDP habit), the same on every rank of its pipeline. Each rank runs the shared
 executor loop over its own stages with a :class:`gpipe.runtime.dist.P2PTransport`.
 
 Layout and groups (:mod:`gpipe.distlayout`): rank ``r`` is pipeline device ``r % K`` of
@@ -39,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe import distconfig, diststep, plan
+from gpipe import distcall, distconfig, diststep, plan
 from gpipe.auto import Auto
 from gpipe.compiling import refuse_compiling
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
@@ -100,6 +104,12 @@ class DistributedPipe(nn.Module):
         split_points: module paths where a captured model's stages are cut.
         deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`:
             running statistics of the whole global batch, summed over the replicas.
+        batch: what each rank's ``step`` is given. ``"same"``: the whole global mini-batch,
+            the same on every rank; each data-parallel replica takes its ``1/D`` share.
+            ``"per_replica"``: each replica its own shard (as DDP with a
+            ``DistributedSampler``), the same on every rank of that replica's pipeline; the
+            pipeline splits the shard into M micro-batches and the step equals the plain
+            model on the union of the shards (``sample=`` is then one replica's shard).
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class DistributedPipe(nn.Module):
         batch_dim: int = 0,
         split_points: Sequence[str] | None = None,
         deferred_batch_norm: bool = False,
+        batch: str = "same",
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -152,8 +163,11 @@ class DistributedPipe(nn.Module):
         error: BaseException | None = None
         fingerprint = None
         self._timeout = 300.0
+        self.batch = "same"
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
             given = module
+            self.batch = distcall.check_batch_mode(batch)
+            shards = self.batch == "per_replica"  # sample= is one replica's shard
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
                                 deferred_batch_norm=deferred_batch_norm)  # fmt: skip
             self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
@@ -162,8 +176,9 @@ class DistributedPipe(nn.Module):
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
                 k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
+                sharing = 1 if shards else data_parallel or 1  # replicas that share the sample
                 self.auto_plan = top = auto.for_distributed(
-                    module, sample, stages=k, data_parallel=data_parallel or 1, chunks=chunks,
+                    module, sample, stages=k, data_parallel=sharing, chunks=chunks,
                     fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
                 )  # fmt: skip
                 schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
@@ -213,7 +228,7 @@ class DistributedPipe(nn.Module):
             try:
                 sample_mb = sample_microbatch(
                     sample,
-                    self.data_parallel,
+                    1 if self.batch == "per_replica" else self.data_parallel,
                     self._batch_dim,
                     lambda local: diststep.share_microbatches(self, local),
                 )
@@ -375,7 +390,11 @@ class DistributedPipe(nn.Module):
         """One pipelined forward+backward of the global mini-batch on every rank.
 
         Call it on every rank with the same arguments (``inputs`` are used by the first stage,
-        ``targets`` by the last; other ranks may pass ``None``). Returns the loss, the same on
+        ``targets`` by the last; other ranks may pass ``None``; with ``batch="per_replica"``
+        the same within each replica's pipeline, each replica its own shard), in the same
+        ``train()``/``eval()`` and grad mode: the ranks compare these first (one small
+        all-gather) and all raise ``ValueError`` naming the ranks and what differs, before
+        any state changes. Returns the loss, the same on
         every rank (averaged over data-parallel replicas; ``reduction`` as in
         :meth:`gpipe.Pipe.step`, an item count weighting each replica by its items). Gradients accumulate in the local
         parameters, already averaged over replicas and summed over tied copies. Under

@@ -1,7 +1,9 @@
 """One step of a distributed pipeline on this rank, and what follows it.
 
-A step: this replica's share of the batch split into micro-batches (:func:`prepare`), the
-shared :func:`gpipe.stepcore.begin`, this rank's executor loop over the transport, the end of
+A step: this replica's share of the batch (or, with ``batch="per_replica"``, the shard it
+was given) split into micro-batches (:func:`prepare`), the ranks' agreement on the call
+(:mod:`gpipe.distcall`: one all-gather, before any state changes), the shared
+:func:`gpipe.stepcore.begin`, this rank's executor loop over the transport, the end of
 the step on every channel (``END`` carrying the last stage's loss, or ``ABORT``), the loss and
 failure agreed over the replicas, then the collectives: tied copies' gradients summed, the
 replicas' gradients averaged.
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpipe import stepcore
+from gpipe import distcall, stepcore
 from gpipe.distbuild import local_params
 from gpipe.microbatch import batch_size, num_microbatches, split
 from gpipe.nn import commit_over
@@ -48,20 +50,24 @@ def failure_text(e: BaseException) -> str:
 def share_microbatches(pipe: DistributedPipe, local: Any) -> int:
     """M for this replica's share of the batch; the errors use :func:`gpipe.microbatch.split`'s
     words for the same mistake (plus the replica's share with data parallelism)."""
-    share = (
-        ""
-        if pipe.data_parallel == 1
-        else f" (replica {pipe.replica}'s share of the global batch over "
-        f"{pipe.data_parallel} data-parallel replicas)"
-    )
+    if pipe.data_parallel == 1:
+        share = ""
+    elif pipe.batch == "per_replica":
+        share = f" (replica {pipe.replica}'s shard)"
+    else:
+        share = (
+            f" (replica {pipe.replica}'s share of the global batch over "
+            f"{pipe.data_parallel} data-parallel replicas)"
+        )
     n = batch_size(local, pipe._batch_dim)
     return num_microbatches(n, pipe._chunks, pipe._mbs, batch_dim=pipe._batch_dim, share=share)
 
 
 def local_share(pipe: DistributedPipe, obj: Any) -> Any:
-    """This replica's rows of the global ``obj``."""
+    """This replica's rows of the global ``obj`` (with ``batch="per_replica"``, ``obj`` is
+    already this replica's shard)."""
     d = pipe.data_parallel
-    if d == 1:
+    if d == 1 or pipe.batch == "per_replica":
         return obj
     n = batch_size(obj, pipe._batch_dim)
     if n % d:
@@ -125,9 +131,26 @@ def run_step(
             scales, items = stepcore.loss_scales(reduction, tmbs or [None] * m)
     except Exception as e:
         local_error, m = e, pipe._chunks or 1
+    layout, transport = pipe._layout, pipe._transport
+    call = distcall.describe(
+        inputs,
+        targets,
+        training=pipe.training,
+        grad=grad,
+        num_microbatches=None if local_error is not None else m,
+        batch_dim=pipe._batch_dim,
+    )
+    agreed = distcall.check(
+        call,
+        group=pipe._groups.calls,
+        batch=pipe.batch,
+        num_devices=layout.num_devices,
+        data_parallel=layout.data_parallel,
+        timeout=pipe._timeout,
+        rank=pipe.rank,
+    )  # raises on every rank alike, before any state changes
     if pipe._stages is None:
         pipe._build(pipe._agree_balance(mbs[0] if mbs else None, local_error))
-    layout, transport = pipe._layout, pipe._transport
     sched = pipe._schedule(m)
     per_device = stepcore.step_actions(sched, grad)
     actions = per_device[layout.pipeline_device]
@@ -146,7 +169,7 @@ def run_step(
         loss_fn,
         scales,
         check_finite=pipe.check_finite,
-        rng_offset=layout.replica * m,
+        rng_offset=agreed.offset(layout.replica),
     )
     transport.begin_step(pipe._calls, m, per_device)
     pipe._calls += 1
@@ -205,6 +228,7 @@ def run_step(
         layout.data_parallel,
         layout.num_devices,
         transport.comm_device,
+        rows=agreed.rows if pipe.batch == "per_replica" else None,
     )
     if failure is not None:
         collectives.unstash(pipe._ties, stash)

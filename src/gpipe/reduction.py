@@ -126,12 +126,20 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-def replica_weights(reduction: Reduction, items: Sequence[float]) -> list[float]:
+def replica_weights(
+    reduction: Reduction, items: Sequence[float], rows: Sequence[int | None] | None = None
+) -> list[float]:
     """The weight of each data-parallel replica's loss and gradients in the global ones,
-    from each replica's item count (``M`` each for ``"mean"`` and ``"sum"``)."""
+    from each replica's item count (``M`` each for ``"mean"`` and ``"sum"``). ``rows``: each
+    replica's rows where replicas were given shards of their own, which may differ in size;
+    a ``"mean"`` then weighs each replica by its share of the rows (``1/D`` when they are
+    equal)."""
     d = len(items)
     if reduction == "mean":
-        return [1.0 / d] * d
+        counts = [] if rows is None else [n for n in rows if n is not None]
+        if len(counts) != d or sum(counts) <= 0:
+            return [1.0 / d] * d
+        return [n / sum(counts) for n in counts]
     if reduction == "sum":
         return [1.0] * d
     total = math.fsum(items)

@@ -13,7 +13,12 @@ The invariant: training is a pure function of the config, not of the topology. B
 the pipe's keyed streams at ``rng_step``; a checkpoint stores parameters and optimizer state by
 parameter name, the step, ``rng_step`` and the torch RNG (:mod:`gpipe.train_state`), so a run
 resumed from step ``N`` continues bit for bit like the uninterrupted run on the same cut and
-runtime, and within float rounding on another. Every config value is validated
+runtime, and within float rounding on another. Under ``runtime="dist"`` every rank draws the
+whole batch ``s`` (cheap: windows gathered from the corpus in memory) and the pipe keeps its
+default ``batch="same"``, each data-parallel replica taking its share: the global batch, and
+so the training, stays independent of ``--data-parallel`` and needs nothing but the step to
+resume. Each step the ranks confirm they hold the same batch, mode and grad mode
+(:mod:`gpipe.distcall`). Every config value is validated
 (:meth:`TrainConfig.validate`) before anything is built, and no run deletes a checkpoint it
 has not replaced with a newer one of its own (:class:`Trainer`).
 

@@ -26,7 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["FIX", "check", "describe_error", "gather", "layer_signature", "raise_remote"]
+__all__ = [
+    "FIX",
+    "check",
+    "describe_error",
+    "gather",
+    "gather_ints",
+    "layer_signature",
+    "raise_remote",
+]
 
 FIX = "construct DistributedPipe identically on every rank (same model, options and order)"
 _LONG = 160  # a layer's description longer than this is cut and ends with a hash of the whole
@@ -92,6 +100,18 @@ def gather(
     bufs = [torch.empty_like(buf) for _ in range(n)]
     _wait(dist.all_gather(bufs, buf, group=group, async_op=True), timeout, rank, what)
     return [json.loads(b[:k].cpu().numpy().tobytes()) for b, k in zip(bufs, lengths)]
+
+
+def gather_ints(
+    values: Sequence[int], group: Any, timeout: float, rank: int, what: str
+) -> list[list[int]]:
+    """All-gather a fixed number of int64 ``values`` over the CPU (gloo) ``group``: every
+    rank's values, by group rank. One collective, bounded by ``timeout`` (a rank that does not
+    arrive raises :class:`TimeoutError` on the others, naming ``what`` they waited for)."""
+    mine = torch.tensor(list(values), dtype=torch.int64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(every, mine, group=group, async_op=True), timeout, rank, what)
+    return [t.tolist() for t in every]
 
 
 def describe_error(e: BaseException) -> dict[str, str]:

@@ -9,6 +9,7 @@ rank returns the same loss, and a failure on any replica is known on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,9 +40,11 @@ def replica_sync(
     data_parallel: int,
     num_devices: int,
     comm_device: torch.device,
+    rows: Sequence[int | None] | None = None,
 ) -> tuple[torch.Tensor | None, Failure | None, float]:
     """Across data-parallel replicas: learn whether any replica failed; weigh each replica's
-    loss by :func:`gpipe.reduction.replica_weights` (from its ``items``) and add them up.
+    loss by :func:`gpipe.reduction.replica_weights` (from its ``items``, and each replica's
+    ``rows`` where replicas were given shards of their own) and add them up.
     Returns the loss, the failure, and this replica's weight for its gradients."""
     if dp_group is None:
         return loss, failure, 1.0
@@ -58,9 +61,9 @@ def replica_sync(
         dtype=torch.float64,
         device=comm_device,
     )
-    rows = [torch.empty_like(row) for _ in range(data_parallel)]
+    every = [torch.empty_like(row) for _ in range(data_parallel)]
     try:
-        dist.all_gather(rows, row, group=dp_group)
+        dist.all_gather(every, row, group=dp_group)
     except Exception as e:
         return (
             loss,
@@ -69,8 +72,8 @@ def replica_sync(
         )
     if failure is not None:
         return loss, failure, 1.0
-    rows = [r.cpu() for r in rows]
-    for j, r in enumerate(rows):
+    every = [r.cpu() for r in every]
+    for j, r in enumerate(every):
         if r[0] > 0:
             ints = [int(v) for v in r[1:4].tolist()]
             return (
@@ -85,8 +88,8 @@ def replica_sync(
                 1.0,
             )
     assert loss is not None
-    weights = replica_weights(reduction, [float(r[5]) for r in rows])
-    total = sum(w * float(r[4]) for w, r in zip(weights, rows, strict=True))
+    weights = replica_weights(reduction, [float(r[5]) for r in every], rows)
+    total = sum(w * float(r[4]) for w, r in zip(weights, every, strict=True))
     me = dist.get_group_rank(dp_group, dist.get_rank())
     return torch.tensor(total, dtype=torch.float64).to(loss.dtype), None, weights[me]
 
