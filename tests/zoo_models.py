@@ -182,6 +182,13 @@ QWEN2MOE = {
     "num_experts": 4,
     "num_experts_per_tok": 2,
 }
+ERNIE_MOE = {
+    **GQA,
+    "moe_intermediate_size": HIDDEN,
+    "moe_k": 2,
+    "moe_num_experts": 4,
+    "moe_layer_end_index": LAYERS - 1,
+}
 
 ZOO = {
     z.name: z
@@ -229,5 +236,7 @@ ZOO = {
             QWEN2MOE,
             dtype=torch.float32,
         ),
+        # a float32 router (autocast disabled around it) and experts from the second layer on
+        Zoo("ernie_moe", "moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", ERNIE_MOE),
     ]
 }
