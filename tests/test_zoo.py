@@ -267,8 +267,8 @@ ISLAND_LOST = (
     "and the float32 router (maybe_autocast(enabled=False), a no-op outside autocast) is not in "
     "the captured graph, so it would run in bfloat16"
 )
-# relative distance (norm) each case may have from the plain loop: the same kernels differ only
-# in the order of float32 sums; Llama's captured attention has an explicit causal mask where the
+# relative distance (norm) each case may have from the plain loop: the same kernels on as many
+# threads differ only in the order of float32 sums; Llama's captured attention has an explicit causal mask where the
 # plain model asks SDPA for is_causal, another bfloat16 kernel (~5e-3 apart)
 AUTOCAST = [
     ("vit", "gpipe", "step", 1e-5),
@@ -312,7 +312,8 @@ def test_a_step_under_bf16_autocast_equals_the_plain_loop(
     model = z.build(torch.float32)
     x, y = z.batch(dtype=torch.float32)
     plain = copy.deepcopy(model)
-    pipe = pipe_of(model, x, 2, schedule)
+    # one intra-op thread in the stages and the plain loop: bfloat16 kernels round by thread count
+    pipe = pipe_of(model, x, 2, schedule, threads_per_stage=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if how == "step":
             got = pipe.step(x, y, loss).item()
@@ -321,12 +322,16 @@ def test_a_step_under_bf16_autocast_equals_the_plain_loop(
     if how == "call":
         value.backward()
         got = value.item()
-    want = 0.0
-    for xm, ym in zip(split(x, M), split(y, M)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            value = loss(call(plain, xm), ym) / M
-        value.backward()
-        want += value.item()
+    want, threads = 0.0, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for xm, ym in zip(split(x, M), split(y, M)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                value = loss(call(plain, xm), ym) / M
+            value.backward()
+            want += value.item()
+    finally:
+        torch.set_num_threads(threads)
     assert got == pytest.approx(want, rel=max(rel, 1e-6))
     assert_near(grads(model), grads(plain), rel)
 
