@@ -13,12 +13,16 @@ ordinary training code:
 
 The habits are spread over the schedule families rather than run for every model and every
 schedule. Float64 where the model allows (the MoE experts' grouped product takes float32).
-``make zoo`` runs all of it; the default run keeps one case of each habit.
+``make zoo`` (``GPIPE_ZOO=all``) runs all of it, with ``DistributedPipe`` on 2 and 2 x 2 gloo
+ranks; the default run keeps one case of each habit.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +35,7 @@ from gpipe.microbatch import split
 
 pytest.importorskip("transformers")
 
+from spawn_ranks import run_gloo
 from zoo_models import ZOO, call, first_tensor, has_dropout, loss
 
 M = 4  # micro-batches of the four-row batches
@@ -43,8 +48,13 @@ OTHER_LENGTH = (
 AUTOCAST_BACKWARD = "known bug: the pipe's backward runs under the caller's autocast"
 
 
+# the whole zoo runs under GPIPE_ZOO=all (make zoo); the default run keeps a case of each habit
+FULL = pytest.mark.skipif(os.environ.get("GPIPE_ZOO") != "all", reason="the whole zoo: make zoo")
+
+
 def slow(*args: Any, marks: Any = ()) -> Any:
-    return pytest.param(*args, marks=[pytest.mark.slow, *marks])
+    """A case of the whole zoo only."""
+    return pytest.param(*args, marks=[pytest.mark.slow, FULL, *marks])
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -81,6 +91,8 @@ def assert_same(got: dict, want: dict, **tol: float) -> None:
             torch.testing.assert_close(g, want[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
+@FULL
 def test_the_zoo_keeps_its_configs_dropout() -> None:
     """The zoo's defaults draw random numbers exactly where the config's defaults have a
     dropout (the cases below rely on it)."""
@@ -104,7 +116,10 @@ EVAL = [
     pytest.param(
         name,
         SCHEDULES[i % len(SCHEDULES)],
-        marks=[pytest.mark.xfail(strict=True, reason=EVAL_IGNORED)] if name in DROPOUT else [],
+        marks=[
+            *([pytest.mark.xfail(strict=True, reason=EVAL_IGNORED)] if name in DROPOUT else []),
+            *([] if name == "gpt2" else [pytest.mark.slow, FULL]),
+        ],
     )
     for i, name in enumerate(ZOO)
 ]
@@ -365,3 +380,45 @@ def test_a_batch_of_another_length_trains_as_the_plain_model(
         got = pipe.step(x, y, loss).item()
         assert got == pytest.approx(plain.backward(x, y), rel=tol["rtol"]), length
         assert_same(grads(model), grads(plain.model), **tol)
+
+
+# -- DistributedPipe ---------------------------------------------------------------------------
+
+DIST_MODEL = "gpt2"  # dropout on, embedding and head tied across ranks
+
+
+def _distributed(rank: int, out: Path, data_parallel: int) -> None:
+    from gpipe.distributed import DistributedPipe
+
+    z = ZOO[DIST_MODEL]
+    model = z.build()
+    x, y = z.batch(rows=4 * data_parallel)
+    names = {id(p): n for n, p in model.named_parameters()}
+    options = {"stages": 2, "chunks": 2, "schedule": "1f1b", "data_parallel": data_parallel}
+    with DistributedPipe(model, sample=x, **options) as pipe:
+        value = pipe.step(x, y, loss).item()
+        got = {names[id(p)]: p.grad.clone() for p in pipe.parameters() if p.grad is not None}
+    torch.save({"loss": value, "grads": got}, out / f"out-{rank}.pt")
+
+
+@pytest.mark.slow
+@FULL
+@pytest.mark.parametrize("data_parallel", [1, 2])
+def test_distributed_pipe_equals_the_reference(tmp_path: Path, data_parallel: int) -> None:
+    """Two ranks (one pipeline), or 2 x 2 ranks (two replicas): the loss and every gradient
+    equal ``gpipe.reference_step`` with D * M micro-batches (the same keyed dropout masks)."""
+    world = 2 * data_parallel
+    run_gloo(partial(_distributed, data_parallel=data_parallel), tmp_path, world, limit=300)
+    z = ZOO[DIST_MODEL]
+    model = z.build()
+    x, y = z.batch(rows=4 * data_parallel)
+    want = gpipe.reference_step(capture(model, x), x, y, loss, chunks=2 * data_parallel)
+    tol = tolerance(z.dtype)
+    seen = set()
+    for rank in range(world):
+        out = torch.load(tmp_path / f"out-{rank}.pt")
+        assert out["loss"] == pytest.approx(want.item(), rel=tol["rtol"]), rank
+        for name, g in out["grads"].items():
+            torch.testing.assert_close(g, model.get_parameter(name).grad, **tol)
+            seen.add(name)
+    assert seen == {n for n, _ in model.named_parameters()}
