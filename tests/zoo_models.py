@@ -237,6 +237,13 @@ ZOO = {
             dtype=torch.float32,
         ),
         # a float32 router (autocast disabled around it) and experts from the second layer on
-        Zoo("ernie_moe", "moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", ERNIE_MOE),
+        Zoo(
+            "ernie_moe",
+            "moe",
+            "Ernie4_5_MoeConfig",
+            "Ernie4_5_MoeForCausalLM",
+            ERNIE_MOE,
+            dtype=torch.float32,
+        ),
     ]
 }
