@@ -1,4 +1,4 @@
-"""A model zoo as a differential test: thirteen ``transformers`` architectures, each from its
+"""A model zoo as a differential test: fourteen ``transformers`` architectures, each from its
 default config shrunk (dropout left at its default), wrapped the way users wrap them —
 ``gpipe.Pipe(model, sample=x, ...)`` — and run against the plain model through the habits of
 ordinary training code:
