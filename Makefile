@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: test train lint bench-quick clean mutants
+.PHONY: test train lint bench-quick clean mutants zoo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/local_throughput.py --quick
+
+# The whole model zoo (tests/test_zoo.py): every architecture and habit, DistributedPipe included.
+zoo: $(STAMP)
+	GPIPE_ZOO=all $(PY) -m pytest -q tests/test_zoo.py
 
 # Mutation score of the core modules (docs/mutation.md); not part of `test`. MODULES=schedules ...
 mutants: $(STAMP)
