@@ -41,12 +41,6 @@ from zoo_models import ZOO, call, first_tensor, has_dropout, loss
 M = 4  # micro-batches of the four-row batches
 DROPOUT = {"gpt2", "opt", "bert", "roberta", "distilbert", "t5", "bart"}
 
-EVAL_IGNORED = "known bug: model.eval() before wrapping is ignored, the pipe trains (dropout on)"
-OTHER_LENGTH = (
-    "known bug: a batch of another sequence length is refused (only the batch may change)"
-)
-AUTOCAST_BACKWARD = "known bug: the pipe's backward runs under the caller's autocast"
-
 
 # the whole zoo runs under GPIPE_ZOO=all (make zoo); the default run keeps a case of each habit
 FULL = pytest.mark.skipif(os.environ.get("GPIPE_ZOO") != "all", reason="the whole zoo: make zoo")
@@ -117,7 +111,6 @@ EVAL = [
         name,
         SCHEDULES[i % len(SCHEDULES)],
         marks=[
-            *([pytest.mark.xfail(strict=True, reason=EVAL_IGNORED)] if name in DROPOUT else []),
             *([] if name == "gpt2" else [pytest.mark.slow, FULL]),
         ],
     )
@@ -274,12 +267,8 @@ def test_two_steps_without_zero_grad_accumulate_the_plain_gradients(
 
 # -- autocast --------------------------------------------------------------------------------
 
-CAPTURED_DTYPES = (
-    "capture keeps torch.export's dtype assertions (aten._assert_tensor_metadata, dtype fixed "
-    "at capture): a .float() on an activation fails under autocast"
-)
 ISLAND_LOST = (
-    "and the float32 router (maybe_autocast(enabled=False), a no-op outside autocast) is not in "
+    "the float32 router (maybe_autocast(enabled=False), a no-op outside autocast) is not in "
     "the captured graph, so it would run in bfloat16"
 )
 # relative distance (norm) each case may have from the plain loop: the same kernels on as many
@@ -291,19 +280,13 @@ AUTOCAST = [
     slow("gpt_neox", "1f1b", "step", 1e-5),
     slow("convnext", "zb-v", "step", 1e-5),
     slow("llama", "zb-h1", "step", 2e-2),
-    slow(
-        "mixtral",
-        "interleaved",
-        "step",
-        1e-5,
-        marks=[pytest.mark.xfail(strict=True, reason=CAPTURED_DTYPES)],
-    ),
+    slow("mixtral", "interleaved", "step", 1e-5),
     slow(
         "ernie_moe",
         "dualpipe-v",
         "step",
         1e-5,
-        marks=[pytest.mark.xfail(strict=True, reason=f"{CAPTURED_DTYPES}, {ISLAND_LOST}")],
+        marks=[pytest.mark.xfail(strict=True, reason=ISLAND_LOST)],
     ),
 ]
 
@@ -354,10 +337,10 @@ def test_a_step_under_bf16_autocast_equals_the_plain_loop(
 # -- another sequence length or image size ---------------------------------------------------
 
 OTHER = [
-    pytest.param("convnext", 48, "1f1b", marks=pytest.mark.xfail(strict=True, reason=OTHER_LENGTH)),
-    slow("gpt2", 12, "zb-h1", marks=[pytest.mark.xfail(strict=True, reason=OTHER_LENGTH)]),
-    slow("bert", 5, "interleaved", marks=[pytest.mark.xfail(strict=True, reason=OTHER_LENGTH)]),
-    slow("qwen2_moe", 16, "zb-v", marks=[pytest.mark.xfail(strict=True, reason=OTHER_LENGTH)]),
+    pytest.param("convnext", 48, "1f1b"),
+    slow("gpt2", 12, "zb-h1"),
+    slow("bert", 5, "interleaved"),
+    slow("qwen2_moe", 16, "zb-v"),
 ]
 
 

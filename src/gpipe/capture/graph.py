@@ -33,6 +33,13 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 __all__ = ["CaptureError", "Traced", "trace"]
 
 _aten = torch.ops.aten
+# export's checks that a tensor keeps the dtype/device it had at capture; under autocast an
+# activation's dtype differs by design, so the graph drops them (the ops themselves check)
+_METADATA_ASSERTS = {
+    op
+    for name in ("_assert_tensor_metadata",)
+    if (op := getattr(getattr(_aten, name, None), "default", None)) is not None
+}
 
 
 class CaptureError(RuntimeError):
@@ -259,6 +266,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: st
     for node in ep.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
+        if node.op == "call_function" and node.target in _METADATA_ASSERTS:
+            continue  # a dtype fixed at capture: autocast legitimately changes it
         if node.op == "call_function" and node.target == _aten.scaled_dot_product_attention.default:
             p = _sdpa_dropout(node)
             if p > 0:  # traced in training mode: drop only while training, as the model did
