@@ -81,6 +81,27 @@ def loss_fn(out, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
 
 
+def one_round(build, args: argparse.Namespace) -> dict[str, float]:
+    """One model built and captured, then stepped at the sample's length and a new one."""
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randint(0, VOCAB, (args.rows, args.length))
+    x2 = torch.randint(0, VOCAB, (args.rows, args.new_length))
+    out = {
+        "export": timed(lambda: torch.export.export(model, (x,), strict=False)),
+        "capture": timed(lambda: capture(model, x, check=False)),
+    }
+    t = time.perf_counter()
+    layers = capture(model, x)
+    out["check"] = time.perf_counter() - t
+    with gpipe.Pipe(layers, stages=2, chunks=2) as pipe:
+        pipe.step(x, x, loss_fn)
+        out["warm"] = timed(lambda: pipe.step(x, x, loss_fn))
+        out["first"] = timed(lambda: pipe.step(x2, x2, loss_fn))
+        out["again"] = timed(lambda: pipe.step(x2, x2, loss_fn))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -98,26 +119,10 @@ def main() -> None:
         f"{'step@L':>8} {'1st@L2':>8} {'2nd@L2':>8}"
     )
     for name, build in models().items():
-        rows = {k: [] for k in ("export", "capture", "check", "warm", "first", "again")}
+        rows: dict[str, list[float]] = {}
         for _ in range(args.repeats):
-            torch.manual_seed(0)
-            model = build()
-            x = torch.randint(0, VOCAB, (args.rows, args.length))
-            x2 = torch.randint(0, VOCAB, (args.rows, args.new_length))
-            rows["export"].append(timed(lambda: torch.export.export(model, (x,), strict=False)))
-            rows["capture"].append(timed(lambda: capture(model, x, check=False)))
-            layers = None
-
-            def with_check() -> None:
-                nonlocal layers
-                layers = capture(model, x)
-
-            rows["check"].append(timed(with_check))
-            with gpipe.Pipe(layers, stages=2, chunks=2) as pipe:
-                pipe.step(x, x, loss_fn)
-                rows["warm"].append(timed(lambda: pipe.step(x, x, loss_fn)))
-                rows["first"].append(timed(lambda: pipe.step(x2, x2, loss_fn)))
-                rows["again"].append(timed(lambda: pipe.step(x2, x2, loss_fn)))
+            for k, v in one_round(build, args).items():
+                rows.setdefault(k, []).append(v)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(
             f"{name:8} {med['export']:8.2f} {med['capture']:8.2f} {med['check']:8.2f} "
