@@ -381,7 +381,11 @@ def _distributed(rank: int, out: Path, data_parallel: int) -> None:
     with DistributedPipe(model, sample=x, **options) as pipe:
         value = pipe.step(x, y, loss).item()
         got = {names[id(p)]: p.grad.clone() for p in pipe.parameters() if p.grad is not None}
-    torch.save({"loss": value, "grads": got}, out / f"out-{rank}.pt")
+        pipe.eval()  # evaluation at another length than the sample's, on every rank
+        x2, y2 = z.batch(rows=4 * data_parallel, size=z.size + 4, seed=7)
+        with torch.no_grad():
+            evaluated = pipe.step(x2, y2, loss).item()
+    torch.save({"loss": value, "grads": got, "eval": evaluated}, out / f"out-{rank}.pt")
 
 
 @pytest.mark.slow
@@ -397,10 +401,14 @@ def test_distributed_pipe_equals_the_reference(tmp_path: Path, data_parallel: in
     x, y = z.batch(rows=4 * data_parallel)
     want = gpipe.reference_step(capture(model, x), x, y, loss, chunks=2 * data_parallel)
     tol = tolerance(z.dtype)
+    x2, y2 = z.batch(rows=4 * data_parallel, size=z.size + 4, seed=7)
+    with torch.no_grad():
+        plain_eval = loss(model.eval()(x2), y2).item()
     seen = set()
     for rank in range(world):
         out = torch.load(tmp_path / f"out-{rank}.pt")
         assert out["loss"] == pytest.approx(want.item(), rel=tol["rtol"]), rank
+        assert out["eval"] == pytest.approx(plain_eval, rel=tol["rtol"]), rank
         for name, g in out["grads"].items():
             torch.testing.assert_close(g, model.get_parameter(name).grad, **tol)
             seen.add(name)

@@ -17,6 +17,7 @@ gives such a graph, :func:`trace` raises one :class:`CaptureError` naming both f
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import traceback
@@ -202,6 +203,18 @@ class AttentionDropout(nn.Module):
         return f"p={self.p}"
 
 
+def _without_asserts(body: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a higher-order op's body (and the bodies nested in it) without export's
+    dtype assertions (see ``_METADATA_ASSERTS``)."""
+    body = copy.deepcopy(body)
+    for gm in body.modules():
+        if isinstance(gm, fx.GraphModule):
+            for n in [n for n in gm.graph.nodes if n.target in _METADATA_ASSERTS]:
+                gm.graph.erase_node(n)
+            gm.recompile()
+    return body
+
+
 def _dropout_trains(node: fx.Node) -> bool:
     """Whether an ``aten.dropout(x, p, train)`` node was traced in training mode."""
     return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True))
@@ -268,6 +281,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: st
             continue
         if node.op == "call_function" and node.target in _METADATA_ASSERTS:
             continue  # a dtype fixed at capture: autocast legitimately changes it
+        if node.op == "get_attr" and isinstance(
+            getattr(ep.graph_module, str(node.target), None), fx.GraphModule
+        ):  # the body of a higher-order op (an autocast or no_grad region, a checkpoint)
+            name = f"_gpipe{tag}_{node.target}"
+            constants[name] = _without_asserts(getattr(ep.graph_module, str(node.target)))
+            env[node] = graph.get_attr(name)
+            env[node].meta.update(node.meta)
+            continue
         if node.op == "call_function" and node.target == _aten.scaled_dot_product_attention.default:
             p = _sdpa_dropout(node)
             if p > 0:  # traced in training mode: drop only while training, as the model did
