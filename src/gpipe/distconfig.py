@@ -50,9 +50,10 @@ def configure(
     tied: Sequence[Sequence[str]],
     batch_dim: int,
     backend: str,
-) -> None:
+) -> Sequence[int] | None:
     """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
-    collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
+    collective: :func:`gpipe.runtime.agree.check` runs after this on every rank); the balance
+    to cut by (``balance``, else the one a captured model's split points force)."""
     pipe._timeout = options.seconds("timeout", timeout)
     pipe._named = plan.layers_of(module, "DistributedPipe")
     pipe.fetch_names = options.names("fetch", pipe._fetch_arg)
@@ -73,6 +74,7 @@ def configure(
     pipe._schedule_name = pipe._spec.name
     v, k_sched = pipe._spec.virtual_stages, pipe._spec.num_devices
     pipe._v = v
+    balance = plan.cut_by(module, balance, stages=stages, virtual_stages=v, auto=False)
     world = dist.get_world_size(pipe._pg)
     k, d = resolve_counts(
         world, stages, k_sched, data_parallel, balance, v, len(pipe._named), pipe._pinned
@@ -90,6 +92,7 @@ def configure(
     pipe._tied = [tuple(t) for t in tied]
     pipe._slots = _param_slots(pipe._named)
     pipe._tie_groups = _tie_groups(pipe._slots, pipe._tied)
+    return balance
 
 
 def fingerprint(

@@ -124,7 +124,7 @@ class DistributedPipe(nn.Module):
         init_fn: Callable[[nn.Module], None] | None = None,
         sample: Any = None,
         batch_dim: int = 0,
-        split_points: Sequence[str] | None = None,
+        split_points: str | Sequence[str] | None = None,
         deferred_batch_norm: bool = False,
     ) -> None:
         super().__init__()
@@ -154,9 +154,9 @@ class DistributedPipe(nn.Module):
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
                                 deferred_batch_norm=deferred_batch_norm)  # fmt: skip
-            balance = getattr(module, "split_balance", None) if balance is None else balance
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                plan.cut_by(module, balance, stages=stages, virtual_stages=1, auto=True)
                 k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
                 self.auto_plan = top = auto.for_distributed(
                     module, sample, stages=k, data_parallel=data_parallel or 1, chunks=chunks,
@@ -164,7 +164,7 @@ class DistributedPipe(nn.Module):
                 )  # fmt: skip
                 schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
                 balance, chunks = list(top.balance), top.chunks
-            distconfig.configure(
+            balance = distconfig.configure(
                 self, module, stages, balance, chunks, micro_batch_size, schedule,
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
                 batch_dim, backend,

@@ -104,14 +104,13 @@ class Pipe(nn.Module):
         deferred_batch_norm: bool = False,
         check_finite: bool = False,
         sample: Any = None,
-        split_points: Sequence[str] | None = None,
+        split_points: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         module = plan.front(module, sample=sample, split_points=split_points, batch_dim=batch_dim,
                             deferred_batch_norm=deferred_batch_norm)  # fmt: skip
         named = plan.layers_of(module, "Pipe")
         self.layers = plan.container(module, named)
-        balance = getattr(module, "split_balance", None) if balance is None else balance
         self._auto, self.auto_plan = Auto.of(schedule), None  # "auto": planned at the first batch
         self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
         if self._auto is not None and balance is not None:
@@ -141,6 +140,9 @@ class Pipe(nn.Module):
         self._spec = ScheduleSpec(schedule, virtual_stages)
         self.schedule_name = self._spec.name
         self.virtual_stages = v = self._spec.virtual_stages
+        balance = plan.cut_by(
+            module, balance, stages=stages, virtual_stages=v, auto=self._auto is not None
+        )
         self.devices = pipe_devices(devices, stages, balance, self._spec.num_devices, v)
         self.num_devices = k = len(self.devices)
         #: stage -> device index (the schedule's placement)

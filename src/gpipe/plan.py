@@ -35,6 +35,7 @@ __all__ = [
     "check_shared_placement",
     "check_stage_count",
     "container",
+    "cut_by",
     "device_of",
     "fetch_points",
     "flops_weights",
@@ -50,7 +51,7 @@ def front(
     who: str = "Pipe",
     *,
     sample: Any = None,
-    split_points: Sequence[str] | None = None,
+    split_points: str | Sequence[str] | None = None,
     batch_dim: int = 0,
     deferred_batch_norm: bool = False,
 ) -> Any:
@@ -80,6 +81,45 @@ def front(
             "arguments or gpipe.capture.Sample(*args, **kwargs)); or give an nn.Sequential"
         )
     return capture(module, sample, split_points=split_points, batch_dim=batch_dim)
+
+
+def cut_by(
+    module: Any,
+    balance: Sequence[int] | None,
+    *,
+    stages: int | None,
+    virtual_stages: int,
+    auto: bool,
+) -> Sequence[int] | None:
+    """The balance a pipe cuts by: the user's ``balance``, else the layers per stage that a
+    captured model's ``split_points`` force — checked here against ``stages`` and
+    ``schedule="auto"``, so that a disagreement names ``split_points`` and not a balance nobody
+    gave."""
+    from gpipe.capture import CapturedLayers
+
+    split = module.split_balance if isinstance(module, CapturedLayers) else None
+    if balance is not None or split is None:
+        return balance
+    n, v = len(split), virtual_stages
+    if auto:
+        raise ValueError(
+            f"split_points cut the model into {n} stages, but schedule='auto' chooses the cut "
+            "itself; drop split_points= to let the planner cut, or name a schedule to keep them"
+        )
+    per = f" x {v} virtual stages" if v > 1 else ""
+    if n % v:
+        raise ValueError(
+            f"split_points cut the model into {n} stages, which {v} virtual stages per device "
+            f"cannot share out; give {v * (n // v + 1) - 1} split points (a multiple of {v} "
+            "stages) or another virtual_stages"
+        )
+    if stages is not None and stages * v != n:
+        raise ValueError(
+            f"split_points cut the model into {n} stages, but stages={stages}{per} asks for "
+            f"{stages * v}; drop stages= (the split points decide it) or give "
+            f"{stages * v - 1} split points"
+        )
+    return split
 
 
 def container(module: Any, named: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:

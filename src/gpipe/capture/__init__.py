@@ -89,20 +89,21 @@ def capture(
     model: nn.Module,
     sample: Any,
     *,
-    split_points: Sequence[str] | None = None,
+    split_points: str | Sequence[str] | None = None,
     batch_dim: int = 0,
     method: str = "auto",
 ) -> CapturedLayers:
     """Capture ``model`` on ``sample`` and cut it into layers (see the module docstring).
 
     ``split_points``: module paths where stages must be cut (``"transformer.h.2"`` cuts
-    before it, ``"transformer.h.2:after"`` after it); the pipe then gets one stage per piece.
+    before it, ``"transformer.h.2:after"`` after it; one string is one point); the pipe then
+    gets one stage per piece.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture needs an nn.Module, got {type(model).__name__}")
     args, kwargs = sample_args(sample)
     units = unit_paths(model)
-    points = resolve_split_points(list(split_points or ()), model, units)
+    points = resolve_split_points(split_points, model, units)
     traced = trace(model, args, kwargs, batch_dim=batch_dim, method=method)
     layers = cut(traced, model, units, batch_dim)
     names = [n for n, _ in layers]
