@@ -7,6 +7,9 @@ then the cases a table cannot hold. Each row is a case of docs/reliability.md.
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -243,3 +246,41 @@ def test_one_split_point_may_be_given_as_a_string() -> None:
     listed = tower(split_points=["h.2"], chunks=2)()
     assert one.balance == listed.balance and len(one.balance) == 2
     assert one.partitions[1].layers[0].startswith("h/2")
+
+
+# ------------------------------------------------------------------ Python's copy and pickle
+
+
+def _two_stage_pipe() -> gpipe.Pipe:
+    return gpipe.Pipe(mlp(2), devices=["cpu"] * 2, balance=[1, 1], chunks=2)
+
+
+@pytest.mark.parametrize(
+    "habit",
+    [copy.copy, copy.deepcopy, pickle.dumps, lambda p: torch.save(p, io.BytesIO())],
+    ids=["copy", "deepcopy", "pickle", "torch.save"],
+)
+def test_copying_or_pickling_a_pipe_points_to_its_state_dict(habit: Callable) -> None:
+    pipe = _two_stage_pipe()
+    with pytest.raises(
+        TypeError, match=r"a Pipe cannot be pickled or copied .*pipe\.state_dict\(\)"
+    ):
+        habit(pipe)
+    assert pipe(X).shape == (8, 4)  # the pipe still works
+
+
+# ------------------------------------------------------------------ reduction
+
+
+def test_a_count_of_no_items_in_the_whole_batch_is_refused_naming_the_count() -> None:
+    def no_items(targets: torch.Tensor) -> int:
+        return 0
+
+    pipe = _two_stage_pipe()
+    with pytest.raises(
+        ValueError, match=r"reduction=.*no_items counted 0 items in every one of the 2"
+    ):
+        pipe.step(X, X, nn.functional.mse_loss, reduction=no_items)
+    assert all(p.grad is None for p in pipe.parameters()) and pipe.rng_step == 0
+    pipe.step(X, X, nn.functional.mse_loss, reduction=len)  # a count of rows trains
+    assert all(p.grad is not None for p in pipe.parameters())

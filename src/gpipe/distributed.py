@@ -57,7 +57,7 @@ __all__ = ["DistributedPipe", "PeerError", "default_device", "materialize"]
 # ----------------------------------------------------------------------------- the pipe
 
 
-class DistributedPipe(nn.Module):
+class DistributedPipe(plan.NotCopied, nn.Module):
     """Pipeline (× data) parallel training of a sequential model, one process per device.
 
     Construct it identically on every rank of ``process_group`` (default: the whole job) after

@@ -43,7 +43,7 @@ from gpipe.stage import Stage, StepState
 __all__ = ["Partition", "Pipe"]
 
 
-class Pipe(nn.Module):
+class Pipe(plan.NotCopied, nn.Module):
     """Pipeline-parallel wrapper around a sequential ``module``.
 
     Args:
@@ -375,6 +375,7 @@ class Pipe(nn.Module):
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
+            scales = stepcore.loss_scales(reduction, tmbs)[0]
             self._ensure_built(mbs[0])
             grad = torch.is_grad_enabled()
             sched = self._schedule(m)
@@ -385,7 +386,7 @@ class Pipe(nn.Module):
                 splits=sched.splits,
                 keep_outputs=False,
             )
-            states = self._begin(m, grad, loss_fn, stepcore.loss_scales(reduction, tmbs)[0])
+            states = self._begin(m, grad, loss_fn, scales)
             self._execute(stepcore.step_actions(sched, grad), data)
             shared_params.flush(self._stages, states)
             self._finish_forward(data, m)

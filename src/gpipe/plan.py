@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gpipe.stage import Stage
 
 __all__ = [
+    "NotCopied",
     "auto_balance",
     "bind_inputs",
     "build_stages",
@@ -44,6 +45,23 @@ __all__ = [
     "stage_of_layers",
     "step_inputs",
 ]
+
+
+class NotCopied:
+    """A pipe is neither pickled nor copied: it holds worker threads, locks and (distributed)
+    process groups, and its stages share the user's own layers. ``copy.copy``,
+    ``copy.deepcopy``, ``pickle.dumps`` and ``torch.save`` of one say so and name what to
+    save instead, rather than failing on a lock deep inside."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        who = type(self).__name__
+        raise TypeError(
+            f"a {who} cannot be pickled or copied (copy, deepcopy, pickle, torch.save): it "
+            "holds worker threads and the model's own layers. Save its weights with "
+            f"torch.save(pipe.state_dict(), path) and load them into a new {who} (or your "
+            "model) with load_state_dict; to copy the model, copy the model you gave it, "
+            f"then build a {who} from the copy"
+        )
 
 
 def front(
