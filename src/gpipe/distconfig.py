@@ -23,6 +23,7 @@ from gpipe import options, plan
 from gpipe import remat as remat_mod
 from gpipe.distlayout import Layout, default_device, resolve_counts
 from gpipe.materialize import _param_slots, _tie_groups
+from gpipe.microbatch import tree_flatten
 from gpipe.runtime import agree
 from gpipe.schedules import Schedule, ScheduleSpec
 
@@ -95,18 +96,33 @@ def configure(
     return balance
 
 
+def sample_signature(sample: Any) -> str:
+    """A sample's structure, and each tensor's shape and dtype (values are not compared)."""
+    from gpipe.capture import sample_args
+
+    def leaf(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            shape = "x".join(map(str, v.shape)) or "scalar"
+            return f"{shape} {str(v.dtype).removeprefix('torch.')}"
+        return f"{type(v).__name__} {repr(v)[:40]}"
+
+    return "; ".join(f"{path}: {leaf(v)}" for path, v in tree_flatten(sample_args(sample))[0])
+
+
 def fingerprint(
-    pipe: DistributedPipe, balance: Sequence[int] | None, sample: Any
+    pipe: DistributedPipe, balance: Sequence[int] | None, sample: Any, captured: bool = False
 ) -> dict[str, Any]:
     """Everything that defines this rank's model and schedule, as plain data: all ranks
-    must hold the same (see :mod:`gpipe.runtime.agree`)."""
+    must hold the same (see :mod:`gpipe.runtime.agree`). The sample counts where it is used:
+    a ``captured`` model was captured on it, and without a balance it is balanced on it."""
     fixed = pipe._spec.fixed
+    used = captured or balance is None
     return {
         "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in pipe._named],
         "stages": pipe.num_devices,
         "data_parallel": pipe.data_parallel,
         "balance": None if balance is None else [int(b) for b in balance],
-        "sample": None if balance is not None else "given" if sample is not None else "none",
+        "sample": None if not used else "none" if sample is None else sample_signature(sample),
         "chunks": pipe._chunks,
         "micro_batch_size": pipe._mbs,
         "schedule": pipe._schedule_name,

@@ -41,6 +41,7 @@ from torch import nn
 
 from gpipe import distconfig, diststep, plan
 from gpipe.auto import Auto
+from gpipe.capture.segment import Loading
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
 from gpipe.materialize import materialize
@@ -149,11 +150,12 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         # Check the arguments, then agree with every other rank before any group is created
         # (ranks that disagree on stages or data_parallel would create different groups).
         error: BaseException | None = None
-        fingerprint = None
+        fingerprint = keys = None
         self._timeout = 300.0
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
                                 deferred_batch_norm=deferred_batch_norm)  # fmt: skip
+            keys = plan.model_keys(module)  # a captured model's own state_dict keys
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
                 plan.cut_by(module, balance, stages=stages, virtual_stages=1, auto=True)
@@ -169,7 +171,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
                 batch_dim, backend,
             )  # fmt: skip
-            fingerprint = distconfig.fingerprint(self, balance, sample)
+            fingerprint = distconfig.fingerprint(self, balance, sample, keys is not None)
         except Exception as e:
             error = e
         here = torch.device("cpu")  # where the gather's tensors live: the rank's GPU under NCCL
@@ -180,6 +182,9 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         agree.check(
             fingerprint, error, group=self._pg, timeout=self._timeout, device=here, rank=self.rank
         )
+        self._model_keys = keys
+        if keys is not None:  # load_state_dict takes, and names, the model's own keys
+            Loading(self, keys, lambda: self._modules)
         self._init_fn = init_fn
         comm_device = self.device if backend == "nccl" else torch.device("cpu")
         # every rank creates every group, in one order, now
@@ -302,10 +307,17 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         self._require_built("named_parameters()")
         return super().named_parameters(*args, **kwargs)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        """This rank's layers' state, keys as in the full model's ``state_dict``."""
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:  # type: ignore[override]
+        """This rank's layers' state, keys as in the full model's ``state_dict`` (a captured
+        model's own keys, without its segments' names)."""
         self._require_built("state_dict()")
-        return super().state_dict(*args, **kwargs)
+        if self._model_keys is not None:
+            return self._model_keys.state_dict(self._modules, destination, prefix, keep_vars)
+        return super().state_dict(
+            *args, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the local gradients; a no-op before the pipeline is partitioned."""

@@ -42,6 +42,7 @@ __all__ = [
     "flops_weights",
     "front",
     "layers_of",
+    "model_keys",
     "stage_of_layers",
     "step_inputs",
 ]
@@ -138,6 +139,15 @@ def cut_by(
             f"{stages * v - 1} split points"
         )
     return split
+
+
+def model_keys(module: Any) -> Any:
+    """A captured model's own ``state_dict`` keys (:class:`gpipe.capture.segment.ModelKeys`)
+    for a holder of its segments; ``None`` for a sequence, whose keys are already the
+    model's."""
+    from gpipe.capture import CapturedLayers
+
+    return module.keys if isinstance(module, CapturedLayers) else None
 
 
 def container(module: Any, named: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["CapturedLayers", "Segment", "attach"]
+__all__ = ["CapturedLayers", "Loading", "ModelKeys", "Segment", "attach"]
 
 
 def _set(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:
@@ -126,12 +126,82 @@ class Segment(nn.Module):
         return out
 
 
+class ModelKeys:
+    """The captured model's own ``state_dict`` keys for modules that hold segments by name
+    (:class:`CapturedLayers`, and a ``DistributedPipe`` holding its rank's segments): a
+    segment's keys are already the model's, so a holder's keys drop the segment names; a
+    state dict of the model's keys is spread back to the segments for loading, and the keys a
+    load misses are named as the model names them."""
+
+    def __init__(self, key_order: list[str], aliases: dict[str, list[str]]) -> None:
+        self.key_order = list(key_order)
+        self.aliases = {k: list(v) for k, v in aliases.items()}
+
+    def state_dict(
+        self, segments: dict[str, nn.Module], destination: Any, prefix: str, keep_vars: bool
+    ) -> Any:
+        """The segments' state under the model's own keys (after ``prefix``), each once, in
+        the model's order (tied names included)."""
+        held: dict[str, Any] = {}
+        for seg in segments.values():
+            seg.state_dict(destination=held, prefix="", keep_vars=keep_vars)
+        if destination is None:
+            destination = OrderedDict()
+        for key in self.key_order:
+            found = next((a for a in [key, *self.aliases.get(key, ())] if a in held), None)
+            if found is not None:
+                destination[prefix + key] = held[found]
+        for key, value in held.items():
+            if prefix + key not in destination:
+                destination[prefix + key] = value
+        return destination
+
+    def spread(self, segments: dict[str, nn.Module], state_dict: dict, prefix: str) -> dict:
+        """Give each segment the model keys it holds (``load_state_dict`` sends keys by child
+        name); returns each segment key (as the load sees it) → the model's key."""
+        spread, names = set(), {}
+        for name, seg in segments.items():
+            for key in seg.state_dict(keep_vars=True):
+                names[f"{prefix}{name}.{key}"] = prefix + key
+                if prefix + key in state_dict:
+                    state_dict[f"{prefix}{name}.{key}"] = state_dict[prefix + key]
+                    spread.add(prefix + key)
+        for key in spread:
+            for alias in self.aliases.get(key[len(prefix) :], ()):
+                state_dict.pop(prefix + alias, None)
+            state_dict.pop(key, None)
+        return names
+
+    @staticmethod
+    def rename_missing(missing: list[str], names: dict[str, str]) -> None:
+        """The missing keys of a load as the model names them (in place, each once)."""
+        missing[:] = list(dict.fromkeys(names.get(k, k) for k in missing))
+
+
+class Loading:
+    """A holder's load hooks around :class:`ModelKeys`: the pre-hook spreads the model's keys
+    to the segments, the post-hook names the missing keys with the model's keys."""
+
+    def __init__(self, holder: nn.Module, keys: ModelKeys, segments: Callable[[], dict]) -> None:
+        self.keys, self.segments = keys, segments
+        self.names: dict[str, str] = {}
+        holder._register_load_state_dict_pre_hook(self.before)
+        holder.register_load_state_dict_post_hook(self.after)
+
+    def before(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        self.names = self.keys.spread(self.segments(), state_dict, prefix)
+
+    def after(self, module: nn.Module, incompatible: Any) -> None:
+        ModelKeys.rename_missing(incompatible.missing_keys, self.names)
+
+
 class CapturedLayers(nn.Sequential):
     """The segments of a captured model, in order, with what the pipe needs around them.
 
     ``bind(args, kwargs)`` turns a call's arguments into the first segment's flat inputs;
     ``split_balance`` is the layers per stage forced by ``split_points`` (or ``None``);
-    ``method`` says which tracer captured it; ``model_name`` the captured class."""
+    ``method`` says which tracer captured it; ``model_name`` the captured class; ``keys`` the
+    model's own ``state_dict`` keys (:class:`ModelKeys`)."""
 
     def __init__(
         self,
@@ -151,41 +221,14 @@ class CapturedLayers(nn.Sequential):
         self.method = method
         self.model_name = model_name
         self.split_balance = split_balance
-        self._key_order = list(key_order or ())
-        self._aliases = dict(aliases or {})
-        self._register_load_state_dict_pre_hook(self._spread_keys)
+        self.keys = ModelKeys(list(key_order or ()), dict(aliases or {}))
+        Loading(self, self.keys, lambda: self._modules)
 
     def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> Any:  # type: ignore[override]
         """The model's own keys (under ``prefix``), each once."""
-        held: dict[str, Any] = {}
-        for seg in self._modules.values():
-            seg.state_dict(destination=held, prefix="", keep_vars=keep_vars)
-        if destination is None:
-            destination = OrderedDict()
-        for key in self._key_order:  # the model's order, tied names included
-            found = next((a for a in [key, *self._aliases.get(key, ())] if a in held), None)
-            if found is not None:
-                destination[prefix + key] = held[found]
-        for key, value in held.items():
-            if prefix + key not in destination:
-                destination[prefix + key] = value
-        return destination
-
-    def _spread_keys(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Give each segment the model keys it holds (``load_state_dict`` sends keys by
-        child name)."""
-        spread = set()
-        for name, seg in self._modules.items():
-            for key in seg.state_dict(keep_vars=True):
-                if prefix + key in state_dict:
-                    state_dict[f"{prefix}{name}.{key}"] = state_dict[prefix + key]
-                    spread.add(prefix + key)
-        for key in spread:
-            for alias in self._aliases.get(key[len(prefix) :], ()):
-                state_dict.pop(prefix + alias, None)
-            state_dict.pop(key, None)
+        return self.keys.state_dict(self._modules, destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         return f"captured {self.model_name} with {self.method}, {len(self)} layers"
