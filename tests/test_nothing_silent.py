@@ -284,3 +284,21 @@ def test_a_count_of_no_items_in_the_whole_batch_is_refused_naming_the_count() ->
     assert all(p.grad is None for p in pipe.parameters()) and pipe.rng_step == 0
     pipe.step(X, X, nn.functional.mse_loss, reduction=len)  # a count of rows trains
     assert all(p.grad is not None for p in pipe.parameters())
+
+
+# ------------------------------------------------------------------ state dicts
+
+
+def test_a_captured_pipes_load_names_keys_as_the_model_does() -> None:
+    model = Tower()
+    pipe = gpipe.Pipe(model, sample=X, devices=["cpu"] * 2, chunks=2)
+    state = {f"layers.{k}": v for k, v in model.state_dict().items() if k != "h.0.bias"}
+    state["layers.extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as info:
+        pipe.load_state_dict(state)
+    assert 'Missing key(s) in state_dict: "layers.h.0.bias"' in str(info.value)
+    assert 'Unexpected key(s) in state_dict: "layers.extra.weight"' in str(info.value)
+    got = pipe.load_state_dict(state, strict=False)
+    assert (got.missing_keys, got.unexpected_keys) == (["layers.h.0.bias"], ["layers.extra.weight"])
+    own = pipe.layers.load_state_dict(model.state_dict(), strict=False)
+    assert (own.missing_keys, own.unexpected_keys) == ([], [])

@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from gpipe import layer_timing, options, plan
 from gpipe import memory_model as mm
 from gpipe.balance import balance as balance_costs
-from gpipe.capture import CapturedLayers, sample_args
+from gpipe.capture import sample_args
 from gpipe.cost import profile
 from gpipe.microbatch import tree_flatten, tree_unflatten
 from gpipe.remat import MODES, check_mode
@@ -127,9 +127,7 @@ def _layers_and_inputs(model: Any, sample: Any) -> tuple[list[nn.Module], tuple]
     """The layers to plan and the first layer's inputs: a sequence of layers and its sample
     as given; any other module captured on ``sample`` (as ``Pipe(model, sample=...)`` does)
     and the sample bound to its first layer's inputs."""
-    if isinstance(model, nn.Module) and not isinstance(
-        model, (nn.Sequential, nn.ModuleList, CapturedLayers)
-    ):
+    if isinstance(model, nn.Module) and not isinstance(model, (nn.Sequential, nn.ModuleList)):
         layers = plan.front(model, "autoplan", sample=sample)
         return list(layers), plan.bind_inputs(layers, *sample_args(sample), "autoplan")
     return [m for _, m in plan.layers_of(model, "autoplan")], (
@@ -239,7 +237,7 @@ def _schedules(
 
 
 def autoplan(
-    model: nn.Sequential | Sequence[nn.Module],
+    model: nn.Module | Sequence[nn.Module],
     sample: Any,
     *,
     devices: int | Sequence[Any] = 2,
@@ -261,11 +259,14 @@ def autoplan(
 ) -> list[Configuration]:
     """Ranked configurations for training ``model`` on ``devices`` with ``sample`` batches.
 
-    ``sample`` is one input batch (a tensor, or a tuple of the first layer's inputs); its rows
-    along dim 0 are the batch size unless ``batch_size`` is given. ``devices`` is K, or the
-    K devices (a list of CPUs, or one device repeated, means the stages share one memory and
-    the limit applies to their joint peak). ``memory_limit`` is bytes or a string such as
-    ``"8GiB"`` per device; ``None`` means unlimited. ``optimizer`` names the optimizer whose
+    ``model`` is a sequence of layers, or any module, captured on ``sample`` and cut into
+    layers as ``Pipe(model, sample=...)`` does. ``sample`` is one input batch (a tensor, or a
+    tuple of the first layer's inputs; for a captured module also a dict of keywords or a
+    ``gpipe.capture.Sample``); its rows along dim 0 are the batch size unless ``batch_size`` is
+    given. ``devices`` is K, or the K devices (a list of CPUs, or one device repeated, means
+    the stages share one memory and the limit applies to their joint peak). ``memory_limit``
+    is bytes or a string such as ``"8GiB"`` per device; ``None`` or ``float("inf")`` means
+    unlimited. Every option is checked before any profiling. ``optimizer`` names the optimizer whose
     state counts (``"adam"``: two slots of each parameter's dtype) or gives its slot count.
 
     Costs come from ``cost.profile``'s FLOPs at ``flops_per_second`` (default: a rough rate

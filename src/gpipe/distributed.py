@@ -15,7 +15,8 @@ batch for the keyed random streams, so dropout draws what
 is :mod:`gpipe.distbuild`; the step and the collectives after it are :mod:`gpipe.diststep`.
 
 The module holds only this rank's layers (registered under their names in the full model, so
-``state_dict`` keys are a subset of the full model's); layers of other ranks are moved to the
+``state_dict`` keys are a subset of the full model's; for a captured model, of the model's own
+keys, which ``load_state_dict`` takes); layers of other ranks are moved to the
 ``meta`` device. A model built on ``meta`` is materialized layer by layer with
 ``to_empty`` + ``reset_parameters()`` under a random stream keyed by the layer index
 (:func:`materialize` does the same for the whole model in one process). Tied parameters (the
@@ -96,8 +97,10 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
         sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
             module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
+            Ranks agree on its structure and shapes at construction.
         batch_dim: the batch dimension of inputs and targets.
-        split_points: module paths where a captured model's stages are cut.
+        split_points: module paths where a captured model's stages are cut (one string is
+            one point).
         deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`:
             running statistics of the whole global batch, summed over the replicas.
     """

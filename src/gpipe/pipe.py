@@ -76,7 +76,8 @@ class Pipe(plan.NotCopied, nn.Module):
         sample: one example call of a module that is not a sequence: a tensor, a tuple, a
             dict of keywords or ``gpipe.capture.Sample(*args, **kwargs)``.
         split_points: module paths where the stages of a captured model are cut
-            (``"<path>"`` before it, ``"<path>:after"`` after it).
+            (``"<path>"`` before it, ``"<path>:after"`` after it; one string is one point).
+            N points make N + 1 stages, which ``stages`` (x V) must agree with.
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step, which is ``last_events_t0`` on ``time.perf_counter``'s clock) and
