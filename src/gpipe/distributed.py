@@ -317,7 +317,9 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         model's own keys, without its segments' names)."""
         self._require_built("state_dict()")
         if self._model_keys is not None:
-            return self._model_keys.state_dict(self._modules, destination, prefix, keep_vars)
+            return self._model_keys.state_dict(
+                self._modules, destination, prefix, keep_vars, tied_names=False
+            )
         return super().state_dict(
             *args, destination=destination, prefix=prefix, keep_vars=keep_vars
         )

@@ -138,17 +138,24 @@ class ModelKeys:
         self.aliases = {k: list(v) for k, v in aliases.items()}
 
     def state_dict(
-        self, segments: dict[str, nn.Module], destination: Any, prefix: str, keep_vars: bool
+        self,
+        segments: dict[str, nn.Module],
+        destination: Any,
+        prefix: str,
+        keep_vars: bool,
+        tied_names: bool = True,
     ) -> Any:
         """The segments' state under the model's own keys (after ``prefix``), each once, in
-        the model's order (tied names included)."""
+        the model's order; with ``tied_names`` also a tied tensor's other names (the whole
+        model's keys), else only the names the segments hold (one rank's share)."""
         held: dict[str, Any] = {}
         for seg in segments.values():
             seg.state_dict(destination=held, prefix="", keep_vars=keep_vars)
         if destination is None:
             destination = OrderedDict()
         for key in self.key_order:
-            found = next((a for a in [key, *self.aliases.get(key, ())] if a in held), None)
+            names = [key, *self.aliases.get(key, ())] if tied_names else [key]
+            found = next((a for a in names if a in held), None)
             if found is not None:
                 destination[prefix + key] = held[found]
         for key, value in held.items():
