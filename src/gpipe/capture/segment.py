@@ -9,7 +9,9 @@ embedding = output head) are one ``Parameter`` in both.
 :class:`CapturedLayers` is the ``nn.Sequential`` of segments the pipe runs. The invariant:
 its ``state_dict`` has exactly the keys and tensors of the model's ``state_dict`` for the
 parameters and buffers the graph uses (no segment names in them), and ``load_state_dict``
-takes the model's own state dict.
+takes the model's own state dict and names the keys it misses as the model names them.
+:class:`ModelKeys` is that mapping for any holder of segments (also a ``DistributedPipe``
+rank, whose keys are the model's keys its segments hold).
 """
 
 from __future__ import annotations
