@@ -11,7 +11,9 @@ disagree").
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import re
 import time
 import traceback
@@ -259,6 +261,50 @@ def _agreeing(rank: int) -> Any:
     return (loss, ref, balance)
 
 
+class Looped(nn.Module):
+    """Not a sequence: each rank captures it on its sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.h = nn.ModuleList(nn.Linear(8, 8).double() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.h:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def _captured_state(rank: int) -> Any:
+    """A captured pipe's state_dict has the model's own keys, load_state_dict takes them and
+    names what it misses with them, and the pipe refuses pickle and deepcopy."""
+    model = Looped()
+    own = model.state_dict()
+    with _construct(rank, model, sample=batch()[0], split_points="h.2") as pipe:
+        keys = list(pipe.state_dict())
+        mine = {k: own[k].clone().zero_() for k in keys}
+        loaded = pipe.load_state_dict(mine)
+        zeroed = all(bool((p == 0).all()) for p in pipe.parameters())
+        missing = pipe.load_state_dict({k: own[k] for k in keys[1:]}, strict=False).missing_keys
+        refusals = []
+        for habit in (copy.deepcopy, pickle.dumps):
+            try:
+                habit(pipe)
+            except TypeError as e:
+                refusals.append(str(e))
+        return keys, list(own), (list(loaded.missing_keys), zeroed), missing, refusals
+
+
+def _no_step(rank: int) -> Any:
+    """Rank 1 builds its pipe and closes it without calling step; rank 0 steps."""
+    with _construct(rank, balance=[3, 3], timeout=2.0) as pipe:
+        if rank == 1:
+            time.sleep(2.5)  # back at the next case about when rank 0 has given up
+            return "no step"
+        x, y = batch()
+        return pipe.step(x, y, F.cross_entropy)
+
+
 def _never_comes(rank: int) -> Any:
     """Rank 1 never constructs its pipe (last case: the group is not used afterwards)."""
     if rank == 1:
@@ -285,6 +331,8 @@ CASES: dict[str, Callable[[int], Any]] = {
     "layer dtype": _per_rank(model=(mlp(), mlp(dtype=torch.float32))),
     "number of layers": _per_rank(model=(mlp(), mlp(extra=1))),
     "sample on one rank": _per_rank(sample=(batch()[0], None)),
+    "sample shapes": _per_rank(sample=(batch(12)[0], batch(8)[0])),
+    "captured model's state": _captured_state,
     "bad balance on rank 1 only": _per_rank(balance=([3, 3], [3, 4])),
     "agreeing": _agreeing,
     # bad input
@@ -320,6 +368,7 @@ CASES: dict[str, Callable[[int], Any]] = {
     "no_grad on rank 1": _no_grad_on_rank1,
     "refused, then agreeing": _refused_then_agreeing,
     "batch='shards'": _per_rank(batch=("shards", "shards")),
+    "a rank that does not call step": _no_step,
     "a rank that never constructs": _never_comes,  # must stay last
 }
 
@@ -384,7 +433,24 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     ),
     "layer dtype": ("ValueError", DIS + r"layer 0: rank 0 has .*float64.*rank 1 has .*float32"),
     "number of layers": ("ValueError", DIS + r"the number of layers: rank 0 has 6, rank 1 has 7"),
-    "sample on one rank": ("ValueError", DIS + r"sample: rank 0 has given, rank 1 has none"),
+    "sample on one rank": (
+        "ValueError",
+        DIS + r"sample: rank 0 has input\[0\]\[0\]: 12x8 float64, rank 1 has none",
+    ),
+    "sample shapes": (
+        "ValueError",
+        DIS + r"sample: rank 0 has input\[0\]\[0\]: 12x8 float64, rank 1 has input\[0\]\[0\]: "
+        r"8x8 float64; " + FIX,
+    ),
+    "a rank that does not call step": (
+        (
+            "PeerError",
+            r"rank 1 \(pipeline device 1, stage 1, micro-batch \d\): did not answer within 2s "
+            r"\(rank 0 waited for its gradient of micro-batch \d for stage 0\): it closed its "
+            r"pipe, did not call step\(\)",
+        ),
+        ("ok", r"no step"),
+    ),
     "bad balance on rank 1 only": (
         (
             "ValueError",
@@ -569,10 +635,27 @@ def test_fetch_gives_each_rank_its_own_layers_activations(results: list) -> None
         assert err < 1e-12, err
 
 
+def test_a_captured_pipes_state_dict_has_the_models_own_keys(results: list) -> None:
+    keys_of = []
+    for rank in range(2):
+        kind, (keys, own, loaded, missing, refusals), _ = results[rank]["captured model's state"]
+        assert kind == "ok"
+        assert keys and set(keys) <= set(own), keys  # no segment names in them
+        assert loaded == ([], True)  # the model's own keys load, strictly
+        assert missing == [keys[0]]  # a key the load misses is named as the model names it
+        assert len(refusals) == 2
+        assert all("DistributedPipe cannot be pickled or copied" in r for r in refusals)
+        keys_of.append(set(keys))
+    assert keys_of[0] | keys_of[1] == set(own) and not keys_of[0] & keys_of[1]
+
+
 def test_every_case_is_checked() -> None:
-    assert set(CASES) == set(EXPECT) | {"agreeing", "fetch", "refused, then agreeing"} | set(
-        SHARED_BAD
-    )
+    assert set(CASES) == set(EXPECT) | {
+        "agreeing",
+        "fetch",
+        "refused, then agreeing",
+        "captured model's state",
+    } | set(SHARED_BAD)
 
 
 @pytest.mark.parametrize("case", list(SHARED_BAD))

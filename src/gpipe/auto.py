@@ -13,15 +13,27 @@ like every configuration it computes the un-pipelined model's gradients.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from gpipe.autoplan import Configuration, autoplan
+from gpipe import memory_model as mm
+from gpipe.autoplan import Configuration, autoplan, check_search
 
 __all__ = ["Auto"]
+
+#: the planner's options an ``Auto`` passes on as given (the others it sets itself)
+SEARCH_OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(autoplan).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+    and name not in ("devices", "memory_limit", "batch_size", "optimizer", "measure", "pinned")
+)
+_CHECKED = tuple(inspect.signature(check_search).parameters)
 
 
 class Auto:
@@ -47,6 +59,17 @@ class Auto:
         for name, value, least in (("tune", tune, 0), ("tune_steps", tune_steps, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Auto: {name} must be an integer >= {least}, got {value!r}")
+        unknown = sorted(set(search) - set(SEARCH_OPTIONS))
+        if unknown:
+            near = {u: difflib.get_close_matches(u, SEARCH_OPTIONS, n=1) for u in unknown}
+            hints = "".join(f" ({u!r}: did you mean {c[0]!r}?)" for u, c in near.items() if c)
+            raise TypeError(
+                f"Auto got unknown option(s) {unknown}{hints}; it takes memory_limit, "
+                f"optimizer, measure, tune, tune_steps and the planner's {list(SEARCH_OPTIONS)}"
+            )
+        check_search(**{k: v for k, v in search.items() if k in _CHECKED})
+        mm.parse_limit(memory_limit)
+        mm.optimizer_slots(optimizer)
         self.memory_limit = memory_limit
         self.optimizer = optimizer
         self.measure = measure

@@ -24,17 +24,19 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from gpipe import layer_timing
+from gpipe import layer_timing, options, plan
 from gpipe import memory_model as mm
 from gpipe.balance import balance as balance_costs
+from gpipe.capture import sample_args
 from gpipe.cost import profile
 from gpipe.microbatch import tree_flatten, tree_unflatten
-from gpipe.remat import MODES
+from gpipe.remat import MODES, check_mode
 from gpipe.schedules import Schedule, available, get
+from gpipe.schedules.named import resolve_virtual
 from gpipe.simulate import SimResult, simulate
 from gpipe.texttable import text_table
 
-__all__ = ["Configuration", "NoFitError", "autoplan", "table"]
+__all__ = ["Configuration", "NoFitError", "autoplan", "check_search", "table"]
 
 #: Seconds an action costs beyond its layers' own timings (``BENCHMARKS.md``, "The planner"):
 #: on a CPU the runtime's bookkeeping (0.1–0.27 ms an action with free layers) and two workers
@@ -112,8 +114,25 @@ def _micro_sample(sample: tuple, rows: int, model: Sequence[nn.Module]) -> tuple
 def _batch_rows(sample: tuple) -> int:
     for _, v in tree_flatten(sample)[0]:
         if isinstance(v, torch.Tensor) and v.dim():
+            if not v.shape[0]:
+                raise ValueError(
+                    f"autoplan's sample has a batch of 0 rows (shape {tuple(v.shape)}); give "
+                    "a sample with at least one row, or batch_size=<rows of a real batch>"
+                )
             return int(v.shape[0])
     raise ValueError("autoplan needs a sample with at least one tensor with a batch dimension")
+
+
+def _layers_and_inputs(model: Any, sample: Any) -> tuple[list[nn.Module], tuple]:
+    """The layers to plan and the first layer's inputs: a sequence of layers and its sample
+    as given; any other module captured on ``sample`` (as ``Pipe(model, sample=...)`` does)
+    and the sample bound to its first layer's inputs."""
+    if isinstance(model, nn.Module) and not isinstance(model, (nn.Sequential, nn.ModuleList)):
+        layers = plan.front(model, "autoplan", sample=sample)
+        return list(layers), plan.bind_inputs(layers, *sample_args(sample), "autoplan")
+    return [m for _, m in plan.layers_of(model, "autoplan")], (
+        sample if isinstance(sample, tuple) else (sample,)
+    )
 
 
 def _bytes_of(obj: Any) -> int:
@@ -124,18 +143,61 @@ def _bytes_of(obj: Any) -> int:
 
 def _devices(devices: int | Sequence[Any]) -> tuple[int, str, bool]:
     """(K, device type, whether all stages share one memory)."""
+    if isinstance(devices, (str, torch.device)):
+        raise TypeError(
+            f"devices must be a count K or a list of K devices, got {devices!r}; write "
+            "devices=2 for two devices, or devices=['cuda:0', 'cuda:1'] (or ['cpu', 'cpu'])"
+        )
     if isinstance(devices, bool) or not isinstance(devices, (int, Sequence)):
         raise TypeError(f"devices must be a count K or a list of K devices, got {devices!r}")
     if isinstance(devices, int):
-        if devices < 1:
-            raise ValueError(f"devices must be >= 1, got {devices}")
-        return devices, "cuda" if torch.cuda.is_available() else "cpu", False
-    devs = [torch.device(d) for d in devices]
+        k = options.count("devices", devices)
+        return k, "cuda" if torch.cuda.is_available() else "cpu", False
+    devs = [options.device(d) for d in devices]
     if not devs:
         raise ValueError("devices is empty; give a count K or K devices")
     kind = "cuda" if any(d.type == "cuda" for d in devs) else devs[0].type
     shared = all(d.type == "cpu" for d in devs) or len(set(devs)) == 1
     return len(devs), kind, shared
+
+
+def check_search(
+    *,
+    schedules: Sequence[str] | None = None,
+    remat_modes: Sequence[str] = MODES,
+    chunks: Sequence[int] | None = None,
+    max_chunks: int = 32,
+    virtual_stages: Sequence[int] = (2, 3, 4),
+    headroom: float = 0.15,
+) -> tuple[list[str], list[str]]:
+    """The search's own options checked before any work (each mistake its own message, not
+    "no schedule builds"); the schedule names and re-materialization modes to try."""
+    names = available() if schedules is None else options.names("schedules", schedules)
+    for name in names:
+        resolve_virtual(name, None)  # an unknown name is refused with the nearest one
+    if not names:
+        raise ValueError(f"schedules is empty; give some of {available()} or None for all")
+    modes = options.names("remat_modes", remat_modes)
+    if not modes:
+        raise ValueError(f"remat_modes is empty; give some of {list(MODES)}")
+    modes = [check_mode(m) for m in modes]
+    options.count("max_chunks", max_chunks)
+    if chunks is not None:
+        if isinstance(chunks, (int, str)) or not isinstance(chunks, Sequence) or not chunks:
+            raise TypeError(
+                f"chunks must be a non-empty list of micro-batch counts, got {chunks!r}"
+            )
+        for m in chunks:
+            options.count("chunks[...]", m)
+    for v in virtual_stages:
+        options.count("virtual_stages[...]", v)
+    if (
+        isinstance(headroom, bool)
+        or not isinstance(headroom, (int, float))
+        or not (0 <= headroom < 1)
+    ):
+        raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
+    return names, modes
 
 
 def _chunk_counts(batch: int, max_chunks: int, chunks: Sequence[int] | None) -> list[int]:
@@ -175,7 +237,7 @@ def _schedules(
 
 
 def autoplan(
-    model: nn.Sequential | Sequence[nn.Module],
+    model: nn.Module | Sequence[nn.Module],
     sample: Any,
     *,
     devices: int | Sequence[Any] = 2,
@@ -197,11 +259,14 @@ def autoplan(
 ) -> list[Configuration]:
     """Ranked configurations for training ``model`` on ``devices`` with ``sample`` batches.
 
-    ``sample`` is one input batch (a tensor, or a tuple of the first layer's inputs); its rows
-    along dim 0 are the batch size unless ``batch_size`` is given. ``devices`` is K, or the
-    K devices (a list of CPUs, or one device repeated, means the stages share one memory and
-    the limit applies to their joint peak). ``memory_limit`` is bytes or a string such as
-    ``"8GiB"`` per device; ``None`` means unlimited. ``optimizer`` names the optimizer whose
+    ``model`` is a sequence of layers, or any module, captured on ``sample`` and cut into
+    layers as ``Pipe(model, sample=...)`` does. ``sample`` is one input batch (a tensor, or a
+    tuple of the first layer's inputs; for a captured module also a dict of keywords or a
+    ``gpipe.capture.Sample``); its rows along dim 0 are the batch size unless ``batch_size`` is
+    given. ``devices`` is K, or the K devices (a list of CPUs, or one device repeated, means
+    the stages share one memory and the limit applies to their joint peak). ``memory_limit``
+    is bytes or a string such as ``"8GiB"`` per device; ``None`` or ``float("inf")`` means
+    unlimited. Every option is checked before any profiling. ``optimizer`` names the optimizer whose
     state counts (``"adam"``: two slots of each parameter's dtype) or gives its slot count.
 
     Costs come from ``cost.profile``'s FLOPs at ``flops_per_second`` (default: a rough rate
@@ -222,16 +287,31 @@ def autoplan(
     Returns every configuration, ranked (``rank`` 1 is the choice); those that do not fit
     come last with ``fits=False``. Raises :class:`NoFitError` when none fits.
     """
-    named = list(model)
-    sample = sample if isinstance(sample, tuple) else (sample,)
+    names, modes = check_search(
+        schedules=schedules,
+        remat_modes=remat_modes,
+        chunks=chunks,
+        max_chunks=max_chunks,
+        virtual_stages=virtual_stages,
+        headroom=headroom,
+    )
+    limit = mm.parse_limit(memory_limit)
+    mm.optimizer_slots(optimizer)  # refuse an unknown optimizer before any work
     k, kind, shared = _devices(devices)
-    batch = batch_size if batch_size is not None else _batch_rows(sample)
-    limit = mm.parse_bytes(memory_limit) if memory_limit is not None else None
+    named, sample = _layers_and_inputs(model, sample)
+    if k > len(named):
+        raise ValueError(
+            f"autoplan got {k} devices but the model has {len(named)} layers, and every device "
+            f"needs at least one; plan for at most {len(named)} devices"
+        )
+    plan.check_stage_count(len(named), k, 1, options.count("pinned", pinned, minimum=0))
+    if batch_size is not None:
+        batch = options.count("batch_size", batch_size)
+    else:
+        batch = _batch_rows(sample)
     overhead = ACTION_OVERHEAD_S.get(kind, 1e-4) if action_overhead is None else action_overhead
     rate = flops_per_second or layer_timing.default_flops_per_second(kind, k)
-    names = list(schedules) if schedules is not None else available()
     source = "measured" if measure else "flops"
-    mm.optimizer_slots(optimizer)  # refuse an unknown optimizer before any work
 
     results = []
     counts = _chunk_counts(batch, max_chunks, chunks)
@@ -258,7 +338,7 @@ def autoplan(
         else:
             times = layer_timing.from_flops(costs, rate)
         for sched in _schedules(names, k, m, len(named), virtual_stages):
-            for remat in remat_modes:
+            for remat in modes:
                 results.append(
                     _evaluate(
                         sched,
@@ -273,8 +353,6 @@ def autoplan(
                         shared,
                     )
                 )
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom}")
     usable = None if limit is None else int(limit * (1 - headroom))
     return _rank(results, limit, usable, source, shared)
 

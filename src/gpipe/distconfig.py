@@ -23,6 +23,7 @@ from gpipe import options, plan
 from gpipe import remat as remat_mod
 from gpipe.distlayout import Layout, default_device, resolve_counts
 from gpipe.materialize import _param_slots, _tie_groups
+from gpipe.microbatch import tree_flatten
 from gpipe.runtime import agree
 from gpipe.schedules import Schedule, ScheduleSpec
 
@@ -50,9 +51,10 @@ def configure(
     tied: Sequence[Sequence[str]],
     batch_dim: int,
     backend: str,
-) -> None:
+) -> Sequence[int] | None:
     """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
-    collective: :func:`gpipe.runtime.agree.check` runs after this on every rank)."""
+    collective: :func:`gpipe.runtime.agree.check` runs after this on every rank); the balance
+    to cut by (``balance``, else the one a captured model's split points force)."""
     pipe._timeout = options.seconds("timeout", timeout)
     pipe._named = plan.layers_of(module, "DistributedPipe")
     pipe.fetch_names = options.names("fetch", pipe._fetch_arg)
@@ -73,6 +75,7 @@ def configure(
     pipe._schedule_name = pipe._spec.name
     v, k_sched = pipe._spec.virtual_stages, pipe._spec.num_devices
     pipe._v = v
+    balance = plan.cut_by(module, balance, stages=stages, virtual_stages=v, auto=False)
     world = dist.get_world_size(pipe._pg)
     k, d = resolve_counts(
         world, stages, k_sched, data_parallel, balance, v, len(pipe._named), pipe._pinned
@@ -90,20 +93,36 @@ def configure(
     pipe._tied = [tuple(t) for t in tied]
     pipe._slots = _param_slots(pipe._named)
     pipe._tie_groups = _tie_groups(pipe._slots, pipe._tied)
+    return balance
+
+
+def sample_signature(sample: Any) -> str:
+    """A sample's structure, and each tensor's shape and dtype (values are not compared)."""
+    from gpipe.capture import sample_args
+
+    def leaf(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            shape = "x".join(map(str, v.shape)) or "scalar"
+            return f"{shape} {str(v.dtype).removeprefix('torch.')}"
+        return f"{type(v).__name__} {repr(v)[:40]}"
+
+    return "; ".join(f"{path}: {leaf(v)}" for path, v in tree_flatten(sample_args(sample))[0])
 
 
 def fingerprint(
-    pipe: DistributedPipe, balance: Sequence[int] | None, sample: Any
+    pipe: DistributedPipe, balance: Sequence[int] | None, sample: Any, captured: bool = False
 ) -> dict[str, Any]:
     """Everything that defines this rank's model and schedule, as plain data: all ranks
-    must hold the same (see :mod:`gpipe.runtime.agree`)."""
+    must hold the same (see :mod:`gpipe.runtime.agree`). The sample counts where it is used:
+    a ``captured`` model was captured on it, and without a balance it is balanced on it."""
     fixed = pipe._spec.fixed
+    used = captured or balance is None
     return {
         "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in pipe._named],
         "stages": pipe.num_devices,
         "data_parallel": pipe.data_parallel,
         "balance": None if balance is None else [int(b) for b in balance],
-        "sample": None if balance is not None else "given" if sample is not None else "none",
+        "sample": None if not used else "none" if sample is None else sample_signature(sample),
         "chunks": pipe._chunks,
         "micro_batch_size": pipe._mbs,
         "schedule": pipe._schedule_name,

@@ -19,7 +19,8 @@ batch for the keyed random streams, so dropout draws what
 is :mod:`gpipe.distbuild`; the step and the collectives after it are :mod:`gpipe.diststep`.
 
 The module holds only this rank's layers (registered under their names in the full model, so
-``state_dict`` keys are a subset of the full model's); layers of other ranks are moved to the
+``state_dict`` keys are a subset of the full model's; for a captured model, of the model's own
+keys, which ``load_state_dict`` takes); layers of other ranks are moved to the
 ``meta`` device. A model built on ``meta`` is materialized layer by layer with
 ``to_empty`` + ``reset_parameters()`` under a random stream keyed by the layer index
 (:func:`materialize` does the same for the whole model in one process). Tied parameters (the
@@ -45,6 +46,7 @@ from torch import nn
 
 from gpipe import distcall, distconfig, diststep, plan
 from gpipe.auto import Auto
+from gpipe.capture.segment import Loading
 from gpipe.compiling import refuse_compiling
 from gpipe.distbuild import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.distlayout import create_groups, default_device
@@ -62,7 +64,7 @@ __all__ = ["DistributedPipe", "PeerError", "default_device", "materialize"]
 # ----------------------------------------------------------------------------- the pipe
 
 
-class DistributedPipe(nn.Module):
+class DistributedPipe(plan.NotCopied, nn.Module):
     """Pipeline (× data) parallel training of a sequential model, one process per device.
 
     Construct it identically on every rank of ``process_group`` (default: the whole job) after
@@ -100,8 +102,10 @@ class DistributedPipe(nn.Module):
         init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
         sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
             module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
+            Ranks agree on its structure and shapes at construction.
         batch_dim: the batch dimension of inputs and targets.
-        split_points: module paths where a captured model's stages are cut.
+        split_points: module paths where a captured model's stages are cut (one string is
+            one point).
         deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`:
             running statistics of the whole global batch, summed over the replicas.
         batch: what each rank's ``step`` is given. ``"same"``: the whole global mini-batch,
@@ -135,7 +139,7 @@ class DistributedPipe(nn.Module):
         init_fn: Callable[[nn.Module], None] | None = None,
         sample: Any = None,
         batch_dim: int = 0,
-        split_points: Sequence[str] | None = None,
+        split_points: str | Sequence[str] | None = None,
         deferred_batch_norm: bool = False,
         batch: str = "same",
     ) -> None:
@@ -161,7 +165,7 @@ class DistributedPipe(nn.Module):
         # Check the arguments, then agree with every other rank before any group is created
         # (ranks that disagree on stages or data_parallel would create different groups).
         error: BaseException | None = None
-        fingerprint = None
+        fingerprint = keys = None
         self._timeout = 300.0
         self.batch = "same"
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
@@ -172,9 +176,10 @@ class DistributedPipe(nn.Module):
                                 deferred_batch_norm=deferred_batch_norm)  # fmt: skip
             self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
             self._follow = plan.Follower(given, module)
-            balance = getattr(module, "split_balance", None) if balance is None else balance
+            keys = plan.model_keys(module)  # a captured model's own state_dict keys
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                plan.cut_by(module, balance, stages=stages, virtual_stages=1, auto=True)
                 k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
                 sharing = 1 if shards else data_parallel or 1  # replicas that share the sample
                 self.auto_plan = top = auto.for_distributed(
@@ -183,12 +188,12 @@ class DistributedPipe(nn.Module):
                 )  # fmt: skip
                 schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
                 balance, chunks = list(top.balance), top.chunks
-            distconfig.configure(
+            balance = distconfig.configure(
                 self, module, stages, balance, chunks, micro_batch_size, schedule,
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
                 batch_dim, backend,
             )  # fmt: skip
-            fingerprint = distconfig.fingerprint(self, balance, sample)
+            fingerprint = distconfig.fingerprint(self, balance, sample, keys is not None)
         except Exception as e:
             error = e
         here = torch.device("cpu")  # where the gather's tensors live: the rank's GPU under NCCL
@@ -199,6 +204,9 @@ class DistributedPipe(nn.Module):
         agree.check(
             fingerprint, error, group=self._pg, timeout=self._timeout, device=here, rank=self.rank
         )
+        self._model_keys = keys
+        if keys is not None:  # load_state_dict takes, and names, the model's own keys
+            Loading(self, keys, lambda: self._modules)
         self._init_fn = init_fn
         comm_device = self.device if backend == "nccl" else torch.device("cpu")
         # every rank creates every group, in one order, now
@@ -321,10 +329,19 @@ class DistributedPipe(nn.Module):
         self._require_built("named_parameters()")
         return super().named_parameters(*args, **kwargs)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        """This rank's layers' state, keys as in the full model's ``state_dict``."""
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:  # type: ignore[override]
+        """This rank's layers' state, keys as in the full model's ``state_dict`` (a captured
+        model's own keys, without its segments' names)."""
         self._require_built("state_dict()")
-        return super().state_dict(*args, **kwargs)
+        if self._model_keys is not None:
+            return self._model_keys.state_dict(
+                self._modules, destination, prefix, keep_vars, tied_names=False
+            )
+        return super().state_dict(
+            *args, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
 
     def train(self, mode: bool = True) -> DistributedPipe:
         """Set the mode of this rank's layers and, for a captured model, of the whole model

@@ -128,7 +128,8 @@ def run_step(
         stepcore.check_targets(inputs, targets, pipe._batch_dim)
         mbs, tmbs, m = prepare(pipe, inputs, targets)
         if pipe._layout.pipeline_device == pipe._layout.last_device:
-            scales, items = stepcore.loss_scales(reduction, tmbs or [None] * m)
+            whole = pipe.data_parallel == 1  # else other replicas may hold the items
+            scales, items = stepcore.loss_scales(reduction, tmbs or [None] * m, whole)
     except Exception as e:
         local_error, m = e, pipe._chunks or 1
     layout, transport = pipe._layout, pipe._transport

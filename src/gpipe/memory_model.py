@@ -28,6 +28,7 @@ micro-batches in flight, less re-materialization, more optimizer slots.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "device_memory",
     "optimizer_slots",
     "parse_bytes",
+    "parse_limit",
     "process_peak",
     "stage_memory",
 ]
@@ -77,20 +79,34 @@ def parse_bytes(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise TypeError(f"a memory size must be bytes or a string like '8GiB', got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"a memory size must be positive, got {value}")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"cannot read the memory size {value!r}; write a number of bytes or one with a unit "
-            "such as '8GiB', '512MiB', '16GB'"
+        size = float(value)
+    else:
+        match = re.fullmatch(
+            r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value)
         )
-    size = float(match.group(1)) * _UNITS[unit]
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"cannot read the memory size {value!r}; write a number of bytes or one with a "
+                "unit such as '8GiB', '512MiB', '16GB'"
+            )
+        size = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(size):
+        raise ValueError(
+            f"a memory size must be a finite number of bytes, got {value!r}; for no limit pass "
+            "memory_limit=None (or leave --memory-limit out)"
+        )
     if size <= 0:
         raise ValueError(f"a memory size must be positive, got {value!r}")
     return int(size)
+
+
+def parse_limit(value: str | int | float | None) -> int | None:
+    """A memory limit in bytes; ``None`` or ``float("inf")`` mean no limit. Anything else is
+    :func:`parse_bytes`'s (NaN and sizes too large to count are refused)."""
+    if value is None or (isinstance(value, float) and value == math.inf):
+        return None
+    return parse_bytes(value)
 
 
 @dataclass(frozen=True)

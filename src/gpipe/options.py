@@ -95,8 +95,14 @@ def device(value: Any) -> torch.device:
     try:
         dev = torch.device(f"cuda:{value}") if isinstance(value, int) else torch.device(value)
     except (RuntimeError, TypeError) as e:
+        count = (
+            f"; for {value} stages write stages={value}, for CUDA device {value} the int {value}"
+            if isinstance(value, str) and value.strip().isdigit()
+            else ""
+        )
         raise ValueError(
-            f"devices holds {value!r}, which is not a device ({e}); use e.g. 'cpu' or 'cuda:0'"
+            f"devices holds {value!r}, which is not a device ({e}); use e.g. 'cpu' or "
+            f"'cuda:0'{count}"
         ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

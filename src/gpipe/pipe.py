@@ -44,7 +44,7 @@ from gpipe.stage import Stage, StepState
 __all__ = ["Partition", "Pipe"]
 
 
-class Pipe(nn.Module):
+class Pipe(plan.NotCopied, nn.Module):
     """Pipeline-parallel wrapper around a sequential ``module``.
 
     Args:
@@ -77,7 +77,8 @@ class Pipe(nn.Module):
         sample: one example call of a module that is not a sequence: a tensor, a tuple, a
             dict of keywords or ``gpipe.capture.Sample(*args, **kwargs)``.
         split_points: module paths where the stages of a captured model are cut
-            (``"<path>"`` before it, ``"<path>:after"`` after it).
+            (``"<path>"`` before it, ``"<path>:after"`` after it; one string is one point).
+            N points make N + 1 stages, which ``stages`` (x V) must agree with.
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step, which is ``last_events_t0`` on ``time.perf_counter``'s clock) and
@@ -105,7 +106,7 @@ class Pipe(nn.Module):
         deferred_batch_norm: bool = False,
         check_finite: bool = False,
         sample: Any = None,
-        split_points: Sequence[str] | None = None,
+        split_points: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         given = module
@@ -120,7 +121,6 @@ class Pipe(nn.Module):
         self.layers = plan.container(module, named)
         self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
         self._follow = plan.Follower(given, self.layers)
-        balance = getattr(module, "split_balance", None) if balance is None else balance
         self._auto, self.auto_plan = Auto.of(schedule), None  # "auto": planned at the first batch
         self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
         if self._auto is not None and balance is not None:
@@ -150,6 +150,9 @@ class Pipe(nn.Module):
         self._spec = ScheduleSpec(schedule, virtual_stages)
         self.schedule_name = self._spec.name
         self.virtual_stages = v = self._spec.virtual_stages
+        balance = plan.cut_by(
+            module, balance, stages=stages, virtual_stages=v, auto=self._auto is not None
+        )
         self.devices = pipe_devices(devices, stages, balance, self._spec.num_devices, v)
         self.num_devices = k = len(self.devices)
         #: stage -> device index (the schedule's placement)
@@ -386,6 +389,7 @@ class Pipe(nn.Module):
             m = len(mbs)
             stepcore.check_targets(inputs, targets, self.batch_dim)
             tmbs = [None] * m if targets is None else split(targets, m, batch_dim=self.batch_dim)
+            scales = stepcore.loss_scales(reduction, tmbs)[0]
             self._ensure_built(mbs[0])
             grad = torch.is_grad_enabled()
             sched = self._schedule(m)
@@ -396,7 +400,7 @@ class Pipe(nn.Module):
                 splits=sched.splits,
                 keep_outputs=False,
             )
-            states = self._begin(m, grad, loss_fn, stepcore.loss_scales(reduction, tmbs)[0])
+            states = self._begin(m, grad, loss_fn, scales)
             self._execute(stepcore.step_actions(sched, grad), data)
             shared_params.flush(self._stages, states)
             self._finish_forward(data, m)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Follower",
+    "NotCopied",
     "auto_balance",
     "bind_inputs",
     "build_stages",
@@ -37,15 +38,34 @@ __all__ = [
     "check_shared_placement",
     "check_stage_count",
     "container",
+    "cut_by",
     "device_of",
     "fetch_points",
     "flops_weights",
     "front",
     "layers_of",
     "mode_of",
+    "model_keys",
     "stage_of_layers",
     "step_inputs",
 ]
+
+
+class NotCopied:
+    """A pipe is neither pickled nor copied: it holds worker threads, locks and (distributed)
+    process groups, and its stages share the user's own layers. ``copy.copy``,
+    ``copy.deepcopy``, ``pickle.dumps`` and ``torch.save`` of one say so and name what to
+    save instead, rather than failing on a lock deep inside."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        who = type(self).__name__
+        raise TypeError(
+            f"a {who} cannot be pickled or copied (copy, deepcopy, pickle, torch.save): it "
+            "holds worker threads and the model's own layers. Save its weights with "
+            f"torch.save(pipe.state_dict(), path) and load them into a new {who} (or your "
+            "model) with load_state_dict; to copy the model, copy the model you gave it, "
+            f"then build a {who} from the copy"
+        )
 
 
 def front(
@@ -53,7 +73,7 @@ def front(
     who: str = "Pipe",
     *,
     sample: Any = None,
-    split_points: Sequence[str] | None = None,
+    split_points: str | Sequence[str] | None = None,
     batch_dim: int = 0,
     deferred_batch_norm: bool = False,
 ) -> Any:
@@ -126,6 +146,54 @@ class Follower:
         """Set a captured model's mode everywhere (its segments and the model itself)."""
         if self._captured is not None:
             self._captured.train(mode)
+
+
+def cut_by(
+    module: Any,
+    balance: Sequence[int] | None,
+    *,
+    stages: int | None,
+    virtual_stages: int,
+    auto: bool,
+) -> Sequence[int] | None:
+    """The balance a pipe cuts by: the user's ``balance``, else the layers per stage that a
+    captured model's ``split_points`` force — checked here against ``stages`` and
+    ``schedule="auto"``, so that a disagreement names ``split_points`` and not a balance nobody
+    gave."""
+    from gpipe.capture import CapturedLayers
+
+    split = module.split_balance if isinstance(module, CapturedLayers) else None
+    if balance is not None or split is None:
+        return balance
+    n, v = len(split), virtual_stages
+    if auto:
+        raise ValueError(
+            f"split_points cut the model into {n} stages, but schedule='auto' chooses the cut "
+            "itself; drop split_points= to let the planner cut, or name a schedule to keep them"
+        )
+    per = f" x {v} virtual stages" if v > 1 else ""
+    if n % v:
+        raise ValueError(
+            f"split_points cut the model into {n} stages, which {v} virtual stages per device "
+            f"cannot share out; give {v * (n // v + 1) - 1} split points (a multiple of {v} "
+            "stages) or another virtual_stages"
+        )
+    if stages is not None and stages * v != n:
+        raise ValueError(
+            f"split_points cut the model into {n} stages, but stages={stages}{per} asks for "
+            f"{stages * v}; drop stages= (the split points decide it) or give "
+            f"{stages * v - 1} split points"
+        )
+    return split
+
+
+def model_keys(module: Any) -> Any:
+    """A captured model's own ``state_dict`` keys (:class:`gpipe.capture.segment.ModelKeys`)
+    for a holder of its segments; ``None`` for a sequence, whose keys are already the
+    model's."""
+    from gpipe.capture import CapturedLayers
+
+    return module.keys if isinstance(module, CapturedLayers) else None
 
 
 def container(module: Any, named: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:

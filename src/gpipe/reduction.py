@@ -10,7 +10,8 @@
   ignored: :func:`count_items`). Micro-batches may hold different numbers of items, so the
   average of their means is not the mini-batch's mean; each loss is scaled by its share of
   the mini-batch's items, ``n_i / N``, which is. A micro-batch with no items adds nothing
-  (its loss function, a mean over nothing, is not called). The count may be any weight: a
+  (its loss function, a mean over nothing, is not called); a mini-batch with none at all is
+  refused, naming the count. The count may be any weight: a
   class-weighted cross-entropy (``weight=w``) averages over ``w[targets].sum()``.
 
 With ``"mean"``, integer targets that hold ``-100`` (PyTorch's ``ignore_index``) in unequal
@@ -78,11 +79,15 @@ def count_items(ignore_index: int = IGNORE_INDEX) -> Callable[[Any], torch.Tenso
     return count
 
 
-def microbatch_scales(reduction: Reduction, targets: Sequence[Any]) -> tuple[list[float], float]:
+def microbatch_scales(
+    reduction: Reduction, targets: Sequence[Any], *, whole: bool = True
+) -> tuple[list[float], float]:
     """Each micro-batch's loss factor, and the number of items of the mini-batch (``M`` rows'
     worth for ``"mean"`` and ``"sum"``, counted for a callable); ``targets`` are the
     micro-batches' targets (``None`` each where this rank has none: only their count
-    matters then)."""
+    matters then). When they are the ``whole`` mini-batch's, a count of no items at all is
+    refused: the mean over nothing is NaN for the plain model, and would pass here as a loss
+    of 0 with zero gradients. (One data-parallel replica's share may hold none.)"""
     m = len(targets)
     if reduction == "mean":
         return [1.0 / m] * m, float(m)
@@ -91,6 +96,13 @@ def microbatch_scales(reduction: Reduction, targets: Sequence[Any]) -> tuple[lis
     raw = [_raw_count(reduction, t, i) for i, t in enumerate(targets)]
     counts = [_checked(reduction, n, i) for i, n in enumerate(_host_values(raw))]
     total = math.fsum(counts)
+    if whole and total == 0:
+        raise ValueError(
+            f"reduction={_name(reduction)} counted 0 items in every one of the {m} "
+            "micro-batches, so the mini-batch's mean is over nothing (NaN for the plain "
+            "model) and the step would train on a loss of 0; check the count function "
+            "(e.g. its ignore_index against the targets), or skip batches without items"
+        )
     return [c / total if total > 0 else 0.0 for c in counts], total
 
 

@@ -131,13 +131,16 @@ def step_actions(schedule: Any, grad: bool) -> Any:
     return schedule.actions if grad else schedule.forward_part()
 
 
-def loss_scales(reduction: Reduction, targets: Sequence[Any]) -> tuple[list[float], float]:
+def loss_scales(
+    reduction: Reduction, targets: Sequence[Any], whole: bool = True
+) -> tuple[list[float], float]:
     """Each micro-batch's loss factor and the mini-batch's item count
-    (:mod:`gpipe.reduction`; ``targets`` are the micro-batches' targets), warning where
+    (:mod:`gpipe.reduction`; ``targets`` are the micro-batches' targets, ``whole`` when they
+    are the whole mini-batch's and not one data-parallel replica's share), warning where
     ``"mean"`` meets unevenly ignored targets."""
     if reduction == "mean":
         reduction_mod.warn_uneven(targets)
-    return reduction_mod.microbatch_scales(reduction, targets)
+    return reduction_mod.microbatch_scales(reduction, targets, whole=whole)
 
 
 def begin(

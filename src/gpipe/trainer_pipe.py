@@ -292,7 +292,7 @@ class _DistTrainerPipe(TrainerPipe):
         return [(self.device_index, self.local_state())]
 
     def local_state(self) -> dict[str, Tensor]:
-        return {_model_key(self.model, k): v for k, v in self.pipe.state_dict().items()}
+        return dict(self.pipe.state_dict())  # the full model's keys (a captured one's own)
 
     def gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist

@@ -109,7 +109,7 @@ def capture(
     model: nn.Module,
     sample: Any,
     *,
-    split_points: Sequence[str] | None = None,
+    split_points: str | Sequence[str] | None = None,
     batch_dim: int = 0,
     method: str = "auto",
     check: bool = True,
@@ -117,7 +117,8 @@ def capture(
     """Capture ``model`` on ``sample`` and cut it into layers (see the module docstring).
 
     ``split_points``: module paths where stages must be cut (``"transformer.h.2"`` cuts
-    before it, ``"transformer.h.2:after"`` after it); the pipe then gets one stage per piece.
+    before it, ``"transformer.h.2:after"`` after it; one string is one point); the pipe then
+    gets one stage per piece.
 
     The model is traced in the modes it is in, and again in train and in eval mode (a
     graph fixes BatchNorm's statistics, dropout and every ``if self.training:`` branch), so
@@ -129,7 +130,7 @@ def capture(
         raise TypeError(f"capture needs an nn.Module, got {type(model).__name__}")
     args, kwargs = sample_args(sample)
     units = unit_paths(model)
-    points = resolve_split_points(list(split_points or ()), model, units)
+    points = resolve_split_points(split_points, model, units)
     start = modes_of(model)
     variants: dict[tuple[bool, ...], int] = {}
     traced_by_key: list[tuple[Traced, list[Piece]]] = []

@@ -9,7 +9,9 @@ embedding = output head) are one ``Parameter`` in both.
 :class:`CapturedLayers` is the ``nn.Sequential`` of segments the pipe runs. The invariant:
 its ``state_dict`` has exactly the keys and tensors of the model's ``state_dict`` for the
 parameters and buffers the graph uses (no segment names in them), and ``load_state_dict``
-takes the model's own state dict.
+takes the model's own state dict and names the keys it misses as the model names them.
+:class:`ModelKeys` is that mapping for any holder of segments (also a ``DistributedPipe``
+rank, whose keys are the model's keys its segments hold).
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from torch import nn
 
 from gpipe.snapshot import Snapshot
 
-__all__ = ["CapturedLayers", "Segment", "attach", "attached_path", "modes_of"]
+__all__ = [
+    "CapturedLayers",
+    "Loading",
+    "ModelKeys",
+    "Segment",
+    "attach",
+    "attached_path",
+    "modes_of",
+]
 
 
 def modes_of(model: nn.Module) -> tuple[bool, ...]:
@@ -231,6 +241,82 @@ class Segment(nn.Module):
         return out
 
 
+class ModelKeys:
+    """The captured model's own ``state_dict`` keys for modules that hold segments by name
+    (:class:`CapturedLayers`, and a ``DistributedPipe`` holding its rank's segments): a
+    segment's keys are already the model's, so a holder's keys drop the segment names; a
+    state dict of the model's keys is spread back to the segments for loading, and the keys a
+    load misses are named as the model names them."""
+
+    def __init__(self, key_order: list[str], aliases: dict[str, list[str]]) -> None:
+        self.key_order = list(key_order)
+        self.aliases = {k: list(v) for k, v in aliases.items()}
+
+    def state_dict(
+        self,
+        segments: dict[str, nn.Module],
+        destination: Any,
+        prefix: str,
+        keep_vars: bool,
+        tied_names: bool = True,
+    ) -> Any:
+        """The segments' state under the model's own keys (after ``prefix``), each once, in
+        the model's order; with ``tied_names`` also a tied tensor's other names (the whole
+        model's keys), else only the names the segments hold (one rank's share)."""
+        held: dict[str, Any] = {}
+        for seg in segments.values():
+            seg.state_dict(destination=held, prefix="", keep_vars=keep_vars)
+        if destination is None:
+            destination = OrderedDict()
+        for key in self.key_order:
+            names = [key, *self.aliases.get(key, ())] if tied_names else [key]
+            found = next((a for a in names if a in held), None)
+            if found is not None:
+                destination[prefix + key] = held[found]
+        for key, value in held.items():
+            if prefix + key not in destination:
+                destination[prefix + key] = value
+        return destination
+
+    def spread(self, segments: dict[str, nn.Module], state_dict: dict, prefix: str) -> dict:
+        """Give each segment the model keys it holds (``load_state_dict`` sends keys by child
+        name); returns each segment key (as the load sees it) → the model's key."""
+        spread, names = set(), {}
+        for name, seg in segments.items():
+            for key in seg.state_dict(keep_vars=True):
+                names[f"{prefix}{name}.{key}"] = prefix + key
+                if prefix + key in state_dict:
+                    state_dict[f"{prefix}{name}.{key}"] = state_dict[prefix + key]
+                    spread.add(prefix + key)
+        for key in spread:
+            for alias in self.aliases.get(key[len(prefix) :], ()):
+                state_dict.pop(prefix + alias, None)
+            state_dict.pop(key, None)
+        return names
+
+    @staticmethod
+    def rename_missing(missing: list[str], names: dict[str, str]) -> None:
+        """The missing keys of a load as the model names them (in place, each once)."""
+        missing[:] = list(dict.fromkeys(names.get(k, k) for k in missing))
+
+
+class Loading:
+    """A holder's load hooks around :class:`ModelKeys`: the pre-hook spreads the model's keys
+    to the segments, the post-hook names the missing keys with the model's keys."""
+
+    def __init__(self, holder: nn.Module, keys: ModelKeys, segments: Callable[[], dict]) -> None:
+        self.keys, self.segments = keys, segments
+        self.names: dict[str, str] = {}
+        holder._register_load_state_dict_pre_hook(self.before)
+        holder.register_load_state_dict_post_hook(self.after)
+
+    def before(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        self.names = self.keys.spread(self.segments(), state_dict, prefix)
+
+    def after(self, module: nn.Module, incompatible: Any) -> None:
+        ModelKeys.rename_missing(incompatible.missing_keys, self.names)
+
+
 class CapturedLayers(nn.Sequential):
     """The segments of a captured model, in order, with what the pipe needs around them.
 
@@ -239,7 +325,8 @@ class CapturedLayers(nn.Sequential):
     selecting, in every segment, the graph of the modes the model is in now (``variants``:
     modes -> graph key; ``pipe.train()`` / ``pipe.eval()`` reach the model through
     :meth:`train`); ``split_balance`` is the layers per stage forced by ``split_points`` (or
-    ``None``); ``method`` says which tracer captured it; ``model_name`` the captured class."""
+    ``None``); ``method`` says which tracer captured it; ``model_name`` the captured class;
+    ``keys`` the model's own ``state_dict`` keys (:class:`ModelKeys`)."""
 
     def __init__(
         self,
@@ -265,9 +352,8 @@ class CapturedLayers(nn.Sequential):
         self.method = method
         self.model_name = model_name
         self.split_balance = split_balance
-        self._key_order = list(key_order or ())
-        self._aliases = dict(aliases or {})
-        self._register_load_state_dict_pre_hook(self._spread_keys)
+        self.keys = ModelKeys(list(key_order or ()), dict(aliases or {}))
+        Loading(self, self.keys, lambda: self._modules)
         if model is not None:
             self.training = model.training
 
@@ -299,33 +385,7 @@ class CapturedLayers(nn.Sequential):
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> Any:  # type: ignore[override]
         """The model's own keys (under ``prefix``), each once."""
-        held: dict[str, Any] = {}
-        for seg in self._modules.values():
-            seg.state_dict(destination=held, prefix="", keep_vars=keep_vars)
-        if destination is None:
-            destination = OrderedDict()
-        for key in self._key_order:  # the model's order, tied names included
-            found = next((a for a in [key, *self._aliases.get(key, ())] if a in held), None)
-            if found is not None:
-                destination[prefix + key] = held[found]
-        for key, value in held.items():
-            if prefix + key not in destination:
-                destination[prefix + key] = value
-        return destination
-
-    def _spread_keys(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        """Give each segment the model keys it holds (``load_state_dict`` sends keys by
-        child name)."""
-        spread = set()
-        for name, seg in self._modules.items():
-            for key in seg.state_dict(keep_vars=True):
-                if prefix + key in state_dict:
-                    state_dict[f"{prefix}{name}.{key}"] = state_dict[prefix + key]
-                    spread.add(prefix + key)
-        for key in spread:
-            for alias in self._aliases.get(key[len(prefix) :], ()):
-                state_dict.pop(prefix + alias, None)
-            state_dict.pop(key, None)
+        return self.keys.state_dict(self._modules, destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         return f"captured {self.model_name} with {self.method}, {len(self)} layers"

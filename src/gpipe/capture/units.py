@@ -86,16 +86,17 @@ def node_units(nodes: Sequence[fx.Node], units: Sequence[str]) -> list[tuple[str
 
 
 def resolve_split_points(
-    points: Sequence[str], model: nn.Module, units: Sequence[str]
+    points: str | Sequence[str] | None, model: nn.Module, units: Sequence[str]
 ) -> list[tuple[str, str]]:
     """``split_points`` as ``(unit path, "before"|"after")``.
 
-    A point is a module path (cut before it) or ``"<path>:after"``/``"<path>:before"``. The
-    path may name a unit or a module containing units (cut before its first / after its last
-    unit). A name that is no module is refused with the nearest names."""
+    A point is a module path (cut before it) or ``"<path>:after"``/``"<path>:before"``; one
+    string is one point (not a list of one-letter paths). The path may name a unit or a module
+    containing units (cut before its first / after its last unit). A name that is no module is
+    refused with the nearest names."""
     names = [n for n, _ in model.named_modules() if n]
     out = []
-    for point in points:
+    for point in [points] if isinstance(points, str) else list(points or ()):
         if not isinstance(point, str):
             raise TypeError(f"split_points holds {point!r}; give module paths as strings")
         path, _, where = point.partition(":")

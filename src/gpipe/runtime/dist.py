@@ -282,11 +282,15 @@ class P2PTransport(ChannelHealth):
     ) -> None:
         head = (mtype, key, self._step, self._m)
         known = self._expect.get(key) if key is not None else None
-        if known is not None and self.inline:  # the receiver posted one buffer for this key
-            if self._wire.send_inline(peer, head, meta, tensors, known[1]):
-                return
-            known = None  # it was a placeholder: the whole message follows with its header
-        sizes = self._wire.send(peer, head, meta, tensors, known and known[0])
+        try:
+            if known is not None and self.inline:  # the receiver posted one buffer for it
+                if self._wire.send_inline(peer, head, meta, tensors, known[1]):
+                    return
+                known = None  # it was a placeholder: the whole message follows with its header
+            sizes = self._wire.send(peer, head, meta, tensors, known and known[0])
+        except Exception as e:  # e.g. gloo closed the pair after a wait on it timed out
+            self._mark_broken(peer, e)
+            return
         if mtype == proto.DATA and key is not None:
             self._expect_next[key] = (sizes, meta)
 
@@ -331,7 +335,7 @@ class P2PTransport(ChannelHealth):
         slot = self._slots[peer][pos]
         if slot.head_work is None and slot.data is not None:  # an inline message
             for w in slot.data_works:
-                self._wait(w, deadline, peer)
+                self._wait(w, deadline, peer, pos)
             key, t = self._in[peer][pos], proto.unpack_trailer(slot.data[0])
             if t.status == proto.SAME:
                 if (t.key, t.step, t.num_microbatches) != (key, self._step, self._m):
@@ -345,7 +349,7 @@ class P2PTransport(ChannelHealth):
             slot.data, slot.data_works = None, []  # a placeholder: the header follows
         if slot.head_work is None:
             self._wire.post_header_now(slot, peer)
-        self._wait(slot.head_work, deadline, peer)
+        self._wait(slot.head_work, deadline, peer, pos)
         h = proto.unpack_header(slot.head)
         meta = h.meta
         if meta is None:
@@ -360,7 +364,7 @@ class P2PTransport(ChannelHealth):
         if wrong:
             self._out_of_order(peer, h.key, h.step, h.num_microbatches)
         for w in slot.data_works:  # direct data, or the placeholders of a bulk message
-            self._wait(w, deadline, peer)
+            self._wait(w, deadline, peer, pos)
         self._decoded[peer] = pos + 1
         if not terminal:
             self._terminal_ahead(peer)
@@ -379,13 +383,13 @@ class P2PTransport(ChannelHealth):
         self._expect_next[h.key] = (sizes, meta)
         self._box.send(*h.key, value)
 
-    def _wait(self, work: Any, deadline: float, peer: int) -> None:
-        """Wait for ``peer``'s ``work`` until ``deadline``; a timeout or a lost peer breaks
-        the channel (:class:`Broken`)."""
+    def _wait(self, work: Any, deadline: float, peer: int, pos: int) -> None:
+        """Wait for ``peer``'s ``work`` (its message at position ``pos`` of the step) until
+        ``deadline``; a timeout or a lost peer breaks the channel (:class:`Broken`)."""
         try:
             wait(work, deadline)
         except Exception as e:
-            self._lost_peer(peer, e)
+            self._lost_peer(peer, e, self._in[peer][pos] if pos < len(self._in[peer]) else None)
 
 
 def _detach_tree(value: Any) -> Any:

@@ -69,16 +69,29 @@ class ChannelHealth:
         )  # fmt: skip
         raise Broken()
 
-    def _lost_peer(self, peer: int, e: BaseException) -> Any:
-        """A wait on ``peer`` failed with ``e``: a timeout (hung or slow peer) or a lost
-        connection. Raises :class:`Broken`."""
+    def _lost_peer(
+        self, peer: int, e: BaseException, key: tuple[str, int, int] | None = None
+    ) -> Any:
+        """A wait on ``peer`` for its message ``key`` (``None``: the end of its step) failed
+        with ``e``: a timeout (a peer that closed, never called ``step``, crashed, hung or is
+        slow) or a lost connection. Raises :class:`Broken`."""
         if "timed out" in str(e).lower() or isinstance(e, TimeoutError):
             self._dead.add(peer)
             self._broken = self._broken or f"no message from rank {self.ranks[peer]}"
+            stage = mb = None
+            awaited = "the end of its step"
+            if key is not None:  # a value for stage key[1], from the stage before or after
+                kind, to, mb = key
+                stage = to - 1 if kind == "act" else to + 1
+                what = "activation" if kind == "act" else "gradient"
+                awaited = f"its {what} of micro-batch {mb} for stage {to}"
             self.abort(
                 Failure(
-                    self.ranks[peer], peer, None, None,
-                    f"sent nothing for {self.timeout:.0f}s (hung or too slow; raise timeout=)",
+                    self.ranks[peer], peer, stage, mb,
+                    f"did not answer within {self.timeout:g}s (rank {self.rank} waited for "
+                    f"{awaited}): it closed its pipe, did not call step() (every rank calls it "
+                    "each step, with the same batch), crashed or hung, or is too slow "
+                    "(then raise timeout=)",
                 )
             )  # fmt: skip
         else:
