@@ -316,3 +316,39 @@ def test_the_self_check_restores_modes_buffers_and_random_state() -> None:
     assert torch.equal(model.norm.num_batches_tracked, stats[1])
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
+
+
+class Island(nn.Module):
+    """Blocks under the caller's autocast, a head it keeps in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(D, D) for _ in range(3))
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        with torch.autocast("cpu", enabled=False):
+            return self.head(x.float())
+
+
+def test_an_autocast_island_is_captured_and_trains_under_bf16() -> None:
+    """export keeps the island as a region whose body the capture holds (was AttributeError
+    'submod_1'); under bf16 the island computes in float32, as in the plain model."""
+    model, plain = Island().float(), Island().float()
+    x = _x().float()
+    y = torch.zeros(8, D)
+    with _pipe(model, x, chunks=1, threads_per_stage=1) as pipe:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = pipe.step(x, y, F.mse_loss)
+            out = pipe(x)
+        assert out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.mse_loss(plain(x), y)
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-2 * abs(want.item())
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=1e-3)
