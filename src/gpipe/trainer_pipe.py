@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gpipe.schedules import Event
 
-__all__ = ["TrainerPipe", "build", "canonical_names", "clip_global_norm_"]
+__all__ = ["TrainerPipe", "build", "canonical_names", "clip_global_norm_", "stage_lines"]
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
@@ -241,6 +241,26 @@ class TrainerPipe:
         self.pipe.close()
 
 
+def stage_lines(
+    names: Sequence[str],
+    balance: Sequence[int],
+    placement: Sequence[int],
+    stages: int,
+    world: int,
+) -> list[str]:
+    """One line per (virtual) stage of a distributed run: its layers and the ranks that run it
+    — pipeline device ``placement[s]`` (the schedule's placement, a V for zb-v and dualpipe-v)
+    of every replica (rank ``replica * stages + device``)."""
+    lines, at = [], 0
+    for s, n in enumerate(balance):
+        layers = ", ".join(names[at : at + n])
+        ranks = list(range(placement[s], world, stages))
+        which = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+        lines.append(f"stage {s} on {which}: [{layers}]")
+        at += n
+    return lines
+
+
 class _DistTrainerPipe(TrainerPipe):
     """A :class:`gpipe.DistributedPipe` behind the trainer's interface. Rank ``r`` is pipeline
     device ``r % stages`` of replica ``r // stages`` (DistributedPipe's layout)."""
@@ -273,12 +293,7 @@ class _DistTrainerPipe(TrainerPipe):
 
     def describe(self) -> list[str]:
         names = [n for n, _ in self.model.named_children()]
-        lines, at = [], 0
-        for s, n in enumerate(self.balance):
-            layers = ", ".join(names[at : at + n])
-            lines.append(f"stage {s} on rank {s % self.stages}: [{layers}]")
-            at += n
-        return lines
+        return stage_lines(names, self.balance, self.pipe.placement, self.stages, self.world)
 
     def _local_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.pipe.named_parameters())
