@@ -188,9 +188,11 @@ class Segment(nn.Module):
         """Run the graph of variant ``key`` from now on. The modules the capture made for it
         (dropouts it found drawing) draw whatever mode they were set to: they exist only in
         the graphs of modes that draw."""
-        self.graph_key = key
+        if self.graph_key != key:
+            self.graph_key = key
         for m in self._graphs[key].made:
-            m.training = True
+            if not m.training:
+                m.training = True
 
     @property
     def keys(self) -> list[int]:
@@ -347,6 +349,8 @@ class CapturedLayers(nn.Sequential):
             self.add_module(name, seg)
         self.__dict__["_binds"] = dict(binds)
         self.__dict__["_model"] = model  # not a child: its objects live in the segments
+        # the modules whose modes select a graph (``modes_of``'s order, listed once)
+        self.__dict__["_model_modules"] = [] if model is None else list(model.modules())
         self.variants = dict(variants or {})
         self.snapshot = snapshot or Snapshot()
         self.method = method
@@ -368,7 +372,7 @@ class CapturedLayers(nn.Sequential):
         """Make every segment run the graph of the modes the model is in now; its key."""
         if self._model is None or not self.variants:
             return next(iter(self._binds))
-        modes = modes_of(self._model)
+        modes = tuple(m.training for m in self._model_modules)
         key = self.variants.get(modes)
         if key is None:
             raise RuntimeError(_mode_mismatch(self._model, self.variants))
