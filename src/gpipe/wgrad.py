@@ -26,9 +26,9 @@ module with forward hooks of its own (which may change its input or output) is n
 either, its parameters' gradients coming from the graph.
 
 Which calls are captured depends on the stage and the module only — never on the step or on
-the threads' timing: a capture takes the calls of its own stage's standard modules, and a
-module holds one pair of this module's hooks however many stages (on however many workers)
-hold it, so no stage ever mistakes another stage's pair for a user's hook.
+the threads' timing: a capture takes the calls of its own stage's standard modules only, and a
+module carries one pair of these hooks however many stages (on however many workers) hold it,
+so no stage ever mistakes another stage's pair for a user's hook.
 """
 
 from __future__ import annotations
@@ -249,7 +249,8 @@ class WeightGrads:
 
 @dataclass
 class _Pair:
-    """This module's hook pair on one module, and how many :class:`WeightGrads` hold it."""
+    """The pair of hooks (:func:`_pre`, :func:`_post`) on one module, and how many
+    :class:`WeightGrads` hold it."""
 
     handles: tuple[Any, Any]
     holds: int = 0
