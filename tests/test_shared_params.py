@@ -6,7 +6,9 @@ re-materialization mode, with dropout, gives the independent reference's gradien
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
 
 import pytest
 import torch
@@ -125,21 +127,52 @@ def test_shared_parameters_get_the_reference_gradients(
     pipe.close()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "interleaved-zb"])
+class Stall:
+    """Slows one worker: a pause before each call of a layer placed on it. The worker it
+    slows changes from step to step, so the workers reach the shared parameters (and stages
+    begin their first split forward) in another order on each step."""
+
+    def __init__(self, model: nn.Sequential, schedule: str, k: int) -> None:
+        spec = ScheduleSpec(schedule)
+        counts = balance_costs([1.0] * len(model), k * spec.virtual_stages)
+        stage_of = [s for s, n in enumerate(counts) for _ in range(n)]
+        self.worker_of = [spec.placement(k)[s] for s in stage_of]
+        self.slow: int | None = None
+        self.handles = [
+            layer.register_forward_pre_hook(functools.partial(self._pause, i))
+            for i, layer in enumerate(model)
+        ]
+
+    def _pause(self, layer: int, module: nn.Module, args: tuple) -> None:
+        if self.worker_of[layer] == self.slow:
+            time.sleep(0.002)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("schedule", schedules.available())
 def test_shared_gradients_are_the_same_bits_on_every_step(schedule: str) -> None:
-    """Ten steps of the same batch from zeroed gradients: one gradient, bit for bit (the
-    workers reach the shared parameters in a different order on different steps)."""
+    """Steps of the same batch from zeroed gradients, the first included, each with another
+    worker slowed: one gradient, bit for bit. The first step is the one a lazily built state
+    (hooks installed at a stage's first split forward) would make different."""
     model = make(torch.float32, p=0.0)
-    pipe = pipe_of(model, schedule, 2, 8, "never")
+    pipe = pipe_of(model, schedule, 2, 4, "never")
+    stall = Stall(model, schedule, 2)
     x, y = data(torch.float32)
     seen: list[list[torch.Tensor]] = []
-    for _ in range(10):
+    for slow in (0, 1, None):
+        stall.slow = slow
         pipe.zero_grad()
         pipe.step(x, y, loss_fn)
         seen.append(grads(model))
-    for later in seen[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(seen[0], later))
+    stall.remove()
     pipe.close()
+    names = [n for n, _ in model.named_parameters()]
+    for step, later in enumerate(seen[1:], 2):
+        differ = [n for n, a, b in zip(names, seen[0], later, strict=True) if not torch.equal(a, b)]
+        assert not differ, f"{schedule}: step {step}'s gradients of {differ} differ from step 1's"
 
 
 def test_autograd_bridge_path_adds_the_borrowed_gradients() -> None:

@@ -223,12 +223,47 @@ def test_outside_a_capture_the_hooks_do_nothing() -> None:
     wg = wgrad.WeightGrads([lin])
     with wg.capture():
         pass
-    assert len(wg._hooks) == 2  # installed by the first capture
+    assert len(lin._forward_pre_hooks) == len(lin._forward_hooks) == 1  # by the first capture
     lin(_x(4, 3)).sum().backward()  # an ordinary call: autograd's own gradient
     assert lin.weight.grad is not None
     assert isinstance(lin._parameters["weight"], nn.Parameter)
     wg.close()
-    assert wg._hooks == []
+    assert not lin._forward_pre_hooks and not lin._forward_hooks
+
+
+def _captured(wg: wgrad.WeightGrads, module: nn.Module) -> int:
+    """How many calls of ``module`` a capture by ``wg`` takes."""
+    with wg.capture() as calls:
+        module(_x(4, 3))
+    return len(calls.calls)
+
+
+def test_a_module_two_stages_hold_is_captured_by_both_from_the_first_call() -> None:
+    """A module that appears in two stages gets one hook pair, not one per stage: a second pair
+    read as a user's hook left the module to the graph once both stages had captured, so the
+    first step formed its gradients another way than every later one."""
+    lin = nn.Linear(3, 2).to(DT)
+    first, second = wgrad.WeightGrads([lin]), wgrad.WeightGrads([lin])
+    assert [_captured(first, lin), _captured(second, lin)] == [1, 1]
+    assert [_captured(first, lin), _captured(second, lin)] == [1, 1]  # and on every later step
+    assert len(lin._forward_pre_hooks) == len(lin._forward_hooks) == 1
+    first.close()  # the other stage still captures
+    assert _captured(second, lin) == 1
+    second.close()
+    assert not lin._forward_pre_hooks and not lin._forward_hooks
+
+
+def test_a_capture_takes_only_its_own_stages_modules() -> None:
+    """Another stage's module called inside a capture is left to the graph, whether or not that
+    stage has put its hooks on yet (so the threads' timing never decides)."""
+    mine, other = nn.Linear(3, 3).to(DT), nn.Linear(3, 2).to(DT)
+    wg, theirs = wgrad.WeightGrads([mine]), wgrad.WeightGrads([other])
+    assert _captured(theirs, other) == 1  # their hooks are on
+    with wg.capture() as calls:
+        other(mine(_x(4, 3)))
+    assert [c.module for c in calls.calls] == [mine]
+    wg.close()
+    theirs.close()
 
 
 def test_a_failing_forward_leaves_the_real_parameters_in_place() -> None:

@@ -24,6 +24,11 @@ that carries a gradient hook always falls back (its module's calls are not captu
 autograd forms its gradient and runs the hook once per micro-batch, as without the split; a
 module with forward hooks of its own (which may change its input or output) is not captured
 either, its parameters' gradients coming from the graph.
+
+Which calls are captured depends on the stage and the module only — never on the step or on
+the threads' timing: a capture takes the calls of its own stage's standard modules only, and a
+module carries one pair of these hooks however many stages (on however many workers) hold it,
+so no stage ever mistakes another stage's pair for a user's hook.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,12 +75,14 @@ class _Call:
 class Calls:
     """What one micro-batch's split forward kept for its weight gradients.
 
-    ``calls``: each captured module call, in order. After ``B``, each call holds its output
-    gradient (``None`` when no gradient reached it) and no reference to the graph; ``direct``
-    holds the parameter gradients ``B`` computed itself (the reductions, and standard
-    parameters used outside their module).
+    ``owned``: the ids of the standard modules whose calls this capture takes (the capturing
+    stage's). ``calls``: each captured module call, in order. After ``B``, each call holds its
+    output gradient (``None`` when no gradient reached it) and no reference to the graph;
+    ``direct`` holds the parameter gradients ``B`` computed itself (the reductions, and
+    standard parameters used outside their module).
     """
 
+    owned: frozenset[int] = frozenset()
     calls: list[_Call] = field(default_factory=list)
     direct: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
     _open: dict[int, _Call] = field(default_factory=dict)  # running, parameters swapped
@@ -114,7 +122,9 @@ class WeightGrads:
     """The standard modules among a stage's layers, and ``W`` for them.
 
     Hooks go on those modules at the first :meth:`capture` (a stage that never runs a split
-    schedule pays nothing) and come off at :meth:`close`; outside a capture they do nothing.
+    schedule pays nothing) and come off at :meth:`close`; outside a capture they do nothing. A
+    module several stages hold (a module that appears twice, on one worker or two) gets one
+    pair, shared, and keeps it until the last of them closes (:func:`_hold`, :func:`_release`).
     """
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
@@ -126,8 +136,9 @@ class WeightGrads:
             for p in m.parameters(recurse=False):
                 self._owner.setdefault(id(p), m)
         self.modules = list(seen.values())
+        self._module_ids = frozenset(seen)
         self._split_ids = {id(p) for m in self.modules for p in m.parameters(recurse=False)}
-        self._hooks: list[Any] = []
+        self._hooked = False
 
     def _reduced(self, p: nn.Parameter) -> bool:
         """Whether ``B`` computes ``p``'s gradient (:func:`gpipe.wgrad_kinds.reduced_in_b`)."""
@@ -153,20 +164,23 @@ class WeightGrads:
         return [p for p in params if p.requires_grad and not self._reduced(p)]
 
     def close(self) -> None:
-        """Remove the hooks."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        """Give up this stage's hold on the hooks (removed with the last hold on a module)."""
+        with _hooks_lock:
+            if self._hooked:
+                for m in self.modules:
+                    _release(m)
+                self._hooked = False
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[Calls]:
-        """Capture, on this thread, the standard modules' calls made inside the body."""
-        if not self._hooks:
-            for m in self.modules:
-                kind = kind_of(m)
-                self._hooks.append(m.register_forward_pre_hook(functools.partial(_pre, kind)))
-                self._hooks.append(m.register_forward_hook(_post))
-        calls = Calls()
+        """Capture, on this thread, the calls of these standard modules made inside the
+        body."""
+        with _hooks_lock:
+            if not self._hooked:
+                for m in self.modules:
+                    _hold(m)
+                self._hooked = True
+        calls = Calls(owned=self._module_ids)
         prev = getattr(_active, "calls", None)
         _active.calls = calls
         try:
@@ -228,8 +242,45 @@ class WeightGrads:
 # ------------------------------------------------------------------ the hooks
 
 
+@dataclass
+class _Pair:
+    """The pair of hooks (:func:`_pre`, :func:`_post`) on one module, and how many
+    :class:`WeightGrads` hold it."""
+
+    handles: tuple[Any, Any]
+    holds: int = 0
+
+
+# Each module's one pair. Keyed weakly: a module dropped without a close takes its entry along.
+# Stages on two workers install and remove pairs at once: every change happens under the lock.
+_pairs: weakref.WeakKeyDictionary[nn.Module, _Pair] = weakref.WeakKeyDictionary()
+_hooks_lock = threading.Lock()
+
+
+def _hold(module: nn.Module) -> None:
+    """Take a hold on ``module``'s pair, installing it if it has none (under ``_hooks_lock``)."""
+    pair = _pairs.get(module)
+    if pair is None:
+        pre = module.register_forward_pre_hook(functools.partial(_pre, kind_of(module)))
+        pair = _pairs[module] = _Pair((pre, module.register_forward_hook(_post)))
+    pair.holds += 1
+
+
+def _release(module: nn.Module) -> None:
+    """Give up a hold on ``module``'s pair, removing it with the last (under ``_hooks_lock``)."""
+    pair = _pairs.get(module)
+    if pair is None:
+        return
+    pair.holds -= 1
+    if pair.holds == 0:
+        for h in pair.handles:
+            h.remove()
+        del _pairs[module]
+
+
 def _foreign_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks besides this module's own pair (or a global one):
+    """Whether ``module`` has forward hooks besides this module's own pair (one per module,
+    however many stages hold it: :func:`_hold`) or a global one:
     a hook may change the input the call sees or the output it returns, so the pair kept for
     ``W`` would not be the one autograd differentiates; such a module is left to the graph."""
     return (
@@ -252,6 +303,8 @@ def _pre(kind: Kind, module: nn.Module, args: tuple) -> None:
     calls: Calls | None = getattr(_active, "calls", None)
     if calls is None or not torch.is_grad_enabled() or id(module) in calls._open:
         return
+    if id(module) not in calls.owned:
+        return  # another stage's module (reached by a hidden reference): left to the graph
     if not args or not isinstance(args[0], torch.Tensor):
         return  # left to the graph: the parameters are not swapped, so autograd sees them
     own = module._parameters
