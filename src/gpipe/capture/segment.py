@@ -180,6 +180,8 @@ class Segment(nn.Module):
         gm.__dict__["_modules"] = self._modules
         gm.__dict__["_parameters"] = self._parameters
         gm.__dict__["_buffers"] = self._buffers
+        # held in our __dict__ too, where a table swap (gpipe.shared_params) finds it
+        self.__dict__[f"_graph_module_{key}"] = gm
         self._graphs[key] = _Graph(
             gm, out_spec, boundary, static_batch if self.first else None, own
         )
