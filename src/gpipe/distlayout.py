@@ -200,11 +200,9 @@ def create_groups(
         created += p2ps + metas
         p2p, meta = p2ps[layout.replica], metas[layout.replica]
     calls = None
-    if k * d > 1:
-        calls = process_group
-        if backend != "gloo":
-            calls = dist.new_group([r for rep in replicas for r in rep], timeout=td, backend="gloo")
-            created.append(calls)
+    if k * d > 1:  # the pipe's own: a step that times out breaks it, never the caller's group
+        calls = dist.new_group([r for rep in replicas for r in rep], timeout=td, backend="gloo")
+        created.append(calls)
     groups = Groups(replicas, pp, dp, p2p, meta, calls, created)
     if backend == "nccl":
         for grp in (pp, dp, p2p):  # this rank's communicators, in one fixed order
