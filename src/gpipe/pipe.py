@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpipe import amp, options, plan, shared_params, stepcore
+from gpipe import amp, clip, options, plan, shared_params, stepcore
 from gpipe import remat as remat_mod
 from gpipe.auto import Auto
 from gpipe.bridge import Run, backward_into_inputs, needs_grad_of
@@ -408,6 +408,20 @@ class Pipe(plan.NotCopied, nn.Module):
                 with amp.off():  # a backward, as the pipe's own (the caller may be in a region)
                     backward_into_inputs(data.input_grads, inputs, m, self.batch_dim)
             return stepcore.total_loss(data.losses, m)
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of every stage to ``max_norm`` as
+        ``torch.nn.utils.clip_grad_norm_`` does on the un-pipelined model (a parameter held by
+        several layers counts once), with the same arithmetic as
+        :meth:`gpipe.DistributedPipe.clip_grad_norm_` (:mod:`gpipe.clip`); returns the norm."""
+        params = list(self.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        total = clip.clip_grad_norm_(
+            grads, grads, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite
+        )
+        return total.to(grads[0].dtype if grads else torch.float32)
 
     def extra_repr(self) -> str:
         return (

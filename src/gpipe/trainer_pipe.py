@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gpipe import clip
 from gpipe.schedules import Event
 
 __all__ = ["TrainerPipe", "build", "canonical_names", "clip_global_norm_", "stage_lines"]
@@ -60,18 +61,11 @@ def _model_key(model: nn.Module, name: str) -> str:
 
 
 def clip_global_norm_(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
-    """Clip the gradients of ``params`` to global L2 norm ``max_norm``; return the norm.
-
-    The same arithmetic as ``DistributedPipe.clip_grad_norm_`` (float64 accumulation), so both
-    runtimes clip by the same factor up to the order of a sum."""
+    """Clip the gradients of ``params`` to global L2 norm ``max_norm``; return the norm
+    (:func:`gpipe.clip.clip_grad_norm_`, the function ``DistributedPipe.clip_grad_norm_``
+    uses too, so both runtimes clip by the same factor)."""
     grads = [p.grad for p in params if p.grad is not None]
-    acc = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        acc += torch.linalg.vector_norm(g.detach(), 2.0).double().cpu() ** 2.0
-    total = acc**0.5
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.dtype).to(g.device))
+    total = clip.clip_grad_norm_(grads, grads, max_norm)
     return total.to(grads[0].dtype if grads else torch.float32)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpipe import clip
 from gpipe.reduction import Reduction, replica_weights
 from gpipe.runtime.failures import Failure
 
@@ -156,30 +157,21 @@ def clip_grad_norm(
     """``torch.nn.utils.clip_grad_norm_`` over every rank of a pipeline (``group``; ``None``
     for one rank): the norm of all stages' gradients, a tied parameter counted once (its
     non-owning copies are in ``not_counted``), every gradient scaled by the same factor."""
-    norm_type = float(norm_type)
     grads = [p.grad for p in params if p.grad is not None]
     counted = [p.grad for p in params if p.grad is not None and id(p) not in not_counted]
     dtype = grads[0].dtype if grads else torch.float32
-    if norm_type == float("inf"):
-        local = max((g.detach().abs().max().double() for g in counted), default=None)
-        acc = torch.zeros((), dtype=torch.float64) if local is None else local.cpu()
-        op = dist.ReduceOp.MAX
-    else:
-        acc = torch.zeros((), dtype=torch.float64)
-        for g in counted:
-            acc += torch.linalg.vector_norm(g.detach(), norm_type).double().cpu() ** norm_type
-        op = dist.ReduceOp.SUM
-    if group is not None:
+
+    def reduce(acc: torch.Tensor, is_max: bool) -> torch.Tensor:
         acc = acc.to(comm_device)
-        dist.all_reduce(acc, op=op, group=group)
-        acc = acc.cpu()
-    total = acc if norm_type == float("inf") else acc ** (1.0 / norm_type)
-    if error_if_nonfinite and not torch.isfinite(total):
-        raise RuntimeError(
-            f"the total norm of order {norm_type} of the gradients is non-finite; set "
-            "error_if_nonfinite=False to clip anyway"
-        )
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.dtype).to(g.device))
+        dist.all_reduce(acc, op=dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM, group=group)
+        return acc.cpu()
+
+    total = clip.clip_grad_norm_(
+        grads,
+        counted,
+        max_norm,
+        norm_type,
+        error_if_nonfinite=error_if_nonfinite,
+        reduce=None if group is None else reduce,
+    )
     return total.to(dtype).to(out_device)
