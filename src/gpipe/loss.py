@@ -15,7 +15,21 @@ import torch
 
 from gpipe.microbatch import tree_flatten
 
-__all__ = ["checked_loss", "zero_loss"]
+__all__ = ["checked_loss", "refuse_unbatched", "zero_loss"]
+
+
+def refuse_unbatched(out: Any, microbatch: int) -> None:
+    """Refuse a 0-dim tensor in the model's output: a per-micro-batch value (a loss the model
+    computes itself) that no merge over micro-batches turns into the whole batch's."""
+    for path, v in tree_flatten(out, "output")[0]:
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            raise ValueError(
+                f"the model's {path} is a 0-dim tensor for micro-batch {microbatch}: it has "
+                "no batch dimension, so the pipe cannot split or merge it (a model that "
+                "computes its own loss returns one, e.g. a transformers model called with "
+                "labels=); drop labels= from sample= and from the call, and compute the loss "
+                "in step's loss_fn from the outputs (e.g. from out.logits)"
+            )
 
 
 def checked_loss(
@@ -25,7 +39,10 @@ def checked_loss(
     microbatch: int,
     check_finite: bool = False,
 ) -> torch.Tensor:
-    """``loss_fn(out, target)`` for ``microbatch``, refused unless a trainable scalar."""
+    """``loss_fn(out, target)`` for ``microbatch``, refused unless a trainable scalar; an
+    output without a batch dimension is refused before ``loss_fn`` runs (so before any
+    backward: micro-batch 0 reaches the last stage first)."""
+    refuse_unbatched(out, microbatch)
     try:
         loss = loss_fn(out, target)
     except Exception as e:

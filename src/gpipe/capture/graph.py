@@ -17,11 +17,12 @@ gives such a graph, :func:`trace` raises one :class:`CaptureError` naming both f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ _METADATA_ASSERTS = {
     for name in ("_assert_tensor_metadata",)
     if (op := getattr(getattr(_aten, name, None), "default", None)) is not None
 }
+# a region of the forward traced with gradients switched (``torch.no_grad()``, or a reentrant
+# ``torch.utils.checkpoint``, which runs its body under no_grad)
+_SET_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 
 
 class CaptureError(RuntimeError):
@@ -58,6 +62,7 @@ class Traced:
     out_spec: pytree.TreeSpec
     constants: dict[str, Any] = field(default_factory=dict)  # get_attr target -> tensor/module
     static_batch: int | None = None  # the batch size export fixed, where it could not vary
+    no_grad_regions: bool = False  # the graph holds a region traced with gradients off
 
 
 def _fixed_sizes(val: Any, batch_dim: int) -> dict[int, int]:
@@ -226,23 +231,54 @@ def _sdpa_dropout(node: fx.Node) -> float:
     return float(node.kwargs.get("dropout_p", 0.0))
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: str = "") -> Traced:
+@contextlib.contextmanager
+def _named_keywords(model: nn.Module, kwargs: dict) -> Iterator[None]:
+    """While exporting, a forward that gathers keywords in ``**kwargs`` shows the call's
+    keywords as named keyword-only parameters (export cannot match dynamic shapes to a
+    ``**kwargs`` argument: "Must provide a tree_name"); the model's forward runs as it is."""
+    forward = model.forward
+    sig = inspect.signature(forward)
+    params = list(sig.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        yield
+        return
+    named = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs if k not in named]
+    kept = [p for p in params if p.kind is not p.VAR_KEYWORD]
+
+    def shown(*args: Any, **kw: Any) -> Any:
+        return forward(*args, **kw)
+
+    shown.__signature__ = sig.replace(parameters=kept + extra)  # type: ignore[attr-defined]
+    own = model.__dict__.get("forward", None)
+    model.forward = shown  # type: ignore[method-assign]
     try:
-        ep = torch.export.export(
-            model,
-            args,
-            kwargs,
-            dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim),
-            strict=False,
-        )
-    except Exception:  # a variable sequence length defeats this forward: keep the sample's
-        ep = torch.export.export(
-            model,
-            args,
-            kwargs,
-            dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim, every_dim=False),
-            strict=False,
-        )
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own  # type: ignore[method-assign]
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: str = "") -> Traced:
+    with _named_keywords(model, kwargs):
+        try:
+            ep = torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim),
+                strict=False,
+            )
+        except Exception:  # a variable sequence length defeats this forward: keep the sample's
+            ep = torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim, every_dim=False),
+                strict=False,
+            )
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
     okinds = torch.export.graph_signature.OutputKind
@@ -352,7 +388,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: st
         fixed = isinstance(val, torch.Tensor) and val.dim() > batch_dim
         if fixed and is_concrete_int(val.shape[batch_dim]):  # export specialized it
             static = int(val.shape[batch_dim])
-    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants, static)
+    no_grad = any(
+        n.op == "call_function" and n.target is _SET_GRAD and n.args and n.args[0] is False
+        for n in ep.graph.nodes
+    )
+    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants, static, no_grad)
 
 
 def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
@@ -418,6 +458,18 @@ def _data_dependent_note(err: BaseException) -> str:
     )
 
 
+def _cache_note(err: BaseException) -> str:
+    """The way out when the forward returns a key/value cache (a transformers model left at
+    ``use_cache=True``): a cache object is no tensor tree a pipe can pass on or merge."""
+    if not re.search(r"Cache'?>? in output|Cache\b.*register a pytree", f"{err}", re.S):
+        return ""
+    return (
+        "\n  note: the forward returns a key/value cache (use_cache=True); a pipeline trains "
+        "without one: build the model with use_cache=False (model.config.use_cache = False) "
+        "or pass use_cache=False in sample= and in every call"
+    )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
@@ -454,7 +506,7 @@ def trace(
         except Exception as e:
             failures.append(("torch.fx", e))
     lines = "".join(f"\n  {who} failed: {_first_line(e)}" for who, e in failures)
-    notes = {_data_dependent_note(e) for _, e in failures} - {""}
+    notes = {note(e) for _, e in failures for note in (_data_dependent_note, _cache_note)} - {""}
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph:{lines}{''.join(sorted(notes))}\n"
         "  way out: make that code traceable (see the note), or write the model as an "
