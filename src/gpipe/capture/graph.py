@@ -117,8 +117,9 @@ def _flat_bind(
         if spec != in_spec:
             raise TypeError(
                 "the pipe was captured for calls shaped like its sample, "
-                f"{_describe(in_spec)}, but got {_describe(spec)}; call it with the same "
-                "positional and keyword arguments as sample= (values may differ)"
+                f"{_describe(in_spec)}, but got {_describe(spec)}{_first_change(in_spec, spec)}; "
+                "call it with the same positional and keyword arguments as sample= (values "
+                "may differ, the nesting of lists, tuples and dicts may not)"
             )
         for rule, leaf in zip(rules, leaves, strict=True):
             _check_leaf(rule, leaf, batch_dim)
@@ -127,9 +128,17 @@ def _flat_bind(
     return bind
 
 
+def _show(value: Any) -> str:
+    """A value for a message: a tensor by its shape and dtype, not its numbers."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    return repr(value)
+
+
 def _constant_changed(where: str, now: Any, sample: Any) -> str:
     return (
-        f"{where} is {now!r}, but the model was captured with {sample!r} there: the tracer "
+        f"{where} is {_show(now)}, but the model was captured with {_show(sample)} there: the "
+        "tracer "
         "fixed this non-tensor argument's value into the graph, so the pipe would silently "
         "compute with the sample's; build the pipe with sample= holding this value (one pipe "
         "per value), or pass it as a tensor"
@@ -161,6 +170,34 @@ def _check_leaf(rule: InputRule, leaf: Any, batch_dim: int) -> None:
                 "(torch.export could not keep it variable: the forward specializes on it); "
                 f"pad or cut it to {n}, or build the pipe with a sample of this size"
             )
+
+
+def _kind(spec: pytree.TreeSpec) -> str:
+    if spec.is_leaf():
+        return "one value (a tensor)"
+    return f"a {getattr(spec.type, '__name__', spec.type)} of {spec.num_children}"
+
+
+def _first_change(want: pytree.TreeSpec, got: pytree.TreeSpec) -> str:
+    """Where a call's arguments are nested otherwise than the sample's (same arguments)."""
+    try:
+        (wa, wk), (ga, gk) = want.children(), got.children()
+        if wa.num_children != ga.num_children or wk.context != gk.context:
+            return ""
+        pairs = [
+            (f"positional argument {i}", a, b)
+            for i, (a, b) in enumerate(zip(wa.children(), ga.children(), strict=True))
+        ]
+        pairs += [
+            (f"keyword argument {k!r}", a, b)
+            for k, a, b in zip(wk.context, wk.children(), gk.children(), strict=True)
+        ]
+    except Exception:  # pragma: no cover - defensive
+        return ""
+    for where, a, b in pairs:
+        if a != b:
+            return f" ({where} is {_kind(b)} where the sample had {_kind(a)})"
+    return ""
 
 
 def _describe(spec: pytree.TreeSpec) -> str:
