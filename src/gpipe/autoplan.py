@@ -171,8 +171,7 @@ def _check_rate(name: str, value: Any, *, positive: bool) -> None:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         least = "> 0" if positive else ">= 0"
         raise ValueError(
-            f"{name} must be a finite number {least}, got {value!r}; leave it out for the "
-            "default"
+            f"{name} must be a finite number {least}, got {value!r}; leave it out for the default"
         )
 
 

@@ -102,8 +102,7 @@ def device(value: Any, name: str = "devices holds") -> torch.device:
             else ""
         )
         raise ValueError(
-            f"{name} {value!r}, which is not a device ({e}); use e.g. 'cpu' or "
-            f"'cuda:0'{count}"
+            f"{name} {value!r}, which is not a device ({e}); use e.g. 'cpu' or 'cuda:0'{count}"
         ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -84,8 +84,12 @@ def _check_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -
     try:
         forward.bind(*args, **kwargs)
     except TypeError as e:
+        bare = forward.replace(
+            parameters=[p.replace(annotation=p.empty) for p in forward.parameters.values()],
+            return_annotation=forward.empty,
+        )
         raise TypeError(
-            f"sample= does not fit {type(model).__name__}.forward{forward}: {e}; give sample= "
+            f"sample= does not fit {type(model).__name__}.forward{bare}: {e}; give sample= "
             "as one call of the model: a tensor, a tuple of positional arguments, a dict of "
             "keyword arguments or gpipe.capture.Sample(*args, **kwargs)"
         ) from None

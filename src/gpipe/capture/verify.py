@@ -101,9 +101,9 @@ def _model_on_sample(model: nn.Module, args: tuple, kwargs: dict) -> Any:
 def _lost_gradient(model_out: Any, layers_out: Any) -> str | None:
     """The first output the model computes with gradients and the graph without."""
     for (where, a), (_, b) in zip(_outputs(model_out), _outputs(layers_out), strict=False):
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            if not (isinstance(b, torch.Tensor) and b.requires_grad):
-                return where
+        lost = not (isinstance(b, torch.Tensor) and b.requires_grad)
+        if isinstance(a, torch.Tensor) and a.requires_grad and lost:
+            return where
     return None
 
 
