@@ -2,6 +2,8 @@
 
 The invariant: a loss that reaches the backward is a differentiable floating-point scalar (and
 finite, with ``check_finite``); anything else is refused naming the micro-batch and the fix.
+An output without a batch dimension (a 0-dim tensor: a loss the model computes itself) is
+refused before ``loss_fn`` runs, so before any backward.
 A micro-batch that holds no items (:mod:`gpipe.reduction`) gets :func:`zero_loss` instead of
 ``loss_fn``'s mean over nothing: zero, and a zero gradient for every output.
 """

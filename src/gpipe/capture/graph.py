@@ -10,6 +10,10 @@ kept in ``constants``; ``aten.dropout`` becomes a call of an ``nn.Dropout`` modu
 keyed random streams see a known random module) and a fused attention traced with dropout an
 :class:`AttentionDropout`, so the graph follows ``train()``/``eval()``.
 
+A forward that gathers keywords in ``**kwargs`` is exported with the call's keywords shown
+as named parameters (export cannot place dynamic shapes in ``**kwargs``); the forward itself
+runs unchanged.
+
 The invariant: running the graph with the model's parameters computes, op for op, what
 ``model(*args, **kwargs)`` computes for inputs of the sample's structure. Where neither tracer
 gives such a graph, :func:`trace` raises one :class:`CaptureError` naming both failures.

@@ -5,7 +5,11 @@ the graph froze, a bug in the cut) would train another model without a word. So
 :func:`verify` runs the model and the captured layers on the capture's own sample, in each
 mode a graph was captured for, with the same random numbers for both (each run starts from
 the same seed), and refuses with the largest difference and the first output where the two
-diverge beyond float rounding.
+diverge beyond float rounding. A model that fails on the sample itself is named as such, and
+where the graph holds a region traced with gradients off (``torch.no_grad()``, or a reentrant
+``torch.utils.checkpoint``, which runs its body so), both run with gradients on and an output
+the model differentiates but the graph does not is refused (the pipe would train nothing
+there).
 
 The invariant: the model comes back as it was — its modes, buffers (BatchNorm's running
 statistics) and the global random state are restored, and no gradient is made. A model on
