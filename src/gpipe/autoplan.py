@@ -15,6 +15,7 @@ when none does, :class:`NoFitError` names the smallest peak any configuration re
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,6 +162,19 @@ def _devices(devices: int | Sequence[Any]) -> tuple[int, str, bool]:
     return len(devs), kind, shared
 
 
+def _check_rate(name: str, value: Any, *, positive: bool) -> None:
+    """A finite number (> 0 with ``positive``, else >= 0), or ``None`` for the default."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        least = "> 0" if positive else ">= 0"
+        raise ValueError(
+            f"{name} must be a finite number {least}, got {value!r}; leave it out for the default"
+        )
+
+
 def check_search(
     *,
     schedules: Sequence[str] | None = None,
@@ -169,6 +183,10 @@ def check_search(
     max_chunks: int = 32,
     virtual_stages: Sequence[int] = (2, 3, 4),
     headroom: float = 0.15,
+    flops_per_second: float | None = None,
+    action_overhead: float | None = None,
+    split_extra: float = 0.1,
+    repeats: int = 3,
 ) -> tuple[list[str], list[str]]:
     """The search's own options checked before any work (each mistake its own message, not
     "no schedule builds"); the schedule names and re-materialization modes to try."""
@@ -189,8 +207,17 @@ def check_search(
             )
         for m in chunks:
             options.count("chunks[...]", m)
+    if isinstance(virtual_stages, (int, str)) or not isinstance(virtual_stages, Sequence):
+        raise TypeError(
+            f"virtual_stages must be a list of virtual-stage counts to try (e.g. [2, 3]), got "
+            f"{virtual_stages!r}"
+        )
     for v in virtual_stages:
         options.count("virtual_stages[...]", v)
+    _check_rate("flops_per_second", flops_per_second, positive=True)
+    _check_rate("action_overhead", action_overhead, positive=False)
+    _check_rate("split_extra", split_extra, positive=False)
+    options.count("repeats", repeats)
     if (
         isinstance(headroom, bool)
         or not isinstance(headroom, (int, float))
@@ -294,6 +321,10 @@ def autoplan(
         max_chunks=max_chunks,
         virtual_stages=virtual_stages,
         headroom=headroom,
+        flops_per_second=flops_per_second,
+        action_overhead=action_overhead,
+        split_extra=split_extra,
+        repeats=repeats,
     )
     limit = mm.parse_limit(memory_limit)
     mm.optimizer_slots(optimizer)  # refuse an unknown optimizer before any work

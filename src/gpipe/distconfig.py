@@ -85,15 +85,28 @@ def configure(
     pipe.pipeline_device, pipe.replica = pipe._layout.pipeline_device, pipe._layout.replica
 
     # --- device
-    pipe.device = default_device(backend, os.environ) if device is None else torch.device(device)
+    given = None if device is None else options.device(device, "device=")
+    pipe.device = default_device(backend, os.environ) if given is None else given
     if pipe.device.type == "cuda":
         torch.cuda.set_device(pipe.device)  # NCCL and this rank's kernels use this GPU
 
     # --- ties (names validated now, groups resolved at build)
-    pipe._tied = [tuple(t) for t in tied]
+    pipe._tied = [tuple(t) for t in _tie_lists(tied)]
     pipe._slots = _param_slots(pipe._named)
     pipe._tie_groups = _tie_groups(pipe._slots, pipe._tied)
     return balance
+
+
+def _tie_lists(tied: Any) -> list[Sequence[str]]:
+    """``tied=`` as a list of groups of names; a group given as one string (a flat list of
+    names, read letter by letter) is refused."""
+    if isinstance(tied, str) or any(isinstance(t, str) for t in tied):
+        raise TypeError(
+            f"tied must be a list of groups of parameter names, e.g. [['0.weight', "
+            f"'2.weight']], got {list(tied) if not isinstance(tied, str) else tied!r}; wrap "
+            "each group in its own list"
+        )
+    return list(tied)
 
 
 def sample_signature(sample: Any) -> str:

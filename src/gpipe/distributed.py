@@ -150,6 +150,12 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
                 "the environment for init_method='env://')"
             )
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup (from "
+                f"dist.new_group(...)) or None for every rank, got "
+                f"{type(process_group).__name__} {process_group!r}"
+            )
         self._pg = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self._pg)
         backend = dist.get_backend(self._pg)
@@ -170,6 +176,11 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         self.batch = "same"
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
             given = module
+            if init_fn is not None and not callable(init_fn):
+                raise TypeError(
+                    f"init_fn must be a function init_fn(layer) that initializes a layer built "
+                    f"on meta, got {type(init_fn).__name__} {init_fn!r}"
+                )
             self.batch = distcall.check_batch_mode(batch)
             shards = self.batch == "per_replica"  # sample= is one replica's shard
             module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,

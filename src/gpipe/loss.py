@@ -2,6 +2,8 @@
 
 The invariant: a loss that reaches the backward is a differentiable floating-point scalar (and
 finite, with ``check_finite``); anything else is refused naming the micro-batch and the fix.
+An output without a batch dimension (a 0-dim tensor: a loss the model computes itself) is
+refused before ``loss_fn`` runs, so before any backward.
 A micro-batch that holds no items (:mod:`gpipe.reduction`) gets :func:`zero_loss` instead of
 ``loss_fn``'s mean over nothing: zero, and a zero gradient for every output.
 """
@@ -15,7 +17,21 @@ import torch
 
 from gpipe.microbatch import tree_flatten
 
-__all__ = ["checked_loss", "zero_loss"]
+__all__ = ["checked_loss", "refuse_unbatched", "zero_loss"]
+
+
+def refuse_unbatched(out: Any, microbatch: int) -> None:
+    """Refuse a 0-dim tensor in the model's output: a per-micro-batch value (a loss the model
+    computes itself) that no merge over micro-batches turns into the whole batch's."""
+    for path, v in tree_flatten(out, "output")[0]:
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            raise ValueError(
+                f"the model's {path} is a 0-dim tensor for micro-batch {microbatch}: it has "
+                "no batch dimension, so the pipe cannot split or merge it (a model that "
+                "computes its own loss returns one, e.g. a transformers model called with "
+                "labels=); drop labels= from sample= and from the call, and compute the loss "
+                "in step's loss_fn from the outputs (e.g. from out.logits)"
+            )
 
 
 def checked_loss(
@@ -25,7 +41,10 @@ def checked_loss(
     microbatch: int,
     check_finite: bool = False,
 ) -> torch.Tensor:
-    """``loss_fn(out, target)`` for ``microbatch``, refused unless a trainable scalar."""
+    """``loss_fn(out, target)`` for ``microbatch``, refused unless a trainable scalar; an
+    output without a batch dimension is refused before ``loss_fn`` runs (so before any
+    backward: micro-batch 0 reaches the last stage first)."""
+    refuse_unbatched(out, microbatch)
     try:
         loss = loss_fn(out, target)
     except Exception as e:

@@ -88,10 +88,11 @@ def balance(value: Any, num_layers: int, num_stages: int, pinned: int = 0) -> li
     return out
 
 
-def device(value: Any) -> torch.device:
-    """A device that exists on this machine (an int means that CUDA device)."""
+def device(value: Any, name: str = "devices holds") -> torch.device:
+    """A device that exists on this machine (an int means that CUDA device); ``name`` starts
+    the message (``"devices holds"`` for a list of devices, ``"device="`` for one)."""
     if isinstance(value, bool):
-        raise TypeError(f"devices must hold torch.device, str or int, got {value!r}")
+        raise TypeError(f"{name} {value!r}: a device must be a torch.device, str or int")
     try:
         dev = torch.device(f"cuda:{value}") if isinstance(value, int) else torch.device(value)
     except (RuntimeError, TypeError) as e:
@@ -101,14 +102,13 @@ def device(value: Any) -> torch.device:
             else ""
         )
         raise ValueError(
-            f"devices holds {value!r}, which is not a device ({e}); use e.g. 'cpu' or "
-            f"'cuda:0'{count}"
+            f"{name} {value!r}, which is not a device ({e}); use e.g. 'cpu' or 'cuda:0'{count}"
         ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= n:
             raise ValueError(
-                f"devices holds {value!r}, but this machine has {n} CUDA device(s); "
-                "pass devices that exist (e.g. 'cpu')"
+                f"{name} {value!r}, but this machine has {n} CUDA device(s); "
+                "pass a device that exists (e.g. 'cpu')"
             )
     return dev

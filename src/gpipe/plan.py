@@ -163,6 +163,12 @@ def cut_by(
     from gpipe.capture import CapturedLayers
 
     split = module.split_balance if isinstance(module, CapturedLayers) else None
+    if balance is not None and split is not None:
+        raise ValueError(
+            f"split_points cut the model into stages of {list(split)} layers, and balance="
+            f"{list(balance) if isinstance(balance, Sequence) else balance!r} cuts it too; "
+            "give one of them (split_points= by module path, or balance= by layer count)"
+        )
     if balance is not None or split is None:
         return balance
     n, v = len(split), virtual_stages

@@ -46,10 +46,25 @@ __all__ = [
 Reduction = str | Callable[[Any], Any]
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default
+# built-ins that are callable on targets but compute a value of them, never a count of items
+_VALUE_BUILTINS = (sum, max, min, abs)
 
 
 def check(reduction: Any) -> None:
     """A known reduction: ``"mean"``, ``"sum"`` or an item-counting callable."""
+    if reduction is count_items:
+        raise TypeError(
+            "reduction=gpipe.count_items is the function that makes the count; call it: "
+            "reduction=gpipe.count_items() (or gpipe.count_items(ignore_index=...))"
+        )
+    if any(reduction is b for b in _VALUE_BUILTINS):
+        name = reduction.__name__
+        raise TypeError(
+            f"reduction={name} (Python's built-in) would weight each micro-batch by the "
+            f"{name} of its target values, not by a count of items; for a loss that sums pass "
+            "reduction='sum' (the string), for a mean over items a count such as "
+            "gpipe.count_items()"
+        )
     if reduction in ("mean", "sum") or (callable(reduction) and not isinstance(reduction, str)):
         return
     raise ValueError(
@@ -58,13 +73,20 @@ def check(reduction: Any) -> None:
     )
 
 
-def count_items(ignore_index: int = IGNORE_INDEX) -> Callable[[Any], torch.Tensor]:
+def count_items(ignore_index: float = IGNORE_INDEX) -> Callable[[Any], torch.Tensor]:
     """A ``reduction`` for a loss that averages over the targets not equal to
     ``ignore_index`` (``F.cross_entropy(..., ignore_index=-100)`` with padded sequences): the
     pipelined loss and gradients then equal the whole mini-batch's mean over its tokens.
 
     A loss that shifts its labels (a causal LM that predicts ``labels[:, 1:]``) counts the
     shifted ones: pass ``lambda t: (t[:, 1:] != -100).sum()`` instead."""
+
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, float)):
+        raise TypeError(
+            f"count_items(ignore_index) takes the target value to leave out (a number, e.g. "
+            f"-100), got {type(ignore_index).__name__}; pass reduction=gpipe.count_items() "
+            "and the step counts each micro-batch's targets itself"
+        )
 
     def count(targets: Any) -> torch.Tensor:
         leaves = [v for _, v in tree_flatten(targets)[0] if isinstance(v, torch.Tensor)]
@@ -113,7 +135,14 @@ def _raw_count(reduction: Callable[[Any], Any], target: Any, microbatch: int) ->
             f"but micro-batch {microbatch} has none; pass the targets to step() (with "
             "DistributedPipe, on the rank that runs the last stage)"
         )
-    return reduction(target)
+    try:
+        return reduction(target)
+    except Exception as e:
+        raise ValueError(
+            f"reduction={_name(reduction)} failed on micro-batch {microbatch}'s targets "
+            f"({type(e).__name__}: {e}); it must return the number of items in the targets "
+            "it is given (one micro-batch's)"
+        ) from e
 
 
 def _host_values(raw: list[Any]) -> list[Any]:

@@ -91,7 +91,7 @@ class TrainConfig:
         if not seed_ok or not -(2**63) <= self.seed < 2**63:
             raise ValueError(f"seed must fit in 64 bits (|seed| < 2**63), got {self.seed!r}")
         for name, (low, high, open_low) in _FLOAT_FIELDS.items():
-            _check_float(name, getattr(self, name), low, high, open_low)
+            _check_float(name, getattr(self, name), low, high, open_low, name in _OPEN_HIGH)
         for name, choices in (
             ("model_preset", tuple(TransformerConfig.PRESETS)),
             ("schedule", tuple(available_schedules())),
@@ -234,6 +234,8 @@ _FLOAT_FIELDS: dict[str, tuple[float, float, bool]] = {
     "eps": (0.0, math.inf, True),
 }
 """Float fields: (low, high, low excluded); every value must also be finite."""
+_OPEN_HIGH = ("beta1", "beta2")
+"""Float fields whose high end is excluded (Adam's betas: a beta of 1 never forgets)."""
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -242,18 +244,21 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}{how}")
 
 
-def _check_float(name: str, value: Any, low: float, high: float, open_low: bool) -> None:
+def _check_float(
+    name: str, value: Any, low: float, high: float, open_low: bool, open_high: bool = False
+) -> None:
     ok = (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and math.isfinite(value)
         and (value > low if open_low else value >= low)
-        and value <= high
+        and (value < high if open_high else value <= high)
     )
     if not ok:
         where = f" > {low:g}" if open_low else f" >= {low:g}"
         if math.isfinite(high):
-            where = f" in ({low:g}, {high:g}]" if open_low else f" in [{low:g}, {high:g}]"
+            end = ")" if open_high else "]"
+            where = f" in {'(' if open_low else '['}{low:g}, {high:g}{end}"
         elif not math.isfinite(low):
             where = ""
         raise ValueError(f"{name} must be a finite number{where}, got {value!r}")

@@ -15,6 +15,7 @@ objects or is in modes no graph was captured for.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from gpipe.capture.graph import CaptureError, Traced, trace
 from gpipe.capture.segment import CapturedLayers, Segment, attached_path, modes_of
 from gpipe.capture.units import resolve_split_points, unit_paths
 from gpipe.capture.verify import verify
+from gpipe.microbatch import batch_size
 from gpipe.snapshot import Snapshot
 
 __all__ = [
@@ -59,6 +61,13 @@ def sample_args(sample: Any) -> tuple[tuple, dict]:
     if isinstance(sample, torch.Tensor):
         return (sample,), {}
     if isinstance(sample, Mapping):
+        bad = [k for k in sample if not isinstance(k, str)]
+        if bad:
+            raise TypeError(
+                f"sample= is a dict, so its keys are the forward's keyword names, but it holds "
+                f"the key {bad[0]!r}; for positional arguments give a tuple, or "
+                "gpipe.capture.Sample(*args, **kwargs)"
+            )
         return (), dict(sample)
     if isinstance(sample, (tuple, list)):
         return tuple(sample), {}
@@ -66,6 +75,33 @@ def sample_args(sample: Any) -> tuple[tuple, dict]:
         f"sample must be a tensor, a tuple of positional arguments, a dict of keyword "
         f"arguments or gpipe.capture.Sample(*args, **kwargs), got {type(sample).__name__}"
     )
+
+
+def _check_sample(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int) -> None:
+    """The sample is one call of the forward, holding one batch of at least one row (a
+    tracer would fail on it with a message about something else, or fix the batch at 0)."""
+    forward = inspect.signature(model.forward)
+    try:
+        forward.bind(*args, **kwargs)
+    except TypeError as e:
+        bare = forward.replace(
+            parameters=[p.replace(annotation=p.empty) for p in forward.parameters.values()],
+            return_annotation=forward.empty,
+        )
+        raise TypeError(
+            f"sample= does not fit {type(model).__name__}.forward{bare}: {e}; give sample= "
+            "as one call of the model: a tensor, a tuple of positional arguments, a dict of "
+            "keyword arguments or gpipe.capture.Sample(*args, **kwargs)"
+        ) from None
+    try:
+        rows = batch_size((args, kwargs), batch_dim)
+    except ValueError as e:
+        raise ValueError(f"sample= is not one batch: {e}") from None
+    if rows == 0:
+        raise ValueError(
+            f"sample= has 0 rows along batch_dim={batch_dim}; capture on a sample of at least "
+            "one row (e.g. one micro-batch), so the graph is traced for a real batch"
+        )
 
 
 def _split_balance(
@@ -129,6 +165,7 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture needs an nn.Module, got {type(model).__name__}")
     args, kwargs = sample_args(sample)
+    _check_sample(model, args, kwargs, batch_dim)
     units = unit_paths(model)
     points = resolve_split_points(split_points, model, units)
     start = modes_of(model)
@@ -183,7 +220,8 @@ def capture(
         aliases=alias_groups(model),
     )
     if check:
-        verify(model, layers, args, kwargs)
+        no_grad = any(traced.no_grad_regions for traced, _ in traced_by_key)
+        verify(model, layers, args, kwargs, grad=no_grad)
     return layers
 
 

@@ -10,6 +10,10 @@ kept in ``constants``; ``aten.dropout`` becomes a call of an ``nn.Dropout`` modu
 keyed random streams see a known random module) and a fused attention traced with dropout an
 :class:`AttentionDropout`, so the graph follows ``train()``/``eval()``.
 
+A forward that gathers keywords in ``**kwargs`` is exported with the call's keywords shown
+as named parameters (export cannot place dynamic shapes in ``**kwargs``); the forward itself
+runs unchanged.
+
 The invariant: running the graph with the model's parameters computes, op for op, what
 ``model(*args, **kwargs)`` computes for inputs of the sample's structure. Where neither tracer
 gives such a graph, :func:`trace` raises one :class:`CaptureError` naming both failures.
@@ -17,11 +21,12 @@ gives such a graph, :func:`trace` raises one :class:`CaptureError` naming both f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +46,9 @@ _METADATA_ASSERTS = {
     for name in ("_assert_tensor_metadata",)
     if (op := getattr(getattr(_aten, name, None), "default", None)) is not None
 }
+# a region of the forward traced with gradients switched (``torch.no_grad()``, or a reentrant
+# ``torch.utils.checkpoint``, which runs its body under no_grad)
+_SET_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 
 
 class CaptureError(RuntimeError):
@@ -58,6 +66,7 @@ class Traced:
     out_spec: pytree.TreeSpec
     constants: dict[str, Any] = field(default_factory=dict)  # get_attr target -> tensor/module
     static_batch: int | None = None  # the batch size export fixed, where it could not vary
+    no_grad_regions: bool = False  # the graph holds a region traced with gradients off
 
 
 def _fixed_sizes(val: Any, batch_dim: int) -> dict[int, int]:
@@ -112,8 +121,9 @@ def _flat_bind(
         if spec != in_spec:
             raise TypeError(
                 "the pipe was captured for calls shaped like its sample, "
-                f"{_describe(in_spec)}, but got {_describe(spec)}; call it with the same "
-                "positional and keyword arguments as sample= (values may differ)"
+                f"{_describe(in_spec)}, but got {_describe(spec)}{_first_change(in_spec, spec)}; "
+                "call it with the same positional and keyword arguments as sample= (values "
+                "may differ, the nesting of lists, tuples and dicts may not)"
             )
         for rule, leaf in zip(rules, leaves, strict=True):
             _check_leaf(rule, leaf, batch_dim)
@@ -122,9 +132,17 @@ def _flat_bind(
     return bind
 
 
+def _show(value: Any) -> str:
+    """A value for a message: a tensor by its shape and dtype, not its numbers."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    return repr(value)
+
+
 def _constant_changed(where: str, now: Any, sample: Any) -> str:
     return (
-        f"{where} is {now!r}, but the model was captured with {sample!r} there: the tracer "
+        f"{where} is {_show(now)}, but the model was captured with {_show(sample)} there: the "
+        "tracer "
         "fixed this non-tensor argument's value into the graph, so the pipe would silently "
         "compute with the sample's; build the pipe with sample= holding this value (one pipe "
         "per value), or pass it as a tensor"
@@ -156,6 +174,34 @@ def _check_leaf(rule: InputRule, leaf: Any, batch_dim: int) -> None:
                 "(torch.export could not keep it variable: the forward specializes on it); "
                 f"pad or cut it to {n}, or build the pipe with a sample of this size"
             )
+
+
+def _kind(spec: pytree.TreeSpec) -> str:
+    if spec.is_leaf():
+        return "one value (a tensor)"
+    return f"a {getattr(spec.type, '__name__', spec.type)} of {spec.num_children}"
+
+
+def _first_change(want: pytree.TreeSpec, got: pytree.TreeSpec) -> str:
+    """Where a call's arguments are nested otherwise than the sample's (same arguments)."""
+    try:
+        (wa, wk), (ga, gk) = want.children(), got.children()
+        if wa.num_children != ga.num_children or wk.context != gk.context:
+            return ""
+        pairs = [
+            (f"positional argument {i}", a, b)
+            for i, (a, b) in enumerate(zip(wa.children(), ga.children(), strict=True))
+        ]
+        pairs += [
+            (f"keyword argument {k!r}", a, b)
+            for k, a, b in zip(wk.context, wk.children(), gk.children(), strict=True)
+        ]
+    except Exception:  # pragma: no cover - defensive
+        return ""
+    for where, a, b in pairs:
+        if a != b:
+            return f" ({where} is {_kind(b)} where the sample had {_kind(a)})"
+    return ""
 
 
 def _describe(spec: pytree.TreeSpec) -> str:
@@ -226,23 +272,54 @@ def _sdpa_dropout(node: fx.Node) -> float:
     return float(node.kwargs.get("dropout_p", 0.0))
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: str = "") -> Traced:
+@contextlib.contextmanager
+def _named_keywords(model: nn.Module, kwargs: dict) -> Iterator[None]:
+    """While exporting, a forward that gathers keywords in ``**kwargs`` shows the call's
+    keywords as named keyword-only parameters (export cannot match dynamic shapes to a
+    ``**kwargs`` argument: "Must provide a tree_name"); the model's forward runs as it is."""
+    forward = model.forward
+    sig = inspect.signature(forward)
+    params = list(sig.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        yield
+        return
+    named = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs if k not in named]
+    kept = [p for p in params if p.kind is not p.VAR_KEYWORD]
+
+    def shown(*args: Any, **kw: Any) -> Any:
+        return forward(*args, **kw)
+
+    shown.__signature__ = sig.replace(parameters=kept + extra)  # type: ignore[attr-defined]
+    own = model.__dict__.get("forward", None)
+    model.forward = shown  # type: ignore[method-assign]
     try:
-        ep = torch.export.export(
-            model,
-            args,
-            kwargs,
-            dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim),
-            strict=False,
-        )
-    except Exception:  # a variable sequence length defeats this forward: keep the sample's
-        ep = torch.export.export(
-            model,
-            args,
-            kwargs,
-            dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim, every_dim=False),
-            strict=False,
-        )
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own  # type: ignore[method-assign]
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: str = "") -> Traced:
+    with _named_keywords(model, kwargs):
+        try:
+            ep = torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim),
+                strict=False,
+            )
+        except Exception:  # a variable sequence length defeats this forward: keep the sample's
+            ep = torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=_dynamic_dims(model, args, kwargs, batch_dim, every_dim=False),
+                strict=False,
+            )
     sig = ep.graph_signature
     kinds = torch.export.graph_signature.InputKind
     okinds = torch.export.graph_signature.OutputKind
@@ -352,7 +429,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, batch_dim: int, tag: st
         fixed = isinstance(val, torch.Tensor) and val.dim() > batch_dim
         if fixed and is_concrete_int(val.shape[batch_dim]):  # export specialized it
             static = int(val.shape[batch_dim])
-    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants, static)
+    no_grad = any(
+        n.op == "call_function" and n.target is _SET_GRAD and n.args and n.args[0] is False
+        for n in ep.graph.nodes
+    )
+    return Traced(graph, "export", bind, ep.call_spec.out_spec, constants, static, no_grad)
 
 
 def _fx(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
@@ -418,6 +499,18 @@ def _data_dependent_note(err: BaseException) -> str:
     )
 
 
+def _cache_note(err: BaseException) -> str:
+    """The way out when the forward returns a key/value cache (a transformers model left at
+    ``use_cache=True``): a cache object is no tensor tree a pipe can pass on or merge."""
+    if not re.search(r"Cache'?>? in output|Cache\b.*register a pytree", f"{err}", re.S):
+        return ""
+    return (
+        "\n  note: the forward returns a key/value cache (use_cache=True); a pipeline trains "
+        "without one: build the model with use_cache=False (model.config.use_cache = False) "
+        "or pass use_cache=False in sample= and in every call"
+    )
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
@@ -454,7 +547,7 @@ def trace(
         except Exception as e:
             failures.append(("torch.fx", e))
     lines = "".join(f"\n  {who} failed: {_first_line(e)}" for who, e in failures)
-    notes = {_data_dependent_note(e) for _, e in failures} - {""}
+    notes = {note(e) for _, e in failures for note in (_data_dependent_note, _cache_note)} - {""}
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph:{lines}{''.join(sorted(notes))}\n"
         "  way out: make that code traceable (see the note), or write the model as an "

@@ -95,6 +95,11 @@ def resolve_split_points(
     containing units (cut before its first / after its last unit). A name that is no module is
     refused with the nearest names."""
     names = [n for n, _ in model.named_modules() if n]
+    if points is not None and not isinstance(points, (str, Sequence)):
+        raise TypeError(
+            f"split_points must be a module path or a list of them (e.g. ['h.2']), got "
+            f"{type(points).__name__} {points!r}"
+        )
     out = []
     for point in [points] if isinstance(points, str) else list(points or ()):
         if not isinstance(point, str):

@@ -5,7 +5,11 @@ the graph froze, a bug in the cut) would train another model without a word. So
 :func:`verify` runs the model and the captured layers on the capture's own sample, in each
 mode a graph was captured for, with the same random numbers for both (each run starts from
 the same seed), and refuses with the largest difference and the first output where the two
-diverge beyond float rounding.
+diverge beyond float rounding. A model that fails on the sample itself is named as such, and
+where the graph holds a region traced with gradients off (``torch.no_grad()``, or a reentrant
+``torch.utils.checkpoint``, which runs its body so), both run with gradients on and an output
+the model differentiates but the graph does not is refused (the pipe would train nothing
+there).
 
 The invariant: the model comes back as it was — its modes, buffers (BatchNorm's running
 statistics) and the global random state are restored, and no gradient is made. A model on
@@ -86,9 +90,59 @@ def _restore(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             b.copy_(saved)
 
 
-def verify(model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict) -> None:
+def _model_on_sample(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    try:
+        return model(*args, **kwargs)
+    except Exception as e:
+        raise CaptureError(
+            f"{type(model).__name__} raises on sample= itself ({type(e).__name__}: "
+            f"{str(e).strip()[:300]}); a capture follows one call that runs: give sample= "
+            "inputs the model accepts (their shapes, dtypes and device), as in model(*args, "
+            "**kwargs)"
+        ) from e
+
+
+def _lost_gradient(model_out: Any, layers_out: Any) -> str | None:
+    """The first output the model computes with gradients and the graph without."""
+    for (where, a), (_, b) in zip(_outputs(model_out), _outputs(layers_out), strict=False):
+        lost = not (isinstance(b, torch.Tensor) and b.requires_grad)
+        if isinstance(a, torch.Tensor) and a.requires_grad and lost:
+            return where
+    return None
+
+
+def _refuse_lost_gradient(model: nn.Module, where: str) -> None:
+    hf = getattr(model, "is_gradient_checkpointing", False) is True
+    where = f"output{where}" if where.startswith("[") else where
+    how = (
+        "model.gradient_checkpointing_disable()"
+        if hf
+        else "call the checkpointed code directly (drop torch.utils.checkpoint)"
+    )
+    raise CaptureError(
+        f"the captured {type(model).__name__} computes {where} without gradients, but the model "
+        "computes it with them: part of the forward ran under torch.no_grad() when it was "
+        "traced, so the pipe would train nothing there. torch.utils.checkpoint(..., "
+        "use_reentrant=True) does this"
+        + (" (transformers' gradient_checkpointing_enable() is on)" if hf else "")
+        + f"; gpipe re-materializes stages itself: {how} and build the pipe with "
+        "remat='always', or checkpoint with use_reentrant=False"
+        + (
+            " (model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}))"
+            if hf
+            else ""
+        )
+    )
+
+
+def verify(
+    model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict, grad: bool = False
+) -> None:
     """Run ``model(*args, **kwargs)`` and ``layers`` in every captured mode and refuse the
-    capture (:class:`~gpipe.capture.graph.CaptureError`) where they differ."""
+    capture (:class:`~gpipe.capture.graph.CaptureError`) where they differ. With ``grad``
+    (the graph holds a region traced with gradients off), both run with gradients on and an
+    output the graph computes without gradients, where the model has them, is refused."""
     if _on_meta(model):
         return
     modes_before = [m.training for m in model.modules()]
@@ -99,13 +153,16 @@ def verify(model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict) 
         for modes, _key in layers.variants.items():
             for m, mode in zip(model.modules(), modes, strict=True):
                 m.training = mode
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with torch.set_grad_enabled(grad), torch.random.fork_rng(devices=devices):
                 _restore(buffers)
                 torch.manual_seed(_SEED)
-                want = model(*args, **kwargs)
+                want = _model_on_sample(model, args, kwargs)
                 _restore(buffers)
                 torch.manual_seed(_SEED)
                 got = _run_layers(layers, layers.bind(args, kwargs))
+            lost = _lost_gradient(want, got) if grad else None
+            if lost is not None:
+                _refuse_lost_gradient(model, lost)
             bad = _compare(want, got)
             if bad is not None:
                 what = "train" if all(modes) else "eval" if not any(modes) else "its own"

@@ -51,18 +51,49 @@ def add_plan_parser(sub: Any) -> None:
         help="dtype of the --model input (float32, long, ...; default float32)",
     )
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("--chunks", type=int, default=None, help=f"default {_DEFAULTS['chunks']}")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
-    p.add_argument("--schedule", default="gpipe", help="the schedule drawn by --png")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help=f"the schedule drawn by --png (default {_DEFAULTS['schedule']})",
+    )
     p.add_argument("--png", metavar="FILE", help="draw the simulated timeline to FILE")
     add_auto_arguments(p)
+
+
+_DEFAULTS = {"chunks": 4, "schedule": "gpipe", "optimizer": "adam", "top": 10}
+"""The defaults of the options that only one of the modes (with or without --auto) reads."""
+_AUTO_ONLY = ("memory_limit", "optimizer", "top")
+_FIXED_ONLY = ("chunks", "schedule")
+
+
+def _check_auto_options(args: argparse.Namespace) -> None:
+    """An option the chosen mode would ignore is refused (was: ignored without a word); then
+    the defaults fill in."""
+    unread = _FIXED_ONLY if args.auto else _AUTO_ONLY
+    given = [f"--{n.replace('_', '-')}" for n in unread if getattr(args, n) is not None]
+    if given and args.auto:
+        flags = " and ".join(given)
+        raise UsageError(
+            f"--auto chooses the schedule and the chunks itself, so {flags} cannot be given "
+            f"with it; drop {flags}, or drop --auto to use them"
+        )
+    if given:
+        flags = " and ".join(given)
+        verb = "shapes" if len(given) == 1 else "shape"
+        raise UsageError(f"{flags} only {verb} the --auto ranking: add --auto, or drop {flags}")
+    for name, value in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every option's type and range, before anything is imported or built."""
     from gpipe.schedules import available
 
+    _check_auto_options(args)
     check_int("--stages", args.stages, 1)
     check_int("--chunks", args.chunks, 1)
     check_int("--batch-size", args.batch_size, 1)

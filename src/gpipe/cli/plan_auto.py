@@ -28,9 +28,11 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
         "--memory-limit", metavar="SIZE", help="per-device memory limit for --auto, e.g. 8GiB"
     )
     p.add_argument(
-        "--optimizer", default="adam", help="optimizer whose state --auto counts (adam, sgd, ...)"
+        "--optimizer",
+        default=None,
+        help="optimizer whose state --auto counts (adam, sgd, ...; default adam)",
     )
-    p.add_argument("--top", type=int, default=10, help="rows of the --auto table (default 10)")
+    p.add_argument("--top", type=int, default=None, help="rows of the --auto table (default 10)")
 
 
 def cmd_plan_auto(args: argparse.Namespace, model: Any, sample: Any, label: str) -> int:

@@ -120,7 +120,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UsageError(f"config file {path!r} is not a file; pass a .toml file to --config")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM some editors write
     except UnicodeDecodeError as e:
         msg = f"config file {path} is not UTF-8 text ({e.reason}); save it as UTF-8"
         raise UsageError(msg) from None
@@ -203,8 +203,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     values["model"] = model
     if args.trace is not None:
         values["trace"] = args.trace
+    _check_auto(args, given, values.get("model_fn"))  # before the values' own checks
     config = TrainConfig.from_dict(values)
-    _check_auto(args, given, values.get("model_fn"))
     if args.auto:  # printed once: by the command, not again by each torchrun rank
         config = auto_train_config(
             config, args.memory_limit, "LOCAL_RANK" not in os.environ, args.tune
