@@ -257,3 +257,15 @@ def test_warm_up_from_cold(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rng._warm is True
     rng.warm_up()
     assert rng._warm is True
+
+
+def test_op_without_generator_overload_seeds_only_what_it_restores(monkeypatch) -> None:
+    """The fallback seeds the CPU's generator (and the op's own GPU's), never through
+    torch.manual_seed, which reseeds every GPU while fork_rng restores one."""
+
+    def every_device(seed: int) -> None:
+        raise AssertionError("torch.manual_seed reseeds every device")
+
+    monkeypatch.setattr(torch, "manual_seed", every_device)
+    with rng.keyed(*KEY):
+        torch.ops.gpipe_mutants.noisy(torch.zeros(4), scale=1.0)

@@ -272,3 +272,19 @@ def test_a_dropout_that_draws_nothing_stays_off_the_cpu_path(case):
         assert not mode.used
     else:
         assert got == want
+
+
+def test_two_backwards_on_one_device_leave_no_stale_entry() -> None:
+    """Two workers' backwards on one (non-CPU) device overlap; each removes only its own entry
+    (the device thread's replay lookup never sees a backward that has ended)."""
+    from gpipe import rng_replay
+
+    dev = torch.device("meta")  # any non-CPU device is keyed the same way
+    a = rng_replay.backward_of(0, 0, False, {}, device=dev)
+    b = rng_replay.backward_of(1, 0, False, {}, device=dev)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # A ends first: B's entry stays
+    assert [w[0] for w in rng_replay.on_device[dev]] == [1]
+    b.__exit__(None, None, None)
+    assert dev not in rng_replay.on_device

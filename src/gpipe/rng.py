@@ -167,11 +167,14 @@ class KeyedRandom(TorchDispatchMode):
             return variant(**bound)
         # No generator overload: seed the global generator from ours, under a lock.
         sub_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator(torch.device("cpu"))))
-        with (
-            _FALLBACK_LOCK,
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-        ):
-            torch.manual_seed(sub_seed)
+        cuda = device.type == "cuda"
+        with _FALLBACK_LOCK, torch.random.fork_rng(devices=[device] if cuda else []):
+            # seed exactly what fork_rng restores: the CPU's and this device's generators
+            # (torch.manual_seed would reseed every GPU and leave the others changed)
+            torch.default_generator.manual_seed(sub_seed)
+            if cuda:
+                index = torch.cuda.current_device() if device.index is None else device.index
+                torch.cuda.default_generators[index].manual_seed(sub_seed)
             return func(*args, **kwargs)
 
     def _dropout(self, input: torch.Tensor, p: float, train: bool | None = None) -> Any:

@@ -16,6 +16,7 @@ silent other mask.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,10 +62,12 @@ class _Unkeyed(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-#: non-CPU device -> the backward running on it (stage, micro-batch, draws): a CUDA graph's
-#: backward runs on the autograd engine's device thread, which sees none of the stage
-#: thread's locals; one stage's action at a time runs on a device
-on_device: dict[torch.device, tuple[int, int, dict | None]] = {}
+#: non-CPU device -> the backwards running on it, oldest first, each (stage, micro-batch,
+#: draws): a CUDA graph's backward runs on the autograd engine's device thread, which sees
+#: none of the stage thread's locals. Each backward removes its own entry when it ends, so two
+#: workers on one device never leave the other's stale (the newest is the one replayed).
+on_device: dict[torch.device, list[tuple[int, int, dict | None]]] = {}
+_ON_DEVICE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -95,17 +98,19 @@ def backward_of(
     rng._tls.backward_of = where
     shared = device is not None and device.type != "cpu"
     if shared:
-        before, on_device[device] = on_device.get(device), where
+        with _ON_DEVICE_LOCK:
+            on_device.setdefault(device, []).append(where)
     try:
         with _Unkeyed((stage, microbatch)) if watch_ops else contextlib.nullcontext():
             yield
     finally:
         rng._tls.backward_of = prev
         if shared:
-            if before is None:
-                on_device.pop(device, None)
-            else:
-                on_device[device] = before
+            with _ON_DEVICE_LOCK:
+                active = on_device[device]
+                del active[next(i for i, w in enumerate(active) if w is where)]
+                if not active:
+                    del on_device[device]
 
 
 class _Replay:
@@ -129,7 +134,8 @@ def replay(module: nn.Module, args: Any, index: int | None) -> Any:
     (this thread's, or the device's), the context that draws its recorded call again;
     elsewhere ``None`` (a module run outside any pipeline draws as usual)."""
     device = rng._device_arg(args)
-    where = getattr(rng._tls, "backward_of", None) or on_device.get(device)
+    active = on_device.get(device)
+    where = getattr(rng._tls, "backward_of", None) or (active[-1] if active else None)
     if where is None:
         return None
     stage, microbatch, draws = where
