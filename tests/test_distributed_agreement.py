@@ -221,6 +221,16 @@ def _eval_on_rank1(rank: int) -> Any:
         return pipe.step(*batch(), F.cross_entropy)
 
 
+def _layer_replaced_on_rank1(rank: int) -> Any:
+    """Rank 1 replaces a layer of its model after construction: refused there by name, and
+    the refusal reaches rank 0 instead of leaving it waiting."""
+    model = mlp()
+    with _construct(rank, model, balance=[3, 3]) as pipe:
+        if rank == 1:
+            model[5] = nn.Linear(8, 3).double()
+        return pipe.step(*batch(), F.cross_entropy)
+
+
 def _no_grad_on_rank1(rank: int) -> Any:
     with _construct(rank, balance=[3, 3]) as pipe, torch.set_grad_enabled(rank == 0):
         return pipe.step(*batch(), F.cross_entropy)
@@ -366,6 +376,7 @@ CASES: dict[str, Callable[[int], Any]] = {
     "a smaller batch on rank 1": _smaller_batch_on_rank1,
     "eval() on rank 1": _eval_on_rank1,
     "no_grad on rank 1": _no_grad_on_rank1,
+    "a layer replaced on rank 1": _layer_replaced_on_rank1,
     "refused, then agreeing": _refused_then_agreeing,
     "batch='shards'": _per_rank(batch=("shards", "shards")),
     "a rank that does not call step": _no_step,
@@ -543,6 +554,10 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     "no_grad on rank 1": (
         "ValueError",
         r"^rank 1 runs without grad \(torch.no_grad\) while rank 0 runs with grad$",
+    ),
+    "a layer replaced on rank 1": (
+        ("PeerError", r"rank 1 .*model\.5 is another Linear, but was a Linear when the pipe"),
+        ("ModelChanged", r"^model\.5 is another Linear, .* built: this rank's pipe runs"),
     ),
     "batch='shards'": ("ValueError", r"batch must be 'same' .* or 'per_replica' .*got 'shards'"),
     "a rank that never constructs": (

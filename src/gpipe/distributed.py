@@ -436,8 +436,14 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 "this DistributedPipe was closed (its process groups are released); construct a "
                 "new one on every rank"
             )
-        self._follow("the DistributedPipe")
-        return diststep.run_step(self, inputs, targets, loss_fn, reduction)
+        return diststep.run_step(
+            self,
+            inputs,
+            targets,
+            loss_fn,
+            reduction,
+            check=lambda: self._follow("this rank's pipe"),
+        )
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False

@@ -116,14 +116,17 @@ def run_step(
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     reduction: Reduction,
+    check: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
-    """The body of :meth:`gpipe.DistributedPipe.step` (see there)."""
+    """The body of :meth:`gpipe.DistributedPipe.step` (see there); ``check()`` is the pipe's
+    own check of its model (a refusal there reaches the other ranks like a bad argument)."""
     grad = torch.is_grad_enabled()
     local_error: BaseException | None = None
     mbs = tmbs = None
     scales: list[float] | float = 1.0  # the last stage's, which computes the loss
     items = 0.0  # this replica's (counted on the last stage, which sends it with the loss)
     try:  # a bad argument on one rank must reach the others, not leave them waiting
+        check()
         stepcore.check_call(loss_fn, reduction)
         stepcore.check_targets(inputs, targets, pipe._batch_dim)
         mbs, tmbs, m = prepare(pipe, inputs, targets)

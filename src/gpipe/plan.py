@@ -124,7 +124,7 @@ class Follower:
     def __init__(self, module: Any, layers: Any) -> None:
         from gpipe.capture import CapturedLayers
 
-        self._snapshot = Snapshot("pipe.layers")
+        self._snapshot = Snapshot("model" if layers is module else "pipe.layers")
         for name in layers._modules if isinstance(layers, nn.Module) else ():
             self._snapshot.add(layers, name, name)
         if isinstance(module, (nn.Sequential, nn.ModuleList)) and not isinstance(

@@ -85,9 +85,10 @@ class Snapshot:
         for e in self._edges.values():
             now = getattr(e.parent, e.name, None)
             if now is not e.child:
-                out.append(
-                    f"{e.path} is {_kind(now)}, but was {_kind(e.child)} when the pipe was built"
-                )
+                is_, was = _kind(now), _kind(e.child)
+                if is_ == was:  # another object of the same kind
+                    is_ = "another " + is_.removeprefix("a ")
+                out.append(f"{e.path} is {is_}, but was {was} when the pipe was built")
         return out
 
     def check(self, who: str = "the pipe") -> None:
