@@ -247,7 +247,9 @@ def test_a_buffer_reassigned_after_wrapping_is_refused_by_name() -> None:
         model.scale.fill_(3.0)  # in place: followed
         assert _max_diff(pipe(x), model(x)) <= 1e-12
         model.scale = torch.full((D,), 4.0)
-        with pytest.raises(ModelChanged, match=r"model\.scale is another Tensor of shape \(6,\), but was"):
+        with pytest.raises(
+            ModelChanged, match=r"model\.scale is another Tensor of shape \(6,\), but was"
+        ):
             pipe(x)
 
 
