@@ -92,7 +92,7 @@ def _scenario(rank: int, path: Path) -> None:
     # tensors go direct (the first step's sizes are not known yet: bulk, on the header group)
     with DistributedPipe(_model(), chunks=4, balance=[4, 4], schedule="1f1b", timeout=20) as pipe:
         pipe._transport.inline = False
-        pipe._transport._wire.coalesce = True
+        pipe._transport.coalesce = True
         pipe.step(*_batch(1), F.cross_entropy)
         pipe.zero_grad()
         built = len(log)

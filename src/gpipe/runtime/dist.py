@@ -4,7 +4,7 @@ all of it issued from the one thread that runs this rank's executor loop.
 :class:`P2PTransport` implements the executor's :class:`~gpipe.runtime.executor.Transport`
 between the ranks of one pipeline. What each channel carries in a step, and how a message is
 laid out, is :mod:`gpipe.runtime.p2pproto`; how its operations are issued (op by op on gloo,
-one coalesced batch under NCCL) is :mod:`gpipe.runtime.p2pio`. As in
+one coalesced batch per edge group under NCCL) is :mod:`gpipe.runtime.p2pio`. As in
 ``torch.distributed.pipelining``, an action's sends go right after it together with the
 receives the next remote input needs, posted ahead of its compute; a receive posts the next
 remote input's too (on gloo a transfer starts only once its receive is posted, so a forward
@@ -52,7 +52,9 @@ class P2PTransport(ChannelHealth):
     Args:
         device: this rank's pipeline device index ``d``.
         ranks: global rank of every pipeline device of this pipeline (``ranks[d]``).
-        p2p_group: the pipeline's point-to-point group (the tensors).
+        p2p_groups: the pipeline's point-to-point group of each directed edge ``(a, b)`` this
+            device is on (the tensors that ``a`` sends to ``b``;
+            :func:`gpipe.distlayout.create_groups`).
         meta_group: the pipeline's gloo group (headers and bulk transfers).
         owner: ``owner(stage)`` is the pipeline device that runs ``stage``.
         num_stages: (virtual) stages of the pipeline.
@@ -67,7 +69,7 @@ class P2PTransport(ChannelHealth):
         self,
         device: int,
         ranks: Sequence[int],
-        p2p_group: Any,
+        p2p_groups: dict[tuple[int, int], Any],
         meta_group: Any,
         owner: Callable[[int], int],
         num_stages: int,
@@ -91,7 +93,9 @@ class P2PTransport(ChannelHealth):
         self.peers = [p for p in range(self.num_devices) if p != device]
         self._owner, self._num_stages = owner, num_stages
         if self.peers:
-            self._wire = Wire(self.ranks, self.peers, p2p_group, meta_group, self.comm_device)
+            self._wire = Wire(
+                device, self.ranks, self.peers, p2p_groups, meta_group, self.comm_device
+            )
         self._box = QueueTransport(timeout)
         super().__init__()
         self._closed = False
@@ -101,6 +105,18 @@ class P2PTransport(ChannelHealth):
         self._expect_next: dict[proto.Key, tuple[list[int], bytes]] = {}
         self._expect: dict[proto.Key, tuple[list[int], bytes]] = {}
         self._plans = proto.ChannelPlans(device, self.peers, owner, num_stages)
+
+    @property
+    def coalesce(self) -> bool:
+        """Whether each flush is one ``batch_isend_irecv`` per edge group (NCCL's way, the
+        default on a GPU) rather than op by op (on the host). Set it between steps to run the
+        GPU path's issuing on gloo."""
+        return bool(self.peers) and self._wire.coalesce
+
+    @coalesce.setter
+    def coalesce(self, value: bool) -> None:
+        if self.peers:
+            self._wire.coalesce = bool(value)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -1,11 +1,17 @@
 """The transfers of one rank's channels: headers and bulk parts on the gloo header group, direct
-tensors on the point-to-point group, batched as ``torch.distributed.pipelining`` batches them.
+tensors on the point-to-point group of their directed edge, batched as
+``torch.distributed.pipelining`` batches them.
 
 :class:`Wire` issues what :mod:`gpipe.runtime.p2pproto` lays out. Header and bulk operations
 are single gloo ``isend``/``irecv`` calls (CPU tensors, so under NCCL no header crosses between
 host and GPU); the point-to-point operations of one moment — an action's sends and the receives
-posted for the next action — are collected and issued together by :meth:`Wire.flush` as one
-``batch_isend_irecv``. Every operation is issued from the calling thread. An inline message
+posted for the next action — are collected and issued together by :meth:`Wire.flush`, one
+``batch_isend_irecv`` per edge group (a send to ``b`` on the group of ``me → b``, a receive
+from ``a`` on the group of ``a → me``: :func:`gpipe.distlayout.create_groups`). On such a
+group one rank only sends and the other only receives, both in the channel's order, so under
+NCCL's in-order execution the ``n``-th send meets the ``n``-th receive and no receive posted
+ahead can hold back a send the peer waits for. Every operation is issued from the calling
+thread. An inline message
 (:mod:`gpipe.runtime.p2pproto`) is one buffer: the value's tensors, each at an offset aligned
 to :data:`ALIGN` bytes, then the trailer (:func:`pack`, :func:`unpack`).
 
@@ -23,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,7 +37,17 @@ import torch.distributed as dist
 from gpipe.runtime import p2pproto as proto
 from gpipe.runtime.wire import as_bytes, tensor_specs
 
-__all__ = ["ALIGN", "Buffers", "Slot", "Wire", "pack", "packed_size", "tensors_of", "unpack"]
+__all__ = [
+    "ALIGN",
+    "Buffers",
+    "Issued",
+    "Slot",
+    "Wire",
+    "pack",
+    "packed_size",
+    "tensors_of",
+    "unpack",
+]
 
 ALIGN = 16  # every packed tensor starts at a multiple of this many bytes (any dtype views it)
 
@@ -77,16 +93,29 @@ def _unshared(buf: torch.Tensor) -> bool:
 
 
 class Wire:
-    """One rank's operations on its pipeline's two groups (peers by pipeline device)."""
+    """One rank's operations on its pipeline's groups (peers by pipeline device): the gloo
+    header group ``meta`` and the point-to-point group of each directed edge it is on
+    (``p2p[(a, b)]``: ``a`` sends, ``b`` receives)."""
 
     def __init__(
-        self, ranks: list[int], peers: list[int], p2p: Any, meta: Any, comm_device: torch.device
+        self,
+        device: int,
+        ranks: list[int],
+        peers: list[int],
+        p2p: dict[tuple[int, int], Any],
+        meta: Any,
+        comm_device: torch.device,
     ) -> None:
         self.comm_device = comm_device
-        # one coalesced batch_isend_irecv per flush (NCCL's way); on the host, op by op
+        # one coalesced batch_isend_irecv per edge group and flush (NCCL's way); on the host,
+        # op by op
         self.coalesce = comm_device.type != "cpu"
-        self._p2p, self._meta = p2p, meta
-        self._p2p_rank = {p: dist.get_group_rank(p2p, ranks[p]) for p in peers}
+        self._device, self._p2p, self._meta = device, p2p, meta
+        # the other end of each edge, as a rank of that edge's group
+        self._p2p_rank = {
+            e: dist.get_group_rank(g, ranks[e[1] if e[0] == device else e[0]])
+            for e, g in p2p.items()
+        }
         self._meta_rank = {p: dist.get_group_rank(meta, ranks[p]) for p in peers}
         self._sends: list[tuple[Any, Any]] = []  # (work, buffer) until complete
         self._ops: list[tuple[Callable, torch.Tensor, int]] = []  # (isend/irecv, tensor, peer)
@@ -175,30 +204,52 @@ class Wire:
             self._slots.append((slot, len(self._ops)))
             self._ops.append((dist.irecv, b, peer))
 
+    def _edge(self, op: Callable, peer: int) -> tuple[int, int]:
+        """The directed edge an op travels: to ``peer`` for a send, from it for a receive."""
+        edge = (self._device, peer) if op is dist.isend else (peer, self._device)
+        if edge not in self._p2p:
+            raise RuntimeError(
+                f"no point-to-point group for pipeline devices {edge[0]} -> {edge[1]}: the "
+                "schedule sends between devices whose stages are not neighbours in the "
+                "placement the groups were made for; build the DistributedPipe again"
+            )
+        return edge
+
     def flush(self) -> None:
         """Issue the current batch of point-to-point ops: on host memory (gloo) each op at
         once, in order, which is all ``batch_isend_irecv`` does there, without building its
-        ``P2POp`` objects; on a GPU as one ``batch_isend_irecv`` (NCCL coalesces it)."""
+        ``P2POp`` objects; on a GPU one ``batch_isend_irecv`` per edge group (NCCL coalesces
+        each), the groups in the order of their first op."""
         ops, slots = self._ops, self._slots
         if not ops:
             return
         self._ops, self._slots = [], []
-        g, rank = self._p2p, self._p2p_rank
-        if not self.coalesce:
-            works = []
-            for op, t, peer in ops:
-                peer_arg = "group_dst" if op is dist.isend else "group_src"
-                works.append(op(t, group=g, **{peer_arg: rank[peer]}))
-        else:
-            works = dist.batch_isend_irecv(
-                [dist.P2POp(op, t, group=g, group_peer=rank[peer]) for op, t, peer in ops]
+        works: list[list[Any]] = [[] for _ in ops]  # the works each op's completion needs
+        by_edge: dict[tuple[int, int], list[int]] = {}
+        for i, (op, _, peer) in enumerate(ops):
+            by_edge.setdefault(self._edge(op, peer), []).append(i)
+        for edge, idx in by_edge.items():
+            g, peer_rank = self._p2p[edge], self._p2p_rank[edge]
+            if not self.coalesce:
+                for i in idx:
+                    op, t, _ = ops[i]
+                    peer_arg = "group_dst" if op is dist.isend else "group_src"
+                    works[i].append(op(t, group=g, **{peer_arg: peer_rank}))
+                continue
+            got = dist.batch_isend_irecv(
+                [dist.P2POp(ops[i][0], ops[i][1], group=g, group_peer=peer_rank) for i in idx]
             )
-        one_each = len(works) == len(ops)  # one work per op; NCCL: the coalesced work
+            if self.comm_device.type != "cpu":  # NCCL times a wait from the issue
+                now = time.monotonic()
+                got = [Issued(w, now) for w in got]
+            one_each = len(got) == len(idx)  # one work per op; NCCL: the coalesced work
+            for j, i in enumerate(idx):
+                works[i] += [got[j]] if one_each else list(got)
         for i, (op, t, _) in enumerate(ops):
             if op is dist.isend:
-                self._sends += [(w, t) for w in ([works[i]] if one_each else works)]
+                self._sends += [(w, t) for w in works[i]]
         for slot, i in slots:
-            slot.data_works += [works[i]] if one_each else list(works)
+            slot.data_works += works[i]
 
     def bulk(self, peer: int, n: int, deadline: float) -> torch.Tensor:
         """Receive ``peer``'s next bulk part of ``n`` bytes (CPU)."""
@@ -221,11 +272,24 @@ class Wire:
         return first
 
 
+class Issued(NamedTuple):
+    """A work on a GPU communicator and when it was issued (``time.monotonic()``):
+    ``ProcessGroupNCCL`` measures a wait's timeout from the issue, not from the wait."""
+
+    work: Any
+    at: float
+
+
 def wait(work: Any, deadline: float) -> None:
-    """Wait for ``work`` until ``deadline`` (``TimeoutError`` once it has passed)."""
-    left = deadline - time.monotonic()
+    """Wait for ``work`` until ``deadline`` (``TimeoutError`` once it has passed); an
+    :class:`Issued` work's timeout is counted from its issue, as NCCL counts it, so that a
+    receive posted ahead also gets until ``deadline``."""
+    now = time.monotonic()
+    left = deadline - now
     if left <= 0:
         raise TimeoutError("the deadline passed")
+    if isinstance(work, Issued):
+        work, left = work.work, left + (now - work.at)
     work.wait(timedelta(seconds=left))
 
 
