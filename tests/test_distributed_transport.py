@@ -22,7 +22,7 @@ from torch.nn import functional as F
 import reference_impl
 from gpipe.runtime import p2pproto
 from gpipe.schedules import Action
-from spawn_ranks import Raise, run_gloo
+from spawn_ranks import Raise, gloo_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -120,8 +120,7 @@ def _scenario(rank: int, path: Path) -> None:
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("transport")
-    run_gloo(_scenario, tmp, limit=100)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return gloo_results(_scenario, tmp, limit=100)
 
 
 def _reference(seed: int, fail: bool = False) -> tuple[float, dict[str, torch.Tensor]]:

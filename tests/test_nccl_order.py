@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from gpipe import schedules
 from nccl_model import Event, Issue, Op, Wait, replay
-from spawn_ranks import run_gloo
+from spawn_ranks import gloo_results
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -170,8 +170,7 @@ def recorded(tmp_path_factory) -> dict[int, dict[str, Any]]:
     def get(k: int) -> dict[str, Any]:
         if k not in cache:
             tmp = tmp_path_factory.mktemp(f"nccl{k}")
-            run_gloo(_scenario, tmp, world=k, limit=240)
-            ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(k)]
+            ranks = gloo_results(_scenario, tmp, world=k, limit=240)
             cache[k] = {"host": ranks[0]["host"], "events": [r["events"] for r in ranks]}
         return cache[k]
 
