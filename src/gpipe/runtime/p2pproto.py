@@ -7,9 +7,10 @@ known to both ends before the step starts: the values ``a``'s actions send to st
 Each message is a fixed-size header on the CPU (gloo) header group, with the pytree's metadata
 inline when it fits, and then its tensors:
 
-- *direct*: on the pipeline's point-to-point group, one transfer per tensor, when both ends
-  expected exactly those byte sizes (the sizes this message had in the previous step: the
-  steady state of training); the receiver posted these receives ahead of time;
+- *direct*: on the point-to-point group of the channel's edge (sender → receiver), one
+  transfer per tensor, when both ends expected exactly those byte sizes (the sizes this
+  message had in the previous step: the steady state of training); the receiver posted these
+  receives ahead of time;
 - *bulk*: on the header group under tag :data:`BULK_TAG`, after the header (the first step,
   a shape change, end-of-step payloads); if the receiver expected other sizes, the sender
   also sends placeholder buffers of the expected sizes on the point-to-point group, so the
