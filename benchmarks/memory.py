@@ -9,6 +9,22 @@ by the runtime (``Pipe.peak_live``) and predicted by the simulator.
 
     python benchmarks/memory.py            # K=2, M=8, all schedules x remat modes
     python benchmarks/memory.py --quick    # two configurations
+
+``--runtime dist``: each rank's peak RSS of ``gpipe.DistributedPipe`` (two spawned gloo
+ranks, one intra-op thread each) over M at a fixed micro-batch size, beside
+``torch.distributed.pipelining``'s ``Schedule1F1B`` on the same cut: a model of ``--blocks``
+x (``Linear(width, width)`` + ``Tanh``), ``--rows`` rows per micro-batch, ``remat="never"``,
+MSE against targets of the output's shape; every configuration in fresh processes, so the
+peak is its own. Two peaks per rank: the resident set (``ru_maxrss``) and the heap in use
+(glibc's ``mallinfo2``, sampled every millisecond by a thread): what the process holds, which
+the RSS shows only up to the allocator keeping freed memory. The ranks run with glibc's mmap
+threshold fixed (``MALLOC_MMAP_THRESHOLD_``; ``--glibc-default`` leaves it dynamic), so freed
+large buffers go back to the system and the RSS follows what is live. A rank's memory should
+grow with M only by the larger batch (inputs and targets, which every rank holds), not by what
+the step keeps once a value is handed on:
+
+    python benchmarks/memory.py --runtime dist                 # M in 4,8,16,32
+    python benchmarks/memory.py --runtime dist --chunks 4,32   # the two ends
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ import argparse
 import json
 import subprocess
 import sys
+from typing import Any
 
 
 def child(args: argparse.Namespace) -> None:
@@ -67,19 +84,208 @@ def child(args: argparse.Namespace) -> None:
     pipe.close()
 
 
+DIST_RUNNERS = ("gpipe 1f1b", "gpipe zb-h1", "torch Schedule1F1B")
+
+
+def dist_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    """One rank of one distributed configuration: ``args.steps`` training steps of
+    ``args.runner`` at M = ``args.m``; rank 0 writes both ranks' peak RSS (MiB) to ``out``."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    from peers import finish, init_gloo
+    from torch import nn
+    from torch.nn import functional as F
+
+    import gpipe
+
+    init_gloo(rank, port)
+    heap = HeapPeak()
+    torch.manual_seed(0)
+    w, blocks = args.width, args.blocks
+    model = nn.Sequential(*(m for _ in range(blocks) for m in (nn.Linear(w, w), nn.Tanh())))
+    g = torch.Generator().manual_seed(0)
+    rows = args.m * args.rows
+    x, y = torch.randn(rows, w, generator=g), torch.randn(rows, w, generator=g)
+    lib, name = args.runner.split()
+    keep: list[object] = []
+    if lib == "gpipe":
+        pipe = gpipe.DistributedPipe(
+            model, balance=[blocks, blocks], chunks=args.m, schedule=name, remat="never"
+        )
+        keep.append(pipe)
+
+        def step() -> None:
+            pipe.zero_grad(set_to_none=False)
+            pipe.step(x, y, F.mse_loss)
+
+    else:
+        from torch.distributed import pipelining
+        from torch.distributed.pipelining import PipelineStage
+
+        mine = nn.Sequential(*list(model)[rank * blocks : (rank + 1) * blocks])
+        stage = PipelineStage(mine, rank, 2, torch.device("cpu"))
+        sched = getattr(pipelining.schedules, name)(stage, args.m, loss_fn=F.mse_loss)
+
+        def step() -> None:
+            mine.zero_grad(set_to_none=False)
+            if rank == 0:
+                sched.step(x)
+            else:
+                sched.step(target=y, losses=[])
+
+    for _ in range(args.steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks: list[Any] = [None, None]
+    dist.all_gather_object(peaks, (peak, heap.stop()))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(peaks, f)
+    finish(keep)
+
+
+class HeapPeak:
+    """The most heap in use (MiB, glibc's ``mallinfo2``: allocated chunks and mmapped blocks)
+    since construction, sampled every millisecond by a daemon thread; ``None`` without
+    glibc."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (n, ctypes.c_size_t)
+                for n in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        try:
+            self._info = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            self._info = None
+            return
+        self._info.restype = MallInfo2
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.001):
+            m = self._info()
+            self.peak = max(self.peak, m.uordblks + m.hblkhd)
+
+    def stop(self) -> float | None:
+        """Stop sampling; the peak in MiB."""
+        if self._info is None:
+            return None
+        self._done.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
+def dist_main(args: argparse.Namespace) -> None:
+    """Every runner x M of ``--runtime dist``, each in two fresh processes; the tables."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from peers import run_two
+
+    if not args.glibc_default:  # the ranks inherit it at spawn
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    chunks = [int(c) for c in str(args.chunks).split(",")]
+    peaks: dict[tuple[str, int], list[tuple[float, float | None]]] = {}
+    for runner in DIST_RUNNERS:
+        for m in chunks:
+            args.runner, args.m = runner, m
+            peaks[runner, m] = run_two(dist_worker, args)
+    batch_mib = [2 * m * args.rows * args.width * 4 / 2**20 for m in chunks]  # x and y
+    malloc = "glibc default" if args.glibc_default else "mmap threshold 128 KiB"
+    print(
+        f"{args.blocks} x (Linear {args.width} + Tanh), {args.rows} rows per micro-batch, K=2 "
+        f"processes (gloo, 1 thread each), remat never, {args.steps} steps, {malloc}; peaks "
+        "in MiB (RSS / heap in use)"
+    )
+    print()
+    print(
+        "| runtime | M | inputs + targets | rank 0 RSS | rank 1 RSS | rank 0 heap | rank 1 heap |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for runner in DIST_RUNNERS:
+        for m, b in zip(chunks, batch_mib):
+            (r0, h0), (r1, h1) = peaks[runner, m]
+            print(f"| {runner} | {m} | {b:.0f} | {r0:.0f} | {r1:.0f} | {_mib(h0)} | {_mib(h1)} |")
+    lo, hi = chunks[0], chunks[-1]
+    grow_batch = batch_mib[-1] - batch_mib[0]
+    print()
+    print(f"Growth from M={lo} to M={hi} (the larger batch alone: {grow_batch:.0f} MiB)")
+    print()
+    print("| runtime | rank 0 RSS | rank 1 RSS | rank 0 heap | rank 1 heap |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    rows_out = []
+    for runner in DIST_RUNNERS:
+        grow = [
+            [_less(peaks[runner, hi][r][i], peaks[runner, lo][r][i]) for r in range(2)]
+            for i in range(2)
+        ]
+        rows_out.append({"runner": runner, "rss": grow[0], "heap": grow[1], "batch": grow_batch})
+        print(
+            f"| {runner} | {_mib(grow[0][0])} | {_mib(grow[0][1])} | {_mib(grow[1][0])} | "
+            f"{_mib(grow[1][1])} |"
+        )
+    if args.json:
+        table = [{"runner": r, "m": m, "peaks": peaks[r, m]} for r in DIST_RUNNERS for m in chunks]
+        with open(args.json, "w") as f:
+            json.dump({"peaks": table, "growth": rows_out}, f, indent=2)
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def _less(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", choices=["local", "dist"], default="local")
+    ap.add_argument("--width", type=int, default=2048, help="dist: Linear width")
+    ap.add_argument("--blocks", type=int, default=4, help="dist: Linear + Tanh blocks")
+    ap.add_argument("--rows", type=int, default=128, help="dist: rows per micro-batch")
+    ap.add_argument("--steps", type=int, default=3, help="dist: training steps")
+    ap.add_argument(
+        "--glibc-default", action="store_true", help="dist: leave glibc's mmap threshold dynamic"
+    )
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", default=None, help="M (dist: comma-separated, 4,8,16,32)")
     ap.add_argument("--schedule", default=None)
     ap.add_argument("--remat", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.runtime == "dist":
+        args.chunks = args.chunks or "4,8,16,32"
+        dist_main(args)
+        return
+    args.chunks = int(args.chunks or 8)
     if args.child:
         child(args)
         return

@@ -67,6 +67,14 @@ def run_gloo(
             pytest.fail(f"rank {r} failed:\n{err.read_text()}")
 
 
+def gloo_results(
+    scenario: Callable[[int, Path], None], tmp: Path, world: int = 2, limit: float = 120
+) -> list[Any]:
+    """:func:`run_gloo`, then what each rank saved (``torch.save``) as ``tmp/rank<r>.pt``."""
+    run_gloo(scenario, tmp, world, limit)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 def _gloo_rank(scenario: Callable[[int, Path], None], rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 import reference_impl
 from gpipe.runtime import p2pproto
 from gpipe.schedules import Action
-from spawn_ranks import Raise, run_gloo
+from spawn_ranks import Raise, gloo_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -92,7 +92,7 @@ def _scenario(rank: int, path: Path) -> None:
     # tensors go direct (the first step's sizes are not known yet: bulk, on the header group)
     with DistributedPipe(_model(), chunks=4, balance=[4, 4], schedule="1f1b", timeout=20) as pipe:
         pipe._transport.inline = False
-        pipe._transport._wire.coalesce = True
+        pipe._transport.coalesce = True
         pipe.step(*_batch(1), F.cross_entropy)
         pipe.zero_grad()
         built = len(log)
@@ -120,8 +120,7 @@ def _scenario(rank: int, path: Path) -> None:
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("transport")
-    run_gloo(_scenario, tmp, limit=100)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return gloo_results(_scenario, tmp, limit=100)
 
 
 def _reference(seed: int, fail: bool = False) -> tuple[float, dict[str, torch.Tensor]]:

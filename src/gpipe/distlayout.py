@@ -11,6 +11,15 @@ The invariant: every rank derives the same :class:`Layout` from the same options
 pipelines' point-to-point groups and the CPU group of each step's agreement — in one fixed
 order on every rank, at construction (under NCCL each communicator is also made to exist
 then, never lazily in the middle of a step).
+
+Boundary tensors travel on one two-rank group per *directed edge* ``a → b`` (a pipeline
+device that sends values to another, :meth:`Layout.edges`): on it ``a`` only sends and ``b``
+only receives, both in the channel's order. NCCL runs a communicator's operations in the
+order each rank issued them, a receive holding back everything after it on that
+communicator; with one communicator per direction of travel, the ``n``-th send always meets
+the ``n``-th receive, whatever else either rank has posted ahead (one group for all
+directions deadlocks from the second step: each rank's receive posted ahead waits for a
+send the other rank queued behind its own receive).
 """
 
 from __future__ import annotations
@@ -25,7 +34,16 @@ import torch.distributed as dist
 
 from gpipe import options, plan
 
-__all__ = ["Groups", "Layout", "create_groups", "default_device", "resolve_counts"]
+__all__ = [
+    "EDGE_TIMEOUT_FACTOR",
+    "Groups",
+    "Layout",
+    "create_groups",
+    "default_device",
+    "resolve_counts",
+]
+
+EDGE_TIMEOUT_FACTOR = 3  # the edge groups' (NCCL watchdog's) timeout, in pipe timeouts
 
 
 def default_device(backend: str, env: Mapping[str, str]) -> torch.device:
@@ -143,6 +161,17 @@ class Layout:
         """The device that runs the last stage (it needs the targets and has the loss)."""
         return self.owner(self.num_stages - 1)
 
+    def edges(self) -> list[tuple[int, int]]:
+        """Every directed edge ``(a, b)`` of the pipeline, sorted: device ``a`` runs a stage
+        next to one that device ``b`` runs, so activations or gradients go from ``a`` to
+        ``b``."""
+        out = set()
+        for s in range(self.num_stages - 1):
+            a, b = self.owner(s), self.owner(s + 1)
+            if a != b:
+                out |= {(a, b), (b, a)}
+        return sorted(out)
+
     def replica_ranks(self, process_group: Any) -> list[list[int]]:
         """Global ranks of every replica's pipeline devices: ``[j][d]`` (``new_group`` takes
         global ranks)."""
@@ -163,7 +192,7 @@ class Groups:
     replicas: list[list[int]]  # global ranks, [replica][pipeline device]
     pp: Any  # this replica's pipeline: the collectives over its stages (clip_grad_norm)
     dp: Any | None  # the ranks holding this rank's stages in every replica (None if D == 1)
-    p2p: Any | None  # this replica's point-to-point group for boundary tensors (None if K == 1)
+    p2p: dict[tuple[int, int], Any]  # this replica's group per directed edge (a, b) it is on
     meta: Any | None  # this replica's CPU (gloo) group for message headers (None if K == 1)
     calls: Any | None = None  # every rank's CPU (gloo) group for the step's agreement (W > 1)
     created: list[Any] = field(default_factory=list)
@@ -174,8 +203,10 @@ def create_groups(
 ) -> Groups:
     """Create every group of the job, in the same order on every rank (``new_group`` is
     collective): the pipelines (D > 1), the data-parallel groups (D > 1, K > 1), then for each
-    replica its point-to-point group and its gloo header group (K > 1). Under NCCL one
-    all-reduce per new group makes its communicator exist now."""
+    replica one point-to-point group per directed edge (:meth:`Layout.edges`, in that order)
+    and its gloo header group (K > 1). Under NCCL one all-reduce per new group makes its
+    communicator exist now, each rank taking its groups in that one order (so every group's
+    members meet at it)."""
     k, d = layout.num_devices, layout.data_parallel
     replicas = layout.replica_ranks(process_group)
     td = timedelta(seconds=timeout)
@@ -191,21 +222,31 @@ def create_groups(
             dp = dps[layout.pipeline_device]
         else:
             dp = process_group
-    p2p = meta = None
+    p2p: dict[tuple[int, int], Any] = {}
+    meta = None
     if k > 1:
-        p2ps, metas = [], []
-        for rep in replicas:
-            p2ps.append(dist.new_group(rep, timeout=td))
-            metas.append(dist.new_group(rep, timeout=td, backend="gloo"))
-        created += p2ps + metas
-        p2p, meta = p2ps[layout.replica], metas[layout.replica]
+        me = layout.pipeline_device
+        # NCCL's watchdog counts a work's age from its issue and tears the process down once
+        # it passes the group's timeout; a receive posted ahead is older than the wait on it,
+        # so the edge groups allow more: the pipe's own bounded waits come first
+        edge_td = timedelta(seconds=EDGE_TIMEOUT_FACTOR * timeout)
+        for j, rep in enumerate(replicas):
+            for a, b in layout.edges():
+                grp = dist.new_group([rep[a], rep[b]], timeout=edge_td)
+                created.append(grp)
+                if j == layout.replica and me in (a, b):
+                    p2p[(a, b)] = grp
+            grp = dist.new_group(rep, timeout=td, backend="gloo")
+            created.append(grp)
+            if j == layout.replica:
+                meta = grp
     calls = None
     if k * d > 1:  # the pipe's own: a step that times out breaks it, never the caller's group
         calls = dist.new_group([r for rep in replicas for r in rep], timeout=td, backend="gloo")
         created.append(calls)
     groups = Groups(replicas, pp, dp, p2p, meta, calls, created)
     if backend == "nccl":
-        for grp in (pp, dp, p2p):  # this rank's communicators, in one fixed order
+        for grp in (pp, dp, *p2p.values()):  # this rank's communicators, in one fixed order
             if grp is not None:
                 warm_up(grp, comm_device)
     return groups

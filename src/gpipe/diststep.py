@@ -180,7 +180,11 @@ def run_step(
     # From here on every rank must reach finish_step, whatever happens.
     last_dev = layout.last_device
     stash: list[torch.Tensor | None] = []
-    data = StepData(layout.num_stages, inputs=mbs, targets=tmbs, splits=sched.splits)
+    # the last stage's outputs are never returned by step(): keep only their shapes, so no
+    # micro-batch's output outlives its backward
+    data = StepData(
+        layout.num_stages, inputs=mbs, targets=tmbs, splits=sched.splits, keep_outputs=False
+    )
     loss = None
     try:
         stash = collectives.stash_tied(pipe._ties) if grad else []

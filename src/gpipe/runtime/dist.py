@@ -4,7 +4,7 @@ all of it issued from the one thread that runs this rank's executor loop.
 :class:`P2PTransport` implements the executor's :class:`~gpipe.runtime.executor.Transport`
 between the ranks of one pipeline. What each channel carries in a step, and how a message is
 laid out, is :mod:`gpipe.runtime.p2pproto`; how its operations are issued (op by op on gloo,
-one coalesced batch under NCCL) is :mod:`gpipe.runtime.p2pio`. As in
+one coalesced batch per edge group under NCCL) is :mod:`gpipe.runtime.p2pio`. As in
 ``torch.distributed.pipelining``, an action's sends go right after it together with the
 receives the next remote input needs, posted ahead of its compute; a receive posts the next
 remote input's too (on gloo a transfer starts only once its receive is posted, so a forward
@@ -52,7 +52,9 @@ class P2PTransport(ChannelHealth):
     Args:
         device: this rank's pipeline device index ``d``.
         ranks: global rank of every pipeline device of this pipeline (``ranks[d]``).
-        p2p_group: the pipeline's point-to-point group (the tensors).
+        p2p_groups: the pipeline's point-to-point group of each directed edge ``(a, b)`` this
+            device is on (the tensors that ``a`` sends to ``b``;
+            :func:`gpipe.distlayout.create_groups`).
         meta_group: the pipeline's gloo group (headers and bulk transfers).
         owner: ``owner(stage)`` is the pipeline device that runs ``stage``.
         num_stages: (virtual) stages of the pipeline.
@@ -67,7 +69,7 @@ class P2PTransport(ChannelHealth):
         self,
         device: int,
         ranks: Sequence[int],
-        p2p_group: Any,
+        p2p_groups: dict[tuple[int, int], Any],
         meta_group: Any,
         owner: Callable[[int], int],
         num_stages: int,
@@ -91,7 +93,9 @@ class P2PTransport(ChannelHealth):
         self.peers = [p for p in range(self.num_devices) if p != device]
         self._owner, self._num_stages = owner, num_stages
         if self.peers:
-            self._wire = Wire(self.ranks, self.peers, p2p_group, meta_group, self.comm_device)
+            self._wire = Wire(
+                device, self.ranks, self.peers, p2p_groups, meta_group, self.comm_device
+            )
         self._box = QueueTransport(timeout)
         super().__init__()
         self._closed = False
@@ -101,6 +105,18 @@ class P2PTransport(ChannelHealth):
         self._expect_next: dict[proto.Key, tuple[list[int], bytes]] = {}
         self._expect: dict[proto.Key, tuple[list[int], bytes]] = {}
         self._plans = proto.ChannelPlans(device, self.peers, owner, num_stages)
+
+    @property
+    def coalesce(self) -> bool:
+        """Whether each flush is one ``batch_isend_irecv`` per edge group (NCCL's way, the
+        default on a GPU) rather than op by op (on the host). Set it between steps to run the
+        GPU path's issuing on gloo."""
+        return bool(self.peers) and self._wire.coalesce
+
+    @coalesce.setter
+    def coalesce(self, value: bool) -> None:
+        if self.peers:
+            self._wire.coalesce = bool(value)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,7 +145,7 @@ class P2PTransport(ChannelHealth):
         self._step, self._m = step, num_microbatches
         self._in_step = True
         self._expect = dict(self._expect_next)
-        self._out, self._in, self._where, self._wants = self._plans.of(per_device)
+        self._out, self._in, self._where, self._wants, self._acks = self._plans.of(per_device)
         self._sent = dict.fromkeys(self.peers, 0)
         self._decoded = dict.fromkeys(self.peers, 0)
         self._data_posted = dict.fromkeys(self.peers, 0)
@@ -138,9 +154,6 @@ class P2PTransport(ChannelHealth):
         # every position's receives, and the terminal's, in order: headers posted now, or
         # (inline control) once the receiver knows that one follows
         post = (lambda p: Slot(None, None)) if self.inline else self._wire.post_header
-        if self.inline and self.peers:  # last step's receive buffers, once no value uses them
-            old = getattr(self, "_slots", {}).values()
-            self._wire.buffers.give([b for slots in old for s in slots for b in s.data or ()])
         self._slots: dict[int, list[Slot]] = {
             p: [post(p) for _ in range(len(self._in[p]) + 1)] for p in self.peers
         }
@@ -178,7 +191,7 @@ class P2PTransport(ChannelHealth):
                 f"rank {self.rank} sends {what} {key} to rank {self.ranks[dst]} out of the "
                 "schedule's order; the executor and the transport disagree on the schedule"
             )
-        self._emit(dst, proto.DATA, key, meta, tensors)
+        self._emit(dst, proto.DATA, key, meta, tensors, n)
         self._sent[dst] = n + 1
         self._prefetch()
         self._flush()
@@ -247,10 +260,10 @@ class P2PTransport(ChannelHealth):
                 continue
             why = self._failure or Failure(self.rank, self.device, None, None, "step abandoned")
             skip = proto.failure_body(why)
-            for key in self._out[p][self._sent[p] :]:
-                self._emit(p, proto.SKIP, key, skip, [])
+            for pos in range(self._sent[p], len(self._out[p])):
+                self._emit(p, proto.SKIP, self._out[p][pos], skip, [], pos)
             self._sent[p] = len(self._out[p])
-            self._emit(p, terminal, None, body, tensors)
+            self._emit(p, terminal, None, body, tensors, len(self._out[p]))
         self._flush()
         for p in self.peers:
             if p in self._dead:
@@ -278,16 +291,17 @@ class P2PTransport(ChannelHealth):
     # ------------------------------------------------------------------ sending
 
     def _emit(
-        self, peer: int, mtype: int, key: proto.Key | None, meta: bytes, tensors: list
+        self, peer: int, mtype: int, key: proto.Key | None, meta: bytes, tensors: list, pos: int
     ) -> None:
+        """Send position ``pos`` of the step's channel to ``peer``."""
         head = (mtype, key, self._step, self._m)
         known = self._expect.get(key) if key is not None else None
         try:
             if known is not None and self.inline:  # the receiver posted one buffer for it
-                if self._wire.send_inline(peer, head, meta, tensors, known[1]):
+                if self._wire.send_inline(peer, head, meta, tensors, known[1], pos):
                     return
                 known = None  # it was a placeholder: the whole message follows with its header
-            sizes = self._wire.send(peer, head, meta, tensors, known and known[0])
+            sizes = self._wire.send(peer, head, meta, tensors, known and known[0], pos)
         except Exception as e:  # e.g. gloo closed the pair after a wait on it timed out
             self._mark_broken(peer, e)
             return
@@ -345,8 +359,10 @@ class P2PTransport(ChannelHealth):
                 meta = self._expect[key][1]
                 parts = iter(unpack(slot.data[0], meta))
                 self._box.send(*key, decode(meta, tensors_of(meta, parts, self.comm_device)))
+                self._handed_over(peer, pos, slot, deadline)
                 return
-            slot.data, slot.data_works = None, []  # a placeholder: the header follows
+            self._wire.buffers.give(slot.data)  # a placeholder: the header follows
+            slot.data, slot.data_works = None, []
         if slot.head_work is None:
             self._wire.post_header_now(slot, peer)
         self._wait(slot.head_work, deadline, peer, pos)
@@ -382,6 +398,17 @@ class P2PTransport(ChannelHealth):
             return
         self._expect_next[h.key] = (sizes, meta)
         self._box.send(*h.key, value)
+        self._handed_over(peer, pos, slot, deadline)
+
+    def _handed_over(self, peer: int, pos: int, slot: Slot, deadline: float) -> None:
+        """``peer``'s value at ``pos`` is in the mailbox: its receive buffers are no longer
+        held here (inline ones go back to the pool once no tensor views them), and the sends
+        ``peer`` read before it sent this value are done (their buffers freed): this rank
+        holds only what is in flight, not every value of the step."""
+        if self.inline and slot.data:
+            self._wire.buffers.lend(slot.data)
+        slot.data, slot.data_works = None, []
+        self._wire.release(peer, self._acks[peer][pos], deadline)
 
     def _wait(self, work: Any, deadline: float, peer: int, pos: int) -> None:
         """Wait for ``peer``'s ``work`` (its message at position ``pos`` of the step) until

@@ -7,9 +7,10 @@ known to both ends before the step starts: the values ``a``'s actions send to st
 Each message is a fixed-size header on the CPU (gloo) header group, with the pytree's metadata
 inline when it fits, and then its tensors:
 
-- *direct*: on the pipeline's point-to-point group, one transfer per tensor, when both ends
-  expected exactly those byte sizes (the sizes this message had in the previous step: the
-  steady state of training); the receiver posted these receives ahead of time;
+- *direct*: on the point-to-point group of the channel's edge (sender → receiver), one
+  transfer per tensor, when both ends expected exactly those byte sizes (the sizes this
+  message had in the previous step: the steady state of training); the receiver posted these
+  receives ahead of time;
 - *bulk*: on the header group under tag :data:`BULK_TAG`, after the header (the first step,
   a shape change, end-of-step payloads); if the receiver expected other sizes, the sender
   also sends placeholder buffers of the expected sizes on the point-to-point group, so the
@@ -93,30 +94,25 @@ def channel_messages(
     device stays local and is no message.
     """
     out: dict[tuple[int, int], list[Key]] = {}
-    last = num_stages - 1
     for d, actions in enumerate(per_device):
-        for a in _flat(actions):
-            if a.kind == "F" and a.stage != last:
-                key: Key = ("act", a.stage + 1, a.microbatch)
-            elif a.kind == "B" and a.stage != 0:
-                key = ("grad", a.stage - 1, a.microbatch)
-            else:
-                continue
-            dst = owner(key[1])
-            if dst != d:
-                out.setdefault((d, dst), []).append(key)
+        for way, key in _traffic(actions, d, owner, num_stages):
+            if way == "out":
+                out.setdefault((d, owner(key[1])), []).append(key)
     return out
 
 
 class Channels(NamedTuple):
     """What one device sends and receives in a step: per peer its outgoing and incoming keys
     in order (``out``, ``into``), where each incoming key sits (``where``: peer, position),
-    and the device's remote inputs in its action order (``wants``)."""
+    the device's remote inputs in its action order (``wants``), and per peer, for each
+    incoming position, how many of this device's positions to that peer the peer had read
+    before it sent it (``acks``: once it arrives, those sends are done)."""
 
     out: dict[int, list[Key]]
     into: dict[int, list[Key]]
     where: dict[Key, tuple[int, int]]
     wants: list[Key]
+    acks: dict[int, list[int]]
 
 
 def channels(
@@ -132,7 +128,53 @@ def channels(
     into = {p: seqs.get((p, device), []) for p in peers}
     where = {k: (p, i) for p in peers for i, k in enumerate(into[p])}
     mine = per_device[device] if device < len(per_device) else []
-    return Channels(out, into, where, remote_inputs(mine, device, owner, num_stages))
+    acks = {p: _acks(per_device, p, device, out[p], owner, num_stages) for p in peers}
+    return Channels(out, into, where, remote_inputs(mine, device, owner, num_stages), acks)
+
+
+def _acks(
+    per_device: Sequence[Sequence[Any]],
+    sender: int,
+    device: int,
+    back: list[Key],
+    owner: Callable[[int], int],
+    num_stages: int,
+) -> list[int]:
+    """For each message ``sender`` sends ``device`` in a step, how many of ``device``'s
+    messages to it (``back``, in order) ``sender`` had read first: an action receives its
+    input (reading its channel up to it) before it sends its output."""
+    if sender >= len(per_device):
+        return []
+    pos = {k: i for i, k in enumerate(back)}
+    read, acks = 0, []
+    for way, key in _traffic(per_device[sender], sender, owner, num_stages):
+        if way == "in":
+            if key in pos:
+                read = max(read, pos[key] + 1)
+        elif owner(key[1]) == device:
+            acks.append(read)
+    return acks
+
+
+def _traffic(
+    actions: Sequence[Any], device: int, owner: Callable[[int], int], num_stages: int
+) -> list[tuple[str, Key]]:
+    """``device``'s remote inputs (``"in"``) and outputs to other devices (``"out"``), in
+    the order its actions read and send them."""
+    last = num_stages - 1
+    out: list[tuple[str, Key]] = []
+    for a in _flat(actions):
+        if a.kind == "F":
+            if a.stage != 0 and owner(a.stage - 1) != device:
+                out.append(("in", ("act", a.stage, a.microbatch)))
+            if a.stage != last and owner(a.stage + 1) != device:
+                out.append(("out", ("act", a.stage + 1, a.microbatch)))
+        elif a.kind == "B":
+            if a.stage != last and owner(a.stage + 1) != device:
+                out.append(("in", ("grad", a.stage, a.microbatch)))
+            if a.stage != 0 and owner(a.stage - 1) != device:
+                out.append(("out", ("grad", a.stage - 1, a.microbatch)))
+    return out
 
 
 class ChannelPlans:
@@ -159,14 +201,7 @@ def remote_inputs(
     actions: Sequence[Any], device: int, owner: Callable[[int], int], num_stages: int
 ) -> list[Key]:
     """The values ``device``'s actions receive from other devices, in its action order."""
-    out: list[Key] = []
-    last = num_stages - 1
-    for a in _flat(actions):
-        if a.kind == "F" and a.stage != 0 and owner(a.stage - 1) != device:
-            out.append(("act", a.stage, a.microbatch))
-        elif a.kind == "B" and a.stage != last and owner(a.stage + 1) != device:
-            out.append(("grad", a.stage, a.microbatch))
-    return out
+    return [key for way, key in _traffic(actions, device, owner, num_stages) if way == "in"]
 
 
 def _flat(actions: Sequence[Any]) -> list[Any]:
