@@ -233,6 +233,24 @@ class Segment(nn.Module):
                     )
                 return
 
+    def run_recording(self, *args: Any) -> tuple[Any, dict[str, Any], list[fx.Node]]:
+        """Run like :meth:`forward` (the active graph), also returning every node's value by
+        name and the graph's nodes in order: the self-check locates a divergence with it."""
+        active = self._active
+        values: dict[str, Any] = {}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                values[n.name] = out
+                return out
+
+        flat = args if self.first else args[0]
+        out = _Recorder(active.module).run(*flat)
+        if active.out_spec is not None:
+            out = pytree.tree_unflatten(list(out), active.out_spec)
+        return out, values, list(active.module.graph.nodes)
+
     def forward(self, *args: Any) -> Any:
         active = self._active
         if active.static_batch is not None:

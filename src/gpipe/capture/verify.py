@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -136,6 +137,73 @@ def _refuse_lost_gradient(model: nn.Module, where: str) -> None:
     )
 
 
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    return next((v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)), None)
+
+
+def _in_unit(node: fx.Node, unit: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(path == unit or path.startswith(unit + ".") for path, _ in stack.values())
+
+
+def _differs(want: torch.Tensor | None, got: Any) -> bool:
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return False
+    if want.shape != got.shape or not want.is_floating_point():
+        return False
+    d = (want.detach().double() - got.detach().double()).abs().max().item()
+    return not d <= tolerance(want)
+
+
+def _first_diverging(model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict) -> str:
+    """Where the layers first part from the model, from each layer's unit: its input (a
+    difference there lies in the glue before it) and its output, as forward hooks on the
+    model's own unit modules see them (the output differs, so where every unit agrees the
+    difference lies after the last one)."""
+    seen: dict[str, list[tuple[Any, Any]]] = {}
+    hooks = []
+    named = list(layers.named_children())
+    for name, _ in named:
+        unit = name.split("@")[0].replace("/", ".")
+        try:
+            module = model.get_submodule(unit)
+        except AttributeError:
+            continue
+
+        def record(m: nn.Module, a: Any, out: Any, unit: str = unit) -> None:
+            seen.setdefault(unit, []).append((_first_tensor(a), _first_tensor(out)))
+
+        hooks.append(module.register_forward_hook(record))
+    try:
+        torch.manual_seed(_SEED)
+        model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.manual_seed(_SEED)
+    x: Any = layers.bind(args, kwargs)
+    calls: dict[str, int] = {}
+    previous = ""
+    for i, (name, seg) in enumerate(named):
+        unit = name.split("@")[0].replace("/", ".")
+        x, values, nodes = seg.run_recording(*x) if i == 0 else seg.run_recording(x)
+        mine = [n for n in nodes if n.op == "call_function" and _in_unit(n, unit)]
+        k = calls.get(unit, 0)
+        calls[unit] = k + 1
+        if mine and k < len(seen.get(unit, ())):
+            want_in, want_out = seen[unit][k]
+            got_in = next(
+                (values[a.name] for a in mine[0].all_input_nodes if a.op != "get_attr"), None
+            )
+            if _differs(want_in, got_in):
+                return f"the glue after layer {previous!r}" if previous else f"layer {name!r}"
+            if _differs(want_out, values[mine[-1].name]):
+                return f"layer {name!r}"
+        previous = name
+    # every unit's input and output agreed, yet the output differs: the glue after the last
+    return f"the glue after layer {previous!r}" if previous else ""
+
+
 def verify(
     model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict, grad: bool = False
 ) -> None:
@@ -166,9 +234,13 @@ def verify(
             bad = _compare(want, got)
             if bad is not None:
                 what = "train" if all(modes) else "eval" if not any(modes) else "its own"
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    _restore(buffers)
+                    where = _first_diverging(model, layers, args, kwargs)
+                at = f"; they first part in {where}" if where else ""
                 raise CaptureError(
                     f"the captured {type(model).__name__} differs from the model on the "
-                    f"sample in {what} mode: {bad[1]} is off by {bad[0]:.3g} (float rounding "
+                    f"sample in {what} mode: {bad[1]} is off by {bad[0]:.3g}{at} (float rounding "
                     "explains far less); the graph does not compute what the forward does "
                     "(a branch or value the tracer fixed); capture with method='fx', or write "
                     "the model as an nn.Sequential; capture(..., check=False) skips this check"
