@@ -139,8 +139,7 @@ class Follower:
     def __call__(self, who: str) -> None:
         self._snapshot.check(who)
         if self._captured is not None:
-            self._captured.snapshot.check(who)
-            self._captured.select()
+            self._captured.prepare(who)
 
     def train(self, mode: bool) -> None:
         """Set a captured model's mode everywhere (its segments and the model itself)."""

@@ -342,12 +342,13 @@ class Loading:
 class CapturedLayers(nn.Sequential):
     """The segments of a captured model, in order, with what the pipe needs around them.
 
-    ``bind(args, kwargs)`` turns a call's arguments into the first segment's flat inputs,
-    after checking that the model still holds the objects the segments run (``snapshot``) and
-    selecting, in every segment, the graph of the modes the model is in now (``variants``:
-    modes -> graph key; ``pipe.train()`` / ``pipe.eval()`` reach the model through
-    :meth:`train`); ``split_balance`` is the layers per stage forced by ``split_points`` (or
-    ``None``); ``method`` says which tracer captured it; ``model_name`` the captured class;
+    ``prepare()`` checks that the model still holds the objects the segments run
+    (``snapshot``) and selects, in every segment, the graph of the modes the model is in now
+    (``variants``: modes -> graph key; ``pipe.train()`` / ``pipe.eval()`` reach the model
+    through :meth:`train`); ``bind(args, kwargs)`` turns a call's arguments into the first
+    segment's flat inputs for that graph; ``split_balance`` is the layers per stage forced by
+    ``split_points`` (or ``None``); ``method`` says which tracer captured it; ``model_name``
+    the captured class;
     ``keys`` the model's own ``state_dict`` keys (:class:`ModelKeys`)."""
 
     def __init__(
@@ -368,6 +369,7 @@ class CapturedLayers(nn.Sequential):
         for name, seg in segments:
             self.add_module(name, seg)
         self.__dict__["_binds"] = dict(binds)
+        self.__dict__["_key"] = next(iter(binds))  # the variant the segments run now
         self.__dict__["_model"] = model  # not a child: its objects live in the segments
         # the modules whose modes select a graph (``modes_of``'s order, listed once)
         self.__dict__["_model_modules"] = [] if model is None else list(model.modules())
@@ -391,19 +393,26 @@ class CapturedLayers(nn.Sequential):
     def select(self) -> int:
         """Make every segment run the graph of the modes the model is in now; its key."""
         if self._model is None or not self.variants:
-            return next(iter(self._binds))
+            return self._key
         modes = tuple(m.training for m in self._model_modules)
         key = self.variants.get(modes)
         if key is None:
             raise RuntimeError(_mode_mismatch(self._model, self.variants))
         for seg in self._modules.values():
             seg.select(key)
+        self.__dict__["_key"] = key
         return key
 
+    def prepare(self, who: str = "the pipe") -> int:
+        """Before a call: refuse a model that no longer holds the objects the graphs run
+        (``snapshot``), then :meth:`select` the graph of its modes now."""
+        self.snapshot.check(who)
+        return self.select()
+
     def bind(self, args: tuple, kwargs: dict) -> tuple:
-        """A call's arguments as the first segment's flat inputs (see the class doc)."""
-        self.snapshot.check("the pipe")
-        return self._binds[self.select()](tuple(args), dict(kwargs))
+        """A call's arguments as the first segment's flat inputs, for the graph selected last
+        (a pipe :meth:`prepare` s before every call)."""
+        return self._binds[self._key](tuple(args), dict(kwargs))
 
     def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False

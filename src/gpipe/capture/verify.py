@@ -221,6 +221,7 @@ def verify(
         for modes, _key in layers.variants.items():
             for m, mode in zip(model.modules(), modes, strict=True):
                 m.training = mode
+            layers.select()
             with torch.set_grad_enabled(grad), torch.random.fork_rng(devices=devices):
                 _restore(buffers)
                 torch.manual_seed(_SEED)
