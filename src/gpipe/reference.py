@@ -74,7 +74,9 @@ def reference_step(
     m = len(mbs)
     tmbs = [None] * m if targets is None else split(targets, m, batch_dim=batch_dim)
     scales = microbatch_scales(reduction, tmbs)[0]
-    hooks = [h for i, layer in enumerate(layers) for h in rng.install_hooks(layer, i)]
+    hooks = [
+        h for i, layer in enumerate(layers) for h in rng.install_hooks(layer, i, rng_replay.replay)
+    ]
     try:
         losses, draws = [], [{} for _ in mbs]
         for t, mb in enumerate(mbs):

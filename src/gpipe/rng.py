@@ -30,7 +30,7 @@ import contextlib
 import functools
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -266,7 +266,12 @@ def _device_arg(args: Any) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
-def _pre_hook(module: nn.Module, args: Any, index: int | None = None) -> None:
+def _pre_hook(
+    module: nn.Module,
+    args: Any,
+    index: int | None = None,
+    replay: Callable[[nn.Module, Any, int | None], Any] | None = None,
+) -> None:
     depth = getattr(_tls, "known_depth", 0)
     _tls.known_depth = depth + 1
     if depth:
@@ -281,10 +286,8 @@ def _pre_hook(module: nn.Module, args: Any, index: int | None = None) -> None:
             draws.setdefault((index, id(module)), []).append(state)
         if mode is not None:
             entered = _CpuDropout(mode) if _fast(module, args) else mode
-    elif _draws(module):  # outside every region: a backward's recompute, or not ours at all
-        from gpipe import rng_replay  # it builds on this module
-
-        entered = rng_replay.replay(module, args, index)
+    elif replay is not None and _draws(module):  # outside every region: a recompute?
+        entered = replay(module, args, index)
     if entered is not None:
         entered.__enter__()
     _tls.entered = entered
@@ -298,16 +301,21 @@ def _post_hook(module: nn.Module, args: Any, output: Any) -> None:
         _tls.entered = None
 
 
-def install_hooks(layer: nn.Module, index: int | None = None) -> list[Any]:
+def install_hooks(
+    layer: nn.Module,
+    index: int | None = None,
+    replay: Callable[[nn.Module, Any, int | None], Any] | None = None,
+) -> list[Any]:
     """Hook every :data:`RANDOM_MODULES` instance inside ``layer`` (the model's layer
-    ``index``: a recompute by the layer's own checkpoint replays its draws); returns the
-    handles.
+    ``index``); returns the handles. A call outside every keyed region asks ``replay(module,
+    args, index)`` for the context it draws in (:func:`gpipe.rng_replay.replay`: a recompute
+    by the layer's own checkpoint draws its forward's numbers again; ``None``: as usual).
 
     The hooks do nothing outside keyed regions and backwards but count nesting depth, which
     lets the full mode tell whether a layer draws random numbers anywhere else.
     """
     handles = []
-    pre = functools.partial(_pre_hook, index=index)
+    pre = functools.partial(_pre_hook, index=index, replay=replay)
     for m in layer.modules():
         if isinstance(m, RANDOM_MODULES):
             handles.append(m.register_forward_pre_hook(pre))

@@ -82,7 +82,7 @@ class Stage:
         self._hooks = []
         rng.warm_up()
         for idx, layer in self.layers:
-            self._hooks.extend(rng.install_hooks(layer, idx))
+            self._hooks.extend(rng.install_hooks(layer, idx, rng_replay.replay))
         for name, module in (fetch or {}).items():
             self._hooks.append(module.register_forward_hook(self._fetch_hook(name)))
         self._wgrad = wgrad.WeightGrads(m for _, layer in self.layers for m in layer.modules())
