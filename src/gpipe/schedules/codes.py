@@ -3,7 +3,7 @@
 With ``n`` stages and ``M`` micro-batches (``N = n·M``) the action ``(kind, s, m)`` is the
 integer ``kind·N + s·M + m`` (kind 0 = F, 1 = B, 2 = W), so a dependency is arithmetic:
 ``F(s-1, m)`` is ``code - M``, ``B(s+1, m)`` is ``code + M``, ``F(s, m)`` for ``B(s, m)`` and
-``B(s, m)`` for ``W(s, m)`` are ``code - N``. An :class:`~gpipe.schedules.ir.Overlap` of
+``B(s, m)`` for ``W(s, m)`` are ``code - N``. An :class:`~gpipe.schedules.actions.Overlap` of
 ``F = f`` and ``B = N + b`` is ``3N + f·N + b``. The validator and the simulator both walk these
 lists — no per-action objects, no dictionaries in the hot loops — so a schedule of a hundred
 thousand actions is built, checked and replayed in a fraction of a second.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpipe.schedules.ir import KINDS, Action, Overlap, ScheduleError, Unit
+from gpipe.schedules.actions import KINDS, Action, Overlap, ScheduleError, Unit
 
 __all__ = ["Codec", "decode_lists", "encode_lists", "in_order", "replay"]
 

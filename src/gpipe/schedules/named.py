@@ -16,8 +16,9 @@ import difflib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from gpipe.schedules.actions import checked_int
 from gpipe.schedules.codes import Codec
-from gpipe.schedules.ir import Schedule, _int, round_robin
+from gpipe.schedules.ir import Schedule, round_robin
 from gpipe.schedules.validate import from_codes, validate
 
 __all__ = ["available", "get", "interleaving", "placement_of", "register", "resolve_virtual"]
@@ -76,7 +77,7 @@ def register(
     if placement is not None and not callable(placement):
         raise TypeError(f"placement must be a function (K, V) -> tuple, got {placement!r:.40}")
     if virtual_stages is not None:
-        virtual_stages = _int(virtual_stages, "virtual_stages", 1)
+        virtual_stages = checked_int(virtual_stages, "virtual_stages", 1)
 
     def deco(fn: Builder) -> Builder:
         if not callable(fn):
@@ -115,7 +116,7 @@ def resolve_virtual(name: object, virtual_stages: int | None) -> int:
     ``virtual_stages`` (``None``: its default); a number it cannot take is refused."""
     _, entry = _entry(name)
     if virtual_stages is not None:
-        virtual_stages = _int(virtual_stages, "virtual_stages", 1)
+        virtual_stages = checked_int(virtual_stages, "virtual_stages", 1)
     if entry.fixed_virtual is not None:
         if virtual_stages not in (None, entry.fixed_virtual):
             raise ValueError(
@@ -137,7 +138,7 @@ def placement_of(name: str, num_devices: int, virtual_stages: int | None = None)
     """Stage → device of schedule ``name`` on ``num_devices`` devices, known before the
     micro-batch count (``virtual_stages`` as :func:`get` takes it)."""
     _, entry = _entry(name)
-    k = _int(num_devices, "num_devices", 1)
+    k = checked_int(num_devices, "num_devices", 1)
     return tuple(entry.placement(k, resolve_virtual(name, virtual_stages)))
 
 
@@ -151,8 +152,8 @@ def get(
     others one.
     """
     key, entry = _entry(name)
-    num_devices = _int(num_devices, "num_devices", 1)
-    num_microbatches = _int(num_microbatches, "num_microbatches", 1)
+    num_devices = checked_int(num_devices, "num_devices", 1)
+    num_microbatches = checked_int(num_microbatches, "num_microbatches", 1)
     v = resolve_virtual(name, virtual_stages)
     place = tuple(entry.placement(num_devices, v))
     lists = entry.builder(num_devices, num_microbatches, v)

@@ -7,7 +7,8 @@ construction, before any batch fixes ``M`` — is the placement of every schedul
 
 from __future__ import annotations
 
-from gpipe.schedules.ir import Schedule, _int
+from gpipe.schedules.actions import checked_int
+from gpipe.schedules.ir import Schedule
 from gpipe.schedules.named import (
     _REGISTRY,
     _key,
@@ -48,7 +49,7 @@ class ScheduleSpec:
         if self.name not in _REGISTRY:
             raise _unknown(schedule)
         if virtual_stages is not None:
-            virtual_stages = _int(virtual_stages, "virtual_stages", 1)
+            virtual_stages = checked_int(virtual_stages, "virtual_stages", 1)
         entry = _REGISTRY[self.name]
         if virtual_stages not in (None, 1) and not entry.virtual and entry.fixed_virtual is None:
             raise ValueError(

@@ -14,17 +14,9 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+from gpipe.schedules.actions import Action, Overlap, ScheduleError, Unit, checked_int
 from gpipe.schedules.codes import Codec, encode_lists, in_order, replay
-from gpipe.schedules.ir import (
-    Action,
-    Overlap,
-    Schedule,
-    ScheduleError,
-    Unit,
-    _int,
-    check_placement,
-    round_robin,
-)
+from gpipe.schedules.ir import Schedule, check_placement, round_robin
 
 __all__ = ["custom", "dependencies", "execution_order", "from_codes", "validate"]
 
@@ -123,8 +115,8 @@ def validate(
     k = len(actions)
     if k < 1:
         raise ScheduleError("a schedule needs at least one device")
-    num_microbatches = _int(num_microbatches, "num_microbatches", 1, ScheduleError)
-    virtual_stages = _int(virtual_stages, "virtual_stages", 1, ScheduleError)
+    num_microbatches = checked_int(num_microbatches, "num_microbatches", 1, ScheduleError)
+    virtual_stages = checked_int(virtual_stages, "virtual_stages", 1, ScheduleError)
     n = k * virtual_stages
     place = (
         round_robin(k, virtual_stages) if placement is None else (check_placement(placement, k, n))
