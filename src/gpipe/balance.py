@@ -33,6 +33,7 @@ __all__ = [
     "balance_by_flops",
     "balance_by_memory",
     "balance_by_time",
+    "flops_weights",
     "stage_costs",
 ]
 
@@ -272,6 +273,12 @@ def _check_layers(layers: Any, sample_inputs: tuple, fn: str) -> None:
         )
 
 
+def flops_weights(costs: Sequence[Any]) -> list[int]:
+    """What a layer weighs when the cut is balanced by FLOPs: forward + backward FLOPs, and at
+    least 1 so that free layers (activations, reshapes) still count."""
+    return [max(1, c.flops + c.backward_flops) for c in costs]
+
+
 def balance_by_flops(
     layers: nn.Sequential | Sequence[nn.Module],
     num_stages: int,
@@ -288,8 +295,6 @@ def balance_by_flops(
 
     _check_layers(layers, sample_inputs, "balance_by_flops")
     costs = profile(layers, *sample_inputs)
-    from gpipe.plan import flops_weights
-
     return balance(
         flops_weights(costs),
         num_stages,

@@ -22,6 +22,7 @@ from torch import nn
 
 from gpipe import options
 from gpipe.balance import balance as balance_costs
+from gpipe.balance import flops_weights
 from gpipe.schedules import device_of
 from gpipe.snapshot import Snapshot
 
@@ -357,12 +358,6 @@ def fetch_points(
             )
         out.setdefault(index[top], {})[fname] = module
     return out
-
-
-def flops_weights(costs: Sequence[Any]) -> list[int]:
-    """What a layer weighs when the cut is balanced by FLOPs: forward + backward FLOPs, and at
-    least 1 so that free layers (activations, reshapes) still count."""
-    return [max(1, c.flops + c.backward_flops) for c in costs]
 
 
 def auto_balance(
