@@ -155,7 +155,7 @@ def _check_leaf(rule: InputRule, leaf: Any, batch_dim: int) -> None:
         if (
             isinstance(leaf, torch.Tensor)
             or type(leaf) is not type(rule.value)
-            or not (leaf == rule.value)
+            or not _same_constant(leaf, rule.value)
         ):
             raise ValueError(_constant_changed(where, leaf, rule.value))
         return

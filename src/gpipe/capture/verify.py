@@ -44,6 +44,14 @@ def tolerance(ref: torch.Tensor) -> float:
     return 1e3 * eps * (1.0 + scale)
 
 
+def _excess(want: torch.Tensor, got: torch.Tensor) -> float | None:
+    """The largest difference of two floating tensors of one shape where float rounding does
+    not explain it (:func:`tolerance`; NaN counts as a difference), else ``None``."""
+    diff = (want.detach().double() - got.detach().double()).abs()
+    d = diff.max().item() if diff.numel() else 0.0
+    return None if d <= tolerance(want) else d
+
+
 def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
@@ -78,9 +86,8 @@ def _compare(model_out: Any, layers_out: Any) -> tuple[float, str] | None:
             if not torch.equal(a, b):
                 return float("inf"), where
             continue
-        diff = (a.detach().double() - b.detach().double()).abs()
-        d = diff.max().item() if diff.numel() else 0.0
-        if not d <= tolerance(a) and (worst is None or d > worst[0]):  # NaN counts as a miss
+        d = _excess(a, b)
+        if d is not None and (worst is None or d > worst[0]):
             worst = (d, where)
     return worst
 
@@ -151,8 +158,7 @@ def _differs(want: torch.Tensor | None, got: Any) -> bool:
         return False
     if want.shape != got.shape or not want.is_floating_point():
         return False
-    d = (want.detach().double() - got.detach().double()).abs().max().item()
-    return not d <= tolerance(want)
+    return _excess(want, got) is not None
 
 
 def _first_diverging(model: nn.Module, layers: CapturedLayers, args: tuple, kwargs: dict) -> str:
