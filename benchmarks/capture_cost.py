@@ -3,7 +3,8 @@
 For a few Hugging Face architectures built from shrunk default configs (random weights): the
 time of ``gpipe.capture.capture`` with its self-check and without (``check=False``), the
 time of one ``torch.export`` of the model (the capture makes one per mode: the model's own,
-train, eval), then ``Pipe.step`` times: the sample's length warm, the first step at a new
+train, eval), what a captured pipe does before every call (``prepare``: check the model still
+holds the captured objects, pick the graph of its modes; then ``bind``), then ``Pipe.step`` times: the sample's length warm, the first step at a new
 length, and that length again. Medians of ``--repeats``.
 
     python benchmarks/capture_cost.py --repeats 3
@@ -94,6 +95,12 @@ def one_round(build, args: argparse.Namespace) -> dict[str, float]:
     t = time.perf_counter()
     layers = capture(model, x)
     out["check"] = time.perf_counter() - t
+    calls = 200  # what a captured pipe does before every call: check the model, pick the graph
+    t = time.perf_counter()
+    for _ in range(calls):
+        layers.prepare()
+        layers.bind((x,), {})
+    out["per_call"] = (time.perf_counter() - t) / calls
     with gpipe.Pipe(layers, stages=2, chunks=2) as pipe:
         pipe.step(x, x, loss_fn)
         out["warm"] = timed(lambda: pipe.step(x, x, loss_fn))
@@ -116,7 +123,7 @@ def main() -> None:
     )
     print(
         f"{'model':8} {'export':>8} {'capture':>8} {'+check':>8} "
-        f"{'step@L':>8} {'1st@L2':>8} {'2nd@L2':>8}"
+        f"{'step@L':>8} {'1st@L2':>8} {'2nd@L2':>8} {'call us':>8}"
     )
     for name, build in models().items():
         rows: dict[str, list[float]] = {}
@@ -126,7 +133,8 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(
             f"{name:8} {med['export']:8.2f} {med['capture']:8.2f} {med['check']:8.2f} "
-            f"{med['warm']:8.3f} {med['first']:8.3f} {med['again']:8.3f}"
+            f"{med['warm']:8.3f} {med['first']:8.3f} {med['again']:8.3f} "
+            f"{1e6 * med['per_call']:8.0f}"
         )
 
 
