@@ -13,12 +13,12 @@ planner's balance for it and Adam.
   the resident set before the training steps, when only the parameters exist (the pipe
   built, one step run under ``torch.no_grad()``) — plus the parameters' bytes, so it counts
   parameters, gradients, Adam's state and the step's activations and temporaries: what
-  ``gpipe.autoplan`` predicts (the joint peak of both stages, which share one memory).
+  ``gpipe.planner.autoplan`` predicts (the joint peak of both stages, which share one memory).
   The children run with ``MALLOC_ARENA_MAX=1``: on a loaded machine glibc otherwise opens a
   new arena whenever two threads contend, and the resident set then varies from run to run.
 
 Reported: the rank of the planner's choice among the measured configurations, its measured
-step against the fastest, the same for the choice of ``gpipe.autotune`` (the planner's top
+step against the fastest, the same for the choice of ``gpipe.local.autotune`` (the planner's top
 ``--tune`` configurations timed by the tuner itself, beforehand and on its own clock), predicted vs measured peak memory, and a memory limit that rules
 out GPipe without re-materialization.
 
@@ -136,10 +136,10 @@ def _times(cfgs: list[dict], args: argparse.Namespace) -> list[float]:
 
 
 def _tune(args: argparse.Namespace, ranked: list):
-    """The choice of ``gpipe.autotune`` among ``ranked``'s top ``args.tune``, timed by it."""
+    """The choice of ``gpipe.local.autotune`` among ``ranked``'s top ``args.tune``, timed by it."""
     import torch
 
-    from gpipe.autotune import autotune
+    from gpipe.local.autotune import autotune
     from gpipe.models import lm_loss
 
     cfg, model = _model(args.preset)
@@ -158,7 +158,7 @@ def _key(c) -> tuple:
 def _plan(args: argparse.Namespace, schedules: list[str], chunks: list[int], **kw):
     import torch
 
-    from gpipe.autoplan import autoplan
+    from gpipe.planner.autoplan import autoplan
 
     cfg, model = _model(args.preset)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory-repeats", type=int, default=2)
-    ap.add_argument("--tune", type=int, default=6, help="configurations gpipe.autotune times")
+    ap.add_argument("--tune", type=int, default=6, help="configurations gpipe.local.autotune times")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="write every row here")
@@ -185,7 +185,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from gpipe.autoplan import mm_fmt
+    from gpipe.planner.autoplan import mm_fmt
     from gpipe.schedules import available
 
     schedules = ["gpipe", "1f1b"] if args.quick else available()

@@ -5,7 +5,7 @@ Measures, in interleaved rounds (so that other load on the machine hits every ro
 * ``plain``: the un-pipelined model in one process with one thread
   (``lm_loss(model(x), y).backward()`` on the whole batch);
 * ``local``: :class:`gpipe.Pipe` with K=2 worker threads of one thread each (one process);
-* ``dist``: :class:`gpipe.distributed.DistributedPipe`, K=2 spawned processes (gloo on
+* ``dist``: :class:`gpipe.dist.pipe.DistributedPipe`, K=2 spawned processes (gloo on
   loopback), one thread each, kept alive across rounds and idle while the others run;
 
 for the GPipe and 1F1B schedules with M micro-batches. Each round takes the median step time
@@ -98,7 +98,7 @@ def bench_local(args: argparse.Namespace, schedule: str) -> tuple[float, float]:
 
 def _dist_worker(rank: int, init: str, args: argparse.Namespace, cmds: list, results) -> None:
     """One rank: build one DistributedPipe per schedule, then run a round per command."""
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -132,13 +132,13 @@ def analyze(args: argparse.Namespace, balance: list[int], schedule: str) -> dict
     """Where the time goes, measured in this process with one thread (no concurrency).
 
     Runs each stage's forward and backward of every micro-batch with the runtime's own
-    :class:`gpipe.stage.Stage` objects, one after another, and returns ``sequential`` (the sum
+    :class:`gpipe.stage.stage.Stage` objects, one after another, and returns ``sequential`` (the sum
     of all actions) and ``simulated`` (the schedule replayed on the measured per-stage costs:
     what a runtime with free communication would take, imbalance and bubble included).
     """
+    from gpipe.planner.simulate import simulate
     from gpipe.schedules import get as get_schedule
-    from gpipe.simulate import simulate
-    from gpipe.stage import Stage
+    from gpipe.stage.stage import Stage
 
     torch.set_num_threads(1)
     layers = list(_model(args))

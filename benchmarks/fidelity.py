@@ -1,4 +1,4 @@
-"""Simulator fidelity: the step time ``gpipe.simulate`` predicts from measured per-stage costs
+"""Simulator fidelity: the step time ``gpipe.planner.simulate`` predicts from measured per-stage costs
 against the step time the one-process runtime measures.
 
 For each schedule: run a few steps of ``gpipe.Pipe`` on the flagship LM, take the median
@@ -20,7 +20,7 @@ import torch
 
 import gpipe
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
-from gpipe.simulate import simulate
+from gpipe.planner.simulate import simulate
 
 
 def main() -> None:

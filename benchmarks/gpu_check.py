@@ -12,7 +12,7 @@ the wide cases also run across ``cuda:0`` and ``cuda:1`` (boundary copies on cop
 ``DistributedPipe`` on NCCL runs every schedule and one fault case in two spawned processes;
 on one GPU those parts are skipped with a message. Then the user-path cases: a layer's own
 ``torch.utils.checkpoint`` around a dropout (on CUDA its recompute runs on the autograd
-engine's device thread, so this is the check of ``gpipe.rng_replay``'s per-device context),
+engine's device thread, so this is the check of ``gpipe.stage.rng_replay``'s per-device context),
 an in-place ReLU right after a cut and a clipping gradient hook under zero bubble.
 
 Every case prints one markdown row as soon as it ends, and a watchdog ends the process (exit

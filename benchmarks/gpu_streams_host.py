@@ -1,4 +1,4 @@
-"""Host cost of the stream bookkeeping (``gpipe.runtime.streams``), measurable without a GPU.
+"""Host cost of the stream bookkeeping (``gpipe.local.streams``), measurable without a GPU.
 
 On a GPU every boundary value goes through events, waits and ``record_stream`` calls; their
 Python side (flattening the value, deciding what to copy, the bookkeeping of a step's edges)
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import gpipe
-from gpipe.runtime import streams
+from gpipe.local import streams
 
 
 class NullOps:

@@ -29,11 +29,11 @@ from torch import nn
 
 import gpipe
 from gpipe import schedules
-from gpipe.autotune import median_time
+from gpipe.local.autotune import median_time
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
 from gpipe.models.transformer import Block
 from gpipe.schedules.zero_bubble import every_split
-from gpipe.stage import Stage
+from gpipe.stage.stage import Stage
 from gpipe.trace import bubble_fraction
 
 # thread CPU time of every Stage action, by (stage object id, action kind): a measure of the

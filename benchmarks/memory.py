@@ -43,7 +43,7 @@ def child(args: argparse.Namespace) -> None:
 
     import gpipe
     from gpipe.models import TransformerConfig, TransformerLM, lm_loss
-    from gpipe.simulate import simulate
+    from gpipe.planner.simulate import simulate
 
     torch.manual_seed(0)
     cfg = TransformerConfig.preset(args.preset).replace(dropout=0.0)

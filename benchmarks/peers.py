@@ -61,7 +61,7 @@ def free_port() -> int:
 
 def _timed(fn: Callable[[], object], steps: int, warmup: int) -> float:
     """``warmup`` steps, both ranks lined up, then the median of ``steps`` timed ones."""
-    from gpipe.autotune import median_time
+    from gpipe.local.autotune import median_time
 
     for _ in range(warmup):
         fn()

@@ -1,6 +1,6 @@
 """Which schedule wins where: every named schedule simulated over K, M and two cost profiles.
 
-The simulator (:mod:`gpipe.simulate`) replays each schedule with per-stage costs; this script
+The simulator (:mod:`gpipe.planner.simulate`) replays each schedule with per-stage costs; this script
 tabulates, for K ∈ {2, 4, 8} devices and M ∈ {K, 2K, 4K} micro-batches, each schedule's step
 time relative to 1F1B's and its peak live activations per device, in whole-device units (one
 micro-batch of a device's whole share of the model; a chunk of a V-stage schedule counts 1/V).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 
 from gpipe import schedules
-from gpipe.simulate import simulate
+from gpipe.planner.simulate import simulate
 
 PROFILES = {
     # (forward, whole backward, B of a split backward, W of a split backward)

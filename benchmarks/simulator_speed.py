@@ -18,7 +18,7 @@ import statistics
 import time
 
 from gpipe import schedules
-from gpipe.simulate import simulate
+from gpipe.planner.simulate import simulate
 
 
 def main() -> None:

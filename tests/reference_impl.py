@@ -9,7 +9,7 @@ docs/testing.md)::
 
 Everything here is written from that contract, not from the library: the key derivation, the
 dispatch mode that hands each random op its generator, the split (``torch.chunk``) and the
-merge (``torch.cat``). A bug in ``gpipe.rng`` or ``gpipe.microbatch`` therefore shows up as a
+merge (``torch.cat``). A bug in ``gpipe.stage.rng`` or ``gpipe.base.microbatch`` therefore shows up as a
 difference instead of cancelling out. Tensors only (one input tensor, one target tensor).
 """
 

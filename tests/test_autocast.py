@@ -13,7 +13,7 @@ is rounded before it is added.)
 Cases: every schedule with every re-materialization mode through ``Pipe.step``, the
 ``pipe(x)`` + ``loss.backward()`` path (its recompute runs inside the backward), an input
 computed before the pipe (its gradient is sent on by the step), ``DistributedPipe`` on two
-gloo ranks, ``gpipe.reference_step``, :mod:`gpipe.amp` by itself, and one test on
+gloo ranks, ``gpipe.reference_step``, :mod:`gpipe.stage.amp` by itself, and one test on
 ``GPIPE_TEST_DEVICE`` (fp16 with a loss scale on CUDA).
 """
 
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 import gpipe
-from gpipe import amp
-from gpipe.remat import MODES
 from gpipe.schedules import available, interleaving
+from gpipe.stage import amp
+from gpipe.stage.remat import MODES
 
 D = 8
 M = 4

@@ -10,10 +10,10 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe import memory_model as mm
-from gpipe.autoplan import NoFitError, autoplan, mm_fmt, table
-from gpipe.cost import profile
 from gpipe.models import TransformerConfig, TransformerLM
+from gpipe.planner import memory_model as mm
+from gpipe.planner.autoplan import NoFitError, autoplan, mm_fmt, table
+from gpipe.planner.cost import profile
 from gpipe.schedules import get
 
 
@@ -77,7 +77,7 @@ def test_a_whole_backward_costs_the_same_in_every_schedule(name):
 def test_measured_costs_put_a_layer_without_parameters_wholly_in_b():
     """``measure`` times the whole backward as one walk and ``B`` as the walk that prunes the
     weight gradients; ``W`` is the rest, none for a layer without parameters."""
-    from gpipe import layer_timing
+    from gpipe.planner import layer_timing
 
     torch.manual_seed(0)
     layers = [nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)]
@@ -366,7 +366,7 @@ def test_gpipe_train_auto_trains_with_the_top_plan_and_its_balance(capsys, tmp_p
 
     from gpipe.cli.main import main
     from gpipe.cli.plan_auto import auto_train_config
-    from gpipe.train_config import TrainConfig
+    from gpipe.train.config import TrainConfig
 
     out = tmp_path / "run"
     argv = ["train", "--auto", "--model-preset", "tiny", "--batch-size", "8", "--seq-len", "16"]
@@ -385,8 +385,8 @@ def test_gpipe_train_auto_trains_with_the_top_plan_and_its_balance(capsys, tmp_p
 
 
 def test_the_trainer_cuts_as_the_config_balance_says():
-    from gpipe.train import Trainer
-    from gpipe.train_config import TrainConfig
+    from gpipe.train.config import TrainConfig
+    from gpipe.train.loop import Trainer
 
     c = TrainConfig(model_preset="tiny", batch_size=4, seq_len=16, steps=1, balance=[1, 3])
     trainer = Trainer(c)
@@ -397,7 +397,7 @@ def test_the_trainer_cuts_as_the_config_balance_says():
 
 
 def test_a_train_config_balance_of_the_wrong_length_is_refused():
-    from gpipe.train_config import TrainConfig
+    from gpipe.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="balance must list 2 positive layer counts"):
         TrainConfig(model_preset="tiny", stages=2, balance=[4])

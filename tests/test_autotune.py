@@ -9,8 +9,8 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe import autotune as at
-from gpipe.autoplan import autoplan
+from gpipe.local import autotune as at
+from gpipe.planner.autoplan import autoplan
 
 
 def _model(seed: int = 0) -> nn.Sequential:

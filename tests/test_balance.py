@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gpipe.balance import balance, balance_by_time, stage_costs
+from gpipe.planner.balance import balance, balance_by_time, stage_costs
 
 
 def _brute_force(costs: list[float], k: int) -> float:

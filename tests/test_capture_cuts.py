@@ -7,8 +7,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpipe.balance import balance, stage_costs
-from gpipe.capture.cuts import balance_small_boundaries
+from gpipe.planner.balance import balance, stage_costs
+from gpipe.planner.cuts import balance_small_boundaries
 
 
 def test_it_moves_a_cut_to_a_small_boundary_when_the_balance_allows() -> None:

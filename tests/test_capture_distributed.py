@@ -15,7 +15,7 @@ from spawn_ranks import spawn
 
 
 def _scenario(rank: int, path: Path) -> None:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     model, (x, _), y, loss_fn = loop_lm(dtype=torch.float64)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpipe
+from gpipe.base.snapshot import ModelChanged
 from gpipe.capture import CaptureError, Sample, capture
-from gpipe.snapshot import ModelChanged
 
 D = 6
 

@@ -7,7 +7,7 @@ import torch
 
 from capture_models import SEQ, VOCAB, LoopLM
 from gpipe.capture import capture
-from gpipe.materialize import materialize
+from gpipe.core.materialize import materialize
 from gpipe.models.transformer import TransformerConfig
 
 

@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from gpipe import schedules
-from gpipe.balance import (
+from gpipe.base.microbatch import batch_size, merge, split
+from gpipe.planner.balance import (
     balance,
     balance_by_flops,
     balance_by_memory,
     balance_by_time,
     stage_costs,
 )
-from gpipe.microbatch import batch_size, merge, split
+from gpipe.planner.simulate import SimResult, compare, simulate, table
 from gpipe.schedules import Action, ScheduleError, ScheduleSpec, custom, get, validate
-from gpipe.simulate import SimResult, compare, simulate, table
 
 T = torch.zeros
 

@@ -433,7 +433,7 @@ def test_two_fresh_runs_keep_both_earlier_runs(old_run: Path, world: dict[str, s
 def test_a_run_failing_at_step_1_leaves_old_checkpoints(
     old_run: Path, world: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys, failure
 ) -> None:
-    from gpipe.train import Trainer
+    from gpipe.train.loop import Trainer
 
     def fail(self: Trainer) -> dict:
         raise failure("the training loss became nan at step 0")

@@ -1,4 +1,4 @@
-"""One global-norm clip for both pipes (gpipe.clip): the plain model's clip_grad_norm_."""
+"""One global-norm clip for both pipes (gpipe.core.clip): the plain model's clip_grad_norm_."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpipe
-from gpipe import clip
+from gpipe.core import clip
 
 
 def _model() -> nn.Sequential:

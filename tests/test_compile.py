@@ -2,7 +2,7 @@
 
 ``torch.compile(pipe)(x)`` used to kill the process (a segmentation fault inside the FLOPs
 profiling the pipe runs on its first call, traced by dynamo). It is now one
-:class:`gpipe.compiling.CompileError` saying to compile the layers instead, raised before the
+:class:`gpipe.base.compiling.CompileError` saying to compile the layers instead, raised before the
 pipe does anything, so the same pipe then runs uncompiled. The refusal runs in a subprocess, so
 a crash fails the test instead of killing pytest. Expected values come from the plain model.
 """
@@ -22,8 +22,8 @@ REFUSED = r"""
 import torch
 from torch import nn
 import gpipe
-from gpipe.compiling import CompileError
-from gpipe.cost import profile
+from gpipe.base.compiling import CompileError
+from gpipe.planner.cost import profile
 
 torch.manual_seed(0)
 model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)]).double()
@@ -60,7 +60,7 @@ def test_compiling_the_pipe_is_refused_with_the_way_out_not_a_crash() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split(":", 1)[0]: line for line in proc.stdout.splitlines()}
-    calls = {"forward": "pipe(x)", "step": "pipe.step", "profile": "gpipe.cost.profile"}
+    calls = {"forward": "pipe(x)", "step": "pipe.step", "profile": "gpipe.planner.cost.profile"}
     for call, name in calls.items():
         assert f"cannot trace {name}" in lines[call]
         assert "Compile the layers instead" in lines[call] and "torch.compile(layer)" in lines[call]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from gpipe.cost import LayerCost, profile, summarize
+from gpipe.planner.cost import LayerCost, profile, summarize
 
 
 def _rss_mib() -> float:

@@ -1,4 +1,4 @@
-"""Tests for gpipe.data: the bundled stdlib corpus, folder corpora, entropy and batching."""
+"""Tests for gpipe.train.data: the bundled stdlib corpus, folder corpora, entropy and batching."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpipe.data import Corpus, get_batch, load_corpus, unigram_entropy
+from gpipe.train.data import Corpus, get_batch, load_corpus, unigram_entropy
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,14 @@
 """The per-step agreement's pieces that need no process group: the checksum of a batch
-(:func:`gpipe.distcall.checksum`), the ``batch=`` option, and the replicas' weights when
-their shards differ in size (:func:`gpipe.reduction.replica_weights`)."""
+(:func:`gpipe.dist.call.checksum`), the ``batch=`` option, and the replicas' weights when
+their shards differ in size (:func:`gpipe.core.reduction.replica_weights`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpipe.distcall import check_batch_mode, checksum
-from gpipe.reduction import replica_weights
+from gpipe.core.reduction import replica_weights
+from gpipe.dist.call import check_batch_mode, checksum
 
 
 def _batch() -> dict[str, torch.Tensor]:

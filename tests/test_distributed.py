@@ -1,4 +1,4 @@
-"""Tests for the distributed runtime: gpipe.runtime.dist (P2PTransport) and gpipe.distributed.
+"""Tests for the distributed runtime: gpipe.dist.transport (P2PTransport) and gpipe.dist.pipe.
 
 Multi-process tests spawn a few process groups (gloo on loopback, FileStore rendezvous) and run
 many configurations inside each, so the whole file stays within a couple of minutes on two
@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import reference_impl
-from gpipe.distributed import materialize
+from gpipe.dist.pipe import materialize
+from gpipe.dist.transport import decode, encode
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
-from gpipe.runtime.dist import decode, encode
 from spawn_ranks import spawn
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -193,7 +193,7 @@ def _fault_matrix(k: int, rank: int, path: Path) -> None:
     """Forward and backward faults on every stage at the first and last micro-batch, each
     followed by a clean step on a new batch, compared with the reference in-process; then a
     stalled stage (which breaks the pipe: last)."""
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     m = 4
     x = fault_batch(m)
@@ -328,7 +328,7 @@ def _grads(pipe: Any) -> dict[str, torch.Tensor]:
 
 def _sweep(k: int, out: dict) -> None:
     """Every schedule x M x remat on the dropout MLP: two steps (gradients accumulate)."""
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     x, y = mlp_batch()
     for sched in SCHEDULES:
@@ -349,7 +349,7 @@ def _sweep(k: int, out: dict) -> None:
 
 def _fail_and_recover(k: int, rank: int, path: Path) -> None:
     """A layer on stage 1 raises at micro-batch 2; then a second step must work."""
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     x, y = mlp_batch()
     bal = [9, 11] if k == 2 else [6, 7, 7]
@@ -370,7 +370,7 @@ def _fail_and_recover(k: int, rank: int, path: Path) -> None:
 
 
 def scenario_pp2(rank: int, world: int, path: Path) -> None:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     out: dict[Any, Any] = {}
     _sweep(2, out)
@@ -453,7 +453,7 @@ def scenario_pp2(rank: int, world: int, path: Path) -> None:
 
 
 def scenario_pp3(rank: int, world: int, path: Path) -> None:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     out: dict[Any, Any] = {}
     _sweep(3, out)
@@ -476,7 +476,7 @@ def scenario_pp3(rank: int, world: int, path: Path) -> None:
 
 
 def scenario_dp(rank: int, world: int, path: Path) -> None:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     x, y = mlp_batch()
     out: dict[Any, Any] = {}
@@ -609,7 +609,7 @@ def test_encode_roundtrip_and_type_errors():
 def test_a_lone_tensors_cached_metadata_is_what_the_walk_gives(t):
     # a value that is one tensor skips the walk (its metadata is cached by shape, dtype and
     # requires_grad); the receiver must not be able to tell the difference
-    from gpipe.runtime import wire
+    from gpipe.dist import wire
 
     meta, tensors = encode(t)
     specs: list = []

@@ -78,7 +78,7 @@ def _custom(order: str) -> Any:
 
 
 def _construct(rank: int, model: nn.Module | None = None, **kw: Any) -> Any:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     kw.setdefault("timeout", TIMEOUT)
     if "chunks" not in kw and "micro_batch_size" not in kw:
@@ -238,7 +238,7 @@ def _no_grad_on_rank1(rank: int) -> Any:
 
 def _refused_then_agreeing(rank: int) -> Any:
     """A refused step changes nothing: the next, agreeing, step is the reference's."""
-    from gpipe.reference import reference_step
+    from gpipe.core.reference import reference_step
 
     x, y = batch()
     with _construct(rank, balance=[3, 3]) as pipe:
@@ -261,7 +261,7 @@ def _opaque(rank: int) -> Any:
 
 def _agreeing(rank: int) -> Any:
     """Identical construction passes the check; the loss equals the reference's."""
-    from gpipe.reference import reference_step
+    from gpipe.core.reference import reference_step
 
     x, y = batch()
     with _construct(rank, chunks=2, schedule="1f1b") as pipe:
@@ -384,7 +384,7 @@ CASES: dict[str, Callable[[int], Any]] = {
 }
 
 # The same bad option given to both pipes must be refused with the same message (the shared
-# checks of gpipe.options / gpipe.plan); the one-process Pipe's message is the expectation.
+# checks of gpipe.base.options / gpipe.core.plan); the one-process Pipe's message is the expectation.
 SHARED_BAD: dict[str, dict[str, Any]] = {
     "same: stages=2.0": {"stages": 2.0},
     "same: stages=True": {"stages": True},
@@ -693,7 +693,7 @@ def test_both_pipes_refuse_a_bad_option_with_the_same_message(
 def test_no_process_group_is_named() -> None:
     import torch.distributed as dist
 
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match=r"call torch.distributed.init_process_group\(\.\.\.\)"):

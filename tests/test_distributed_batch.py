@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gpipe.reduction import count_items
+from gpipe.core.reduction import count_items
 from spawn_ranks import run_gloo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -53,7 +53,7 @@ CASES = {  # name: (each replica's rows, reduction, ignored targets)
 
 
 def _pipe(**kw: Any) -> Any:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     return DistributedPipe(mlp(), stages=K, data_parallel=D, chunks=2, timeout=TIMEOUT, **kw)
 

@@ -50,7 +50,7 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     sends: list[int] = []  # id of the group of every isend
     orig = c10d.isend
@@ -197,7 +197,7 @@ def test_the_end_of_the_step_is_posted_before_the_rank_reaches_it(runs):
 def _single(out: str) -> None:
     import torch.distributed as dist
 
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store1", rank=0, world_size=1)

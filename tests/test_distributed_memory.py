@@ -43,7 +43,7 @@ def _scenario(rank: int, path: Path) -> None:
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     used: list[int] = []  # storage of every tensor a point-to-point call reads or fills
     for name in ("isend", "irecv"):

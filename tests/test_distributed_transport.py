@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import reference_impl
-from gpipe.runtime import p2pproto
+from gpipe.dist import p2pproto
 from gpipe.schedules import Action
 from spawn_ranks import Raise, gloo_results
 
@@ -73,7 +73,7 @@ def _watch(log: list[tuple[str, int, int]]) -> None:
 
 
 def _scenario(rank: int, path: Path) -> None:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     log: list[tuple[str, int, int]] = []
     _watch(log)

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 import gpipe
-from gpipe.data import Corpus
 from gpipe.models import TransformerConfig, TransformerLM, lm_loss
 from gpipe.models.transformer import Block, sinusoidal_positions
 from gpipe.nn import DeferredBatchNorm, convert_deferred_batch_norm
-from gpipe.train import TrainConfig, Trainer
+from gpipe.train.data import Corpus
+from gpipe.train.loop import TrainConfig, Trainer
 
 TOL = 1e-10
 CFG = TransformerConfig(
@@ -373,8 +373,8 @@ SCHED_KS = [2, 3, 4, 8]
 
 
 def _idle(name: str, k: int, m: int, f: float, b: float, w: float, **kw: float) -> list[float]:
+    from gpipe.planner.simulate import simulate
     from gpipe.schedules import get
-    from gpipe.simulate import simulate
 
     s = get(name, k, m)
     v = s.virtual_stages
@@ -397,8 +397,8 @@ def test_zero_bubble_idle_times_equal_published_formulas(
     }
     for name, want in expect.items():
         if name == "1f1b":
+            from gpipe.planner.simulate import simulate
             from gpipe.schedules import get
-            from gpipe.simulate import simulate
 
             r = simulate(get(name, k, m), f, b + w)
             idle = [r.makespan - busy for busy in r.busy]
@@ -431,8 +431,8 @@ def test_zb_v_idle_time_equals_published_formula_with_f_equal_w(
 @pytest.mark.parametrize("k", SCHED_KS)
 @pytest.mark.parametrize("mult", [2, 4])
 def test_dualpipe_v_bubble_and_activations_equal_published_formulas(k: int, mult: int) -> None:
+    from gpipe.planner.simulate import simulate
     from gpipe.schedules import get
-    from gpipe.simulate import simulate
 
     c = 0.5  # F = B = W per stage (1 per device)
     pp = 2 * k
@@ -445,8 +445,8 @@ def test_dualpipe_v_bubble_and_activations_equal_published_formulas(k: int, mult
 @pytest.mark.parametrize("k", SCHED_KS)
 @pytest.mark.parametrize("mult", [2, 4])
 def test_zero_bubble_peak_activations_equal_published_formulas(k: int, mult: int) -> None:
+    from gpipe.planner.simulate import simulate
     from gpipe.schedules import get
-    from gpipe.simulate import simulate
 
     m = k * mult
     assert simulate(get("zb-h1", k, m)).peak_activations == (k,) * k
@@ -460,8 +460,8 @@ def test_zero_bubble_peak_activations_equal_published_formulas(k: int, mult: int
 def test_zb_v_beats_zb_h1_within_1f1b_memory() -> None:
     """K=4, M=16, F = B = W: ZB-V's bubble is below ZB-H1's, and its peak per device, in
     whole-device units (two half-size stages make one), is at most 1F1B's."""
+    from gpipe.planner.simulate import simulate
     from gpipe.schedules import get
-    from gpipe.simulate import simulate
 
     zbv = simulate(get("zb-v", 4, 16), 0.5, 1.0, weight_costs=0.5)
     zbh1 = simulate(get("zb-h1", 4, 16), 1.0, 2.0, weight_costs=1.0)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpipe.microbatch import batch_size, merge, split
+from gpipe.base.microbatch import batch_size, merge, split
 
 
 class Pair(NamedTuple):

@@ -1,4 +1,4 @@
-"""Value checks that kill the mutants of ``gpipe.balance`` the main tests let live.
+"""Value checks that kill the mutants of ``gpipe.planner.balance`` the main tests let live.
 
 They pin: which neighbour ``_fill_empty`` takes a layer from (nearest, the left one on a tie);
 the cumulative rule on costs that sum to at most 1 or to 0; that tiny costs cut like large ones;
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpipe.balance import (
+from gpipe.planner.balance import (
     _fill_empty,
     balance,
     balance_by_flops,
@@ -24,7 +24,7 @@ from gpipe.balance import (
     balance_by_time,
     stage_costs,
 )
-from gpipe.cost import profile
+from gpipe.planner.cost import profile
 
 
 def _raises(exc: type[Exception], call, *args, **kwargs) -> str:

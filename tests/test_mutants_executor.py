@@ -1,4 +1,4 @@
-"""Value checks for ``gpipe.runtime.executor`` by itself: what a :class:`StageError` carries and
+"""Value checks for ``gpipe.core.executor`` by itself: what a :class:`StageError` carries and
 says, and what the last stage's outputs hold when the caller does not keep them (shapes on the
 meta device only). They kill the executor mutants the pipe tests let live (docs/mutation.md)."""
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from gpipe.runtime.executor import StageError, StepData, _shapes, execute
+from gpipe.core.executor import StageError, StepData, _shapes, execute
 from gpipe.schedules import Action
 
 

@@ -1,4 +1,4 @@
-"""Value checks for ``gpipe.runtime.local`` by itself: the queue transport (delivery, timeout
+"""Value checks for ``gpipe.local.workers`` by itself: the queue transport (delivery, timeout
 message, abort, reset), the thread state a worker re-applies (grad mode but not autocast, autograd
 multithreading off) and the worker pool (one job per thread, the first StageError wins, abort
 callback, closed pool, intra-op threads). They kill the local-runtime mutants the pipe tests
@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from gpipe.runtime.executor import Aborted, StageError
-from gpipe.runtime.local import QueueTransport, ThreadState, WorkerPool
+from gpipe.core.executor import Aborted, StageError
+from gpipe.local.workers import QueueTransport, ThreadState, WorkerPool
 from gpipe.schedules import Action
 
 
@@ -89,7 +89,7 @@ def _in_thread(fn):
 
 
 def test_thread_state_carries_grad_mode_but_not_autocast() -> None:
-    # autocast is each step's, applied by its stages to forwards only (gpipe.amp): a job runs
+    # autocast is each step's, applied by its stages to forwards only (gpipe.stage.amp): a job runs
     # without it, so a backward on a worker never sees the caller's region
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         state = ThreadState()

@@ -1,4 +1,4 @@
-"""Value checks that kill the mutants of ``gpipe.microbatch`` the main tests let live.
+"""Value checks that kill the mutants of ``gpipe.base.microbatch`` the main tests let live.
 
 They pin: key-order alignment of dicts nested in lists, dicts and dataclasses when merging;
 structure differences inside dataclasses and NamedTuples named by path; the leaf paths of
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from gpipe.microbatch import (
+from gpipe.base.microbatch import (
     batch_size,
     merge,
     num_microbatches,
@@ -179,7 +179,7 @@ def test_clamping_warning_points_at_the_caller() -> None:
     with pytest.warns(UserWarning, match="exceeds the batch size 2") as record:
         parts = split(_rows(0, 2), 3)
     assert len(parts) == 2
-    assert not record[0].filename.endswith("gpipe/microbatch.py")
+    assert not record[0].filename.endswith("gpipe/base/microbatch.py")
     if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames
         assert record[0].filename == __file__
 

@@ -1,4 +1,4 @@
-"""Value checks for ``gpipe.remat`` by itself: the mode names, which micro-batches are
+"""Value checks for ``gpipe.stage.remat`` by itself: the mode names, which micro-batches are
 re-materialized, and the thread-local "am I recomputing?" flag (nesting, errors, threads).
 They kill the remat mutants the pipe tests let live (docs/mutation.md)."""
 
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from gpipe.remat import MODES, check_mode, is_recomputing, recomputing, should_remat
+from gpipe.stage.remat import MODES, check_mode, is_recomputing, recomputing, should_remat
 
 
 def test_check_mode_normalizes_and_refuses() -> None:

@@ -1,4 +1,4 @@
-"""Value checks that kill the mutants of ``gpipe.rng`` the main tests let live.
+"""Value checks that kill the mutants of ``gpipe.stage.rng`` the main tests let live.
 
 They pin what the module docstring promises, by value: a keyed op draws from *the* private
 generator seeded with the key (the same numbers as an explicit ``torch.Generator``), an explicit
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpipe import rng
+from gpipe.stage import rng
 
 KEY = (1, 2, 3, 4)
 

@@ -1,4 +1,4 @@
-"""Value checks that kill the mutants of ``gpipe.simulate`` the main tests let live.
+"""Value checks that kill the mutants of ``gpipe.planner.simulate`` the main tests let live.
 
 They pin: the default costs (backward twice the forward, W half of the backward); exactly when
 ``comm_cost`` is paid (a dependency on another device only); the peak of live activations (a
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from gpipe.planner.simulate import SimResult, compare, simulate, table
 from gpipe.schedules import Action, Event, custom, get, validate
-from gpipe.simulate import SimResult, compare, simulate, table
 
 
 def _raises(exc: type[Exception], call, *args, **kwargs) -> str:

@@ -1,4 +1,4 @@
-"""Value checks for ``gpipe.stage`` by itself: one :class:`Stage` driven by hand — what it keeps
+"""Value checks for ``gpipe.stage.stage`` by itself: one :class:`Stage` driven by hand — what it keeps
 per micro-batch under each remat mode, that recompute and split backward give the plain
 gradients, which inputs get ``requires_grad``, the random-stream key (``rng_offset``), fetched
 activations, and the wording of each error. They kill the stage mutants the pipe tests let
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gpipe import rng
-from gpipe.stage import Stage
+from gpipe.stage import rng
+from gpipe.stage.stage import Stage
 
 
 def _raises(exc: type[Exception], call, *args, **kwargs) -> str:

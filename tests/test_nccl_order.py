@@ -135,7 +135,7 @@ def _balance(num_stages: int) -> list[int]:
 def _scenario(rank: int, path: Path) -> None:
     import torch.distributed as dist
 
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     rec = _Recorder()
     rec.install()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from gpipe.planner.simulate import simulate
 from gpipe.schedules import get
 from gpipe.schedules.zero_bubble import every_split
-from gpipe.simulate import simulate
 
 COSTS = [(1.0, 2.0, 1.0), (1.0, 2.3, 0.7), (1.0, 2.0, 1.2)]  # F, whole backward, its W
 CASES = [("zb-h1", 1), ("zb-h2", 1), ("interleaved-zb", 2), ("interleaved-zb", 3), ("zb-v", 2)]

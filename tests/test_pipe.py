@@ -4,7 +4,7 @@ Parametrized over schedule x stages K x micro-batches M x re-materialization x d
 float64, for both ``pipe.step`` and ``loss_fn(pipe(x), y).backward()``. The reference is
 tests/reference_impl.py, which shares no code with gpipe (its own key derivation, random-op
 routing, split and merge), so a bug in the library's random streams or micro-batching cannot
-cancel out; ``gpipe.reference`` is checked against it once.
+cancel out; ``gpipe.core.reference`` is checked against it once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe.balance import balance as balance_costs
+from gpipe.planner.balance import balance as balance_costs
 
 D = 6
 N_LAYERS = 12
@@ -168,7 +168,7 @@ def test_autograd_forward_equals_reference(k: int, m: int, remat: str, p: float,
 
 
 def test_library_reference_agrees_with_independent_reference() -> None:
-    """``gpipe.reference`` (public API) draws what tests/reference_impl.py draws."""
+    """``gpipe.core.reference`` (public API) draws what tests/reference_impl.py draws."""
     x, y = data(seed=3)
     model, ref = make_model(0.3), make_model(0.3)
     loss = gpipe.reference_step(model, x, y, loss_fn, chunks=4, seed=7, step=2)
@@ -510,7 +510,7 @@ def test_a_pipe_closes_as_a_context_like_the_distributed_one() -> None:
 def test_measured_peak_live_microbatches_equal_simulated(
     schedule: str, v: int, k: int, m: int, remat: str
 ) -> None:
-    from gpipe.simulate import simulate
+    from gpipe.planner.simulate import simulate
 
     model = make_model()
     pipe = gpipe.Pipe(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import gpipe
-from gpipe import partition
+from gpipe.local import devices as partition
 
 D = 6
 # benchmarks/gpu.sh runs the tests marked "device" with GPIPE_TEST_DEVICE=cuda on a lent GPU
@@ -55,7 +55,7 @@ def test_an_unindexed_cuda_device_means_the_current_one(monkeypatch: pytest.Monk
 def test_a_worker_that_cannot_start_on_its_device_fails_every_job(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gpipe.runtime.local import QueueTransport, WorkerPool
+    from gpipe.local.workers import QueueTransport, WorkerPool
 
     def refuse(device: torch.device) -> None:
         raise ValueError(f"no such device {device}")
@@ -203,7 +203,7 @@ def test_step_with_a_grad_scaler_in_the_loss_equals_the_plain_loop(schedule: str
 
 def test_targets_are_moved_to_the_last_stages_device() -> None:
     # the last stage moves the targets where its outputs are (here "meta" stands in for a GPU)
-    from gpipe.stage import _to_device
+    from gpipe.stage.stage import _to_device
 
     y = {"labels": torch.arange(4), "weights": torch.ones(4), "name": "batch"}
     moved = _to_device(y, torch.device("meta"))
@@ -223,14 +223,14 @@ def test_targets_are_moved_to_the_last_stages_device() -> None:
     ],
 )
 def test_distributed_default_device_follows_local_rank(backend: str, env: dict, want: str) -> None:
-    from gpipe.distributed import default_device
+    from gpipe.dist.pipe import default_device
 
     assert str(default_device(backend, env)) == want
 
 
 @pytest.mark.parametrize("env", [{}, {"LOCAL_RANK": "x"}])
 def test_distributed_on_nccl_without_local_rank_refused(env: dict) -> None:
-    from gpipe.distributed import default_device
+    from gpipe.dist.pipe import default_device
 
     with pytest.raises(ValueError, match="LOCAL_RANK is .*launch with torchrun"):
         default_device("nccl", env)
@@ -257,7 +257,7 @@ class FakeEvent:
 
 
 def test_gpu_action_times_come_from_device_events_after_the_step() -> None:
-    from gpipe.runtime.executor import StepData, resolve_gpu_times
+    from gpipe.core.executor import StepData, resolve_gpu_times
     from gpipe.schedules import Action, Event
 
     a, b = Action("F", 0, 0), Action("B", 0, 0)
@@ -276,7 +276,7 @@ def test_gpu_action_times_come_from_device_events_after_the_step() -> None:
 def test_a_step_on_an_event_timed_device_reports_device_times(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gpipe.runtime import executor
+    from gpipe.core import executor
 
     monkeypatch.setattr(executor, "_timed_by_events", lambda device: True)
     monkeypatch.setattr(executor, "_event", FakeEvent)

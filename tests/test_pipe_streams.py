@@ -1,6 +1,6 @@
 """The stream, event and copy bookkeeping of the one-process runtime, checked on a CPU.
 
-``gpipe.runtime.streams`` makes every CUDA call through ``streams.OPS``; here a fake stands in
+``gpipe.local.streams`` makes every CUDA call through ``streams.OPS``; here a fake stands in
 for it and models what CUDA guarantees: a stream is ordered after the writes queued on it and
 after the events it waited on; an event captures what its stream was ordered after when it
 was recorded. Tensors are tagged with the stream that wrote them; every read (a copy, a stage
@@ -25,9 +25,9 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe.microbatch import tree_flatten
-from gpipe.runtime import streams
-from gpipe.stage import Stage
+from gpipe.base.microbatch import tree_flatten
+from gpipe.local import streams
+from gpipe.stage.stage import Stage
 
 D = 6
 

@@ -1,4 +1,4 @@
-"""fp16 training with a loss scale every stage agrees on (:mod:`gpipe.precision`).
+"""fp16 training with a loss scale every stage agrees on (:mod:`gpipe.core.precision`).
 
 The scale's rules (halve and skip on a non-finite norm, double after ``growth_interval``
 finite steps, saved and restored), the trainer's use of them in one process, and the case a
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpipe.data import load_corpus
-from gpipe.precision import INIT_SCALE, Precision
-from gpipe.train import TrainConfig, Trainer
+from gpipe.core.precision import INIT_SCALE, Precision
+from gpipe.train.data import load_corpus
+from gpipe.train.loop import TrainConfig, Trainer
 from spawn_ranks import run_gloo
 from test_train import tiny as train_tiny
 
@@ -124,11 +124,11 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) ->
 def test_the_command_says_when_fp16_skipped_a_step(tmp_path: Path, monkeypatch, capsys) -> None:
     import json
 
-    import gpipe.precision
+    import gpipe.core.precision
     from gpipe.cli import main
     from test_cli import TINY
 
-    monkeypatch.setattr(gpipe.precision, "INIT_SCALE", 2.0**40)  # the first steps overflow
+    monkeypatch.setattr(gpipe.core.precision, "INIT_SCALE", 2.0**40)  # the first steps overflow
     out = tmp_path / "run"
     args = ["train", *TINY, "--steps", "2", "--precision", "fp16", "--eval-interval", "0"]
     assert main([*args, "--out", str(out), "--no-progress"]) == 0

@@ -25,9 +25,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gpipe
-from gpipe.autoplan import autoplan
 from gpipe.capture import CaptureError, Sample, capture
 from gpipe.cli.main import main
+from gpipe.planner.autoplan import autoplan
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

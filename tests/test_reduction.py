@@ -1,7 +1,7 @@
 """A loss that averages over the targets it does not ignore (padded sequences) gives the plain
 model's loss and gradients on the whole mini-batch when the items are unevenly spread over
 micro-batches: ``reduction=gpipe.count_items()`` weights each micro-batch by its share of the
-items (:mod:`gpipe.reduction`), for every schedule and re-materialization mode; ``"mean"``
+items (:mod:`gpipe.core.reduction`), for every schedule and re-materialization mode; ``"mean"``
 (each micro-batch's mean, averaged) warns about exactly this case.
 
 The reference here is the plain model itself (``loss_fn(model(x), y).backward()``, float64,
@@ -70,7 +70,7 @@ def pipe_of(model: nn.Module, schedule: str, remat: str, k: int, m: int) -> gpip
     stages = k * resolve_virtual(schedule, None)
     return gpipe.Pipe(
         model,
-        balance=gpipe.balance([1.0] * len(model), stages),
+        balance=gpipe.planner.balance([1.0] * len(model), stages),
         chunks=m,
         schedule=schedule,
         remat=remat,

@@ -20,7 +20,7 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe.remat import is_recomputing
+from gpipe.stage.remat import is_recomputing
 
 D = 4
 P = 0.25  # dropout on the non-tag columns: the recovery step's random streams are checked too

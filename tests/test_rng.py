@@ -11,7 +11,7 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe import rng
+from gpipe.stage import rng
 
 
 def _draw() -> list[torch.Tensor]:
@@ -277,7 +277,7 @@ def test_a_dropout_that_draws_nothing_stays_off_the_cpu_path(case):
 def test_two_backwards_on_one_device_leave_no_stale_entry() -> None:
     """Two workers' backwards on one (non-CPU) device overlap; each removes only its own entry
     (the device thread's replay lookup never sees a backward that has ended)."""
-    from gpipe import rng_replay
+    from gpipe.stage import rng_replay
 
     dev = torch.device("meta")  # any non-CPU device is keyed the same way
     a = rng_replay.backward_of(0, 0, False, {}, device=dev)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpipe.planner.simulate import compare, simulate
 from gpipe.schedules import (
     Action,
     Overlap,
@@ -17,7 +18,6 @@ from gpipe.schedules import (
     placement_of,
     validate,
 )
-from gpipe.simulate import compare, simulate
 
 V_SHAPED = ("zb-v", "dualpipe-v")
 
@@ -259,7 +259,7 @@ def test_compare_gives_a_row_per_schedule() -> None:
 
 
 def test_table_lists_every_schedule() -> None:
-    from gpipe.simulate import table
+    from gpipe.planner.simulate import table
 
     text = table(compare(["gpipe", "1f1b"], 2, 4), activation_bytes=2**20)
     lines = text.splitlines()

@@ -47,7 +47,7 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _entry(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     torch.set_num_threads(1)
     dist.init_process_group(

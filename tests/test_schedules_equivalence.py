@@ -16,8 +16,8 @@ import torch
 
 import gpipe
 import reference_impl
-from gpipe.balance import balance as balance_costs
-from gpipe.simulate import simulate
+from gpipe.planner.balance import balance as balance_costs
+from gpipe.planner.simulate import simulate
 from test_pipe import N_LAYERS, D, grads, loss_fn, make_model, max_diff
 
 BATCH = 48  # divisible by every M below

@@ -18,9 +18,9 @@ from torch import nn
 import gpipe
 import reference_impl
 from gpipe import schedules
-from gpipe.balance import balance as balance_costs
+from gpipe.planner.balance import balance as balance_costs
 from gpipe.schedules import ScheduleSpec
-from gpipe.shared_params import Overlaid
+from gpipe.stage.shared_params import Overlaid
 
 D = 8
 BATCH = 24

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpipe.planner.simulate import simulate
 from gpipe.schedules import Action, Overlap, ScheduleError, dependencies, validate
-from gpipe.simulate import simulate
 
 
 def reference_replay(

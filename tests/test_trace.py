@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpipe.planner.simulate import simulate
 from gpipe.schedules import Action, Event, get
-from gpipe.simulate import simulate
 from gpipe.trace import (
     bubble_fraction,
     busy_per_device,

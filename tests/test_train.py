@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from gpipe import state
 from gpipe import state as checkpoint
-from gpipe.data import load_corpus
 from gpipe.models import TransformerConfig, TransformerLM
 from gpipe.state import CheckpointError
-from gpipe.train import ConfigMismatch, TrainConfig, Trainer, learning_rate
+from gpipe.train.data import load_corpus
+from gpipe.train.loop import ConfigMismatch, TrainConfig, Trainer, learning_rate
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +312,7 @@ def test_a_format_1_checkpoint_still_resumes_bit_for_bit(tmp_path: Path, corpus)
 def test_resume_keeps_the_micro_batches_per_step_not_the_chunks(tmp_path: Path) -> None:
     """Micro-batch i of a step draws dropout stream i, so local chunks=4 continues as
     2 replicas x 2 chunks, and 2 chunks do not continue as 2 x 2."""
-    from gpipe.train_config import resume_differences
+    from gpipe.train.config import resume_differences
 
     saved = tiny(tmp_path, chunks=4).to_dict()
     dp2 = tiny(tmp_path, chunks=2, runtime="dist", data_parallel=2, stages=3)

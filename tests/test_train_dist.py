@@ -20,7 +20,7 @@ from agents import agents, run_all
 from gpipe import state
 from gpipe.cli import main
 from gpipe.models import TransformerConfig, TransformerLM
-from gpipe.train import decays
+from gpipe.train.loop import decays
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

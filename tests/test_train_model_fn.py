@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from gpipe.cli.main import main
-from gpipe.data import get_batch, load_corpus
 from gpipe.models import lm_loss
-from gpipe.train import TrainConfig, Trainer, decays, learning_rate
-from gpipe.trainer_pipe import clip_global_norm_
+from gpipe.train.data import get_batch, load_corpus
+from gpipe.train.loop import TrainConfig, Trainer, decays, learning_rate
+from gpipe.train.pipe import clip_global_norm_
 
 pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpipe.schedules import ScheduleSpec
-from gpipe.trainer_pipe import stage_lines
+from gpipe.train.pipe import stage_lines
 
 
 @pytest.mark.parametrize("schedule", ["zb-v", "dualpipe-v"])

@@ -1,4 +1,4 @@
-"""``gpipe.wgrad``: the deferred weight gradient (W) formed from each standard module call's input
+"""``gpipe.stage.wgrad``: the deferred weight gradient (W) formed from each standard module call's input
 and output gradient equals autograd's weight gradient, for every module kind; the reductions
 (normalization layers, parameters of at most one dimension) come out of B exactly; what cannot
 be split falls back to the graph and is counted; a stage or a pipe mixing all three kinds of
@@ -17,9 +17,10 @@ from torch import nn
 
 import gpipe
 import reference_impl
-from gpipe import schedules, wgrad
+from gpipe import schedules
 from gpipe.nn import DeferredBatchNorm
-from gpipe.stage import Stage
+from gpipe.stage import wgrad
+from gpipe.stage.stage import Stage
 
 DT = torch.float64
 
@@ -337,7 +338,7 @@ TARGET = torch.randn(2, 3, 6, generator=_gen(2), dtype=DT)
 def _reference(layers: list[nn.Module], x: torch.Tensor, seed: int) -> tuple[Any, list]:
     """Plain autograd with the stage's keyed random streams (layer index = position):
     the input's gradient and the parameters'."""
-    from gpipe import rng
+    from gpipe.stage import rng
 
     x = x.clone().requires_grad_(x.is_floating_point())
     h = x

@@ -30,8 +30,8 @@ import torch
 
 import gpipe
 from gpipe import schedules
+from gpipe.base.microbatch import split
 from gpipe.capture import Sample, capture
-from gpipe.microbatch import split
 
 pytest.importorskip("transformers")
 
@@ -383,7 +383,7 @@ DIST_MODEL = "gpt2"  # dropout on, embedding and head tied across ranks
 
 
 def _distributed(rank: int, out: Path, data_parallel: int) -> None:
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
 
     z = ZOO[DIST_MODEL]
     model = z.build()

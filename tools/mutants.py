@@ -69,7 +69,7 @@ MODULES: dict[str, Module] = {
         ["-k", NOT_TIMING],
     ),
     "microbatch": Module(
-        "src/gpipe/microbatch.py",
+        "src/gpipe/base/microbatch.py",
         [
             "tests/test_microbatch.py",
             "tests/test_catalogue_core.py",
@@ -77,11 +77,11 @@ MODULES: dict[str, Module] = {
         ],
     ),
     "balance": Module(
-        "src/gpipe/balance.py",
+        "src/gpipe/planner/balance.py",
         ["tests/test_balance.py", "tests/test_catalogue_core.py", "tests/test_mutants_balance.py"],
     ),
     "simulate": Module(
-        "src/gpipe/simulate.py",
+        "src/gpipe/planner/simulate.py",
         [
             "tests/test_schedules.py",
             "tests/test_catalogue_core.py",
@@ -89,27 +89,27 @@ MODULES: dict[str, Module] = {
         ],
         ["-k", NOT_TIMING],
     ),
-    "rng": Module("src/gpipe/rng.py", ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
+    "rng": Module("src/gpipe/stage/rng.py", ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
     "remat": Module(
-        "src/gpipe/remat.py",
+        "src/gpipe/stage/remat.py",
         ["tests/test_mutants_remat.py", "tests/test_pipe.py", "tests/test_pipe_unusual.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "stage": Module(
-        "src/gpipe/stage.py",
+        "src/gpipe/stage/stage.py",
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_stage.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "executor": Module(
-        "src/gpipe/runtime/executor.py",
+        "src/gpipe/core/executor.py",
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_executor.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "local": Module(
-        "src/gpipe/runtime/local.py",
+        "src/gpipe/local/workers.py",
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_local.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,

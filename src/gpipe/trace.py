@@ -1,7 +1,7 @@
 """Timelines of pipeline actions: bubble, Chrome/Perfetto trace JSON and a Gantt PNG.
 
 Input is a list of :class:`gpipe.schedules.Event` — from a real run (times in seconds) or from
-:func:`gpipe.simulate.simulate` (times in cost units). Everything here is a pure function of that
+:func:`gpipe.planner.simulate.simulate` (times in cost units). Everything here is a pure function of that
 list; only :func:`to_chrome_trace` (with ``path``) and :func:`plot_timeline` write files, and
 nothing prints.
 

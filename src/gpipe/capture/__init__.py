@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpipe.base.microbatch import batch_size
+from gpipe.base.snapshot import Snapshot
 from gpipe.capture.cut import Piece, alias_groups, cut
 from gpipe.capture.graph import CaptureError, Traced, trace
 from gpipe.capture.segment import CapturedLayers, Segment, attached_path, modes_of
 from gpipe.capture.units import resolve_split_points, unit_paths
 from gpipe.capture.verify import verify
-from gpipe.microbatch import batch_size
-from gpipe.snapshot import Snapshot
 
 __all__ = [
     "CaptureError",

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from gpipe.snapshot import Snapshot
+from gpipe.base.snapshot import Snapshot
 
 __all__ = [
     "CapturedLayers",
@@ -180,7 +180,7 @@ class Segment(nn.Module):
         gm.__dict__["_modules"] = self._modules
         gm.__dict__["_parameters"] = self._parameters
         gm.__dict__["_buffers"] = self._buffers
-        # held in our __dict__ too, where a table swap (gpipe.shared_params) finds it
+        # held in our __dict__ too, where a table swap (gpipe.stage.shared_params) finds it
         self.__dict__[f"_graph_module_{key}"] = gm
         self._graphs[key] = _Graph(
             gm, out_spec, boundary, static_batch if self.first else None, own

@@ -1,15 +1,15 @@
 """The ``gpipe`` command: train, plan, generate, export and trace.
 
 The only module (with :mod:`gpipe.cli.train`, :mod:`gpipe.cli.plan` and :mod:`gpipe.cli.base`)
-that parses argv and prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train`,
-:mod:`gpipe.state`, :mod:`gpipe.cost`, :mod:`gpipe.simulate`, :mod:`gpipe.trace`) and
+that parses argv and prints. Each subcommand turns its options into calls of the library (:mod:`gpipe.train.loop`,
+:mod:`gpipe.state`, :mod:`gpipe.planner.cost`, :mod:`gpipe.planner.simulate`, :mod:`gpipe.trace`) and
 shows the results.
 
 The invariant: :func:`main` returns an exit code and never lets a traceback escape for bad
 input — a bad option value or type, a bad TOML file, a missing path, a damaged checkpoint or a
 resume with a config that does not fit print one ``gpipe: error: ...`` line on stderr and
 return 2, before training starts; and no command deletes or writes into a checkpoint it did
-not replace (see :class:`gpipe.train.Trainer` and :func:`gpipe.state.export`).
+not replace (see :class:`gpipe.train.loop.Trainer` and :func:`gpipe.state.export`).
 """
 
 from __future__ import annotations

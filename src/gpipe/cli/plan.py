@@ -228,10 +228,10 @@ def _quiet_fake_tensors() -> Iterator[None]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the cost table, the partition and every schedule simulated; ``--png`` draws one."""
-    from gpipe.balance import balance, stage_costs
-    from gpipe.cost import profile, summarize
+    from gpipe.planner.balance import balance, stage_costs
+    from gpipe.planner.cost import profile, summarize
+    from gpipe.planner.simulate import compare
     from gpipe.schedules import available
-    from gpipe.simulate import compare
 
     _check_args(args)
     micro = args.batch_size if args.auto else args.batch_size // args.chunks

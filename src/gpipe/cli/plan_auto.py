@@ -1,6 +1,6 @@
 """``gpipe plan --auto``: the planner's ranking as a table, the top plans' timelines side by side.
 
-The invariant: what is printed is :func:`gpipe.autoplan.autoplan`'s ranking for the model and
+The invariant: what is printed is :func:`gpipe.planner.autoplan.autoplan`'s ranking for the model and
 options given, unchanged; a limit that nothing fits ends in one :class:`UsageError` carrying
 the planner's own message.
 """
@@ -38,8 +38,8 @@ def add_auto_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_plan_auto(args: argparse.Namespace, model: Any, sample: Any, label: str) -> int:
     """Print the ranking for ``model`` on ``sample`` (one whole batch); ``--png`` draws the
     simulated timelines of the top three side by side."""
-    from gpipe.autoplan import NoFitError, autoplan, table
-    from gpipe.memory_model import parse_bytes
+    from gpipe.planner.autoplan import NoFitError, autoplan, table
+    from gpipe.planner.memory_model import parse_bytes
 
     try:
         limit = parse_bytes(args.memory_limit) if args.memory_limit else None
@@ -148,9 +148,9 @@ def auto_train_config(config: Any, memory_limit: str | None, say: bool, tune: in
 
     import torch
 
-    from gpipe.autoplan import NoFitError, autoplan, table
-    from gpipe.memory_model import parse_bytes
     from gpipe.models import TransformerLM
+    from gpipe.planner.autoplan import NoFitError, autoplan, table
+    from gpipe.planner.memory_model import parse_bytes
     from gpipe.schedules import interleaving
 
     try:
@@ -197,9 +197,9 @@ def _tuned(config: Any, ranked: list, tune: int, say: bool) -> Any:
     weights, a random batch of its shape, its precision), printed as a table when ``say``."""
     import torch
 
-    from gpipe.autotune import autotune, table
+    from gpipe.core.precision import Precision
+    from gpipe.local.autotune import autotune, table
     from gpipe.models import TransformerLM, lm_loss
-    from gpipe.precision import Precision
 
     if config.runtime != "local":
         raise UsageError(

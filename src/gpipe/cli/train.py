@@ -3,7 +3,7 @@
 Options come from the defaults, then the resumed checkpoint's config, then ``--config
 FILE.toml``, then flags, and are validated whole before anything is built. With ``--runtime
 dist`` the command re-runs itself under torchrun (one process per stage and replica); each
-process runs the same :class:`gpipe.train.Trainer`, and rank 0 prints.
+process runs the same :class:`gpipe.train.loop.Trainer`, and rank 0 prints.
 
 The invariant: a user error is one ``gpipe: error:`` line and exit code 2 under both runtimes.
 Everything checkable from the options and the checkpoint's manifest is checked before torchrun
@@ -110,8 +110,8 @@ def add_train_parser(sub: Any) -> None:
 def _read_toml(path: str) -> dict[str, Any]:
     """The options of TOML file ``path``, keys normalized to field names; a usage error for a
     missing, unreadable or invalid file or an unknown key (values are checked by
-    :meth:`gpipe.train.TrainConfig.validate`)."""
-    from gpipe.train import TrainConfig
+    :meth:`gpipe.train.loop.TrainConfig.validate`)."""
+    from gpipe.train.loop import TrainConfig
 
     tomllib = toml_module()
     p = Path(path)
@@ -153,9 +153,9 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 def _train_config(args: argparse.Namespace) -> Any:
     """Defaults < the resumed checkpoint's config < --config file < flags, validated whole
-    (:meth:`gpipe.train.TrainConfig.validate`) before anything is built."""
+    (:meth:`gpipe.train.loop.TrainConfig.validate`) before anything is built."""
     from gpipe import state as checkpoint
-    from gpipe.train_config import TrainConfig, check_resume
+    from gpipe.train.config import TrainConfig, check_resume
 
     values: dict[str, Any] = TrainConfig().to_dict()
     from_file = _read_toml(args.config) if args.config else {}
@@ -284,7 +284,7 @@ def _train(args: argparse.Namespace, config: Any) -> int:
     """Run the training ``config`` describes in this process (or rank), reporting as it goes;
     the exit code (130 when interrupted, naming the last checkpoint)."""
     from gpipe.state import CheckpointError, NoSpaceError, latest
-    from gpipe.train import Trainer
+    from gpipe.train.loop import Trainer
 
     if config.runtime == "dist":
         init_dist()

@@ -3,7 +3,7 @@
 ``python -m gpipe.examples.dist_demo`` relaunches itself under
 ``python -m torch.distributed.run --standalone --nproc-per-node 2`` when it is not already
 running under a launcher (no ``RANK`` in the environment). Every rank builds the same model on
-the ``meta`` device, :class:`gpipe.distributed.DistributedPipe` materializes only its own
+the ``meta`` device, :class:`gpipe.dist.pipe.DistributedPipe` materializes only its own
 stage, and each step trains on byte windows of the Python standard library's sources; rank 0
 prints the loss per step. The invariant: the printed losses are those of un-pipelined training
 of the same model on the same batches (see ``tests/test_distributed.py``).
@@ -58,9 +58,9 @@ def train(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from gpipe.data import get_batch, load_corpus
-    from gpipe.distributed import DistributedPipe
+    from gpipe.dist.pipe import DistributedPipe
     from gpipe.models import TransformerConfig, TransformerLM, lm_loss
+    from gpipe.train.data import get_batch, load_corpus
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))

@@ -13,7 +13,7 @@ batch's on every replica.
 
 The invariant: after one training step over M micro-batches, ``running_mean`` and
 ``running_var`` equal those of a plain ``BatchNorm`` that saw the whole mini-batch at once; a
-re-materialization pass (``gpipe.remat.is_recomputing()``) adds nothing.
+re-materialization pass (``gpipe.stage.remat.is_recomputing()``) adds nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gpipe.remat import is_recomputing
+from gpipe.stage.remat import is_recomputing
 
 __all__ = ["DeferredBatchNorm", "commit_over", "convert_deferred_batch_norm", "deferred_in"]
 

@@ -1,0 +1,467 @@
+"""``DistributedPipe``: one process per pipeline device over ``torch.distributed``, same schedules,
+same gradients as :class:`gpipe.Pipe` and as un-pipelined training.
+
+Every rank builds ``DistributedPipe(model, ...)`` identically after
+``torch.distributed.init_process_group`` (e.g. under ``torchrun``), then calls
+``pipe.step(inputs, targets, loss_fn)`` identically every step. Construction proves the first
+part: before any group is created the ranks exchange a fingerprint of their options and layers
+(:mod:`gpipe.dist.agree`) and all raise, naming what differs. Each step proves the second:
+before any state changes the ranks compare their mode, grad mode and a checksum of their
+batches (:mod:`gpipe.dist.call`). ``batch="same"`` (the default): every rank is given the whole
+global mini-batch and each replica takes its share; ``batch="per_replica"``: each replica is
+given its own shard (the DDP habit), the same on every rank of its pipeline. Each rank runs the shared
+executor loop over its own stages with a :class:`gpipe.dist.transport.P2PTransport`.
+
+Layout and groups (:mod:`gpipe.dist.layout`): rank ``r`` is pipeline device ``r % K`` of
+replica ``r // K``; replica ``j``'s micro-batch ``i`` is micro-batch ``j·M + i`` of the whole
+batch for the keyed random streams, so dropout draws what
+:func:`gpipe.core.reference.reference_step` with ``chunks = D·M`` draws. Building this rank's share
+is :mod:`gpipe.dist.build`; the step and the collectives after it are :mod:`gpipe.dist.step`.
+
+The module holds only this rank's layers (registered under their names in the full model, so
+``state_dict`` keys are a subset of the full model's; for a captured model, of the model's own
+keys, which ``load_state_dict`` takes); layers of other ranks are moved to the
+``meta`` device. A model built on ``meta`` is materialized layer by layer with
+``to_empty`` + ``reset_parameters()`` under a random stream keyed by the layer index
+(:func:`materialize` does the same for the whole model in one process). Tied parameters (the
+same ``Parameter`` in two layers, or names given in ``tied=``) that land on different ranks
+become one copy per rank: initialized from the rank holding the group's first name, their
+gradients summed across those ranks after each step.
+
+The invariant every test defends: after ``step`` the local parameters' gradients, and the
+returned loss, equal those of :func:`gpipe.core.reference.reference_step` on the whole global batch
+(with ``chunks = D·M`` and the same seed and step), up to float rounding; a failure on any rank
+ends the step on every rank with an error naming the failing rank, stage and micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpipe.dist import call as distcall, config as distconfig, step as diststep
+
+from gpipe.core import plan
+from gpipe.core.auto import Auto
+from gpipe.capture.segment import Loading
+from gpipe.base.compiling import refuse_compiling
+from gpipe.dist.build import agree_balance, build_rank, local_params, sample_microbatch
+from gpipe.dist.layout import create_groups, default_device
+from gpipe.core.materialize import materialize
+from gpipe.nn import deferred_in
+from gpipe.core.reduction import Reduction
+from gpipe.dist import agree, collectives
+from gpipe.dist.transport import P2PTransport, PeerError
+from gpipe.schedules import Event, Schedule
+from gpipe.stage.stage import Stage
+
+__all__ = ["DistributedPipe", "PeerError", "default_device", "materialize"]
+
+
+# ----------------------------------------------------------------------------- the pipe
+
+
+class DistributedPipe(plan.NotCopied, nn.Module):
+    """Pipeline (× data) parallel training of a sequential model, one process per device.
+
+    Construct it identically on every rank of ``process_group`` (default: the whole job) after
+    ``torch.distributed.init_process_group``; every rank of the job must construct it, in the
+    same order as any other ``DistributedPipe``, since it creates process groups.
+
+    Args:
+        module: ``nn.Sequential`` (or list of modules), possibly built on the ``meta`` device.
+        stages: pipeline devices K (default: ``W // data_parallel``, or ``len(balance) // V``,
+            or W).
+        balance: layers per (virtual) stage, K·V numbers. Default: by forward+backward FLOPs
+            (:func:`gpipe.planner.cost.profile`) on ``sample`` at construction, else on rank 0's first
+            micro-batch at the first step (then the optimizer must be created after it).
+        chunks: micro-batches M per replica and step.
+        micro_batch_size: alternatively the micro-batch size (ranks that pass no data then
+            need ``chunks``).
+        schedule: a name of ``gpipe.schedules.available()`` (``"gpipe"``, ``"1f1b"``, ...),
+            ``"auto"`` or a :class:`~gpipe.schedules.Schedule`.
+        virtual_stages: V for the schedules of ``gpipe.schedules.interleaving()`` (default 2).
+        remat: re-materialization mode (``"always"``, ``"except_last"``, ``"never"``).
+        seed: seed of the keyed random streams (dropout, and initialization from ``meta``).
+        pinned: the first ``pinned`` layers stay on stage 0 when balancing by FLOPs.
+        check_finite: raise (naming the micro-batch) when a loss is NaN or infinite, before
+            its backward runs, as :class:`gpipe.Pipe` does.
+        fetch: names of inner modules whose outputs each step collects, as with
+            :class:`gpipe.Pipe`; a rank's ``fetched`` holds those of its own layers (this
+            replica's rows), merged over its micro-batches and detached.
+        process_group: the ranks running this pipeline (default: ``WORLD``).
+        device: this rank's compute device (default: ``cuda:LOCAL_RANK`` under NCCL, refused
+            without ``LOCAL_RANK``; else CPU).
+        timeout: seconds any wait may last (messages, collectives, new groups).
+        data_parallel: replicas D (default: ``W // K``); ``W`` must equal ``K · D``.
+        tied: tuples of parameter names (as in the full model's
+            ``named_parameters(remove_duplicate=False)``) that hold one value.
+        init_fn: ``init_fn(layer)`` initializes a layer materialized from ``meta``.
+        sample: an example global mini-batch (real or ``meta`` tensors) to balance on; a
+            module that is not a sequence is also captured on it (:mod:`gpipe.capture`).
+            Ranks agree on its structure and shapes at construction.
+        batch_dim: the batch dimension of inputs and targets.
+        split_points: module paths where a captured model's stages are cut (one string is
+            one point).
+        deferred_batch_norm: replace every BatchNorm by :class:`gpipe.nn.DeferredBatchNorm`:
+            running statistics of the whole global batch, summed over the replicas.
+        batch: what each rank's ``step`` is given. ``"same"``: the whole global mini-batch,
+            the same on every rank; each data-parallel replica takes its ``1/D`` share.
+            ``"per_replica"``: each replica its own shard (as DDP with a
+            ``DistributedSampler``), the same on every rank of that replica's pipeline; the
+            pipeline splits the shard into M micro-batches and the step equals the plain
+            model on the union of the shards (``sample=`` is then one replica's shard).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module | Sequence[nn.Module],
+        *,
+        stages: int | None = None,
+        balance: Sequence[int] | None = None,
+        chunks: int | None = None,
+        micro_batch_size: int | None = None,
+        schedule: str | Schedule = "gpipe",
+        virtual_stages: int | None = None,
+        remat: str = "except_last",
+        seed: int = 0,
+        pinned: int = 0,
+        check_finite: bool = False,
+        fetch: Sequence[str] = (),
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        timeout: float = 300.0,
+        data_parallel: int | None = None,
+        tied: Sequence[Sequence[str]] = (),
+        init_fn: Callable[[nn.Module], None] | None = None,
+        sample: Any = None,
+        batch_dim: int = 0,
+        split_points: str | Sequence[str] | None = None,
+        deferred_batch_norm: bool = False,
+        batch: str = "same",
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "DistributedPipe needs torch.distributed: call "
+                "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
+                "the environment for init_method='env://')"
+            )
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup (from "
+                f"dist.new_group(...)) or None for every rank, got "
+                f"{type(process_group).__name__} {process_group!r}"
+            )
+        self._pg = process_group if process_group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self._pg)
+        backend = dist.get_backend(self._pg)
+        self.rng_step = 0
+        self.check_finite = bool(check_finite)
+        self.fetch_names: list[str] = []
+        self._fetch_arg = fetch  # checked in _configure, so a bad one reaches every rank
+        self.fetched: dict[str, Any] = {}
+        self.last_events: list[Event] = []
+        self.last_events_t0 = 0.0  # perf_counter time the events are counted from
+        self._calls = 0
+        self._closed = True  # until the transport exists
+        # Check the arguments, then agree with every other rank before any group is created
+        # (ranks that disagree on stages or data_parallel would create different groups).
+        error: BaseException | None = None
+        fingerprint = keys = None
+        self._timeout = 300.0
+        self.batch = "same"
+        try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
+            given = module
+            if init_fn is not None and not callable(init_fn):
+                raise TypeError(
+                    f"init_fn must be a function init_fn(layer) that initializes a layer built "
+                    f"on meta, got {type(init_fn).__name__} {init_fn!r}"
+                )
+            self.batch = distcall.check_batch_mode(batch)
+            shards = self.batch == "per_replica"  # sample= is one replica's shard
+            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
+                                deferred_batch_norm=deferred_batch_norm)  # fmt: skip
+            self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
+            self._follow = plan.Follower(given, module)
+            keys = plan.model_keys(module)  # a captured model's own state_dict keys
+            auto, self.auto_plan = Auto.of(schedule), None
+            if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
+                plan.cut_by(module, balance, stages=stages, virtual_stages=1, auto=True)
+                k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
+                sharing = 1 if shards else data_parallel or 1  # replicas that share the sample
+                self.auto_plan = top = auto.for_distributed(
+                    module, sample, stages=k, data_parallel=sharing, chunks=chunks,
+                    fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
+                )  # fmt: skip
+                schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
+                balance, chunks = list(top.balance), top.chunks
+            balance = distconfig.configure(
+                self, module, stages, balance, chunks, micro_batch_size, schedule,
+                virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
+                batch_dim, backend,
+            )  # fmt: skip
+            fingerprint = distconfig.fingerprint(self, balance, sample, keys is not None)
+        except Exception as e:
+            error = e
+        here = torch.device("cpu")  # where the gather's tensors live: the rank's GPU under NCCL
+        if backend == "nccl":
+            mine = getattr(self, "device", None)
+            cuda = mine is not None and mine.type == "cuda"
+            here = mine if cuda else torch.device("cuda", torch.cuda.current_device())
+        agree.check(
+            fingerprint, error, group=self._pg, timeout=self._timeout, device=here, rank=self.rank
+        )
+        self._model_keys = keys
+        if keys is not None:  # load_state_dict takes, and names, the model's own keys
+            Loading(self, keys, lambda: self._modules)
+        self._init_fn = init_fn
+        comm_device = self.device if backend == "nccl" else torch.device("cpu")
+        # every rank creates every group, in one order, now
+        self._groups = create_groups(self._layout, self._pg, self._timeout, backend, comm_device)
+        self._created: list[Any] = list(self._groups.created)
+        self._global_rank = self._groups.replicas[self.replica][self.pipeline_device]
+        self._pp_group, self._dp_group = self._groups.pp, self._groups.dp
+        self._transport = P2PTransport(
+            self.pipeline_device,
+            self._groups.replicas[self.replica],
+            self._groups.p2p,
+            self._groups.meta,
+            self._layout.owner,
+            self._layout.num_stages,
+            timeout=self._timeout,
+            comm_device=comm_device,
+        )
+        self._closed = False
+
+        self._stages: list[Stage] | None = None
+        self._balance: list[int] | None = None
+        self._ties: list[tuple[nn.Parameter, Any, int, bool]] = []
+        self._not_counted: set[int] = set()
+        if balance is not None:
+            self._build([int(b) for b in balance])
+        elif sample is not None:
+            try:
+                sample_mb = sample_microbatch(
+                    sample,
+                    1 if self.batch == "per_replica" else self.data_parallel,
+                    self._batch_dim,
+                    lambda local: diststep.share_microbatches(self, local),
+                )
+                sample_error = None
+            except Exception as e:
+                sample_mb, sample_error = None, e
+            self._build(self._agree_balance(sample_mb, sample_error, "split its sample"))
+
+    # ----------------------------------------------------------------- plan
+
+    def _agree_balance(
+        self,
+        sample_mb: tuple | None,
+        local_error: BaseException | None,
+        doing: str = "start the first step",
+    ) -> list[int]:
+        return agree_balance(
+            self._named, sample_mb, local_error, rank=self.rank,
+            num_stages=self._layout.num_stages, pinned=self._pinned, train=self.training,
+            group=self._pg, timeout=self._timeout, comm_device=self._transport.comm_device,
+            doing=doing,
+        )  # fmt: skip
+
+    def _register(self, name: str, layer: nn.Module) -> None:
+        if hasattr(self, name) and name not in self._modules:
+            raise ValueError(
+                f"layer name {name!r} clashes with a DistributedPipe attribute; rename it"
+            )
+        self.add_module(name, layer)
+
+    def _build(self, balance: list[int]) -> None:
+        self._balance = balance
+        built = build_rank(
+            self._named,
+            balance,
+            self._layout,
+            self._groups,
+            self._register,
+            device=self.device,
+            seed=self._seed,
+            init_fn=self._init_fn,
+            slots=self._slots,
+            tie_groups=self._tie_groups,
+            remat=self._remat,
+            fetch_at=self._fetch_at,
+            process_group=self._pg,
+            timeout=self._timeout,
+        )
+        self._stages = built.stages
+        self._deferred_bn = deferred_in(layer for st in built.stages for _, layer in st.layers)
+        self._stage_map = {st.index: st for st in built.stages}
+        self._ties, self._not_counted = built.ties, built.not_counted
+        self._created += built.created
+
+    def _schedule(self, m: int) -> Schedule:
+        return self._spec.get(self.num_devices, m)
+
+    @property
+    def balance(self) -> list[int] | None:
+        """Layers per (virtual) stage, or ``None`` until the first step balances by FLOPs."""
+        return None if self._balance is None else list(self._balance)
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
+        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
+
+    @property
+    def stage_indices(self) -> list[int]:
+        """The (virtual) stages this rank runs."""
+        return [st.index for st in self._stages or []]
+
+    def _require_built(self, what: str) -> None:
+        if self._stages is None:
+            raise RuntimeError(
+                f"{what}: the pipeline is not partitioned yet, so this rank does not know its "
+                "layers. Pass balance=[...] or sample=<a batch> to DistributedPipe, or call "
+                "step() once before creating the optimizer"
+            )
+
+    # ----------------------------------------------------------------- nn.Module surface
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """This rank's parameters (its stages' layers only)."""
+        self._require_built("parameters()")
+        return super().parameters(recurse)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters, named as in the full model."""
+        self._require_built("named_parameters()")
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:  # type: ignore[override]
+        """This rank's layers' state, keys as in the full model's ``state_dict`` (a captured
+        model's own keys, without its segments' names)."""
+        self._require_built("state_dict()")
+        if self._model_keys is not None:
+            return self._model_keys.state_dict(
+                self._modules, destination, prefix, keep_vars, tied_names=False
+            )
+        return super().state_dict(
+            *args, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
+
+    def train(self, mode: bool = True) -> DistributedPipe:
+        """Set the mode of this rank's layers and, for a captured model, of the whole model
+        (every rank's graphs then run the same mode's variant)."""
+        super().train(mode)
+        follow = getattr(self, "_follow", None)
+        if follow is not None:
+            follow.train(mode)
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the local gradients; a no-op before the pipeline is partitioned."""
+        if self._stages is not None:
+            super().zero_grad(set_to_none)
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError(
+            "DistributedPipe runs whole steps: use loss = pipe.step(inputs, targets, loss_fn) "
+            "(under torch.no_grad() for evaluation)"
+        )
+
+    def __enter__(self) -> DistributedPipe:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the transport, remove hooks and release the process groups this pipe
+        created (kept when the pipe broke: a peer may still hold them). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        healthy = self._transport.broken is None
+        self._transport.close()
+        for st in self._stages or []:
+            st.close()
+        if healthy:
+            # Every step ended with all messages and collectives complete on every rank, so the
+            # groups are idle; a broken pipe leaves them to destroy_process_group().
+            for grp in self._created:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(grp)
+        self._created = []
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, pipeline_device={self.pipeline_device}/{self.num_devices}, "
+            f"replica={self.replica}/{self.data_parallel}, stages={self.stage_indices}, "
+            f"schedule={self._schedule_name!r}, remat={self._remat!r}"
+        )
+
+    # ----------------------------------------------------------------- step
+
+    def step(
+        self,
+        inputs: Any,
+        targets: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        reduction: Reduction = "mean",
+    ) -> torch.Tensor:
+        """One pipelined forward+backward of the global mini-batch on every rank.
+
+        Call it on every rank with the same arguments (``inputs`` are used by the first stage,
+        ``targets`` by the last; other ranks may pass ``None``; with ``batch="per_replica"``
+        the same within each replica's pipeline, each replica its own shard), in the same
+        ``train()``/``eval()`` and grad mode: the ranks compare these first (one small
+        all-gather) and all raise ``ValueError`` naming the ranks and what differs, before
+        any state changes. Returns the loss, the same on
+        every rank (averaged over data-parallel replicas; ``reduction`` as in
+        :meth:`gpipe.Pipe.step`, an item count weighting each replica by its items). Gradients accumulate in the local
+        parameters, already averaged over replicas and summed over tied copies. Under
+        ``torch.no_grad()`` only the forward runs. A failure on any rank raises on every rank:
+        the failing rank's :class:`~gpipe.core.executor.StageError`, or :class:`PeerError`
+        naming it.
+        """
+        refuse_compiling("DistributedPipe.step")
+        if self._closed:
+            raise RuntimeError(
+                "this DistributedPipe was closed (its process groups are released); construct a "
+                "new one on every rank"
+            )
+        return diststep.run_step(
+            self,
+            inputs,
+            targets,
+            loss_fn,
+            reduction,
+            check=lambda: self._follow("this rank's pipe"),
+        )
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of the whole pipeline (all stages) to ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does on the un-pipelined model; returns the total
+        norm. Call it on every rank (it all-reduces over the pipeline's ranks); a tied
+        parameter counts once."""
+        self._require_built("clip_grad_norm_()")
+        return collectives.clip_grad_norm(
+            local_params(self._stages or []),
+            self._not_counted,
+            max_norm,
+            norm_type,
+            error_if_nonfinite,
+            self._pp_group if self.num_devices > 1 else None,
+            self._transport.comm_device,
+            self.device,
+        )

@@ -1,1 +1,0 @@
-"""Runtimes: interpreters of a schedule's actions (one executor loop, several transports)."""

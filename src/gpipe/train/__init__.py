@@ -1,0 +1,3 @@
+"""The trainer behind ``gpipe train``: the loop, its options, its saved state, the data and one
+interface over both pipes.
+"""
