@@ -13,7 +13,7 @@ planner's balance for it and Adam.
   the resident set before the training steps, when only the parameters exist (the pipe
   built, one step run under ``torch.no_grad()``) — plus the parameters' bytes, so it counts
   parameters, gradients, Adam's state and the step's activations and temporaries: what
-  ``gpipe.planner.autoplan`` predicts (the joint peak of both stages, which share one memory).
+  ``gpipe.autoplan`` predicts (the joint peak of both stages, which share one memory).
   The children run with ``MALLOC_ARENA_MAX=1``: on a loaded machine glibc otherwise opens a
   new arena whenever two threads contend, and the resident set then varies from run to run.
 

@@ -199,7 +199,7 @@ def test_an_infinite_memory_limit_means_no_limit() -> None:
 def test_more_devices_than_layers_is_refused_before_any_profiling(monkeypatch) -> None:
     import sys
 
-    ap = sys.modules["gpipe.planner.autoplan"]  # the module; gpipe.planner.autoplan is the function
+    ap = sys.modules["gpipe.planner.autoplan"]  # the module; gpipe.autoplan is the function
 
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("profiled a model that cannot be cut")

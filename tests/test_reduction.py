@@ -70,7 +70,7 @@ def pipe_of(model: nn.Module, schedule: str, remat: str, k: int, m: int) -> gpip
     stages = k * resolve_virtual(schedule, None)
     return gpipe.Pipe(
         model,
-        balance=gpipe.planner.balance([1.0] * len(model), stages),
+        balance=gpipe.balance([1.0] * len(model), stages),
         chunks=m,
         schedule=schedule,
         remat=remat,
