@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gpipe.core.executor import Aborted, StageError
-from gpipe.local.workers import QueueTransport, ThreadState, WorkerPool
+from gpipe.core.mailbox import QueueTransport
+from gpipe.local.workers import ThreadState, WorkerPool
 from gpipe.schedules import Action
 
 

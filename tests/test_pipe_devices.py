@@ -55,7 +55,8 @@ def test_an_unindexed_cuda_device_means_the_current_one(monkeypatch: pytest.Monk
 def test_a_worker_that_cannot_start_on_its_device_fails_every_job(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gpipe.local.workers import QueueTransport, WorkerPool
+    from gpipe.core.mailbox import QueueTransport
+    from gpipe.local.workers import WorkerPool
 
     def refuse(device: torch.device) -> None:
         raise ValueError(f"no such device {device}")

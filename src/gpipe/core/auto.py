@@ -159,7 +159,7 @@ class Auto:
         global ``sample`` (each replica gets ``1 / data_parallel`` of the rows), on ``stages``
         separate devices. FLOP-based only, so that every rank reaches the same plan."""
         from gpipe.base.microbatch import tree_flatten
-        from gpipe.core.plan import layers_of
+        from gpipe.capture.sequence import layers_of
 
         if sample is None:
             raise ValueError(

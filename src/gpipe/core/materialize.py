@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from gpipe.core import plan
+from gpipe.capture import sequence
 from gpipe.stage import rng
 
 __all__ = ["materialize"]
@@ -212,7 +212,7 @@ def materialize(
     parameters stay shared; a tied value is the one the layer of the tie's first name drew.
     Returns ``module``.
     """
-    named = plan.layers_of(module, "materialize")
+    named = sequence.layers_of(module, "materialize")
     slots = _param_slots(named)
     groups = _tie_groups(slots, tied)
     _materialize(named, range(len(named)), torch.device(device), seed, init_fn, groups, slots)

@@ -21,6 +21,7 @@ from torch import nn
 
 from gpipe.base import options
 
+from gpipe.capture import sequence
 from gpipe.core import plan
 from gpipe.stage import remat as remat_mod
 from gpipe.dist.layout import Layout, default_device, resolve_counts
@@ -58,7 +59,7 @@ def configure(
     collective: :func:`gpipe.dist.agree.check` runs after this on every rank); the balance
     to cut by (``balance``, else the one a captured model's split points force)."""
     pipe._timeout = options.seconds("timeout", timeout)
-    pipe._named = plan.layers_of(module, "DistributedPipe")
+    pipe._named = sequence.layers_of(module, "DistributedPipe")
     pipe.fetch_names = options.names("fetch", pipe._fetch_arg)
     pipe._fetch_at = plan.fetch_points(pipe._named, pipe.fetch_names)
     if chunks is None and micro_batch_size is None:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from gpipe.base import options
+from gpipe.planner import balance as balance_mod
 
 from gpipe.core import plan
 __all__ = [
@@ -95,7 +96,7 @@ def resolve_counts(
     if data_parallel is not None:
         options.count("data_parallel", data_parallel)
     if k * v > num_layers:  # the model's limit first, as gpipe.Pipe says it
-        plan.check_stage_count(num_layers, k, v, pinned)
+        balance_mod.check_stage_count(num_layers, k, v, pinned)
     if k < 1 or world % k:
         raise ValueError(
             f"{world} ranks cannot form pipelines of {k} devices; the world size must be "
@@ -117,7 +118,7 @@ def resolve_counts(
     if balance is not None:
         plan.check_balance(balance, num_layers, k, v, pinned)
     else:
-        plan.check_stage_count(num_layers, k, v, pinned)
+        balance_mod.check_stage_count(num_layers, k, v, pinned)
     return k, d
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from gpipe.dist import call as distcall, config as distconfig, step as diststep
 
+from gpipe.capture import sequence
 from gpipe.core import plan
 from gpipe.core.auto import Auto
 from gpipe.capture.segment import Loading
@@ -185,11 +186,11 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 )
             self.batch = distcall.check_batch_mode(batch)
             shards = self.batch == "per_replica"  # sample= is one replica's shard
-            module = plan.front(module, "DistributedPipe", sample=sample, split_points=split_points,
+            module = sequence.front(module, "DistributedPipe", sample=sample, split_points=split_points,
                                 deferred_batch_norm=deferred_batch_norm)  # fmt: skip
-            self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
-            self._follow = plan.Follower(given, module)
-            keys = plan.model_keys(module)  # a captured model's own state_dict keys
+            self.training = sequence.mode_of(given)  # the model's mode; its layers keep their own
+            self._follow = sequence.Follower(given, module)
+            keys = sequence.model_keys(module)  # a captured model's own state_dict keys
             auto, self.auto_plan = Auto.of(schedule), None
             if auto is not None:  # schedule="auto": the planner's top plan, alike on every rank
                 plan.cut_by(module, balance, stages=stages, virtual_stages=1, auto=True)

@@ -29,6 +29,7 @@ from torch import nn
 from gpipe.base import options
 from gpipe.base.compiling import refuse_compiling
 from gpipe.base.microbatch import split, tree_flatten
+from gpipe.capture import sequence
 from gpipe.core import clip, plan
 from gpipe.core import step as stepcore
 from gpipe.core.auto import Auto
@@ -39,6 +40,7 @@ from gpipe.local.devices import Partition, partitions, pipe_devices
 from gpipe.local.runner import LocalRunner
 from gpipe.local.workers import ThreadState
 from gpipe.nn import deferred_in
+from gpipe.planner import balance as balance_mod
 from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import amp, shared_params
 from gpipe.stage import remat as remat_mod
@@ -113,17 +115,17 @@ class Pipe(plan.NotCopied, nn.Module):
     ) -> None:
         super().__init__()
         given = module
-        module = plan.front(
+        module = sequence.front(
             module,
             sample=sample,
             split_points=split_points,
             batch_dim=batch_dim,
             deferred_batch_norm=deferred_batch_norm,
         )
-        named = plan.layers_of(module, "Pipe")
-        self.layers = plan.container(module, named)
-        self.training = plan.mode_of(given)  # the model's mode; its layers keep their own
-        self._follow = plan.Follower(given, self.layers)
+        named = sequence.layers_of(module, "Pipe")
+        self.layers = sequence.container(module, named)
+        self.training = sequence.mode_of(given)  # the model's mode; its layers keep their own
+        self._follow = sequence.Follower(given, self.layers)
         self._auto, self.auto_plan = Auto.of(schedule), None  # "auto": planned at the first batch
         self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
         if self._auto is not None and balance is not None:
@@ -163,7 +165,7 @@ class Pipe(plan.NotCopied, nn.Module):
         if balance is not None:
             balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
         else:
-            plan.check_stage_count(len(self.layers), k, v, pinned)
+            balance_mod.check_stage_count(len(self.layers), k, v, pinned)
         self.check_finite = check_finite
         self.fetch_names = options.names("fetch", fetch)
         self._fetch_at = plan.fetch_points(named, self.fetch_names)
@@ -337,7 +339,7 @@ class Pipe(plan.NotCopied, nn.Module):
         backward (as with a plain module)."""
         refuse_compiling("pipe(x)")
         self._follow("the pipe")
-        inputs = plan.bind_inputs(self.layers, inputs, kwargs)
+        inputs = sequence.bind_inputs(self.layers, inputs, kwargs)
         with self._runner.owned("pipe(x)"):
             mbs = self._split(inputs)
             m = len(mbs)
@@ -386,7 +388,7 @@ class Pipe(plan.NotCopied, nn.Module):
         refuse_compiling("pipe.step")
         stepcore.check_call(loss_fn, reduction)
         self._follow("the pipe")
-        given, inputs = inputs, plan.step_inputs(self.layers, inputs)
+        given, inputs = inputs, sequence.step_inputs(self.layers, inputs)
         with self._runner.owned("pipe.step"):
             mbs = self._split(inputs, (given, targets, loss_fn, reduction))
             m = len(mbs)

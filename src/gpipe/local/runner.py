@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from gpipe.core.executor import StepData, execute, resolve_gpu_times
+from gpipe.core.mailbox import QueueTransport
 from gpipe.local.streams import DeviceStreams, StreamedTransport
-from gpipe.local.workers import QueueTransport, ThreadState, WorkerPool
+from gpipe.local.workers import ThreadState, WorkerPool
 from gpipe.schedules import device_of
 from gpipe.stage.stage import Stage
 

@@ -1,7 +1,7 @@
 """The one-process runtime: one long-lived worker thread per device, queues between them.
 
 Each worker runs :func:`gpipe.core.executor.execute` over its device's actions; boundary
-values travel through a :class:`QueueTransport` (a dictionary of mailboxes under one condition
+values travel through a :class:`gpipe.core.mailbox.QueueTransport` (a dictionary of mailboxes under one condition
 variable) and move to the receiving stage's device when the stage takes them.
 
 The invariant: :meth:`WorkerPool.run` returns only when every worker has finished its job, and
@@ -22,61 +22,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from gpipe.core.executor import Aborted, StageError
+from gpipe.core.mailbox import QueueTransport
 
-__all__ = ["QueueTransport", "ThreadState", "WorkerPool"]
-
-
-class QueueTransport:
-    """In-process transport: ``send`` drops a value in a mailbox, ``recv`` waits for it."""
-
-    def __init__(self, timeout: float = 300.0) -> None:
-        self.timeout = timeout
-        self._cv = threading.Condition()
-        self._box: dict[tuple[str, int, int], Any] = {}
-        self._aborted = False
-
-    def send(self, kind: str, stage: int, microbatch: int, value: Any) -> None:
-        with self._cv:
-            self._box[(kind, stage, microbatch)] = value
-            self._cv.notify_all()
-
-    def recv(self, kind: str, stage: int, microbatch: int) -> Any:
-        key = (kind, stage, microbatch)
-        deadline = time.monotonic() + self.timeout
-        with self._cv:
-            while key not in self._box:
-                if self._aborted:
-                    raise Aborted()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    what = "activation" if kind == "act" else "gradient"
-                    raise TimeoutError(
-                        f"waited {self.timeout:.0f}s for the {what} of micro-batch {microbatch} "
-                        f"for stage {stage}"
-                    )
-                self._cv.wait(left)
-            return self._box.pop(key)
-
-    @property
-    def aborted(self) -> bool:
-        return self._aborted
-
-    def abort(self) -> None:
-        """Wake every waiting ``recv`` with :class:`Aborted`."""
-        with self._cv:
-            self._aborted = True
-            self._cv.notify_all()
-
-    def reset(self) -> None:
-        """Forget undelivered values and the abort flag (start of a step)."""
-        with self._cv:
-            self._box.clear()
-            self._aborted = False
+__all__ = ["ThreadState", "WorkerPool"]
 
 
 class ThreadState:

@@ -28,8 +28,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from gpipe.base import options
 from gpipe.base.microbatch import tree_flatten, tree_unflatten
 from gpipe.base.texttable import text_table
-from gpipe.capture import sample_args
-from gpipe.core import plan
+from gpipe.capture import sample_args, sequence
+from gpipe.planner import balance as balance_mod
 from gpipe.planner import layer_timing
 from gpipe.planner import memory_model as mm
 from gpipe.planner.balance import balance as balance_costs
@@ -131,9 +131,9 @@ def _layers_and_inputs(model: Any, sample: Any) -> tuple[list[nn.Module], tuple]
     as given; any other module captured on ``sample`` (as ``Pipe(model, sample=...)`` does)
     and the sample bound to its first layer's inputs."""
     if isinstance(model, nn.Module) and not isinstance(model, (nn.Sequential, nn.ModuleList)):
-        layers = plan.front(model, "autoplan", sample=sample)
-        return list(layers), plan.bind_inputs(layers, *sample_args(sample), "autoplan")
-    return [m for _, m in plan.layers_of(model, "autoplan")], (
+        layers = sequence.front(model, "autoplan", sample=sample)
+        return list(layers), sequence.bind_inputs(layers, *sample_args(sample), "autoplan")
+    return [m for _, m in sequence.layers_of(model, "autoplan")], (
         sample if isinstance(sample, tuple) else (sample,)
     )
 
@@ -337,7 +337,7 @@ def autoplan(
             f"autoplan got {k} devices but the model has {len(named)} layers, and every device "
             f"needs at least one; plan for at most {len(named)} devices"
         )
-    plan.check_stage_count(len(named), k, 1, options.count("pinned", pinned, minimum=0))
+    balance_mod.check_stage_count(len(named), k, 1, options.count("pinned", pinned, minimum=0))
     if batch_size is not None:
         batch = options.count("batch_size", batch_size)
     else:

@@ -381,3 +381,27 @@ def _detached_requiring_grad(obj: Any) -> Any:
             for _, v in leaves
         ]
     )
+
+
+def check_stage_count(num_layers: int, num_devices: int, virtual_stages: int, pinned: int) -> None:
+    """Enough layers for every (virtual) stage, after the pinned ones."""
+    n_stages = num_devices * virtual_stages
+    if n_stages > num_layers:
+        extra = (
+            f" ({num_devices} devices x {virtual_stages} virtual stages)"
+            if virtual_stages > 1
+            else ""
+        )
+        raise ValueError(
+            f"cannot cut {num_layers} layers into {n_stages} stages{extra}; use at most "
+            f"{num_layers} stages"
+        )
+    if pinned > num_layers:
+        raise ValueError(
+            f"pinned={pinned} but the model has {num_layers} layers; pin at most {num_layers}"
+        )
+    if pinned > num_layers - n_stages + 1:
+        raise ValueError(
+            f"pinned={pinned} leaves {num_layers - pinned} layers for the other "
+            f"{n_stages - 1} stages; pin at most {num_layers - n_stages + 1}"
+        )
