@@ -10,6 +10,7 @@ from torch import nn
 import gpipe
 import reference_impl
 from gpipe.local import autotune as at
+from gpipe.local import race
 from gpipe.planner.autoplan import autoplan
 
 
@@ -48,18 +49,18 @@ def fake_clock(monkeypatch):
 
     clock = Clock()
 
-    built_pipe = at._pipe_for
+    built_pipe = gpipe.Pipe.from_configuration
 
-    def pipe_for(module, c, devices):
+    def pipe_for(cls, module, c, devices=None):
         clock.built.append(c.rank)
-        return built_pipe(module, c, devices)
+        return built_pipe(module, c, devices=devices)
 
     def time_steps(step, steps, warmup):
         step()
         return clock.times.get(clock.built[-1], 10.0)
 
-    monkeypatch.setattr(at, "_pipe_for", pipe_for)
-    monkeypatch.setattr(at, "median_time", time_steps)
+    monkeypatch.setattr(gpipe.Pipe, "from_configuration", classmethod(pipe_for))
+    monkeypatch.setattr(race, "median_time", time_steps)
     return clock
 
 
@@ -180,7 +181,7 @@ def test_a_configuration_that_fails_names_itself(monkeypatch):
     def broken(step, steps, warmup):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(at, "median_time", broken)
+    monkeypatch.setattr(race, "median_time", broken)
     with pytest.raises(
         RuntimeError, match=r"configuration #1 \(.* M=\d+, remat never.*out of memory"
     ):

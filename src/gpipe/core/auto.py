@@ -1,7 +1,7 @@
 """``schedule="auto"``: a pipe asks the planner for its configuration at its first step.
 
 ``Pipe(model, schedule="auto")`` (or ``schedule=gpipe.Auto(memory_limit="8GiB", ...)``)
-builds nothing until its first batch arrives; then :meth:`Auto.choose` runs
+builds nothing until its first batch arrives; then :meth:`Auto.rank` runs
 :func:`gpipe.planner.autoplan.autoplan` on that batch for the pipe's devices and the pipe takes the
 top configuration — schedule, virtual stages, balance, re-materialization and, unless the user
 fixed ``chunks`` or ``micro_batch_size``, the micro-batch count.
@@ -42,7 +42,7 @@ class Auto:
     ``memory_limit`` defaults to each CUDA device's total memory (no limit on CPUs).
     ``optimizer`` names the optimizer whose state counts (default Adam: two slots).
     ``tune``: time the planner's first ``tune`` configurations that fit on the first batch
-    (:func:`gpipe.local.autotune.autotune`, ``tune_steps`` timed steps each in two rounds) and take
+    (:func:`gpipe.local.race.race`, ``tune_steps`` timed steps each in two rounds) and take
     the measured fastest; the first call must then be ``pipe.step(inputs, targets, loss_fn)``.
     ``0`` (the default) takes the planner's top configuration untimed.
     """
@@ -96,7 +96,7 @@ class Auto:
             return None
         return min(torch.cuda.get_device_properties(d).total_memory for d in cuda)
 
-    def choose(
+    def rank(
         self,
         layers: Sequence[nn.Module],
         inputs: tuple,
@@ -105,14 +105,14 @@ class Auto:
         chunks: int | None,
         batch_rows: int,
         pinned: int = 0,
-        step: tuple[Any, Any, Any, Any] | None = None,
-    ) -> Configuration:
-        """The top configuration for one batch ``inputs`` (``batch_rows`` rows, bound to the
-        first layer's arguments) on ``devices``; ``chunks`` fixes M when the user gave it. With
-        ``tune``, ``step`` is that batch as ``Pipe.step`` got it, ``(inputs, targets,
-        loss_fn, reduction)``, and the choice is the measured fastest of the planner's top; ``layers``
-        is then the pipe's own layer container, which the timed pipes cut."""
-        if self.tune and step is None:
+        stepping: bool = False,
+    ) -> list[Configuration]:
+        """The planner's ranking for one batch ``inputs`` (``batch_rows`` rows, bound to the
+        first layer's arguments) on ``devices``, best first; ``chunks`` fixes M when the user
+        gave it. The pipe takes the first, or with ``tune`` races the top ones itself
+        (:func:`gpipe.local.race.race`) and records them in :attr:`measured`; ``stepping`` says
+        whether the first call is ``step`` (tuning times training steps, so it must be)."""
+        if self.tune and not stepping:
             raise ValueError(
                 f"Auto(tune={self.tune}) times training steps on the first batch, so the first "
                 "call must be pipe.step(inputs, targets, loss_fn), not pipe(inputs); or use "
@@ -121,7 +121,7 @@ class Auto:
         search = dict(self.search)
         if chunks is not None:
             search["chunks"] = [chunks]
-        ranked = autoplan(
+        return autoplan(
             list(layers),
             inputs,
             devices=list(devices),
@@ -132,16 +132,6 @@ class Auto:
             pinned=pinned,
             **search,
         )
-        if not self.tune:
-            return ranked[0]
-        from gpipe.local.autotune import autotune
-
-        assert step is not None and isinstance(layers, nn.Module)
-        given, targets, loss_fn, reduction = step
-        self.measured = autotune(layers, ranked, given, targets, loss_fn, devices=list(devices),
-                                 top=self.tune, steps=self.tune_steps,
-                                 reduction=reduction)  # fmt: skip
-        return self.measured[0].configuration
 
     def for_distributed(
         self,

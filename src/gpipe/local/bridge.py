@@ -19,15 +19,16 @@ The invariant: the bridge sends gradients exactly where plain autograd would, or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gpipe.base.microbatch import merge, split, tree_flatten, tree_wants_grad
+from gpipe.local.workers import ThreadState
 
 if TYPE_CHECKING:
     from gpipe.core.executor import StepData
-    from gpipe.local.pipe import Pipe
     from gpipe.schedules import Schedule
     from gpipe.stage.stage import StepState
 
@@ -106,22 +107,22 @@ class Run:
 
     def __init__(
         self,
-        pipe: Pipe,
+        run_backward: Callable[[Any, StepData, list[StepState], ThreadState], None],
+        params: list[torch.Tensor],
+        batch_dim: int,
         schedule: Schedule,
         data: StepData,
         inputs: Any,
         states: list[StepState],
     ) -> None:
-        from gpipe.local.workers import ThreadState
-
         self.thread_state = ThreadState()  # the forward's grad mode
-        self.pipe = pipe
+        self.run_backward, self.batch_dim = run_backward, batch_dim
         self.schedule = schedule
         self.data = data
         self.inputs = inputs
         self.states = states
         m = schedule.num_microbatches
-        self.output = merge([data.outputs[i] for i in range(m)], batch_dim=pipe.batch_dim)
+        self.output = merge([data.outputs[i] for i in range(m)], batch_dim=batch_dim)
         leaves, self.rebuild_output = tree_flatten(self.output)
         self.output_paths = [(p, isinstance(v, torch.Tensor)) for p, v in leaves]
         self.output_leaves = [v for _, v in leaves if isinstance(v, torch.Tensor)]
@@ -129,7 +130,7 @@ class Run:
         self.input_leaves = [
             v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.requires_grad
         ]
-        self.params = [p for p in pipe.parameters() if p.requires_grad]
+        self.params = params  # the pipe's trainable parameters
         self.param_nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in self.params]
         self.done = False
 
@@ -170,25 +171,26 @@ class Run:
             )
         with_params = self._wants_parameters()
         self.done = True
-        pipe, m = self.pipe, self.schedule.num_microbatches
+        m = self.schedule.num_microbatches
         it = iter(grads)
         full = [next(it) if is_t else None for _, is_t in self.output_paths]
         if all(g is None for g in full):
             return [None] * len(self.input_leaves)
-        self.data.grad_outputs = split(self.rebuild_output(full), m, batch_dim=pipe.batch_dim)
+        self.data.grad_outputs = split(self.rebuild_output(full), m, batch_dim=self.batch_dim)
         part = self.schedule.backward_part()
         if not with_params:  # input gradients only: B split from W, and no W
             self.data.splits = lambda stage, microbatch: True
             part = tuple(tuple(a for a in acts if a.kind != "W") for acts in part)
-        pipe._run_backward(part, self.data, self.states, self.thread_state)
+        self.run_backward(part, self.data, self.states, self.thread_state)
         self.states = []
         per_mb = [self.data.input_grads[i] for i in range(m)]
-        return merge_input_grads(per_mb, self.inputs, pipe.batch_dim)
+        return merge_input_grads(per_mb, self.inputs, self.batch_dim)
 
 
-def needs_grad_of(pipe: Pipe, inputs: Any) -> bool:
+def needs_grad_of(parameters: Iterable[torch.Tensor], inputs: Any) -> bool:
     """Whether ``pipe(inputs)`` builds a graph (a :class:`Run` to differentiate): grad mode
-    on, and a trainable parameter or an input that requires grad."""
+    on, and a trainable parameter (of the pipe's ``parameters``) or an input that requires
+    grad."""
     return torch.is_grad_enabled() and (
-        any(p.requires_grad for p in pipe.parameters()) or tree_wants_grad(inputs)
+        any(p.requires_grad for p in parameters) or tree_wants_grad(inputs)
     )

@@ -21,6 +21,7 @@ re-materialization mode.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from gpipe.core.executor import StepData
 from gpipe.core.reduction import Reduction
 from gpipe.local.bridge import Run, backward_into_inputs, needs_grad_of
 from gpipe.local.devices import Partition, partitions, pipe_devices
+from gpipe.local.race import race
 from gpipe.local.runner import LocalRunner
 from gpipe.local.workers import ThreadState
 from gpipe.nn import deferred_in
@@ -240,6 +242,24 @@ class Pipe(plan.NotCopied, nn.Module):
         )
         self._build(counts)
 
+    @classmethod
+    def from_configuration(
+        cls, module: nn.Module | Sequence[nn.Module], configuration: Any, *, devices: Any = None
+    ) -> Pipe:
+        """A pipe over ``module`` in one of the planner's configurations
+        (:class:`gpipe.planner.autoplan.Configuration`: balance, M, schedule, V, remat) on
+        ``devices`` (default: the pipe's)."""
+        c = configuration
+        return cls(
+            module,
+            balance=list(c.balance),
+            chunks=c.chunks,
+            schedule=c.schedule,
+            virtual_stages=c.virtual_stages,
+            remat=c.remat,
+            devices=devices,
+        )
+
     def _take_plan(self, inputs: tuple, step: tuple | None) -> None:
         """``schedule="auto"``: take the planner's top configuration for this batch (or, with
         ``Auto(tune=N)``, the fastest of its top N timed on ``step``: the arguments of
@@ -247,8 +267,32 @@ class Pipe(plan.NotCopied, nn.Module):
         leaves = [v for _, v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.dim()]
         rows = leaves[0].shape[self.batch_dim]
         m = None if self._auto_m else self.chunks or -(-rows // self.micro_batch_size)
-        top = self._auto.choose(self.layers, inputs, self.devices, chunks=m, batch_rows=rows,
-                                pinned=self.pinned, step=step)  # fmt: skip
+        ranked = self._auto.rank(
+            self.layers,
+            inputs,
+            self.devices,
+            chunks=m,
+            batch_rows=rows,
+            pinned=self.pinned,
+            stepping=step is not None,
+        )
+        top = ranked[0]
+        if self._auto.tune:
+            assert step is not None
+            given, targets, loss_fn, reduction = step
+            build = partial(type(self).from_configuration, self.layers, devices=self.devices)
+            self._auto.measured = race(
+                self.layers,
+                ranked,
+                given,
+                targets,
+                loss_fn,
+                build=build,
+                top=self._auto.tune,
+                steps=self._auto.tune_steps,
+                reduction=reduction,
+            )
+            top = self._auto.measured[0].configuration
         self.auto_plan, self.remat = top, top.remat
         self._spec = ScheduleSpec(top.schedule, top.virtual_stages)
         self.schedule_name, self.virtual_stages = self._spec.name, self._spec.virtual_stages
@@ -344,7 +388,7 @@ class Pipe(plan.NotCopied, nn.Module):
             mbs = self._split(inputs)
             m = len(mbs)
             self._ensure_built(mbs[0])
-            needs_grad = needs_grad_of(self, inputs)
+            needs_grad = needs_grad_of(self.parameters(), inputs)
             sched = self._schedule(m)
             if needs_grad and not sched.forward_backward_separable:
                 raise RuntimeError(
@@ -361,7 +405,15 @@ class Pipe(plan.NotCopied, nn.Module):
             states = self._begin(m, needs_grad)
             self._execute(sched.forward_part(), data)
             self._finish_forward(data, m)
-            run = Run(self, sched, data, inputs, states if needs_grad else [])
+            run = Run(
+                self._run_backward,
+                [p for p in self.parameters() if p.requires_grad],
+                self.batch_dim,
+                sched,
+                data,
+                inputs,
+                states if needs_grad else [],
+            )
             out = run.wrap() if needs_grad else run.output
             return (out, self.fetched) if self.fetch_names else out
 
