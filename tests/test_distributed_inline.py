@@ -69,11 +69,11 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
 
     c10d.irecv = dist.irecv = irecv
     pipe = DistributedPipe(_model(), chunks=2, balance=[4, 5], schedule="1f1b", timeout=30)
-    pipe._transport.inline = inline
-    meta = id(pipe._groups.meta)
+    pipe.parts.transport.inline = inline
+    meta = id(pipe.parts.groups.meta)
     # per forward action of this rank's stage: point-to-point receives posted so far this step
     at_forward: list[int] = []
-    stage = pipe._stages[0]
+    stage = pipe.parts.stages[0]
     orig_forward = stage.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -81,7 +81,7 @@ def _scenario(rank: int, inline: bool, path: Path) -> None:
         return orig_forward(*args, **kwargs)
 
     stage.forward = forward  # type: ignore[method-assign]
-    transport = pipe._transport
+    transport = pipe.parts.transport
     orig_finish = transport.finish_step
     ahead: list[bool] = []  # per step: the peer's terminal header receive already posted
 

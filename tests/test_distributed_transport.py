@@ -91,8 +91,8 @@ def _scenario(rank: int, path: Path) -> None:
     # control) and each flush one coalesced batch_isend_irecv of P2POps; the second step's
     # tensors go direct (the first step's sizes are not known yet: bulk, on the header group)
     with DistributedPipe(_model(), chunks=4, balance=[4, 4], schedule="1f1b", timeout=20) as pipe:
-        pipe._transport.inline = False
-        pipe._transport.coalesce = True
+        pipe.parts.transport.inline = False
+        pipe.parts.transport.coalesce = True
         pipe.step(*_batch(1), F.cross_entropy)
         pipe.zero_grad()
         built = len(log)

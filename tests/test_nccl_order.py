@@ -152,7 +152,7 @@ def _scenario(rank: int, path: Path) -> None:
         x, y = torch.randn(2 * m, 4, generator=g), torch.randint(0, 4, (2 * m,), generator=g)
         balance = _balance(len(v))
         with DistributedPipe(model, chunks=m, balance=balance, schedule=name, timeout=30) as pipe:
-            transport = pipe._transport  # the GPU path's way of issuing, on gloo
+            transport = pipe.parts.transport  # the GPU path's way of issuing, on gloo
             transport.inline = False
             transport.coalesce = True
             rec.events = []

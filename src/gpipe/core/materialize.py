@@ -22,13 +22,13 @@ from torch import nn
 from gpipe.capture import sequence
 from gpipe.stage import rng
 
-__all__ = ["materialize"]
+__all__ = ["free_layer", "materialize", "materialize_layers", "param_slots", "tie_groups"]
 
 # Initialization draws from the stream keyed (seed, _INIT_KEY, _INIT_KEY, layer index).
 _INIT_KEY = -1
 
 
-def _param_slots(
+def param_slots(
     named: Sequence[tuple[str, nn.Module]],
 ) -> dict[str, tuple[int, nn.Module, str, nn.Parameter]]:
     """Every parameter name of the full model (shared ones under each name) → (layer index,
@@ -42,7 +42,7 @@ def _param_slots(
     return slots
 
 
-def _tie_groups(
+def tie_groups(
     slots: dict[str, tuple[int, nn.Module, str, nn.Parameter]],
     tied: Sequence[Sequence[str]],
 ) -> list[list[str]]:
@@ -120,7 +120,7 @@ def _reset(module: nn.Module, path: str, uncovered: list[str]) -> None:
         _reset(child, f"{path}.{name}", uncovered)
 
 
-def _materialize(
+def materialize_layers(
     named: Sequence[tuple[str, nn.Module]],
     local: Sequence[int],
     device: torch.device,
@@ -181,7 +181,7 @@ def _materialize(
                     p.copy_(snapshots[id(p)])
 
 
-def _free(layer: nn.Module) -> None:
+def free_layer(layer: nn.Module) -> None:
     """Replace every parameter and buffer of ``layer`` by a ``meta`` one (frees its memory
     without touching a Parameter object it shares with a kept layer)."""
     for mod in layer.modules():
@@ -213,7 +213,7 @@ def materialize(
     Returns ``module``.
     """
     named = sequence.layers_of(module, "materialize")
-    slots = _param_slots(named)
-    groups = _tie_groups(slots, tied)
-    _materialize(named, range(len(named)), torch.device(device), seed, init_fn, groups, slots)
+    slots = param_slots(named)
+    groups = tie_groups(slots, tied)
+    materialize_layers(named, range(len(named)), torch.device(device), seed, init_fn, groups, slots)
     return module

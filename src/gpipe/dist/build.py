@@ -22,7 +22,7 @@ from torch import nn
 
 from gpipe.core import plan
 from gpipe.dist.layout import Groups, Layout
-from gpipe.core.materialize import _free, _materialize
+from gpipe.core.materialize import free_layer, materialize_layers
 from gpipe.base.microbatch import split
 from gpipe.dist import agree
 from gpipe.stage.stage import Stage
@@ -126,7 +126,7 @@ def build_rank(
     local = [i for i, dd in enumerate(dev_of) if dd == me]
     error = None
     try:
-        _materialize(named, local, device, seed, init_fn, tie_groups, slots)
+        materialize_layers(named, local, device, seed, init_fn, tie_groups, slots)
     except Exception as e:
         error = e
     # Agree before any collective below: a rank that failed must not leave others waiting.
@@ -140,7 +140,7 @@ def build_rank(
             raise RuntimeError(f"rank {r} could not build its stages: {t}")
     for i, (_, layer) in enumerate(named):
         if dev_of[i] != me:
-            _free(layer)
+            free_layer(layer)
     for i in local:
         register(*named[i])
     stages = plan.build_stages(

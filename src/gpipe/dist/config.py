@@ -1,8 +1,9 @@
 """A distributed pipe's options: checked on this rank, then described as plain data.
 
 :func:`configure` checks this rank's arguments with the same words as :class:`gpipe.Pipe`
-(:mod:`gpipe.base.options`, :mod:`gpipe.core.plan`) and derives K, D, V, the device and the tie groups,
-with no collective; :func:`fingerprint` is what every rank must hold equal
+(:mod:`gpipe.base.options`, :mod:`gpipe.core.plan`) and derives K, D, V, the device and the tie
+groups, with no collective, into one frozen :class:`DistConfig`; :func:`fingerprint` is what
+every rank must hold equal
 (:func:`gpipe.dist.agree.check` compares it before any group is created).
 
 The invariant: configuration reads only this rank's arguments and the world size, so ranks
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gpipe.base import options
@@ -25,20 +26,65 @@ from gpipe.capture import sequence
 from gpipe.core import plan
 from gpipe.stage import remat as remat_mod
 from gpipe.dist.layout import Layout, default_device, resolve_counts
-from gpipe.core.materialize import _param_slots, _tie_groups
+from gpipe.core.materialize import param_slots, tie_groups
 from gpipe.base.microbatch import tree_flatten
 from gpipe.dist import agree
 from gpipe.schedules import Schedule, ScheduleSpec
 
-if TYPE_CHECKING:
-    from gpipe.dist.pipe import DistributedPipe
+__all__ = ["DistConfig", "configure", "fingerprint"]
 
-__all__ = ["configure", "fingerprint"]
+
+@dataclass(frozen=True)
+class DistConfig:
+    """A distributed pipe's options, checked on this rank: the layers, the schedule, this
+    rank's place in the job (``layout``), its device and the tie groups. Built once by
+    :func:`configure` and read by the builders and the step, never changed."""
+
+    rank: int  # in the pipe's process group
+    named: list[tuple[str, nn.Module]]  # the layers, in order
+    fetch_names: list[str]
+    fetch_at: Any  # the layer after which each fetched name's output is taken
+    chunks: int | None
+    micro_batch_size: int | None
+    batch_dim: int
+    remat: str
+    seed: int
+    pinned: int
+    timeout: float
+    spec: ScheduleSpec
+    layout: Layout
+    device: torch.device
+    slots: Any  # every parameter's (layer, name) slots, for the tie groups
+    tie_groups: list[tuple[str, ...]]
+    batch: str  # "same" or "per_replica"
+    check_finite: bool
+    balance: list[int] | None  # the cut given (or forced by split points); None: balance later
+
+    @property
+    def num_devices(self) -> int:
+        """Pipeline devices K."""
+        return self.layout.num_devices
+
+    @property
+    def data_parallel(self) -> int:
+        """Replicas D."""
+        return self.layout.data_parallel
+
+    @property
+    def virtual_stages(self) -> int:
+        """Virtual stages per device V."""
+        return self.spec.virtual_stages
+
+    def schedule(self, num_microbatches: int) -> Schedule:
+        """The validated schedule for M micro-batches on K devices."""
+        return self.spec.get(self.num_devices, num_microbatches)
 
 
 def configure(
-    pipe: DistributedPipe,
     module: nn.Module | Sequence[nn.Module],
+    *,
+    rank: int,
+    world: int,
     stages: int | None,
     balance: Sequence[int] | None,
     chunks: int | None,
@@ -54,50 +100,62 @@ def configure(
     tied: Sequence[Sequence[str]],
     batch_dim: int,
     backend: str,
-) -> Sequence[int] | None:
+    fetch: Sequence[str],
+    batch: str,
+    check_finite: bool,
+) -> DistConfig:
     """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
-    collective: :func:`gpipe.dist.agree.check` runs after this on every rank); the balance
-    to cut by (``balance``, else the one a captured model's split points force)."""
-    pipe._timeout = options.seconds("timeout", timeout)
-    pipe._named = sequence.layers_of(module, "DistributedPipe")
-    pipe.fetch_names = options.names("fetch", pipe._fetch_arg)
-    pipe._fetch_at = plan.fetch_points(pipe._named, pipe.fetch_names)
+    collective: :func:`gpipe.dist.agree.check` runs after this on every rank), and the
+    balance to cut by (``balance``, else the one a captured model's split points force)."""
+    checked_timeout = options.seconds("timeout", timeout)
+    named = sequence.layers_of(module, "DistributedPipe")
+    fetch_names = options.names("fetch", fetch)
+    fetch_at = plan.fetch_points(named, fetch_names)
     if chunks is None and micro_batch_size is None:
         raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
-    pipe._chunks = None if chunks is None else options.count("chunks", chunks)
-    pipe._mbs = (
-        None if micro_batch_size is None else options.count("micro_batch_size", micro_batch_size)
-    )
-    pipe._batch_dim = options.integer("batch_dim", batch_dim)
-    pipe._remat = remat_mod.check_mode(remat)
-    pipe._seed = options.integer("seed", seed)
-    pipe._pinned = options.count("pinned", pinned, minimum=0)
+    m = None if chunks is None else options.count("chunks", chunks)
+    mbs = None if micro_batch_size is None else options.count("micro_batch_size", micro_batch_size)
+    batch_dim = options.integer("batch_dim", batch_dim)
+    remat = remat_mod.check_mode(remat)
+    seed = options.integer("seed", seed)
+    pinned = options.count("pinned", pinned, minimum=0)
 
     # --- schedule, K, V
-    pipe._spec = ScheduleSpec(schedule, virtual_stages)
-    pipe._schedule_name = pipe._spec.name
-    v, k_sched = pipe._spec.virtual_stages, pipe._spec.num_devices
-    pipe._v = v
+    spec = ScheduleSpec(schedule, virtual_stages)
+    v, k_sched = spec.virtual_stages, spec.num_devices
     balance = plan.cut_by(module, balance, stages=stages, virtual_stages=v, auto=False)
-    world = dist.get_world_size(pipe._pg)
-    k, d = resolve_counts(
-        world, stages, k_sched, data_parallel, balance, v, len(pipe._named), pipe._pinned
-    )
-    pipe._layout = Layout(pipe.rank, k, d, v, pipe._spec.placement(k))
-    pipe.num_devices, pipe.data_parallel = k, d
-    pipe.pipeline_device, pipe.replica = pipe._layout.pipeline_device, pipe._layout.replica
+    k, d = resolve_counts(world, stages, k_sched, data_parallel, balance, v, len(named), pinned)
+    layout = Layout(rank, k, d, v, spec.placement(k))
 
     # --- device
     given = None if device is None else options.device(device, "device=")
-    pipe.device = default_device(backend, os.environ) if given is None else given
-    if pipe.device.type == "cuda":
-        torch.cuda.set_device(pipe.device)  # NCCL and this rank's kernels use this GPU
+    here = default_device(backend, os.environ) if given is None else given
+    if here.type == "cuda":
+        torch.cuda.set_device(here)  # NCCL and this rank's kernels use this GPU
 
     # --- ties (names validated now, groups resolved at build)
-    pipe._tied = [tuple(t) for t in _tie_lists(tied)]
-    pipe._slots = _param_slots(pipe._named)
-    pipe._tie_groups = _tie_groups(pipe._slots, pipe._tied)
-    return balance
+    slots = param_slots(named)
+    return DistConfig(
+        rank=rank,
+        named=named,
+        fetch_names=list(fetch_names),
+        fetch_at=fetch_at,
+        chunks=m,
+        micro_batch_size=mbs,
+        batch_dim=batch_dim,
+        remat=remat,
+        seed=seed,
+        pinned=pinned,
+        timeout=checked_timeout,
+        spec=spec,
+        layout=layout,
+        device=here,
+        slots=slots,
+        tie_groups=tie_groups(slots, [tuple(t) for t in _tie_lists(tied)]),
+        batch=batch,
+        check_finite=bool(check_finite),
+        balance=None if balance is None else [int(b) for b in balance],
+    )
 
 
 def _tie_lists(tied: Any) -> list[Sequence[str]]:
@@ -125,31 +183,30 @@ def sample_signature(sample: Any) -> str:
     return "; ".join(f"{path}: {leaf(v)}" for path, v in tree_flatten(sample_args(sample))[0])
 
 
-def fingerprint(
-    pipe: DistributedPipe, balance: Sequence[int] | None, sample: Any, captured: bool = False
-) -> dict[str, Any]:
+def fingerprint(config: DistConfig, sample: Any, captured: bool = False) -> dict[str, Any]:
     """Everything that defines this rank's model and schedule, as plain data: all ranks
     must hold the same (see :mod:`gpipe.dist.agree`). The sample counts where it is used:
     a ``captured`` model was captured on it, and without a balance it is balanced on it."""
-    fixed = pipe._spec.fixed
-    used = captured or balance is None
+    c = config
+    fixed = c.spec.fixed
+    used = captured or c.balance is None
     return {
-        "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in pipe._named],
-        "stages": pipe.num_devices,
-        "data_parallel": pipe.data_parallel,
-        "balance": None if balance is None else [int(b) for b in balance],
+        "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in c.named],
+        "stages": c.num_devices,
+        "data_parallel": c.data_parallel,
+        "balance": c.balance,
         "sample": None if not used else "none" if sample is None else sample_signature(sample),
-        "chunks": pipe._chunks,
-        "micro_batch_size": pipe._mbs,
-        "schedule": pipe._schedule_name,
+        "chunks": c.chunks,
+        "micro_batch_size": c.micro_batch_size,
+        "schedule": c.spec.name,
         "the custom schedule's actions": None
         if fixed is None
         else f"hash {agree.schedule_digest(fixed.actions)} (M={fixed.num_microbatches})",
-        "virtual_stages": pipe._v,
-        "remat": pipe._remat,
-        "seed": pipe._seed,
-        "pinned": pipe._pinned,
-        "batch_dim": pipe._batch_dim,
-        "batch": pipe.batch,
-        "tied parameters": [list(grp) for grp in pipe._tie_groups],
+        "virtual_stages": c.virtual_stages,
+        "remat": c.remat,
+        "seed": c.seed,
+        "pinned": c.pinned,
+        "batch_dim": c.batch_dim,
+        "batch": c.batch,
+        "tied parameters": [list(grp) for grp in c.tie_groups],
     }

@@ -52,7 +52,8 @@ from gpipe.core.auto import Auto
 from gpipe.capture.segment import Loading
 from gpipe.base.compiling import refuse_compiling
 from gpipe.dist.build import agree_balance, build_rank, local_params, sample_microbatch
-from gpipe.dist.layout import create_groups, default_device
+from gpipe.dist.layout import default_device
+from gpipe.dist.rank import connect
 from gpipe.core.materialize import materialize
 from gpipe.nn import deferred_in
 from gpipe.core.reduction import Reduction
@@ -162,21 +163,14 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         self._pg = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self._pg)
         backend = dist.get_backend(self._pg)
-        self.rng_step = 0
-        self.check_finite = bool(check_finite)
-        self.fetch_names: list[str] = []
-        self._fetch_arg = fetch  # checked in _configure, so a bad one reaches every rank
-        self.fetched: dict[str, Any] = {}
-        self.last_events: list[Event] = []
-        self.last_events_t0 = 0.0  # perf_counter time the events are counted from
-        self._calls = 0
+        self._log = diststep.StepLog()
         self._closed = True  # until the transport exists
         # Check the arguments, then agree with every other rank before any group is created
         # (ranks that disagree on stages or data_parallel would create different groups).
         error: BaseException | None = None
         fingerprint = keys = None
-        self._timeout = 300.0
-        self.batch = "same"
+        config: distconfig.DistConfig | None = None
+        batch_mode = "same"
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
             given = module
             if init_fn is not None and not callable(init_fn):
@@ -184,10 +178,15 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                     f"init_fn must be a function init_fn(layer) that initializes a layer built "
                     f"on meta, got {type(init_fn).__name__} {init_fn!r}"
                 )
-            self.batch = distcall.check_batch_mode(batch)
-            shards = self.batch == "per_replica"  # sample= is one replica's shard
-            module = sequence.front(module, "DistributedPipe", sample=sample, split_points=split_points,
-                                deferred_batch_norm=deferred_batch_norm)  # fmt: skip
+            batch_mode = distcall.check_batch_mode(batch)
+            shards = batch_mode == "per_replica"  # sample= is one replica's shard
+            module = sequence.front(
+                module,
+                "DistributedPipe",
+                sample=sample,
+                split_points=split_points,
+                deferred_batch_norm=deferred_batch_norm,
+            )
             self.training = sequence.mode_of(given)  # the model's mode; its layers keep their own
             self._follow = sequence.Follower(given, module)
             keys = sequence.model_keys(module)  # a captured model's own state_dict keys
@@ -197,82 +196,170 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 k = stages or dist.get_world_size(self._pg) // (data_parallel or 1)
                 sharing = 1 if shards else data_parallel or 1  # replicas that share the sample
                 self.auto_plan = top = auto.for_distributed(
-                    module, sample, stages=k, data_parallel=sharing, chunks=chunks,
-                    fixed=(balance, micro_batch_size), batch_dim=batch_dim, pinned=pinned,
-                )  # fmt: skip
+                    module,
+                    sample,
+                    stages=k,
+                    data_parallel=sharing,
+                    chunks=chunks,
+                    fixed=(balance, micro_batch_size),
+                    batch_dim=batch_dim,
+                    pinned=pinned,
+                )
                 schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
                 balance, chunks = list(top.balance), top.chunks
-            balance = distconfig.configure(
-                self, module, stages, balance, chunks, micro_batch_size, schedule,
-                virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
-                batch_dim, backend,
-            )  # fmt: skip
-            fingerprint = distconfig.fingerprint(self, balance, sample, keys is not None)
+            config = distconfig.configure(
+                module,
+                rank=self.rank,
+                world=dist.get_world_size(self._pg),
+                stages=stages,
+                balance=balance,
+                chunks=chunks,
+                micro_batch_size=micro_batch_size,
+                schedule=schedule,
+                virtual_stages=virtual_stages,
+                remat=remat,
+                seed=seed,
+                pinned=pinned,
+                device=device,
+                timeout=timeout,
+                data_parallel=data_parallel,
+                tied=tied,
+                batch_dim=batch_dim,
+                backend=backend,
+                fetch=fetch,
+                batch=batch_mode,
+                check_finite=check_finite,
+            )
+            fingerprint = distconfig.fingerprint(config, sample, keys is not None)
         except Exception as e:
             error = e
         here = torch.device("cpu")  # where the gather's tensors live: the rank's GPU under NCCL
         if backend == "nccl":
-            mine = getattr(self, "device", None)
-            cuda = mine is not None and mine.type == "cuda"
-            here = mine if cuda else torch.device("cuda", torch.cuda.current_device())
+            cuda = config is not None and config.device.type == "cuda"
+            here = config.device if cuda else torch.device("cuda", torch.cuda.current_device())
         agree.check(
-            fingerprint, error, group=self._pg, timeout=self._timeout, device=here, rank=self.rank
+            fingerprint,
+            error,
+            group=self._pg,
+            timeout=300.0 if config is None else config.timeout,
+            device=here,
+            rank=self.rank,
         )
+        assert config is not None  # agree.check raised on every rank otherwise
+        self.config = config
         self._model_keys = keys
         if keys is not None:  # load_state_dict takes, and names, the model's own keys
             Loading(self, keys, lambda: self._modules)
         self._init_fn = init_fn
-        comm_device = self.device if backend == "nccl" else torch.device("cpu")
         # every rank creates every group, in one order, now
-        self._groups = create_groups(self._layout, self._pg, self._timeout, backend, comm_device)
-        self._created: list[Any] = list(self._groups.created)
-        self._global_rank = self._groups.replicas[self.replica][self.pipeline_device]
-        self._pp_group, self._dp_group = self._groups.pp, self._groups.dp
-        self._transport = P2PTransport(
-            self.pipeline_device,
-            self._groups.replicas[self.replica],
-            self._groups.p2p,
-            self._groups.meta,
-            self._layout.owner,
-            self._layout.num_stages,
-            timeout=self._timeout,
-            comm_device=comm_device,
-        )
+        self.parts = connect(config, self._pg, backend)
         self._closed = False
-
-        self._stages: list[Stage] | None = None
-        self._balance: list[int] | None = None
-        self._ties: list[tuple[nn.Parameter, Any, int, bool]] = []
-        self._not_counted: set[int] = set()
-        if balance is not None:
-            self._build([int(b) for b in balance])
+        if config.balance is not None:
+            self._cut(config.balance)
         elif sample is not None:
             try:
                 sample_mb = sample_microbatch(
                     sample,
-                    1 if self.batch == "per_replica" else self.data_parallel,
-                    self._batch_dim,
-                    lambda local: diststep.share_microbatches(self, local),
+                    1 if config.batch == "per_replica" else config.data_parallel,
+                    config.batch_dim,
+                    lambda local: diststep.share_microbatches(config, local),
                 )
                 sample_error = None
             except Exception as e:
                 sample_mb, sample_error = None, e
-            self._build(self._agree_balance(sample_mb, sample_error, "split its sample"))
+            self._agree_and_cut(sample_mb, sample_error, "split its sample")
+
+    # ----------------------------------------------------------------- the options, read-only
+
+    @property
+    def num_devices(self) -> int:
+        """Pipeline devices K."""
+        return self.config.num_devices
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel replicas D."""
+        return self.config.data_parallel
+
+    @property
+    def pipeline_device(self) -> int:
+        """The pipeline device this rank is."""
+        return self.config.layout.pipeline_device
+
+    @property
+    def replica(self) -> int:
+        """The data-parallel replica this rank belongs to."""
+        return self.config.layout.replica
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's compute device."""
+        return self.config.device
+
+    @property
+    def batch(self) -> str:
+        """What each rank's ``step`` is given: ``"same"`` or ``"per_replica"``."""
+        return self.config.batch
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether a NaN or infinite loss raises before its backward."""
+        return self.config.check_finite
+
+    @property
+    def fetch_names(self) -> list[str]:
+        """The inner modules whose outputs each step collects."""
+        return list(self.config.fetch_names)
+
+    @property
+    def rng_step(self) -> int:
+        """The keyed random streams' step: advanced by every training step (a checkpoint
+        saves and restores it)."""
+        return self._log.rng_step
+
+    @rng_step.setter
+    def rng_step(self, value: int) -> None:
+        self._log.rng_step = int(value)
+
+    @property
+    def last_events(self) -> list[Event]:
+        """The last step's timeline on this rank."""
+        return self._log.last_events
+
+    @property
+    def last_events_t0(self) -> float:
+        """The ``perf_counter`` time the last step's events are counted from."""
+        return self._log.last_events_t0
+
+    @property
+    def fetched(self) -> dict[str, Any]:
+        """The last step's outputs of ``fetch``'s modules held on this rank."""
+        return self._log.fetched
 
     # ----------------------------------------------------------------- plan
 
-    def _agree_balance(
+    def _agree_and_cut(
         self,
         sample_mb: tuple | None,
         local_error: BaseException | None,
         doing: str = "start the first step",
-    ) -> list[int]:
-        return agree_balance(
-            self._named, sample_mb, local_error, rank=self.rank,
-            num_stages=self._layout.num_stages, pinned=self._pinned, train=self.training,
-            group=self._pg, timeout=self._timeout, comm_device=self._transport.comm_device,
+    ) -> None:
+        """Balance on rank 0's sample micro-batch, every rank taking the same cut, and cut."""
+        c = self.config
+        balance = agree_balance(
+            c.named,
+            sample_mb,
+            local_error,
+            rank=self.rank,
+            num_stages=c.layout.num_stages,
+            pinned=c.pinned,
+            train=self.training,
+            group=self._pg,
+            timeout=c.timeout,
+            comm_device=self.parts.transport.comm_device,
             doing=doing,
-        )  # fmt: skip
+        )
+        self._cut(balance)
 
     def _register(self, name: str, layer: nn.Module) -> None:
         if hasattr(self, name) and name not in self._modules:
@@ -281,50 +368,46 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             )
         self.add_module(name, layer)
 
-    def _build(self, balance: list[int]) -> None:
-        self._balance = balance
+    def _cut(self, balance: list[int]) -> None:
+        """Build this rank's stages of the pipeline cut by ``balance``."""
+        c = self.config
         built = build_rank(
-            self._named,
+            c.named,
             balance,
-            self._layout,
-            self._groups,
+            c.layout,
+            self.parts.groups,
             self._register,
-            device=self.device,
-            seed=self._seed,
+            device=c.device,
+            seed=c.seed,
             init_fn=self._init_fn,
-            slots=self._slots,
-            tie_groups=self._tie_groups,
-            remat=self._remat,
-            fetch_at=self._fetch_at,
+            slots=c.slots,
+            tie_groups=c.tie_groups,
+            remat=c.remat,
+            fetch_at=c.fetch_at,
             process_group=self._pg,
-            timeout=self._timeout,
+            timeout=c.timeout,
         )
-        self._stages = built.stages
-        self._deferred_bn = deferred_in(layer for st in built.stages for _, layer in st.layers)
-        self._stage_map = {st.index: st for st in built.stages}
-        self._ties, self._not_counted = built.ties, built.not_counted
-        self._created += built.created
-
-    def _schedule(self, m: int) -> Schedule:
-        return self._spec.get(self.num_devices, m)
+        self.parts.attach(balance, built)
 
     @property
     def balance(self) -> list[int] | None:
         """Layers per (virtual) stage, or ``None`` until the first step balances by FLOPs."""
-        return None if self._balance is None else list(self._balance)
+        balance = self.parts.balance
+        return None if balance is None else list(balance)
 
     @property
     def placement(self) -> tuple[int, ...]:
         """Stage → pipeline device, the schedule's placement (as ``gpipe.Pipe.placement``)."""
-        return tuple(self._layout.owner(s) for s in range(self._layout.num_stages))
+        layout = self.config.layout
+        return tuple(layout.owner(s) for s in range(layout.num_stages))
 
     @property
     def stage_indices(self) -> list[int]:
         """The (virtual) stages this rank runs."""
-        return [st.index for st in self._stages or []]
+        return [st.index for st in self.parts.stages or []]
 
     def _require_built(self, what: str) -> None:
-        if self._stages is None:
+        if self.parts.stages is None:
             raise RuntimeError(
                 f"{what}: the pipeline is not partitioned yet, so this rank does not know its "
                 "layers. Pass balance=[...] or sample=<a batch> to DistributedPipe, or call "
@@ -368,7 +451,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the local gradients; a no-op before the pipeline is partitioned."""
-        if self._stages is not None:
+        if self.parts.stages is not None:
             super().zero_grad(set_to_none)
 
     def forward(self, *args: Any) -> Any:
@@ -389,23 +472,23 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         if self._closed:
             return
         self._closed = True
-        healthy = self._transport.broken is None
-        self._transport.close()
-        for st in self._stages or []:
+        healthy = self.parts.transport.broken is None
+        self.parts.transport.close()
+        for st in self.parts.stages or []:
             st.close()
         if healthy:
             # Every step ended with all messages and collectives complete on every rank, so the
             # groups are idle; a broken pipe leaves them to destroy_process_group().
-            for grp in self._created:
+            for grp in self.parts.created:
                 with contextlib.suppress(Exception):
                     dist.destroy_process_group(grp)
-        self._created = []
+        self.parts.created = []
 
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, pipeline_device={self.pipeline_device}/{self.num_devices}, "
             f"replica={self.replica}/{self.data_parallel}, stages={self.stage_indices}, "
-            f"schedule={self._schedule_name!r}, remat={self._remat!r}"
+            f"schedule={self.config.spec.name!r}, remat={self.config.remat!r}"
         )
 
     # ----------------------------------------------------------------- step
@@ -440,12 +523,16 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 "new one on every rank"
             )
         return diststep.run_step(
-            self,
+            self.config,
+            self.parts,
+            self._log,
             inputs,
             targets,
             loss_fn,
             reduction,
+            training=self.training,
             check=lambda: self._follow("this rank's pipe"),
+            cut=self._agree_and_cut,
         )
 
     def clip_grad_norm_(
@@ -457,12 +544,12 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         parameter counts once."""
         self._require_built("clip_grad_norm_()")
         return collectives.clip_grad_norm(
-            local_params(self._stages or []),
-            self._not_counted,
+            local_params(self.parts.stages or []),
+            self.parts.not_counted,
             max_norm,
             norm_type,
             error_if_nonfinite,
-            self._pp_group if self.num_devices > 1 else None,
-            self._transport.comm_device,
+            self.parts.groups.pp if self.num_devices > 1 else None,
+            self.parts.transport.comm_device,
             self.device,
         )

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,14 +32,28 @@ from gpipe.base.microbatch import batch_size, num_microbatches, split
 from gpipe.nn import commit_over
 from gpipe.core.reduction import Reduction
 from gpipe.dist import collectives
+from gpipe.dist.config import DistConfig
+from gpipe.dist.rank import RankParts
 from gpipe.core.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
 from gpipe.dist.failures import Failure, PeerError
 from gpipe.schedules import KIND_WORDS
 
-if TYPE_CHECKING:
-    from gpipe.dist.pipe import DistributedPipe
 
-__all__ = ["failure_text", "local_share", "prepare", "run_step", "share_microbatches"]
+__all__ = [
+    "StepLog","failure_text", "local_share", "prepare", "run_step", "share_microbatches"]
+
+
+@dataclass
+class StepLog:
+    """What a distributed pipe's steps leave on this rank: the keyed random streams' step
+    (``rng_step``, advanced by every training step), the steps begun (``calls``, the transport's
+    message positions), and the last step's timeline and fetched outputs."""
+
+    rng_step: int = 0
+    calls: int = 0
+    last_events: list[Any] = field(default_factory=list)
+    last_events_t0: float = 0.0  # perf_counter time the events are counted from
+    fetched: dict[str, Any] = field(default_factory=dict)
 
 
 def failure_text(e: BaseException) -> str:
@@ -49,54 +64,54 @@ def failure_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def share_microbatches(pipe: DistributedPipe, local: Any) -> int:
+def share_microbatches(config: DistConfig, local: Any) -> int:
     """M for this replica's share of the batch; the errors use :func:`gpipe.base.microbatch.split`'s
     words for the same mistake (plus the replica's share with data parallelism)."""
-    if pipe.data_parallel == 1:
+    if config.data_parallel == 1:
         share = ""
-    elif pipe.batch == "per_replica":
-        share = f" (replica {pipe.replica}'s shard)"
+    elif config.batch == "per_replica":
+        share = f" (replica {config.layout.replica}'s shard)"
     else:
         share = (
-            f" (replica {pipe.replica}'s share of the global batch over "
-            f"{pipe.data_parallel} data-parallel replicas)"
+            f" (replica {config.layout.replica}'s share of the global batch over "
+            f"{config.data_parallel} data-parallel replicas)"
         )
-    n = batch_size(local, pipe._batch_dim)
-    return num_microbatches(n, pipe._chunks, pipe._mbs, batch_dim=pipe._batch_dim, share=share)
+    n = batch_size(local, config.batch_dim)
+    return num_microbatches(n, config.chunks, config.micro_batch_size, batch_dim=config.batch_dim, share=share)
 
 
-def local_share(pipe: DistributedPipe, obj: Any) -> Any:
+def local_share(config: DistConfig, obj: Any) -> Any:
     """This replica's rows of the global ``obj`` (with ``batch="per_replica"``, ``obj`` is
     already this replica's shard)."""
-    d = pipe.data_parallel
-    if d == 1 or pipe.batch == "per_replica":
+    d = config.data_parallel
+    if d == 1 or config.batch == "per_replica":
         return obj
-    n = batch_size(obj, pipe._batch_dim)
+    n = batch_size(obj, config.batch_dim)
     if n % d:
         raise ValueError(
             f"the global batch of {n} rows does not split over {d} data-parallel replicas; "
             "use a batch size divisible by it"
         )
-    return split(obj, d, batch_dim=pipe._batch_dim)[pipe.replica]
+    return split(obj, d, batch_dim=config.batch_dim)[config.layout.replica]
 
 
 def prepare(
-    pipe: DistributedPipe, inputs: Any, targets: Any
+    config: DistConfig, inputs: Any, targets: Any
 ) -> tuple[list | None, list | None, int]:
     """This rank's micro-batches of the inputs (first stage) and targets (last stage), and M."""
-    layout = pipe._layout
+    layout = config.layout
     first = layout.pipeline_device == layout.first_device
     last = layout.pipeline_device == layout.last_device
-    x = local_share(pipe, inputs) if (first and inputs is not None) else None
-    y = local_share(pipe, targets) if (last and targets is not None) else None
+    x = local_share(config, inputs) if (first and inputs is not None) else None
+    y = local_share(config, targets) if (last and targets is not None) else None
     if x is not None:
-        m = share_microbatches(pipe, x)
+        m = share_microbatches(config, x)
     elif y is not None:
-        m = share_microbatches(pipe, y)
+        m = share_microbatches(config, y)
     elif inputs is not None:
-        m = share_microbatches(pipe, local_share(pipe, inputs))
-    elif pipe._chunks is not None:
-        m = pipe._chunks
+        m = share_microbatches(config, local_share(config, inputs))
+    elif config.chunks is not None:
+        m = config.chunks
     else:
         raise ValueError(
             "with micro_batch_size= and no chunks=, every rank must pass inputs (or "
@@ -104,24 +119,31 @@ def prepare(
         )
     if first and x is None:
         raise ValueError(
-            f"rank {pipe.rank} runs the first stage and needs the inputs; pass them to "
+            f"rank {config.rank} runs the first stage and needs the inputs; pass them to "
             "step() on this rank (other ranks may pass None)"
         )
-    mbs = split((x,), m, batch_dim=pipe._batch_dim) if x is not None else None
-    tmbs = split(y, m, batch_dim=pipe._batch_dim) if y is not None else None
+    mbs = split((x,), m, batch_dim=config.batch_dim) if x is not None else None
+    tmbs = split(y, m, batch_dim=config.batch_dim) if y is not None else None
     return mbs, tmbs, m
 
 
 def run_step(
-    pipe: DistributedPipe,
+    config: DistConfig,
+    rank: RankParts,
+    log: StepLog,
     inputs: Any,
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     reduction: Reduction,
-    check: Callable[[], None] = lambda: None,
+    *,
+    training: bool,
+    check: Callable[[], None],
+    cut: Callable[[tuple | None, BaseException | None], None],
 ) -> torch.Tensor:
-    """The body of :meth:`gpipe.DistributedPipe.step` (see there); ``check()`` is the pipe's
-    own check of its model (a refusal there reaches the other ranks like a bad argument)."""
+    """The body of :meth:`gpipe.DistributedPipe.step` (see there) on this rank's ``config``
+    and ``rank``, recorded in ``log``. ``check()`` is the pipe's own check of its model (a
+    refusal there reaches the other ranks like a bad argument); ``cut(sample_microbatch,
+    error)`` cuts the pipeline (every rank together) when the first step balances it."""
     grad = torch.is_grad_enabled()
     local_error: BaseException | None = None
     mbs = tmbs = None
@@ -130,55 +152,55 @@ def run_step(
     try:  # a bad argument on one rank must reach the others, not leave them waiting
         check()
         stepcore.check_call(loss_fn, reduction)
-        stepcore.check_targets(inputs, targets, pipe._batch_dim)
-        mbs, tmbs, m = prepare(pipe, inputs, targets)
-        if pipe._layout.pipeline_device == pipe._layout.last_device:
-            whole = pipe.data_parallel == 1  # else other replicas may hold the items
+        stepcore.check_targets(inputs, targets, config.batch_dim)
+        mbs, tmbs, m = prepare(config, inputs, targets)
+        if config.layout.pipeline_device == config.layout.last_device:
+            whole = config.data_parallel == 1  # else other replicas may hold the items
             scales, items = stepcore.loss_scales(reduction, tmbs or [None] * m, whole)
     except Exception as e:
-        local_error, m = e, pipe._chunks or 1
-    layout, transport = pipe._layout, pipe._transport
+        local_error, m = e, config.chunks or 1
+    layout, transport = config.layout, rank.transport
     call = distcall.describe(
         inputs,
         targets,
-        training=pipe.training,
+        training=training,
         grad=grad,
         num_microbatches=None if local_error is not None else m,
-        batch_dim=pipe._batch_dim,
+        batch_dim=config.batch_dim,
     )
     agreed = distcall.check(
         call,
-        group=pipe._groups.calls,
-        batch=pipe.batch,
+        group=rank.groups.calls,
+        batch=config.batch,
         num_devices=layout.num_devices,
         data_parallel=layout.data_parallel,
-        timeout=pipe._timeout,
-        rank=pipe.rank,
+        timeout=config.timeout,
+        rank=config.rank,
     )  # raises on every rank alike, before any state changes
-    if pipe._stages is None:
-        pipe._build(pipe._agree_balance(mbs[0] if mbs else None, local_error))
-    sched = pipe._schedule(m)
+    if rank.stages is None:
+        cut(mbs[0] if mbs else None, local_error)
+    sched = config.schedule(m)
     per_device = stepcore.step_actions(sched, grad)
     actions = per_device[layout.pipeline_device]
-    step_id = pipe.rng_step
-    bns = pipe._deferred_bn  # this rank's, in stage order (alike on every replica)
-    if pipe.training:
-        pipe.rng_step += 1
+    step_id = log.rng_step
+    bns = rank.deferred_bn  # this rank's, in stage order (alike on every replica)
+    if training:
+        log.rng_step += 1
         for bn in bns:  # accumulate over this replica's micro-batches; commit after the step
             bn.begin_step(m, defer=True)
-    assert pipe._stages is not None
+    assert rank.stages is not None
     stepcore.begin(
-        pipe._stages,
+        rank.stages,
         step_id,
         m,
         grad,
         loss_fn,
         scales,
-        check_finite=pipe.check_finite,
+        check_finite=config.check_finite,
         rng_offset=agreed.offset(layout.replica),
     )
-    transport.begin_step(pipe._calls, m, per_device)
-    pipe._calls += 1
+    transport.begin_step(log.calls, m, per_device)
+    log.calls += 1
     # From here on every rank must reach finish_step, whatever happens.
     last_dev = layout.last_device
     stash: list[torch.Tensor | None] = []
@@ -189,16 +211,16 @@ def run_step(
     )
     loss = None
     try:
-        stash = collectives.stash_tied(pipe._ties) if grad else []
+        stash = collectives.stash_tied(rank.ties) if grad else []
         if local_error is None:
             with contextlib.suppress(Aborted):  # a peer failed: the transport knows who
                 execute(
                     layout.pipeline_device,
                     actions,
-                    pipe._stage_map,
+                    rank.stage_map,
                     transport,
                     data,
-                    rank=pipe._global_rank,
+                    rank=rank.global_rank,
                 )
         if transport.failure is None and layout.pipeline_device == last_dev:
             loss = stepcore.total_loss(data.losses, m)
@@ -208,7 +230,7 @@ def run_step(
     mine = None
     if local_error is not None:
         mine = Failure(
-            pipe._global_rank,
+            rank.global_rank,
             layout.pipeline_device,
             getattr(local_error, "stage", None),
             getattr(local_error, "microbatch", None),
@@ -221,9 +243,9 @@ def run_step(
         end = {"loss": loss.item(), "dtype": str(loss.dtype)[6:], "items": items}
     payloads = transport.finish_step(mine, end)
     resolve_gpu_times(data)
-    pipe.last_events = sorted(data.events, key=lambda e: e.start)
-    pipe.last_events_t0 = data.t0
-    pipe.fetched = stepcore.collect_fetched(data.fetched, pipe.fetch_names, m, pipe._batch_dim)
+    log.last_events = sorted(data.events, key=lambda e: e.start)
+    log.last_events_t0 = data.t0
+    log.fetched = stepcore.collect_fetched(data.fetched, config.fetch_names, m, config.batch_dim)
     failure = transport.failure
     if failure is None and loss is None:
         got = payloads[last_dev]
@@ -234,28 +256,28 @@ def run_step(
         failure,
         reduction,
         items,
-        pipe._groups.dp,
+        rank.groups.dp,
         layout.data_parallel,
         layout.num_devices,
         transport.comm_device,
-        rows=agreed.rows if pipe.batch == "per_replica" else None,
+        rows=agreed.rows if config.batch == "per_replica" else None,
     )
     if failure is not None:
-        collectives.unstash(pipe._ties, stash)
+        collectives.unstash(rank.ties, stash)
         for bn in bns:  # a failed step adds no statistics, and the layers commit as before
             bn.begin_step(bn.chunks)
         if local_error is not None:
             raise local_error
-        raise PeerError(failure, pipe.rank)
+        raise PeerError(failure, config.rank)
     assert loss is not None
-    if pipe.training:
-        commit_over(bns, pipe._groups.dp)  # the whole global batch's statistics
+    if training:
+        commit_over(bns, rank.groups.dp)  # the whole global batch's statistics
     if grad:
-        collectives.sync_tied(pipe._ties, stash)
-        if pipe._groups.dp is not None:
+        collectives.sync_tied(rank.ties, stash)
+        if rank.groups.dp is not None:
             collectives.reduce_over_replicas(
-                [p for p in local_params(pipe._stages) if p.requires_grad],
-                pipe._groups.dp,
+                [p for p in local_params(rank.stages) if p.requires_grad],
+                rank.groups.dp,
                 weight,
             )
-    return loss.detach().to(pipe.device)
+    return loss.detach().to(config.device)
