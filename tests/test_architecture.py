@@ -129,6 +129,23 @@ def _violations(mod: Module) -> list[str]:
                     found.append((node.lineno, f"imports private {source}.{alias.name}"))
 
     for node in ast.walk(mod.tree):
+        if (  # getattr(obj, "_x"), setattr(obj, "_x", v), ...: the same rule by name
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _is_private(node.args[1].value)
+        ):
+            attr, obj = node.args[1].value, node.args[0]
+            if isinstance(obj, ast.Name) and obj.id in ("self", "cls"):
+                continue
+            if attr in own or attr not in homes:
+                continue
+            defined_in = ", ".join(sorted(homes[attr]))
+            found.append((node.lineno, f"{ast.unparse(node)} (private, defined in {defined_in})"))
+            continue
         if not isinstance(node, ast.Attribute) or not _is_private(node.attr):
             continue
         value = node.value
@@ -213,7 +230,7 @@ def test_checker_catches_each_kind(tmp_path: Path) -> None:
         "from gpipe.stage.rng import _tls\n"
         "def f(s):\n"
         "    s._codes = 1\n"
-        "    return rng._tls, s._modules\n"
+        "    return rng._tls, s._modules, getattr(s, '_codes')\n"
         "x = 1  # fmt: skip\n"
     )
     path = tmp_path / "probe.py"
@@ -222,5 +239,6 @@ def test_checker_catches_each_kind(tmp_path: Path) -> None:
     assert "imports private gpipe.stage.rng._tls" in text
     assert "reads private gpipe.stage.rng._tls" in text
     assert "sets s._codes" in text
+    assert "getattr(s, '_codes')" in text
     assert "fmt: skip" in text
     assert "_modules" not in text
