@@ -9,7 +9,9 @@ Private means a name with one leading underscore (dunders are public protocol). 
 ``expr._x`` counts when ``expr`` is not ``self``/``cls``/``super()`` and ``_x`` is *defined* (as
 ``self._x = ...``, a class attribute or a ``def _x``) in another gpipe module and not in the
 reading module itself: that ignores torch's private attributes (``._modules``) and a class's own
-use of ``other._x`` on an instance of itself.
+use of ``other._x`` on an instance of itself. Assigning ``expr._x`` is a violation unless this
+module's own class defines ``_x`` (setting another object's private attribute); an attribute
+set that way counts as defined by the setter, so its readers elsewhere are reported too.
 
 One case per package, so a package made clean stays clean while others are still being worked on.
 """
@@ -85,11 +87,25 @@ def _defined_attrs(tree: ast.Module) -> set[str]:
     return {n for n in out if _is_private(n)}
 
 
+def _set_on_others(tree: ast.Module) -> set[str]:
+    """Private attribute names this module assigns on objects other than ``self``/``cls``."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and _is_private(node.attr)
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
+            out.add(node.attr)
+    return out
+
+
 @cache
 def _attr_homes() -> dict[str, frozenset[str]]:
     homes: dict[str, set[str]] = defaultdict(set)
     for mod in _modules().values():
-        for attr in _defined_attrs(mod.tree):
+        for attr in _defined_attrs(mod.tree) | _set_on_others(mod.tree):
             homes[attr].add(mod.name)
     return {k: frozenset(v) for k, v in homes.items()}
 
@@ -109,6 +125,7 @@ def _violations(mod: Module) -> list[str]:
     mods = _modules()
     homes = _attr_homes()
     own = _defined_attrs(mod.tree)
+    set_here = _set_on_others(mod.tree)
     where = mod.path.relative_to(SRC.parent) if mod.path.is_relative_to(SRC) else mod.path
     found: list[tuple[int, str]] = []
     module_aliases: dict[str, str] = {}  # local name -> gpipe module it is bound to
@@ -162,9 +179,13 @@ def _violations(mod: Module) -> list[str]:
             and value.func.id == "super"
         ):
             continue
-        if node.attr in own or node.attr not in homes:
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            if node.attr not in own:  # a private attribute of an object this module does not define
+                found.append((node.lineno, f"sets {ast.unparse(node)} (another object's private)"))
             continue
-        verb = "sets" if isinstance(node.ctx, (ast.Store, ast.Del)) else "reads"
+        if node.attr in own or node.attr in set_here or node.attr not in homes:
+            continue
+        verb = "reads"
         defined_in = ", ".join(sorted(homes[node.attr]))
         found.append(
             (node.lineno, f"{verb} {ast.unparse(node)} (private, defined in {defined_in})")
@@ -238,7 +259,7 @@ def test_checker_catches_each_kind(tmp_path: Path) -> None:
     text = "\n".join(_violations(Module("gpipe.stage.probe", path, ast.parse(src), False)))
     assert "imports private gpipe.stage.rng._tls" in text
     assert "reads private gpipe.stage.rng._tls" in text
-    assert "sets s._codes" in text
+    assert "sets s._codes (another object's private)" in text
     assert "getattr(s, '_codes')" in text
     assert "fmt: skip" in text
     assert "_modules" not in text

@@ -2,10 +2,12 @@
 forward's random numbers again.
 
 The recompute runs inside the stage's backward, outside the forward's keyed region
-(:mod:`gpipe.stage.rng`), where a dropout would draw from the global generator — another mask, and
-gradients of another function. Each grad-mode forward records, per hooked random-module call,
-the region generator's state just before it (:func:`gpipe.stage.rng.recording`); backward actions run under
-:func:`backward_of`, where such a call takes its recorded state, in order, and draws again.
+(:mod:`gpipe.stage.rng`), where a dropout would draw from the global generator — another mask,
+and gradients of another function. Each grad-mode forward records, per hooked random-module
+call, the region generator's state just before it (:func:`gpipe.stage.rng.recording`);
+backward actions run under :func:`backward_of`, where such a call takes its recorded state, in
+order, and draws again. This module keeps only which backward a thread (or a device) runs; the
+keyed-region state is :mod:`gpipe.stage.rng`'s, reached through its functions.
 
 The invariant: a random module recomputed by a layer's own checkpoint draws exactly what its
 forward drew, bit for bit; a random draw there that cannot be matched to a forward call (a
@@ -82,8 +84,9 @@ def backward_of(
     module (:func:`gpipe.stage.rng.install_hooks`) that runs in it outside a keyed region is a
     layer's own ``torch.utils.checkpoint`` recomputing: it draws again what its forward drew
     (the states :func:`gpipe.stage.rng.recording` kept in ``draws``), or, with nothing
-    recorded, raises rather than draw a mask the forward never drew. ``watch_ops`` (a stage with layers that draw outside
-    random modules) refuses every other seeded ATen op there too, at a dispatch mode's cost."""
+    recorded, raises rather than draw a mask the forward never drew. ``watch_ops`` (a stage
+    with layers that draw outside random modules) refuses every other seeded ATen op there
+    too, at a dispatch mode's cost."""
     where = (stage, microbatch, draws)
     prev = getattr(_tls, "backward_of", None)
     _tls.backward_of = where
