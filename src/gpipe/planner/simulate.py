@@ -167,7 +167,7 @@ def _replay(
     k = schedule.num_devices
     m = schedule.num_microbatches
     codec = schedule.codec
-    N, top, last_b = codec.N, codec.top, codec.last_b
+    N, first_w, top, last_b = codec.N, codec.first_w, codec.top, codec.last_b
     cost = (
         [f for f in fwd for _ in range(m)]
         + [b - w for b, w in zip(bwd, wgt) for _ in range(m)]
@@ -178,7 +178,7 @@ def _replay(
         for i, split in enumerate(schedule.split_flags()):
             if split:
                 cost[N + i] *= grow
-                cost[2 * N + i] *= grow
+                cost[first_w + i] *= grow
             else:  # B is the whole backward
                 cost[N + i] = bwd[i // m]
     dev = [d for d in schedule.placement for _ in range(m)] * 3

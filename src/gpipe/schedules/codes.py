@@ -32,12 +32,14 @@ _KIND_INDEX = {"F": 0, "B": 1, "W": 2}
 class Codec:
     """Codes of one shape (``n`` stages, ``M`` micro-batches): what builders use to emit units."""
 
-    __slots__ = ("M", "N", "last_b", "n", "top")
+    __slots__ = ("M", "N", "first_w", "last_b", "n", "top")
 
     def __init__(self, num_stages: int, num_microbatches: int) -> None:
         self.n = num_stages
         self.M = num_microbatches
         self.N = num_stages * num_microbatches
+        #: the first ``W`` code: ``F`` codes are below ``N``, ``B`` codes below this
+        self.first_w = 2 * self.N
         #: the first overlap code: codes below it are single actions
         self.top = 3 * self.N
         #: the first ``B`` code of the last stage (no ``B(s+1, m)`` to wait for)
@@ -53,7 +55,7 @@ class Codec:
 
     def w(self, stage: int, mb: int) -> int:
         """Code of ``W(stage, mb)``."""
-        return 2 * self.N + stage * self.M + mb
+        return self.first_w + stage * self.M + mb
 
     def pair(self, f_stage: int, f_mb: int, b_stage: int, b_mb: int) -> int:
         """Code of ``Overlap(F(f_stage, f_mb), B(b_stage, b_mb))``."""
@@ -61,11 +63,11 @@ class Codec:
 
     def is_b(self, code: int) -> bool:
         """Whether ``code`` is a ``B`` action."""
-        return self.N <= code < 2 * self.N
+        return self.N <= code < self.first_w
 
     def is_w(self, code: int) -> bool:
         """Whether ``code`` is a ``W`` action."""
-        return 2 * self.N <= code < self.top
+        return self.first_w <= code < self.top
 
     def stage_of(self, code: int) -> int:
         """The stage of action ``code`` (``F``, ``B`` or ``W``)."""
@@ -78,12 +80,12 @@ class Codec:
     def split_flags(self, lists: Sequence[Sequence[int]]) -> bytearray:
         """Per ``stage·M + micro-batch``: 1 when ``lists`` holds that backward's ``W`` (the
         backward is split into ``B`` and ``W``), else 0 (its ``B`` is the whole backward)."""
-        n_all, top = self.N, self.top
-        flags = bytearray(n_all)
+        first_w, top = self.first_w, self.top
+        flags = bytearray(self.N)
         for lst in lists:
             for c in lst:
-                if 2 * n_all <= c < top:
-                    flags[c - 2 * n_all] = 1
+                if first_w <= c < top:
+                    flags[c - first_w] = 1
         return flags
 
     def peak_live(self, lst: Sequence[int], flags: bytearray) -> int:
@@ -91,7 +93,7 @@ class Codec:
         once: from the ``F`` until the last backward action of it (``W`` when ``flags`` says
         the backward is split, else ``B``); an overlap counts its forward first, then its
         backward."""
-        n_all, top = self.N, self.top
+        n_all, first_w, top = self.N, self.first_w, self.top
         live = peak = 0
         for c in lst:
             if c < n_all or c >= top:  # a forward, or an overlap's forward
@@ -101,7 +103,7 @@ class Codec:
                 # ... then its backward, the last of that micro-batch unless split
                 if c >= top and not flags[(c - top) % n_all]:
                     live -= 1
-            elif c >= 2 * n_all or not flags[c - n_all]:  # a W, or a whole B
+            elif c >= first_w or not flags[c - n_all]:  # a W, or a whole B
                 live -= 1
         return peak
 
