@@ -603,8 +603,7 @@ def _register_mixed_case_name() -> None:
     try:
         assert get("My_Fill_Drain", 2, 1).name == "my-fill-drain"
     finally:
-        schedules._REGISTRY.pop("my-fill-drain", None)
-        schedules._REGISTRY.pop("My_Fill_Drain", None)
+        schedules.unregister("My_Fill_Drain")
     assert "my-fill-drain" not in schedules.available()
 
 

@@ -312,7 +312,7 @@ def test_placement_errors_are_exact() -> None:
 
 
 def test_registered_placement_reaches_the_schedule_and_the_spec() -> None:
-    from gpipe.schedules import _REGISTRY, placement_of
+    from gpipe.schedules import placement_of, unregister
 
     def backwards(k: int, v: int) -> tuple[int, ...]:
         return tuple(reversed(range(k)))
@@ -329,7 +329,7 @@ def test_registered_placement_reaches_the_schedule_and_the_spec() -> None:
             "placement must be a function (K, V) -> tuple"
         )
     finally:
-        _REGISTRY.pop("test-reversed", None)
+        unregister("test-reversed")
 
 
 def test_fixed_virtual_and_spec_placement_errors() -> None:

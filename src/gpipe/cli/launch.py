@@ -51,9 +51,15 @@ def launch_dist(config: Any, argv: Sequence[str]) -> int:
     last checkpoint and exit code 130 (see the module docstring)."""
     n = config.stages * config.data_parallel
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-        "-m", "gpipe.cli", *argv,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+        "gpipe.cli",
+        *argv,
+    ]
     print(f"gpipe: launching {n} processes: {' '.join(cmd)}", file=sys.stderr)
     errors = Path(tempfile.mkdtemp(prefix="gpipe-errors-"))
     interrupted = threading.Event()

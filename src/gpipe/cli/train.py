@@ -187,9 +187,15 @@ def _train_config(args: argparse.Namespace) -> Any:
     values.update(flags)
     given = {**from_file, **flags}
     if values.get("model_fn") is not None:
-        clash = [w for w, on in (("--model-preset", "model_preset" in given),
-                                 ("[model] overrides", bool(overrides)),
-                                 ("--dropout", args.dropout is not None)) if on]  # fmt: skip
+        clash = [
+            w
+            for w, on in (
+                ("--model-preset", "model_preset" in given),
+                ("[model] overrides", bool(overrides)),
+                ("--dropout", args.dropout is not None),
+            )
+            if on
+        ]
         if clash:
             both = " and ".join(clash)
             raise UsageError(

@@ -34,15 +34,17 @@ class Aborted(Exception):
 class StageError(RuntimeError):
     """An exception raised while running ``action`` on ``stage``; the original is ``__cause__``."""
 
-    def __init__(self, action: Action, device: int, error: BaseException, rank: int | None = None):
+    def __init__(
+        self, action: Action, device_index: int, error: BaseException, rank: int | None = None
+    ):
         self.action = action
         self.stage = action.stage
         self.microbatch = action.microbatch
-        self.device = device
+        self.device = device_index  # the pipeline device's index (public name kept)
         self.rank = rank
         where = f"rank {rank}, " if rank is not None else ""
         super().__init__(
-            f"{where}stage {action.stage} (device {device}) failed in "
+            f"{where}stage {action.stage} (device {device_index}) failed in "
             f"{KIND_WORDS[action.kind]} of micro-batch {action.microbatch}: "
             f"{type(error).__name__}: {error}"
         )
@@ -96,14 +98,14 @@ class StepData:
 
 
 def execute(
-    device: int,
+    device_index: int,
     actions: Sequence[Action | Overlap],
     stages: dict[int, Stage],
     transport: Transport,
     data: StepData,
     rank: int | None = None,
 ) -> None:
-    """Run ``actions`` of ``device`` in order on ``stages`` (the device's stages by index).
+    """Run ``actions`` of device ``device_index`` in order on ``stages`` (its stages by index).
 
     A boundary value between two stages that are both in ``stages`` (consecutive stages on one
     device, as V-shaped placements have) is handed over here, never through ``transport``.
@@ -116,7 +118,7 @@ def execute(
     last = data.num_stages - 1
     gpu = any(_timed_by_events(getattr(st, "device", None)) for st in stages.values())
     if gpu:
-        data.gpu_ref.setdefault(device, (_event(), time.perf_counter() - data.t0))
+        data.gpu_ref.setdefault(device_index, (_event(), time.perf_counter() - data.t0))
     local: dict[tuple[str, int, int], Any] = {}  # handoffs between this device's own stages
     for a in (a for u in actions for a in u.parts):
         if data.cancelled:
@@ -171,13 +173,13 @@ def execute(
         except (Aborted, StageError):
             raise
         except Exception as e:
-            raise StageError(a, device, e, rank) from e
-        data.events.append(Event(a, device, start - data.t0, time.perf_counter() - data.t0))
+            raise StageError(a, device_index, e, rank) from e
+        data.events.append(Event(a, device_index, start - data.t0, time.perf_counter() - data.t0))
         if gpu:
-            data.gpu_marks.append((a, device, ev0, _event()))
+            data.gpu_marks.append((a, device_index, ev0, _event()))
         live = sum(len(s.pending) for s in stages.values())
-        if live > data.peak_live.get(device, 0):
-            data.peak_live[device] = live
+        if live > data.peak_live.get(device_index, 0):
+            data.peak_live[device_index] = live
 
 
 def _shapes(obj: Any) -> Any:

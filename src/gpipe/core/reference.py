@@ -80,7 +80,7 @@ def reference_step(
     try:
         losses, draws = [], [{} for _ in mbs]
         for t, mb in enumerate(mbs):
-            with rng_replay.recording(draws[t]):
+            with rng.recording(draws[t]):
                 out = _run(layers, mb, seed, step, t)
                 losses.append(loss_fn(out, tmbs[t]) * scales[t] if scales[t] else zero_loss(out))
         total = sum(losses)

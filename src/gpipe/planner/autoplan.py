@@ -417,15 +417,29 @@ def _evaluate(
         wgt.append(sum(t[2] for t in part))
         start += c
     split = sched.split_backward
-    sim = simulate(sched, fwd, bwd, weight_costs=wgt if split else None,
-                   split_overhead=split_extra if split else 0.0)  # fmt: skip
+    sim = simulate(
+        sched,
+        fwd,
+        bwd,
+        weight_costs=wgt if split else None,
+        split_overhead=split_extra if split else 0.0,
+    )
     stages = mm.stage_memory(costs, counts, input_bytes)
     memory = mm.device_memory(sched, stages, remat, optimizer)
     joint = mm.process_peak(sim.events, sched, stages, remat, optimizer) if shared else None
-    return dict(schedule=sched.name, virtual_stages=sched.virtual_stages,
-                chunks=sched.num_microbatches, balance=tuple(counts), remat=remat,
-                step_time=sim.makespan, bubble=sim.bubble, memory=tuple(memory),
-                shared_peak=joint, optimizer=str(optimizer), simulation=sim)  # fmt: skip
+    return dict(
+        schedule=sched.name,
+        virtual_stages=sched.virtual_stages,
+        chunks=sched.num_microbatches,
+        balance=tuple(counts),
+        remat=remat,
+        step_time=sim.makespan,
+        bubble=sim.bubble,
+        memory=tuple(memory),
+        shared_peak=joint,
+        optimizer=str(optimizer),
+        simulation=sim,
+    )
 
 
 def _peak(r: dict) -> int:
@@ -498,12 +512,23 @@ def mm_fmt(n: float | None) -> str:
 
 def table(configs: Sequence[Configuration], top: int = 10) -> str:
     """A plain-text table of the first ``top`` configurations."""
-    head = ("#", "schedule", "V", "M", "remat", "balance", "step", "bubble", "peak", "on",
-            "reason")  # fmt: skip
+    head = ("#", "schedule", "V", "M", "remat", "balance", "step", "bubble", "peak", "on", "reason")
     rows = []
     for c in list(configs)[:top]:
         on = "all" if c.shared_peak is not None else f"dev {c.peak_device}"
-        rows.append((str(c.rank), c.schedule, str(c.virtual_stages), str(c.chunks), c.remat,
-                     ",".join(map(str, c.balance)), f"{c.step_time * 1e3:.1f} ms",
-                     f"{c.bubble:.1%}", mm_fmt(c.peak_memory), on, c.reason))  # fmt: skip
+        rows.append(
+            (
+                str(c.rank),
+                c.schedule,
+                str(c.virtual_stages),
+                str(c.chunks),
+                c.remat,
+                ",".join(map(str, c.balance)),
+                f"{c.step_time * 1e3:.1f} ms",
+                f"{c.bubble:.1%}",
+                mm_fmt(c.peak_memory),
+                on,
+                c.reason,
+            )
+        )
     return text_table(head, rows)

@@ -69,9 +69,22 @@ def optimizer_slots(optimizer: str | int) -> int:
     return OPTIMIZER_SLOTS[key]
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: str | int | float) -> int:
@@ -169,9 +182,14 @@ class DeviceMemory:
     def total(self) -> int:
         """Every term added up: the device's predicted peak."""
         return (
-            self.parameters + self.buffers + self.gradients + self.optimizer
-            + self.activations + self.remat_inputs + self.transient
-        )  # fmt: skip
+            self.parameters
+            + self.buffers
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.remat_inputs
+            + self.transient
+        )
 
 
 def _deltas(kind: str, st: StageMemory, remat: bool, split: bool) -> tuple[int, int, int, int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpipe.schedules import Event, Overlap, Schedule
-from gpipe.schedules.codes import Codec, in_order
+from gpipe.schedules.codes import in_order
 
 __all__ = ["SimResult", "compare", "simulate", "table"]
 
@@ -50,11 +50,10 @@ class SimResult:
         overlapped pair gives its forward then its backward, splitting the pair's time in
         proportion to their costs, as the runtimes record the two parts."""
         runs, starts, ends = self._timeline
-        s = self.schedule
-        codec = Codec(s.num_stages, s.num_microbatches)
+        codec = self.schedule.codec
         unit = codec.unit
         out = []
-        for (d, c), a, b in zip(in_order(s._codes, runs), starts, ends):
+        for (d, c), a, b in zip(in_order(self.schedule.codes, runs), starts, ends):
             u = unit(c)
             if isinstance(u, Overlap):
                 cf, cb = (self._costs[p] for p in codec.parts(c))
@@ -166,11 +165,9 @@ def _replay(
     """Time the schedule's stored replay order on flat per-action lists (see
     :mod:`gpipe.schedules.codes` for the integer layout)."""
     k = schedule.num_devices
-    n = schedule.num_stages
     m = schedule.num_microbatches
-    N = n * m
-    top = 3 * N
-    last_b = 2 * N - m
+    codec = schedule.codec
+    N, first_w, top, last_b = codec.N, codec.first_w, codec.top, codec.last_b
     cost = (
         [f for f in fwd for _ in range(m)]
         + [b - w for b, w in zip(bwd, wgt) for _ in range(m)]
@@ -178,10 +175,10 @@ def _replay(
     )
     if schedule.split_backward and (split_overhead or schedule.num_split < N):
         grow = 1.0 + split_overhead
-        for i, split in enumerate(schedule._split_flags()):
+        for i, split in enumerate(schedule.split_flags()):
             if split:
                 cost[N + i] *= grow
-                cost[2 * N + i] *= grow
+                cost[first_w + i] *= grow
             else:  # B is the whole backward
                 cost[N + i] = bwd[i // m]
     dev = [d for d in schedule.placement for _ in range(m)] * 3
@@ -191,12 +188,12 @@ def _replay(
     starts: list[float] = []
     ends: list[float] = []
     add_start, add_end = starts.append, ends.append
-    codes = schedule._codes
+    codes = schedule.codes
     # Only a dependency on another device can hold an action back: one on its own device ran
     # earlier in the device's list (the validator proved it), so the device's clock already
     # covers it. That leaves at most one per action: F(s-1, m) for F(s, m), B(s+1, m) for
     # B(s, m). The replay order comes as runs of one device's consecutive units.
-    for d, start, stop in schedule._order:
+    for d, start, stop in schedule.replay_order:
         now = free[d]
         spent = busy[d]
         for c in codes[d][start:stop]:
@@ -254,7 +251,7 @@ def _replay(
         bubble=bubble,
         busy=tuple(busy),
         peak_activations=schedule.peak_activations,
-        _timeline=(schedule._order, starts, ends),
+        _timeline=(schedule.replay_order, starts, ends),
         _costs=cost,
     )
 

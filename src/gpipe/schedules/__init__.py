@@ -32,7 +32,14 @@ from gpipe.schedules.ir import (
     round_robin,
     v_shape,
 )
-from gpipe.schedules.named import _REGISTRY, available, get, interleaving, placement_of, register
+from gpipe.schedules.named import (
+    available,
+    get,
+    interleaving,
+    placement_of,
+    register,
+    unregister,
+)
 from gpipe.schedules.spec import ScheduleSpec
 from gpipe.schedules.validate import custom, dependencies, execution_order, validate
 
@@ -55,8 +62,7 @@ __all__ = [
     "placement_of",
     "register",
     "round_robin",
+    "unregister",
     "v_shape",
     "validate",
 ]
-
-_ = _REGISTRY  # the registry itself, for tests that register and remove their own schedules

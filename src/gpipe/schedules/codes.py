@@ -8,6 +8,11 @@ integer ``kind·N + s·M + m`` (kind 0 = F, 1 = B, 2 = W), so a dependency is ar
 lists — no per-action objects, no dictionaries in the hot loops — so a schedule of a hundred
 thousand actions is built, checked and replayed in a fraction of a second.
 
+This module is the one home of that arithmetic: :class:`Codec` answers every question about a
+code (its kind, stage, micro-batch, the ``W`` of a ``B``, an overlap's parts, which backwards a
+list splits, how many activation sets a list keeps alive), and the schedule builders, the
+validator, :class:`~gpipe.schedules.Schedule` and the simulator ask it rather than redo it.
+
 The invariant: :func:`replay` returns the units in the same order as the readable replay
 :func:`gpipe.schedules.validate.execution_order` (devices advance greedily in turn), or raises
 on a deadlock naming every stuck device.
@@ -27,12 +32,18 @@ _KIND_INDEX = {"F": 0, "B": 1, "W": 2}
 class Codec:
     """Codes of one shape (``n`` stages, ``M`` micro-batches): what builders use to emit units."""
 
-    __slots__ = ("M", "N", "n")
+    __slots__ = ("M", "N", "first_w", "last_b", "n", "top")
 
     def __init__(self, num_stages: int, num_microbatches: int) -> None:
         self.n = num_stages
         self.M = num_microbatches
         self.N = num_stages * num_microbatches
+        #: the first ``W`` code: ``F`` codes are below ``N``, ``B`` codes below this
+        self.first_w = 2 * self.N
+        #: the first overlap code: codes below it are single actions
+        self.top = 3 * self.N
+        #: the first ``B`` code of the last stage (no ``B(s+1, m)`` to wait for)
+        self.last_b = 2 * self.N - num_microbatches
 
     def f(self, stage: int, mb: int) -> int:
         """Code of ``F(stage, mb)``."""
@@ -44,11 +55,81 @@ class Codec:
 
     def w(self, stage: int, mb: int) -> int:
         """Code of ``W(stage, mb)``."""
-        return 2 * self.N + stage * self.M + mb
+        return self.first_w + stage * self.M + mb
 
     def pair(self, f_stage: int, f_mb: int, b_stage: int, b_mb: int) -> int:
         """Code of ``Overlap(F(f_stage, f_mb), B(b_stage, b_mb))``."""
         return 3 * self.N + (f_stage * self.M + f_mb) * self.N + b_stage * self.M + b_mb
+
+    def is_b(self, code: int) -> bool:
+        """Whether ``code`` is a ``B`` action."""
+        return self.N <= code < self.first_w
+
+    def is_w(self, code: int) -> bool:
+        """Whether ``code`` is a ``W`` action."""
+        return self.first_w <= code < self.top
+
+    def stage_of(self, code: int) -> int:
+        """The stage of action ``code`` (``F``, ``B`` or ``W``)."""
+        return (code % self.N) // self.M
+
+    def w_of(self, b_code: int) -> int:
+        """The code of the ``W`` of the same (stage, micro-batch) as ``B`` code ``b_code``."""
+        return b_code + self.N
+
+    def split_flags(self, lists: Sequence[Sequence[int]]) -> bytearray:
+        """Per ``stage·M + micro-batch``: 1 when ``lists`` holds that backward's ``W`` (the
+        backward is split into ``B`` and ``W``), else 0 (its ``B`` is the whole backward)."""
+        first_w, top = self.first_w, self.top
+        flags = bytearray(self.N)
+        for lst in lists:
+            for c in lst:
+                if first_w <= c < top:
+                    flags[c - first_w] = 1
+        return flags
+
+    def peak_live(self, lst: Sequence[int], flags: bytearray) -> int:
+        """The most (stage, micro-batch) activation sets one device's list ``lst`` holds at
+        once: from the ``F`` until the last backward action of it (``W`` when ``flags`` says
+        the backward is split, else ``B``); an overlap counts its forward first, then its
+        backward."""
+        n_all, first_w, top = self.N, self.first_w, self.top
+        live = peak = 0
+        for c in lst:
+            if c < n_all or c >= top:  # a forward, or an overlap's forward
+                live += 1
+                if live > peak:
+                    peak = live
+                # ... then its backward, the last of that micro-batch unless split
+                if c >= top and not flags[(c - top) % n_all]:
+                    live -= 1
+            elif c >= first_w or not flags[c - n_all]:  # a W, or a whole B
+                live -= 1
+        return peak
+
+    def actions_of(self, lst: list[int]) -> list[int]:
+        """``lst`` with each overlap replaced by its two action codes (forwards first, then
+        the pairs' forwards, then their backwards): the actions a list runs, in no order."""
+        top, N = self.top, self.N
+        if not lst or max(lst) < top:
+            return lst
+        prs = [c - top for c in lst if c >= top]
+        return [c for c in lst if c < top] + [x // N for x in prs] + [N + x % N for x in prs]
+
+    def recode(self, codes: Sequence[int], pad: Codec) -> list[int]:
+        """``codes`` of ``pad``'s layout (the same stages, more micro-batches) re-coded for this
+        codec, without the micro-batches past this codec's count (an overlap that lost one part
+        keeps the other as a plain action)."""
+        m = self.M
+        out = []
+        for code in codes:
+            parts = [a for a in pad.unit(code).parts if a.microbatch < m]
+            if len(parts) == 2:
+                f, b = parts
+                out.append(self.pair(f.stage, f.microbatch, b.stage, b.microbatch))
+            elif parts:
+                out.append(self.encode(parts[0]))
+        return out
 
     def unit(self, code: int) -> Unit:
         """The :class:`Action` or :class:`Overlap` of ``code``."""
@@ -120,8 +201,8 @@ def replay(
     and the dependencies it waits for.
     """
     N, M = codec.N, codec.M
-    top = 3 * N
-    last_b = 2 * N - M  # B codes at or above this are the last stage's (no B(s+1) to wait for)
+    top = codec.top
+    last_b = codec.last_b  # B codes at or above this are the last stage's (no B(s+1) to wait for)
     done = bytearray(top)
     k = len(codes)
     pos = [0] * k

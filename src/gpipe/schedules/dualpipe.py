@@ -41,7 +41,7 @@ def _dualpipe_v(k: int, m: int, v: int) -> list[list[int]]:
     pad = Codec(2 * k, n)
     out = [_device(k, n, d, pad) for d in range(k)]
     if n > m:
-        out = [_drop(lst, pad, Codec(2 * k, m)) for lst in out]
+        out = [Codec(2 * k, m).recode(lst, pad) for lst in out]
     return out
 
 
@@ -114,18 +114,3 @@ def _device(k: int, n: int, d: int, c: Codec) -> list[int]:
     while owed:
         weight()
     return acts
-
-
-def _drop(codes: list[int], pad: Codec, c: Codec) -> list[int]:
-    """``codes`` of the padded layout re-coded for ``c``'s micro-batch count, without the
-    padding micro-batches (an overlap that lost one part keeps the other as a plain action)."""
-    m = c.M
-    out = []
-    for code in codes:
-        parts = [a for a in pad.unit(code).parts if a.microbatch < m]
-        if len(parts) == 2:
-            f, b = parts
-            out.append(c.pair(f.stage, f.microbatch, b.stage, b.microbatch))
-        elif parts:
-            out.append(c.encode(parts[0]))
-    return out

@@ -44,7 +44,7 @@ from gpipe.schedules.actions import (
     ScheduleError,
     Unit,
 )
-from gpipe.schedules.codes import decode_lists
+from gpipe.schedules.codes import Codec, decode_lists
 
 
 def device_of(stage: int, num_devices: int) -> int:
@@ -78,9 +78,10 @@ class Schedule:
     :meth:`splits` says which: a (stage, micro-batch) whose ``B`` has no ``W`` runs its whole
     backward in ``B``. ``placement[s]`` is the device that holds stage ``s``.
 
-    Internally the lists are also kept as integer codes (see :mod:`gpipe.schedules.codes`), so
-    the validator and the simulator walk flat lists of ints; ``actions`` is made from them on
-    first use.
+    The lists are also kept as integer codes (:attr:`codes`, laid out by :attr:`codec`; see
+    :mod:`gpipe.schedules.codes`), with the order the validation proved they can run in
+    (:attr:`replay_order`), so the validator and the simulator walk flat lists of ints;
+    ``actions`` is made from them on first use.
     """
 
     __slots__ = (
@@ -122,34 +123,45 @@ class Schedule:
         self._split: bytearray | None = None
 
     @property
+    def codes(self) -> tuple[list[int], ...]:
+        """Per device, the ordered units as integer codes of :attr:`codec` (read only)."""
+        return self._codes
+
+    @property
+    def codec(self) -> Codec:
+        """The :class:`~gpipe.schedules.codes.Codec` of this schedule's shape."""
+        return Codec(self.num_stages, self.num_microbatches)
+
+    @property
+    def replay_order(self) -> list[tuple[int, int, int]]:
+        """The order the validation proved the units can run in, as runs ``(device, start,
+        stop)``: device ``d`` runs ``codes[d][start:stop]`` next (read only; see
+        :func:`gpipe.schedules.codes.replay`)."""
+        return self._order
+
+    @property
     def actions(self) -> tuple[tuple[Unit, ...], ...]:
         """Per device, the ordered units (:class:`Action` or :class:`Overlap`)."""
         if self._actions is None:
             self._actions = decode_lists(self._codes, self.num_stages, self.num_microbatches)
         return self._actions
 
-    def _split_flags(self) -> bytearray:
-        """Per ``stage·M + micro-batch``: 1 when that backward is split (it has a ``W``)."""
+    def split_flags(self) -> bytearray:
+        """Per ``stage·M + micro-batch``: 1 when that backward is split (it has a ``W``).
+        The schedule's own; do not change it."""
         if self._split is None:
-            n_all = self.num_stages * self.num_microbatches
-            flags = bytearray(n_all)
-            if self.split_backward:
-                for codes in self._codes:
-                    for c in codes:
-                        if 2 * n_all <= c < 3 * n_all:
-                            flags[c - 2 * n_all] = 1
-            self._split = flags
+            self._split = self.codec.split_flags(self._codes if self.split_backward else ())
         return self._split
 
     def splits(self, stage: int, microbatch: int) -> bool:
         """Whether the backward of (``stage``, ``microbatch``) is split into ``B`` and ``W``
         (a ``W`` of it is in the schedule); otherwise its ``B`` is the whole backward."""
-        return bool(self._split_flags()[stage * self.num_microbatches + microbatch])
+        return bool(self.split_flags()[stage * self.num_microbatches + microbatch])
 
     @property
     def num_split(self) -> int:
         """How many (stage, micro-batch) backwards are split."""
-        return sum(self._split_flags())
+        return sum(self.split_flags())
 
     @property
     def peak_activations(self) -> tuple[int, ...]:
@@ -157,24 +169,8 @@ class Schedule:
         the costs: from the ``F`` until the last backward action of it (``W`` when the backward
         is split, else ``B``); an overlap counts its forward first, then its backward."""
         if self._peaks is None:
-            n_all = self.num_stages * self.num_microbatches
-            top = 3 * n_all
-            flags = self._split_flags()
-            peaks = []
-            for codes in self._codes:
-                live = peak = 0
-                for c in codes:
-                    if c < n_all or c >= top:  # a forward, or an overlap's forward
-                        live += 1
-                        if live > peak:
-                            peak = live
-                        # ... then its backward, the last of that micro-batch unless split
-                        if c >= top and not flags[(c - top) % n_all]:
-                            live -= 1
-                    elif c >= 2 * n_all or not flags[c - n_all]:  # a W, or a whole B
-                        live -= 1
-                peaks.append(peak)
-            self._peaks = tuple(peaks)
+            codec, flags = self.codec, self.split_flags()
+            self._peaks = tuple(codec.peak_live(codes, flags) for codes in self._codes)
         return self._peaks
 
     @property

@@ -104,7 +104,15 @@ def needs_interleaving() -> str:
     return "schedule=" + " or ".join(repr(n) for n in interleaving())
 
 
-def _entry(name: object) -> tuple[str, Entry]:
+def unregister(name: str) -> None:
+    """Remove the schedule registered under ``name`` (spelled as :func:`register` takes it); a
+    name not registered is ignored. For code that registers a schedule for a while (tests)."""
+    _REGISTRY.pop(_key(name), None)
+
+
+def lookup(name: object) -> tuple[str, Entry]:
+    """``(key, entry)`` of the registered schedule ``name`` (any spelling :func:`get` takes);
+    an unknown name raises :class:`ValueError` naming the closest registered one."""
     key = _key(name)
     if key not in _REGISTRY:
         raise _unknown(name)
@@ -114,7 +122,7 @@ def _entry(name: object) -> tuple[str, Entry]:
 def resolve_virtual(name: object, virtual_stages: int | None) -> int:
     """The number of stages per device schedule ``name`` uses when asked for
     ``virtual_stages`` (``None``: its default); a number it cannot take is refused."""
-    _, entry = _entry(name)
+    _, entry = lookup(name)
     if virtual_stages is not None:
         virtual_stages = checked_int(virtual_stages, "virtual_stages", 1)
     if entry.fixed_virtual is not None:
@@ -137,7 +145,7 @@ def resolve_virtual(name: object, virtual_stages: int | None) -> int:
 def placement_of(name: str, num_devices: int, virtual_stages: int | None = None) -> tuple[int, ...]:
     """Stage → device of schedule ``name`` on ``num_devices`` devices, known before the
     micro-batch count (``virtual_stages`` as :func:`get` takes it)."""
-    _, entry = _entry(name)
+    _, entry = lookup(name)
     k = checked_int(num_devices, "num_devices", 1)
     return tuple(entry.placement(k, resolve_virtual(name, virtual_stages)))
 
@@ -151,7 +159,7 @@ def get(
     2; :func:`interleaving`); ``zb-v`` and ``dualpipe-v`` always have two stages per device, the
     others one.
     """
-    key, entry = _entry(name)
+    key, entry = lookup(name)
     num_devices = checked_int(num_devices, "num_devices", 1)
     num_microbatches = checked_int(num_microbatches, "num_microbatches", 1)
     v = resolve_virtual(name, virtual_stages)

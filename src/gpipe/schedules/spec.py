@@ -10,10 +10,8 @@ from __future__ import annotations
 from gpipe.schedules.actions import checked_int
 from gpipe.schedules.ir import Schedule
 from gpipe.schedules.named import (
-    _REGISTRY,
-    _key,
-    _unknown,
     get,
+    lookup,
     needs_interleaving,
     placement_of,
     resolve_virtual,
@@ -45,12 +43,9 @@ class ScheduleSpec:
             self.num_devices: int | None = schedule.num_devices
             return
         self.fixed = None
-        self.name = _key(schedule)
-        if self.name not in _REGISTRY:
-            raise _unknown(schedule)
+        self.name, entry = lookup(schedule)
         if virtual_stages is not None:
             virtual_stages = checked_int(virtual_stages, "virtual_stages", 1)
-        entry = _REGISTRY[self.name]
         if virtual_stages not in (None, 1) and not entry.virtual and entry.fixed_virtual is None:
             raise ValueError(
                 f"virtual_stages={virtual_stages} needs {needs_interleaving()}, not {schedule!r}"

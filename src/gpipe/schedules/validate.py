@@ -141,25 +141,19 @@ def from_codes(
     k = len(codes)
     n = k * virtual_stages
     codec = Codec(n, num_microbatches)
-    top = 3 * codec.N
+    top, N, first_w = codec.top, codec.N, codec.first_w
     # the checks run in builtins and comprehensions (min, max, set, itemgetter), without a
     # Python-level step per action; an overlap is checked as its two parts
-    N = codec.N
-    per_device = []
-    for lst in codes:
-        if lst and max(lst) >= top:
-            prs = [c - top for c in lst if c >= top]
-            lst = [c for c in lst if c < top] + [x // N for x in prs] + [N + x % N for x in prs]
-        per_device.append(lst)
+    per_device = [codec.actions_of(lst) for lst in codes]
     flat = list(itertools.chain.from_iterable(per_device))
-    split = bool(flat) and max(flat) >= 2 * N
+    split = bool(flat) and max(flat) >= first_w
     ok = (
         bool(flat)
         and min(flat) >= 0
         and max(flat) < top
         and len(set(flat)) == len(flat)
         # every F and B; a W at most once (the rest are W codes, distinct)
-        and len(flat) - sum(map((2 * N).__le__, flat)) == 2 * N
+        and len(flat) - sum(map(first_w.__le__, flat)) == 2 * N
     )
     if ok:
         per_stage = ([d] * num_microbatches for d in placement)

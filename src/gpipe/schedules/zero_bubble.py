@@ -73,12 +73,12 @@ def _interleaved_zb(k: int, m: int, v: int, every: bool = False) -> list[list[in
     (ZB-H1's ``(K-1)·(F+B-W)``, at ``1/V`` of the stage cost). Valid for every ``M ≥ 1``.
     """
     total = m * v
-    n_all = k * v * m
+    c = Codec(k * v, m)
     out = []
     for d in range(k):
         fwd, bwd = interleaved_order(k, m, v, d)
-        wgt = [b + n_all for b in bwd]  # the W of the same (stage, micro-batch)
-        split = None if every else _worth_splitting([(b - n_all) // m for b in bwd], d, v * k - d)
+        wgt = [c.w_of(b) for b in bwd]
+        split = None if every else _worth_splitting([c.stage_of(b) for b in bwd], d, v * k - d)
         out.append(_merge(fwd, bwd, wgt, min((v - 1) * k + k - d - 1, total), owed=d, split=split))
     return out
 
@@ -154,13 +154,13 @@ def _zb_v(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
     steady state's ``B W`` pairs only the device's first ``K-1`` and last ``3K-2`` backwards
     stay split (:func:`_keep_split`).
     """
-    n = max(m, 2 * k - 1)  # laid out for n micro-batches, codes of a Codec(2K, n)
-    big = 2 * k * n  # F = s·n + i, B = big + s·n + i, W = 2·big + s·n + i
+    n = max(m, 2 * k - 1)  # laid out for n micro-batches
+    pad, codec = Codec(2 * k, n), Codec(2 * k, m)
     out = []
     for d in range(k):
-        s0, s1 = d * n, (2 * k - 1 - d) * n
-        F0, B0, W0 = s0, big + s0, 2 * big + s0
-        F1, B1, W1 = s1, big + s1, 2 * big + s1
+        s0, s1 = d, 2 * k - 1 - d
+        F0, B0, W0 = pad.f(s0, 0), pad.b(s0, 0), pad.w(s0, 0)
+        F1, B1, W1 = pad.f(s1, 0), pad.b(s1, 0), pad.w(s1, 0)
         seq: list[int] = []
         add = seq.append
         f0 = f1 = b0 = b1 = 0
@@ -195,18 +195,12 @@ def _zb_v(k: int, m: int, v: int, every: bool = False) -> list[list[int]]:
         seq += [W1 + i for i in range(w1, b1)]
         seq += [W0 + i for i in range(w0, b0)]
         if n > m:  # drop the padding micro-batches and re-code for M = m
-            kept = []
-            for c in seq:
-                kind, rest = divmod(c, big)
-                st, i = divmod(rest, n)
-                if i < m:
-                    kept.append(kind * 2 * k * m + st * m + i)
-            seq = kept
-        out.append(seq if every else _keep_split(seq, 2 * k * m, m, k - 1, 3 * k - 2))
+            seq = codec.recode(seq, pad)
+        out.append(seq if every else _keep_split(seq, codec, k - 1, 3 * k - 2))
     return out
 
 
-def _keep_split(seq: list[int], n_all: int, m: int, head: int, tail: int) -> list[int]:
+def _keep_split(seq: list[int], c: Codec, head: int, tail: int) -> list[int]:
     """``seq`` with the ``W`` of each backward dropped (its ``B`` becoming the whole backward)
     except the device's first ``head`` and last ``tail`` backwards, never stage 0's (see
     :func:`_worth_splitting`). ZB-V's steady state runs each ``W`` right after its ``B``, so
@@ -214,10 +208,10 @@ def _keep_split(seq: list[int], n_all: int, m: int, head: int, tail: int) -> lis
     matters only where the pipeline fills and drains: with the split free, dropping the others
     gives the same step, with any split cost a shorter one (``head = K-1`` and ``tail = 3K-2``
     are the fewest that keep the step for K ≤ 6, M ≤ 5K and five F:B:W ratios)."""
-    bwd = [c for c in seq if n_all <= c < 2 * n_all]
-    split = _worth_splitting([(c - n_all) // m for c in bwd], head, tail)
-    keep = {c + n_all for c, on in zip(bwd, split) if on}
-    return [c for c in seq if c < 2 * n_all or c >= 3 * n_all or c in keep]
+    bwd = [x for x in seq if c.is_b(x)]
+    split = _worth_splitting([c.stage_of(x) for x in bwd], head, tail)
+    keep = {c.w_of(x) for x, on in zip(bwd, split) if on}
+    return [x for x in seq if not c.is_w(x) or x in keep]
 
 
 def every_split(name: str, k: int, m: int, v: int | None = None) -> Schedule:

@@ -42,15 +42,25 @@ __all__ = [
     "RANDOM_MODULES",
     "KeyedRandom",
     "derive_seed",
+    "draws_nothing",
+    "in_region",
+    "input_device",
     "install_hooks",
     "keyed",
     "keyed_modules",
+    "module_mode",
+    "recording",
+    "region",
     "warm_up",
 ]
 
 _aten = torch.ops.aten
 _FALLBACK_LOCK = threading.Lock()
 _VARIANTS: dict[Any, Any] = {}
+# This thread's keyed-region state: ``regions`` (how many keyed regions are open),
+# ``full_mode`` / ``module_mode`` (the innermost :func:`keyed` / :func:`keyed_modules` mode),
+# ``draws`` (where :func:`recording` keeps generator states), ``known_depth`` and ``entered``
+# (the hooks' nesting). Other modules use the functions below, never these fields.
 _tls = threading.local()
 
 #: Modules whose forward is known to draw random numbers; see :func:`install_hooks`.
@@ -89,7 +99,7 @@ def _generator_variant(func: Any) -> Any | None:
     return found
 
 
-def _draws_nothing(func: Any, args: tuple, kwargs: dict) -> bool:
+def draws_nothing(func: Any, args: tuple, kwargs: dict) -> bool:
     """True for a seeded op called with a zero dropout probability (attention kernels are
     tagged seeded because they *can* drop; with ``dropout_p=0`` they draw nothing)."""
     for i, a in enumerate(func._schema.arguments):
@@ -139,7 +149,7 @@ class KeyedRandom(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded not in func.tags or _draws_nothing(func, args, kwargs):
+        if torch.Tag.nondeterministic_seeded not in func.tags or draws_nothing(func, args, kwargs):
             return func(*args, **kwargs)
         self.used = True
         if not getattr(_tls, "known_depth", 0):
@@ -257,11 +267,50 @@ def _fast(module: nn.Module, args: Any) -> bool:
     )
 
 
+def module_mode(mode: KeyedRandom, module: nn.Module, args: Any) -> Any:
+    """The context in which random ``module``'s call on ``args`` draws from ``mode``'s
+    generator: ``mode`` itself, or, for a plain CPU ``nn.Dropout``, the cheaper function mode
+    that draws the same bits."""
+    return _CpuDropout(mode) if _fast(module, args) else mode
+
+
+def in_region() -> bool:
+    """Whether this thread runs inside a keyed region (:func:`keyed`, :func:`keyed_modules`,
+    :func:`region`)."""
+    return bool(getattr(_tls, "regions", 0))
+
+
+@contextlib.contextmanager
+def region() -> Iterator[None]:
+    """Count the body as a keyed region: hooked random modules in it do not ask for a replay
+    (the caller has entered the mode they draw from)."""
+    _tls.regions = getattr(_tls, "regions", 0) + 1
+    try:
+        yield
+    finally:
+        _tls.regions -= 1
+
+
+@contextlib.contextmanager
+def recording(draws: dict) -> Iterator[None]:
+    """Record into ``draws``, for each hooked random module call of the body inside a keyed
+    region, the state of the region's generator just before it, under ``(layer index,
+    id(module))``: what a layer's own checkpoint needs to recompute the call with the same
+    draws (:func:`gpipe.stage.rng_replay.replay`)."""
+    prev, _tls.draws = getattr(_tls, "draws", None), draws
+    try:
+        yield
+    finally:
+        _tls.draws = prev
+
+
 def _draws(module: nn.Module) -> bool:
     return module.training and getattr(module, "p", 1) != 0
 
 
-def _device_arg(args: Any) -> torch.device:
+def input_device(args: Any) -> torch.device:
+    """The device of a module call's first argument (CPU when it is not a tensor): the device
+    whose generator the call draws from."""
     x = args[0] if args else None
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
@@ -282,10 +331,10 @@ def _pre_hook(
     if getattr(_tls, "regions", 0):
         draws = getattr(_tls, "draws", None)
         if draws is not None and index is not None and region is not None and _draws(module):
-            state = region.generator(_device_arg(args)).get_state()
+            state = region.generator(input_device(args)).get_state()
             draws.setdefault((index, id(module)), []).append(state)
         if mode is not None:
-            entered = _CpuDropout(mode) if _fast(module, args) else mode
+            entered = module_mode(mode, module, args)
     elif replay is not None and _draws(module):  # outside every region: a recompute?
         entered = replay(module, args, index)
     if entered is not None:

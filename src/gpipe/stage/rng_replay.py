@@ -2,10 +2,12 @@
 forward's random numbers again.
 
 The recompute runs inside the stage's backward, outside the forward's keyed region
-(:mod:`gpipe.stage.rng`), where a dropout would draw from the global generator — another mask, and
-gradients of another function. Each grad-mode forward records, per hooked random-module call,
-the region generator's state just before it (:func:`recording`); backward actions run under
-:func:`backward_of`, where such a call takes its recorded state, in order, and draws again.
+(:mod:`gpipe.stage.rng`), where a dropout would draw from the global generator — another mask,
+and gradients of another function. Each grad-mode forward records, per hooked random-module
+call, the region generator's state just before it (:func:`gpipe.stage.rng.recording`);
+backward actions run under :func:`backward_of`, where such a call takes its recorded state, in
+order, and draws again. This module keeps only which backward a thread (or a device) runs; the
+keyed-region state is :mod:`gpipe.stage.rng`'s, reached through its functions.
 
 The invariant: a random module recomputed by a layer's own checkpoint draws exactly what its
 forward drew, bit for bit; a random draw there that cannot be matched to a forward call (a
@@ -26,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpipe.stage import rng
 
-__all__ = ["backward_of", "on_device", "recording", "replay"]
+__all__ = ["backward_of", "on_device", "replay"]
 
 
 def _unkeyed(where: tuple[int, int], what: str) -> RuntimeError:
@@ -53,11 +55,7 @@ class _Unkeyed(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         seeded = torch.Tag.nondeterministic_seeded in func.tags
-        if (
-            seeded
-            and not getattr(rng._tls, "regions", 0)
-            and not rng._draws_nothing(func, args, kwargs)
-        ):
+        if seeded and not rng.in_region() and not rng.draws_nothing(func, args, kwargs):
             raise _unkeyed(self.where, f"aten.{func.overloadpacket.__name__}")
         return func(*args, **kwargs)
 
@@ -70,32 +68,28 @@ on_device: dict[torch.device, list[tuple[int, int, dict | None]]] = {}
 _ON_DEVICE_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def recording(draws: dict) -> Iterator[None]:
-    """Record into ``draws``, for each hooked random module call of the body (a forward), the
-    state of the region's generator just before it: what a layer's own checkpoint needs to
-    recompute the call with the same draws (:func:`backward_of`)."""
-    prev, rng._tls.draws = getattr(rng._tls, "draws", None), draws
-    try:
-        yield
-    finally:
-        rng._tls.draws = prev
+#: This thread's backward: (stage, micro-batch, draws) while :func:`backward_of` runs.
+_tls = threading.local()
 
 
 @contextlib.contextmanager
 def backward_of(
-    stage: int, microbatch: int, watch_ops: bool, draws: dict | None = None,
+    stage: int,
+    microbatch: int,
+    watch_ops: bool,
+    draws: dict | None = None,
     device: torch.device | None = None,
-) -> Iterator[None]:  # fmt: skip
+) -> Iterator[None]:
     """Mark the body as ``stage``'s backward of ``microbatch`` on ``device``. A hooked random
-    module (:func:`install_hooks`) that runs in it outside a keyed region is a layer's own
-    ``torch.utils.checkpoint`` recomputing: it draws again what its forward drew (the states
-    :func:`recording` kept in ``draws``), or, with nothing recorded, raises rather than draw
-    a mask the forward never drew. ``watch_ops`` (a stage with layers that draw outside
-    random modules) refuses every other seeded ATen op there too, at a dispatch mode's cost."""
+    module (:func:`gpipe.stage.rng.install_hooks`) that runs in it outside a keyed region is a
+    layer's own ``torch.utils.checkpoint`` recomputing: it draws again what its forward drew
+    (the states :func:`gpipe.stage.rng.recording` kept in ``draws``), or, with nothing
+    recorded, raises rather than draw a mask the forward never drew. ``watch_ops`` (a stage
+    with layers that draw outside random modules) refuses every other seeded ATen op there
+    too, at a dispatch mode's cost."""
     where = (stage, microbatch, draws)
-    prev = getattr(rng._tls, "backward_of", None)
-    rng._tls.backward_of = where
+    prev = getattr(_tls, "backward_of", None)
+    _tls.backward_of = where
     shared = device is not None and device.type != "cpu"
     if shared:
         with _ON_DEVICE_LOCK:
@@ -104,7 +98,7 @@ def backward_of(
         with _Unkeyed((stage, microbatch)) if watch_ops else contextlib.nullcontext():
             yield
     finally:
-        rng._tls.backward_of = prev
+        _tls.backward_of = prev
         if shared:
             with _ON_DEVICE_LOCK:
                 active = on_device[device]
@@ -113,29 +107,21 @@ def backward_of(
                     del on_device[device]
 
 
-class _Replay:
+@contextlib.contextmanager
+def _replaying(inner: Any) -> Iterator[None]:
     """A recorded call's draws again: ``inner`` (a mode over a generator restored to the
     recorded state) entered as a keyed region."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __enter__(self) -> None:
-        rng._tls.regions = getattr(rng._tls, "regions", 0) + 1
-        self.inner.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.inner.__exit__(*exc)
-        rng._tls.regions -= 1
+    with rng.region(), inner:
+        yield
 
 
 def replay(module: nn.Module, args: Any, index: int | None) -> Any:
     """For a random module called outside every keyed region: inside a stage's backward
     (this thread's, or the device's), the context that draws its recorded call again;
     elsewhere ``None`` (a module run outside any pipeline draws as usual)."""
-    device = rng._device_arg(args)
+    device = rng.input_device(args)
     active = on_device.get(device)
-    where = getattr(rng._tls, "backward_of", None) or (active[-1] if active else None)
+    where = getattr(_tls, "backward_of", None) or (active[-1] if active else None)
     if where is None:
         return None
     stage, microbatch, draws = where
@@ -145,4 +131,4 @@ def replay(module: nn.Module, args: Any, index: int | None) -> Any:
     mode = rng.KeyedRandom(0)
     g = mode.generator(device)
     g.set_state(states.pop(0))
-    return _Replay(rng._CpuDropout(mode) if rng._fast(module, args) else mode)
+    return _replaying(rng.module_mode(mode, module, args))

@@ -27,7 +27,7 @@ from gpipe.base.microbatch import tree_detach, tree_flatten, tree_wants_grad
 from gpipe.stage import amp, inplace, rng, rng_replay, shared_params, wgrad
 from gpipe.stage import remat as remat_mod
 from gpipe.stage.loss import checked_loss, zero_loss
-from gpipe.stage.state import StageOutput, StepState, _Saved
+from gpipe.stage.state import SavedMicrobatch, StageOutput, StepState
 
 __all__ = ["Stage", "StageOutput", "StepState"]
 
@@ -245,7 +245,7 @@ class Stage:
                     torch.set_grad_enabled(not remat),
                     self._capture(capture) as calls,
                     self._effects.watch(),
-                    rng_replay.recording(draws),
+                    rng.recording(draws),
                 ):
                     out = self._run(state, microbatch, fed)
                     loss = self._loss(state, microbatch, out, target) if want_loss else None
@@ -259,7 +259,9 @@ class Stage:
             self._sink = None
         keep = None if remat else (loss if want_loss else out)
         # an abandoned worker of an earlier step writes into that step's state, never this one
-        state.saved[microbatch] = _Saved(inputs, keep, remat, target, calls=calls, draws=draws)
+        state.saved[microbatch] = SavedMicrobatch(
+            inputs, keep, remat, target, calls=calls, draws=draws
+        )
         return StageOutput(out, loss, fetched)
 
     def _capture(self, on: bool) -> Any:
@@ -273,7 +275,7 @@ class Stage:
         return self._wgrad.capture() if on else contextlib.nullcontext()
 
     def _outputs_for_backward(
-        self, state: StepState, microbatch: int, saved: _Saved, split: bool
+        self, state: StepState, microbatch: int, saved: SavedMicrobatch, split: bool
     ) -> Any:
         if not saved.remat:
             return saved.outputs

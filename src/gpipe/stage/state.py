@@ -18,7 +18,7 @@ from torch import nn
 from gpipe.stage import wgrad
 from gpipe.stage.amp import Autocast
 
-__all__ = ["StageOutput", "StepState"]
+__all__ = ["SavedMicrobatch", "StageOutput", "StepState"]
 
 
 @dataclass
@@ -32,7 +32,9 @@ class StageOutput:
 
 
 @dataclass
-class _Saved:
+class SavedMicrobatch:
+    """What a stage keeps of one micro-batch's forward for its backward actions."""
+
     inputs: Any
     outputs: Any  # output pytree (or scaled loss) with its graph, or None when re-materialized
     remat: bool
@@ -58,7 +60,7 @@ class StepState:
     grad_mode: bool = True
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     loss_scale: float | Sequence[float] = 1.0  # one for all, or each micro-batch's
-    saved: dict[int, _Saved] = field(default_factory=dict)
+    saved: dict[int, SavedMicrobatch] = field(default_factory=dict)
     # id(borrowed parameter) → this step's alias (:mod:`gpipe.stage.shared_params`)
     aliases: dict[int, nn.Parameter] = field(default_factory=dict)
     # the caller's autocast when the step began: its forwards (and recomputes) run under it

@@ -71,9 +71,18 @@ def _conv(m: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, names: A
     w = m.weight.detach().to(g.dtype)
     mask = [False, "weight" in names, "bias" in names]
     _, gw, gb = torch.ops.aten.convolution_backward(
-        gi, xi, w, [w.shape[0]], list(m.stride), padding, list(m.dilation), False, [0] * n,
-        m.groups, mask,
-    )  # fmt: skip
+        gi,
+        xi,
+        w,
+        [w.shape[0]],
+        list(m.stride),
+        padding,
+        list(m.dilation),
+        False,
+        [0] * n,
+        m.groups,
+        mask,
+    )
     return {"weight": gw, "bias": gb}
 
 
