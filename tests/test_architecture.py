@@ -31,7 +31,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 ROOT = SRC / "gpipe"
 
 # Packages (and modules) still being rewritten: their cases report but do not fail yet.
-PENDING = {"local", "dist", "core.auto"}
+PENDING: set[str] = set()  # packages allowed to fail while they are rewritten
 # Modules checked as a case of their own, apart from their package.
 OWN_CASE = {"gpipe.core.auto": "core.auto"}
 

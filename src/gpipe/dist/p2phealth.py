@@ -61,12 +61,15 @@ class ChannelHealth:
         mine = getattr(self, "_step", None), getattr(self, "_m", None)
         self.abort(
             Failure(
-                self.ranks[peer], peer, key[1], key[2],
+                self.ranks[peer],
+                peer,
+                key[1],
+                key[2],
                 f"ran step {step} with {m} micro-batches while rank {self.rank} ran step "
                 f"{mine[0]} with {mine[1]}; every rank must call step() with the same batch "
                 "and chunks",
             )
-        )  # fmt: skip
+        )
         raise Broken()
 
     def _lost_peer(
@@ -87,13 +90,16 @@ class ChannelHealth:
                 awaited = f"its {what} of micro-batch {mb} for stage {to}"
             self.abort(
                 Failure(
-                    self.ranks[peer], peer, stage, mb,
+                    self.ranks[peer],
+                    peer,
+                    stage,
+                    mb,
                     f"did not answer within {self.timeout:g}s (rank {self.rank} waited for "
                     f"{awaited}): it closed its pipe, did not call step() (every rank calls it "
                     "each step, with the same batch), crashed or hung, or is too slow "
                     "(then raise timeout=)",
                 )
-            )  # fmt: skip
+            )
         else:
             self._mark_broken(peer, e)
         raise Broken() from None
