@@ -250,8 +250,9 @@ class DeviceStreams:
                 ops.record_stream(v, self.compute[d])
             elif isinstance(v, torch.Tensor) and v.device.type == "cpu":
                 lane = self.lane(v.device, dev)
-                with ops.use(lane.streams):
-                    v = ops.copy(ops.pin(v), dev)
+                with torch.no_grad(), ops.use(lane.streams):  # a leaf, as the caller's value
+                    y = ops.copy(ops.pin(v), dev)
+                v = y.requires_grad_(True) if v.requires_grad else y
                 ops.record_stream(v, self.compute[d])  # made on the lane, read on compute[d]
                 used.append(lane)
             out.append(v)
