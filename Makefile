@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: test train lint bench-quick clean mutants zoo
+.PHONY: test train lint bench-quick clean mutants zoo gpu-dry
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/local_throughput.py --quick
+
+# The prepared GPU check (benchmarks/gpu.sh) in its CPU dry mode, so it cannot rot unseen.
+gpu-dry: $(STAMP)
+	GPU_DRY=1 PYTHON=$(PY) bash benchmarks/gpu.sh gpu-dry-results
 
 # The whole model zoo (tests/test_zoo.py): every architecture and habit, DistributedPipe included.
 zoo: $(STAMP)

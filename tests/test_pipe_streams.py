@@ -51,7 +51,8 @@ class Event:
 class FakeOps:
     """A recording stand-in for the CUDA calls, with CUDA's ordering rules."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: Any = lambda device: True) -> None:
+        self.gpu = gpu  # which devices the fake treats as GPUs (as streams.streamed)
         self.lock = threading.RLock()
         self.log: list[tuple] = []
         self.local = threading.local()
@@ -121,14 +122,29 @@ class FakeOps:
             self.local.current = old
 
     def copy(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # a cross-device copy runs on the source device's current stream
-        lane = self.current_stream(tensor.device)
+        # As PyTorch: a copy between GPUs runs on the source device's current stream, after it
+        # waited on the destination's, and the destination's current stream (which the copy
+        # is allocated on) then waits on the copy; a host-device copy runs on the GPU end's.
+        src_cur, dst_cur = self.current_stream(tensor.device), self.current_stream(device)
+        lane = src_cur if self.gpu(tensor.device) else dst_cur
+        if lane is src_cur and self.gpu(device) and dst_cur is not src_cur:
+            with self.lock:
+                src_cur.seen |= dst_cur.seen
         self.check_read(tensor, lane, "copy")
         y = torch.empty(tensor.shape, device="meta") if device.type == "meta" else tensor.clone()
         with self.lock:
             self.log.append(("copy", lane.name))
         self.write(y, lane)
+        if self.gpu(device) and dst_cur is not lane:
+            with self.lock:
+                dst_cur.seen |= lane.seen
+                self.tag[_storage(y)] = (self.tag[_storage(y)][0], dst_cur)
         return y
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.log.append(("pin",))
+        return tensor
 
     # the model
     def write(self, tensor: torch.Tensor, stream: Stream) -> None:
@@ -278,13 +294,16 @@ def test_step_reads_every_tensor_after_its_write_and_keeps_its_memory(
     for a, b in zip(model.parameters(), reference(x, y), strict=True):
         torch.testing.assert_close(a.grad, b, atol=1e-12, rtol=0)
     new = [e for e in fake.log if e[0] == "new_stream"]
-    assert len(new) == 4  # a compute and a copy stream per pipeline device, made once
+    # a compute stream per pipeline device; a copy lane for the edge the copies cross (both
+    # fake devices are the CPU: one edge within one device, one stream), each made once
+    lanes = pipe._runner.streams.lanes
+    assert len(new) == 2 + (1 if copies else 0) and len(lanes) == (1 if copies else 0)
     copied = [e for e in fake.log if e[0] == "copy"]
     # boundaries between devices x 4 micro-batches x (activation, gradient), each 1 tensor
     place = pipe.placement
     crossing = sum(place[s] != place[s + 1] for s in range(len(balance) - 1))
     assert len(copied) == (crossing * 4 * 2 if copies else 0)
-    assert {e[1] for e in copied} <= {s.name for s in pipe._runner.streams.copy}
+    assert {e[1] for e in copied} <= {s.name for lane in lanes.values() for s in lane.streams}
     pipe.close()
 
 
@@ -317,41 +336,116 @@ def test_a_copy_waits_for_its_producer_and_its_reader_waits_for_the_copy(
     monkeypatch.setattr(streams, "OPS", ops)
     monkeypatch.setattr(streams, "streamed", lambda device: True)
     ds = streams.DeviceStreams([torch.device("cpu"), torch.device("meta")])
-    (c0, c1), (k0, k1) = ds.compute, ds.copy
+    c0, c1 = ds.compute
     x = torch.randn(2, D)
     with ops.use([c0]):
         ops.write(x, c0)
         parcel = ds.send({"h": x, "n": 3}, 0, 1)
+    lane = ds.lanes[(torch.device("cpu"), torch.device("meta"))]
+    k0, k1 = lane.src, lane.dst
     assert parcel.value["n"] == 3 and parcel.value["h"].device.type == "meta"
-    sent = ops.log[4:]  # after the four new_stream calls
+    sent = ops.log[2:]  # after the two compute streams
+    # the edge's lane, made on first use
+    assert [e for e in sent if e[0] == "new_stream"] == [("new_stream", k0), ("new_stream", k1)]
     i_ready = sent.index(("record", c0.name))
     i_copy = next(i for i, e in enumerate(sent) if e[0] == "copy")
-    # the copy streams of both ends wait on the producer's event before the copy
-    assert ("wait", k0.name, c0.name) in sent[i_ready:i_copy]
-    assert ("wait", k1.name, c0.name) in sent[i_ready:i_copy]
-    assert sent[i_copy] == ("copy", k0.name)  # on the source device's copy stream
+    # the lane's source stream waits on the producer's event (only) before the copy
+    assert [e for e in sent[:i_copy] if e[0] == "wait"] == [("wait", k0.name, c0.name)]
+    assert i_ready < sent.index(("wait", k0.name, c0.name))
+    assert sent[i_copy] == ("copy", k0.name)  # on the source device's lane stream
     assert ("record_stream", k0.name) in sent[i_copy:]  # the source, read by the copy
     assert ("record_stream", c1.name) in sent[i_copy:]  # the copy, read by the consumer
-    assert len(parcel.events) == 2  # one after the copy on each copy stream
+    assert len(parcel.events) == 1  # after the copy, on the destination's lane stream
     n = len(ops.log)
     with ops.use([c1]):
         y = ds.receive(parcel, 1)
-    assert ops.log[n:] == [("wait", c1.name, k0.name), ("wait", c1.name, k1.name)]
+    assert ops.log[n:] == [("wait", c1.name, k1.name)]
     ops.check_read(y["h"], c1, "consumer")
     assert ops.problems() == []
 
 
-def test_a_cpu_reader_waits_for_the_copy_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_direction_has_its_own_lane_which_waits_only_on_its_producer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # values cross between two "GPUs" in both directions; a stream that carries the copies
+    # of one direction never waits on the other side's compute (a copy must not queue
+    # behind the compute of the worker it goes to), and each copy still reads after its write
     ops = FakeOps()
+    monkeypatch.setattr(streams, "OPS", ops)
+    monkeypatch.setattr(streams, "streamed", lambda device: True)
+    ds = streams.DeviceStreams([torch.device("cpu"), torch.device("meta")])
+    c0, c1 = ds.compute
+    carried: dict[int, set[str]] = {0: set(), 1: set()}
+    for _ in range(2):
+        x = torch.randn(2, D)
+        with ops.use([c0]):
+            ops.write(x, c0)
+            n = len(ops.log)
+            ds.send(x, 0, 1)
+        carried[0] |= {e[1] for e in ops.log[n:] if e[0] in ("copy", "record")} - {c0.name}
+        g = torch.empty(2, D, device="meta")
+        with ops.use([c1]):
+            ops.write(g, c1)
+            n = len(ops.log)
+            ds.send(g, 1, 0)
+        carried[1] |= {e[1] for e in ops.log[n:] if e[0] in ("copy", "record")} - {c1.name}
+    assert carried[0] and carried[1] and not carried[0] & carried[1]
+    waits = [e for e in ops.log if e[0] == "wait"]
+    assert not [w for w in waits if w[1] in carried[0] and w[2] != c0.name]
+    assert not [w for w in waits if w[1] in carried[1] and w[2] != c1.name]
+    assert len([e for e in ops.log if e[0] == "new_stream"]) == 2 + 4  # made once
+    assert ops.problems() == []
+
+
+def test_a_cpu_input_is_pinned_and_copied_on_its_lane_and_read_after_its_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # worker 0 on a "GPU" (meta); the caller's micro-batches on the CPU
+    ops = FakeOps(gpu=lambda device: device.type == "meta")
+    monkeypatch.setattr(streams, "OPS", ops)
+    monkeypatch.setattr(streams, "streamed", lambda device: device.type == "meta")
+    ds = streams.DeviceStreams([torch.device("meta")])
+    (c0,) = ds.compute
+    micro = [{"x": torch.randn(2, D), "n": i} for i in range(3)]
+    n = len(ops.log)
+    arriving = streams.Arriving(ds, micro, 0)
+    lane = ds.lanes[(torch.device("cpu"), torch.device("meta"))]
+    assert lane.src is None and lane.dst is not None and lane.dst is not c0
+    made = ops.log[n:]
+    # per micro-batch: pinned, copied on the lane (not on the compute stream), the copy
+    # marked as used on the compute stream, an event after it on the lane
+    assert [e[0] for e in made if e[0] in ("pin", "copy", "record")] == [
+        "pin",
+        "copy",
+        "record",
+    ] * 3
+    assert {e[1] for e in made if e[0] == "copy"} == {lane.dst.name}
+    assert ("record_stream", c0.name) in made
+    assert not [e for e in made if e[0] in ("wait", "synchronize")]  # the caller never waits
+    assert len(arriving) == 3
+    with ops.use([c0]):
+        for m in (0, 1, 2):
+            k = len(ops.log)
+            got = arriving[m]
+            assert ops.log[k:] == [("wait", c0.name, lane.dst.name)]
+            assert got["n"] == m and got["x"].device.type == "meta"
+            ops.check_read(got["x"], c0, f"stage 0 reading micro-batch {m}")
+    assert ops.problems() == []
+
+
+def test_a_cpu_reader_waits_for_the_copy_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    ops = FakeOps(gpu=lambda device: device.type == "meta")
     monkeypatch.setattr(streams, "OPS", ops)
     monkeypatch.setattr(streams, "streamed", lambda device: device.type == "meta")
     ds = streams.DeviceStreams([torch.device("meta"), torch.device("cpu")])
-    assert ds.compute[1] is None and ds.copy[1] is None  # no streams for the CPU worker
+    assert ds.compute[1] is None  # no stream for the CPU worker
     x = torch.empty(2, D, device="meta")
     parcel = ds.send(x, 0, 1)
+    lane = ds.lanes[(torch.device("meta"), torch.device("cpu"))]
+    assert lane.dst is None  # a copy to the host runs on the GPU end's lane stream
     n = len(ops.log)
     y = ds.receive(parcel, 1)
-    assert ops.log[n:] == [("synchronize", ds.copy[0].name)]
+    assert ops.log[n:] == [("synchronize", lane.src.name)]
     assert ops.tag[_storage(y)][0] in ops.host_seen  # the host waited for the copy
 
 
@@ -398,3 +492,53 @@ def test_on_a_gpu_each_worker_computes_on_its_own_stream() -> None:
         assert probe.seen and all(s == compute[d] for s in probe.seen)
         assert all(s != torch.cuda.default_stream(DEV) for s in probe.seen)
     pipe.close()
+
+
+class TimingEvent:
+    """A stand-in for a timing ``torch.cuda.Event``: its "device time" is the order it was
+    recorded in (one second apart); waiting for it completes it and every earlier one."""
+
+    def __init__(self, log: list[str], made: list[TimingEvent]) -> None:
+        self.t, self.log, self.made, self.done = len(made), log, made, False
+        made.append(self)
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.log.append("synchronize")
+        for ev in self.made[: self.t + 1]:
+            ev.done = True
+
+    def elapsed_time(self, end: TimingEvent) -> float:
+        assert self.done and end.done, "elapsed_time of an event not complete"
+        return (end.t - self.t) * 1000.0
+
+
+def test_a_step_never_waits_for_its_gpu_timings_which_are_read_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpipe.core import executor
+
+    log: list[str] = []
+    made: list[TimingEvent] = []
+
+    monkeypatch.setattr(executor, "_timed_by_events", lambda device: True)
+    monkeypatch.setattr(executor, "_event", lambda: TimingEvent(log, made))
+    x, y = batch()
+    with gpipe.Pipe(make_model(), balance=[2, 3], chunks=4, devices=["cpu"] * 2) as pipe:
+        pipe.step(x, y, loss_fn)
+        pipe.step(x, y, loss_fn)
+        assert made and log == []  # neither step waited for its events
+        timeline = executor.Timeline.of(executor.StepData(1))
+        assert timeline.ready() and timeline.resolved() == []
+        events = pipe.last_events  # the user asks: now the last step's events are read
+        assert log and len(events) == 2 * 4 * 2
+        # device times: each action spans the events recorded around it (whole seconds apart
+        # here), not the host clock's
+        for e in events:
+            span = e.end - e.start
+            assert span >= 1 and span == pytest.approx(round(span), abs=1e-9)
+        assert events == sorted(events, key=lambda e: (e.start, e.device))
+        n = len(log)
+        assert pipe.last_events == events and len(log) == n  # read once

@@ -13,6 +13,7 @@ device, action and micro-batch, with the original exception as its cause — or 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,15 @@ from gpipe.base.microbatch import tree_detach, tree_flatten
 from gpipe.schedules import KIND_WORDS, Action, Event, Overlap
 from gpipe.stage.stage import Stage
 
-__all__ = ["Aborted", "StageError", "StepData", "Transport", "execute", "resolve_gpu_times"]
+__all__ = [
+    "Aborted",
+    "StageError",
+    "StepData",
+    "Timeline",
+    "Transport",
+    "execute",
+    "resolve_gpu_times",
+]
 
 
 class Aborted(Exception):
@@ -68,7 +77,9 @@ class StepData:
     """One step's inputs and results, shared by the devices' loops (each writes its own keys)."""
 
     num_stages: int
-    inputs: Sequence[Any] | None = None  # per micro-batch, for stage 0
+    # per micro-batch, for stage 0 (a runtime may give a sequence whose item ``m``, when read,
+    # orders the reader after that micro-batch's copy to its device)
+    inputs: Sequence[Any] | None = None
     targets: Sequence[Any] | None = None  # per micro-batch, for the last stage's loss
     grad_outputs: Sequence[Any] | None = None  # per micro-batch, for the last stage (no loss)
     # whether the backward of (stage, micro-batch) is split into B and W: the schedule's
@@ -91,7 +102,8 @@ class StepData:
     # On GPUs an action's host times say when its kernels were queued, not when they ran:
     # each device's loop records CUDA events around its actions (``gpu_marks``) against one
     # reference event per device (``gpu_ref``: the event and its host time), and
-    # :func:`resolve_gpu_times` turns them into ``events`` times after the step.
+    # :func:`resolve_gpu_times` (or a :class:`Timeline`, read late) turns them into
+    # ``events`` times after the step.
     gpu_marks: list[tuple[Action, int, Any, Any]] = field(default_factory=list)
     gpu_ref: dict[int, tuple[Any, float]] = field(default_factory=dict)
     cancelled: bool = False  # set when the step is abandoned; loops stop before the next action
@@ -205,19 +217,60 @@ def _event() -> Any:
     return ev
 
 
+@dataclass
+class Timeline:
+    """A step's timeline whose GPU times are read late: ``events`` in host times, and the CUDA
+    events recorded around the actions that ran on GPUs (``marks``) against one reference
+    event per device (``ref``: the event and its host time). Holding one keeps no tensor
+    alive; reading it (:meth:`resolved`) waits only for events not yet complete, so a step
+    never waits for the GPU to drain unless its timings are asked for."""
+
+    events: list[Event]
+    marks: list[tuple[Action, int, Any, Any]] = field(default_factory=list)
+    ref: dict[int, tuple[Any, float]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: StepData) -> Timeline:
+        """The timing part of ``data`` (its lists are taken over, not copied)."""
+        return cls(data.events, data.gpu_marks, data.gpu_ref)
+
+    def ready(self) -> bool:
+        """Whether every CUDA event has completed (``event.query()``: no waiting)."""
+        return all(ev1.query() for _, _, ev0, ev1 in self.marks if ev0 is not None)
+
+    def resolved(self) -> list[Event]:
+        """The events, sorted by start, with the times of actions that ran on GPUs replaced by
+        their devices' own (seconds from the step's start, from each device's reference
+        event); waits for the events not yet complete. A step that failed, whose events
+        cannot all be read, keeps its host times."""
+        if self.marks:
+            with contextlib.suppress(RuntimeError):  # a failed step keeps its host times
+                self.events = _device_times(self.events, self.marks, self.ref)
+            self.marks = []
+        return sorted(self.events, key=lambda e: (e.start, e.device))
+
+
+def _device_times(
+    events: list[Event], marks: list[tuple[Action, int, Any, Any]], ref: dict[int, Any]
+) -> list[Event]:
+    out = list(events)
+    index = {(e.action, e.device): i for i, e in enumerate(out)}
+    for a, dev, ev0, ev1 in marks:
+        i = index.get((a, dev))
+        if i is None or ev0 is None:
+            continue
+        ref_ev, host = ref[dev]
+        ev1.synchronize()  # at once where it already completed (``ready``)
+        start = host + ref_ev.elapsed_time(ev0) / 1e3
+        out[i] = Event(a, dev, start, host + ref_ev.elapsed_time(ev1) / 1e3)
+    return out
+
+
 def resolve_gpu_times(data: StepData) -> None:
     """Replace the host times of actions that ran on GPUs by their devices' own: seconds from
     the step's start, from each device's reference event (waits for the events to complete,
     so call it after the step). A no-op for CPU-only steps."""
     if not data.gpu_marks:
         return
-    index = {(e.action, e.device): i for i, e in enumerate(data.events)}
-    for a, dev, ev0, ev1 in data.gpu_marks:
-        i = index.get((a, dev))
-        ref, host = data.gpu_ref[dev]
-        if i is None or ev0 is None:
-            continue
-        ev1.synchronize()
-        start = host + ref.elapsed_time(ev0) / 1e3
-        data.events[i] = Event(a, dev, start, host + ref.elapsed_time(ev1) / 1e3)
+    data.events[:] = _device_times(data.events, data.gpu_marks, data.gpu_ref)
     data.gpu_marks.clear()

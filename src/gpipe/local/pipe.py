@@ -34,7 +34,7 @@ from gpipe.capture import sequence
 from gpipe.core import clip, plan
 from gpipe.core import step as stepcore
 from gpipe.core.auto import Auto
-from gpipe.core.executor import StepData
+from gpipe.core.executor import StepData, Timeline
 from gpipe.core.reduction import Reduction
 from gpipe.local.bridge import Run, backward_into_inputs, needs_grad_of
 from gpipe.local.devices import Partition, partitions, pipe_devices
@@ -89,7 +89,10 @@ class Pipe(plan.NotCopied, nn.Module):
 
     After each call, ``last_events`` holds the timeline of its actions (seconds from the
     start of the step, which is ``last_events_t0`` on ``time.perf_counter``'s clock) and
-    ``peak_live`` the most micro-batches each device held at once.
+    ``peak_live`` the most micro-batches each device held at once. On GPUs the times are
+    the devices' own, read from CUDA events when ``last_events`` is first read after the
+    call (waiting for that call's GPU work only then): a step itself never waits for the
+    GPU to drain.
     """
 
     def __init__(
@@ -149,7 +152,7 @@ class Pipe(plan.NotCopied, nn.Module):
         self.seed = options.integer("seed", seed)
         self.timeout = timeout = options.seconds("timeout", timeout)
         self.rng_step = 0
-        self.last_events: list[Event] = []
+        self._timeline = Timeline([])
         self.last_events_t0 = 0.0  # perf_counter time the events are counted from
         self.peak_live: list[int] = []
         self.fetched: dict[str, Any] = {}
@@ -304,6 +307,12 @@ class Pipe(plan.NotCopied, nn.Module):
     def _schedule(self, m: int) -> Schedule:
         return self._spec.get(self.num_devices, m)
 
+    @property
+    def last_events(self) -> list[Event]:
+        """The last call's timeline (see the class docstring); on GPUs its first read waits
+        for that call's events to complete, unless they already have."""
+        return self._timeline.resolved()
+
     def __enter__(self) -> Pipe:
         return self
 
@@ -350,7 +359,7 @@ class Pipe(plan.NotCopied, nn.Module):
         try:
             self._runner.run(self._stages, per_device, data, state, self.placement)
         finally:
-            self.last_events = list(data.events)
+            self._timeline = Timeline.of(data)  # read when asked: the step never waits
             self.last_events_t0 = data.t0
             self.peak_live = [data.peak_live.get(d, 0) for d in range(self.num_devices)]
 

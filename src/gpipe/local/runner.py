@@ -3,8 +3,8 @@
 :class:`LocalRunner` is what ``gpipe.Pipe`` drives a step with. It hands each worker of a
 :class:`~gpipe.local.workers.WorkerPool` the executor loop over its device's actions — on
 its device's compute stream, with boundary values through :mod:`gpipe.local.streams` —
-marks the step cancelled when it is abandoned, turns device events into the timeline's
-times, and replaces a pool whose worker never came back from a failed step.
+marks the step cancelled when it is abandoned and replaces a pool whose worker never came
+back from a failed step.
 
 The invariant: at most one step (a ``step``, a ``pipe(x)`` or its backward) runs on a runner
 at a time; a call from another thread waits for it (bounded by ``2 × timeout + 60 s``), and
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from gpipe.core.executor import StepData, execute, resolve_gpu_times
+from gpipe.core.executor import StepData, execute
 from gpipe.core.mailbox import QueueTransport
-from gpipe.local.streams import DeviceStreams, StreamedTransport
+from gpipe.local.streams import Arriving, DeviceStreams, StreamedTransport
 from gpipe.local.workers import ThreadState, WorkerPool
 from gpipe.schedules import device_of
 from gpipe.stage.stage import Stage
@@ -98,8 +98,9 @@ class LocalRunner:
         """Run device ``d``'s actions ``per_device[d]`` on its stages, all devices at once.
 
         Afterwards, also when the step fails, ``data.events`` is the step's timeline sorted by
-        start (device times where the device records events; host times of what ran when the
-        step failed). ``state`` is the grad mode the jobs run under (default: the caller's;
+        start, in host times; actions on GPUs also left CUDA events in ``data.gpu_marks``,
+        which :class:`~gpipe.core.executor.Timeline` turns into device times when they are
+        read (the step itself never waits for the GPU). ``state`` is the grad mode the jobs run under (default: the caller's;
         autocast is each step's own, applied by its stages). ``placement[s]`` is the device
         of stage ``s`` (default ``s % K``).
         """
@@ -119,7 +120,7 @@ class LocalRunner:
             for name, d in (("inputs", first), ("targets", last), ("grad_outputs", last)):
                 values = getattr(data, name)
                 if values is not None:
-                    setattr(data, name, [streams.hand_over(v, d) for v in values])
+                    setattr(data, name, Arriving(streams, values, d))
         marks, ends = streams.begin(), {}
         jobs = [
             functools.partial(
@@ -136,8 +137,6 @@ class LocalRunner:
         finally:
             streams.join(ends)
             streams.hand_back(data.outputs, data.losses, data.input_grads, data.fetched)
-            with contextlib.suppress(RuntimeError):  # a failed step keeps its host times
-                resolve_gpu_times(data)
             data.events.sort(key=lambda e: (e.start, e.device))
 
     def _job(

@@ -1,32 +1,47 @@
 """CUDA streams, events and copies of the one-process runtime — the only module that knows them.
 
-Each pipeline device ``d`` on a GPU gets two streams of its own: ``compute[d]``, on which its
-worker runs every action (forward, recompute, backward; autograd runs a backward kernel on
-the stream of its forward), and ``copy[d]``, on which boundary values to and from it are
-copied, so a transfer overlaps the compute of other micro-batches. The rules:
+Each pipeline worker ``d`` on a GPU computes on a stream of its own, ``compute[d]``: every
+action (forward, recompute, backward; autograd runs a backward kernel on the stream of its
+forward). Copies run on **one copy lane per directed edge** ``src device -> dst device`` (made
+the first time a value crosses that edge): a stream on each end that is a GPU. A lane carries
+only that edge's copies, in the order they were produced, so a transfer never queues behind
+the compute of a worker it does not come from, nor behind traffic of the other direction or
+of another edge. The rules:
 
-* **Out.** A boundary value leaves worker ``p`` with an event recorded on ``compute[p]``
-  after the action that wrote it. A copy to another device runs with the copy streams of
-  both ends current (a cross-device copy in PyTorch runs on the source device's current
-  stream and fences the destination's), after both waited on that event, with
-  ``non_blocking=True``; an event is recorded on each copy stream after it.
-* **In.** Before worker ``q``'s action reads the value, ``compute[q]`` waits on those events
-  (a CPU consumer waits for them on the host). A value passed on within one device to
-  another worker needs no copy, only the wait on the producer's event.
-* **Allocator.** ``record_stream`` on every tensor used on a stream other than the one it
-  was allocated on: the source on the copy streams that read it, the copy on the consumer's
-  compute stream, a same-device hand-off on the consumer's compute stream, the caller's
-  values on the compute stream of the worker that reads them, the step's results on the
-  caller's current stream. So no block is reused while another stream may still read it.
+* **Out.** A boundary value leaves worker ``p`` with an event ``ready`` recorded on
+  ``compute[p]`` after the action that wrote it. Its copy to ``dst`` runs with the edge's
+  lane streams current (PyTorch runs a GPU-to-GPU copy on the source device's current stream
+  and fences the destination's both ways; a host-device copy on the GPU end's current
+  stream), ``non_blocking=True``, after the lane's source-side stream waited on ``ready``
+  (that event only). One event ``copied`` is recorded after it on the lane's destination-side
+  stream (the source side's for a copy to the host), which is ordered after the copy.
+* **In.** Before worker ``q``'s action reads the value, ``compute[q]`` waits on ``copied``
+  (a CPU consumer waits for it on the host). A value passed on within one device to another
+  worker needs no copy, only the wait on ``ready``.
+* **The caller's values.** A CPU tensor the caller hands to a GPU worker (stage 0's inputs,
+  the last stage's targets or output gradients) is pinned, per micro-batch, and copied on the
+  ``cpu -> GPU`` lane with ``non_blocking=True`` before the step starts; the worker's
+  compute stream waits on that micro-batch's ``copied`` event when its first action reads it
+  (:class:`Arriving`), so the copy of micro-batch ``m + 1`` overlaps the compute of ``m``.
+  Per micro-batch rather than once for the mini-batch: the same bytes are copied to pinned
+  memory either way, and the first copy can start as soon as its own micro-batch is pinned.
+  A tensor on another GPU is copied by the caller, under its own streams, before the step.
+* **Allocator.** ``record_stream`` on every GPU tensor used on a stream other than the one
+  it was allocated on: the source on the lane stream that reads it, the copy (allocated on
+  the lane's destination stream) on the consumer's compute stream, a same-device hand-off
+  on the consumer's compute stream, the caller's values on the compute stream of the worker
+  that reads them, the step's results on the caller's current stream. Pinned host memory
+  needs nothing more: PyTorch's caching host allocator records an event on the copying
+  stream and reuses the block only once that event completed.
 * **Step edges.** A step begins with every compute stream waiting on the caller's current
   streams (values the caller made are complete) and ends with the caller's current streams
-  waiting on every compute stream (what the caller reads afterwards is complete). A caller's
-  tensor on another GPU than the worker that reads it is copied by the caller, under its own
-  streams, before the step.
+  waiting on every compute stream (what the caller reads afterwards is complete). The host
+  never waits for the GPU in a step (timings are read when asked: ``Pipe.last_events``).
 
-The invariant: no kernel reads a tensor before the kernels that wrote it completed, and no
-memory is handed out again while a kernel on any stream may still read it. On a pipe without
-GPUs every function here is a no-op that returns its argument: same interface, no CUDA call.
+The invariant: no kernel reads a tensor before the kernels (or the copy) that wrote it
+completed, no memory is handed out again while a kernel on any stream may still read it, and
+a copy waits only on the action that produced its value. On a pipe without GPUs every
+function here is a no-op that returns its argument: same interface, no CUDA call.
 
 The CUDA calls go through :data:`OPS` (a :class:`CudaOps`), so tests can count and order them
 with a fake on a machine without a GPU.
@@ -35,6 +50,7 @@ with a fake on a machine without a GPU.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +62,10 @@ from gpipe.schedules import device_of
 
 __all__ = [
     "OPS",
+    "Arriving",
     "CudaOps",
     "DeviceStreams",
+    "Lane",
     "Parcel",
     "StreamedTransport",
     "indexed",
@@ -90,6 +108,11 @@ class CudaOps:
     def copy(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         return tensor.to(device, non_blocking=True)
 
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in page-locked host memory (itself if it already is), so that its copy
+        to a GPU runs asynchronously on the copying stream."""
+        return tensor if tensor.is_pinned() else tensor.pin_memory()
+
 
 OPS: Any = CudaOps()
 
@@ -119,8 +142,29 @@ class Parcel:
     events: list[Any] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class Lane:
+    """The copy streams of one directed edge ``src -> dst``: one on each end that is a GPU
+    (``None`` on a CPU end; one stream for both ends of an edge within one device)."""
+
+    src: Any
+    dst: Any
+
+    @property
+    def streams(self) -> list[Any]:
+        """The streams made current for a copy on this edge."""
+        return [s for s in dict.fromkeys((self.src, self.dst)) if s is not None]
+
+    @property
+    def last(self) -> Any:
+        """The stream ordered after every copy of this edge (the destination's, else the
+        source's): the one its ``copied`` events are recorded on."""
+        return self.dst if self.dst is not None else self.src
+
+
 class DeviceStreams:
-    """The compute and copy stream of each pipeline device (``None`` for one without CUDA)."""
+    """The compute stream of each pipeline worker (``None`` for one without CUDA) and the copy
+    lane of each directed edge between devices (made on first use)."""
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.ops = OPS
@@ -128,13 +172,24 @@ class DeviceStreams:
         self.on = [streamed(d) for d in self.devices]
         self.active = any(self.on)
         self.compute = [self.ops.new_stream(d) if on else None for d, on in self._pairs()]
-        self.copy = [self.ops.new_stream(d) if on else None for d, on in self._pairs()]
+        self.lanes: dict[tuple[torch.device, torch.device], Lane] = {}
+        self._lanes_lock = threading.Lock()
 
     def _pairs(self) -> list[tuple[torch.device, bool]]:
         return list(zip(self.devices, self.on, strict=True))
 
     def _caller_devices(self) -> list[torch.device]:
         return list(dict.fromkeys(d for d, on in self._pairs() if on))
+
+    def lane(self, src: torch.device, dst: torch.device) -> Lane:
+        """The copy lane of the edge ``src -> dst`` (workers' threads share it)."""
+        with self._lanes_lock:
+            lane = self.lanes.get((src, dst))
+            if lane is None:
+                a = self.ops.new_stream(src) if streamed(src) else None
+                b = a if dst == src else self.ops.new_stream(dst) if streamed(dst) else None
+                lane = self.lanes[(src, dst)] = Lane(a, b)
+            return lane
 
     # ------------------------------------------------------------- a worker's job
 
@@ -179,21 +234,31 @@ class DeviceStreams:
     # ------------------------------------------------------------- caller <-> worker values
 
     def hand_over(self, obj: Any, d: int) -> Any:
-        """``obj``, from the caller, for worker ``d``: a tensor on another GPU is copied here
-        (under the caller's streams), and each tensor on ``d``'s GPU is marked as used on
-        ``compute[d]``. CPU tensors stay: the worker copies them under its compute stream."""
+        """``obj``, from the caller, for worker ``d`` (a :class:`Parcel` when copies are in
+        flight): a CPU tensor for a GPU worker is pinned and copied on the ``cpu -> GPU``
+        lane without blocking; a tensor on another GPU is copied here (under the caller's
+        streams); each tensor on ``d``'s GPU is marked as used on ``compute[d]``."""
         if not self.on[d]:
             return obj
-        dev = self.devices[d]
+        ops, dev = self.ops, self.devices[d]
         leaves, rebuild = tree_flatten(obj)
-        out = []
+        out, used = [], []
         for _, v in leaves:
             if isinstance(v, torch.Tensor) and streamed(v.device):
                 if _needs_copy(v.device, dev):
                     v = v.to(dev)
-                self.ops.record_stream(v, self.compute[d])
+                ops.record_stream(v, self.compute[d])
+            elif isinstance(v, torch.Tensor) and v.device.type == "cpu":
+                lane = self.lane(v.device, dev)
+                with torch.no_grad(), ops.use(lane.streams):  # a leaf, as the caller's value
+                    y = ops.copy(ops.pin(v), dev)
+                v = y.requires_grad_(True) if v.requires_grad else y
+                ops.record_stream(v, self.compute[d])  # made on the lane, read on compute[d]
+                used.append(lane)
             out.append(v)
-        return rebuild(out)
+        if not used:
+            return rebuild(out)
+        return Parcel(rebuild(out), [self._mark(lane.last) for lane in _distinct(used)])
 
     def hand_back(self, *objs: Any) -> None:
         """Mark the step's results (made on compute streams) as used on the caller's streams."""
@@ -212,47 +277,44 @@ class DeviceStreams:
             return value
         ops, dst = self.ops, self.devices[q]
         leaves, rebuild = tree_flatten(value)
-        tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
         ready = None
-        if self.on[p] and tensors:
-            ready = ops.new_event()
-            ops.record(ready, self.compute[p])
-        moving = [_needs_copy(t.device, dst) for t in tensors]
-        lanes = [s for s in (self.copy[p], self.copy[q]) if s is not None]
-        if any(moving) and ready is not None:
-            for s in lanes:
-                ops.wait(s, ready)
-        copies = iter(self._copies(tensors, moving, p, q, lanes))
-        out = [next(copies) if isinstance(v, torch.Tensor) else v for _, v in leaves]
-        events = []
-        if any(moving):
-            for s in lanes:
-                ev = ops.new_event()
-                ops.record(ev, s)
-                events.append(ev)
-        if ready is not None and not all(moving) and p != q:
+        if self.on[p] and any(isinstance(v, torch.Tensor) for _, v in leaves):
+            ready = self._mark(self.compute[p])
+        out, used, handed = [], [], False
+        for _, t in leaves:
+            if not isinstance(t, torch.Tensor):
+                out.append(t)
+            elif not _needs_copy(t.device, dst):
+                if p != q and self.on[q] and streamed(t.device):
+                    ops.record_stream(t, self.compute[q])  # read on another worker's stream
+                handed = handed or p != q
+                out.append(t)
+            else:
+                lane = self.lane(t.device, dst)
+                if ready is not None and lane.src is not None and all(lane is not u for u in used):
+                    ops.wait(lane.src, ready)  # the copy waits on its producer only
+                out.append(self._copy(t, lane, q))
+                used.append(lane)
+        events = [self._mark(lane.last) for lane in _distinct(used)]
+        if ready is not None and handed:
             events.append(ready)
         return Parcel(rebuild(out), events)
 
-    def _copies(
-        self, tensors: list[torch.Tensor], moving: list[bool], p: int, q: int, lanes: list[Any]
-    ) -> list[torch.Tensor]:
-        ops, dst, out = self.ops, self.devices[q], []
-        for t, move in zip(tensors, moving, strict=True):
-            if not move:
-                if p != q and self.on[q]:
-                    ops.record_stream(t, self.compute[q])  # read on another worker's stream
-                out.append(t)
-                continue
-            with ops.use(lanes):
-                y = ops.copy(t, dst)
-            for s, dev in ((self.copy[p], self.devices[p]), (self.copy[q], dst)):
-                if s is not None and dev == t.device:
-                    ops.record_stream(t, s)  # read by the copy, made on another stream
-            if self.on[q]:
-                ops.record_stream(y, self.compute[q])  # made on copy[q], read on compute[q]
-            out.append(y)
-        return out
+    def _copy(self, t: torch.Tensor, lane: Lane, q: int) -> torch.Tensor:
+        """``t`` copied to worker ``q``'s device on ``lane``, its memory kept safe."""
+        ops = self.ops
+        with ops.use(lane.streams):
+            y = ops.copy(t, self.devices[q])
+        if lane.src is not None:
+            ops.record_stream(t, lane.src)  # made on a compute stream, read by the copy
+        if self.on[q]:
+            ops.record_stream(y, self.compute[q])  # made on the lane, read on compute[q]
+        return y
+
+    def _mark(self, stream: Any) -> Any:
+        ev = self.ops.new_event()
+        self.ops.record(ev, stream)
+        return ev
 
     def receive(self, parcel: Any, q: int) -> Any:
         """In worker ``q``: the value of ``parcel``, once its reader may use it."""
@@ -264,6 +326,27 @@ class DeviceStreams:
             else:
                 self.ops.synchronize(ev)  # a CPU reader waits for the copy on the host
         return parcel.value
+
+
+def _distinct(lanes: list[Lane]) -> list[Lane]:
+    return list({id(lane): lane for lane in lanes}.values())
+
+
+class Arriving(Sequence):
+    """The caller's per-micro-batch values for worker ``d`` (:meth:`DeviceStreams.hand_over`
+    of each): reading item ``m`` orders the reader's stream after that micro-batch's copy."""
+
+    def __init__(self, streams: DeviceStreams, values: Sequence[Any], d: int) -> None:
+        self.streams, self.d = streams, d
+        self.parcels = [streams.hand_over(v, d) for v in values]
+
+    def __len__(self) -> int:
+        return len(self.parcels)
+
+    def __getitem__(self, m: Any) -> Any:
+        if not isinstance(m, int):
+            raise TypeError(f"micro-batch index must be an int, got {type(m).__name__}")
+        return self.streams.receive(self.parcels[m], self.d)
 
 
 class StreamedTransport:
