@@ -84,6 +84,14 @@ def test_a_distributed_configuration_is_returned_and_needs_no_process_group() ->
     assert config.layout.last_device == 0
 
 
+def test_a_layout_has_no_placement_but_the_schedules() -> None:
+    from gpipe.dist.layout import Layout
+
+    with pytest.raises(TypeError, match="placement"):
+        Layout(0, 2, 1, 1)  # type: ignore[call-arg]
+    assert Layout(0, 2, 1, 2, (0, 1, 1, 0)).last_device == 0
+
+
 def test_the_fingerprint_derives_from_the_options() -> None:
     a, b = fingerprint(_config(), None), fingerprint(_config(seed=1), None)
     assert {k for k in a if a[k] != b[k]} == {"seed"}

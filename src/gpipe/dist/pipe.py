@@ -18,6 +18,13 @@ batch for the keyed random streams, so dropout draws what
 :func:`gpipe.core.reference.reference_step` with ``chunks = D·M`` draws. Building this rank's share
 is :mod:`gpipe.dist.build`; the step and the collectives after it are :mod:`gpipe.dist.step`.
 
+The pipe's state is what the functions that make it return: ``config``
+(:class:`~gpipe.dist.config.DistConfig`: the options shared with :class:`gpipe.Pipe`,
+:class:`gpipe.core.options.PipeOptions`, and the layout), ``parts``
+(:class:`~gpipe.dist.rank.RankParts`: groups, transport, stages, tied copies) and its step log.
+A step is :func:`~gpipe.dist.step.agree_call`, the cut when the first step balances the
+pipeline, then :func:`~gpipe.dist.step.run_step`; neither reads the pipe.
+
 The module holds only this rank's layers (registered under their names in the full model, so
 ``state_dict`` keys are a subset of the full model's; for a captured model, of the model's own
 keys, which ``load_state_dict`` takes); layers of other ranks are moved to the
