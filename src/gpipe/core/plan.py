@@ -219,18 +219,21 @@ def build_stages(
     placement: Sequence[int] | None = None,
 ) -> list[Stage]:
     """The :class:`~gpipe.stage.stage.Stage` of every (virtual) stage — or, with ``only_device``,
-    of those that pipeline device runs (by ``placement``, stage → device, default ``s % K``)
-    — each on ``device(stage)``, its layers moved there."""
+    of those that pipeline device runs by ``placement`` (stage → device, the schedule's
+    placement, required then) — each on ``device(stage)``, its layers moved there."""
     from gpipe.stage.stage import Stage
 
     n_stages = len(balance)
     place = placement
-    if place is None:
-        place = [device_of(s, num_devices) for s in range(n_stages)]
+    if only_device is not None and (place is None or len(place) != n_stages):
+        raise ValueError(
+            f"build_stages(only_device={only_device}) needs the schedule's placement of all "
+            f"{n_stages} stages (ScheduleSpec.placement), got {placement!r}"
+        )
     stage_of = stage_of_layers(balance)
     stages = []
     for s in range(n_stages):
-        if only_device is not None and place[s] != only_device:
+        if only_device is not None and place is not None and place[s] != only_device:
             continue
         dev = device(s)
         idx = [i for i, st in enumerate(stage_of) if st == s]

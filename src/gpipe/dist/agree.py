@@ -60,12 +60,6 @@ def layer_signature(layer: nn.Module) -> str:
     return text
 
 
-def schedule_digest(actions: Sequence[Sequence[Any]]) -> str:
-    """A short hash of a built schedule's per-device action lists."""
-    text = "|".join(" ".join(str(a) for a in acts) for acts in actions)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def _wait(work: Any, timeout: float, rank: int, what: str) -> None:
     try:
         ok = work.wait(timedelta(seconds=timeout))

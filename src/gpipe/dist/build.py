@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe.core import plan
-from gpipe.dist.layout import Groups, Layout
-from gpipe.core.materialize import free_layer, materialize_layers
 from gpipe.base.microbatch import split
+from gpipe.core import plan
+from gpipe.core.materialize import free_layer, materialize_layers
 from gpipe.dist import agree
+from gpipe.dist.layout import Groups, Layout
 from gpipe.stage.stage import Stage
 
 __all__ = ["Built", "agree_balance", "build_rank", "local_params", "sample_microbatch"]
@@ -152,7 +152,7 @@ def build_rank(
         seed=seed,
         fetch_at=fetch_at,
         only_device=me,
-        placement=[layout.owner(s) for s in range(layout.num_stages)],
+        placement=layout.placement,
     )
     built = Built(stages)
     # Tie groups spanning several pipeline devices: one local copy each, one subgroup per
@@ -166,7 +166,7 @@ def build_rank(
         local_p = None
         if here:
             _, mod, attr, _ = slots[here[0]]
-            local_p = mod._parameters[attr]
+            local_p = getattr(mod, attr)  # the materialized one (slots hold the original)
             if owner != me:
                 built.not_counted.add(id(local_p))
         if len(devs) < 2:

@@ -35,6 +35,7 @@ import torch
 
 from gpipe.base.microbatch import batch_size, tree_flatten
 from gpipe.dist import agree
+
 __all__ = ["BATCH_MODES", "Agreed", "check", "check_batch_mode", "checksum", "describe"]
 
 BATCH_MODES = ("same", "per_replica")

@@ -1,10 +1,14 @@
-"""A distributed pipe's options: checked on this rank, then described as plain data.
+"""A distributed pipe's configuration: this rank's arguments checked, then described as plain data.
 
-:func:`configure` checks this rank's arguments with the same words as :class:`gpipe.Pipe`
-(:mod:`gpipe.base.options`, :mod:`gpipe.core.plan`) and derives K, D, V, the device and the tie
-groups, with no collective, into one frozen :class:`DistConfig`; :func:`fingerprint` is what
-every rank must hold equal
-(:func:`gpipe.dist.agree.check` compares it before any group is created).
+:func:`configure` takes the options both pipes share (:class:`gpipe.core.options.PipeOptions`,
+checked by :func:`gpipe.core.options.pipe_options`, the one function :class:`gpipe.Pipe` uses
+too) and checks what only a distributed pipe takes — the world size against the stages and
+replicas, the device, the tied names — with no collective, into one frozen
+:class:`DistConfig`: the layers, the :class:`~gpipe.dist.layout.Layout` (which pipeline device
+runs which stage: the schedule's placement alone), the device and the tie groups.
+:func:`fingerprint` is what every rank must hold equal (:func:`gpipe.dist.agree.check`
+compares it before any group is created); its options part is
+:meth:`PipeOptions.agreed <gpipe.core.options.PipeOptions.agreed>`.
 
 The invariant: configuration reads only this rank's arguments and the world size, so ranks
 given the same arguments derive the same pipeline.
@@ -21,15 +25,14 @@ import torch
 from torch import nn
 
 from gpipe.base import options
-
+from gpipe.base.microbatch import tree_flatten
 from gpipe.capture import sequence
 from gpipe.core import plan
-from gpipe.stage import remat as remat_mod
-from gpipe.dist.layout import Layout, default_device, resolve_counts
 from gpipe.core.materialize import param_slots, tie_groups
-from gpipe.base.microbatch import tree_flatten
+from gpipe.core.options import PipeOptions
 from gpipe.dist import agree
-from gpipe.schedules import Schedule, ScheduleSpec
+from gpipe.dist.layout import Layout, default_device, resolve_counts
+from gpipe.schedules import Schedule
 
 __all__ = ["DistConfig", "configure", "fingerprint"]
 
@@ -40,24 +43,15 @@ class DistConfig:
     rank's place in the job (``layout``), its device and the tie groups. Built once by
     :func:`configure` and read by the builders and the step, never changed."""
 
+    options: PipeOptions  # the options both pipes share, checked
     rank: int  # in the pipe's process group
     named: list[tuple[str, nn.Module]]  # the layers, in order
-    fetch_names: list[str]
     fetch_at: Any  # the layer after which each fetched name's output is taken
-    chunks: int | None
-    micro_batch_size: int | None
-    batch_dim: int
-    remat: str
-    seed: int
-    pinned: int
-    timeout: float
-    spec: ScheduleSpec
     layout: Layout
     device: torch.device
     slots: Any  # every parameter's (layer, name) slots, for the tie groups
     tie_groups: list[tuple[str, ...]]
     batch: str  # "same" or "per_replica"
-    check_finite: bool
     balance: list[int] | None  # the cut given (or forced by split points); None: balance later
 
     @property
@@ -70,61 +64,36 @@ class DistConfig:
         """Replicas D."""
         return self.layout.data_parallel
 
-    @property
-    def virtual_stages(self) -> int:
-        """Virtual stages per device V."""
-        return self.spec.virtual_stages
-
     def schedule(self, num_microbatches: int) -> Schedule:
         """The validated schedule for M micro-batches on K devices."""
-        return self.spec.get(self.num_devices, num_microbatches)
+        return self.options.schedule.get(self.num_devices, num_microbatches)
 
 
 def configure(
     module: nn.Module | Sequence[nn.Module],
+    opts: PipeOptions,
     *,
     rank: int,
     world: int,
-    stages: int | None,
     balance: Sequence[int] | None,
-    chunks: int | None,
-    micro_batch_size: int | None,
-    schedule: str | Schedule,
-    virtual_stages: int | None,
-    remat: str,
-    seed: int,
-    pinned: int,
     device: torch.device | str | None,
-    timeout: float,
     data_parallel: int | None,
     tied: Sequence[Sequence[str]],
-    batch_dim: int,
     backend: str,
-    fetch: Sequence[str],
     batch: str,
-    check_finite: bool,
 ) -> DistConfig:
-    """Check this rank's arguments and derive K, D, V, the device and the tie groups (no
-    collective: :func:`gpipe.dist.agree.check` runs after this on every rank), and the
-    balance to cut by (``balance``, else the one a captured model's split points force)."""
-    checked_timeout = options.seconds("timeout", timeout)
+    """Check this rank's distributed arguments and derive K, D, V, the device and the tie
+    groups (no collective: :func:`gpipe.dist.agree.check` runs after this on every rank), and
+    the balance to cut by (``balance``, else the one a captured model's split points force)."""
     named = sequence.layers_of(module, "DistributedPipe")
-    fetch_names = options.names("fetch", fetch)
-    fetch_at = plan.fetch_points(named, fetch_names)
-    if chunks is None and micro_batch_size is None:
-        raise ValueError("give chunks= (micro-batches per step) or micro_batch_size=")
-    m = None if chunks is None else options.count("chunks", chunks)
-    mbs = None if micro_batch_size is None else options.count("micro_batch_size", micro_batch_size)
-    batch_dim = options.integer("batch_dim", batch_dim)
-    remat = remat_mod.check_mode(remat)
-    seed = options.integer("seed", seed)
-    pinned = options.count("pinned", pinned, minimum=0)
+    fetch_at = plan.fetch_points(named, list(opts.fetch))
 
-    # --- schedule, K, V
-    spec = ScheduleSpec(schedule, virtual_stages)
-    v, k_sched = spec.virtual_stages, spec.num_devices
-    balance = plan.cut_by(module, balance, stages=stages, virtual_stages=v, auto=False)
-    k, d = resolve_counts(world, stages, k_sched, data_parallel, balance, v, len(named), pinned)
+    # --- K, D (V and the placement are the schedule's)
+    spec, v, pinned = opts.schedule, opts.virtual_stages, opts.pinned
+    balance = plan.cut_by(module, balance, stages=opts.stages, virtual_stages=v, auto=False)
+    k, d = resolve_counts(
+        world, opts.stages, spec.num_devices, data_parallel, balance, v, len(named), pinned
+    )
     layout = Layout(rank, k, d, v, spec.placement(k))
 
     # --- device
@@ -136,24 +105,15 @@ def configure(
     # --- ties (names validated now, groups resolved at build)
     slots = param_slots(named)
     return DistConfig(
+        options=opts,
         rank=rank,
         named=named,
-        fetch_names=list(fetch_names),
         fetch_at=fetch_at,
-        chunks=m,
-        micro_batch_size=mbs,
-        batch_dim=batch_dim,
-        remat=remat,
-        seed=seed,
-        pinned=pinned,
-        timeout=checked_timeout,
-        spec=spec,
         layout=layout,
         device=here,
         slots=slots,
         tie_groups=tie_groups(slots, [tuple(t) for t in _tie_lists(tied)]),
         batch=batch,
-        check_finite=bool(check_finite),
         balance=None if balance is None else [int(b) for b in balance],
     )
 
@@ -188,7 +148,6 @@ def fingerprint(config: DistConfig, sample: Any, captured: bool = False) -> dict
     must hold the same (see :mod:`gpipe.dist.agree`). The sample counts where it is used:
     a ``captured`` model was captured on it, and without a balance it is balanced on it."""
     c = config
-    fixed = c.spec.fixed
     used = captured or c.balance is None
     return {
         "layers": [f"{n!r}: {agree.layer_signature(m)}" for n, m in c.named],
@@ -196,17 +155,7 @@ def fingerprint(config: DistConfig, sample: Any, captured: bool = False) -> dict
         "data_parallel": c.data_parallel,
         "balance": c.balance,
         "sample": None if not used else "none" if sample is None else sample_signature(sample),
-        "chunks": c.chunks,
-        "micro_batch_size": c.micro_batch_size,
-        "schedule": c.spec.name,
-        "the custom schedule's actions": None
-        if fixed is None
-        else f"hash {agree.schedule_digest(fixed.actions)} (M={fixed.num_microbatches})",
-        "virtual_stages": c.virtual_stages,
-        "remat": c.remat,
-        "seed": c.seed,
-        "pinned": c.pinned,
-        "batch_dim": c.batch_dim,
+        **c.options.agreed(),
         "batch": c.batch,
         "tied parameters": [list(grp) for grp in c.tie_groups],
     }

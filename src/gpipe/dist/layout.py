@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 from gpipe.base import options
+from gpipe.core import plan
 from gpipe.planner import balance as balance_mod
 
-from gpipe.core import plan
 __all__ = [
     "EDGE_TIMEOUT_FACTOR",
     "Groups",
@@ -75,8 +75,8 @@ def resolve_counts(
     """Pipeline devices ``K`` and replicas ``D`` from the options and the world size ``W``;
     refuses (saying what to change) any combination where ``W != K·D``."""
     v = virtual_stages
-    if stages is not None:
-        k = options.count("stages", stages)
+    if stages is not None:  # checked with the shared options (gpipe.core.options)
+        k = stages
     elif schedule_devices is not None:
         k = schedule_devices
     elif data_parallel is not None:
@@ -130,7 +130,7 @@ class Layout:
     num_devices: int
     data_parallel: int
     virtual_stages: int
-    placement: tuple[int, ...] = ()  # stage -> pipeline device, from the schedule
+    placement: tuple[int, ...]  # stage -> pipeline device: the schedule's (ScheduleSpec.placement)
 
     @property
     def pipeline_device(self) -> int:
@@ -149,9 +149,7 @@ class Layout:
 
     def owner(self, stage: int) -> int:
         """The pipeline device that runs ``stage`` — the one placement rule of this runtime."""
-        if self.placement:
-            return self.placement[stage]
-        return plan.device_of(stage, self.num_devices)
+        return self.placement[stage]
 
     @property
     def first_device(self) -> int:

@@ -18,6 +18,13 @@ batch for the keyed random streams, so dropout draws what
 :func:`gpipe.core.reference.reference_step` with ``chunks = D·M`` draws. Building this rank's share
 is :mod:`gpipe.dist.build`; the step and the collectives after it are :mod:`gpipe.dist.step`.
 
+The pipe's state is what the functions that make it return: ``config``
+(:class:`~gpipe.dist.config.DistConfig`: the options shared with :class:`gpipe.Pipe`,
+:class:`gpipe.core.options.PipeOptions`, and the layout), ``parts``
+(:class:`~gpipe.dist.rank.RankParts`: groups, transport, stages, tied copies) and its step log.
+A step is :func:`~gpipe.dist.step.agree_call`, the cut when the first step balances the
+pipeline, then :func:`~gpipe.dist.step.run_step`; neither reads the pipe.
+
 The module holds only this rank's layers (registered under their names in the full model, so
 ``state_dict`` keys are a subset of the full model's; for a captured model, of the model's own
 keys, which ``load_state_dict`` takes); layers of other ranks are moved to the
@@ -44,23 +51,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpipe.dist import call as distcall, config as distconfig, step as diststep
-
+from gpipe.base.compiling import refuse_compiling
 from gpipe.capture import sequence
+from gpipe.capture.segment import Loading
 from gpipe.core import plan
 from gpipe.core.auto import Auto
-from gpipe.capture.segment import Loading
-from gpipe.base.compiling import refuse_compiling
+from gpipe.core.materialize import materialize
+from gpipe.core.options import PipeOptions, pipe_options
+from gpipe.core.reduction import Reduction
+from gpipe.dist import agree, collectives
+from gpipe.dist import call as distcall
+from gpipe.dist import config as distconfig
+from gpipe.dist import step as diststep
 from gpipe.dist.build import agree_balance, build_rank, local_params, sample_microbatch
 from gpipe.dist.layout import default_device
 from gpipe.dist.rank import connect
-from gpipe.core.materialize import materialize
-from gpipe.nn import deferred_in
-from gpipe.core.reduction import Reduction
-from gpipe.dist import agree, collectives
-from gpipe.dist.transport import P2PTransport, PeerError
+from gpipe.dist.transport import PeerError
 from gpipe.schedules import Event, Schedule
-from gpipe.stage.stage import Stage
 
 __all__ = ["DistributedPipe", "PeerError", "default_device", "materialize"]
 
@@ -169,6 +176,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         # (ranks that disagree on stages or data_parallel would create different groups).
         error: BaseException | None = None
         fingerprint = keys = None
+        opts: PipeOptions | None = None
         config: distconfig.DistConfig | None = None
         batch_mode = "same"
         try:  # any other module is captured on sample (gpipe.capture), cut as split_points say
@@ -207,28 +215,31 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 )
                 schedule, virtual_stages, remat = top.schedule, top.virtual_stages, top.remat
                 balance, chunks = list(top.balance), top.chunks
-            config = distconfig.configure(
-                module,
-                rank=self.rank,
-                world=dist.get_world_size(self._pg),
+            opts = pipe_options(
                 stages=stages,
-                balance=balance,
                 chunks=chunks,
                 micro_batch_size=micro_batch_size,
+                batch_dim=batch_dim,
                 schedule=schedule,
                 virtual_stages=virtual_stages,
                 remat=remat,
                 seed=seed,
                 pinned=pinned,
-                device=device,
+                fetch=fetch,
                 timeout=timeout,
+                check_finite=check_finite,
+            )
+            config = distconfig.configure(
+                module,
+                opts,
+                rank=self.rank,
+                world=dist.get_world_size(self._pg),
+                balance=balance,
+                device=device,
                 data_parallel=data_parallel,
                 tied=tied,
-                batch_dim=batch_dim,
                 backend=backend,
-                fetch=fetch,
                 batch=batch_mode,
-                check_finite=check_finite,
             )
             fingerprint = distconfig.fingerprint(config, sample, keys is not None)
         except Exception as e:
@@ -241,7 +252,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             fingerprint,
             error,
             group=self._pg,
-            timeout=300.0 if config is None else config.timeout,
+            timeout=300.0 if opts is None else opts.timeout,  # the default, if refused
             device=here,
             rank=self.rank,
         )
@@ -261,7 +272,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 sample_mb = sample_microbatch(
                     sample,
                     1 if config.batch == "per_replica" else config.data_parallel,
-                    config.batch_dim,
+                    config.options.batch_dim,
                     lambda local: diststep.share_microbatches(config, local),
                 )
                 sample_error = None
@@ -270,6 +281,12 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             self._agree_and_cut(sample_mb, sample_error, "split its sample")
 
     # ----------------------------------------------------------------- the options, read-only
+
+    @property
+    def options(self) -> PipeOptions:
+        """The checked options shared with :class:`gpipe.Pipe` (with ``schedule="auto"``,
+        the planner's choice)."""
+        return self.config.options
 
     @property
     def num_devices(self) -> int:
@@ -304,12 +321,12 @@ class DistributedPipe(plan.NotCopied, nn.Module):
     @property
     def check_finite(self) -> bool:
         """Whether a NaN or infinite loss raises before its backward."""
-        return self.config.check_finite
+        return self.config.options.check_finite
 
     @property
     def fetch_names(self) -> list[str]:
         """The inner modules whose outputs each step collects."""
-        return list(self.config.fetch_names)
+        return list(self.config.options.fetch)
 
     @property
     def rng_step(self) -> int:
@@ -352,10 +369,10 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             local_error,
             rank=self.rank,
             num_stages=c.layout.num_stages,
-            pinned=c.pinned,
+            pinned=c.options.pinned,
             train=self.training,
             group=self._pg,
-            timeout=c.timeout,
+            timeout=c.options.timeout,
             comm_device=self.parts.transport.comm_device,
             doing=doing,
         )
@@ -378,14 +395,14 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             self.parts.groups,
             self._register,
             device=c.device,
-            seed=c.seed,
+            seed=c.options.seed,
             init_fn=self._init_fn,
             slots=c.slots,
             tie_groups=c.tie_groups,
-            remat=c.remat,
+            remat=c.options.remat,
             fetch_at=c.fetch_at,
             process_group=self._pg,
-            timeout=c.timeout,
+            timeout=c.options.timeout,
         )
         self.parts.attach(balance, built)
 
@@ -488,7 +505,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         return (
             f"rank={self.rank}, pipeline_device={self.pipeline_device}/{self.num_devices}, "
             f"replica={self.replica}/{self.data_parallel}, stages={self.stage_indices}, "
-            f"schedule={self.config.spec.name!r}, remat={self.config.remat!r}"
+            f"schedule={self.config.options.schedule_name!r}, remat={self.config.options.remat!r}"
         )
 
     # ----------------------------------------------------------------- step
@@ -522,17 +539,20 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 "this DistributedPipe was closed (its process groups are released); construct a "
                 "new one on every rank"
             )
-        return diststep.run_step(
+        call = diststep.agree_call(
             self.config,
             self.parts,
-            self._log,
             inputs,
             targets,
             loss_fn,
             reduction,
             training=self.training,
             check=lambda: self._follow("this rank's pipe"),
-            cut=self._agree_and_cut,
+        )
+        if self.parts.stages is None:  # the first step balances the pipeline
+            self._agree_and_cut(call.first_microbatch, call.error)
+        return diststep.run_step(
+            self.config, self.parts, self._log, call, loss_fn, reduction, training=self.training
         )
 
     def clip_grad_norm_(

@@ -59,7 +59,7 @@ def connect(config: DistConfig, process_group: Any, backend: str) -> RankParts:
     the CPU otherwise."""
     layout = config.layout
     comm_device = config.device if backend == "nccl" else torch.device("cpu")
-    groups = create_groups(layout, process_group, config.timeout, backend, comm_device)
+    groups = create_groups(layout, process_group, config.options.timeout, backend, comm_device)
     mine = groups.replicas[layout.replica]
     transport = P2PTransport(
         layout.pipeline_device,
@@ -68,7 +68,7 @@ def connect(config: DistConfig, process_group: Any, backend: str) -> RankParts:
         groups.meta,
         layout.owner,
         layout.num_stages,
-        timeout=config.timeout,
+        timeout=config.options.timeout,
         comm_device=comm_device,
     )
     return RankParts(groups, transport, mine[layout.pipeline_device], list(groups.created))

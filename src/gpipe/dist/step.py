@@ -8,6 +8,10 @@ the step on every channel (``END`` carrying the last stage's loss, or ``ABORT``)
 failure agreed over the replicas, then the collectives: tied copies' gradients summed, the
 replicas' gradients averaged.
 
+The pipe calls :func:`agree_call`, cuts its pipeline if the first step balances it, then
+:func:`run_step`; both take the pipe's :class:`~gpipe.dist.config.DistConfig` and
+:class:`~gpipe.dist.rank.RankParts`, never the pipe, and call nothing of it back.
+
 The invariant: from :func:`gpipe.core.step.begin` on, every rank reaches the transport's
 ``finish_step`` whatever happens, so a failure anywhere ends the step on every rank with the
 failing rank's own error there and :class:`~gpipe.dist.failures.PeerError` naming it
@@ -24,23 +28,29 @@ from typing import Any
 
 import torch
 
-from gpipe.dist import call as distcall
-
-from gpipe.core import step as stepcore
-from gpipe.dist.build import local_params
 from gpipe.base.microbatch import batch_size, num_microbatches, split
-from gpipe.nn import commit_over
-from gpipe.core.reduction import Reduction
-from gpipe.dist import collectives
-from gpipe.dist.config import DistConfig
-from gpipe.dist.rank import RankParts
+from gpipe.core import step as stepcore
 from gpipe.core.executor import Aborted, StageError, StepData, execute, resolve_gpu_times
+from gpipe.core.reduction import Reduction
+from gpipe.dist import call as distcall
+from gpipe.dist import collectives
+from gpipe.dist.build import local_params
+from gpipe.dist.config import DistConfig
 from gpipe.dist.failures import Failure, PeerError
+from gpipe.dist.rank import RankParts
+from gpipe.nn import commit_over
 from gpipe.schedules import KIND_WORDS
 
-
 __all__ = [
-    "StepLog","failure_text", "local_share", "prepare", "run_step", "share_microbatches"]
+    "Call",
+    "StepLog",
+    "agree_call",
+    "failure_text",
+    "local_share",
+    "prepare",
+    "run_step",
+    "share_microbatches",
+]
 
 
 @dataclass
@@ -76,8 +86,14 @@ def share_microbatches(config: DistConfig, local: Any) -> int:
             f" (replica {config.layout.replica}'s share of the global batch over "
             f"{config.data_parallel} data-parallel replicas)"
         )
-    n = batch_size(local, config.batch_dim)
-    return num_microbatches(n, config.chunks, config.micro_batch_size, batch_dim=config.batch_dim, share=share)
+    n = batch_size(local, config.options.batch_dim)
+    return num_microbatches(
+        n,
+        config.options.chunks,
+        config.options.micro_batch_size,
+        batch_dim=config.options.batch_dim,
+        share=share,
+    )
 
 
 def local_share(config: DistConfig, obj: Any) -> Any:
@@ -86,18 +102,16 @@ def local_share(config: DistConfig, obj: Any) -> Any:
     d = config.data_parallel
     if d == 1 or config.batch == "per_replica":
         return obj
-    n = batch_size(obj, config.batch_dim)
+    n = batch_size(obj, config.options.batch_dim)
     if n % d:
         raise ValueError(
             f"the global batch of {n} rows does not split over {d} data-parallel replicas; "
             "use a batch size divisible by it"
         )
-    return split(obj, d, batch_dim=config.batch_dim)[config.layout.replica]
+    return split(obj, d, batch_dim=config.options.batch_dim)[config.layout.replica]
 
 
-def prepare(
-    config: DistConfig, inputs: Any, targets: Any
-) -> tuple[list | None, list | None, int]:
+def prepare(config: DistConfig, inputs: Any, targets: Any) -> tuple[list | None, list | None, int]:
     """This rank's micro-batches of the inputs (first stage) and targets (last stage), and M."""
     layout = config.layout
     first = layout.pipeline_device == layout.first_device
@@ -110,8 +124,8 @@ def prepare(
         m = share_microbatches(config, y)
     elif inputs is not None:
         m = share_microbatches(config, local_share(config, inputs))
-    elif config.chunks is not None:
-        m = config.chunks
+    elif config.options.chunks is not None:
+        m = config.options.chunks
     else:
         raise ValueError(
             "with micro_batch_size= and no chunks=, every rank must pass inputs (or "
@@ -122,15 +136,35 @@ def prepare(
             f"rank {config.rank} runs the first stage and needs the inputs; pass them to "
             "step() on this rank (other ranks may pass None)"
         )
-    mbs = split((x,), m, batch_dim=config.batch_dim) if x is not None else None
-    tmbs = split(y, m, batch_dim=config.batch_dim) if y is not None else None
+    mbs = split((x,), m, batch_dim=config.options.batch_dim) if x is not None else None
+    tmbs = split(y, m, batch_dim=config.options.batch_dim) if y is not None else None
     return mbs, tmbs, m
 
 
-def run_step(
+@dataclass
+class Call:
+    """One step's call after every rank agreed on it (:func:`agree_call`): M, whether the
+    backward runs, this rank's micro-batches and loss scales, and this rank's own error
+    (reported to the others at the end of the step, not raised before)."""
+
+    m: int
+    grad: bool
+    agreed: distcall.Agreed  # the replicas' rows and micro-batch counts
+    inputs: list | None  # this rank's input micro-batches (first stage)
+    targets: list | None  # this rank's target micro-batches (last stage)
+    scales: list[float] | float = 1.0  # the last stage's loss scales
+    items: float = 0.0  # this replica's items (counted on the last stage)
+    error: BaseException | None = None
+
+    @property
+    def first_microbatch(self) -> tuple | None:
+        """This rank's first input micro-batch (what rank 0 balances on), if it has one."""
+        return self.inputs[0] if self.inputs else None
+
+
+def agree_call(
     config: DistConfig,
     rank: RankParts,
-    log: StepLog,
     inputs: Any,
     targets: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -138,13 +172,12 @@ def run_step(
     *,
     training: bool,
     check: Callable[[], None],
-    cut: Callable[[tuple | None, BaseException | None], None],
-) -> torch.Tensor:
-    """The body of :meth:`gpipe.DistributedPipe.step` (see there) on this rank's ``config``
-    and ``rank``, recorded in ``log``. ``check()`` is the pipe's own check of its model (a
-    refusal there reaches the other ranks like a bad argument); ``cut(sample_microbatch,
-    error)`` cuts the pipeline (every rank together) when the first step balances it."""
+) -> Call:
+    """Split this rank's batch and agree with every rank on the call (one all-gather): raises
+    on every rank alike, before any state changes. ``check()`` is the pipe's own check of its
+    model (a refusal there reaches the other ranks like a bad argument)."""
     grad = torch.is_grad_enabled()
+    opts = config.options
     local_error: BaseException | None = None
     mbs = tmbs = None
     scales: list[float] | float = 1.0  # the last stage's, which computes the loss
@@ -152,21 +185,21 @@ def run_step(
     try:  # a bad argument on one rank must reach the others, not leave them waiting
         check()
         stepcore.check_call(loss_fn, reduction)
-        stepcore.check_targets(inputs, targets, config.batch_dim)
+        stepcore.check_targets(inputs, targets, opts.batch_dim)
         mbs, tmbs, m = prepare(config, inputs, targets)
         if config.layout.pipeline_device == config.layout.last_device:
             whole = config.data_parallel == 1  # else other replicas may hold the items
             scales, items = stepcore.loss_scales(reduction, tmbs or [None] * m, whole)
     except Exception as e:
-        local_error, m = e, config.chunks or 1
-    layout, transport = config.layout, rank.transport
+        local_error, m = e, opts.chunks or 1
+    layout = config.layout
     call = distcall.describe(
         inputs,
         targets,
         training=training,
         grad=grad,
         num_microbatches=None if local_error is not None else m,
-        batch_dim=config.batch_dim,
+        batch_dim=opts.batch_dim,
     )
     agreed = distcall.check(
         call,
@@ -174,11 +207,28 @@ def run_step(
         batch=config.batch,
         num_devices=layout.num_devices,
         data_parallel=layout.data_parallel,
-        timeout=config.timeout,
+        timeout=opts.timeout,
         rank=config.rank,
     )  # raises on every rank alike, before any state changes
-    if rank.stages is None:
-        cut(mbs[0] if mbs else None, local_error)
+    return Call(m, grad, agreed, mbs, tmbs, scales, items, local_error)
+
+
+def run_step(
+    config: DistConfig,
+    rank: RankParts,
+    log: StepLog,
+    call: Call,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    reduction: Reduction,
+    *,
+    training: bool,
+) -> torch.Tensor:
+    """The agreed ``call`` on this rank's stages (the body of
+    :meth:`gpipe.DistributedPipe.step`, see there), recorded in ``log``; the pipeline must be
+    cut (``rank.stages``) before."""
+    layout, transport = config.layout, rank.transport
+    m, grad, agreed, local_error = call.m, call.grad, call.agreed, call.error
+    mbs, tmbs, scales, items = call.inputs, call.targets, call.scales, call.items
     sched = config.schedule(m)
     per_device = stepcore.step_actions(sched, grad)
     actions = per_device[layout.pipeline_device]
@@ -188,7 +238,8 @@ def run_step(
         log.rng_step += 1
         for bn in bns:  # accumulate over this replica's micro-batches; commit after the step
             bn.begin_step(m, defer=True)
-    assert rank.stages is not None
+    if rank.stages is None:
+        raise RuntimeError("run_step: cut the pipeline (build this rank's stages) first")
     stepcore.begin(
         rank.stages,
         step_id,
@@ -196,7 +247,7 @@ def run_step(
         grad,
         loss_fn,
         scales,
-        check_finite=config.check_finite,
+        check_finite=config.options.check_finite,
         rng_offset=agreed.offset(layout.replica),
     )
     transport.begin_step(log.calls, m, per_device)
@@ -245,7 +296,9 @@ def run_step(
     resolve_gpu_times(data)
     log.last_events = sorted(data.events, key=lambda e: e.start)
     log.last_events_t0 = data.t0
-    log.fetched = stepcore.collect_fetched(data.fetched, config.fetch_names, m, config.batch_dim)
+    log.fetched = stepcore.collect_fetched(
+        data.fetched, list(config.options.fetch), m, config.options.batch_dim
+    )
     failure = transport.failure
     if failure is None and loss is None:
         got = payloads[last_dev]

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from gpipe.dist import p2pproto as proto
 from gpipe.core.executor import Aborted
-from gpipe.dist.failures import Failure, PeerError
 from gpipe.core.mailbox import QueueTransport
+from gpipe.dist import p2pproto as proto
+from gpipe.dist.failures import Failure, PeerError
 from gpipe.dist.p2phealth import Broken, ChannelHealth, first_line
 from gpipe.dist.p2pio import Slot, Wire, packed_size, sizes_of, tensors_of, unpack, wait
 from gpipe.dist.wire import decode, encode

@@ -35,6 +35,7 @@ from gpipe.core import clip, plan
 from gpipe.core import step as stepcore
 from gpipe.core.auto import Auto
 from gpipe.core.executor import StepData, Timeline
+from gpipe.core.options import pipe_options
 from gpipe.core.reduction import Reduction
 from gpipe.local.bridge import Run, backward_into_inputs, needs_grad_of
 from gpipe.local.devices import Partition, partitions, pipe_devices
@@ -45,7 +46,6 @@ from gpipe.nn import deferred_in
 from gpipe.planner import balance as balance_mod
 from gpipe.schedules import Event, Schedule, ScheduleSpec
 from gpipe.stage import amp, shared_params
-from gpipe.stage import remat as remat_mod
 from gpipe.stage.stage import Stage, StepState
 
 __all__ = ["Partition", "Pipe"]
@@ -135,29 +135,38 @@ class Pipe(plan.NotCopied, nn.Module):
         self._auto_m = chunks is None and micro_batch_size is None  # the planner picks M too
         if self._auto is not None and balance is not None:
             raise ValueError("schedule='auto' chooses the balance too; drop balance=[...]")
-        schedule = "gpipe" if self._auto is not None else schedule
-        if chunks is None and micro_batch_size is None:
-            chunks = 1
-        self.chunks = options.optional_count("chunks", chunks)
-        self.micro_batch_size = options.optional_count("micro_batch_size", micro_batch_size)
-        stages = options.optional_count("stages", stages)
-        self.pinned = pinned = options.count("pinned", pinned, minimum=0)
+        #: the checked options (schedule="auto": the planner's choice is in the attributes)
+        self.options = opts = pipe_options(
+            stages=stages,
+            chunks=chunks,
+            micro_batch_size=micro_batch_size,
+            batch_dim=batch_dim,
+            schedule="gpipe" if self._auto is not None else schedule,
+            virtual_stages=virtual_stages,
+            remat=remat,
+            seed=seed,
+            pinned=pinned,
+            fetch=fetch,
+            timeout=timeout,
+            check_finite=check_finite,
+            default_chunks=1,
+        )
+        self.chunks, self.micro_batch_size = opts.chunks, opts.micro_batch_size
+        stages, self.pinned = opts.stages, opts.pinned
         if threads_per_stage is not None:
             threads_per_stage = options.count("threads_per_stage", threads_per_stage)
         self._deferred_bn = deferred_in(self.layers)
         for bn in self._deferred_bn:
             bn.chunks = self.chunks or 1  # until a step tells the real micro-batch count
-        self.batch_dim = options.integer("batch_dim", batch_dim)
-        self.remat = remat_mod.check_mode(remat)
-        self.seed = options.integer("seed", seed)
-        self.timeout = timeout = options.seconds("timeout", timeout)
+        self.batch_dim, self.remat, self.seed = opts.batch_dim, opts.remat, opts.seed
+        self.timeout = timeout = opts.timeout
         self.rng_step = 0
         self._timeline = Timeline([])
         self.last_events_t0 = 0.0  # perf_counter time the events are counted from
         self.peak_live: list[int] = []
         self.fetched: dict[str, Any] = {}
 
-        self._spec = ScheduleSpec(schedule, virtual_stages)
+        self._spec = opts.schedule
         self.schedule_name = self._spec.name
         self.virtual_stages = v = self._spec.virtual_stages
         balance = plan.cut_by(
@@ -168,11 +177,11 @@ class Pipe(plan.NotCopied, nn.Module):
         #: stage -> device index (the schedule's placement)
         self.placement: tuple[int, ...] = self._spec.placement(k)
         if balance is not None:
-            balance = plan.check_balance(balance, len(self.layers), k, v, pinned)
+            balance = plan.check_balance(balance, len(self.layers), k, v, self.pinned)
         else:
-            balance_mod.check_stage_count(len(self.layers), k, v, pinned)
-        self.check_finite = check_finite
-        self.fetch_names = options.names("fetch", fetch)
+            balance_mod.check_stage_count(len(self.layers), k, v, self.pinned)
+        self.check_finite = opts.check_finite
+        self.fetch_names = list(opts.fetch)
         self._fetch_at = plan.fetch_points(named, self.fetch_names)
         self._balance: list[int] | None = balance
         self._stages: list[Stage] | None = None
