@@ -55,7 +55,7 @@ from gpipe.dist.layout import create_groups, default_device
 from gpipe.core.materialize import materialize
 from gpipe.nn import deferred_in
 from gpipe.core.reduction import Reduction
-from gpipe.dist import agree, collectives
+from gpipe.dist import agree, collectives, mesh as distmesh
 from gpipe.dist.transport import P2PTransport, PeerError
 from gpipe.schedules import Event, Schedule
 from gpipe.stage.stage import Stage
@@ -144,6 +144,8 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         split_points: str | Sequence[str] | None = None,
         deferred_batch_norm: bool = False,
         batch: str = "same",
+        mesh: Any = None,
+        parallelize: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -158,6 +160,11 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 f"dist.new_group(...)) or None for every rank, got "
                 f"{type(process_group).__name__} {process_group!r}"
             )
+        # mesh= (gpipe.dist.mesh): this pipe runs on this rank's ("dp", "pp") slice
+        self._mesh, self._parallelize = mesh, distmesh.check_parallelize(parallelize)
+        self._siblings = None if mesh is None else distmesh.Siblings(mesh)
+        if mesh is not None:
+            process_group = distmesh.pipe_group(mesh, process_group, stages, data_parallel, timeout)
         self._pg = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self._pg)
         backend = dist.get_backend(self._pg)
@@ -223,7 +230,10 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         self._init_fn = init_fn
         comm_device = self.device if backend == "nccl" else torch.device("cpu")
         # every rank creates every group, in one order, now
-        self._groups = create_groups(self._layout, self._pg, self._timeout, backend, comm_device)
+        sibling_groups = None if self._siblings is None else self._siblings.new_group
+        self._groups = create_groups(
+            self._layout, self._pg, self._timeout, backend, comm_device, sibling_groups
+        )
         self._created: list[Any] = list(self._groups.created)
         self._global_rank = self._groups.replicas[self.replica][self.pipeline_device]
         self._pp_group, self._dp_group = self._groups.pp, self._groups.dp
@@ -297,8 +307,13 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             fetch_at=self._fetch_at,
             process_group=self._pg,
             timeout=self._timeout,
+            new_group=None if self._siblings is None else self._siblings.new_group,
         )
         self._stages = built.stages
+        if self._parallelize is not None:  # gpipe.dist.mesh: the user's TP / FSDP per stage
+            on = self._mesh if self._mesh is not None else self._pg
+            modules = distmesh.stage_modules(self._named, built.stages)
+            distmesh.apply_parallelize(self._parallelize, modules, on)
         self._deferred_bn = deferred_in(layer for st in built.stages for _, layer in st.layers)
         self._stage_map = {st.index: st for st in built.stages}
         self._ties, self._not_counted = built.ties, built.not_counted
