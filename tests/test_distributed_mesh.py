@@ -52,16 +52,18 @@ def tp_plan(stage: nn.Module, mesh: Any) -> None:
     parallelize_module(stage, mesh["tp"], plan)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a plain tensor as it is), detached."""
     full = getattr(t, "full_tensor", None)
     return (full() if full is not None else t).detach().clone()
 
 
-def _refusal(fn: Any) -> str:
+def refusal(fn: Any) -> str:
+    """What ``fn()`` raised, as ``"Type: message"`` (``"no error"`` when nothing)."""
     try:
         fn()
-    except ValueError as e:
-        return str(e)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
     return "no error"
 
 
@@ -72,8 +74,8 @@ def _scenario(rank: int, tmp: Path) -> None:
 
     mesh = init_device_mesh("cpu", (PP, TP), mesh_dim_names=("pp", "tp"))
     out: dict[str, Any] = {
-        "stages": _refusal(lambda: DistributedPipe(mlp(), stages=4, mesh=mesh)),
-        "order": _refusal(
+        "stages": refusal(lambda: DistributedPipe(mlp(), stages=4, mesh=mesh)),
+        "order": refusal(
             lambda: DistributedPipe(
                 mlp(), mesh=init_device_mesh("cpu", (TP, PP), mesh_dim_names=("pp", "dp"))
             )
@@ -87,10 +89,10 @@ def _scenario(rank: int, tmp: Path) -> None:
     for s in range(STEPS):
         opt.zero_grad()
         losses.append(float(pipe.step(*batch(s), F.cross_entropy)))
-        grads.append({n: _full(p.grad) for n, p in pipe.named_parameters()})
+        grads.append({n: full(p.grad) for n, p in pipe.named_parameters()})
         opt.step()
     out["losses"], out["grads"] = losses, grads
-    out["params"] = {n: _full(p) for n, p in pipe.named_parameters()}
+    out["params"] = {n: full(p) for n, p in pipe.named_parameters()}
     out["dtensor"] = [type(p).__name__ for p in pipe.parameters()]
     pipe.close()
     torch.save(out, tmp / f"rank{rank}.pt")

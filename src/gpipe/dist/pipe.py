@@ -55,7 +55,7 @@ from gpipe.dist.layout import create_groups, default_device
 from gpipe.core.materialize import materialize
 from gpipe.nn import deferred_in
 from gpipe.core.reduction import Reduction
-from gpipe.dist import agree, collectives, mesh as distmesh
+from gpipe.dist import agree, collectives, fsdp as distfsdp, mesh as distmesh
 from gpipe.dist.transport import P2PTransport, PeerError
 from gpipe.schedules import Event, Schedule
 from gpipe.stage.stage import Stage
@@ -146,6 +146,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         batch: str = "same",
         mesh: Any = None,
         parallelize: Callable[[nn.Module, Any], Any] | None = None,
+        fsdp: bool = False,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -213,6 +214,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 virtual_stages, remat, seed, pinned, device, timeout, data_parallel, tied,
                 batch_dim, backend,
             )  # fmt: skip
+            self._fsdp = distfsdp.check_fsdp(fsdp, self.data_parallel, False)  # gpipe.dist.fsdp
             fingerprint = distconfig.fingerprint(self, balance, sample, keys is not None)
         except Exception as e:
             error = e
@@ -253,6 +255,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         self._balance: list[int] | None = None
         self._ties: list[tuple[nn.Parameter, Any, int, bool]] = []
         self._not_counted: set[int] = set()
+        self._sharded: distfsdp.Sharded | None = None
         if balance is not None:
             self._build([int(b) for b in balance])
         elif sample is not None:
@@ -314,6 +317,11 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             on = self._mesh if self._mesh is not None else self._pg
             modules = distmesh.stage_modules(self._named, built.stages)
             distmesh.apply_parallelize(self._parallelize, modules, on)
+        if self._fsdp:  # gpipe.dist.fsdp: each stage sharded over its data-parallel replicas
+            across = distfsdp.tied_across(self._tie_groups, self._slots, balance)
+            distfsdp.check_fsdp(True, self.data_parallel, across)
+            layers = [[layer for _, layer in st.layers] for st in built.stages]
+            self._sharded = distfsdp.Sharded(layers, self._groups.dp, self.device)
         self._deferred_bn = deferred_in(layer for st in built.stages for _, layer in st.layers)
         self._stage_map = {st.index: st for st in built.stages}
         self._ties, self._not_counted = built.ties, built.not_counted
@@ -459,8 +467,13 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             targets,
             loss_fn,
             reduction,
-            check=lambda: self._follow("this rank's pipe"),
+            check=lambda: self._check_step(reduction),
         )
+
+    def _check_step(self, reduction: Reduction) -> None:
+        self._follow("this rank's pipe")
+        if self._sharded is not None:
+            self._sharded.check_call(reduction, self.batch)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
@@ -470,6 +483,15 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         norm. Call it on every rank (it all-reduces over the pipeline's ranks); a tied
         parameter counts once."""
         self._require_built("clip_grad_norm_()")
+        if self._sharded is not None:  # gpipe.dist.fsdp: norms of the local shards
+            return self._sharded.clip_grad_norm(
+                local_params(self._stages or []),
+                max_norm,
+                norm_type,
+                error_if_nonfinite,
+                self._pp_group if self.num_devices > 1 else None,
+                self.device,
+            )
         return collectives.clip_grad_norm(
             local_params(self._stages or []),
             self._not_counted,

@@ -190,6 +190,8 @@ def run_step(
     loss = None
     try:
         stash = collectives.stash_tied(pipe._ties) if grad else []
+        if pipe._sharded is not None:  # gpipe.dist.fsdp: one gather / reduce-scatter per step
+            pipe._sharded.begin(grad, actions, reduction, layout.data_parallel)
         if local_error is None:
             with contextlib.suppress(Aborted):  # a peer failed: the transport knows who
                 execute(
@@ -240,6 +242,8 @@ def run_step(
         transport.comm_device,
         rows=agreed.rows if pipe.batch == "per_replica" else None,
     )
+    if pipe._sharded is not None:  # gpipe.dist.fsdp
+        pipe._sharded.end(grad, failed=failure is not None)
     if failure is not None:
         collectives.unstash(pipe._ties, stash)
         for bn in bns:  # a failed step adds no statistics, and the layers commit as before
@@ -251,10 +255,11 @@ def run_step(
     if pipe.training:
         commit_over(bns, pipe._groups.dp)  # the whole global batch's statistics
     if grad:
+        sharded = pipe._sharded.holds if pipe._sharded is not None else lambda p: False
         collectives.sync_tied(pipe._ties, stash)
         if pipe._groups.dp is not None:
             collectives.reduce_over_replicas(
-                [p for p in local_params(pipe._stages) if p.requires_grad],
+                [p for p in local_params(pipe._stages) if p.requires_grad and not sharded(p)],
                 pipe._groups.dp,
                 weight,
             )
