@@ -125,3 +125,35 @@ def test_pipeline_x_tensor_parallel_equals_plain_model(tmp_path: Path) -> None:
             assert torch.allclose(p, ref_params[n].detach(), atol=TOL, rtol=0), (rank, n)
             seen.add(n)
     assert seen == set(ref_params)
+
+
+def _scenario_3d(rank: int, tmp: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gpipe.dist.pipe import DistributedPipe
+
+    mesh = init_device_mesh("cpu", (2, PP, TP), mesh_dim_names=("dp", "pp", "tp"))
+    with DistributedPipe(
+        mlp(), balance=[3, 3], chunks=2, mesh=mesh, parallelize=tp_plan, timeout=TIMEOUT
+    ) as pipe:
+        loss = float(pipe.step(*batch(0), F.cross_entropy))
+        grads = {n: full(p.grad) for n, p in pipe.named_parameters()}
+        where = (pipe.replica, pipe.pipeline_device)
+    torch.save({"loss": loss, "grads": grads, "where": where}, tmp / f"rank{rank}.pt")
+
+
+def test_data_x_pipeline_x_tensor_parallel_equals_plain_model(tmp_path: Path) -> None:
+    """2 replicas x 2 pipeline ranks x 2 tensor-parallel ranks (8 gloo ranks): the replicas'
+    tensor-parallel shards are all-reduced as whole replicas, equal to the plain model."""
+    results = gloo_results(_scenario_3d, tmp_path, world=8, limit=140)
+    ref = mlp()
+    x, y = batch(0)
+    loss = F.cross_entropy(ref(x), y)
+    loss.backward()
+    for rank, got in enumerate(results):
+        dp, pp = rank // (PP * TP), (rank // TP) % PP
+        assert got["where"] == (dp, pp), (rank, got["where"])
+        assert got["loss"] == pytest.approx(loss.item(), abs=TOL), rank
+        for n, g in got["grads"].items():
+            ref_g = dict(ref.named_parameters())[n].grad
+            assert torch.allclose(g, ref_g, atol=TOL, rtol=0), (rank, n)
