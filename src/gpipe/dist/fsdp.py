@@ -84,6 +84,12 @@ class Sharded:
         self.dp_group = dp_group
         self.holders: list[FSDPModule] = []
         for layers in stage_layers:
+            if any(hasattr(p, "device_mesh") for m in layers for p in m.parameters()):
+                raise ValueError(
+                    "fsdp=True shards plain parameters over the pipe's replicas, but "
+                    "parallelize= already made some DTensors (tensor parallelism); apply "
+                    "fully_shard yourself inside parallelize= over mesh['dp', 'tp'] instead"
+                )
             holder = nn.Module()
             held = [m for m in layers if any(True for _ in m.parameters())]
             for i, m in enumerate(held):

@@ -116,6 +116,15 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             ``DistributedSampler``), the same on every rank of that replica's pipeline; the
             pipeline splits the shard into M micro-batches and the step equals the plain
             model on the union of the shards (``sample=`` is then one replica's shard).
+        mesh: a ``DeviceMesh`` with a ``"pp"`` dimension (and optionally ``"dp"`` before
+            it, and any dimensions of the user's own, e.g. ``"tp"``): the pipe runs on this
+            rank's ``("dp", "pp")`` slice (:mod:`gpipe.dist.mesh`).
+        parallelize: ``fn(stage_module, mesh)`` applied to each stage of this rank once it
+            is built (a module holding the stage's layers under their model names), e.g. a
+            ``parallelize_module`` tensor-parallel plan; ``mesh`` is ``mesh=`` or, without
+            one, the pipe's process group.
+        fsdp: shard each stage's parameters, gradients and optimizer state over its
+            ``data_parallel`` replicas with ``fully_shard`` (:mod:`gpipe.dist.fsdp`).
     """
 
     def __init__(
