@@ -116,10 +116,13 @@ def build_rank(
     fetch_at: Any,
     process_group: Any,
     timeout: float,
+    new_group: Any = None,
 ) -> Built:
     """Materialize this rank's layers on ``device``, free the others, ``register`` each local
     layer under its name, build this rank's stages, then its tied copies (one subgroup per
-    replica, created in the same order on every rank) and the replicas' broadcast."""
+    replica, created in the same order on every rank, by ``new_group``: default
+    ``dist.new_group``) and the replicas' broadcast."""
+    new_group = new_group or dist.new_group
     me = layout.pipeline_device
     stage_of = plan.stage_of_layers(balance)
     dev_of = [layout.owner(s) for s in stage_of]
@@ -171,7 +174,7 @@ def build_rank(
                 built.not_counted.add(id(local_p))
         if len(devs) < 2:
             continue
-        subs = [dist.new_group([rep[dd] for dd in devs], timeout=td) for rep in replicas]
+        subs = [new_group([rep[dd] for dd in devs], timeout=td) for rep in replicas]
         built.created += subs
         if local_p is not None:
             sub = subs[layout.replica]

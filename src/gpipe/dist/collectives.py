@@ -127,21 +127,28 @@ def reduce_over_replicas(params: list[nn.Parameter], group: Any, weight: float) 
     """Sum the replicas' gradients over the data-parallel group, each replica's scaled by its
     ``weight`` (:func:`gpipe.core.reduction.replica_weights`: ``1/D`` for a ``"mean"`` loss), so
     they equal the gradients of the whole global batch."""
-    by_key: dict[tuple, list[nn.Parameter]] = {}
+    by_key: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_key.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-    for ps in by_key.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        g = _local(p.grad)  # a tensor-parallel DTensor's own shard: alike on every replica
+        by_key.setdefault((g.dtype, g.device), []).append(g)
+    for gs in by_key.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
         if weight != 1.0:
             flat *= weight
         dist.all_reduce(flat, group=group)
         off = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[off : off + n].view_as(p.grad))
+        for g in gs:
+            n = g.numel()
+            g.copy_(flat[off : off + n].view_as(g))
             off += n
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (what this rank holds); any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def clip_grad_norm(

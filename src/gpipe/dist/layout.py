@@ -199,25 +199,32 @@ class Groups:
 
 
 def create_groups(
-    layout: Layout, process_group: Any, timeout: float, backend: str, comm_device: torch.device
+    layout: Layout,
+    process_group: Any,
+    timeout: float,
+    backend: str,
+    comm_device: torch.device,
+    new_group: Any = None,
 ) -> Groups:
     """Create every group of the job, in the same order on every rank (``new_group`` is
     collective): the pipelines (D > 1), the data-parallel groups (D > 1, K > 1), then for each
     replica one point-to-point group per directed edge (:meth:`Layout.edges`, in that order)
     and its gloo header group (K > 1). Under NCCL one all-reduce per new group makes its
     communicator exist now, each rank taking its groups in that one order (so every group's
-    members meet at it)."""
+    members meet at it). ``new_group`` (default ``dist.new_group``) creates each group; a pipe
+    on one slice of a mesh passes :meth:`gpipe.dist.mesh.Siblings.new_group`."""
+    new_group = new_group or dist.new_group
     k, d = layout.num_devices, layout.data_parallel
     replicas = layout.replica_ranks(process_group)
     td = timedelta(seconds=timeout)
     created: list[Any] = []
     pp, dp = process_group, None
     if d > 1:
-        pps = [dist.new_group(r, timeout=td) for r in replicas]
+        pps = [new_group(r, timeout=td) for r in replicas]
         created += pps
         pp = pps[layout.replica]
         if k > 1:
-            dps = [dist.new_group([rep[dd] for rep in replicas], timeout=td) for dd in range(k)]
+            dps = [new_group([rep[dd] for rep in replicas], timeout=td) for dd in range(k)]
             created += dps
             dp = dps[layout.pipeline_device]
         else:
@@ -232,17 +239,17 @@ def create_groups(
         edge_td = timedelta(seconds=EDGE_TIMEOUT_FACTOR * timeout)
         for j, rep in enumerate(replicas):
             for a, b in layout.edges():
-                grp = dist.new_group([rep[a], rep[b]], timeout=edge_td)
+                grp = new_group([rep[a], rep[b]], timeout=edge_td)
                 created.append(grp)
                 if j == layout.replica and me in (a, b):
                     p2p[(a, b)] = grp
-            grp = dist.new_group(rep, timeout=td, backend="gloo")
+            grp = new_group(rep, timeout=td, backend="gloo")
             created.append(grp)
             if j == layout.replica:
                 meta = grp
     calls = None
     if k * d > 1:  # the pipe's own: a step that times out breaks it, never the caller's group
-        calls = dist.new_group([r for rep in replicas for r in rep], timeout=td, backend="gloo")
+        calls = new_group([r for rep in replicas for r in rep], timeout=td, backend="gloo")
         created.append(calls)
     groups = Groups(replicas, pp, dp, p2p, meta, calls, created)
     if backend == "nccl":

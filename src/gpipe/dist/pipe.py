@@ -60,6 +60,8 @@ from gpipe.core.materialize import materialize
 from gpipe.core.options import PipeOptions, pipe_options
 from gpipe.core.reduction import Reduction
 from gpipe.dist import agree, collectives
+from gpipe.dist import fsdp as distfsdp
+from gpipe.dist import mesh as distmesh
 from gpipe.dist import call as distcall
 from gpipe.dist import config as distconfig
 from gpipe.dist import step as diststep
@@ -125,6 +127,15 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             ``DistributedSampler``), the same on every rank of that replica's pipeline; the
             pipeline splits the shard into M micro-batches and the step equals the plain
             model on the union of the shards (``sample=`` is then one replica's shard).
+        mesh: a ``DeviceMesh`` with a ``"pp"`` dimension (and optionally ``"dp"`` before
+            it, and any dimensions of the user's own, e.g. ``"tp"``): the pipe runs on this
+            rank's ``("dp", "pp")`` slice (:mod:`gpipe.dist.mesh`).
+        parallelize: ``fn(stage_module, mesh)`` applied to each stage of this rank once it
+            is built (a module holding the stage's layers under their model names), e.g. a
+            ``parallelize_module`` tensor-parallel plan; ``mesh`` is ``mesh=`` or, without
+            one, the pipe's process group.
+        fsdp: shard each stage's parameters, gradients and optimizer state over its
+            ``data_parallel`` replicas with ``fully_shard`` (:mod:`gpipe.dist.fsdp`).
     """
 
     def __init__(
@@ -153,6 +164,9 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         split_points: str | Sequence[str] | None = None,
         deferred_batch_norm: bool = False,
         batch: str = "same",
+        mesh: Any = None,
+        parallelize: Callable[[nn.Module, Any], Any] | None = None,
+        fsdp: bool = False,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -167,6 +181,11 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 f"dist.new_group(...)) or None for every rank, got "
                 f"{type(process_group).__name__} {process_group!r}"
             )
+        # mesh= (gpipe.dist.mesh): this pipe runs on this rank's ("dp", "pp") slice
+        self._mesh, self._parallelize = mesh, distmesh.check_parallelize(parallelize)
+        self._siblings = None if mesh is None else distmesh.Siblings(mesh)
+        if mesh is not None:
+            process_group = distmesh.pipe_group(mesh, process_group, stages, data_parallel, timeout)
         self._pg = process_group if process_group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self._pg)
         backend = dist.get_backend(self._pg)
@@ -241,6 +260,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 backend=backend,
                 batch=batch_mode,
             )
+            fsdp = distfsdp.check_fsdp(fsdp, config.data_parallel, False)  # gpipe.dist.fsdp
             fingerprint = distconfig.fingerprint(config, sample, keys is not None)
         except Exception as e:
             error = e
@@ -263,7 +283,9 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             Loading(self, keys, lambda: self._modules)
         self._init_fn = init_fn
         # every rank creates every group, in one order, now
-        self.parts = connect(config, self._pg, backend)
+        self._fsdp = bool(fsdp)
+        new_group = None if self._siblings is None else self._siblings.new_group
+        self.parts = connect(config, self._pg, backend, new_group=new_group)
         self._closed = False
         if config.balance is not None:
             self._cut(config.balance)
@@ -403,8 +425,18 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             fetch_at=c.fetch_at,
             process_group=self._pg,
             timeout=c.options.timeout,
+            new_group=None if self._siblings is None else self._siblings.new_group,
         )
+        if self._parallelize is not None:  # gpipe.dist.mesh: the user's TP / FSDP per stage
+            on = self._mesh if self._mesh is not None else self._pg
+            modules = distmesh.stage_modules(c.named, built.stages)
+            distmesh.apply_parallelize(self._parallelize, modules, on)
         self.parts.attach(balance, built)
+        if self._fsdp:  # gpipe.dist.fsdp: each stage sharded over its data-parallel replicas
+            across = distfsdp.tied_across(c.tie_groups, c.slots, balance)
+            distfsdp.check_fsdp(True, self.data_parallel, across)
+            layers = [[layer for _, layer in st.layers] for st in built.stages]
+            self.parts.sharded = distfsdp.Sharded(layers, self.parts.groups.dp, self.device)
 
     @property
     def balance(self) -> list[int] | None:
@@ -547,13 +579,18 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             loss_fn,
             reduction,
             training=self.training,
-            check=lambda: self._follow("this rank's pipe"),
+            check=lambda: self._check_step(reduction),
         )
         if self.parts.stages is None:  # the first step balances the pipeline
             self._agree_and_cut(call.first_microbatch, call.error)
         return diststep.run_step(
             self.config, self.parts, self._log, call, loss_fn, reduction, training=self.training
         )
+
+    def _check_step(self, reduction: Reduction) -> None:
+        self._follow("this rank's pipe")
+        if self.parts.sharded is not None:
+            self.parts.sharded.check_call(reduction, self.batch)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
@@ -563,6 +600,15 @@ class DistributedPipe(plan.NotCopied, nn.Module):
         norm. Call it on every rank (it all-reduces over the pipeline's ranks); a tied
         parameter counts once."""
         self._require_built("clip_grad_norm_()")
+        if self.parts.sharded is not None:  # gpipe.dist.fsdp: norms of the local shards
+            return self.parts.sharded.clip_grad_norm(
+                local_params(self.parts.stages or []),
+                max_norm,
+                norm_type,
+                error_if_nonfinite,
+                self.parts.groups.pp if self.num_devices > 1 else None,
+                self.device,
+            )
         return collectives.clip_grad_norm(
             local_params(self.parts.stages or []),
             self.parts.not_counted,

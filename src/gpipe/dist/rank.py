@@ -42,6 +42,7 @@ class RankParts:
     not_counted: set[int] = field(default_factory=set)  # ids of copies clip_grad_norm skips
     stage_map: dict[int, Stage] = field(default_factory=dict)
     deferred_bn: list[Any] = field(default_factory=list)  # in stage order
+    sharded: Any = None  # gpipe.dist.fsdp.Sharded with fsdp=True, once the stages are built
 
     def attach(self, balance: list[int], built: Built) -> None:
         """Take this rank's stages, cut by ``balance``, and their tied copies."""
@@ -53,13 +54,18 @@ class RankParts:
         self.created += built.created
 
 
-def connect(config: DistConfig, process_group: Any, backend: str) -> RankParts:
+def connect(
+    config: DistConfig, process_group: Any, backend: str, new_group: Any = None
+) -> RankParts:
     """Create every group of the job (collective: every rank calls it, in the same order)
     and this rank's transport; point-to-point traffic goes through the rank's GPU under NCCL,
-    the CPU otherwise."""
+    the CPU otherwise. ``new_group`` creates a group (default ``dist.new_group``; with a mesh,
+    the one that creates the sibling slices' groups alike)."""
     layout = config.layout
     comm_device = config.device if backend == "nccl" else torch.device("cpu")
-    groups = create_groups(layout, process_group, config.options.timeout, backend, comm_device)
+    groups = create_groups(
+        layout, process_group, config.options.timeout, backend, comm_device, new_group
+    )
     mine = groups.replicas[layout.replica]
     transport = P2PTransport(
         layout.pipeline_device,

@@ -263,6 +263,8 @@ def run_step(
     loss = None
     try:
         stash = collectives.stash_tied(rank.ties) if grad else []
+        if rank.sharded is not None:  # gpipe.dist.fsdp: one gather / reduce-scatter per step
+            rank.sharded.begin(grad, actions, reduction, layout.data_parallel)
         if local_error is None:
             with contextlib.suppress(Aborted):  # a peer failed: the transport knows who
                 execute(
@@ -315,6 +317,8 @@ def run_step(
         transport.comm_device,
         rows=agreed.rows if config.batch == "per_replica" else None,
     )
+    if rank.sharded is not None:  # gpipe.dist.fsdp
+        rank.sharded.end(grad, failed=failure is not None)
     if failure is not None:
         collectives.unstash(rank.ties, stash)
         for bn in bns:  # a failed step adds no statistics, and the layers commit as before
@@ -326,10 +330,11 @@ def run_step(
     if training:
         commit_over(bns, rank.groups.dp)  # the whole global batch's statistics
     if grad:
+        sharded = rank.sharded.holds if rank.sharded is not None else lambda p: False
         collectives.sync_tied(rank.ties, stash)
         if rank.groups.dp is not None:
             collectives.reduce_over_replicas(
-                [p for p in local_params(rank.stages) if p.requires_grad],
+                [p for p in local_params(rank.stages) if p.requires_grad and not sharded(p)],
                 rank.groups.dp,
                 weight,
             )
