@@ -12,7 +12,6 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
 
 import gpipe
 from capture_models import BUILDERS
@@ -82,31 +81,6 @@ def test_captured_layers_hold_the_models_state_dict_keys(case: Case) -> None:
     model = case.model.state_dict()
     assert layers.keys() == model.keys()
     assert all(layers[k] is model[k] or torch.equal(layers[k], model[k]) for k in model)
-
-
-class _Scaled(nn.Module):
-    """A block with submodules and two buffers of its own: one saved, one not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(4, 4)
-        self.register_buffer("scale", torch.full((4,), 2.0))
-        self.register_buffer("shift", torch.arange(4.0), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) * self.scale + self.shift
-
-
-def test_a_non_leaf_blocks_buffers_keep_their_persistence() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(_Scaled(), nn.Tanh(), _Scaled())
-    layers = capture(model, torch.randn(2, 4))
-    assert layers.state_dict().keys() == model.state_dict().keys()
-    assert "0.scale" in model.state_dict() and "0.shift" not in model.state_dict()
-    again = nn.Sequential(_Scaled(), nn.Tanh(), _Scaled())
-    layers.load_state_dict(again.state_dict())  # the model's own state dict loads, strict
-    x = torch.randn(3, 4)
-    torch.testing.assert_close(layers(x), again(x))
 
 
 def _check(case: Case, grid: list[tuple[int, str, str]]) -> None:
