@@ -393,8 +393,11 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
     # a survivor lived through every old test: only this module's new test file can kill it;
     # mutants the last run did not get to need them all
     unfinished = None in old.values()
-    own = [t for t in mod.tests if "test_mutants_" in t]
-    work = prepare(name, mod, fresh=not old, tests=own if old and not unfinished else None)
+    # (a module without its own file yet: the whole subset again, never an empty selection,
+    # which pytest would read as every test)
+    own = [t for t in mod.tests if "test_mutants_" in t and (ROOT / t).exists()]
+    narrow = old and own and not unfinished
+    work = prepare(name, mod, fresh=not old, tests=own if narrow else None)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     start = time.monotonic()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again]
