@@ -56,7 +56,7 @@ REDUCTION_SUBSET = (
 PLANNER_FAST = "not trains and not gpipe_train and not trainer and not balance_of_the_wrong"
 # the memory model's own tests (hand-computed terms, torch's optimizer state, the joint peak):
 # the planner's ranking tests profile a transformer, 10 s a mutant, for little more
-MEMORY_SUBSET = "memory_terms or optimizer_slots or joint_peak"
+MEMORY_SUBSET = "mutants or memory_terms or optimizer_slots or joint_peak"
 # the split backward's tests: every kind of layer, one schedule run per remat mode
 WGRAD_SUBSET = "not mixed_model or zb-h1 or zb-v-3-6-always or interleaved-zb-4-4-never"
 
