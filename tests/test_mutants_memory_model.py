@@ -13,7 +13,7 @@ from torch import nn
 from gpipe.planner import memory_model as mm
 from gpipe.planner.cost import profile
 from gpipe.planner.simulate import simulate
-from gpipe.schedules import get
+from gpipe.schedules import Action, Event, Overlap, get
 
 SCHEDULES = ["gpipe", "1f1b", "zb-h1", "zb-v", "dualpipe-v"]
 
@@ -119,3 +119,14 @@ def test_a_limit_is_none_only_for_none_or_infinity() -> None:
     assert mm.parse_limit(2.0) == 2 and mm.parse_limit("1KiB") == 1024
     with pytest.raises(ValueError, match="finite number of bytes"):
         mm.parse_limit(-math.inf)
+
+
+def test_an_overlapped_pair_on_a_timeline_counts_both_its_parts() -> None:
+    sched = get("1f1b", 1, 2)
+    stages = _stages(1, params=4, kept=5, input=2, output=3, workspace=1)
+    f, b = Action("F", 0, 1), Action("B", 0, 0)
+    pair = [Event(Overlap(f, b), 0, 0.0, 1.0)]
+    apart = [Event(f, 0, 0.0, 1.0), Event(b, 0, 0.0, 1.0)]
+    joint = mm.process_peak(pair, sched, stages, "never")
+    assert joint == mm.process_peak(apart, sched, stages, "never")
+    assert joint == mm.process_peak([], sched, stages, "never") + 5 + (2 + 3 + 1)
