@@ -36,6 +36,12 @@ def test_each_reduction_gives_its_factors_and_item_total() -> None:
         0.0,
     )
     assert microbatch_scales(len, [[1, 2, 3], [4]]) == ([0.75, 0.25], 4.0)
+    assert microbatch_scales(len, [[1], []]) == ([1.0, 0.0], 1.0)  # one item in all
+    # a tensor count next to a plain number: each read as a number
+    assert microbatch_scales(lambda t: torch.tensor(2) if t == 0 else 1, [0, 1]) == (
+        [2 / 3, 1 / 3],
+        3.0,
+    )
 
 
 def test_a_count_of_no_items_in_the_whole_mini_batch_is_refused() -> None:
@@ -90,6 +96,8 @@ def test_replica_weights() -> None:
     assert replica_weights("sum", [4.0, 4.0, 4.0]) == [1.0, 1.0, 1.0]
     assert replica_weights(count_items(), [3.0, 1.0]) == [0.75, 0.25]
     assert replica_weights(count_items(), [0.0, 0.0]) == [0.0, 0.0]
+    assert replica_weights(count_items(), [1.0, 0.0]) == [1.0, 0.0]
+    assert replica_weights("mean", [4.0, 4.0], rows=[1, 0]) == [1.0, 0.0]
 
 
 def test_every_refused_reduction_says_why() -> None:
@@ -132,11 +140,20 @@ def _warns(targets) -> bool:
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         warn_uneven(targets)
+    if got:
+        assert str(got[0].message) == (
+            "the targets hold -100 (cross_entropy's ignore_index) in unequal numbers per "
+            "micro-batch, and reduction='mean' averages the micro-batches' losses: if loss_fn "
+            "ignores them, that average differs from the whole mini-batch's mean over its "
+            "tokens. Pass reduction=gpipe.count_items() to weight each micro-batch by its "
+            "items (or reduction='sum' with a summing loss_fn)"
+        )
     return bool(got)
 
 
 def test_the_uneven_warning_fires_only_for_unequal_ignored_integer_targets() -> None:
     assert _warns([torch.tensor([1, -100]), torch.tensor([1, 2])])
+    assert _warns([torch.tensor([1, -100, -100]), torch.tensor([1])])  # the ignored ones differ
     assert not _warns([torch.tensor([1, -100]), torch.tensor([-100, 2])])
     assert not _warns([torch.tensor([1.0, -100.0]), torch.tensor([1.0, 2.0])])  # floats
     assert not _warns([(torch.tensor([-100]), torch.tensor([1])), (torch.tensor([1]),) * 2])
