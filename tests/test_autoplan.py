@@ -14,6 +14,7 @@ from gpipe.models import TransformerConfig, TransformerLM
 from gpipe.planner import memory_model as mm
 from gpipe.planner.autoplan import NoFitError, autoplan, mm_fmt, table
 from gpipe.planner.cost import profile
+from gpipe.planner.simulate import simulate
 from gpipe.schedules import get
 
 
@@ -212,6 +213,42 @@ def test_optimizer_slots_and_sizes():
     assert mm.parse_bytes("1.5 MB") == 1_500_000
     with pytest.raises(ValueError, match="cannot read the memory size"):
         mm.parse_bytes("eight gigs")
+
+
+# what torch's optimizers keep per parameter: (constructor, keyword arguments)
+TORCH_OPTIMIZERS = {
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "sgd": (torch.optim.SGD, {"lr": 0.1}),
+    "momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_OPTIMIZERS))
+def test_optimizer_slots_count_the_tensors_torch_keeps(name):
+    make, kwargs = TORCH_OPTIMIZERS[name]
+    params = [nn.Parameter(torch.randn(3, 5, dtype=torch.float64)), nn.Parameter(torch.randn(7))]
+    opt = make(params, **kwargs)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    for p in params:  # tensors of the parameter's size and dtype (not Adam's scalar step)
+        like = [t for t in opt.state[p].values() if torch.is_tensor(t) and t.shape == p.shape]
+        assert all(t.dtype == p.dtype for t in like)
+        assert len(like) == mm.optimizer_slots(name), name
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_joint_peak_holds_every_devices_parameters_gradients_and_optimizer(optimizer):
+    costs = profile(_mlp(), torch.zeros(3, 4))
+    stages = mm.stage_memory(costs, [1, 1, 1], input_bytes=3 * 4 * 4)
+    sched = get("1f1b", 3, 4)
+    devices = mm.device_memory(sched, stages, "never", optimizer)
+    static = sum(d.parameters + d.buffers + d.gradients + d.optimizer for d in devices)
+    # with no action running, stages sharing one memory hold exactly their static state
+    assert mm.process_peak([], sched, stages, "never", optimizer) == static
+    # and while the step runs, that state plus the live micro-batches
+    joint = mm.process_peak(simulate(sched).events, sched, stages, "never", optimizer)
+    assert joint > static
 
 
 # ------------------------------------------------------------------ schedule="auto"

@@ -75,6 +75,14 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float, atol: floa
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
+def test_captured_layers_hold_the_models_state_dict_keys(case: Case) -> None:
+    # BERT's embeddings hold a non-persistent buffer (position_ids) next to their submodules
+    layers = case.layers.state_dict()
+    model = case.model.state_dict()
+    assert layers.keys() == model.keys()
+    assert all(layers[k] is model[k] or torch.equal(layers[k], model[k]) for k in model)
+
+
 def _check(case: Case, grid: list[tuple[int, str, str]]) -> None:
     ref_loss, ref_grads = case.reference()
     for k, sched, remat in grid:

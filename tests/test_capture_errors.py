@@ -82,6 +82,31 @@ def test_state_dict_keys_are_the_models_own_and_load_back() -> None:
         pipe.close()
 
 
+class _Scaled(nn.Module):
+    """A block with submodules and two buffers of its own: one saved, one not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+        self.register_buffer("shift", torch.arange(4.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale + self.shift
+
+
+def test_a_non_leaf_blocks_buffers_keep_their_persistence() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_Scaled(), nn.Tanh(), _Scaled())
+    layers = capture(model, torch.randn(2, 4))
+    assert layers.state_dict().keys() == model.state_dict().keys()
+    assert "0.scale" in model.state_dict() and "0.shift" not in model.state_dict()
+    again = nn.Sequential(_Scaled(), nn.Tanh(), _Scaled())
+    layers.load_state_dict(again.state_dict())  # the model's own state dict loads, strict
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layers(x), again(x))
+
+
 def test_tied_weights_stay_one_parameter_across_layers() -> None:
     model = Net()
     layers = capture(model, _data()[0])

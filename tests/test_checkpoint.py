@@ -97,10 +97,12 @@ def test_tied_tensors_in_one_shard(tmp_path: Path) -> None:
     assert torch.equal(ck.stages[0]["embed.w"], w) and torch.equal(ck.stages[0]["head.w"], w)
 
 
+@pytest.mark.parametrize("file", ["shard-01.safetensors", "optim-00.safetensors"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_damaged_shard_is_named(tmp_path: Path, damage: str) -> None:
-    path = save(tmp_path, 1)
-    shard = path / "shard-01.safetensors"
+def test_damaged_shard_is_named(tmp_path: Path, damage: str, file: str) -> None:
+    slots = {"embed.w/exp_avg": torch.ones(4, 3), "head.w/exp_avg": torch.ones(2, 3)}
+    path = save(tmp_path, 1, optimizer=slots)
+    shard = path / file
     data = shard.read_bytes()
     if damage == "flip":
         shard.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])

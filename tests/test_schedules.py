@@ -3,6 +3,8 @@ the validator rejects broken schedules with a message naming the stuck action.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gpipe.planner.simulate import compare, simulate
@@ -60,6 +62,64 @@ def test_dualpipe_v_overlaps_a_forward_with_a_backward_in_the_steady_state() -> 
             assert {u.forward.stage, u.backward.stage} == {d, 5 - d}
     assert not s.forward_backward_separable
     assert len(s.forward_part()[0]) == 2 * 12 and len(s.backward_part()[0]) == 4 * 12
+
+
+@pytest.mark.parametrize("k, m", [(2, 4), (3, 6), (4, 8), (4, 16)])
+def test_dualpipe_v_issues_its_deferred_ws_oldest_first(k: int, m: int) -> None:
+    s = get("dualpipe-v", k, m)
+    held = 0
+    for d, acts in enumerate(s.actions):
+        parts = [a for u in acts for a in u.parts]
+        # a W held back: one that is not in the unit right after its B's unit
+        after = {a: acts[i + 1].parts for i, u in enumerate(acts[:-1]) for a in u.parts}
+        late = [
+            a for a in parts if a.kind == "W" and a not in after[dataclasses.replace(a, kind="B")]
+        ]
+        their_bs = [a for a in parts if a.kind == "B" and dataclasses.replace(a, kind="W") in late]
+        assert [dataclasses.replace(w, kind="B") for w in late] == their_bs, f"device {d}"
+        held += len(late)
+    assert held, "no W is held back past the next unit; the check checks nothing"
+
+
+def _torch_dualpipe_v(k: int, m: int) -> list[list]:
+    """torch's ScheduleDualPipeV order for ``k`` ranks, ``m`` micro-batches, as units of
+    ``(kind, stage, micro-batch)`` (an overlapped pair: a tuple of two): its full backward
+    ``B`` is our ``B`` with its ``W`` right after, its ``I`` our split ``B``."""
+    from torch.distributed.pipelining import schedules as tps
+
+    if not hasattr(tps.ScheduleDualPipeV, "_calculate_single_rank_operations"):
+        pytest.skip("this torch computes ScheduleDualPipeV's order elsewhere")
+    ref = tps.ScheduleDualPipeV.__new__(tps.ScheduleDualPipeV)  # the order needs no stages
+    ref.pp_group_size, ref._n_microbatches = k, m
+    kinds = {tps.FORWARD: "F", tps.BACKWARD_INPUT: "B", tps.BACKWARD_WEIGHT: "W"}
+    out = []
+    for d in range(k):
+        units = []
+        for a in ref._calculate_single_rank_operations(d):
+            parts = a.sub_actions or (a,)
+            full = [p for p in parts if p.computation_type == tps.FULL_BACKWARD]
+            names = [
+                ("B" if p in full else kinds[p.computation_type], p.stage_index, p.microbatch_index)
+                for p in parts
+            ]
+            units.append(tuple(names) if len(names) == 2 else names[0])
+            units += [("W", p.stage_index, p.microbatch_index) for p in full]
+        out.append(units)
+    return out
+
+
+@pytest.mark.parametrize("k, m", [(1, 2), (2, 4), (2, 7), (3, 6), (3, 10), (4, 8), (4, 13)])
+def test_dualpipe_v_is_torchs_schedule_dualpipe_v(k: int, m: int) -> None:
+    ours = [
+        [
+            tuple((a.kind, a.stage, a.microbatch) for a in u.parts)
+            if isinstance(u, Overlap)
+            else (u.kind, u.stage, u.microbatch)
+            for u in acts
+        ]
+        for acts in get("dualpipe-v", k, m).actions
+    ]
+    assert ours == _torch_dualpipe_v(k, m)
 
 
 def test_overlap_units_are_validated_and_simulated() -> None:

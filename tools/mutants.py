@@ -47,9 +47,23 @@ PIPE_FAST = "not slow"
 PIPE_SUBSET = "not step_equals_reference or 4-8-always-0.3 or 2-8-except_last-0.0 or 3-8-never-0.3"
 
 
+# the pipe tests that cover the item-count reduction: every schedule family once, both remat
+# extremes, uneven items, plus the unit tests of the count itself
+REDUCTION_SUBSET = (
+    "not item_mean_equals or gpipe-always or 1f1b-never or zb-v-except_last or dualpipe-v-never"
+)
+# the planner's tests without the ones that train (schedule="auto", the trainer, the CLI runs)
+PLANNER_FAST = "not trains and not gpipe_train and not trainer and not balance_of_the_wrong"
+# the memory model's own tests (hand-computed terms, torch's optimizer state, the joint peak):
+# the planner's ranking tests profile a transformer, 10 s a mutant, for little more
+MEMORY_SUBSET = "mutants or memory_terms or optimizer_slots or joint_peak"
+# the split backward's tests: every kind of layer, one schedule run per remat mode
+WGRAD_SUBSET = "not mixed_model or zb-h1 or zb-v-3-6-always or interleaved-zb-4-4-never"
+
+
 @dataclass
 class Module:
-    source: str
+    sources: tuple[str, ...]  # the files mutated together (one package's modules, say)
     tests: list[str]
     extra: list[str] = field(default_factory=list)  # pytest -k / -m for the subset
     # mutmut stops a mutant after (its tests' time + 1 s) x this (mutmut's default is 15): an
@@ -58,9 +72,13 @@ class Module:
     timeout_multiplier: float = 5.0
 
 
+def _files(package: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"src/gpipe/{package}/{n}.py" for n in names)
+
+
 MODULES: dict[str, Module] = {
     "schedules": Module(
-        "src/gpipe/schedules.py",
+        _files("schedules", "actions", "codes", "ir", "named", "spec", "validate"),
         [
             "tests/test_schedules.py",
             "tests/test_catalogue_core.py",
@@ -68,8 +86,22 @@ MODULES: dict[str, Module] = {
         ],
         ["-k", NOT_TIMING],
     ),
+    "zero_bubble": Module(
+        _files("schedules", "zero_bubble"),
+        [
+            "tests/test_schedules.py",
+            "tests/test_formulas.py",
+            "tests/test_mutants_zero_bubble.py",
+        ],
+        ["-k", f"{NOT_TIMING} and not trainer"],
+    ),
+    "dualpipe": Module(
+        _files("schedules", "dualpipe"),
+        ["tests/test_schedules.py", "tests/test_formulas.py", "tests/test_mutants_dualpipe.py"],
+        ["-k", f"{NOT_TIMING} and not trainer"],
+    ),
     "microbatch": Module(
-        "src/gpipe/base/microbatch.py",
+        _files("base", "microbatch"),
         [
             "tests/test_microbatch.py",
             "tests/test_catalogue_core.py",
@@ -77,11 +109,11 @@ MODULES: dict[str, Module] = {
         ],
     ),
     "balance": Module(
-        "src/gpipe/planner/balance.py",
+        _files("planner", "balance"),
         ["tests/test_balance.py", "tests/test_catalogue_core.py", "tests/test_mutants_balance.py"],
     ),
     "simulate": Module(
-        "src/gpipe/planner/simulate.py",
+        _files("planner", "simulate"),
         [
             "tests/test_schedules.py",
             "tests/test_catalogue_core.py",
@@ -89,27 +121,70 @@ MODULES: dict[str, Module] = {
         ],
         ["-k", NOT_TIMING],
     ),
-    "rng": Module("src/gpipe/stage/rng.py", ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
+    "memory_model": Module(
+        _files("planner", "memory_model"),
+        ["tests/test_autoplan.py", "tests/test_mutants_memory_model.py"],
+        ["-k", MEMORY_SUBSET],
+    ),
+    "autoplan": Module(
+        _files("planner", "autoplan"),
+        ["tests/test_autoplan.py", "tests/test_mutants_autoplan.py"],
+        ["-k", PLANNER_FAST],
+    ),
+    "rng": Module(_files("stage", "rng"), ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
     "remat": Module(
-        "src/gpipe/stage/remat.py",
+        _files("stage", "remat"),
         ["tests/test_mutants_remat.py", "tests/test_pipe.py", "tests/test_pipe_unusual.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
+    "wgrad": Module(
+        _files("stage", "wgrad", "wgrad_kinds"),
+        ["tests/test_wgrad.py", "tests/test_mutants_wgrad.py"],
+        ["-m", PIPE_FAST, "-k", WGRAD_SUBSET],
+        timeout_multiplier=3.0,
+    ),
     "stage": Module(
-        "src/gpipe/stage/stage.py",
+        _files("stage", "stage"),
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_stage.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
+    "state": Module(
+        _files("state", "folder", "read", "optim", "codec"),
+        ["tests/test_checkpoint.py", "tests/test_mutants_state.py"],
+        ["-k", "not sigkill"],  # a subprocess killed mid-save: seconds per mutant
+    ),
+    "capture": Module(
+        _files("capture", "segment", "verify"),
+        [
+            "tests/test_capture_errors.py",
+            "tests/test_capture_habits.py",
+            "tests/test_capture_meta.py",
+            "tests/test_mutants_capture.py",
+        ],
+        ["-m", PIPE_FAST],
+        timeout_multiplier=3.0,
+    ),
+    "reduction": Module(
+        _files("core", "reduction"),
+        ["tests/test_reduction.py", "tests/test_mutants_reduction.py"],
+        ["-m", PIPE_FAST, "-k", f"({REDUCTION_SUBSET}) and not distributed and not tuning"],
+        timeout_multiplier=3.0,
+    ),
+    "precision": Module(
+        _files("core", "precision"),
+        ["tests/test_precision.py", "tests/test_mutants_precision.py"],
+        ["-k", "not one_rank"],  # two spawned ranks: 20 s per mutant
+    ),
     "executor": Module(
-        "src/gpipe/core/executor.py",
+        _files("core", "executor"),
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_executor.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "local": Module(
-        "src/gpipe/local/workers.py",
+        _files("local", "workers"),
         ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_local.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
@@ -193,7 +268,7 @@ def prepare(name: str, mod: Module, fresh: bool = True, tests: list[str] | None 
     tests = [t for t in (tests or mod.tests) if (ROOT / t).exists()]
     config = {
         "source_paths": ["src"],
-        "only_mutate": [mod.source],
+        "only_mutate": list(mod.sources),
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "--hypothesis-seed=0", *mod.extra],
         "use_git_change_detection": False,
@@ -208,9 +283,17 @@ def prepare(name: str, mod: Module, fresh: bool = True, tests: list[str] | None 
 DIFFS = """
 import json, sys
 from mutmut.mutation.diff_apply import get_diff_for_mutant
-path, names = sys.argv[1], json.loads(sys.stdin.read())
-print(json.dumps({n: get_diff_for_mutant(n, path=path) for n in names}))
+paths = json.loads(sys.stdin.read())
+print(json.dumps({n: get_diff_for_mutant(n, path=p) for n, p in paths.items()}))
 """
+
+
+def source_of(mod: Module, mutant: str) -> str:
+    """The file of ``mod.sources`` that ``mutant`` (``gpipe.stage.wgrad.x_f__mutmut_3``) is of."""
+    dotted = {
+        src.removeprefix("src/").removesuffix(".py").replace("/", "."): src for src in mod.sources
+    }
+    return dotted[mutant.split("__mutmut_")[0].rpartition(".")[0]]
 
 
 def mutant_diffs(work: Path, mod: Module, names: list[str]) -> dict[str, str]:
@@ -218,9 +301,9 @@ def mutant_diffs(work: Path, mod: Module, names: list[str]) -> dict[str, str]:
     if not names:
         return {}
     out = subprocess.run(
-        [sys.executable, "-c", DIFFS, mod.source],
+        [sys.executable, "-c", DIFFS],
         cwd=work,
-        input=json.dumps(names),
+        input=json.dumps({n: source_of(mod, n) for n in names}),
         capture_output=True,
         text=True,
         check=True,
@@ -229,13 +312,12 @@ def mutant_diffs(work: Path, mod: Module, names: list[str]) -> dict[str, str]:
 
 
 def collect(name: str, mod: Module, work: Path, equivalents: list[tuple[str, str, str]]) -> Row:
-    meta = meta_path(mod, work)
     row = Row(name)
-    if not meta.exists():
+    codes = read_codes(mod, work)
+    if codes is None:
         return row
     if (work / "seconds").exists():
         row.seconds = float((work / "seconds").read_text())
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
     report = []
     diffs = mutant_diffs(work, mod, [k for k, c in codes.items() if c not in KILLED | TIMEOUT])
     for mutant, code in sorted(codes.items()):
@@ -265,8 +347,27 @@ def collect(name: str, mod: Module, work: Path, equivalents: list[tuple[str, str
     return row
 
 
-def meta_path(mod: Module, work: Path) -> Path:
-    return work / "mutants" / (mod.source + ".meta")
+def meta_path(source: str, work: Path) -> Path:
+    return work / "mutants" / (source + ".meta")
+
+
+def read_codes(mod: Module, work: Path) -> dict[str, int | None] | None:
+    """Every mutant of the module's files and its exit code (``None``: not run), or ``None``
+    when no run left any."""
+    metas = [meta_path(src, work) for src in mod.sources if meta_path(src, work).exists()]
+    if not metas:
+        return None
+    return {k: c for m in metas for k, c in json.loads(m.read_text())["exit_code_by_key"].items()}
+
+
+def write_codes(mod: Module, work: Path, codes: dict[str, int | None]) -> None:
+    """Put ``codes`` back into the meta files of the mutants' own source files."""
+    for src in mod.sources:
+        path = meta_path(src, work)
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["exit_code_by_key"] = {k: codes[k] for k in data["exit_code_by_key"]}
+            path.write_text(json.dumps(data, indent=4))
 
 
 def run_module(name: str, children: int, limit: int, equivalents: list, recheck: bool) -> Row:
@@ -276,11 +377,13 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
     mod = MODULES[name]
     work = WORK / name
     old: dict[str, int | None] = {}
-    if recheck and meta_path(mod, work).exists():
-        if (ROOT / mod.source).read_bytes() != (work / mod.source).read_bytes():
-            print(f"{name}: {mod.source} changed since the last run; running all", file=sys.stderr)
+    last = read_codes(mod, work) if recheck else None
+    if last is not None:
+        changed = [s for s in mod.sources if (ROOT / s).read_bytes() != (work / s).read_bytes()]
+        if changed:
+            print(f"{name}: {changed[0]} changed since the last run; running all", file=sys.stderr)
         else:
-            old = json.loads(meta_path(mod, work).read_text())["exit_code_by_key"]
+            old = last
     again = sorted(k for k, c in old.items() if c not in KILLED | TIMEOUT)
     if again:  # equivalent ones need no second run
         diffs = mutant_diffs(work, mod, again)
@@ -290,8 +393,11 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
     # a survivor lived through every old test: only this module's new test file can kill it;
     # mutants the last run did not get to need them all
     unfinished = None in old.values()
-    own = [t for t in mod.tests if "test_mutants_" in t]
-    work = prepare(name, mod, fresh=not old, tests=own if old and not unfinished else None)
+    # (a module without its own file yet: the whole subset again, never an empty selection,
+    # which pytest would read as every test)
+    own = [t for t in mod.tests if "test_mutants_" in t and (ROOT / t).exists()]
+    narrow = old and own and not unfinished
+    work = prepare(name, mod, fresh=not old, tests=own if narrow else None)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     start = time.monotonic()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again]
@@ -303,13 +409,19 @@ def run_module(name: str, children: int, limit: int, equivalents: list, recheck:
     finally:
         log.close()
     if old:  # keep the earlier verdicts of the mutants not run again
-        data = json.loads(meta_path(mod, work).read_text())
-        new = data["exit_code_by_key"]
-        data["exit_code_by_key"] = {
-            k: (new.get(k) if k in again and (c is None or new.get(k) in KILLED | TIMEOUT) else c)
-            for k, c in old.items()
-        }
-        meta_path(mod, work).write_text(json.dumps(data, indent=4))
+        new = read_codes(mod, work) or {}
+        write_codes(
+            mod,
+            work,
+            {
+                k: (
+                    new.get(k)
+                    if k in again and (c is None or new.get(k) in KILLED | TIMEOUT)
+                    else c
+                )
+                for k, c in old.items()
+            },
+        )
     seconds = time.monotonic() - start
     (work / ("recheck_seconds" if old else "seconds")).write_text(f"{seconds:.0f}\n")
     return collect(name, mod, work, equivalents)
@@ -344,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, mod in MODULES.items():
-            print(f"{name:11} {mod.source:32} {' '.join(mod.tests + mod.extra)}")
+            print(f"{name:12} {' '.join(mod.sources)}\n{'':12} {' '.join(mod.tests + mod.extra)}")
         return 0
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
