@@ -26,9 +26,9 @@ lint: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/local_throughput.py --quick
 
-# The whole model zoo (tests/test_zoo.py): every architecture and habit, DistributedPipe included.
+# The whole model zoo (tests/integration/test_zoo.py): every architecture and habit, DistributedPipe included.
 zoo: $(STAMP)
-	GPIPE_ZOO=all $(PY) -m pytest -q tests/test_zoo.py
+	GPIPE_ZOO=all $(PY) -m pytest -q tests/integration/test_zoo.py
 
 # Mutation score of the core modules (docs/mutation.md); not part of `test`. MODULES=schedules ...
 mutants: $(STAMP)

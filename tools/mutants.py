@@ -62,55 +62,77 @@ MODULES: dict[str, Module] = {
     "schedules": Module(
         "src/gpipe/schedules.py",
         [
-            "tests/test_schedules.py",
-            "tests/test_catalogue_core.py",
-            "tests/test_mutants_schedules.py",
+            "tests/schedules/test_schedules.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/schedules/test_schedules_values.py",
         ],
         ["-k", NOT_TIMING],
     ),
     "microbatch": Module(
         "src/gpipe/base/microbatch.py",
         [
-            "tests/test_microbatch.py",
-            "tests/test_catalogue_core.py",
-            "tests/test_mutants_microbatch.py",
+            "tests/base/test_microbatch.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/base/test_microbatch_values.py",
         ],
     ),
     "balance": Module(
         "src/gpipe/planner/balance.py",
-        ["tests/test_balance.py", "tests/test_catalogue_core.py", "tests/test_mutants_balance.py"],
+        [
+            "tests/planner/test_balance.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/planner/test_balance_values.py",
+        ],
     ),
     "simulate": Module(
         "src/gpipe/planner/simulate.py",
         [
-            "tests/test_schedules.py",
-            "tests/test_catalogue_core.py",
-            "tests/test_mutants_simulate.py",
+            "tests/schedules/test_schedules.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/planner/test_simulate.py",
         ],
         ["-k", NOT_TIMING],
     ),
-    "rng": Module("src/gpipe/stage/rng.py", ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
+    "rng": Module(
+        "src/gpipe/stage/rng.py", ["tests/stage/test_rng.py", "tests/stage/test_rng_values.py"]
+    ),
     "remat": Module(
         "src/gpipe/stage/remat.py",
-        ["tests/test_mutants_remat.py", "tests/test_pipe.py", "tests/test_pipe_unusual.py"],
+        [
+            "tests/stage/test_remat.py",
+            "tests/local/test_pipe.py",
+            "tests/local/test_pipe_unusual.py",
+        ],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "stage": Module(
         "src/gpipe/stage/stage.py",
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_stage.py"],
+        [
+            "tests/local/test_pipe.py",
+            "tests/local/test_pipe_unusual.py",
+            "tests/stage/test_stage.py",
+        ],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "executor": Module(
         "src/gpipe/core/executor.py",
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_executor.py"],
+        [
+            "tests/local/test_pipe.py",
+            "tests/local/test_pipe_unusual.py",
+            "tests/core/test_executor.py",
+        ],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "local": Module(
         "src/gpipe/local/workers.py",
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_local.py"],
+        [
+            "tests/local/test_pipe.py",
+            "tests/local/test_pipe_unusual.py",
+            "tests/local/test_workers.py",
+        ],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),

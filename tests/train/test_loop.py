@@ -17,29 +17,12 @@ from gpipe.models import TransformerConfig, TransformerLM
 from gpipe.state import CheckpointError
 from gpipe.train.data import load_corpus
 from gpipe.train.loop import ConfigMismatch, TrainConfig, Trainer, learning_rate
+from runs import tiny
 
 
 @pytest.fixture(scope="module")
 def corpus():
     return load_corpus(max_bytes=60_000)
-
-
-def tiny(out: Path, **kw) -> TrainConfig:
-    base = dict(
-        model_preset="tiny",
-        model={"dropout": 0.1},  # dropout on: the keyed streams must resume too
-        stages=2,
-        chunks=2,
-        batch_size=4,
-        seq_len=16,
-        steps=6,
-        warmup=2,
-        eval_interval=3,
-        eval_batches=1,
-        checkpoint_interval=3,
-        out=str(out),
-    )
-    return TrainConfig(**{**base, **kw})
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,9 @@ from safetensors.torch import load_file
 
 from gpipe.cli import main
 from gpipe.models import TransformerConfig, TransformerLM
+from runs import TINY, gpipe_cmd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = [
-    "--model-preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--chunks", "2",
-    "--eval-batches", "1", "--max-bytes", "100000",
-]  # fmt: skip
-
-
-def gpipe_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "gpipe"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gpipe.cli"]
-
-
 def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*gpipe_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout

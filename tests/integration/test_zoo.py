@@ -35,8 +35,9 @@ from gpipe.capture import Sample, capture
 
 pytest.importorskip("transformers")
 
-from spawn_ranks import run_gloo
 from zoo_models import ZOO, call, first_tensor, has_dropout, loss
+
+from spawn_ranks import run_gloo
 
 M = 4  # micro-batches of the four-row batches
 DROPOUT = {"gpt2", "opt", "bert", "roberta", "distilbert", "t5", "bart"}

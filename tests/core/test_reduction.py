@@ -201,7 +201,7 @@ def test_count_items_wants_one_tensor() -> None:
 
 
 def _distributed_items(rank: int, path) -> None:
-    from test_distributed import ignored_batch, mlp_no_dropout
+    from dist_mlp import ignored_batch, mlp_no_dropout
 
     x, y = ignored_batch()
     out = {}
@@ -222,8 +222,8 @@ def _distributed_items(rank: int, path) -> None:
 def test_distributed_pipe_weighs_micro_batches_by_items(tmp_path) -> None:
     """Two ranks, one of 4 micro-batches without items: the last rank counts, the first
     learns the step's loss from it; both hold the plain model's gradients."""
+    from dist_mlp import ignored_batch, mlp_no_dropout
     from spawn_ranks import run_gloo
-    from test_distributed import ignored_batch, mlp_no_dropout
 
     run_gloo(_distributed_items, tmp_path, world=2, limit=120)
     x, y = ignored_batch()

@@ -13,12 +13,12 @@ import itertools
 
 import pytest
 import torch
+from test_pipe import N_LAYERS, D, grads, loss_fn, make_model, max_diff
 
 import gpipe
 import reference_impl
 from gpipe.planner.balance import balance as balance_costs
 from gpipe.planner.simulate import simulate
-from test_pipe import N_LAYERS, D, grads, loss_fn, make_model, max_diff
 
 BATCH = 48  # divisible by every M below
 NEW = ["zb-h2", "zb-v", "dualpipe-v", "interleaved-zb"]

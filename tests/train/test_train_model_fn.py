@@ -23,7 +23,7 @@ from gpipe.train.pipe import clip_global_norm_
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FN = "examples.hf_causal_lm:tiny_llama"
 SMALL = ["--batch-size", "4", "--chunks", "2", "--seq-len", "32", "--max-bytes", "100000"]
 SMALL += ["--eval-batches", "1", "--eval-interval", "0", "--no-progress"]

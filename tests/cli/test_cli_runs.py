@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import TINY, gpipe_cmd
 
 from gpipe import state
 from gpipe.cli import main
 from gpipe.cli.run import RunLock
-from test_cli import TINY, gpipe_cmd
 
 QUICK = [*TINY, "--eval-interval", "0", "--no-progress"]
 LOCK = RunLock.NAME

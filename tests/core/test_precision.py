@@ -17,8 +17,8 @@ import torch
 from gpipe.core.precision import INIT_SCALE, Precision
 from gpipe.train.data import load_corpus
 from gpipe.train.loop import TrainConfig, Trainer
+from runs import tiny as train_tiny
 from spawn_ranks import run_gloo
-from test_train import tiny as train_tiny
 
 
 def test_the_scale_halves_and_skips_on_overflow_and_grows_after_an_interval() -> None:
@@ -126,7 +126,7 @@ def test_the_command_says_when_fp16_skipped_a_step(tmp_path: Path, monkeypatch, 
 
     import gpipe.core.precision
     from gpipe.cli import main
-    from test_cli import TINY
+    from runs import TINY
 
     monkeypatch.setattr(gpipe.core.precision, "INIT_SCALE", 2.0**40)  # the first steps overflow
     out = tmp_path / "run"
