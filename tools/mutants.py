@@ -217,7 +217,15 @@ def prepare(name: str, mod: Module, fresh: bool = True, tests: list[str] | None 
         "source_paths": ["src"],
         "only_mutate": [mod.source],
         "pytest_add_cli_args_test_selection": tests,
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "--hypothesis-seed=0", *mod.extra],
+        # -m "": the slow tests too (pyproject's addopts leave them out); a module's own -m wins
+        "pytest_add_cli_args": [
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-seed=0",
+            "-m",
+            "",
+            *mod.extra,
+        ],
         "use_git_change_detection": False,
         "timeout_multiplier": mod.timeout_multiplier,
     }
