@@ -12,9 +12,9 @@ import itertools
 
 import pytest
 import torch
-from capture_models import BUILDERS
 
 import gpipe
+from capture_models import BUILDERS
 from gpipe import schedules
 from gpipe.capture import Sample, capture
 

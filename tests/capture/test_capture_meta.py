@@ -4,8 +4,8 @@ materialize (as DistributedPipe does per rank) into the model's own modules, tie
 from __future__ import annotations
 
 import torch
-from capture_models import SEQ, VOCAB, LoopLM
 
+from capture_models import SEQ, VOCAB, LoopLM
 from gpipe.capture import capture
 from gpipe.core.materialize import materialize
 from gpipe.models.transformer import TransformerConfig

@@ -1,8 +1,18 @@
 """Schedules as data: every named schedule validates, simulates to its textbook bubble, and
-the validator rejects broken schedules with a message naming the stuck action."""
+the validator rejects broken schedules with a message naming the stuck action.
+
+Value checks that kill the mutants of ``gpipe.schedules`` the main tests let live.
+
+Each test pins one behaviour a mutation changed: the schedule helpers nothing else here called
+(``str``, ``forward_part``, ``stages_of``...), ``ScheduleSpec``, and the exact wording of the
+errors (each names the stage, micro-batch, device or value that is wrong). See docs/mutation.md.
+"""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 
 from gpipe.planner.simulate import compare, simulate
@@ -13,9 +23,12 @@ from gpipe.schedules import (
     ScheduleSpec,
     available,
     custom,
+    dependencies,
+    execution_order,
     get,
     interleaving,
     placement_of,
+    register,
     validate,
 )
 
@@ -266,3 +279,345 @@ def test_table_lists_every_schedule() -> None:
     assert len(lines) == 4 and lines[2].startswith("| gpipe |")
     assert "| 4, 4 |" in lines[2] or "4, 4" in lines[2]
     assert lines[3].rstrip().endswith("| 2.0, 1.0 |")
+
+
+# ----------------------------------------------------------------------------- values
+# Value checks that pin what a mutation of the module changes (tools/mutants.py).
+
+
+A = Action
+
+
+def _parse_all(*devices: str) -> list[list[Action]]:
+    out = []
+    for text in devices:
+        acts = []
+        for word in text.split():
+            head, stage = word.split("@s")
+            acts.append(Action(head[0], int(stage), int(head[1:])))
+        out.append(acts)
+    return out
+
+
+def _raises(exc: type[Exception], call, *args, **kwargs) -> str:
+    with pytest.raises(exc) as info:
+        call(*args, **kwargs)
+    assert type(info.value) is exc
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- Schedule
+
+
+def test_str_lists_every_device() -> None:
+    assert str(get("gpipe", 2, 2)) == (
+        "gpipe: K=2 M=2 V=1\n"
+        "  device 0: F0@s0 F1@s0 B1@s0 B0@s0\n"
+        "  device 1: F0@s1 F1@s1 B1@s1 B0@s1"
+    )
+
+
+def test_forward_and_backward_parts_split_each_device() -> None:
+    s = get("zb-h1", 2, 2)
+    assert s.forward_part() == tuple(
+        tuple(acts) for acts in _parse_all("F0@s0 F1@s0", "F0@s1 F1@s1")
+    )
+    assert s.backward_part() == tuple(
+        # device 0 has no earlier stage to send to: its backwards stay whole
+        tuple(acts)
+        for acts in _parse_all("B0@s0 B1@s0", "B0@s1 B1@s1 W0@s1 W1@s1")
+    )
+
+
+def test_interleaved_stage_to_device_map() -> None:
+    s = get("interleaved", 2, 4, virtual_stages=2)
+    assert [s.device_of(st) for st in range(4)] == [0, 1, 0, 1]
+    assert all(type(s.device_of(st)) is int for st in range(4))
+    assert s.stages_of(0) == [0, 2]
+    assert s.stages_of(1) == [1, 3]
+
+
+# ----------------------------------------------------------------------------- Action
+
+
+def test_action_with_numpy_indices_becomes_plain_ints() -> None:
+    a = Action("F", np.int64(0), np.int64(0))
+    assert a == Action("F", 0, 0)
+    assert type(a.stage) is int and type(a.microbatch) is int
+    b = Action("B", np.int64(2), np.int64(3))
+    assert (b.stage, b.microbatch) == (2, 3)
+
+
+@pytest.mark.parametrize(("stage", "mb"), [(-1, 0), (0, -1), (-2, -3)])
+def test_action_refuses_negative_indices(stage: int, mb: int) -> None:
+    msg = _raises(ValueError, Action, "F", stage, mb)
+    assert msg == f"Action indices must be >= 0, got F{mb}@s{stage}"
+
+
+def test_action_errors_name_the_value() -> None:
+    assert _raises(ValueError, Action, "X", 0, 0) == (
+        "Action kind must be one of ('F', 'B', 'W'), got 'X'"
+    )
+    assert _raises(TypeError, Action, "F", 1.0, 0) == "Action stage must be an int, got float 1.0"
+
+
+# ------------------------------------------------------------------- validate / custom
+
+
+def test_validate_defaults_and_name() -> None:
+    lists = _parse_all("F0@s0 B0@s0")
+    assert validate(lists, 1).name == "custom"
+    assert validate(lists, 1, name="mine").name == "mine"
+    assert custom([["F0@s0", "B0@s0"]], 1).name == "custom"
+
+
+def test_custom_passes_virtual_stages_on() -> None:
+    s = custom([["F0@s0", "F0@s1", "B0@s1", "B0@s0"]], 1, virtual_stages=2)
+    assert (s.virtual_stages, s.num_stages) == (2, 2)
+
+
+def test_validate_errors_are_exact() -> None:
+    assert _raises(ScheduleError, validate, [], 1) == "a schedule needs at least one device"
+    ok = _parse_all("F0@s0 B0@s0")
+    assert _raises(ScheduleError, validate, ok, 1, virtual_stages=0) == (
+        "virtual_stages must be >= 1, got 0"
+    )
+    msg = _raises(ScheduleError, validate, [["F0@s0"]], 1)
+    assert "; write Action('F', stage, microbatch) or use custom() with strings like 'F0@s1'" in msg
+    assert msg.endswith("'F0@s1'")
+
+
+def test_validate_names_out_of_range_stage_and_microbatch() -> None:
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 F0@s1 B0@s0"), 1)
+    assert msg == (
+        "device 0: F0@s1 names stage 1, but the schedule has only 1 stages (K=1 devices x V=1)"
+    )
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0 F1@s0"), 1)
+    assert msg == "device 0: F1@s0 names micro-batch 1, but there are only 1"
+
+
+def test_validate_names_missing_actions_and_their_device() -> None:
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0", "F0@s1"), 1)
+    assert msg == "action B0@s1 is missing (device 1 must run it)"
+    # a W is optional: B1 without one is micro-batch 1's whole backward
+    s = validate(_parse_all("F0@s0 F1@s0 B0@s0 B1@s0 W0@s0"), 2)
+    assert s.split_backward and s.splits(0, 0) and not s.splits(0, 1) and s.num_split == 1
+    assert s.peak_activations == (2,)
+    # but never twice, and never without its B
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 B0@s0 W0@s0 W0@s0"), 1)
+    assert msg == "device 0: W0@s0 occurs twice"
+    msg = _raises(ScheduleError, validate, _parse_all("F0@s0 F1@s0 B0@s0 W1@s0 W0@s0"), 2)
+    assert msg == "action B1@s0 is missing (device 0 must run it)"
+
+
+def test_validate_deadlock_names_the_schedule() -> None:
+    lists = _parse_all("F0@s0 B0@s0", "B0@s1 F0@s1")
+    msg = _raises(ScheduleError, validate, lists, 1, name="mine")
+    assert msg == (
+        "schedule 'mine' deadlocks: device 0 stuck at B0@s0 waiting for B0@s1; "
+        "device 1 stuck at B0@s1 waiting for F0@s1"
+    )
+
+
+def test_validate_deadlock_of_a_split_schedule() -> None:
+    # device 0's W waits for its B, which waits for device 1's B, which waits for its F
+    lists = _parse_all("F0@s0 W0@s0 B0@s0", "F0@s1 B0@s1 W0@s1")
+    msg = _raises(ScheduleError, validate, lists, 1, name="split")
+    assert msg == "schedule 'split' deadlocks: device 0 stuck at W0@s0 waiting for B0@s0"
+
+
+# ------------------------------------------------------------------------ execution_order
+
+
+def test_deadlock_message_lists_every_stuck_device_and_dependency() -> None:
+    msg = _raises(ScheduleError, execution_order, _parse_all("B0@s0", "B0@s1"), 3, False)
+    assert msg == (
+        "schedule 'custom' deadlocks: device 0 stuck at B0@s0 waiting for F0@s0, B0@s1; "
+        "device 1 stuck at B0@s1 waiting for F0@s1, B0@s2"
+    )
+
+
+def test_deadlock_with_a_finished_device() -> None:
+    msg = _raises(ScheduleError, execution_order, _parse_all("F0@s0", "B0@s1"), 2, False)
+    assert msg == "schedule 'custom' deadlocks: device 1 stuck at B0@s1 waiting for F0@s1"
+
+
+def test_deadlock_on_a_w_action() -> None:
+    msg = _raises(ScheduleError, execution_order, [[A("W", 0, 0)]], 1, True)
+    assert msg == "schedule 'custom' deadlocks: device 0 stuck at W0@s0 waiting for B0@s0"
+
+
+def test_w_without_split_backward_is_named() -> None:
+    msg = _raises(ScheduleError, dependencies, A("W", 1, 2), 3, False)
+    assert msg == "W2@s1: a W action needs a schedule with split backward"
+
+
+# ------------------------------------------------------------------------------- parsing
+
+
+def test_check_lists_messages_show_the_example() -> None:
+    example = "(e.g. [['F0@s0', 'B0@s0'], ['F0@s1', 'B0@s1']])"
+    msg = _raises(ScheduleError, custom, "F0@s0", 1)
+    assert msg == (
+        f"actions must be a list with one list of actions per device {example}, got str 'F0@s0'"
+    )
+    msg = _raises(ScheduleError, custom, ["F0@s0"], 1)
+    assert msg == (
+        f"actions[0] is str 'F0@s0', not a list of actions: give one list per device {example}"
+    )
+
+
+def test_parse_error_says_how_to_write_an_action() -> None:
+    msg = _raises(ScheduleError, custom, [["Q"]], 1)
+    assert msg == (
+        "cannot parse action 'Q'; write it as <kind><micro-batch>@s<stage> with kind "
+        "F, B or W, e.g. 'F3@s1' (an overlapped pair: 'F3@s1+B0@s6')"
+    )
+
+
+# ------------------------------------------------------------------------- get / register
+
+
+def test_get_errors_name_the_value() -> None:
+    assert _raises(TypeError, get, "gpipe", 2.0, 4) == "num_devices must be an int, got float 2.0"
+    msg = _raises(ValueError, get, "zzzzzz", 2, 4)
+    assert msg == f"unknown schedule 'zzzzzz'; choose one of {available()}"
+    msg = _raises(ValueError, get, "gpip", 2, 4)
+    assert msg == f"unknown schedule 'gpip' (did you mean 'gpipe'?); choose one of {available()}"
+
+
+def test_interleaved_defaults_to_two_virtual_stages() -> None:
+    assert get("interleaved", 2, 4).virtual_stages == 2
+
+
+def test_register_refuses_bad_input() -> None:
+    assert _raises(ValueError, register, "  ") == "a schedule needs a non-empty name"
+    msg = _raises(TypeError, register("never-registered"), 5)
+    assert msg == "register('never-registered') decorates a function, got 5"
+    assert "never-registered" not in available()
+
+
+# ---------------------------------------------------------------------------- ScheduleSpec
+
+
+def test_spec_of_a_built_schedule() -> None:
+    built = get("interleaved", 2, 4, virtual_stages=3)
+    spec = ScheduleSpec(built)
+    assert spec.fixed is built
+    assert (spec.name, spec.virtual_stages, spec.num_devices) == ("interleaved", 3, 2)
+    assert spec.get(2, 4) is built
+
+
+SPEC_CASES = [
+    ("gpipe", None, 1),
+    ("gpipe", 1, 1),
+    ("1F1B", None, 1),
+    ("interleaved", None, 2),
+    ("interleaved", 1, 1),
+    ("interleaved", 3, 3),
+]
+
+
+@pytest.mark.parametrize(("schedule", "v", "want_v"), SPEC_CASES)
+def test_spec_of_a_name(schedule: str, v: int | None, want_v: int) -> None:
+    spec = ScheduleSpec(schedule, v)
+    assert spec.fixed is None
+    assert spec.num_devices is None
+    assert spec.name == schedule.lower()
+    assert spec.virtual_stages == want_v
+    got = spec.get(2, 4)
+    assert got == get(schedule, 2, 4, virtual_stages=want_v if schedule == "interleaved" else None)
+    assert got.virtual_stages == want_v
+    assert spec.get(2, 4) is got  # cached
+    assert spec.get(3, 4).num_devices == 3
+
+
+def test_spec_errors() -> None:
+    msg = _raises(ValueError, ScheduleSpec, "nope")
+    assert msg.startswith("unknown schedule 'nope'")
+    assert _raises(ValueError, ScheduleSpec, "interleaved", 0) == (
+        "virtual_stages must be >= 1, got 0"
+    )
+    assert _raises(ValueError, ScheduleSpec, "gpipe", 2) == (
+        "virtual_stages=2 needs schedule='interleaved' or 'interleaved-zb', not 'gpipe'"
+    )
+    assert re.search("must be an int", _raises(TypeError, ScheduleSpec, "interleaved", 2.5))
+
+
+# ------------------------------------------------------------------ placement and overlaps
+
+
+def test_placements_are_exact() -> None:
+    from gpipe.schedules import round_robin, v_shape
+
+    assert round_robin(3, 2) == (0, 1, 2, 0, 1, 2)
+    assert v_shape(3) == (0, 1, 2, 2, 1, 0)
+    assert v_shape(2, 4) == (0, 1, 1, 0, 0, 1, 1, 0)
+    assert v_shape(1, 3) == (0, 0, 0)
+
+
+def test_placement_errors_are_exact() -> None:
+    acts = [["F0@s0", "B0@s0"], ["F0@s1", "B0@s1"]]
+    from gpipe.schedules import custom as make
+
+    msg = _raises(ScheduleError, make, acts, 1, placement="01")
+    assert msg.startswith("placement must be a sequence of device indices, one per stage")
+    msg = _raises(ScheduleError, make, acts, 1, placement=[0, 2])
+    assert msg == "placement[1] is 2; it must be a device index in [0, 2)"
+    msg = _raises(ScheduleError, make, acts, 1, placement=[0, True])
+    assert msg == "placement[1] is True; it must be a device index in [0, 2)"
+    msg = _raises(ScheduleError, make, acts, 1, placement=[1, 1])
+    assert msg == "placement leaves device 0 without a stage: (1, 1)"
+    assert make(acts, 1, placement=(0, 1)).placement == (0, 1)
+
+
+def test_registered_placement_reaches_the_schedule_and_the_spec() -> None:
+    from gpipe.schedules import _REGISTRY, placement_of
+
+    def backwards(k: int, v: int) -> tuple[int, ...]:
+        return tuple(reversed(range(k)))
+
+    @register("test-reversed", placement=backwards)
+    def _build(k: int, m: int, v: int) -> list[list[Action]]:
+        return [[Action("F", k - 1 - d, 0), Action("B", k - 1 - d, 0)] for d in range(k)]
+
+    try:
+        s = get("test-reversed", 3, 1)
+        assert s.placement == (2, 1, 0) and s.stages_of(2) == [0]
+        assert placement_of("test-reversed", 3) == ScheduleSpec("test-reversed").placement(3)
+        assert _raises(TypeError, register, "x", placement=3).startswith(
+            "placement must be a function (K, V) -> tuple"
+        )
+    finally:
+        _REGISTRY.pop("test-reversed", None)
+
+
+def test_fixed_virtual_and_spec_placement_errors() -> None:
+    msg = _raises(ValueError, get, "dualpipe-v", 2, 4, virtual_stages=1)
+    assert msg == (
+        "schedule 'dualpipe-v' always has 2 stages per device; drop virtual_stages=1 (or pass 2)"
+    )
+    spec = ScheduleSpec(get("zb-v", 2, 4))
+    assert spec.placement(2) == (0, 1, 1, 0)
+    msg = _raises(ValueError, spec.placement, 3)
+    assert msg == (
+        "the given schedule is built for 2 devices but the pipeline has 3; build it for 3 devices"
+    )
+    assert ScheduleSpec("zb-v").virtual_stages == 2
+    assert ScheduleSpec("zb-v", 2).virtual_stages == 2
+
+
+def test_overlap_text_equality_and_parts() -> None:
+    from gpipe.schedules import Overlap
+
+    f, b = Action("F", 1, 2), Action("B", 0, 0)
+    o = Overlap(f, b)
+    assert str(o) == "F2@s1+B0@s0" and o.kind == "FB" and o.parts == (f, b)
+    assert _raises(ValueError, Overlap, b, f) == (
+        "Overlap.forward must be an F action, got Action(kind='B', stage=0, microbatch=0)"
+    )
+    assert _raises(ValueError, Overlap, f, f).startswith("Overlap.backward must be a B action")
+    s = get("dualpipe-v", 2, 4)
+    assert s == get("dualpipe-v", 2, 4) and hash(s) == hash(get("dualpipe-v", 2, 4))
+    assert s != get("zb-v", 2, 4) and s.has_overlaps and not get("zb-v", 2, 4).has_overlaps
+    assert "F3@s0+B1@s3" in str(s)
