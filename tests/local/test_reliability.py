@@ -127,6 +127,7 @@ def test_fault_at_every_stage_is_named_and_pipe_recovers(schedule: str, where: s
     pipe.close()
 
 
+@pytest.mark.slow  # timed: waits out the stage timeout twice
 def test_stalled_stage_fails_within_twice_the_timeout_and_pipe_recovers() -> None:
     model = _model(2)
     timeout = 2.0
@@ -153,6 +154,7 @@ def test_stalled_stage_fails_within_twice_the_timeout_and_pipe_recovers() -> Non
     pipe.close()
 
 
+@pytest.mark.slow  # 300 steps
 def test_soak_varying_shapes_no_growth_no_leaked_threads() -> None:
     """300 steps with changing sequence lengths: memory stays flat, threads end on close; every
     50th step's loss and gradients equal the independent reference's (float32 tolerance)."""

@@ -171,7 +171,7 @@ def _distributed_deferred(rank: int, path) -> None:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_distributed_deferred_statistics_cover_the_global_batch(world: int, tmp_path) -> None:
     """``DistributedPipe(deferred_batch_norm=True)`` with D = world / 2 replicas: every
     replica's running statistics (and the gradients) equal the one-process pipe's with
