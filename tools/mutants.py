@@ -41,7 +41,6 @@ EQUIVALENT_FILE = Path(__file__).resolve().parent / "mutants_equivalent.txt"
 # Tests that time the code under test: mutmut's trampolines slow every call down, so these
 # would fail on the clean run or kill mutants for the wrong reason.
 NOT_TIMING = "not is_fast"
-PIPE_FAST = "not slow"
 # test_step_equals_reference is 466 cases of schedule x K x M x remat; a spread of 20 keeps every
 # schedule, remat mode and K in play at a fifth of the time.
 PIPE_SUBSET = "not step_equals_reference or 4-8-always-0.3 or 2-8-except_last-0.0 or 3-8-never-0.3"
@@ -103,7 +102,7 @@ MODULES: dict[str, Module] = {
             "tests/local/test_pipe.py",
             "tests/local/test_pipe_unusual.py",
         ],
-        ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        ["-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "stage": Module(
@@ -113,7 +112,7 @@ MODULES: dict[str, Module] = {
             "tests/local/test_pipe_unusual.py",
             "tests/stage/test_stage.py",
         ],
-        ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        ["-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "executor": Module(
@@ -123,7 +122,7 @@ MODULES: dict[str, Module] = {
             "tests/local/test_pipe_unusual.py",
             "tests/core/test_executor.py",
         ],
-        ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        ["-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "local": Module(
@@ -133,7 +132,7 @@ MODULES: dict[str, Module] = {
             "tests/local/test_pipe_unusual.py",
             "tests/local/test_workers.py",
         ],
-        ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
+        ["-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
 }

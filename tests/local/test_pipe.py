@@ -92,6 +92,15 @@ def _distinct(schedule: str, m: int, remat: str) -> bool:
     return m > 1 or (schedule != "1f1b" and remat != "except_last")
 
 
+# The default run keeps a spread of the matrix that has every schedule, remat mode, K and both
+# cuts (the 20 cases tools/mutants.py runs, PIPE_SUBSET); the rest is slow.
+SPREAD = {(4, 8, "always", 0.3), (2, 8, "except_last", 0.0), (3, 8, "never", 0.3)}
+
+
+def _spread(case: tuple, default: bool) -> object:
+    return case if default else pytest.param(*case, marks=pytest.mark.slow)
+
+
 MATRIX = [
     (s, v, k, m, r, p, "even")
     for (s, v), k, m, r, p in itertools.product(
@@ -106,7 +115,10 @@ MATRIX = [
 ]
 
 
-@pytest.mark.parametrize(("schedule", "v", "k", "m", "remat", "p", "cut"), MATRIX)
+@pytest.mark.parametrize(
+    ("schedule", "v", "k", "m", "remat", "p", "cut"),
+    [_spread(case, case[2:6] in SPREAD) for case in MATRIX],
+)
 def test_step_equals_reference(
     schedule: str, v: int, k: int, m: int, remat: str, p: float, cut: str
 ) -> None:
@@ -148,7 +160,9 @@ AUTOGRAD_MATRIX = [
 ]
 
 
-@pytest.mark.parametrize(("k", "m", "remat", "p", "cut"), AUTOGRAD_MATRIX)
+@pytest.mark.parametrize(  # the default run: M = 8 at every K, remat mode and cut
+    ("k", "m", "remat", "p", "cut"), [_spread(case, case[1] == 8) for case in AUTOGRAD_MATRIX]
+)
 def test_autograd_forward_equals_reference(k: int, m: int, remat: str, p: float, cut: str) -> None:
     model = make_model(p)
     bal = balance_costs([1.0] * N_LAYERS, k) if cut == "even" else skewed(k)
@@ -377,7 +391,14 @@ def _conv_model() -> nn.Sequential:
     return nn.Sequential(*[nn.Sequential(c, nn.ReLU()) for c in layers])
 
 
-@pytest.mark.parametrize("balance", [None, [16], [8, 8], [4, 4, 4, 4], "auto4"])
+@pytest.mark.parametrize(
+    "balance",
+    [
+        *(pytest.param(b, marks=pytest.mark.slow) for b in (None, [16], [8, 8])),
+        [4, 4, 4, 4],
+        "auto4",
+    ],
+)
 def test_seed_conv_gradient_norm_is_partition_independent(balance: object) -> None:
     x = torch.arange(16 * 64, dtype=torch.float32).reshape(16, 1, 8, 8) / 1000.0
     plain = _conv_model()
