@@ -277,9 +277,22 @@ def _channel(v: torch.Tensor, dims: int) -> torch.Tensor:
     return v.reshape(1, -1, *([1] * (dims - 2)))
 
 
-@pytest.mark.parametrize("momentum", MOMENTA, ids=str)
-@pytest.mark.parametrize(("kind", "shape"), KINDS, ids=lambda v: getattr(v, "__name__", str(v)))
-@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize(  # by default each kind with one momentum, so every momentum once
+    ("kind", "shape", "momentum", "chunks"),
+    [
+        pytest.param(
+            kind,
+            shape,
+            momentum,
+            chunks,
+            id=f"{chunks}-{kind.__name__}-{len(shape)}d-{momentum}",
+            marks=() if i == j else pytest.mark.slow,
+        )
+        for chunks in (1, 4)
+        for i, (kind, shape) in enumerate(KINDS)
+        for j, momentum in enumerate(MOMENTA)
+    ],
+)
 def test_deferred_batchnorm_running_stats_equal_formula(
     kind: type, shape: tuple, momentum: float | None, chunks: int
 ) -> None:

@@ -481,7 +481,13 @@ MATRIX = [
 ]
 
 
-@pytest.mark.parametrize(("schedule", "k", "m", "remat"), MATRIX)
+@pytest.mark.parametrize(  # by default every 7th case: each schedule, K, M and remat mode
+    ("schedule", "k", "m", "remat"),
+    [
+        case if i % 7 == 0 else pytest.param(*case, marks=pytest.mark.slow)
+        for i, case in enumerate(MATRIX)
+    ],
+)
 def test_split_schedules_on_a_mixed_model_equal_the_reference(
     schedule: str, k: int, m: int, remat: str
 ) -> None:
