@@ -111,6 +111,7 @@ def _overflow_on_one_rank(rank: int, path: Path) -> None:
     t.close()
 
 
+@pytest.mark.slow  # spawns a gloo process group
 @pytest.mark.timeout(150)
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
     run_gloo(_overflow_on_one_rank, tmp_path, world=2, limit=120)

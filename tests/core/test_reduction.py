@@ -218,6 +218,7 @@ def _distributed_items(rank: int, path) -> None:
     torch.save(out, path / f"items{rank}.pt")
 
 
+@pytest.mark.slow  # spawns a gloo process group
 @pytest.mark.timeout(150)
 def test_distributed_pipe_weighs_micro_batches_by_items(tmp_path) -> None:
     """Two ranks, one of 4 micro-batches without items: the last rank counts, the first

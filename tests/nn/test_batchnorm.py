@@ -176,8 +176,9 @@ def _distributed_deferred(rank: int, path) -> None:
     torch.save((state, grads, left), path / f"bn{rank}.pt")
 
 
+@pytest.mark.slow  # spawns gloo process groups
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [2, 4])
 def test_distributed_deferred_statistics_cover_the_global_batch(world: int, tmp_path) -> None:
     """``DistributedPipe(deferred_batch_norm=True)`` with D = world / 2 replicas: every
     replica's running statistics (and the gradients) equal the one-process pipe's with

@@ -250,6 +250,7 @@ def _distributed(rank: int, tmp: Path) -> None:
                 assert_close(mine[name], p.grad, f"rank {rank}, {schedule}: {name}")
 
 
+@pytest.mark.slow  # spawns a gloo process group
 def test_distributed_step_under_autocast_on_every_rank_equals_the_plain_loop(
     tmp_path: Path,
 ) -> None:

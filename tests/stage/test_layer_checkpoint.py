@@ -150,6 +150,7 @@ def _distributed_scenario(rank: int, tmp) -> None:
                 assert torch.allclose(mine[name], p.grad, atol=1e-10), (schedule, name)
 
 
+@pytest.mark.slow  # spawns a gloo process group
 def test_a_checkpointed_dropout_is_recomputed_exactly_by_the_distributed_runtime(tmp_path):
     from spawn_ranks import run_gloo
 
