@@ -55,7 +55,7 @@ def test_unknown_precision_is_refused() -> None:
 
 
 def tiny(out: Path, **kw) -> TrainConfig:
-    """The trainer tests' tiny run (tests/test_train.py), in fp16."""
+    """The trainer tests' tiny run (tests/train/test_loop.py), in fp16."""
     return train_tiny(
         out, **{"steps": 3, "warmup": 1, "eval_interval": 0, "precision": "fp16", **kw}
     )

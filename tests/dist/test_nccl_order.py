@@ -6,7 +6,7 @@ so a protocol that deadlocks on GPUs can pass every gloo test. Here K spawned gl
 every schedule for three steps with the transport issuing as it does on a GPU (every message
 with its header, each flush one ``batch_isend_irecv`` per group) and record, per rank, each
 batch of operations (group, send or receive, peer, bytes, tag) and each wait on one; the
-replay (tests/nccl_model.py) then runs those sequences under NCCL's rules. The first step sends
+replay (tests/dist/nccl_model.py) then runs those sequences under NCCL's rules. The first step sends
 every tensor on the gloo header group (no sizes are known yet), the second and third go direct
 on the point-to-point groups: the steady state of training.
 """

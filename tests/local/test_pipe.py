@@ -451,7 +451,7 @@ def test_seed_dropout_recompute_is_exact(k: int, m: int) -> None:
 
 
 # Raising stages in forward and backward, every stage and schedule, and stalls: see
-# tests/test_reliability_local.py.
+# tests/local/test_reliability.py.
 
 
 def test_loss_must_be_scalar() -> None:

@@ -4,7 +4,7 @@ equals the simulated one, and a handoff between two stages of one device never t
 transport.
 
 Cases: ``zb-h2``, ``zb-v``, ``dualpipe-v`` and ``interleaved-zb`` for K ∈ {2, 3, 4}, M ∈ {K, 2K, 4K} and every
-re-materialization mode, with dropout, on tiny layers (the helpers of tests/test_pipe.py).
+re-materialization mode, with dropout, on tiny layers (the helpers of tests/local/test_pipe.py).
 """
 
 from __future__ import annotations

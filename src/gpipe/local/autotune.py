@@ -11,7 +11,7 @@ speeds up or slows down meanwhile favours none — and ranks them by their media
 The invariant: tuning leaves no trace on the model. Every parameter's ``.grad``, every buffer
 (BatchNorm statistics), the module's training mode and the global random state are what they
 were before, so the first real step after it computes exactly the gradients it would have
-without tuning (``tests/test_autotune.py``).
+without tuning (``tests/local/test_autotune.py``).
 """
 
 from __future__ import annotations
