@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: test train lint bench-quick clean mutants zoo gpu-dry
+.PHONY: test test-slow train lint bench-quick clean mutants zoo gpu-dry
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,10 +12,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# The default run (one worker per core) leaves out the tests marked slow; test-slow runs only those.
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 train: $(STAMP)
 	$(VENV)/bin/gpipe train --out runs/lm --trace
@@ -31,9 +35,9 @@ bench-quick: $(STAMP)
 gpu-dry: $(STAMP)
 	GPU_DRY=1 PYTHON=$(PY) bash benchmarks/gpu.sh gpu-dry-results
 
-# The whole model zoo (tests/test_zoo.py): every architecture and habit, DistributedPipe included.
+# The whole model zoo (tests/integration/test_zoo.py): every architecture and habit, DistributedPipe included.
 zoo: $(STAMP)
-	GPIPE_ZOO=all $(PY) -m pytest -q tests/test_zoo.py
+	GPIPE_ZOO=all $(PY) -m pytest -q -m '' tests/integration/test_zoo.py
 
 # Mutation score of the core modules (docs/mutation.md); not part of `test`. MODULES=schedules ...
 mutants: $(STAMP)

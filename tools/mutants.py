@@ -80,87 +80,87 @@ MODULES: dict[str, Module] = {
     "schedules": Module(
         _files("schedules", "actions", "codes", "ir", "named", "spec", "validate"),
         [
-            "tests/test_schedules.py",
-            "tests/test_catalogue_core.py",
-            "tests/test_mutants_schedules.py",
+            "tests/schedules/test_schedules.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/schedules/test_schedules.py",
         ],
         ["-k", NOT_TIMING],
     ),
     "zero_bubble": Module(
         _files("schedules", "zero_bubble"),
         [
-            "tests/test_schedules.py",
-            "tests/test_formulas.py",
+            "tests/schedules/test_schedules.py",
+            "tests/models/test_formulas.py",
             "tests/test_mutants_zero_bubble.py",
         ],
         ["-k", f"{NOT_TIMING} and not trainer"],
     ),
     "dualpipe": Module(
         _files("schedules", "dualpipe"),
-        ["tests/test_schedules.py", "tests/test_formulas.py", "tests/test_mutants_dualpipe.py"],
+        ["tests/schedules/test_schedules.py", "tests/models/test_formulas.py", "tests/test_mutants_dualpipe.py"],
         ["-k", f"{NOT_TIMING} and not trainer"],
     ),
     "microbatch": Module(
         _files("base", "microbatch"),
         [
-            "tests/test_microbatch.py",
-            "tests/test_catalogue_core.py",
-            "tests/test_mutants_microbatch.py",
+            "tests/base/test_microbatch.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/base/test_microbatch.py",
         ],
     ),
     "balance": Module(
         _files("planner", "balance"),
-        ["tests/test_balance.py", "tests/test_catalogue_core.py", "tests/test_mutants_balance.py"],
+        ["tests/planner/test_balance.py", "tests/planner/test_catalogue_core.py", "tests/planner/test_balance.py"],
     ),
     "simulate": Module(
         _files("planner", "simulate"),
         [
-            "tests/test_schedules.py",
-            "tests/test_catalogue_core.py",
-            "tests/test_mutants_simulate.py",
+            "tests/schedules/test_schedules.py",
+            "tests/planner/test_catalogue_core.py",
+            "tests/planner/test_simulate.py",
         ],
         ["-k", NOT_TIMING],
     ),
     "memory_model": Module(
         _files("planner", "memory_model"),
-        ["tests/test_autoplan.py", "tests/test_mutants_memory_model.py"],
+        ["tests/planner/test_autoplan.py", "tests/planner/test_memory_model.py"],
         ["-k", MEMORY_SUBSET],
     ),
     "autoplan": Module(
         _files("planner", "autoplan"),
-        ["tests/test_autoplan.py", "tests/test_mutants_autoplan.py"],
+        ["tests/planner/test_autoplan.py", "tests/test_mutants_autoplan.py"],
         ["-k", PLANNER_FAST],
     ),
-    "rng": Module(_files("stage", "rng"), ["tests/test_rng.py", "tests/test_mutants_rng.py"]),
+    "rng": Module(_files("stage", "rng"), ["tests/stage/test_rng.py", "tests/stage/test_rng.py"]),
     "remat": Module(
         _files("stage", "remat"),
-        ["tests/test_mutants_remat.py", "tests/test_pipe.py", "tests/test_pipe_unusual.py"],
+        ["tests/stage/test_remat.py", "tests/local/test_pipe.py", "tests/local/test_pipe_unusual.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "wgrad": Module(
         _files("stage", "wgrad", "wgrad_kinds"),
-        ["tests/test_wgrad.py", "tests/test_mutants_wgrad.py"],
+        ["tests/stage/test_wgrad.py", "tests/test_mutants_wgrad.py"],
         ["-m", PIPE_FAST, "-k", WGRAD_SUBSET],
         timeout_multiplier=3.0,
     ),
     "stage": Module(
         _files("stage", "stage"),
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_stage.py"],
+        ["tests/local/test_pipe.py", "tests/local/test_pipe_unusual.py", "tests/stage/test_stage.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "state": Module(
         _files("state", "folder", "read", "optim", "codec"),
-        ["tests/test_checkpoint.py", "tests/test_mutants_state.py"],
+        ["tests/state/test_checkpoint.py", "tests/test_mutants_state.py"],
         ["-k", "not sigkill"],  # a subprocess killed mid-save: seconds per mutant
     ),
     "capture": Module(
         _files("capture", "segment", "verify"),
         [
-            "tests/test_capture_errors.py",
-            "tests/test_capture_habits.py",
-            "tests/test_capture_meta.py",
+            "tests/capture/test_capture_errors.py",
+            "tests/capture/test_capture_habits.py",
+            "tests/capture/test_capture_meta.py",
             "tests/test_mutants_capture.py",
         ],
         ["-m", PIPE_FAST],
@@ -168,24 +168,24 @@ MODULES: dict[str, Module] = {
     ),
     "reduction": Module(
         _files("core", "reduction"),
-        ["tests/test_reduction.py", "tests/test_mutants_reduction.py"],
+        ["tests/core/test_reduction.py", "tests/core/test_reduction_values.py"],
         ["-m", PIPE_FAST, "-k", f"({REDUCTION_SUBSET}) and not distributed and not tuning"],
         timeout_multiplier=3.0,
     ),
     "precision": Module(
         _files("core", "precision"),
-        ["tests/test_precision.py", "tests/test_mutants_precision.py"],
+        ["tests/core/test_precision.py", "tests/core/test_precision_values.py"],
         ["-k", "not one_rank"],  # two spawned ranks: 20 s per mutant
     ),
     "executor": Module(
         _files("core", "executor"),
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_executor.py"],
+        ["tests/local/test_pipe.py", "tests/local/test_pipe_unusual.py", "tests/core/test_executor.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
     "local": Module(
         _files("local", "workers"),
-        ["tests/test_pipe.py", "tests/test_pipe_unusual.py", "tests/test_mutants_local.py"],
+        ["tests/local/test_pipe.py", "tests/local/test_pipe_unusual.py", "tests/local/test_workers.py"],
         ["-m", PIPE_FAST, "-k", PIPE_SUBSET],
         timeout_multiplier=3.0,
     ),
@@ -265,12 +265,20 @@ def prepare(name: str, mod: Module, fresh: bool = True, tests: list[str] | None 
         work.mkdir(parents=True)
         shutil.copytree(ROOT / "src", work / "src", ignore=IGNORE)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=IGNORE, dirs_exist_ok=True)
-    tests = [t for t in (tests or mod.tests) if (ROOT / t).exists()]
+    tests = list(dict.fromkeys(t for t in (tests or mod.tests) if (ROOT / t).exists()))
     config = {
         "source_paths": ["src"],
         "only_mutate": list(mod.sources),
         "pytest_add_cli_args_test_selection": tests,
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "--hypothesis-seed=0", *mod.extra],
+        # -m "": the slow tests too (pyproject's addopts leave them out); a module's own -m wins
+        "pytest_add_cli_args": [
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-seed=0",
+            "-m",
+            "",
+            *mod.extra,
+        ],
         "use_git_change_detection": False,
         "timeout_multiplier": mod.timeout_multiplier,
     }

@@ -6,7 +6,7 @@ running under a launcher (no ``RANK`` in the environment). Every rank builds the
 the ``meta`` device, :class:`gpipe.dist.pipe.DistributedPipe` materializes only its own
 stage, and each step trains on byte windows of the Python standard library's sources; rank 0
 prints the loss per step. The invariant: the printed losses are those of un-pipelined training
-of the same model on the same batches (see ``tests/test_distributed.py``).
+of the same model on the same batches (see ``tests/dist/test_dist_pipe.py``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ every-backward-split lists of the papers (and torch.distributed.pipelining) for 
 The invariant: every builder here emits, for every (stage, micro-batch), one ``F``, one ``B``
 and at most one ``W`` on the device its placement names (the validator proves it, and that
 the lists run without deadlock, for every ``K`` and ``M``); with a free split its simulated
-step equals the every-backward-split one (``tests/test_partial_split.py``).
+step equals the every-backward-split one (``tests/schedules/test_zero_bubble.py``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _worth_splitting(stages: list[int], owed: int, tail: int) -> list[bool]:
     time and costs what it costs (``W`` reading every kept output gradient back: 5–15% of a
     backward on a CPU, BENCHMARKS.md). With the split free this gives the same step as
     splitting every backward; with any split cost it is faster (both checked by simulation in
-    ``tests/test_partial_split.py``)."""
+    ``tests/schedules/test_zero_bubble.py``)."""
     n = len(stages)
     return [s != 0 and (i < owed or i >= n - tail) for i, s in enumerate(stages)]
 

@@ -232,7 +232,7 @@ class _CpuDropout(TorchFunctionMode):
     third of the dropout itself). It issues the ops ATen's CPU dropout decomposes into — a
     float noise tensor ``bernoulli_(1 - p)``, ``div_(1 - p)``, ``input * noise`` — so mask,
     output and graph are bit for bit those of :class:`KeyedRandom`, which a layer's first run
-    and the independent reference use (``tests/test_rng.py``)."""
+    and the independent reference use (``tests/stage/test_rng.py``)."""
 
     def __init__(self, keyed: KeyedRandom) -> None:
         super().__init__()
