@@ -9,7 +9,20 @@ from pathlib import Path
 
 from gpipe.train.loop import TrainConfig
 
-TINY = ["--model-preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--chunks", "2", "--eval-batches", "1", "--max-bytes", "100000"]
+TINY = [
+    "--model-preset",
+    "tiny",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--chunks",
+    "2",
+    "--eval-batches",
+    "1",
+    "--max-bytes",
+    "100000",
+]
 
 
 def gpipe_cmd() -> list[str]:

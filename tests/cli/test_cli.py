@@ -15,6 +15,8 @@ from gpipe.models import TransformerConfig, TransformerLM
 from runs import TINY, gpipe_cmd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*gpipe_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout

@@ -333,6 +333,7 @@ CASES: dict[str, Callable[[int], Any]] = {
     "virtual_stages": _per_rank(schedule=("interleaved", "interleaved"), virtual_stages=(2, 3)),
     "remat": _per_rank(remat=("always", "never")),
     "seed": _per_rank(seed=(0, 1)),
+    "fsdp": _per_rank(data_parallel=(2, 2), fsdp=(False, True)),
     "batch_dim": _per_rank(batch_dim=(0, 1)),
     "data_parallel": _per_rank(data_parallel=(1, 2)),
     "tied": _per_rank(tied=([("0.weight", "2.weight")], [])),
@@ -421,6 +422,7 @@ EXPECT: dict[str, tuple[str, str] | tuple[tuple[str, str], tuple[str, str]]] = {
     "virtual_stages": ("ValueError", DIS + r"virtual_stages: rank 0 has 2, rank 1 has 3"),
     "remat": ("ValueError", DIS + r"remat: rank 0 has always, rank 1 has never"),
     "seed": ("ValueError", DIS + r"seed: rank 0 has 0, rank 1 has 1"),
+    "fsdp": ("ValueError", DIS + r"fsdp: rank 0 has False, rank 1 has True"),
     "batch_dim": ("ValueError", DIS + r"batch_dim: rank 0 has 0, rank 1 has 1"),
     "data_parallel": (
         "ValueError",

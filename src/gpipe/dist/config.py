@@ -53,6 +53,7 @@ class DistConfig:
     tie_groups: list[tuple[str, ...]]
     batch: str  # "same" or "per_replica"
     balance: list[int] | None  # the cut given (or forced by split points); None: balance later
+    fsdp: bool = False  # each stage sharded over its replicas (gpipe.dist.fsdp)
 
     @property
     def num_devices(self) -> int:
@@ -81,6 +82,7 @@ def configure(
     tied: Sequence[Sequence[str]],
     backend: str,
     batch: str,
+    fsdp: bool = False,
 ) -> DistConfig:
     """Check this rank's distributed arguments and derive K, D, V, the device and the tie
     groups (no collective: :func:`gpipe.dist.agree.check` runs after this on every rank), and
@@ -114,6 +116,7 @@ def configure(
         slots=slots,
         tie_groups=tie_groups(slots, [tuple(t) for t in _tie_lists(tied)]),
         batch=batch,
+        fsdp=fsdp,
         balance=None if balance is None else [int(b) for b in balance],
     )
 
@@ -158,4 +161,5 @@ def fingerprint(config: DistConfig, sample: Any, captured: bool = False) -> dict
         **c.options.agreed(),
         "batch": c.batch,
         "tied parameters": [list(grp) for grp in c.tie_groups],
+        "fsdp": c.fsdp,
     }

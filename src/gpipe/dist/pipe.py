@@ -259,8 +259,9 @@ class DistributedPipe(plan.NotCopied, nn.Module):
                 tied=tied,
                 backend=backend,
                 batch=batch_mode,
+                fsdp=fsdp,
             )
-            fsdp = distfsdp.check_fsdp(fsdp, config.data_parallel, False)  # gpipe.dist.fsdp
+            distfsdp.check_fsdp(config.fsdp, config.data_parallel, False)  # gpipe.dist.fsdp
             fingerprint = distconfig.fingerprint(config, sample, keys is not None)
         except Exception as e:
             error = e
@@ -283,7 +284,6 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             Loading(self, keys, lambda: self._modules)
         self._init_fn = init_fn
         # every rank creates every group, in one order, now
-        self._fsdp = bool(fsdp)
         new_group = None if self._siblings is None else self._siblings.new_group
         self.parts = connect(config, self._pg, backend, new_group=new_group)
         self._closed = False
@@ -432,7 +432,7 @@ class DistributedPipe(plan.NotCopied, nn.Module):
             modules = distmesh.stage_modules(c.named, built.stages)
             distmesh.apply_parallelize(self._parallelize, modules, on)
         self.parts.attach(balance, built)
-        if self._fsdp:  # gpipe.dist.fsdp: each stage sharded over its data-parallel replicas
+        if c.fsdp:  # gpipe.dist.fsdp: each stage sharded over its data-parallel replicas
             across = distfsdp.tied_across(c.tie_groups, c.slots, balance)
             distfsdp.check_fsdp(True, self.data_parallel, across)
             layers = [[layer for _, layer in st.layers] for st in built.stages]
