@@ -7,8 +7,17 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
+from torch import nn
 
-from gpipe.stage.remat import MODES, check_mode, is_recomputing, recomputing, should_remat
+from gpipe.stage.remat import (
+    MODES,
+    SideEffects,
+    check_mode,
+    is_recomputing,
+    recomputing,
+    should_remat,
+)
 
 
 def test_check_mode_normalizes_and_refuses() -> None:
@@ -55,3 +64,28 @@ def test_recomputing_flag_is_per_thread() -> None:
         t.join()
         assert is_recomputing() is True
     assert seen == [False]
+
+
+def test_a_recompute_puts_back_every_batchnorm_it_updated_nested_ones_too() -> None:
+    """SideEffects learns, from a watched forward, which modules change their own buffers in
+    place (both BatchNorms here, one nested), and puts all of them back after a recompute —
+    the statistics a recomputed forward must not count twice."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model = nn.Sequential(nn.BatchNorm1d(4), inner, nn.Tanh())
+    effects = SideEffects([model])
+    with effects.watch():
+        model(torch.randn(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num" in k}
+    with effects.undone():
+        model(torch.randn(8, 4) * 3 + 1)  # a recompute: moves every running statistic
+    after = model.state_dict()
+    assert set(before) == {
+        f"{p}.{b}"
+        for p in ("0", "1.1")
+        for b in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    model(torch.randn(8, 4) * 3 + 1)  # outside undone the statistics move as usual
+    assert not torch.equal(model.state_dict()["1.1.running_mean"], before["1.1.running_mean"])
