@@ -26,7 +26,6 @@ from gpipe.core.executor import StepData, execute
 from gpipe.core.mailbox import QueueTransport
 from gpipe.local.streams import Arriving, DeviceStreams, StreamedTransport
 from gpipe.local.workers import ThreadState, WorkerPool
-from gpipe.schedules import device_of
 from gpipe.stage.stage import Stage
 
 __all__ = ["LocalRunner"]
@@ -92,8 +91,8 @@ class LocalRunner:
         stages: Sequence[Stage],
         per_device: Sequence[Sequence[Any]],
         data: StepData,
-        state: ThreadState | None = None,
-        placement: Sequence[int] | None = None,
+        state: ThreadState | None,
+        placement: Sequence[int],
     ) -> None:
         """Run device ``d``'s actions ``per_device[d]`` on its stages, all devices at once.
 
@@ -102,15 +101,15 @@ class LocalRunner:
         which :class:`~gpipe.core.executor.Timeline` turns into device times when they are
         read (the step itself never waits for the GPU). ``state`` is the grad mode the jobs run under (default: the caller's;
         autocast is each step's own, applied by its stages). ``placement[s]`` is the device
-        of stage ``s`` (default ``s % K``).
+        of stage ``s``: the schedule's placement, never a default.
         """
         assert self.pool is not None, "start() the runner first"
         k = len(self.devices)
 
         def where(s: int) -> int:
-            return device_of(s, k) if placement is None else placement[s]
+            return placement[s]
 
-        by_device = [{st.index: st for st in stages if where(st.index) == d} for d in range(k)]
+        by_device = [{st.index: st for st in stages if placement[st.index] == d} for d in range(k)]
         if self.pool.stuck:  # a worker never returned from a failed step: start afresh
             self.pool.close()
             self.transport = QueueTransport(self.timeout)
